@@ -1,0 +1,38 @@
+"""The `vlmkit` command.
+
+Each area registers its own subcommands from its own module (`register(app)`), so this file
+only assembles them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="vlmkit",
+    help="Build, train, evaluate and serve vision-language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Modules that add subcommands; each defines `register(app: typer.Typer) -> None`.
+COMMAND_MODULES = (
+    "vlmkit.commands.core",  # quickstart, train, chat
+    "vlmkit.commands.tokens",  # tokens (token budget)
+    "vlmkit.commands.models",  # inspect, ablate
+    "vlmkit.commands.evaluate",  # eval ..., data synth-bench
+)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

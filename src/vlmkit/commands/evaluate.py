@@ -1,0 +1,7 @@
+"""Subcommands: placeholder until this area lands."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None
