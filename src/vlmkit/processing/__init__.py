@@ -1,0 +1,35 @@
+"""Image preprocessing families and the chat processor."""
+
+from __future__ import annotations
+
+
+FAMILY_MODULES = ("fixed", "anyres", "dynamic", "qwen2vl", "pixtral", "mllama", "idefics3")
+
+
+def import_families() -> None:
+    """Importing a family module registers it in IMAGE_PROCESSORS."""
+    import importlib
+
+    for name in FAMILY_MODULES:
+        try:
+            importlib.import_module(f"vlmkit.processing.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"vlmkit.processing.{name}":
+                raise
+
+
+def build_image_processor(model_config, tokens_per_image: int | None = None):
+    """The model's image processor, from the registry (importing registers the families)."""
+    from vlmkit.registry import IMAGE_PROCESSORS
+
+    import_families()
+    cfg = model_config.processor
+    return IMAGE_PROCESSORS.build(cfg.name, cfg, tokens_per_image=tokens_per_image)
+
+
+def build_chat_processor(model, max_length: int):
+    from vlmkit.processing.prompt import ChatProcessor
+
+    cfg = model.config
+    image_processor = build_image_processor(cfg, tokens_per_image=model.tokens_per_image)
+    return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels)

