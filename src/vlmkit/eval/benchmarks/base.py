@@ -1,0 +1,172 @@
+"""What a benchmark is: a loader for its official files, a prompt, and its official scorer."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Union
+
+from PIL import Image
+
+ImageRef = Union[Path, bytes]
+
+
+class EvalInputError(ValueError):
+    """Bad benchmark files, predictions or images; the message names the file, line or item."""
+
+
+@dataclass
+class BenchItem:
+    """One benchmark question. ``id`` is the benchmark's own id, as a string."""
+
+    id: str
+    question: str
+    images: list[ImageRef]
+    answers: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def load_images(self) -> list[Image.Image]:
+        from vlmkit.processing.images import ImageLoadError, load_image
+
+        out = []
+        for ref in self.images:
+            try:
+                out.append(load_image(ref))
+            except ImageLoadError as e:
+                raise EvalInputError(f"item {self.id}: {e}") from None
+        return out
+
+
+@dataclass
+class ScoreResult:
+    benchmark: str
+    overall: float  # fraction in [0, 1] (OCRBench: points / number of items)
+    display: str  # the headline in the official script's units
+    breakdown: dict[str, float]  # per-category figures, fractions like `overall`
+    metric: str
+    parser: str
+    n_items: int
+    n_predicted: int
+    n_missing: int
+    extra: dict[str, Any] = field(default_factory=dict)  # quirk counters, secondary metrics
+    per_item: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, per_item: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not per_item:
+            d.pop("per_item")
+        return d
+
+
+class Benchmark:
+    """Base class: subclasses set the class attributes and implement load/prompt/score."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]  # metric and the official source it follows
+    parser: ClassVar[str]  # how a free-form response becomes an answer
+    prompt_template: ClassVar[str]  # human-readable summary of the prompt, recorded with scores
+    default_max_new_tokens: ClassVar[int] = 32
+
+    def load(self, data_dir: str | os.PathLike) -> list[BenchItem]:
+        raise NotImplementedError
+
+    def prompt(self, item: BenchItem) -> str:
+        raise NotImplementedError
+
+    def score(self, items: list[BenchItem], predictions: dict[str, str]) -> ScoreResult:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# File helpers shared by the loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise EvalInputError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def find_first(data_dir: Path, names: Iterable[str], what: str) -> Path:
+    names = list(names)
+    for n in names:
+        p = data_dir / n
+        if p.is_file():
+            return p
+    raise EvalInputError(f"{data_dir}: no {what} found (looked for {', '.join(names)})")
+
+
+def require_dir(data_dir: str | os.PathLike) -> Path:
+    p = Path(data_dir)
+    if not p.is_dir():
+        raise EvalInputError(f"{p}: benchmark data folder not found")
+    return p
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, str]:
+    """Read a predictions JSONL (one {"id", "prediction"} per line). Errors name the line.
+
+    Ids are compared as strings (DocVQA's integer questionId and "123" are the same item);
+    an id given twice is an error rather than a silent overwrite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"{path}: predictions file not found")
+    preds: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalInputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "id" not in rec or "prediction" not in rec:
+                raise EvalInputError(f'{path}:{lineno}: expected an object with "id" and "prediction"')
+            if not isinstance(rec["prediction"], str):
+                raise EvalInputError(f'{path}:{lineno}: "prediction" must be a string, got {type(rec["prediction"]).__name__}')
+            if isinstance(rec["id"], (dict, list)) or rec["id"] is None:
+                raise EvalInputError(f'{path}:{lineno}: "id" must be a string or a number')
+            key = str(rec["id"])
+            if key in preds:
+                raise EvalInputError(f"{path}:{lineno}: id {key!r} appears twice")
+            preds[key] = rec["prediction"]
+    return preds
+
+
+def check_prediction_ids(name: str, items: list[BenchItem], predictions: dict[str, str]) -> None:
+    known = {it.id for it in items}
+    unknown = [k for k in predictions if k not in known]
+    if unknown:
+        sample = ", ".join(repr(u) for u in unknown[:5])
+        raise EvalInputError(
+            f"{len(unknown)} prediction id(s) are not {name} items (e.g. {sample}); "
+            f"ids are the benchmark's own, e.g. {next(iter(known), '?')!r}"
+        )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
