@@ -103,3 +103,132 @@ def load_image(
     except Exception:  # a broken EXIF block should not cost the image
         pass
     return _to_rgb(img)
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel helpers shared by the preprocessing families.
+#
+# The Hugging Face PIL processors resize with PIL and then rescale/normalise in float32 numpy,
+# one tile at a time. Two things make them slow: PIL's resampler is single-threaded scalar C,
+# and every tile is a separate round trip through numpy. Here an image is converted once, each
+# distinct resize happens once (torch's uint8 antialiased kernel, which implements PIL's filters
+# with SIMD), and normalisation runs in place over one preallocated output tensor.
+# --------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# torch's antialiased kernels use PIL's filter definitions (bicubic a = -0.5, triangle for
+# bilinear); they differ from PIL only in fixed-point rounding (at most 2 of 255 levels).
+TORCH_RESAMPLE = {"bilinear": "bilinear", "bicubic": "bicubic"}
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
+
+class Resizer:
+    """One source image, resized to as many target sizes as a family needs.
+
+    `backend="torch"` (default) is the fast path; `backend="pil"` calls PIL's own resize and is
+    bit-exact with the Hugging Face PIL processors. Filters torch lacks (lanczos, nearest)
+    always use PIL.
+    """
+
+    def __init__(self, image: Image.Image, resample: str = "bicubic", backend: str = "torch"):
+        if image.mode != "RGB":
+            image = _to_rgb(image)
+        if resample not in PIL_RESAMPLE:
+            raise ValueError(f"unknown resample {resample!r}; known: {sorted(PIL_RESAMPLE)}")
+        if backend not in ("torch", "pil"):
+            raise ValueError(f"unknown resize backend {backend!r}; use 'torch' or 'pil'")
+        self.image = image
+        self.resample = resample
+        self.use_torch = backend == "torch" and resample in TORCH_RESAMPLE
+        self._nchw: torch.Tensor | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def _source(self) -> torch.Tensor:
+        """(1, C, H, W) uint8 in channels-last memory, C = 3 or 4 (RGB + PIL's padding byte)."""
+        if self._nchw is None:
+            hwc = _zero_copy_rgbx(self.image)
+            if hwc is None:
+                with warnings.catch_warnings():
+                    # The array is only read; torch warns because PIL's buffer is read-only.
+                    warnings.simplefilter("ignore", UserWarning)
+                    hwc = torch.from_numpy(np.asarray(self.image))
+            # HWC memory viewed as NCHW is channels-last, the layout torch's uint8 kernel wants.
+            self._nchw = hwc.permute(2, 0, 1).unsqueeze(0)
+        return self._nchw
+
+    def resize(self, height: int, width: int) -> torch.Tensor:
+        """uint8 (3, height, width)."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"cannot resize to {width}x{height}")
+        if (width, height) == self.image.size:
+            return self._source()[0, :3]
+        if self.use_torch:
+            out = F.interpolate(
+                self._source(), size=(height, width), mode=TORCH_RESAMPLE[self.resample],
+                antialias=True, align_corners=False,
+            )
+            return out[0, :3]
+        resized = self.image.resize((width, height), PIL_RESAMPLE[self.resample])
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+
+
+def normalize_(pixels: torch.Tensor, mean, std, exact: bool = False) -> torch.Tensor:
+    """In place on float32 (..., 3, H, W) holding 0..255: (x / 255 - mean) / std.
+
+    `exact=True` keeps the Hugging Face numpy operation order (rescale, subtract, divide, all
+    float32), which reproduces its values bit for bit; the default folds the three steps into
+    one multiply and one subtract (two passes instead of three, error below 1e-6).
+    """
+    m = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+    if exact:
+        return pixels.div_(255.0).sub_(m.float()).div_(s.float())
+    return pixels.mul_((1.0 / (255.0 * s)).float()).sub_((m / s).float())
+
+
+def to_normalized(u8: torch.Tensor, mean, std, exact: bool = False) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> normalised float32, one allocation."""
+    out = torch.empty(u8.shape, dtype=torch.float32)
+    out.copy_(u8)
+    return normalize_(out, mean, std, exact)
+
+
+def _zero_copy_rgbx(image: Image.Image) -> torch.Tensor | None:
+    """(H, W, 4) view of an RGB image's own memory, or None where that is not possible.
+
+    `np.asarray(pil_image)` repacks PIL's 4-bytes-per-pixel storage into a new buffer, which
+    costs as much as a resize for a 1024 px image; the Arrow export shares the buffer instead.
+    It needs pyarrow and a single-block image, so everything else falls back to the copy.
+    """
+    if image.mode != "RGB" or not hasattr(image, "__arrow_c_array__"):
+        return None
+    try:
+        import pyarrow as pa
+
+        arr = pa.array(image)
+        w, h = image.size
+        flat = np.frombuffer(arr.buffers()[-1], dtype=np.uint8)
+        if flat.size < h * w * 4:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(flat[: h * w * 4].reshape(h, w, 4))
+    except Exception:  # no pyarrow, multi-block image, or an older Pillow export format
+        return None
