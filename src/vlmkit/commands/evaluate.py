@@ -1,7 +1,199 @@
-"""Subcommands: placeholder until this area lands."""
+"""Subcommands: `vlmkit eval score|run|contamination|list` and `vlmkit data synth-bench`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+eval_app = typer.Typer(help="Evaluate models on benchmarks with their official scoring.", no_args_is_help=True)
+data_app = typer.Typer(help="Data utilities.", no_args_is_help=True)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _benchmark(name: str, judge: Optional[str] = None, judge_base_url: Optional[str] = None):
+    from vlmkit.eval.benchmarks import get_benchmark
+
+    if judge and name.lower() == "mathvista":
+        from vlmkit.eval.benchmarks.mathvista import llm_judge_extractor
+
+        return get_benchmark(name, extractor=llm_judge_extractor(judge, judge_base_url),
+                             extractor_name=f"mathvista-llm-judge ({judge})")
+    if judge:
+        _fail("--judge applies to mathvista only")
+    return get_benchmark(name)
+
+
+def _print_result(result, as_json: bool, per_item: bool = False, extra_fields: Optional[dict] = None) -> None:
+    if as_json:
+        typer.echo(json.dumps({**result.to_json(per_item=per_item), **(extra_fields or {})}, indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{result.benchmark}: {result.display}   (overall {result.overall:.4f}; "
+               f"{result.n_predicted}/{result.n_items} items predicted)")
+    typer.echo(f"  metric: {result.metric}")
+    typer.echo(f"  parser: {result.parser}")
+    width = max((len(k) for k in result.breakdown), default=0)
+    for k, v in result.breakdown.items():
+        typer.echo(f"  {k:<{width}}  {v:.4f}")
+    for k, v in result.extra.items():
+        if isinstance(v, (int, float, str, bool)):
+            typer.echo(f"  {k}: {v}")
+        elif k == "category_points":
+            for cat, pts in v.items():
+                typer.echo(f"  points {cat}: {pts}")
+    if result.n_missing:
+        typer.echo(f"  warning: {result.n_missing} item(s) have no prediction and count as wrong", err=True)
+
+
+@eval_app.command("score")
+def score_cmd(
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help="mmmu, mathvista, chartqa, docvqa, ocrbench, vqav2, textvqa, chair"),
+    data: Path = typer.Option(..., "--data", "-d", help="folder with the benchmark's official files"),
+    predictions: Path = typer.Option(..., "--predictions", "-p", help='JSONL, one {"id": ..., "prediction": ...} a line'),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    per_item: bool = typer.Option(False, "--per-item", help="with --json: include each item's score"),
+    judge: Optional[str] = typer.Option(None, help="MathVista: model name of an OpenAI-compatible LLM answer extractor"),
+    judge_base_url: Optional[str] = typer.Option(None, help="MathVista: base URL of the judge endpoint"),
+) -> None:
+    """Score a predictions file with the benchmark's official metric."""
+    from vlmkit.eval.benchmarks import EvalInputError, read_predictions
+
+    try:
+        bench = _benchmark(benchmark, judge, judge_base_url)
+        items = bench.load(data)
+        preds = read_predictions(predictions)
+        result = bench.score(items, preds)
+    except EvalInputError as e:
+        _fail(str(e))
+    _print_result(result, as_json, per_item)
+
+
+@eval_app.command("run")
+def run_cmd(
+    benchmark: str = typer.Option(..., "--benchmark", "-b"),
+    data: Path = typer.Option(..., "--data", "-d"),
+    model: str = typer.Option(..., "--model", "-m", help="hf:/path/folder | openai:MODEL | vlmkit:/path/checkpoint"),
+    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="output folder (prediction cache, results)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, help="default: the benchmark's own"),
+    limit: Optional[int] = typer.Option(None, help="only the first N items"),
+    base_url: Optional[str] = typer.Option(None, help="openai: endpoint base URL (default $OPENAI_BASE_URL)"),
+    api_key: Optional[str] = typer.Option(None, help="openai: API key (default $OPENAI_API_KEY)"),
+    device: Optional[str] = typer.Option(None, help="hf/vlmkit: torch device"),
+    judge: Optional[str] = typer.Option(None, help="MathVista: LLM answer extractor model"),
+    judge_base_url: Optional[str] = typer.Option(None),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Generate answers (batched, resumable) and score them."""
+    from vlmkit.eval.backends import make_backend
+    from vlmkit.eval.benchmarks import EvalInputError
+    from vlmkit.eval.runner import run_benchmark
+
+    try:
+        bench = _benchmark(benchmark, judge, judge_base_url)
+        items = bench.load(data)
+        if limit is not None:
+            items = items[:limit]
+        backend = make_backend(model, base_url=base_url, api_key=api_key, device=device)
+        outcome = run_benchmark(bench, items, backend, out, model_spec=model, data_dir=str(data),
+                                batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    except EvalInputError as e:
+        _fail(str(e))
+    _print_result(outcome.result, as_json, extra_fields={"out": str(outcome.out_dir), "generated": outcome.generated,
+                                                         "reused_from_cache": outcome.reused,
+                                                         "samples_per_s": outcome.samples_per_s})
+    if not as_json:
+        typer.echo(f"  results: {outcome.out_dir / 'results.json'}, {outcome.out_dir / 'results.md'} "
+                   f"({outcome.generated} generated, {outcome.reused} from cache)")
+
+
+@eval_app.command("contamination")
+def contamination_cmd(
+    train: Path = typer.Option(..., "--train", help="LLaVA-format training JSON"),
+    benchmark: str = typer.Option(..., "--benchmark", "-b"),
+    data: Path = typer.Option(..., "--data", "-d"),
+    n: int = typer.Option(8, "--n", min=1, help="n-gram length in words"),
+    threshold: float = typer.Option(0.5, help="an item counts as contaminated when this share of its n-grams is in the training set"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """N-gram overlap between a training set's texts and a benchmark's questions and answers."""
+    from vlmkit.eval.benchmarks import EvalInputError
+    from vlmkit.eval.contamination import contamination_report
+
+    try:
+        items = _benchmark(benchmark).load(data)
+        report = contamination_report(train, items, n=n, threshold=threshold, benchmark=benchmark)
+    except EvalInputError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{benchmark}: {report.n_contaminated}/{report.n_items} items ({100 * report.contaminated_fraction:.2f}%) "
+               f"have >= {threshold:.0%} of their {n}-grams in {train}")
+    typer.echo(f"  benchmark {n}-grams found in training texts: {100 * report.ngram_overlap:.2f}% "
+               f"({report.n_train_texts} training texts)")
+    for ex in report.examples[:10]:
+        typer.echo(f"  {ex['id']}: {100 * ex['overlap']:.0f}%  {ex['text'][:90]!r}")
+
+
+@eval_app.command("list")
+def list_cmd() -> None:
+    """Benchmarks and model backends known to this build."""
+    from vlmkit.eval.backends import BACKENDS
+    from vlmkit.registry import BENCHMARKS
+
+    import vlmkit.eval.benchmarks  # noqa: F401  (registration)
+
+    for name in BENCHMARKS.names():
+        b = BENCHMARKS.build(name)
+        typer.echo(f"{name:10s} {b.metric}")
+    typer.echo("model kinds: " + ", ".join(f"{k}:..." for k in sorted(BACKENDS)))
+
+
+@data_app.command("synth-bench")
+def synth_bench_cmd(
+    name: str = typer.Argument(..., help="benchmark name, or 'all'"),
+    out_dir: Path = typer.Argument(..., help="folder to write the benchmark's official layout into"),
+    n: int = typer.Option(12, "--n", min=1, help="items per split"),
+    seed: int = typer.Option(0),
+    predictions: bool = typer.Option(True, "--predictions/--no-predictions",
+                                     help="also write gold.jsonl (gold answers as predictions)"),
+) -> None:
+    """Write a small synthetic benchmark in its official layout, images included."""
+    from vlmkit.eval.benchmarks import EvalInputError
+    from vlmkit.eval.synth import SYNTHESIZERS, synth_bench
+
+    names = sorted(SYNTHESIZERS) if name == "all" else [name.lower()]
+    try:
+        for nm in names:
+            target = out_dir / nm if name == "all" else out_dir
+            info = synth_bench(nm, target, n=n, seed=seed, write_gold=predictions)
+            typer.echo(f"{nm}: {info['items']} items, {info['images']} images -> {target}")
+    except EvalInputError as e:
+        _fail(str(e))
+
+
+def _group(app: typer.Typer, name: str, sub: typer.Typer) -> None:
+    """Attach `sub` as `name`, or merge its commands into a group of that name another module made."""
+    for info in app.registered_groups:
+        if info.name == name and info.typer_instance is not None:
+            info.typer_instance.registered_commands.extend(sub.registered_commands)
+            return
+    app.add_typer(sub, name=name)
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    _group(app, "eval", eval_app)
+    _group(app, "data", data_app)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(eval_app())

@@ -39,6 +39,37 @@ def build_query(item: BenchItem) -> str:
     return text
 
 
+JUDGE_INSTRUCTION = (
+    "Please read the following example. Then extract the answer from the model response and type it at the end "
+    "of the prompt.\n\n"
+    "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.\n"
+    "Question: How many bars are taller than 5?\n\n"
+    "Model response: Three of the bars are taller than 5, so the answer is 3.\n\n"
+    "Extracted answer: 3\n\n"
+    "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+    "Question: Which shape is largest?\nChoices:\n(A) circle\n(B) square\n\n"
+    "Model response: The square covers the most area.\n\n"
+    "Extracted answer: B\n\n"
+)
+
+
+def llm_judge_extractor(model: str, base_url: str | None = None) -> Extractor:
+    """MathVista's LLM answer extraction (``extract_answer.py``) through an OpenAI-compatible endpoint.
+
+    The official script asks GPT-4 with few-shot demos; this sends the same kind of prompt to
+    any chat model. Only used when the quick rules do not settle the answer.
+    """
+    from vlmkit.eval.backends import OpenAIChatBackend
+
+    judge = OpenAIChatBackend(model, base_url=base_url, concurrency=1)
+
+    def extract(response: str, item: BenchItem) -> str:
+        prompt = f"{JUDGE_INSTRUCTION}{build_query(item)}\n\nModel response: {response}\n\nExtracted answer: "
+        return judge.generate([(prompt, [])], 64)[0].strip()
+
+    return extract
+
+
 class MathVista(Benchmark):
     name = "mathvista"
     metric = "accuracy after MathVista's normalize_extracted_answer + exact match (lupantech/MathVista evaluation/calculate_score.py)"

@@ -1,0 +1,205 @@
+"""Models behind one interface: a batch of (prompt, images) in, one answer string per item out.
+
+`BACKENDS` maps a spec prefix to a factory; `make_backend("hf:/models/foo")` builds one.
+A vlmkit-checkpoint backend registers itself here under "vlmkit" (see `register_backend`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+from PIL import Image
+
+from vlmkit.eval.benchmarks.base import EvalInputError
+
+Request = tuple[str, list[Image.Image]]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:
+        """Greedy answers, one per request, in order."""
+        ...
+
+
+BackendFactory = Callable[..., Backend]
+BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Add a backend kind. Factories take the spec's target (after "name:") plus keyword options."""
+
+    def add(factory: BackendFactory) -> BackendFactory:
+        BACKENDS[name] = factory
+        return factory
+
+    return add
+
+
+def make_backend(spec: str, **options: Any) -> Backend:
+    """`hf:/path/to/folder`, `openai:MODEL` (with base_url=...), `vlmkit:/path/to/checkpoint`.
+
+    A bare existing folder with a config.json is taken as a Hugging Face model folder.
+    """
+    kind, sep, target = spec.partition(":")
+    if not sep or kind not in BACKENDS:
+        if Path(spec).is_dir() and (Path(spec) / "config.json").is_file() and "hf" in BACKENDS:
+            kind, target = "hf", spec
+        else:
+            known = ", ".join(f"{k}:..." for k in sorted(BACKENDS)) or "(none)"
+            hint = " (the vlmkit checkpoint backend is not installed in this build)" if kind == "vlmkit" else ""
+            raise EvalInputError(f"unknown model spec {spec!r}{hint}; known kinds: {known}")
+    return BACKENDS[kind](target, **options)
+
+
+def image_to_data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible chat endpoint
+# ---------------------------------------------------------------------------------------------
+
+
+class OpenAIChatBackend:
+    """Any `/v1/chat/completions` server (vLLM, SGLang, vlmkit serve, OpenAI).
+
+    Uses the official `openai` client when it is installed, otherwise a plain HTTP POST with
+    the standard library, so the backend works without extra dependencies. Requests of a
+    batch are sent concurrently; images travel as PNG data URIs before the text part.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        temperature: float = 0.0,
+        client: str = "auto",
+    ):
+        self.model = model
+        self.name = f"openai:{model}"
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "http://localhost:8000/v1").rstrip("/")
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.concurrency = max(1, concurrency)
+        self.timeout = timeout
+        self.temperature = temperature
+        self._client = None
+        if client in ("auto", "openai"):
+            try:
+                import openai
+            except ImportError:
+                if client == "openai":
+                    raise EvalInputError("the openai package is not installed (pip install openai)") from None
+            else:
+                self._client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=2)
+
+    def _messages(self, prompt: str, images: list[Image.Image]) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_to_data_uri(im)}} for im in images]
+        parts.append({"type": "text", "text": prompt})
+        return [{"role": "user", "content": parts}]
+
+    def _one(self, req: Request, max_new_tokens: int) -> str:
+        messages = self._messages(*req)
+        if self._client is not None:
+            resp = self._client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=self.temperature
+            )
+            return resp.choices[0].message.content or ""
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_new_tokens,
+                           "temperature": self.temperature}).encode()
+        http = urllib.request.Request(
+            self.base_url + "/chat/completions", data=body, method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"},
+        )
+        try:
+            with urllib.request.urlopen(http, timeout=self.timeout) as r:
+                payload = json.loads(r.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[:300]
+            raise RuntimeError(f"{self.base_url}/chat/completions answered {e.code}: {detail}") from None
+        return payload["choices"][0]["message"].get("content") or ""
+
+    def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:
+        if len(batch) <= 1 or self.concurrency == 1:
+            return [self._one(r, max_new_tokens) for r in batch]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batch))) as pool:
+            return list(pool.map(lambda r: self._one(r, max_new_tokens), batch))
+
+
+@register_backend("openai")
+def _openai_factory(target: str, **options: Any) -> Backend:
+    return OpenAIChatBackend(target, **{k: v for k, v in options.items() if v is not None and k in
+                                        ("base_url", "api_key", "concurrency", "timeout", "temperature", "client")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face VLM folder
+# ---------------------------------------------------------------------------------------------
+
+
+class HFBackend:
+    """A local Hugging Face VLM folder: `AutoModelForImageTextToText` + `AutoProcessor`.
+
+    Offline only (HF_HUB_OFFLINE=1, local_files_only): evaluation never downloads weights.
+    Batches are left-padded so every row's new tokens start at the same column.
+    """
+
+    def __init__(self, path: str, device: str | None = None, dtype: str = "auto"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if not Path(path).is_dir():
+            raise EvalInputError(f"{path}: Hugging Face model folder not found")
+        self.name = f"hf:{path}"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+        self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        self.model.to(self.device).eval()
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+
+    def _text(self, prompt: str, n_images: int) -> str:
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        token = getattr(self.processor, "image_token", "<image>")
+        return token * n_images + "\n" + prompt
+
+    def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:
+        import torch
+
+        texts = [self._text(p, len(ims)) for p, ims in batch]
+        images = [ims for _, ims in batch]
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if any(images):
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+@register_backend("hf")
+def _hf_factory(target: str, **options: Any) -> Backend:
+    return HFBackend(target, **{k: v for k, v in options.items() if v is not None and k in ("device", "dtype")})

@@ -1,0 +1,185 @@
+"""`vlmkit eval run`: batched generation into a resumable prediction cache, then official scoring.
+
+The cache (`predictions.jsonl` in the output folder) is itself a valid predictions file for
+`vlmkit eval score`. Each batch is appended with one write and an fsync, so a run killed at
+any point keeps every answered item; rerunning skips them and ends with the same score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from vlmkit.eval.backends import Backend
+from vlmkit.eval.benchmarks.base import BenchItem, Benchmark, EvalInputError, ScoreResult, atomic_write_text
+
+CACHE_NAME = "predictions.jsonl"
+META_NAME = "run.json"
+# What must match for cached predictions to be reused.
+META_KEYS = ("benchmark", "model", "prompt_template", "max_new_tokens")
+
+
+@dataclass
+class RunOutcome:
+    result: ScoreResult
+    out_dir: Path
+    generated: int  # items answered in this invocation
+    reused: int  # items taken from the cache
+    seconds: float  # generation time of this invocation
+    samples_per_s: float
+
+
+class PredictionCache:
+    """Append-only JSONL of {"id", "prediction"}; tolerant of a torn last line only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        raw = self.path.read_bytes()
+        preds: dict[str, str] = {}
+        lines = raw.split(b"\n")
+        torn = lines[-1]  # text after the last newline: empty, or a write cut short by a kill
+        for lineno, line in enumerate(lines[:-1], 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                key, pred = str(rec["id"]), rec["prediction"]
+                if not isinstance(pred, str):
+                    raise TypeError("prediction is not a string")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise EvalInputError(
+                    f"{self.path}:{lineno}: malformed cache line ({type(e).__name__}: {e}); "
+                    "the file is left untouched: fix or remove that line and rerun"
+                ) from None
+            preds.setdefault(key, pred)
+        if torn.strip():
+            try:
+                rec = json.loads(torn)
+                preds.setdefault(str(rec["id"]), rec["prediction"])
+                with open(self.path, "ab") as f:  # complete line, only its newline was lost
+                    f.write(b"\n")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                warnings.warn(f"{self.path}: dropping an incomplete last line left by an interrupted run", stacklevel=2)
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(raw) - len(torn))
+        return preds
+
+    def append(self, records: Sequence[tuple[str, str]]) -> None:
+        data = "".join(json.dumps({"id": k, "prediction": p}, ensure_ascii=False) + "\n" for k, p in records)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    path = out_dir / META_NAME
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise EvalInputError(f"{path}: unreadable run description; move the folder away to start afresh") from None
+        diff = [k for k in META_KEYS if old.get(k) != meta.get(k)]
+        if diff and (out_dir / CACHE_NAME).exists():
+            details = "; ".join(f"{k}: cached {old.get(k)!r} vs now {meta.get(k)!r}" for k in diff)
+            raise EvalInputError(f"{out_dir}: cached predictions come from a different run ({details}); use another --out")
+    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
+
+
+def run_benchmark(
+    benchmark: Benchmark,
+    items: list[BenchItem],
+    backend: Backend,
+    out_dir: str | os.PathLike,
+    *,
+    model_spec: str,
+    data_dir: str = "",
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> RunOutcome:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    max_new = max_new_tokens or benchmark.default_max_new_tokens
+    meta = {"benchmark": benchmark.name, "model": model_spec, "data": str(data_dir),
+            "prompt_template": benchmark.prompt_template, "parser": benchmark.parser, "metric": benchmark.metric,
+            "max_new_tokens": max_new, "batch_size": batch_size}
+    _check_meta(out, meta)
+    cache = PredictionCache(out / CACHE_NAME)
+    cached = cache.load()
+    known = {it.id for it in items}
+    todo = [it for it in items if it.id not in cached]
+    reused = len(items) - len(todo)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), initial=reused, desc=f"eval {benchmark.name}", unit="item", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            requests = [(benchmark.prompt(it), it.load_images()) for it in chunk]
+            answers = backend.generate(requests, max_new)
+            if len(answers) != len(chunk):
+                raise RuntimeError(f"backend {backend.name} returned {len(answers)} answers for {len(chunk)} requests")
+            cache.append([(it.id, a) for it, a in zip(chunk, answers)])
+            cached.update((it.id, a) for it, a in zip(chunk, answers))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+
+    predictions = {k: v for k, v in cached.items() if k in known}
+    result = benchmark.score(items, predictions)
+    generated = len(todo)
+    outcome = RunOutcome(result, out, generated, reused, seconds, generated / seconds if seconds > 0 and generated else 0.0)
+    write_results(outcome, meta)
+    return outcome
+
+
+def write_results(outcome: RunOutcome, meta: dict[str, Any]) -> None:
+    r = outcome.result
+    record = {**r.to_json(), "model": meta["model"], "data": meta["data"], "prompt_template": meta["prompt_template"],
+              "max_new_tokens": meta["max_new_tokens"], "batch_size": meta["batch_size"],
+              "generated": outcome.generated, "reused_from_cache": outcome.reused,
+              "generation_seconds": round(outcome.seconds, 3), "samples_per_s": round(outcome.samples_per_s, 3)}
+    atomic_write_text(outcome.out_dir / "results.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(outcome.out_dir / "results.md", results_markdown(r, meta))
+    with open(outcome.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.time(), **{k: v for k, v in record.items() if k != "extra"}}) + "\n")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+def results_markdown(r: ScoreResult, meta: dict[str, Any]) -> str:
+    lines = [
+        f"# {r.benchmark} — {meta['model']}",
+        "",
+        "| benchmark | score | overall | items | missing | metric | parser | prompt |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {r.benchmark} | {_cell(r.display)} | {r.overall:.4f} | {r.n_items} | {r.n_missing} | {_cell(r.metric)} "
+        f"| {_cell(r.parser)} | `{_cell(meta['prompt_template'])}` |",
+        "",
+    ]
+    if r.breakdown:
+        lines += ["| category | score |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {v:.4f} |" for k, v in r.breakdown.items()]
+        lines.append("")
+    counters = {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, bool))}
+    if counters:
+        lines.append("Notes: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
+        lines.append("")
+    return "\n".join(lines)
