@@ -1,4 +1,15 @@
 """Connector families; importing this package registers them all."""
 
-from vlmkit.model.connectors import mlp  # noqa: F401
+from vlmkit.model.connectors import (  # noqa: F401
+    mlp,
+    native,
+    patch_embed,
+    perceiver,
+    pixel_shuffle,
+    pooling,
+    qformer,
+)
 from vlmkit.model.connectors.base import Connector, build_connector  # noqa: F401
+
+# The native-resolution tower the `native` connector is paired with; imported for its registration.
+from vlmkit.model import rope_vit  # noqa: E402,F401
