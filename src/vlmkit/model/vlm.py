@@ -54,8 +54,10 @@ class VisionLanguageModel(nn.Module):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def build(cls, config: ModelConfig, pretrained: bool = True) -> "VisionLanguageModel":
-        if config.fusion != "prefix":
-            raise NotImplementedError("cross-attention fusion is built by vlmkit.model.cross_attention")
+        if config.fusion == "cross-attention" and cls is VisionLanguageModel:
+            from vlmkit.model.cross_attention import CrossAttentionVLM
+
+            return CrossAttentionVLM.build(config, pretrained=pretrained)
         vision = build_vision_tower(config.vision, pretrained=pretrained)
         llm, tokenizer = build_language_model(config.llm, pretrained=pretrained)
         grid = vision.grid(config.processor.image_size)
