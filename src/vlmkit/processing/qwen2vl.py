@@ -1,0 +1,117 @@
+"""Qwen2-VL native resolution: smart_resize to multiples of 28 within [min_pixels, max_pixels],
+14 px patches (each repeated over the 2 temporal frames), 2x2 merge into one LLM token.
+
+Follows transformers' `Qwen2VLImageProcessor` / `smart_resize`: Python's `round` (half to even)
+for the first guess, `floor` when scaling down to max_pixels, `ceil` when scaling up to
+min_pixels, and a ValueError above an aspect ratio of 200.
+
+Where the original `qwen_vl_utils.smart_resize` differs: it clamps the first guess to at least
+one factor (`max(factor, round(...))`), so a side shorter than 14 px keeps 28 px there instead
+of being scaled up with the whole image; e.g. 1000x10 becomes 1008x28 there and 560x28 in
+transformers. vlmkit follows transformers, which is what the released checkpoints' processor
+runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, to_normalized
+from vlmkit.registry import IMAGE_PROCESSORS
+
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """(height, width), both multiples of `factor`, area within [min_pixels, max_pixels]."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image has zero size ({width}x{height})")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"aspect ratio {max(height, width) / min(height, width):.1f} ({width}x{height}) is above "
+            f"Qwen2-VL's limit of {MAX_ASPECT_RATIO}"
+        )
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+class Qwen2VLProcessor(ImageProcessor):
+    def __init__(
+        self,
+        patch_size: int = 14,
+        merge_size: int = 2,
+        temporal_patch_size: int = 2,
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 28 * 28 * 1280,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        resample: str = "bicubic",
+        backend: str = "torch",
+    ):
+        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.resample, self.backend = resample, backend
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def layout(self, width: int, height: int) -> TokenLayout:
+        rh, rw = self.resized_size(width, height)
+        gh, gw = rh // self.patch_size, rw // self.patch_size
+        return TokenLayout(
+            visual_tokens=gh * gw // self.merge_size**2,
+            parts={"resized": [rw, rh], "grid_thw": [1, gh, gw], "patches": gh * gw, "merge": self.merge_size},
+            special_tokens=2,  # <|vision_start|> ... <|vision_end|>
+        )
+
+    def pixels(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Flat patches (gh*gw, 3*T*p*p) in the merge-window order the vision tower expects."""
+        rh, rw = self.resized_size(*image.size)
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        x = to_normalized(Resizer(image, self.resample, self.backend).resize(rh, rw), self.mean, self.std,
+                          exact=self.backend == "pil")
+        gh, gw = rh // p, rw // p
+        x = x.view(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+        # A still image is its own T frames: the same patch repeated along the temporal axis.
+        x = x.unsqueeze(5).expand(gh // m, gw // m, m, m, 3, t, p, p)
+        return x.reshape(gh * gw, 3 * t * p * p), (1, gh, gw)
+
+    def preprocess(self, image: Image.Image) -> ProcessedImage:
+        pixels, thw = self.pixels(image)
+        return ProcessedImage(pixel_values=pixels, layout=self.layout(*image.size), extra={"image_grid_thw": thw})
+
+    def placeholder_text(self, layout: TokenLayout, image_token: str) -> str:
+        return "<|vision_start|>" + image_token * layout.visual_tokens + "<|vision_end|>"
+
+
+@IMAGE_PROCESSORS.register("qwen2vl")
+def build_qwen2vl(config, tokens_per_image: int | None = None) -> Qwen2VLProcessor:
+    """`tokens_per_image` is ignored: the count follows from smart_resize."""
+    o = dict(config.options)
+    return Qwen2VLProcessor(
+        patch_size=o.get("patch_size", 14),
+        merge_size=o.get("merge_size", 2),
+        temporal_patch_size=o.get("temporal_patch_size", 2),
+        min_pixels=o.get("min_pixels", 56 * 56),
+        max_pixels=o.get("max_pixels", 28 * 28 * 1280),
+        mean=config.mean,
+        std=config.std,
+        resample=config.resample,
+        backend=o.get("backend", "torch"),
+    )
