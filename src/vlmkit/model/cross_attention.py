@@ -65,17 +65,23 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask: (B, Lq, M) or (B, M), True where a query may read a memory token."""
+        sees = None
         if mask is not None:
             if mask.dim() == 2:
                 mask = mask[:, None, :].expand(-1, x.shape[1], -1)
-            # A query with no visible image reads nothing (an all-masked softmax would be NaN,
-            # and 0 * NaN would break the exact no-op at init).
+            # A token with no visible image skips the whole block, FFN included (as Llama 3.2
+            # Vision does), so text-only rows compute exactly what the LLM alone computes; an
+            # all-masked softmax would also be NaN, and 0 * NaN would break the no-op at init.
             sees = mask.any(-1, keepdim=True)
-            attn = self.attn(self.attn_norm(x), memory, mask | ~sees) * sees.to(x.dtype)
-        else:
-            attn = self.attn(self.attn_norm(x), memory)
+            mask = mask | ~sees
+        attn = self.attn(self.attn_norm(x), memory, mask)
+        if sees is not None:
+            attn = attn * sees.to(x.dtype)
         x = x + torch.tanh(self.attn_gate).to(x.dtype) * attn
-        return x + torch.tanh(self.ffn_gate).to(x.dtype) * self.ffn(self.ffn_norm(x))
+        ffn = self.ffn(self.ffn_norm(x))
+        if sees is not None:
+            ffn = ffn * sees.to(x.dtype)
+        return x + torch.tanh(self.ffn_gate).to(x.dtype) * ffn
 
 
 def insertion_points(num_layers: int, every: int) -> list[int]:
