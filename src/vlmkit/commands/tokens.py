@@ -1,7 +1,126 @@
-"""Subcommands: placeholder until this area lands."""
+"""`vlmkit tokens`: what an image costs a preset, and the seed deck's token-budget table."""
+
+from __future__ import annotations
+
+import json
+import re
 
 import typer
 
+from vlmkit.processing.budget import PRESETS, image_budget, seed_table
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not m:
+        raise typer.BadParameter(f"size must look like 1024x768 (width x height), got {text!r}")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w <= 0 or h <= 0:
+        raise typer.BadParameter(f"size must be positive, got {w}x{h}")
+    return w, h
+
+
+def _human(n: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def _print_budget(b) -> None:
+    typer.echo(f"{b.preset} ({b.family}, {b.fusion} fusion), image {b.width}x{b.height}")
+    typer.echo(f"  visual tokens   {b.visual_tokens:,}")
+    for k, v in b.parts.items():
+        typer.echo(f"    {k:<28} {v}")
+    typer.echo(f"  special tokens  {b.special_tokens:,}")
+    typer.echo(f"  sequence tokens {b.sequence_tokens:,}")
+    typer.echo(f"  LLM             {b.llm}")
+    typer.echo(f"  prefill         {_human(b.prefill_flops, 'FLOP')}")
+    typer.echo(f"  KV cache        {b.kv_cache_bytes / 2**20:,.1f} MiB (bf16)")
+    typer.echo(f"  context share   {b.context_share:.2%} of {b.context:,}")
+    for note in b.notes:
+        typer.echo(f"  note: {note}")
+
+
+def _print_table() -> None:
+    rows = seed_table()
+    typer.echo("Seed token-budget table vs the reference implementations")
+    typer.echo(f"{'model':<28} {'seed (typical / max)':<40} reference")
+    for r in rows:
+        flag = {True: "  ", False: "!!", None: "--"}[r["agrees"]]
+        typer.echo(f"{flag}{r['model']:<26} {r['seed']:<40} {r['reference']}")
+    typer.echo("")
+    typer.echo("Where the reference disagrees with the seed (!!) or explains it:")
+    for r in rows:
+        if r["agrees"] is not True or r["model"].startswith("AnyRes"):
+            typer.echo(f"  - {r['model']}: {r['detail']}")
+
+
+def _plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = list(range(64, 2049, 32))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in ["llava-1.5-7b", "llava-next-7b", "internvl2-76b", "qwen2-vl-7b", "pixtral-12b",
+                 "llama-3.2-vision-11b", "idefics3-8b", "smolvlm", "blip2"]:
+        proc = PRESETS[name].make_processor()
+        ax.plot(sides, [proc.layout(s, s * 3 // 4).visual_tokens for s in sides], label=name)
+    ax.set_xlabel("image width (px), 4:3 aspect")
+    ax.set_ylabel("visual tokens per image")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Visual tokens vs image size (Llama 3.2 Vision: cross-attention states)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tokens(
+    preset: str = typer.Option(None, "--preset", "-p", help=f"one of: {', '.join(PRESETS)}"),
+    size: str = typer.Option(None, "--size", "-s", help="image size WIDTHxHEIGHT, e.g. 1024x768"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    context: int = typer.Option(None, "--context", help="context length for the share (default: the LLM's)"),
+    table: bool = typer.Option(False, "--table", help="reproduce the seed's token-budget table"),
+    plot: str = typer.Option(None, "--plot", help="write a PNG chart of tokens vs image size per family"),
+    list_presets: bool = typer.Option(False, "--list", help="list presets"),
+) -> None:
+    """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
+    if list_presets:
+        for name, p in PRESETS.items():
+            typer.echo(f"{name:<24} {p.family:<9} {p.llm.name:<40} {p.note}")
+        return
+    if table:
+        rows = seed_table()
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+        else:
+            _print_table()
+    if plot:
+        _plot(plot)
+        typer.echo(f"wrote {plot}", err=as_json)
+    if table or plot:
+        return
+    if not preset or not size:
+        raise typer.BadParameter("give --preset and --size (or --table / --plot / --list)")
+    w, h = _size(size)
+    if context is not None and context <= 0:
+        raise typer.BadParameter("--context must be positive")
+    try:
+        b = image_budget(preset, w, h, context=context)
+    except KeyError as e:
+        raise typer.BadParameter(str(e.args[0])) from None
+    except ValueError as e:  # e.g. Qwen2-VL's aspect-ratio limit
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(b.to_dict(), indent=2))
+    else:
+        _print_budget(b)
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("tokens")(tokens)
