@@ -1,0 +1,92 @@
+"""Bad input never reaches a model: each case is a clear ImageLoadError or a defined conversion."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmkit.processing.anyres import AnyResProcessor
+from vlmkit.processing.images import ImageLoadError, Resizer, load_image
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    data = encode(Image.new("RGB", (64, 64), (1, 2, 3)))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="cut.png: cannot decode"):
+        load_image(path)
+
+
+def test_corrupt_bytes_and_missing_file(tmp_path):
+    with pytest.raises(ImageLoadError, match="cannot decode"):
+        load_image(b"definitely not an image")
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_image(tmp_path / "nope.jpg")
+
+
+def test_zero_size_image():
+    with pytest.raises(ImageLoadError, match="zero size"):
+        load_image(Image.new("RGB", (0, 5)))
+
+
+def test_one_by_ten_thousand_is_rejected_by_aspect_ratio():
+    img = Image.new("RGB", (1, 10000))
+    with pytest.raises(ImageLoadError, match="aspect ratio 10000:1"):
+        load_image(encode(img))
+    # Allowed explicitly, it loads, and a tiling family turns it into a defined tile set.
+    ok = load_image(encode(img), max_aspect_ratio=20000)
+    out = AnyResProcessor().preprocess(ok)
+    assert out.pixel_values.shape[1:] == (3, 336, 336)
+    assert out.layout.visual_tokens > 0
+
+
+def test_sixteen_bit_greyscale_keeps_its_range():
+    arr = np.full((8, 8), 65535, dtype=np.uint16)
+    arr[:, :4] = 32768
+    img = load_image(encode(Image.fromarray(arr)))
+    assert img.mode == "RGB"
+    px = np.asarray(img)
+    assert px[0, 7].tolist() == [255, 255, 255]
+    assert px[0, 0].tolist() == [128, 128, 128]  # mid-range stays mid-grey, not clipped to white
+
+
+def test_cmyk_converts_to_rgb():
+    img = load_image(encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"))
+    assert img.mode == "RGB"
+    r, g, b = np.asarray(img)[8, 8].tolist()
+    assert r > 200 and g < 60 and b < 60  # pure red ink
+
+
+def test_palette_with_transparency_and_rgba_composite_on_white():
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([10, 20, 30] * 256)
+    pal.info["transparency"] = 0
+    for src in (encode(pal), encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))):
+        img = load_image(src)
+        assert img.mode == "RGB"
+        assert np.asarray(img)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_decompression_bomb_limit_is_configurable_and_checked_before_decoding():
+    data = encode(Image.new("RGB", (3000, 3000)))
+    with pytest.raises(ImageLoadError, match="above the limit of 1,000,000"):
+        load_image(data, max_pixels=1_000_000)
+    assert load_image(data, max_pixels=10_000_000).size == (3000, 3000)
+
+
+def test_resizer_accepts_any_mode_and_rejects_bad_sizes():
+    r = Resizer(Image.new("LA", (10, 10)), "bicubic")
+    assert r.resize(5, 7).shape == (3, 5, 7)
+    with pytest.raises(ValueError, match="cannot resize"):
+        r.resize(0, 4)
+    with pytest.raises(ValueError, match="unknown resample"):
+        Resizer(Image.new("RGB", (2, 2)), "cubic")
