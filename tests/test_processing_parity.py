@@ -222,3 +222,14 @@ def test_internvl_grid_matches_transformers_port():
     sizes = [(int(a), int(b)) for a, b in rng.integers(1, 4000, (400, 2))] + SIZES
     for w, h in sizes:
         assert ours.grid(w, h) == tuple(get_optimal_tiled_canvas((h, w), (448, 448), 1, 12)), (w, h)
+
+
+def test_idefics3_crop_count_matches_reference_accounting():
+    hf = Idefics3ImageProcessorPil(size={"longest_edge": 1456}, max_image_size={"longest_edge": 364})
+    ours = Idefics3Processor()
+    rng = np.random.default_rng(6)
+    sizes = [(int(a), int(b)) for a, b in rng.integers(1, 5000, (400, 2))] + SIZES
+    for w, h in sizes:
+        rows, cols = ours.layout(w, h).parts["grid"]
+        assert hf.get_number_of_image_patches(h, w, {}) == ((rows * cols + 1) if rows else 0, rows, cols), (w, h)
+        assert ours.layout(w, h).visual_tokens == max(rows * cols + 1, 1) * 169

@@ -14,11 +14,10 @@ because every step rounds:
 Token count per crop: `((crop / patch) ** 2) / scale_factor ** 2` (169 for Idefics3-8B, 81 for
 SmolVLM-Instruct, 64 for SmolVLM-256M/500M).
 
-Where transformers disagrees with itself: `get_number_of_image_patches` (used by vLLM and the
-processor's token accounting) derives the short side from the *old* long side, while the pixel
-path derives it from the new one; e.g. for 1456x60 the pixel path yields 4x1 crops... vlmkit
-counts what the pixel path produces; `tests/test_processing_idefics3.py` pins the sizes where
-the two differ.
+transformers' `get_number_of_image_patches` (used by vLLM and the processor's token accounting)
+derives the short side from the *old* long side while the pixel path uses the new one; the
+ceilings make both agree on every size we swept (tests/test_processing_parity.py), and vlmkit
+counts what the pixel path produces.
 
 Resampling is Lanczos, which torch has no kernel for, so this family always resizes with PIL.
 """
