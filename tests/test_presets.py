@@ -1,0 +1,115 @@
+"""Presets: real shapes on the meta device match the released totals; tiny variants train."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlmkit import presets
+from vlmkit.model.vlm import VisionLanguageModel
+
+ALL = presets.names()
+
+
+def test_every_seed_model_has_a_preset():
+    wanted = {"llava-1.5-7b", "llava-1.5-13b", "llava-next", "blip2", "instructblip", "openflamingo", "idefics2", "internvl2-76b",
+              "qwen2-vl-2b", "qwen2-vl-7b", "qwen2-vl-72b", "pixtral-12b", "llama-3.2-vision-11b", "llama-3.2-vision-90b",
+              "paligemma", "fuyu-8b", "idefics3-8b", "smolvlm"}
+    assert wanted <= set(ALL)
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {name: presets.inspect_preset(name) for name in ALL}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_real_shape_matches_published_total_within_2_percent(name, reports):
+    r = reports[name]
+    if r["published"]["total"] is None:
+        pytest.skip("no published total")
+    assert abs(r["published"]["difference"]) < 0.02, r["params"]
+
+
+def test_real_shape_is_never_allocated():
+    meta = presets.build_meta("qwen2-vl-72b")
+    for module in meta.parts.values():
+        assert all(p.device.type == "meta" for p in module.parameters())
+
+
+def test_headline_figures(reports):
+    # The issue's examples, to 3 significant figures.
+    assert round(reports["llava-1.5-7b"]["params"]["total"] / 1e9, 2) == 7.06
+    assert round(reports["qwen2-vl-7b"]["params"]["total"] / 1e9, 2) == 8.29
+    assert abs(reports["llama-3.2-vision-11b"]["params"]["total"] / 10.67e9 - 1) < 0.005
+    # Qwen2-VL's "675M ViT" includes its 2x2 merger, which we count as the connector.
+    q = reports["qwen2-vl-7b"]["params"]
+    assert abs((q["vision"] + q["connector"]) / 675e6 - 1) < 0.01
+    # Pixtral-ViT ~400M; Llama 3.2's ViT-H (630M) + 8 global layers + tile embeddings.
+    assert abs(reports["pixtral-12b"]["params"]["vision"] / 400e6 - 1) < 0.02
+    assert reports["llama-3.2-vision-11b"]["params"]["vision"] > 630e6
+
+
+def test_token_counts(reports):
+    tokens = {n: reports[n]["image"]["visual_tokens"] for n in ALL}
+    assert tokens["llava-1.5-7b"] == 576
+    assert tokens["blip2"] == 32
+    assert tokens["internvl2-76b"] == 256  # 1024 patches per 448 px tile, pixel shuffle 0.5
+    assert tokens["idefics3-8b"] == 169 and tokens["smolvlm"] == 81
+    assert tokens["llama-3.2-vision-11b"] == 1  # cross-attention: one marker slot
+    assert reports["llama-3.2-vision-11b"]["image"]["memory_tokens"] == 4 * 1601
+
+
+def test_fused_parts_have_their_own_counts(reports):
+    assert reports["llava-1.5-7b"]["params"]["cross_attention"] == 0
+    assert reports["llama-3.2-vision-11b"]["params"]["cross_attention"] > 1.5e9
+    assert reports["openflamingo"]["params"]["cross_attention"] > 1e9
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tiny_variant_trains_on_cpu(name):
+    preset = presets.get_preset(name)
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(preset.tiny_config(), pretrained=False)
+    assert model.config.fusion == preset.fusion
+    model.set_trainable(sorted(set(sum(preset.stages.values(), []))))
+    model.train()
+    size = model.config.processor.image_size
+    pixels = torch.randn(2, 3, size, size)
+    ids = torch.tensor([[model.image_token_id] * model.tokens_per_image + [40, 41, 42]] * 2)
+    labels = ids.clone()
+    labels[:, : model.tokens_per_image + 1] = -100
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, pixel_values=pixels, labels=labels).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+
+
+def test_inspect_json(capsys):
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", "llava-1.5-7b", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["params"]["total"] == sum(data["params"][p] for p in ("vision", "connector", "cross_attention", "llm"))
+    assert data["stages"]["stage1-align"]["trainable"] == data["params"]["connector"]
+    assert data["image"]["visual_tokens"] == 576 and data["image"]["flops"]["total"] > 7e12
+
+
+def test_inspect_unknown_preset_lists_known_ones():
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", "llava-9"])
+    assert result.exit_code != 0
+    assert "llava-1.5-7b" in result.output
