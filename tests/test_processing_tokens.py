@@ -6,7 +6,6 @@ the ground truth: views x tokens per view, patches / merge, tiles x states.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
