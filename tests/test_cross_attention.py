@@ -144,3 +144,27 @@ def test_block_matches_mllama_cross_attention_layer_param_count():
     ours = GatedCrossAttentionBlock(64, 64, opts, heads=8)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) == count(hf)
+
+
+def test_project_embed_path_used_by_generation_matches_forward():
+    """generate() calls vision_features -> project -> embed and then runs the decoder itself."""
+    from transformers import DynamicCache
+
+    from vlmkit.model.vlm import run_decoder
+
+    model = build()
+    open_gates(model)
+    ids, _, pixels = toy_batch(model)
+    with torch.no_grad():
+        full = model(ids, pixel_values=pixels).logits
+        embeds = model.embed(ids[:, :-1], model.project(model.vision_features(pixels)))
+        cache = DynamicCache()
+        run_decoder(model.llm.base_model, embeds, None, None, cache, use_cache=True)
+        step = model.llm.get_input_embeddings()(ids[:, -1:])
+        pos = torch.full((ids.shape[0], 1), ids.shape[1] - 1)
+        out = run_decoder(model.llm.base_model, step, None, pos, cache, use_cache=True)
+        last = model.llm.get_output_embeddings()(out.last_hidden_state[:, -1])
+        # A text-only embed afterwards clears the image memory.
+        model.embed(ids[:, 4:], None)
+        assert model.cross_attention._memory is None
+    torch.testing.assert_close(last, full[:, -1], atol=1e-5, rtol=1e-5)

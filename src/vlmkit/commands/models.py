@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+
 import typer
 
 
@@ -90,10 +91,125 @@ def inspect_command(
         typer.echo(f"  note: {img['note']}")
 
 
+# ---- ablate ------------------------------------------------------------------------------------
+
+# Each family at a CPU-trainable size. Budgets differ on purpose: that is what is being compared
+# (32 Q-Former queries and 64 latents vs every patch, or a quarter of them).
+ABLATION_CONNECTORS: dict[str, dict] = {
+    "mlp": {"connector": {"name": "mlp", "options": {"input_norm": True}}},
+    "linear": {"connector": {"name": "linear", "options": {}}},
+    "pixel-shuffle": {"connector": {"name": "pixel-shuffle", "options": {"ratio": 0.5, "norm": "post"}}},
+    "pooling": {"connector": {"name": "pooling", "options": {"kernel": 2, "input_norm": True}}},
+    "qformer": {"connector": {"name": "qformer", "options": {"num_queries": 32, "hidden_size": 256, "layers": 2, "heads": 4,
+                                                             "intermediate_size": 1024, "input_norm": True}}},
+    "perceiver": {"connector": {"name": "perceiver", "options": {"latents": 64, "layers": 2, "heads": 4, "head_dim": 64,
+                                                                 "width": 256, "input_proj": "linear"}}},
+    "cross-attn": {"connector": {"name": "mlp", "options": {"input_norm": True, "cross_attention": {"every": 6}}},
+                   "fusion": "cross-attention"},
+}
+
+
+def ablation_config(recipe, name: str, out_dir, data_dir, overrides=()):
+    """The recipe with its connector (and fusion) swapped; everything else identical."""
+    from pathlib import Path
+
+    from vlmkit.config import load_config
+
+    if name not in ABLATION_CONNECTORS:
+        raise typer.BadParameter(f"unknown connector {name!r}; choose from {', '.join(ABLATION_CONNECTORS)}")
+    spec = ABLATION_CONNECTORS[name]
+    config = load_config(recipe, [f"train.output_dir={Path(out_dir) / name}", *overrides])
+    config.model.connector = config.model.connector.model_validate(spec["connector"])
+    config.model.fusion = spec.get("fusion", "prefix")
+    data = {"align": "stage1.json", "instruct": "stage2.json"}
+    for stage_name, stage in config.train.stages.items():
+        stage.data = str(Path(data_dir) / data.get(stage_name, Path(stage.data).name))
+        if config.model.fusion == "cross-attention" and "connector" in stage.trainable and "cross_attention" not in stage.trainable:
+            stage.trainable = [*stage.trainable, "cross_attention"]
+    return config
+
+
+def run_ablation(recipe, connectors: list[str], out_dir, n_caption: int, n_instruct: int, n_test: int, seed: int,
+                 overrides=(), tasks=("text", "chart")) -> list[dict]:
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from vlmkit.data.synthetic.tasks import generate as generate_data
+    from vlmkit.quickstart import answer_questions, summarise
+    from vlmkit.train.loop import run_training
+    from vlmkit.utils import JsonlLogger
+
+    out = Path(out_dir)
+    data_dir = out / "data"
+    if not (data_dir / "test.json").is_file():
+        generate_data(data_dir, n_caption=n_caption, n_instruct=n_instruct, n_test=n_test, seed=seed)
+    test = [r for r in json.loads((data_dir / "test.json").read_text()) if r["task"] in tasks]
+    rows = []
+    logger = JsonlLogger(out / "ablation.jsonl")
+    try:
+        for name in connectors:
+            config = ablation_config(recipe, name, out, data_dir, [f"train.seed={seed}", *overrides])
+            torch.manual_seed(seed)
+            started = time.perf_counter()
+            model, stages = run_training(config)
+            train_seconds = sum(s.seconds for s in stages)
+            model.eval()
+            scores = summarise(answer_questions(model, test, data_dir, with_image=True, desc=f"eval {name}"))
+            parts = {p: sum(x.numel() for x in m.parameters()) for p, m in model.parts().items()}
+            row = {
+                "connector": name,
+                "fusion": config.model.fusion,
+                "accuracy": {t: scores.get(t) for t in tasks},
+                "visual_tokens": model.tokens_per_image,
+                "memory_tokens": getattr(model, "memory_tokens_per_image", 0),
+                "connector_params": parts["connector"] + parts.get("cross_attention", 0),
+                "total_params": sum(parts.values()),
+                "train_seconds": round(train_seconds, 1),
+                "wall_seconds": round(time.perf_counter() - started, 1),
+            }
+            logger.log({"event": "ablation", **row})
+            rows.append(row)
+            del model
+    finally:
+        logger.close()
+    (out / "ablation.md").write_text(ablation_table(rows, tasks) + "\n")
+    return rows
+
+
+def ablation_table(rows: list[dict], tasks=("text", "chart")) -> str:
+    head = "| connector | fusion | " + " | ".join(f"{t} acc" for t in tasks) + " | visual tokens (context / memory) | connector params | total params | train s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        accs = " | ".join("-" if r["accuracy"][t] is None else f"{r['accuracy'][t]:.1%}" for t in tasks)
+        tokens = f"{r['visual_tokens']} / {r['memory_tokens']}" if r["memory_tokens"] else str(r["visual_tokens"])
+        lines.append(f"| {r['connector']} | {r['fusion']} | {accs} | {tokens} | {_fmt(r['connector_params'])} | {_fmt(r['total_params'])} | {r['train_seconds']} |")
+    return "\n".join(lines)
+
+
+def ablate_command(
+    recipe: str = typer.Argument(..., help="recipe YAML (e.g. recipes/ablate.yaml)"),
+    connectors: str = typer.Option("mlp,pixel-shuffle,qformer,perceiver,cross-attn", "--connectors", help="comma-separated"),
+    out: str = typer.Option("runs/ablate", "--out"),
+    n_caption: int = typer.Option(320, "--n-caption"),
+    n_instruct: int = typer.Option(900, "--n-instruct"),
+    n_test: int = typer.Option(150, "--n-test"),
+    seed: int = typer.Option(0, "--seed"),
+    override: Optional[list[str]] = typer.Option(None, "--set", "-s", help="dotted recipe override, repeatable"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Train the same recipe once per connector on the synthetic OCR and chart tasks; write a
+    comparison table (accuracy per task, visual tokens, parameters, training time) to OUT/ablation.md."""
+    names = [c.strip() for c in connectors.split(",") if c.strip()]
+    for name in names:
+        if name not in ABLATION_CONNECTORS:
+            raise typer.BadParameter(f"unknown connector {name!r}; choose from {', '.join(ABLATION_CONNECTORS)}")
+    rows = run_ablation(recipe, names, out, n_caption, n_instruct, n_test, seed, override or ())
+    typer.echo(json.dumps(rows, indent=2) if as_json else ablation_table(rows))
+
+
 def register(app: typer.Typer) -> None:
     app.command("inspect")(inspect_command)
-    try:
-        from vlmkit.commands.ablate import ablate_command
-    except ImportError:
-        return
     app.command("ablate")(ablate_command)

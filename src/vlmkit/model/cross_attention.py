@@ -117,10 +117,16 @@ class CrossAttentionFusion(nn.Module):
             if self._memory is None:
                 return None
             block = self.blocks[block_index]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = self._mask
+            if mask is not None and mask.shape[1] != hidden.shape[1]:
+                # Cached decoding: new tokens come after the whole prompt, so they see what its
+                # last token saw.
+                mask = mask[:, -1:, :]
             if args:
-                return (block(args[0], self._memory, self._mask),) + tuple(args[1:]), kwargs
+                return (block(args[0], self._memory, mask),) + tuple(args[1:]), kwargs
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], self._memory, self._mask)
+            kwargs["hidden_states"] = block(kwargs["hidden_states"], self._memory, mask)
             return args, kwargs
 
         return hook
@@ -200,8 +206,6 @@ class CrossAttentionVLM(_vlm_base()):
         super().__init__(config, vision, connector, llm, tokenizer, pretrained_parts)
         memory_dim = getattr(connector, "out_dim", connector.llm_dim)
         self.cross_attention = CrossAttentionFusion(llm, memory_dim, xattn)
-        self._cached_memory: torch.Tensor | None = None
-        self._cached_counts: torch.Tensor | None = None
 
     def parts(self) -> dict[str, nn.Module]:
         return {**super().parts(), "cross_attention": self.cross_attention}
@@ -214,6 +218,24 @@ class CrossAttentionVLM(_vlm_base()):
     @property
     def memory_tokens_per_image(self) -> int:
         return self.connector.num_tokens(self.image_grid)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, keep_memory: bool = False) -> torch.Tensor:
+        """Marker slots get the marker embedding; the image memory goes to the blocks.
+
+        `image_embeds` is the connector output (images, M, D) in marker order. It stays set for
+        the decoder calls that follow (generation runs the decoder itself after `embed`), until
+        the next `embed` replaces or clears it.
+        """
+        markers = int((input_ids == self.image_token_id).sum())
+        if image_embeds is not None:
+            grouped, mask, _ = group_memory(image_embeds, input_ids, self.image_token_id)
+            self.cross_attention.set_memory(grouped, mask)
+        elif not keep_memory:
+            self.cross_attention.set_memory(None)
+        if markers and image_embeds is None:
+            raise ValueError(f"the text has {markers} image markers but no images were given")
+        marker_embeds = self.cross_attention.image_marker.expand(markers, 1, -1) if markers else None
+        return super().embed(input_ids, marker_embeds)
 
     def forward(
         self,
@@ -230,27 +252,14 @@ class CrossAttentionVLM(_vlm_base()):
 
         if image_features is None and pixel_values is not None and pixel_values.numel():
             image_features = self.vision_features(pixel_values)
-        markers = int((input_ids == self.image_token_id).sum())
-        seen_before = None
-        if image_features is not None:
-            memory = self.project(image_features.to(self.device))
-        elif past_key_values is not None and self._cached_memory is not None:
-            # Later decoding steps: the images were given with the prompt.
-            memory, seen_before = self._cached_memory, self._cached_counts
-        else:
-            memory = None
-            if markers:
-                raise ValueError(f"the text has {markers} image markers but no images were given")
-        embeds = self.embed(input_ids, self.cross_attention.image_marker.expand(markers, 1, -1) if markers else None)
-        if memory is not None:
-            grouped, mask, counts = group_memory(memory, input_ids, self.image_token_id, seen_before)
-            self.cross_attention.set_memory(grouped.to(embeds.dtype), mask)
-            if use_cache:
-                self._cached_memory, self._cached_counts = memory, counts
+        memory = self.project(image_features.to(self.device)) if image_features is not None else None
+        # Later decoding steps carry no images: they keep the memory the prompt set.
+        embeds = self.embed(input_ids, memory, keep_memory=memory is None and past_key_values is not None)
         try:
             out = run_decoder(self.llm.base_model, embeds, attention_mask, position_ids, past_key_values, use_cache)
         finally:
-            self.cross_attention.set_memory(None)
+            if not use_cache:
+                self.cross_attention.set_memory(None)
         hidden = out.last_hidden_state
         head = self.llm.get_output_embeddings()
         if labels is None:

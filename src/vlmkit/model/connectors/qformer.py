@@ -34,6 +34,9 @@ class QFormerOptions(ConnectorOptions):
     # connector interface, which only carries image features.
     text_vocab: int = Field(default=0, ge=0)
     max_text_positions: int = Field(default=512, ge=1)
+    # LayerNorm on the image features first, for towers that end unnormalised (EfficientNet);
+    # BLIP-2's ViT already ends in a LayerNorm.
+    input_norm: bool = False
 
 
 class _PostNormAttention(nn.Module):
@@ -93,6 +96,7 @@ class QFormerConnector(Connector):
         self.layers = nn.ModuleList(
             QFormerLayer(o, vision_dim, has_cross=i % o.cross_attention_frequency == 0) for i in range(o.layers)
         )
+        self.input_norm = nn.LayerNorm(vision_dim) if o.input_norm else nn.Identity()
         self.proj = nn.Linear(o.hidden_size, llm_dim)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
@@ -100,6 +104,7 @@ class QFormerConnector(Connector):
 
     def query_states(self, features: torch.Tensor) -> torch.Tensor:
         """The Q-Former's output at its own width, before the LLM projection."""
+        features = self.input_norm(features)
         q = self.dropout(self.layernorm(self.query_tokens.expand(features.shape[0], -1, -1)))
         for layer in self.layers:
             q = layer(q, features)
