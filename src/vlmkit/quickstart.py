@@ -21,10 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.config import Config, load_config
-from vlmkit.data.formats import Message
 from vlmkit.eval.metrics import ocrbench_correct, relaxed_correctness, vqa_normalize
-from vlmkit.generate import GenerationConfig, decode, generate
-from vlmkit.processing import build_chat_processor
 from vlmkit.utils import JsonlLogger, atomic_write_text, read_jsonl
 
 
@@ -57,19 +54,19 @@ class EvalRow:
 
 
 def answer_questions(model, records: list[dict], image_root: Path, with_image: bool, batch_size: int = 16, max_new_tokens: int = 8, desc: str = "") -> list[EvalRow]:
-    processor = build_chat_processor(model, max_length=1024)
+    """Greedy answers through the same backend `vlmkit eval run` uses; blind runs drop the image."""
+    from vlmkit.eval.backends import VlmkitBackend
+    from vlmkit.processing.images import load_image
+
+    backend = VlmkitBackend(model)
     rows: list[EvalRow] = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
         chunk = records[start : start + batch_size]
-        prompts = []
+        requests = []
         for r in chunk:
-            question = r["conversations"][0]["value"]
-            images = [image_root / r["image"]] if with_image else []
-            if not with_image:
-                question = question.replace("<image>", "").strip()
-            prompts.append(processor.encode_prompt([Message("user", question)], images))
-        outputs = decode(model, generate(model, prompts, GenerationConfig(max_new_tokens=max_new_tokens)))
-        for r, pred in zip(chunk, outputs):
+            question = r["conversations"][0]["value"].replace("<image>", "").strip()
+            requests.append((question, [load_image(image_root / r["image"])] if with_image else []))
+        for r, pred in zip(chunk, backend.generate(requests, max_new_tokens)):
             rows.append(EvalRow(r["id"], r["task"], r["answer"], pred, _score(r["task"], pred, r["answer"])))
     return rows
 

@@ -203,3 +203,50 @@ class HFBackend:
 @register_backend("hf")
 def _hf_factory(target: str, **options: Any) -> Backend:
     return HFBackend(target, **{k: v for k, v in options.items() if v is not None and k in ("device", "dtype")})
+
+
+# ---------------------------------------------------------------------------------------------
+# vlmkit checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+class VlmkitBackend:
+    """A vlmkit model (a checkpoint folder, or a model already in memory): batched, left-padded
+    greedy generation with a KV cache. Each image gets an `<image>` placeholder before the
+    prompt unless the prompt already places them."""
+
+    def __init__(self, model, max_length: int | None = None, name: str = "vlmkit"):
+        from vlmkit.processing import build_chat_processor
+
+        self.model = model
+        self.name = name
+        self.processor = build_chat_processor(model, max_length or 4096)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str | None = None) -> "VlmkitBackend":
+        import torch
+
+        from vlmkit.train.checkpoint import load_checkpoint
+
+        if not Path(path).is_dir():
+            raise EvalInputError(f"{path}: vlmkit checkpoint folder not found")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, config = load_checkpoint(path, device=device)
+        return cls(model, config.train.max_length, name=f"vlmkit:{path}")
+
+    def encode(self, prompt: str, images: Sequence[Image.Image]):
+        from vlmkit.data.formats import Message
+
+        text = prompt if "<image>" in prompt or not images else "<image>\n" * len(images) + prompt
+        return self.processor.encode_prompt([Message("user", text)], list(images))
+
+    def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:
+        from vlmkit.generate import GenerationConfig, decode, generate
+
+        prompts = [self.encode(p, ims) for p, ims in batch]
+        return decode(self.model, generate(self.model, prompts, GenerationConfig(max_new_tokens=max_new_tokens)))
+
+
+@register_backend("vlmkit")
+def _vlmkit_factory(target: str, **options: Any) -> Backend:
+    return VlmkitBackend.from_checkpoint(target, device=options.get("device"))
