@@ -78,6 +78,18 @@ class ModelConfig(Strict):
 PART_NAMES = ("vision", "connector", "llm", "cross_attention")
 
 
+class DPOConfig(Strict):
+    # Strength of the KL anchor to the reference: the implicit reward is beta * log(pi / pi_ref).
+    beta: float = Field(default=0.1, gt=0)
+    # "precompute": the reference is the policy as it enters the stage, scored once before the
+    #   first step (no second model in memory; the log-probs travel in the resume state).
+    # "model": a frozen copy of that policy, scored alongside every step (same numbers, more memory).
+    # "data": each record carries `ref_chosen_logp` / `ref_rejected_logp` computed beforehand.
+    reference: Literal["precompute", "model", "data"] = "precompute"
+    # Conservative DPO: the share of pairs assumed to be labelled the wrong way round.
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+
+
 class StageConfig(Strict):
     """One alignment stage. Which parts train, and at what learning rate, is data."""
 
@@ -93,7 +105,19 @@ class StageConfig(Strict):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = 1.0
-    loss: Literal["sft"] = "sft"
+    # "sft": next-token loss on assistant turns (LLaVA JSON); "dpo": preference pairs (TRL,
+    # RLAIF-V or LLaVA-RLHF records, detected per record).
+    loss: Literal["sft", "dpo"] = "sft"
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    # SFT reduction: "token" weighs every supervised token of the optimizer step equally;
+    # "sample" averages each sample's mean token loss, so long answers do not dominate.
+    loss_reduction: Literal["token", "sample"] = "token"
+    # Pack each micro-batch's samples into rows of at most `pack_length` tokens (default:
+    # train.max_length). Samples in a row cannot attend to each other; padding shrinks to the
+    # tail of the shortest rows. The micro-batch (and so the loss) is the same as unpacked.
+    packing: bool = False
+    pack_length: int | None = Field(default=None, gt=0)
+    max_images_per_pack: int | None = Field(default=None, gt=0)
 
     @field_validator("trainable")
     @classmethod
@@ -126,6 +150,15 @@ class TrainConfig(Strict):
     num_workers: int = 0
     # Encode each image once when the vision tower is frozen (it never changes during the stage).
     cache_frozen_vision: bool = True
+    # Periodic checkpoints kept per stage (the newest is `<stage>-last`, older ones `<stage>-step-N`).
+    keep_last: int = Field(default=2, gt=0)
+    # Under torchrun: "ddp" replicates the model; "fsdp2" shards parameters, gradients and
+    # optimizer state with `fully_shard`. Ignored in a single process. `batch_size` is global:
+    # every rank takes batch_size / world_size samples of each micro-batch.
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
+    # Dense peak of the accelerator in TFLOP/s for MFU; None: looked up for known GPUs
+    # (bf16 tensor-core peak), and MFU is left out where unknown (CPUs).
+    peak_tflops: float | None = Field(default=None, gt=0)
 
 
 class Config(Strict):

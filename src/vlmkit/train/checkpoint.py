@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -37,6 +40,9 @@ def model_state(model, parts: list[str]) -> dict[str, torch.Tensor]:
     state = {}
     for name in parts:
         for key, value in model.parts()[name].state_dict().items():
+            if hasattr(value, "full_tensor"):
+                # An FSDP2 shard: every rank must take part in gathering it.
+                value = value.full_tensor()
             state[f"{name}.{key}"] = value.detach().contiguous().cpu()
     # Tied weights (embeddings = LM head) share storage; safetensors wants each stored once.
     seen: dict[int, str] = {}
@@ -48,13 +54,15 @@ def model_state(model, parts: list[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str, Any] | None = None, trainer_state: dict | None = None) -> Path:
+def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str, Any] | None = None, trainer_state: dict | None = None,
+                    *, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """`weights`: the state already gathered (distributed runs gather on every rank, write on one)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         parts = parts_to_save(model)
-        save_file(model_state(model, parts), str(tmp / WEIGHTS))
+        save_file(weights if weights is not None else model_state(model, parts), str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
         (tmp / META).write_text(json.dumps({"parts": parts, **(meta or {})}, indent=2))
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
@@ -121,3 +129,96 @@ def load_trainer_state(directory: str | Path) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---- periodic checkpoints: rotation and resume -----------------------------------------------
+
+def rotate_and_save(stage_dir: Path, step: int, keep: int, save) -> Path:
+    """Write the periodic checkpoint of `step` as `<stage>-last`, keeping the `keep` newest.
+
+    The previous `-last` is renamed to `<stage>-step-N` (a rename, not a copy) before the new one
+    is swapped in; `save(path)` writes atomically. A kill at any moment leaves at least one
+    complete checkpoint that `latest_resumable` finds.
+    """
+    last = stage_dir.with_name(f"{stage_dir.name}-last")
+    if (last / META).is_file():
+        old_step = int(json.loads((last / META).read_text()).get("step", 0))
+        os.replace(last, stage_dir.with_name(f"{stage_dir.name}-step-{old_step:08d}"))
+    save(last)
+    older = sorted(_step_dirs(stage_dir), reverse=True)
+    for _, path in older[max(0, keep - 1):]:
+        shutil.rmtree(path, ignore_errors=True)
+    return last
+
+
+def _step_dirs(stage_dir: Path) -> list[tuple[int, Path]]:
+    pattern = re.compile(re.escape(stage_dir.name) + r"-step-(\d+)$")
+    found = []
+    if stage_dir.parent.is_dir():
+        for path in stage_dir.parent.iterdir():
+            m = pattern.match(path.name)
+            if m and (path / TRAINER_STATE).is_file():
+                found.append((int(m.group(1)), path))
+    return found
+
+
+def latest_resumable(stage_dir: Path) -> Path | None:
+    """The newest complete periodic checkpoint of a stage (`-last`, else the newest `-step-N`)."""
+    last = stage_dir.with_name(f"{stage_dir.name}-last")
+    if (last / TRAINER_STATE).is_file() and (last / META).is_file():
+        return last
+    older = sorted(_step_dirs(stage_dir), reverse=True)
+    return older[0][1] if older else None
+
+
+def remove_periodic(stage_dir: Path) -> None:
+    shutil.rmtree(stage_dir.with_name(f"{stage_dir.name}-last"), ignore_errors=True)
+    for _, path in _step_dirs(stage_dir):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint written under a different config than the run trying to resume from it."""
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        where = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_differences(a, b, where + "."))
+        elif a != b:
+            diffs.append(f"{where}: checkpoint {a!r}, now {b!r}")
+    return diffs
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step can draw from, in tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value

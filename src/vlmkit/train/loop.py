@@ -1,10 +1,21 @@
-"""The training loop, readable top to bottom: encode the stage's data, (optionally) cache the
-frozen vision tower's features, then AdamW with warmup + cosine, gradient accumulation and
-clipping, JSONL metrics, a progress bar and atomic checkpoints that training resumes from."""
+"""The training loop, readable top to bottom.
+
+Per stage: check any checkpoint to resume from against the config (before any work), encode the
+stage's data (SFT samples or DPO pairs) so bad records surface up front, cache the frozen vision
+tower's features, wrap the model for DDP / FSDP2, then AdamW with warmup + cosine, gradient
+accumulation and clipping. Each step's loss is normalised by the whole step's count (all
+micro-batches, all ranks), so accumulation, packing and data parallelism all compute the loss
+one big batch would. Periodic checkpoints hold weights, optimizer, scheduler, every RNG and the
+data position; resuming from one reproduces the uninterrupted run bit for bit on the CPU.
+SIGTERM finishes the current step, saves, and exits with status 143.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +24,20 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.config import Config, StageConfig
-from vlmkit.data.collate import collate
+from vlmkit.data.collate import Batch, collate, pack
 from vlmkit.data.formats import BadRecordError, Sample, read_llava_json
+from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
 from vlmkit.train import checkpoint as ckpt
+from vlmkit.train import distributed as D
+from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps, sft_loss_sum, step_normaliser
 from vlmkit.train.stages import apply_stage, make_optimizer
+from vlmkit.train.telemetry import FlopModel, Telemetry, peak_flops
 from vlmkit.utils import JsonlLogger, seed_everything
+
+# Exit status after a SIGTERM-triggered save: the conventional 128 + SIGTERM.
+PREEMPTED_EXIT = 128 + signal.SIGTERM
 
 
 @dataclass
@@ -31,6 +49,10 @@ class StageResult:
     skipped: dict[str, str] = field(default_factory=dict)  # record id -> reason
     checkpoint: Path | None = None
     trainable_parameters: dict[str, int] = field(default_factory=dict)
+
+
+class Preempted(SystemExit):
+    """Raised after SIGTERM once the state is saved; exits quietly with status 143."""
 
 
 def encode_all(processor: ChatProcessor, samples: list[Sample], on_bad: str, desc: str) -> tuple[list[EncodedSample], dict[str, str]]:
@@ -46,6 +68,40 @@ def encode_all(processor: ChatProcessor, samples: list[Sample], on_bad: str, des
     if not encoded:
         raise ValueError(f"stage {desc}: no usable records ({len(skipped)} skipped)")
     return encoded, skipped
+
+
+def last_turn_only(sample: EncodedSample) -> EncodedSample:
+    """Keep labels on the final assistant turn only: a DPO response is that turn, and earlier
+    assistant turns belong to the shared prompt."""
+    supervised = (sample.labels != IGNORE_INDEX).nonzero().flatten()
+    labels = torch.full_like(sample.labels, IGNORE_INDEX)
+    if supervised.numel():
+        # The last turn's tokens are the final contiguous run of supervised positions.
+        gaps = (supervised[1:] - supervised[:-1] > 1).nonzero().flatten()
+        first = supervised[int(gaps[-1]) + 1] if gaps.numel() else supervised[0]
+        labels[first:] = sample.labels[first:]
+    return EncodedSample(sample.id, sample.input_ids, labels, sample.pixel_values, sample.layouts, sample.image_keys)
+
+
+def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
+    """(chosen, rejected) encodings of every preference record, plus reference log-probs when the
+    data carries them; a record with a missing side stops the run here, before any step."""
+    from vlmkit.data.preference import read_preference_file
+
+    units, refs, skipped = [], [], {}
+    for item in tqdm(read_preference_file(path), desc=f"encode {desc}", unit="pair", leave=False):
+        try:
+            if isinstance(item, BadRecordError):
+                raise item
+            units.append([last_turn_only(processor.encode(item.sample(side))) for side in ("chosen", "rejected")])
+            refs.append((item.ref_chosen_logp, item.ref_rejected_logp))
+        except BadRecordError as e:
+            if on_bad == "error":
+                raise
+            skipped[e.record_id] = str(e)
+    if not units:
+        raise ValueError(f"stage {desc}: no usable preference pairs ({len(skipped)} skipped)")
+    return units, refs, skipped
 
 
 @torch.no_grad()
@@ -71,114 +127,347 @@ def _features_for(samples: list[EncodedSample], cache: dict[str, torch.Tensor] |
     return [cache[k].unsqueeze(0) for s in samples for k in s.image_keys]
 
 
-def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: Path, logger: JsonlLogger | None = None, progress: bool = True) -> StageResult:
+def _micro_batches(n: int, batch_size: int, seed: int, stage: str):
+    """Endless micro-batches of `batch_size` indices from a stream of seeded per-epoch shuffles.
+    Every micro-batch is full (an epoch's tail continues into the next shuffle), so each rank
+    always gets an equal share, and a resumed run skips exactly what it already consumed."""
+    epoch, buffer = 0, []
+    while True:
+        while len(buffer) < batch_size:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + sum(map(ord, stage)))
+            buffer.extend(torch.randperm(n, generator=g).tolist())
+            epoch += 1
+        yield buffer[:batch_size]
+        buffer = buffer[batch_size:]
+
+
+# ---- resume checks ----------------------------------------------------------------------------
+
+# Keys of `train` that change what a stage computes; the rest (paths, logging, device) may differ.
+TRAJECTORY_KEYS = ("seed", "max_length", "precision", "on_bad_record", "cache_frozen_vision", "distributed")
+
+
+def _resume_view(tree: dict, stage: str) -> dict:
+    train = tree.get("train", {})
+    return {"model": tree.get("model", {}), "train": {k: train.get(k) for k in TRAJECTORY_KEYS},
+            "stage": train.get("stages", {}).get(stage)}
+
+
+def check_resume_config(directory: Path, config: Config, stage: str, model_only: bool = False) -> None:
+    # Re-validated, so keys added since the checkpoint was written compare as their defaults.
+    saved = ckpt.read_config(directory).model_dump(mode="json")
+    a, b = _resume_view(saved, stage), _resume_view(config.model_dump(mode="json"), stage)
+    if model_only:
+        a, b = {"model": a["model"]}, {"model": b["model"]}
+    diffs = ckpt.config_differences(a, b)
+    if diffs:
+        raise ckpt.ResumeMismatchError(
+            f"cannot resume stage {stage!r} from {directory}: it was written under a different config:\n  "
+            + "\n  ".join(diffs[:20])
+            + "\nUse the original config, or a new train.output_dir (or delete that checkpoint) to start over."
+        )
+
+
+# ---- SIGTERM ----------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Set by SIGTERM; the loop checks it between steps (a signal handler must not save)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---- one stage --------------------------------------------------------------------------------
+
+def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: Path, logger: JsonlLogger | None = None,
+                progress: bool = True, dist: D.DistContext | None = None, stop: _StopFlag | None = None) -> StageResult:
+    dist = dist or D.DistContext()
     tcfg = config.train
-    device = torch.device(tcfg.device)
+    device = torch.device(D.local_device(dist, tcfg.device))
+    D.check_divides(dist, name, stage.batch_size)
+    stage_dir = out_dir / "checkpoints" / name
+    resume_dir = ckpt.latest_resumable(stage_dir)
+    if resume_dir is not None:
+        check_resume_config(resume_dir, config, name)
+    if stage.packing and config.model.fusion != "prefix":
+        raise ValueError(f"stage {name}: packing needs prefix fusion (cross-attention memory is per row, so packed samples would see each other's images)")
+
     apply_stage(model, stage)
     processor = build_chat_processor(model, tcfg.max_length)
-    samples = read_llava_json(stage.data)
-    encoded, skipped = encode_all(processor, samples, tcfg.on_bad_record, name)
-    if skipped:
+    dpo = stage.loss == "dpo"
+    data_refs = None
+    if dpo:
+        units, data_refs, skipped = encode_pairs(processor, stage.data, tcfg.on_bad_record, name)
+        if stage.dpo.reference == "data" and any(r[0] is None for r in data_refs):
+            missing = sum(r[0] is None for r in data_refs)
+            raise ValueError(f"stage {name}: dpo.reference=data but {missing} pair(s) carry no ref_chosen_logp/ref_rejected_logp")
+    else:
+        encoded, skipped = encode_all(processor, read_llava_json(stage.data), tcfg.on_bad_record, name)
+        units = [[s] for s in encoded]
+    if skipped and dist.is_main:
         print(f"[vlmkit] stage {name}: skipped {len(skipped)} bad record(s), e.g. {next(iter(skipped.values()))}")
+    flat = [s for u in units for s in u]
     feature_cache = None
-    if "vision" not in stage.trainable and tcfg.cache_frozen_vision:
-        feature_cache = cache_vision_features(model, encoded)
+    vision_cached = "vision" not in stage.trainable and tcfg.cache_frozen_vision
+    if vision_cached:
+        with D.unsharded(model):
+            feature_cache = cache_vision_features(model, flat)
 
-    per_epoch = math.ceil(len(encoded) / (stage.batch_size * stage.grad_accum))
+    # The reference is the policy as it enters the stage: copy or score it before any resume load.
+    reference_model, reference_logps = None, None
+    if dpo and stage.dpo.reference == "model":
+        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+    elif dpo and stage.dpo.reference == "data":
+        reference_logps = torch.tensor(data_refs, dtype=torch.float32)
+
+    per_epoch = math.ceil(len(units) / (stage.batch_size * stage.grad_accum))
     total_steps = stage.max_steps or max(1, math.ceil(per_epoch * stage.epochs))
-    optimizer, scheduler = make_optimizer(model, stage, total_steps)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    capacity = stage.pack_length or tcfg.max_length
 
-    last_dir = out_dir / "checkpoints" / f"{name}-last"
+    def make_batch(chosen_units: list[list[EncodedSample]]) -> Batch:
+        # DPO: all chosen responses, then all rejected, in one forward.
+        samples = [u[0] for u in chosen_units] + ([u[1] for u in chosen_units] if dpo else [])
+        feats = _features_for(samples, feature_cache)
+        if stage.packing:
+            return pack(samples, pad_id, capacity, stage.max_images_per_pack, features=feats).to(device)
+        return collate(samples, pad_id, features=feats).to(device)
+
+    state = None
+    if resume_dir is not None:
+        state = ckpt.load_trainer_state(resume_dir)
+        _load_weights(model, resume_dir)
+    if dpo and stage.dpo.reference == "precompute":
+        if state is not None and "reference_logps" in state:
+            reference_logps = state["reference_logps"]
+        else:
+            reference_logps = _score_pairs(model, units, make_batch, stage.batch_size)
+
+    wrapped = D.wrap(model, dist)
+    optimizer, scheduler = make_optimizer(model, stage, total_steps)
     step, losses = 0, []
-    state = ckpt.load_trainer_state(last_dir) if last_dir.is_dir() else None
     if state is not None:
-        ckpt.load_weights(model, last_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        D.load_optimizer_state(model, optimizer, state["optimizer"], dist)
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
-        print(f"[vlmkit] stage {name}: resuming at step {step}/{total_steps} from {last_dir}")
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+        if dist.is_main:
+            print(f"[vlmkit] stage {name}: resuming at step {step}/{total_steps} from {resume_dir}")
+
+    def save_periodic() -> None:
+        weights = ckpt.model_state(model, ckpt.parts_to_save(model))
+        optim_state = D.full_optimizer_state(model, optimizer, dist)
+        rngs = dist.gather_objects(ckpt.rng_state())
+        if dist.is_main:
+            trainer_state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step, "losses": losses,
+                             "rng": rngs, "micro_batches_consumed": step * stage.grad_accum, "units": len(units)}
+            if reference_logps is not None:
+                trainer_state["reference_logps"] = reference_logps
+            ckpt.rotate_and_save(stage_dir, step, tcfg.keep_last, lambda path: ckpt.save_checkpoint(
+                path, model, config, {"stage": name, "step": step}, trainer_state, weights=weights))
+        dist.barrier()
 
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
-    micro_batches = _micro_batches(len(encoded), stage.batch_size, tcfg.seed, name)
+    micro_batches = _micro_batches(len(units), stage.batch_size, tcfg.seed, name)
     # Skip what a resumed run already consumed, so the data order matches an uninterrupted run.
     for _ in range(step * stage.grad_accum):
         next(micro_batches)
-    bar = tqdm(total=total_steps, initial=step, desc=f"stage {name}", unit="step", disable=not progress)
+    flop_model = FlopModel.of(model, stage.trainable, vision_cached)
+    telemetry = Telemetry(device, peak_flops(device, tcfg.peak_tflops))
+    local = dist.shard(stage.batch_size)
+    bar = tqdm(total=total_steps, initial=step, desc=f"stage {name}", unit="step", disable=not (progress and dist.is_main))
     start = time.perf_counter()
     while step < total_steps:
+        telemetry.reset()
         optimizer.zero_grad(set_to_none=True)
-        step_loss, tokens = 0.0, 0
-        for _ in range(stage.grad_accum):
-            chunk = [encoded[i] for i in next(micro_batches)]
-            batch = collate(chunk, pad_id, features=_features_for(chunk, feature_cache)).to(device)
-            with autocast:
-                out = model(
-                    batch.input_ids, batch.attention_mask,
-                    pixel_values=None if batch.image_features is not None else batch.pixel_values,
-                    image_features=batch.image_features, labels=batch.labels, position_ids=batch.position_ids,
-                )
-            (out.loss / stage.grad_accum).backward()
-            step_loss += float(out.loss.detach()) / stage.grad_accum
-            tokens += out.num_supervised
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm or float("inf"))
+        micro = [next(micro_batches) for _ in range(stage.grad_accum)]
+        # The whole step's count, known from the labels alone: the same on every rank.
+        if dpo:
+            normaliser = stage.batch_size * stage.grad_accum
+        else:
+            counts = torch.tensor([int((u[0].labels[1:] != IGNORE_INDEX).sum()) for idx in micro for u in (units[i] for i in idx)])
+            normaliser = step_normaliser(counts, stage.loss_reduction)
+        stats = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "images": 0.0, "supervised": 0.0, "flops": 0.0,
+                 "chosen_reward": 0.0, "rejected_reward": 0.0, "reward_accuracy": 0.0}
+        for m, indices in enumerate(micro):
+            mine = indices[local] if dist.enabled else indices
+            batch = make_batch([units[i] for i in mine])
+            telemetry.data_done()
+            sync = m == len(micro) - 1 or not hasattr(wrapped, "no_sync")
+            with (wrapped.no_sync() if not sync else _nullcontext()), autocast:
+                hidden = decoder_hidden(wrapped, batch)
+                logps, n_targets = sequence_logps(hidden, batch, model.llm.get_output_embeddings())
+                if dpo:
+                    k = len(mine)
+                    ref = _reference(reference_model, reference_logps, batch, mine, device)
+                    terms = dpo_loss(logps[:k], logps[k:], ref[:k], ref[k:], stage.dpo.beta, stage.dpo.label_smoothing)
+                    loss_sum = terms.losses.sum()
+                    stats["chosen_reward"] += float(terms.chosen_rewards.sum())
+                    stats["rejected_reward"] += float(terms.rejected_rewards.sum())
+                    stats["reward_accuracy"] += float((terms.chosen_rewards > terms.rejected_rewards).float().sum())
+                else:
+                    loss_sum = sft_loss_sum(logps, n_targets, stage.loss_reduction)
+            # DDP and FSDP average gradients over ranks; the world-size factor undoes that.
+            (loss_sum * (dist.world_size / max(1, normaliser))).backward()
+            stats["loss"] += float(loss_sum.detach()) / max(1, normaliser)
+            lengths = [int(x) for x in torch.bincount(batch.segments[batch.segments >= 0], minlength=len(batch.ids))]
+            stats["tokens"] += sum(lengths)
+            stats["padded"] += batch.input_ids.numel() - sum(lengths)
+            stats["images"] += batch.num_images
+            stats["supervised"] += int(n_targets.sum())
+            stats["flops"] += flop_model.step_flops(lengths, int(n_targets.sum()), batch.num_images)
+            telemetry.compute_done()
+        grad_norm = _clip(model, optimizer, stage.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"stage {name} step {step}: non-finite gradient norm ({grad_norm})")
         optimizer.step()
         scheduler.step()
+        telemetry.compute_done()
         step += 1
+        keys = list(stats)
+        totals = dict(zip(keys, dist.all_sum([stats[k] for k in keys])))
+        totals["ranks"] = dist.world_size
+        step_loss = totals["loss"]
         losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        rates = telemetry.record(totals)
+        postfix = {"loss": f"{step_loss:.3f}", "tok/s": f"{rates['tokens_per_s']:.0f}", "data": f"{rates['data_share']:.0%}"}
+        if "mfu" in rates:
+            postfix["mfu"] = f"{rates['mfu']:.1%}"
+        bar.set_postfix(postfix)
         bar.update()
-        if logger and step % tcfg.log_every == 0:
-            logger.log({"stage": name, "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm), "supervised_tokens": tokens, "elapsed_s": time.perf_counter() - start})
-        if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "losses": losses}
-            ckpt.save_checkpoint(last_dir, model, config, {"stage": name, "step": step}, trainer_state)
+        if logger and dist.is_main and step % tcfg.log_every == 0:
+            record = {"stage": name, "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "supervised_tokens": int(totals["supervised"]), "tokens": int(totals["tokens"]), "images": int(totals["images"]),
+                      "elapsed_s": time.perf_counter() - start, "world_size": dist.world_size, **rates}
+            if dpo:
+                pairs = stage.batch_size * stage.grad_accum
+                record.update({"chosen_reward": totals["chosen_reward"] / pairs, "rejected_reward": totals["rejected_reward"] / pairs,
+                               "reward_margin": (totals["chosen_reward"] - totals["rejected_reward"]) / pairs,
+                               "reward_accuracy": totals["reward_accuracy"] / pairs})
+            logger.log(record)
+        preempted = stop is not None and dist.any(stop.set)
+        if step < total_steps and (preempted or (tcfg.save_every and step % tcfg.save_every == 0)):
+            save_periodic()
+        if preempted and step < total_steps:
+            bar.close()
+            if dist.is_main:
+                print(f"[vlmkit] stage {name}: SIGTERM received; saved step {step} to {stage_dir.name}-last, exiting")
+            raise Preempted(PREEMPTED_EXIT)
     bar.close()
-    final_dir = ckpt.save_checkpoint(out_dir / "checkpoints" / name, model, config, {"stage": name, "step": step, "final": True})
-    import shutil
-
-    shutil.rmtree(last_dir, ignore_errors=True)
+    final_dir = stage_dir
+    weights = ckpt.model_state(model, ckpt.parts_to_save(model))
+    if dist.is_main:
+        ckpt.save_checkpoint(stage_dir, model, config, {"stage": name, "step": step, "final": True}, weights=weights)
+        ckpt.remove_periodic(stage_dir)
+    dist.barrier()
     return StageResult(name, step, time.perf_counter() - start, losses, skipped, final_dir, model.trainable_parameters())
 
 
-def _micro_batches(n: int, batch_size: int, seed: int, stage: str):
-    """Endless micro-batches of indices, reshuffled every epoch from a seed, so the sequence is
-    reproducible and a resumed run can skip exactly what it already consumed."""
-    epoch = 0
-    while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + sum(map(ord, stage)))
-        order = torch.randperm(n, generator=g).tolist()
-        for i in range(0, n, batch_size):
-            yield order[i : i + batch_size]
-        epoch += 1
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_weights(model, directory: Path) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        ckpt.load_weights(model, directory)
+        return
+    # A sharded model takes whole tensors through the distributed state-dict API.
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, load_file(str(directory / ckpt.WEIGHTS)), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _clip(model, optimizer, max_norm: float | None) -> torch.Tensor:
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def _reference(reference_model, reference_logps, batch: Batch, unit_indices: list[int], device) -> torch.Tensor:
+    """Reference log-probs for the batch's sequences (chosen first, then rejected)."""
+    if reference_model is not None:
+        with torch.no_grad():
+            hidden = decoder_hidden(reference_model, batch)
+            return sequence_logps(hidden, batch, reference_model.llm.get_output_embeddings())[0]
+    idx = torch.tensor(unit_indices)
+    return torch.cat([reference_logps[idx, 0], reference_logps[idx, 1]]).to(device)
+
+
+@torch.no_grad()
+def _score_pairs(model, units, make_batch, batch_size: int) -> torch.Tensor:
+    """Sequence log-probs of every (chosen, rejected) pair under the model as it is now."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(units), batch_size), desc="reference log-probs", unit="batch", leave=False):
+        chunk = units[start : start + batch_size]
+        batch = make_batch(chunk)
+        logps = sequence_logps(decoder_hidden(model, batch), batch, model.llm.get_output_embeddings())[0].float().cpu()
+        k = len(chunk)
+        out.append(torch.stack([logps[:k], logps[k:]], dim=1))
+    model.train(was_training)
+    return torch.cat(out)
 
 
 def run_training(config: Config, model=None, progress: bool = True) -> tuple[object, list[StageResult]]:
-    """Run every stage of the recipe in order; a stage whose final checkpoint exists is loaded, not redone."""
+    """Run every stage of the recipe in order; a stage whose final checkpoint exists is loaded, not redone.
+    Under torchrun, every process runs this; the process group comes from the environment."""
     from vlmkit.model.vlm import VisionLanguageModel
 
-    seed_everything(config.train.seed)
-    out_dir = Path(config.train.output_dir)
-    if model is None:
-        model = VisionLanguageModel.build(config.model)
-    model.to(config.train.device)
-    logger = JsonlLogger(out_dir / "metrics.jsonl")
-    results = []
+    dist = D.setup(config.train.distributed, config.train.device)
     try:
         for name, stage in config.train.stages.items():
-            done = out_dir / "checkpoints" / name
-            if (done / ckpt.META).is_file():
-                apply_stage(model, stage)
-                ckpt.load_weights(model, done)
-                print(f"[vlmkit] stage {name}: already trained, loaded {done}")
-                results.append(StageResult(name, 0, 0.0, checkpoint=done, trainable_parameters=model.trainable_parameters()))
-                continue
-            results.append(train_stage(model, config, name, stage, out_dir, logger, progress))
+            D.check_divides(dist, name, stage.batch_size)
+        seed_everything(config.train.seed)
+        out_dir = Path(config.train.output_dir)
+        if model is None:
+            model = VisionLanguageModel.build(config.model)
+        model.to(D.local_device(dist, config.train.device))
+        logger = JsonlLogger(out_dir / "metrics.jsonl") if dist.is_main else None
+        results = []
+        try:
+            with _StopFlag() as stop:
+                for name, stage in config.train.stages.items():
+                    done = out_dir / "checkpoints" / name
+                    if (done / ckpt.META).is_file():
+                        check_resume_config(done, config, name, model_only=True)
+                        apply_stage(model, stage)
+                        _load_weights(model, done)
+                        if dist.is_main:
+                            print(f"[vlmkit] stage {name}: already trained, loaded {done}")
+                        results.append(StageResult(name, 0, 0.0, checkpoint=done, trainable_parameters=model.trainable_parameters()))
+                        continue
+                    results.append(train_stage(model, config, name, stage, out_dir, logger, progress, dist, stop))
+        finally:
+            if logger:
+                logger.close()
+        return model, results
     finally:
-        logger.close()
-    return model, results
+        dist.close()

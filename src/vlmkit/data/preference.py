@@ -1,0 +1,219 @@
+"""Preference pairs for DPO, read from the three formats in common use into one typed record.
+
+- TRL conversational: `images`, `prompt`, `chosen`, `rejected`; prompt/chosen/rejected are
+  message lists whose `content` is a string or a list of `{"type": "image"|"text"}` parts
+  (TRL's plain-string "standard" variant is accepted too).
+- RLAIF-V: `image`, `question`, `chosen`, `rejected` (strings).
+- LLaVA-RLHF: `conversations` (the prompt, LLaVA style), `output_1`, `output_2`, and
+  `preference` (1 or 2: which output is preferred).
+
+The format is recognised per record from its keys. A record that lacks a side, or whose
+preference is not 1 or 2, raises `BadRecordError` at read time, before any training step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample
+from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
+
+FORMATS = ("trl", "rlaif-v", "llava-rlhf")
+
+
+@dataclass
+class PreferencePair:
+    id: str
+    prompt: list[Message]  # ends with the user turn the two responses answer
+    chosen: str
+    rejected: str
+    images: list[Path] = field(default_factory=list)
+    # Reference-model log-probs of each response, when the data carries them.
+    ref_chosen_logp: float | None = None
+    ref_rejected_logp: float | None = None
+
+    def sample(self, side: str) -> Sample:
+        response = self.chosen if side == "chosen" else self.rejected
+        return Sample(f"{self.id}/{side}", [*self.prompt, Message("assistant", response)], list(self.images))
+
+
+def detect_format(record: dict) -> str | None:
+    if "output_1" in record or "output_2" in record or "preference" in record:
+        return "llava-rlhf"
+    if "question" in record:
+        return "rlaif-v"
+    if "prompt" in record:
+        return "trl"
+    return None
+
+
+def read_preference_file(path: str | Path, image_folder: str | Path | None = None) -> list[PreferencePair | BadRecordError]:
+    """Every record of a JSON list or JSONL file, as a pair or as the error that rules it out
+    (the caller decides whether a bad record stops the run or is skipped)."""
+    path = Path(path)
+    root = Path(image_folder) if image_folder else path.parent
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"preference data file not found: {path}") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of preference records")
+    out: list[PreferencePair | BadRecordError] = []
+    for i, record in enumerate(records):
+        try:
+            out.append(parse_preference_record(record, i, root, str(path)))
+        except BadRecordError as e:
+            out.append(e)
+    return out
+
+
+def parse_preference_record(record: dict, index: int, image_root: Path, source: str = "") -> PreferencePair:
+    rid = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+    if not isinstance(record, dict):
+        raise BadRecordError(rid, "record is not an object", source)
+    fmt = detect_format(record)
+    if fmt is None:
+        raise BadRecordError(rid, f"is not a preference record in any known format {FORMATS} (keys: {sorted(record)})", source)
+    parse = {"trl": _trl, "rlaif-v": _rlaif_v, "llava-rlhf": _llava_rlhf}[fmt]
+    pair = parse(record, rid, image_root, source)
+    for side in ("chosen", "rejected"):
+        if not getattr(pair, side).strip():
+            raise BadRecordError(rid, f"{fmt} record has an empty {side!r} response", source)
+    refs = [record.get("ref_chosen_logp"), record.get("ref_rejected_logp")]
+    if any(r is not None for r in refs):
+        if any(r is None for r in refs):
+            raise BadRecordError(rid, "carries one reference log-prob but not the other", source)
+        pair.ref_chosen_logp, pair.ref_rejected_logp = float(refs[0]), float(refs[1])
+    return pair
+
+
+def _require(record: dict, keys: tuple[str, ...], rid: str, fmt: str, source: str) -> None:
+    missing = [k for k in keys if record.get(k) in (None, "", [])]
+    if missing:
+        raise BadRecordError(rid, f"{fmt} record is missing {missing} (a pair needs both sides)", source)
+
+
+def _image_paths(value, root: Path, rid: str, source: str) -> list[Path]:
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    paths = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("path")
+        if not isinstance(item, str):
+            raise BadRecordError(rid, "images must be file paths (or {'path': ...}); decode embedded images to files first", source)
+        paths.append(root / item)
+    return paths
+
+
+def _with_placeholders(text: str, n_images: int) -> str:
+    # Datasets often leave the image implicit; the processor needs one placeholder per image.
+    missing = n_images - text.count(IMAGE_PLACEHOLDER)
+    return IMAGE_PLACEHOLDER * missing + ("\n" if missing > 0 else "") + text
+
+
+def _content_text(content, rid: str, source: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRecordError(rid, f"message content must be text or a list of parts, got {type(content).__name__}", source)
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            pieces.append(IMAGE_PLACEHOLDER)
+        elif kind == "text":
+            pieces.append(str(part.get("text", "")))
+        else:
+            raise BadRecordError(rid, f"unknown content part {part!r}", source)
+    return "".join(pieces)
+
+
+def _messages(value, rid: str, source: str, field_name: str) -> list[Message]:
+    if isinstance(value, str):
+        return [Message("user" if field_name == "prompt" else "assistant", value)]
+    if not isinstance(value, list):
+        raise BadRecordError(rid, f"{field_name!r} must be a message list or a string", source)
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRecordError(rid, f"{field_name!r} messages need 'role' and 'content'", source)
+        role = ROLE_NAMES.get(m["role"])
+        if role is None:
+            raise BadRecordError(rid, f"{field_name!r} has unknown role {m['role']!r}", source)
+        out.append(Message(role, _content_text(m["content"], rid, source)))
+    return out
+
+
+def _response(messages: list[Message], rid: str, side: str, source: str) -> str:
+    if not messages or any(m.role != "assistant" for m in messages):
+        raise BadRecordError(rid, f"{side!r} must hold assistant message(s) only", source)
+    return "".join(m.content for m in messages)
+
+
+def _trl(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
+    _require(record, ("prompt", "chosen", "rejected"), rid, "TRL", source)
+    images = _image_paths(record.get("images", record.get("image")), root, rid, source)
+    prompt = _messages(record["prompt"], rid, source, "prompt")
+    if not any(IMAGE_PLACEHOLDER in m.content for m in prompt) and images:
+        first_user = next((m for m in prompt if m.role == "user"), None)
+        if first_user is None:
+            raise BadRecordError(rid, "TRL prompt has no user turn", source)
+        first_user.content = _with_placeholders(first_user.content, len(images))
+    chosen = _response(_messages(record["chosen"], rid, source, "chosen"), rid, "chosen", source)
+    rejected = _response(_messages(record["rejected"], rid, source, "rejected"), rid, "rejected", source)
+    return PreferencePair(rid, prompt, chosen, rejected, images)
+
+
+def _rlaif_v(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
+    _require(record, ("question", "chosen", "rejected"), rid, "RLAIF-V", source)
+    images = _image_paths(record.get("image"), root, rid, source)
+    prompt = [Message("user", _with_placeholders(str(record["question"]), len(images)))]
+    return PreferencePair(rid, prompt, str(record["chosen"]), str(record["rejected"]), images)
+
+
+def _llava_rlhf(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
+    _require(record, ("conversations", "output_1", "output_2", "preference"), rid, "LLaVA-RLHF", source)
+    try:
+        preferred = int(record["preference"])
+    except (TypeError, ValueError):
+        preferred = 0
+    if preferred not in (1, 2):
+        raise BadRecordError(rid, f"LLaVA-RLHF 'preference' must be 1 or 2, got {record['preference']!r}", source)
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise BadRecordError(rid, "'conversations' must be a list", source)
+    prompt = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadRecordError(rid, f"conversation turn {t} needs 'from' and 'value'", source)
+        role = ROLE_NAMES.get(turn["from"])
+        if role is None:
+            raise BadRecordError(rid, f"conversation turn {t} has unknown speaker {turn['from']!r}", source)
+        prompt.append(Message(role, str(turn["value"])))
+    if not prompt or prompt[-1].role != "user":
+        raise BadRecordError(rid, "LLaVA-RLHF conversations must end with the human turn the outputs answer", source)
+
+    def text(out, name):
+        value = out.get("value") if isinstance(out, dict) else out
+        if not isinstance(value, str) or not value.strip():
+            raise BadRecordError(rid, f"LLaVA-RLHF {name!r} has no response text", source)
+        return value
+
+    outputs = [text(record["output_1"], "output_1"), text(record["output_2"], "output_2")]
+    images = _image_paths(record.get("image"), root, rid, source)
+    return PreferencePair(rid, prompt, outputs[preferred - 1], outputs[2 - preferred], images)
