@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "vlmkit.commands.tokens",  # tokens (token budget)
     "vlmkit.commands.models",  # inspect, ablate
     "vlmkit.commands.evaluate",  # eval ..., data synth-bench
+    "vlmkit.commands.serve",  # serve, export-hf, import-hf
 )
 
 for _name in COMMAND_MODULES:

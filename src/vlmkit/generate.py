@@ -7,6 +7,7 @@ each row computes what it would compute alone (batched greedy output equals one-
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,49 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class Step:
+    """One decoding step of a batch: the token each row produced (None once a row has ended),
+    and, on the step a row ends, why: "stop" (an end-of-turn token) or "length"."""
+
+    tokens: list[int | None]
+    finished: list[str | None]
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[EncodedSample], cfg: GenerationConfig = GenerationConfig(), image_features: list[torch.Tensor] | None = None) -> list[list[int]]:
     """New token ids for each prompt (without the prompt, stopping at EOS)."""
+    produced: list[list[int]] = [[] for _ in prompts]
+    for step in generate_steps(model, prompts, cfg, image_features):
+        for i, t in enumerate(step.tokens):
+            if t is not None:
+                produced[i].append(t)
+    return produced
+
+
+def generate_steps(
+    model,
+    prompts: list[EncodedSample],
+    cfg: GenerationConfig = GenerationConfig(),
+    image_features: list[torch.Tensor] | None = None,
+    max_new_tokens: list[int] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+) -> Iterator[Step]:
+    """Decode step by step, for streaming and for a server batching requests with their own
+    limits: `max_new_tokens` per row (default `cfg.max_new_tokens` for all), and `cancelled(i)`
+    polled every step so a row whose client went away stops costing anything but its slot."""
+    with torch.inference_mode():
+        yield from _generate_steps(model, prompts, cfg, image_features, max_new_tokens, cancelled)
+
+
+def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> Iterator[Step]:
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stop_ids = {i for i in [tok.eos_token_id, *_extra_stop_ids(tok)] if i is not None}
+    stop_ids = sorted({i for i in [tok.eos_token_id, *_extra_stop_ids(tok)] if i is not None})
+    B = len(prompts)
+    limits = list(limits) if limits is not None else [cfg.max_new_tokens] * B
+    if len(limits) != B:
+        raise ValueError(f"{len(limits)} limits for {B} prompts")
     batch = collate(prompts, pad_id, left_pad=True, features=image_features).to(model.device)
     generator = None
     if cfg.do_sample and cfg.seed is not None:
@@ -68,28 +106,39 @@ def generate(model, prompts: list[EncodedSample], cfg: GenerationConfig = Genera
     out = run_decoder(decoder, embeds, mask, positions, cache, use_cache=True)
     logits = head(out.last_hidden_state[:, -1])
 
-    B = len(prompts)
-    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
-    produced: list[list[int]] = [[] for _ in range(B)]
+    done = [limit <= 0 for limit in limits]
+    counts = [0] * B
     next_pos = positions[:, -1:] + 1
-    for _ in range(cfg.max_new_tokens):
+    for _ in range(max(limits, default=0)):
+        if cancelled is not None:
+            for i in range(B):
+                done[i] = done[i] or cancelled(i)
+        if all(done):
+            return
         token = _pick(logits, cfg, generator)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        for i in range(B):
-            if not finished[i]:
-                t = int(token[i])
-                if t in stop_ids:
-                    finished[i] = True
-                else:
-                    produced[i].append(t)
-        if bool(finished.all()):
-            break
+        # One host transfer per step; per-element tensor reads cost a sync each.
+        picked = token.tolist()
+        tokens: list[int | None] = [None] * B
+        finished: list[str | None] = [None] * B
+        for i, t in enumerate(picked):
+            if done[i]:
+                picked[i] = pad_id
+            elif t in stop_ids:
+                done[i], finished[i], picked[i] = True, "stop", pad_id
+            else:
+                tokens[i] = t
+                counts[i] += 1
+                if counts[i] >= limits[i]:
+                    done[i], finished[i] = True, "length"
+        yield Step(tokens, finished)
+        if all(done):
+            return
+        token = torch.tensor(picked, device=model.device)
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
         step_embeds = model.llm.get_input_embeddings()(token.unsqueeze(-1))
         out = run_decoder(decoder, step_embeds, mask, next_pos, cache, use_cache=True)
         logits = head(out.last_hidden_state[:, -1])
         next_pos = next_pos + 1
-    return produced
 
 
 def _extra_stop_ids(tok) -> list[int]:

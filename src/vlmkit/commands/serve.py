@@ -1,0 +1,98 @@
+"""Subcommands: serve (OpenAI-compatible server), export-hf and import-hf (LLaVA folders)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlmkit.paths import offline
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
+        host: Annotated[str, typer.Option(help="Interface to listen on; loopback unless you mean to expose it.")] = "127.0.0.1",
+        port: int = 8000,
+        api_key: Annotated[Optional[str], typer.Option(envvar="VLMKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
+        allow_remote_images: Annotated[bool, typer.Option(help="Let requests name http(s) image URLs, which the server then fetches.")] = False,
+        model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default: the checkpoint folder's name).")] = None,
+        max_batch: Annotated[int, typer.Option(min=1, help="Most requests decoded together.")] = 32,
+        max_wait_ms: Annotated[float, typer.Option(min=0, help="How long the first request of a batch waits for company.")] = 10.0,
+        max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
+        max_request_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body.")] = 20 * 1024 * 1024,
+        max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest decoded image, in pixels.")] = 16_000_000,
+        max_images: Annotated[int, typer.Option(min=0, help="Most images in one request.")] = 8,
+        max_length: Annotated[Optional[int], typer.Option(help="Prompt length limit in tokens (default: the checkpoint's train.max_length).")] = None,
+        device: str = "cpu",
+    ) -> None:
+        """Serve a checkpoint over an OpenAI-compatible /v1/chat/completions API, with a web page at /."""
+        offline()
+        from vlmkit.commands.core import _check_device
+        from vlmkit.processing import build_chat_processor
+        from vlmkit.serve.app import ServerSettings, create_app, run_server
+        from vlmkit.train.checkpoint import load_checkpoint
+
+        _check_device(device)
+        if not _is_loopback(host) and not api_key:
+            typer.echo(f"warning: listening on {host} without --api-key; anyone who can reach it can use the model", err=True)
+        model, config = load_checkpoint(checkpoint, device=device)
+        processor = build_chat_processor(model, max_length or config.train.max_length)
+        settings = ServerSettings(
+            model_name=model_name or checkpoint.resolve().name, api_key=api_key, allow_remote_images=allow_remote_images,
+            max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
+            max_tokens_limit=max_tokens, default_max_tokens=min(256, max_tokens), max_batch=max_batch, max_wait_ms=max_wait_ms,
+        )
+        typer.echo(f"serving {settings.model_name!r} on http://{host}:{port}/ (API at /v1, health at /health)")
+        run_server(create_app(model, processor, settings), host=host, port=port)
+
+    @app.command("export-hf")
+    def export_hf(
+        checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
+        out: Annotated[Path, typer.Argument(help="Folder to write (LlavaForConditionalGeneration + processor).")],
+        check: Annotated[bool, typer.Option(help="Reload the export with transformers and compare logits.")] = True,
+    ) -> None:
+        """Export a prefix-fusion MLP-connector model to a Hugging Face LLaVA folder."""
+        offline()
+        from vlmkit.hf_export import ExportError, export_llava, verify_export
+        from vlmkit.train.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(checkpoint)
+        try:
+            export_llava(model, out)
+        except ExportError as e:
+            raise typer.BadParameter(str(e), param_hint="--checkpoint") from None
+        typer.echo(f"wrote {out}")
+        if check:
+            diff = verify_export(model, out)
+            typer.echo(f"check: transformers' LlavaForConditionalGeneration matches vlmkit (max |logit difference| {diff:.2e})")
+
+    @app.command("import-hf")
+    def import_hf(
+        folder: Annotated[Path, typer.Argument(help="A LLaVA-1.5-style Hugging Face folder (LlavaForConditionalGeneration).")],
+        out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write.")],
+    ) -> None:
+        """Turn a Hugging Face LLaVA folder into a vlmkit checkpoint (for training, eval, serving)."""
+        offline()
+        from vlmkit.hf_export import ExportError, import_llava
+
+        try:
+            import_llava(folder, out)
+        except ExportError as e:
+            raise typer.BadParameter(str(e), param_hint="FOLDER") from None
+        typer.echo(f"wrote {out}")
+
+
+

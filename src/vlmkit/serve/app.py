@@ -1,0 +1,462 @@
+"""An OpenAI-compatible chat server for a vlmkit model (FastAPI + uvicorn).
+
+Endpoints: POST /v1/chat/completions (text and `image_url` parts, SSE streaming), GET
+/v1/models, GET /health, and a small web page at /.
+
+Every request is checked before it reaches the model, and every way it can be wrong answers
+with a 4xx and an OpenAI-style error body: the body is read with a byte cap (a client cannot
+make the server buffer gigabytes), JSON and fields are validated, images must be `data:` URIs
+unless remote fetching was switched on, and decoded images go through the same pixel and
+aspect-ratio guards as training data. Only then is a job queued for the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+from html import escape
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vlmkit.data.formats import BadRecordError, Message
+from vlmkit.generate import GenerationConfig
+from vlmkit.processing.images import ImageLoadError, load_image
+from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
+from vlmkit.serve.batching import DynamicBatcher, Job, QueueFull
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "vlmkit"
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    max_request_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 16_000_000
+    max_images: int = 8
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_batch: int = 32
+    max_wait_ms: float = 10.0
+    max_queue: int = 1024
+    remote_timeout_s: float = 10.0
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---- request schema ----------------------------------------------------------------------------
+# Unknown top-level fields are ignored (clients send options this server does not implement, and
+# OpenAI's own API tolerates that); everything that is read is typed.
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class ChatMessage(_Loose):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+
+
+class StreamOptions(_Loose):
+    include_usage: bool = False
+
+
+class ChatRequest(_Loose):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as the client wrote it: without union-branch labels
+    ("str", "list[...]") or the repeated discriminator tag ("image_url.image_url.url")."""
+    parts: list[str] = []
+    for p in loc:
+        p = str(p)
+        if p == "str" or p.startswith(("list[", "tagged-union[")):
+            continue
+        if parts and parts[-1] == p and not p.isdigit():
+            continue
+        parts.append(p)
+    return ".".join(parts)
+
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+
+
+def parse_data_uri(url: str, limit: int) -> bytes:
+    m = _DATA_URI.match(url)
+    if m is None:
+        raise APIError(400, "image_url is not a valid data: URI (expected data:image/...;base64,...)", "messages", "invalid_image_url")
+    if not m.group("b64"):
+        raise APIError(400, "image data URIs must be base64-encoded (data:image/png;base64,...)", "messages", "invalid_image_url")
+    mime = m.group("mime")
+    if mime and not mime.startswith("image/"):
+        raise APIError(400, f"data URI has media type {mime!r}, not an image", "messages", "invalid_image_url")
+    payload = re.sub(r"\s+", "", m.group("data"))
+    if len(payload) * 3 // 4 > limit:
+        raise APIError(413, f"image data is larger than the limit of {limit:,} bytes", "messages", "image_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "image data URI is not valid base64", "messages", "invalid_image_url") from None
+
+
+class TextAssembler:
+    """Token ids -> text deltas for streaming.
+
+    Decoding the whole answer each time (not token by token) keeps multi-token characters and
+    tokenizer spacing right; a delta ending in U+FFFD is an incomplete UTF-8 sequence and is
+    held back, and so is any tail that could be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        text = self.text()
+        cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            end = cut
+        elif final:
+            end = len(text)
+        else:
+            end = len(text)
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+            for s in self.stop:
+                for k in range(min(len(s) - 1, end - self.sent), 0, -1):
+                    if text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        end = max(end, self.sent)
+        delta = text[self.sent : end]
+        self.sent = end
+        return delta
+
+
+# ---- the application ---------------------------------------------------------------------------
+
+
+def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    batcher = DynamicBatcher(model, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue)
+    # One thread encodes prompts: fast tokenizers are not safe to share across threads, and
+    # decoding a few images is quick next to generation.
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-encode")
+    tokenizer = model.tokenizer
+    forbidden_text = {IMAGE_PLACEHOLDER, model.config.image_token}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+            encoder.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="vlmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+    app.state.settings = settings
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
+
+    def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", code="invalid_api_key", kind="authentication_error")
+
+    async def read_body(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
+            raise APIError(413, f"request body is {int(declared):,} bytes, above the limit of {settings.max_request_bytes:,}", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_request_bytes:
+                raise APIError(413, f"request body is above the limit of {settings.max_request_bytes:,} bytes", code="request_too_large")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def parse_request(body: Any) -> ChatRequest:
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            req = ChatRequest.model_validate(body)
+        except ValidationError as e:
+            # A content list that fails also fails the plain-string branch of the union; the
+            # error that went deepest names what is actually wrong.
+            worst = max(e.errors(), key=lambda err: len(err["loc"]))
+            where = _where(worst["loc"])
+            raise APIError(400, f"invalid request: {where}: {worst['msg']}", where or None) from None
+        if req.model != settings.model_name:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}", "model", "model_not_found")
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", "n")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is not None and not 1 <= max_tokens <= settings.max_tokens_limit:
+            raise APIError(400, f"max_tokens must be between 1 and {settings.max_tokens_limit}", "max_tokens")
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, "at most 4 stop sequences", "stop")
+        return req
+
+    def fetch_remote(url: str) -> bytes:
+        limit = settings.max_request_bytes
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "vlmkit"}), timeout=settings.remote_timeout_s) as r:
+                data = r.read(limit + 1)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise APIError(400, f"could not fetch image {url!r}: {e}", "messages", "image_fetch_failed") from None
+        if len(data) > limit:
+            raise APIError(413, f"remote image is larger than {limit:,} bytes", "messages", "image_too_large")
+        return data
+
+    async def load_part_image(url: str):
+        if url.startswith("data:"):
+            data = parse_data_uri(url, settings.max_request_bytes)
+        elif url.startswith(("http://", "https://")):
+            if not settings.allow_remote_images:
+                raise APIError(400, "remote image URLs are disabled on this server; send the image as a data: URI "
+                               "(or start the server with --allow-remote-images)", "messages", "remote_images_disabled")
+            data = await asyncio.to_thread(fetch_remote, url)
+        else:
+            raise APIError(400, "image_url must be a data: URI" + (" or an http(s) URL" if settings.allow_remote_images else ""), "messages", "invalid_image_url")
+        try:
+            return load_image(data, max_pixels=settings.max_image_pixels)
+        except ImageLoadError as e:
+            raise APIError(400, f"unusable image: {e}", "messages", "invalid_image") from None
+
+    async def to_conversation(req: ChatRequest) -> tuple[list[Message], list]:
+        messages, images = [], []
+        for k, m in enumerate(req.messages):
+            role = "system" if m.role == "developer" else m.role
+            parts = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else (m.content or [])
+            pieces = []
+            for part in parts:
+                if isinstance(part, TextPart):
+                    if any(t in part.text for t in forbidden_text):
+                        raise APIError(400, f"messages[{k}]: text may not contain the image placeholder {IMAGE_PLACEHOLDER!r}; send images as image_url parts", f"messages.{k}.content")
+                    pieces.append(part.text)
+                else:
+                    if role != "user":
+                        raise APIError(400, f"messages[{k}]: only user messages may hold images", f"messages.{k}.content")
+                    if len(images) >= settings.max_images:
+                        raise APIError(400, f"at most {settings.max_images} images per request", f"messages.{k}.content")
+                    images.append(await load_part_image(part.image_url.url))
+                    pieces.append(IMAGE_PLACEHOLDER)
+            messages.append(Message(role, "\n".join(pieces)))
+        if messages[-1].role == "assistant":
+            raise APIError(400, "the last message must not be an assistant message (continuing a reply is not supported)", "messages")
+        return messages, images
+
+    def encode(messages: list[Message], images: list):
+        try:
+            return processor.encode_prompt(messages, images)
+        except BadRecordError as e:
+            raise APIError(400, str(e).replace("sample 'prompt' ", "the prompt "), "messages", "invalid_prompt") from None
+
+    # ---- routes ---------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if batcher.healthy else "error", "model": settings.model_name, "waiting": batcher.waiting, **batcher.stats}
+        if batcher.error is not None:
+            body["error"] = f"{type(batcher.error).__name__}: {batcher.error}"
+        return JSONResponse(body, status_code=200 if batcher.healthy else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "vlmkit"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        html = resources.files("vlmkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", escape(settings.model_name)), headers={
+            # The page talks to this server only and loads nothing from elsewhere.
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'",
+        })
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        req = parse_request(await read_body(request))
+        messages, images = await to_conversation(req)
+        prompt = await asyncio.get_running_loop().run_in_executor(encoder, encode, messages, images)
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
+        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed)
+        job = Job(prompt=prompt, gen=gen, max_new_tokens=max_tokens, loop=asyncio.get_running_loop())
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            raise APIError(503, f"server busy: {e}; retry later", code="overloaded", kind="server_error") from None
+        except RuntimeError as e:
+            raise APIError(503, str(e), code="unavailable", kind="server_error") from None
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        prompt_tokens = len(prompt.input_ids)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                stream_events(job, TextAssembler(tokenizer, stops), completion_id, created, prompt_tokens, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text, reason, count = await collect(job, TextAssembler(tokenizer, stops))
+        return {
+            "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count},
+        }
+
+    async def collect(job: Job, assembler: TextAssembler) -> tuple[str, str, int]:
+        parts, count = [], 0
+        try:
+            while True:
+                event = await job.events.get()
+                if event.kind == "token":
+                    count += 1
+                    parts.append(assembler.add(event.token))
+                    if assembler.stopped:
+                        job.cancelled = True
+                        return "".join(parts), "stop", count
+                elif event.kind == "done":
+                    parts.append(assembler.finish())
+                    return "".join(parts), event.reason or "stop", count
+                else:
+                    raise APIError(500, event.reason or "generation failed", code="generation_failed", kind="server_error")
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    def chunk(completion_id: str, created: int, delta: dict, reason: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+        body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}] if choices else []}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def stream_events(job: Job, assembler: TextAssembler, completion_id: str, created: int, prompt_tokens: int, include_usage: bool):
+        count = 0
+        try:
+            yield chunk(completion_id, created, {"role": "assistant", "content": ""})
+            reason = "stop"
+            while True:
+                event = await job.events.get()
+                if event.kind == "token":
+                    count += 1
+                    delta = assembler.add(event.token)
+                    if delta:
+                        yield chunk(completion_id, created, {"content": delta})
+                    if assembler.stopped:
+                        job.cancelled = True
+                        break
+                elif event.kind == "done":
+                    reason = event.reason or "stop"
+                    tail = assembler.finish()
+                    if tail:
+                        yield chunk(completion_id, created, {"content": tail})
+                    break
+                else:
+                    # Headers are already sent: the error travels in the stream, as OpenAI does.
+                    yield f"data: {json.dumps(error_body(event.reason or 'generation failed', 'server_error'))}\n\n"
+                    return
+            yield chunk(completion_id, created, {}, reason)
+            if include_usage:
+                yield chunk(completion_id, created, {}, usage={"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count}, choices=False)
+            yield "data: [DONE]\n\n"
+        finally:
+            # Also reached when the client disconnects mid-stream: free its batch row.
+            job.cancelled = True
+
+    return app
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
