@@ -1,11 +1,22 @@
 """Training-data formats, read into typed samples.
 
-LLaVA JSON: a list of `{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}`
-records; `image` may be a path (relative to the image folder) or a list of paths.
+Two record styles, told apart per record:
+
+* LLaVA / mix665k: `{"id", "image", "video", "conversations": [{"from": "human"|"gpt", "value"}]}`;
+  `image` / `video` is a path (relative to the data folder) or a list of paths; the text places
+  them with `<image>` / `<video>` placeholders, in order, or with `<image_k>` / `<video_k>`
+  (1-based) to name one explicitly.
+* OpenAI / TRL content parts: `{"id", "messages": [{"role", "content"}], "images", "videos"}`
+  where `content` is a string or a list of parts: `{"type": "text", "text"}`,
+  `{"type": "image"}` (the record's next entry of `images`), `{"type": "image", "image": PATH}`,
+  `{"type": "image_url", "image_url": {"url": PATH | file://PATH | data:image/...;base64,...}}`,
+  `{"type": "video"}` / `{"type": "video", "video": PATH}`. Each part becomes a placeholder at its
+  place in the text, so both styles reach the processor as the same `Sample`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +44,8 @@ class Message:
 class Sample:
     id: str
     messages: list[Message]
-    images: list[Path] = field(default_factory=list)
+    images: list[Path | bytes] = field(default_factory=list)  # bytes: an inline data URI's image
+    videos: list[Path] = field(default_factory=list)
 
 
 def read_llava_json(path: str | Path, image_folder: str | Path | None = None) -> list[Sample]:
@@ -60,7 +72,108 @@ def read_llava_json(path: str | Path, image_folder: str | Path | None = None) ->
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records")
-    return [llava_record_to_sample(r, i, root, str(path)) for i, r in enumerate(records)]
+    return [record_to_sample(r, i, root, str(path)) for i, r in enumerate(records)]
+
+
+def record_to_sample(record: dict, index: int, root: Path, source: str = "") -> Sample:
+    """A record in either style (see the module docstring)."""
+    if isinstance(record, dict) and "messages" in record and "conversations" not in record:
+        return content_parts_to_sample(record, index, root, source)
+    return llava_record_to_sample(record, index, root, source)
+
+
+def _path_list(rid: str, value, key: str, source: str) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise BadRecordError(rid, f"'{key}' must be a path or a list of paths", source)
+    return list(items)
+
+
+def _image_ref(rid: str, ref: str, root: Path, source: str) -> Path | bytes:
+    if ref.startswith("data:"):
+        head, _, payload = ref.partition(",")
+        if ";base64" not in head or not payload:
+            raise BadRecordError(rid, f"image data URI must be base64 ({head[:40]}...)", source)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except ValueError:
+            raise BadRecordError(rid, "image data URI is not valid base64", source) from None
+    if ref.startswith(("http://", "https://")):
+        raise BadRecordError(rid, f"remote image {ref[:80]!r}: vlmkit reads local files and data URIs only", source)
+    return root / ref.removeprefix("file://")
+
+
+def content_parts_to_sample(record: dict, index: int, root: Path, source: str = "") -> Sample:
+    """An OpenAI / TRL `messages` record: parts become `<image>` / `<video>` placeholders in place."""
+    from vlmkit.processing.prompt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+
+    rid = str(record.get("id", f"#{index}"))
+    turns = record.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise BadRecordError(rid, "missing or empty 'messages'", source)
+    pool = {"image": _path_list(rid, record.get("images"), "images", source),
+            "video": _path_list(rid, record.get("videos"), "videos", source)}
+    taken = {"image": 0, "video": 0}
+    images: list[Path | bytes] = []
+    videos: list[Path] = []
+    messages = []
+
+    def next_from_pool(kind: str, t: int) -> str:
+        if taken[kind] >= len(pool[kind]):
+            raise BadRecordError(
+                rid, f"message {t} has more {kind} parts without a path than the record's {len(pool[kind])} '{kind}s'", source)
+        taken[kind] += 1
+        return pool[kind][taken[kind] - 1]
+
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise BadRecordError(rid, f"message {t} needs 'role' and 'content'", source)
+        role = ROLE_NAMES.get(turn["role"])
+        if role is None:
+            raise BadRecordError(rid, f"message {t} has unknown role {turn['role']!r}", source)
+        content = turn["content"]
+        if isinstance(content, str):
+            messages.append(Message(role, content))
+            continue
+        if not isinstance(content, list):
+            raise BadRecordError(rid, f"message {t} content must be a string or a list of parts", source)
+        text = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text.append(str(part.get("text", "")))
+            elif kind in ("image", "image_url"):
+                ref = part.get("image") or part.get("path") or part.get("url")
+                if kind == "image_url":
+                    url = part.get("image_url")
+                    ref = url.get("url") if isinstance(url, dict) else url
+                if ref is None:
+                    ref = next_from_pool("image", t)
+                if not isinstance(ref, str):
+                    raise BadRecordError(rid, f"message {t}: an image part's reference must be a string", source)
+                images.append(_image_ref(rid, ref, root, source))
+                text.append(IMAGE_PLACEHOLDER)
+            elif kind == "video":
+                ref = part.get("video") or part.get("path") or part.get("url")
+                if ref is None:
+                    ref = next_from_pool("video", t)
+                if not isinstance(ref, str):
+                    raise BadRecordError(rid, f"message {t}: a video part's reference must be a string", source)
+                videos.append(root / ref.removeprefix("file://"))
+                text.append(VIDEO_PLACEHOLDER)
+            else:
+                raise BadRecordError(rid, f"message {t} has a part of unknown type {kind!r}", source)
+        messages.append(Message(role, "".join(text)))
+    for kind in ("image", "video"):
+        if taken[kind] < len(pool[kind]) and taken[kind] > 0:
+            raise BadRecordError(rid, f"the record lists {len(pool[kind])} {kind}s but only {taken[kind]} {kind} parts use them", source)
+    if not taken["image"]:
+        images = [_image_ref(rid, p, root, source) for p in pool["image"]] + images
+    if not taken["video"]:
+        videos = [root / p for p in pool["video"]] + videos
+    return Sample(id=rid, messages=messages, images=images, videos=videos)
 
 
 def llava_record_to_sample(record: dict, index: int, image_root: Path, source: str = "") -> Sample:
@@ -78,9 +191,9 @@ def llava_record_to_sample(record: dict, index: int, image_root: Path, source: s
         if role is None:
             raise BadRecordError(rid, f"conversation turn {t} has unknown speaker {turn['from']!r}", source)
         messages.append(Message(role, str(turn["value"])))
-    image = record.get("image")
-    images = [] if image is None else [image] if isinstance(image, str) else list(image)
-    return Sample(id=rid, messages=messages, images=[image_root / p for p in images])
+    images = _path_list(rid, record.get("image"), "image", source)
+    videos = _path_list(rid, record.get("video"), "video", source)
+    return Sample(id=rid, messages=messages, images=[image_root / p for p in images], videos=[image_root / p for p in videos])
 
 
 def write_llava_json(path: str | Path, records: list[dict]) -> None:

@@ -28,8 +28,13 @@ def build_image_processor(model_config, tokens_per_image: int | None = None):
 
 
 def build_chat_processor(model, max_length: int):
+    """`processor.options.video` (a dict of `VideoOptions` fields) sets frame sampling and temporal
+    compression; `processor.options.sentinels` (auto / always / never) the `<image_k>` tags."""
     from vlmkit.processing.prompt import ChatProcessor
+    from vlmkit.processing.video import VideoOptions
 
     cfg = model.config
     image_processor = build_image_processor(cfg, tokens_per_image=model.tokens_per_image)
-    return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels)
+    options = cfg.processor.options
+    return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels,
+                         video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"))

@@ -11,16 +11,35 @@ the sample, never a silently zero-loss sample.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from vlmkit.data.formats import BadRecordError, Message, Sample
 from vlmkit.model.vlm import IGNORE_INDEX
-from vlmkit.processing.base import ImageProcessor, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
 from vlmkit.processing.images import ImageLoadError, load_image
+from vlmkit.processing.video import ProcessedVideo, VideoInput, VideoLoadError, VideoOptions, load_video, video_key
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+# `<image>` / `<video>` take the next input of their kind; `<image_k>` / `<video_k>` name the k-th.
+PLACEHOLDER_RE = re.compile(r"<(image|video)(?:_(\d+))?>")
+
+
+@dataclass
+class VisualSpan:
+    """One image or video of a sample, in the order its tokens appear."""
+
+    kind: str  # "image" | "video"
+    index: int  # 1-based, within its kind: the k of its `<image_k>` / `<video_k>` sentinel
+    groups: int  # token groups (pixel rows): 1 for an image, frame groups for a video
+    visual_tokens: int
+    grid_thw: tuple[int, int, int] | None = None  # LLM-side (t, h, w) grid when the family has one
+    timestamps: list[float] = field(default_factory=list)  # seconds of each sampled frame (video)
 
 
 @dataclass
@@ -28,56 +47,158 @@ class EncodedSample:
     id: str
     input_ids: torch.Tensor  # (T,)
     labels: torch.Tensor  # (T,), IGNORE_INDEX outside assistant spans
-    pixel_values: torch.Tensor  # (images, 3, H, W); (0, ...) when text-only
-    layouts: list[TokenLayout] = field(default_factory=list)
-    image_keys: list[str] = field(default_factory=list)  # for caching frozen-tower features
+    pixel_values: torch.Tensor  # (groups, 3, H, W) in token order; (0, ...) when text-only
+    layouts: list[TokenLayout] = field(default_factory=list)  # one per pixel row / token group
+    image_keys: list[str] = field(default_factory=list)  # for caching frozen-tower features, one per row
+    visuals: list[VisualSpan] = field(default_factory=list)
+
+
+@dataclass
+class _Visual:
+    kind: str
+    index: int
+    groups: list[ProcessedImage]
+    keys: list[str]
+    grid_thw: tuple[int, int, int] | None = None
+    timestamps: list[float] = field(default_factory=list)
 
 
 def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-class ChatProcessor:
-    """Turns `Sample`s into token ids, labels and pixels for one model."""
+def _image_key(ref) -> str:
+    if isinstance(ref, bytes):
+        return "bytes:" + hashlib.sha256(ref).hexdigest()[:16]
+    return str(ref)
 
-    def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int, max_image_pixels: int = 64_000_000):
+
+class ChatProcessor:
+    """Turns `Sample`s into token ids, labels and pixels for one model.
+
+    Several images and videos may be interleaved with the text. When a sample holds more than
+    one (`sentinels="auto"`; or always / never), each one's token group is preceded by a
+    sentinel `<image_k>` / `<video_k>` written as text, so the model can tell which group is
+    which and a question can refer to "image 2". The sentinel is tokenised by the LM's own
+    vocabulary (one token when the tokenizer already has it), not added as a new special token:
+    a new token would need an untrained, resized embedding table that checkpoints of a frozen
+    or pretrained LM do not carry.
+    """
+
+    def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
+                 max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto"):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token = image_token
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
+        self.video = video or VideoOptions()
+        if sentinels not in ("auto", "always", "never"):
+            raise ValueError(f"sentinels must be 'auto', 'always' or 'never', got {sentinels!r}")
+        self.sentinels = sentinels
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("ChatProcessor needs a fast tokenizer (character offsets map spans to labels)")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
 
-    # ---- images -------------------------------------------------------------------------
+    # ---- images and videos --------------------------------------------------------------
     def load_images(self, sample: Sample):
         processed = []
         for path in sample.images:
-            try:
-                image = load_image(path, max_pixels=self.max_image_pixels)
-            except (ImageLoadError, FileNotFoundError) as e:
-                raise BadRecordError(sample.id, str(e)) from None
-            processed.append(self.image_processor.preprocess(image))
+            processed.append(self._load_image(sample.id, path))
         return processed
 
-    def _expand_placeholders(self, sample: Sample, layouts: list[TokenLayout]) -> list[Message]:
-        found = sum(m.content.count(IMAGE_PLACEHOLDER) for m in sample.messages)
-        if found != len(layouts):
-            raise BadRecordError(
-                sample.id,
-                f"has {len(layouts)} image(s) but {found} {IMAGE_PLACEHOLDER} placeholder(s); each image needs exactly one",
-            )
-        expanded, k = [], 0
-        for m in sample.messages:
-            pieces = m.content.split(IMAGE_PLACEHOLDER)
-            text = pieces[0]
-            for piece in pieces[1:]:
-                text += self.image_processor.placeholder_text(layouts[k], self.image_token) + piece
-                k += 1
-            expanded.append(Message(m.role, text))
-        return expanded
+    def _load_image(self, sample_id: str, ref) -> ProcessedImage:
+        try:
+            image = load_image(ref, max_pixels=self.max_image_pixels)
+        except (ImageLoadError, FileNotFoundError) as e:
+            raise BadRecordError(sample_id, str(e)) from None
+        try:
+            return self.image_processor.preprocess(image)
+        except ValueError as e:  # e.g. Qwen2-VL's aspect-ratio limit
+            raise BadRecordError(sample_id, f"{_image_key(ref)[:200]}: {e}") from None
+
+    def _load_video(self, sample_id: str, path: Path) -> ProcessedVideo:
+        try:
+            return load_video(self.image_processor, path, self.video)
+        except (VideoLoadError, FileNotFoundError) as e:
+            raise BadRecordError(sample_id, str(e)) from None
+
+    def _plan(self, sample_id: str, messages: list[Message], counts: dict[str, int]) -> list[tuple[str, int]]:
+        """(kind, 0-based input index) for each placeholder, in the order they appear."""
+        found: list[tuple[str, int | None]] = []
+        for m in messages:
+            for match in PLACEHOLDER_RE.finditer(m.content):
+                found.append((match.group(1), int(match.group(2)) if match.group(2) else None))
+        plan = []
+        for kind in ("image", "video"):
+            mine = [k for kd, k in found if kd == kind]
+            bare = sum(k is None for k in mine)
+            n = counts[kind]
+            if bare and len(mine) != bare:
+                raise BadRecordError(sample_id, f"mixes <{kind}> and <{kind}_k> placeholders; use one style")
+            if len(mine) != n:
+                raise BadRecordError(
+                    sample_id,
+                    f"has {n} {kind}(s) but {len(mine)} <{kind}> placeholder(s); each {kind} needs exactly one",
+                )
+            if not bare:
+                bad = sorted({k for k in mine if not 1 <= k <= n} | {k for k in mine if mine.count(k) > 1})
+                if bad:
+                    raise BadRecordError(sample_id, f"<{kind}_k> placeholders must name each of {kind}s 1..{n} once; check {bad}")
+        nxt = {"image": 0, "video": 0}
+        for kind, k in found:
+            if k is None:
+                plan.append((kind, nxt[kind]))
+                nxt[kind] += 1
+            else:
+                plan.append((kind, k - 1))
+        return plan
+
+    def _visuals(self, sample: Sample, plan: list[tuple[str, int]]) -> list[_Visual]:
+        out = []
+        for kind, i in plan:
+            if kind == "image":
+                p = self._load_image(sample.id, sample.images[i])
+                thw = p.layout.parts.get("grid_thw")
+                merge = p.layout.parts.get("merge", 1)
+                grid = (thw[0], thw[1] // merge, thw[2] // merge) if thw else None
+                out.append(_Visual("image", i + 1, [p], [_image_key(sample.images[i])], grid))
+            else:
+                path = Path(sample.videos[i])
+                v = self._load_video(sample.id, path)
+                keys = [video_key(path, self.video, g) for g in range(len(v.groups))]
+                out.append(_Visual("video", i + 1, v.groups, keys, v.grid_thw, v.timestamps))
+        return out
+
+    def _use_sentinels(self, n: int) -> bool:
+        return self.sentinels == "always" or (self.sentinels == "auto" and n > 1)
+
+    def _expand_placeholders(self, sample: Sample, visuals: list[_Visual]) -> list[Message]:
+        sentinels = self._use_sentinels(len(visuals))
+        it = iter(visuals)
+
+        def expand(_match) -> str:
+            v = next(it)
+            text = "".join(self.image_processor.placeholder_text(g.layout, self.image_token) for g in v.groups)
+            return (f"<{v.kind}_{v.index}>" if sentinels else "") + text
+
+        return [Message(m.role, PLACEHOLDER_RE.sub(expand, m.content)) for m in sample.messages]
+
+    def _prepare(self, sample: Sample) -> tuple[list[_Visual], list[Message]]:
+        plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)})
+        visuals = self._visuals(sample, plan)
+        return visuals, self._expand_placeholders(sample, visuals)
+
+    @staticmethod
+    def _outputs(visuals: list[_Visual]):
+        groups = [g for v in visuals for g in v.groups]
+        layouts = [g.layout for g in groups]
+        pixels = torch.cat([g.pixel_values for g in groups]) if groups else torch.zeros(0)
+        keys = [k for v in visuals for k in v.keys]
+        spans = [VisualSpan(v.kind, v.index, len(v.groups), sum(g.layout.visual_tokens for g in v.groups), v.grid_thw,
+                            list(v.timestamps)) for v in visuals]
+        return layouts, pixels, keys, spans
 
     # ---- text ---------------------------------------------------------------------------
     def _render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
@@ -101,9 +222,8 @@ class ChatProcessor:
         return full, spans
 
     def encode(self, sample: Sample, train: bool = True) -> EncodedSample:
-        processed = self.load_images(sample)
-        layouts = [p.layout for p in processed]
-        messages = self._expand_placeholders(sample, layouts)
+        visuals, messages = self._prepare(sample)
+        layouts, pixels, keys, spans = self._outputs(visuals)
         if train and not any(m.role == "assistant" for m in messages):
             raise BadRecordError(sample.id, "has no assistant turn to learn from")
         text, spans = self.assistant_spans(sample.id, messages)
@@ -123,34 +243,46 @@ class ChatProcessor:
             if not any(s <= start < e for start, _ in enc["offset_mapping"]):
                 raise BadRecordError(sample.id, f"assistant turn {turn} has no tokens to supervise")
         self._check_image_tokens(sample.id, ids, layouts)
-        pixels = torch.cat([p.pixel_values for p in processed]) if processed else torch.zeros(0)
         return EncodedSample(
             id=sample.id,
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
             pixel_values=pixels,
             layouts=layouts,
-            image_keys=[str(p) for p in sample.images],
+            image_keys=keys,
+            visuals=spans,
         )
 
     def encode_prompt(self, messages: list[Message], images: list) -> EncodedSample:
-        """A generation prompt: the conversation so far plus the assistant header."""
-        sample = Sample(id="prompt", messages=messages, images=[])
-        processed = []
-        for image in images:
-            try:
-                processed.append(self.image_processor.preprocess(load_image(image, max_pixels=self.max_image_pixels)))
-            except ImageLoadError as e:
-                raise BadRecordError("prompt", str(e)) from None
-        layouts = [p.layout for p in processed]
-        expanded = self._expand_placeholders(sample, layouts)
+        """A generation prompt: the conversation so far plus the assistant header.
+
+        `images` holds the visual inputs in placeholder order: images (paths, bytes, PIL) and
+        videos (`VideoInput`). A bare `<image>` placeholder may stand for a video input (the input
+        decides how it expands), so callers that only know "one placeholder per input" work."""
+        kinds = ["video" if isinstance(x, VideoInput) else "image" for x in images]
+        order = iter(kinds)
+
+        def retag(match) -> str:
+            if match.group(2) is None and match.group(1) == "image":
+                kind = next(order, "image")
+                return f"<{kind}>"
+            if match.group(2) is None:
+                next(order, None)
+            return match.group(0)
+
+        messages = [Message(m.role, PLACEHOLDER_RE.sub(retag, m.content)) for m in messages]
+        sample = Sample(id="prompt", messages=messages,
+                        images=[x for x in images if not isinstance(x, VideoInput)],
+                        videos=[x.path for x in images if isinstance(x, VideoInput)])
+        visuals, expanded = self._prepare(sample)
+        layouts, pixels, keys, spans = self._outputs(visuals)
         text = self._render(expanded, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_length:
             raise BadRecordError("prompt", f"is {len(ids)} tokens long, longer than the context of {self.max_length}")
         self._check_image_tokens("prompt", ids, layouts)
-        pixels = torch.cat([p.pixel_values for p in processed]) if processed else torch.zeros(0)
-        return EncodedSample("prompt", torch.tensor(ids), torch.full((len(ids),), IGNORE_INDEX), pixels, layouts)
+        return EncodedSample("prompt", torch.tensor(ids), torch.full((len(ids),), IGNORE_INDEX), pixels, layouts,
+                             keys, spans)
 
     def _check_image_tokens(self, sample_id: str, ids: list[int], layouts: list[TokenLayout]) -> None:
         image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
