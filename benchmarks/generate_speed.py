@@ -1,0 +1,209 @@
+"""Generation speed: vlmkit `generate` against Hugging Face `generate`, same model, greedy.
+
+The vlmkit model is exported in memory to `LlavaForConditionalGeneration` (vlmkit.hf_export), so
+both sides run identical weights on identical inputs (token ids + pixels, left-padded batches).
+Each side is timed end to end (vision tower, prefill and decode) and reports new tokens per
+second; their greedy outputs are compared token by token. Random weights: speed does not depend
+on what the weights are.
+
+    python benchmarks/generate_speed.py                      # CPU shapes, batch 1 and 32
+    python benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 --hf-compiled
+
+Shapes: "cpu-small" (a small LM that a laptop CPU runs at batch 32 in seconds), "smollm2-135m" and
+"smolvlm-360m" (SigLIP-B/16 at 384 px = 576 image tokens, SmolLM2-360M: the GPU comparison
+of the issue; prompt 576 + 32 text tokens = 608).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "cpu-small": {
+        "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
+        "llm": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048},
+        "vocab": 8192,
+    },
+    "smollm2-135m": {
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 224, "patch_size": 16},
+        "llm": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+        "vocab": 49152,
+    },
+    "smolvlm-360m": {
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 384, "patch_size": 16},
+        "llm": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+        "vocab": 49152,
+    },
+}
+
+
+def build(shape: str, seed: int = 0):
+    from vlmkit.config import load_config
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    spec = SHAPES[shape]
+    torch.manual_seed(seed)
+    size = spec["vision"]["image_size"]
+    cfg = load_config({"model": {
+        "vision": {"name": "hf-random", "model_type": "siglip_vision_model", "config": spec["vision"]},
+        "llm": {"name": "hf-random", "config": spec["llm"]},
+        "processor": {"image_size": size, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }})
+    model = VisionLanguageModel.build(cfg.model, pretrained=False)
+    _grow_vocab(model, spec["vocab"])
+    with torch.no_grad():
+        # Sharper logits than random init, so greedy paths are not decided by float noise.
+        model.llm.get_output_embeddings().weight.mul_(4)
+    return model.eval()
+
+
+def _grow_vocab(model, vocab: int) -> None:
+    """Real LM heads are large (49k rows for SmolLM2); the byte-level test tokenizer is not.
+    Extra rows cost what they cost in a real model; the benchmark never decodes text."""
+    llm = model.llm
+    if llm.get_input_embeddings().num_embeddings < vocab:
+        llm.resize_token_embeddings(vocab)
+        model.vocab_size = vocab
+        # The image token must stay outside the LM's vocabulary range it indexes.
+
+
+def prompts_for(model, batch: int, text_tokens: int, seed: int):
+    from vlmkit.processing.prompt import EncodedSample
+
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.processor.image_size
+    out = []
+    for i in range(batch):
+        # Different lengths per row, so batches really are left-padded.
+        n_text = max(4, text_tokens - (i % 5))
+        text = torch.randint(0, 250, (n_text,), generator=g)
+        ids = torch.cat([torch.full((model.tokens_per_image,), model.image_token_id), text])
+        out.append(EncodedSample(f"p{i}", ids, torch.full_like(ids, -100), torch.randn(1, 3, size, size, generator=g)))
+    return out
+
+
+def left_pad(prompts, pad_id: int):
+    T = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p.input_ids):] = p.input_ids
+        mask[i, T - len(p.input_ids):] = 1
+    return ids, mask, torch.cat([p.pixel_values for p in prompts])
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return result, statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-small")
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--text-tokens", type=int, default=32, help="text tokens after the image tokens")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--hf-compiled", action="store_true", help="also time HF generate with a static cache + torch.compile")
+    ap.add_argument("--json", help="append results as JSON lines to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from vlmkit.generate import GenerationConfig, _extra_stop_ids, generate
+    from vlmkit.hf_export import to_llava
+
+    dtype = getattr(torch, args.dtype)
+    model = build(args.shape)
+    llava, _ = to_llava(model)
+    model.to(args.device, dtype)
+    llava.to(args.device, dtype).eval()
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id
+    stops = sorted({tok.eos_token_id, *_extra_stop_ids(tok)})
+    print(f"shape {args.shape}: {model.tokens_per_image} image tokens + ~{args.text_tokens} text tokens, "
+          f"{args.new_tokens} new tokens, {args.dtype} on {args.device} ({torch.get_num_threads()} threads)", flush=True)
+
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = prompts_for(model, batch, args.text_tokens, seed=batch)
+        ids, mask, pixels = left_pad(prompts, pad_id)
+        ids, mask, pixels = ids.to(args.device), mask.to(args.device), pixels.to(args.device, dtype)
+        gen_cfg = GenerationConfig(max_new_tokens=args.new_tokens)
+
+        def ours():
+            return generate(model, prompts, gen_cfg)
+
+        def hf_default():
+            with torch.inference_mode():
+                out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=args.new_tokens,
+                                     do_sample=False, eos_token_id=stops, pad_token_id=pad_id)
+            return _strip(out[:, ids.shape[1]:].tolist(), stops)
+
+        ours()  # warm-up (allocator, kernels)
+        hf_default()
+        mine, t_mine = timed(ours, args.device, args.repeats)
+        theirs, t_hf = timed(hf_default, args.device, args.repeats)
+        n_mine, n_hf = sum(map(len, mine)), sum(map(len, theirs))
+        same = sum(a == b for a, b in zip(mine, theirs))
+        row = {"shape": args.shape, "batch": batch, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+               "prompt_tokens": int(mask.sum(1).max()), "new_tokens": args.new_tokens,
+               "vlmkit_tok_s": n_mine / t_mine, "hf_default_tok_s": n_hf / t_hf, "ratio_vs_default": (n_mine / t_mine) / (n_hf / t_hf),
+               "same_greedy_rows": f"{same}/{batch}"}
+        if args.hf_compiled:
+            def hf_compiled():
+                with torch.inference_mode():
+                    out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=args.new_tokens,
+                                         do_sample=False, eos_token_id=stops, pad_token_id=pad_id, cache_implementation="static",
+                                         compile_config=None)
+                return _strip(out[:, ids.shape[1]:].tolist(), stops)
+
+            llava.generation_config.cache_implementation = "static"
+            hf_compiled()
+            hf_compiled()
+            compiled, t_c = timed(hf_compiled, args.device, args.repeats)
+            llava.generation_config.cache_implementation = None
+            row["hf_compiled_tok_s"] = sum(map(len, compiled)) / t_c
+            row["ratio_vs_compiled"] = (n_mine / t_mine) / row["hf_compiled_tok_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print("\n| batch | vlmkit new tok/s | HF default new tok/s | ratio | same greedy rows |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['vlmkit_tok_s']:,.0f} | {r['hf_default_tok_s']:,.0f} | {r['ratio_vs_default']:.2f}x | {r['same_greedy_rows']} |")
+    return 0
+
+
+def _strip(rows, stops):
+    out = []
+    for r in rows:
+        cut = next((i for i, t in enumerate(r) if t in stops), len(r))
+        out.append(r[:cut])
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
