@@ -132,10 +132,12 @@ def _content_text(content, rid: str, source: str) -> str:
     if not isinstance(content, list):
         raise BadRecordError(rid, f"message content must be text or a list of parts, got {type(content).__name__}", source)
     pieces = []
-    for part in content:
+    for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image":
-            pieces.append(IMAGE_PLACEHOLDER)
+            # LLaVA-style prompts put the image on its own line before the text.
+            follows = k + 1 < len(content) and isinstance(content[k + 1], dict) and content[k + 1].get("type") == "text"
+            pieces.append(IMAGE_PLACEHOLDER + ("\n" if follows else ""))
         elif kind == "text":
             pieces.append(str(part.get("text", "")))
         else:

@@ -65,9 +65,13 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(strategy: str, device: str) -> DistContext:
     """Join the process group torchrun describes in the environment (a no-op in one process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world <= 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

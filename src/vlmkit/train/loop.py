@@ -441,10 +441,12 @@ def run_training(config: Config, model=None, progress: bool = True) -> tuple[obj
     Under torchrun, every process runs this; the process group comes from the environment."""
     from vlmkit.model.vlm import VisionLanguageModel
 
+    # Checked before joining the process group, so a bad batch size fails fast on every rank.
+    world = D.DistContext(world_size=D.world_size_from_env())
+    for name, stage in config.train.stages.items():
+        D.check_divides(world, name, stage.batch_size)
     dist = D.setup(config.train.distributed, config.train.device)
     try:
-        for name, stage in config.train.stages.items():
-            D.check_divides(dist, name, stage.batch_size)
         seed_everything(config.train.seed)
         out_dir = Path(config.train.output_dir)
         if model is None:
