@@ -1,6 +1,6 @@
 """Synthetic multi-image task: which of two images holds more objects?
 
-Both images are drawn alike (same kind of blobs, counts 1..4, never equal), so the answer
+Both images are drawn alike (same kind of dots, counts 1..5, at least 2 apart), so the answer
 depends on telling the two token groups apart: swap the images and the answer flips. Records
 use the OpenAI / TRL content-parts style, so that reader is exercised end to end; the data
 module writes the video task in the LLaVA style, and a mixed file holds both.
@@ -23,6 +23,7 @@ from vlmkit.eval.benchmarks.base import Benchmark, BenchItem, EvalInputError, Sc
 from vlmkit.processing.video import VideoInput
 
 MORE_QUESTION = "Which image holds more objects? Answer first or second."
+PAIRS = tuple((a, b) for a in range(1, 6) for b in range(a + 2, 6))
 INK = ((200, 30, 30), (30, 60, 210), (20, 140, 40), (20, 20, 20))
 
 
@@ -31,7 +32,7 @@ def objects_image(rng: random.Random, count: int, size: int = 32) -> Image.Image
     bg = tuple(rng.randint(230, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
-    r = max(2.0, size * 0.09)
+    r = max(2.0, size * 0.08)
     placed: list[tuple[float, float]] = []
     while len(placed) < count:
         x, y = rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1)
@@ -47,7 +48,10 @@ def multi_image_records(out_dir: str | Path, n: int, split: str, seed: int, size
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        a, b = rng.sample(range(1, 5), 2)
+        # Counts at least 2 apart: the task is about telling the two images apart, not fine counting.
+        a, b = rng.choice(PAIRS)
+        if rng.random() < 0.5:
+            a, b = b, a
         names = []
         for k, count in enumerate((a, b)):
             name = f"images/{split}_{i:05d}_{k}.png"
