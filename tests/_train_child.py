@@ -1,6 +1,9 @@
 """A training run in its own process, for kill / resume / torchrun tests.
 
-usage: python tests/_train_child.py RECIPE.json OUT.json [kill-at-log=N] [kill-in-save=N] [term-at-log=N]
+usage: python tests/_train_child.py RECIPE.json[,RECIPE2.json] OUT.json[,OUT2.json] [kill-at-log=N] [kill-in-save=N] [term-at-log=N]
+
+Several recipes run one after another in the same processes (under torchrun, in one process
+group that this script opens, which also covers a group opened by the caller).
 
 kill-at-log=N: SIGKILL itself right after logging step N (work since the last save is lost).
 kill-in-save=N: SIGKILL itself while writing the trainer state of the step-N checkpoint.
@@ -22,7 +25,7 @@ torch.set_num_threads(1)
 
 
 def main() -> None:
-    recipe_path, out_path, *flags = sys.argv[1:]
+    recipe_paths, out_paths, *flags = sys.argv[1:]
     opts = dict(f.split("=") for f in flags)
     from vlmkit.config import load_config
     from vlmkit.train import checkpoint as ckpt
@@ -51,17 +54,22 @@ def main() -> None:
     torch.save = save
     ckpt.torch.save = save
 
-    config = load_config(json.loads(open(recipe_path).read()))
-    torch.manual_seed(0)
-    model, results = run_training(config, progress=False)
-    if int(os.environ.get("RANK", "0")) == 0:
-        digest = hashlib.sha256()
-        for key, value in sorted(model.state_dict().items()):
-            if hasattr(value, "full_tensor"):
-                continue  # FSDP2 shards: compared through the losses
-            digest.update(key.encode())
-            digest.update(value.detach().float().contiguous().numpy().tobytes())
-        json.dump({"losses": {r.name: r.losses for r in results}, "weights": digest.hexdigest()}, open(out_path, "w"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    for recipe_path, out_path in zip(recipe_paths.split(","), out_paths.split(",")):
+        config = load_config(json.loads(open(recipe_path).read()))
+        torch.manual_seed(0)
+        model, results = run_training(config, progress=False)
+        if int(os.environ.get("RANK", "0")) == 0:
+            digest = hashlib.sha256()
+            for key, value in sorted(model.state_dict().items()):
+                if hasattr(value, "full_tensor"):
+                    continue  # FSDP2 shards: compared through the losses
+                digest.update(key.encode())
+                digest.update(value.detach().float().contiguous().numpy().tobytes())
+            json.dump({"losses": {r.name: r.losses for r in results}, "weights": digest.hexdigest()}, open(out_path, "w"))
 
 
 if __name__ == "__main__":
