@@ -71,7 +71,8 @@ class FixedResizeProcessor(ImageProcessor):
     def resize(self, image: Image.Image) -> Image.Image:
         s = self.image_size
         if self.fit == "pad":
-            fill = tuple(int(round(m * 255)) for m in self.mean)
+            # LLaVA-1.5 and transformers truncate: int(mean * 255).
+            fill = tuple(int(m * 255) for m in self.mean)
             return expand_to_square(image, fill).resize((s, s), self.resample)
         if self.fit == "squash":
             return image.resize((s, s), self.resample)

@@ -110,7 +110,7 @@ def load_weights(model, directory: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(directory: str | Path, device: str = "cpu"):
     """Rebuild the model from the checkpoint's config and load its saved parts."""
-    from vlmkit.model.vlm import VisionLanguageModel
+    from vlmkit.model.vlm import VisionLanguageModel, ensure_image_token
 
     config = read_config(directory)
     model = VisionLanguageModel.build(config.model)
@@ -119,6 +119,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"):
         from transformers import AutoTokenizer
 
         model.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        # The saved tokenizer decides the placeholder's id, not the one the build made.
+        model.image_token_id = ensure_image_token(model.tokenizer, config.model.image_token)
     load_weights(model, directory)
     model.to(device).eval()
     return model, config
