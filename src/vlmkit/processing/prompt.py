@@ -223,7 +223,7 @@ class ChatProcessor:
 
     def encode(self, sample: Sample, train: bool = True) -> EncodedSample:
         visuals, messages = self._prepare(sample)
-        layouts, pixels, keys, spans = self._outputs(visuals)
+        layouts, pixels, keys, visual_spans = self._outputs(visuals)
         if train and not any(m.role == "assistant" for m in messages):
             raise BadRecordError(sample.id, "has no assistant turn to learn from")
         text, spans = self.assistant_spans(sample.id, messages)
@@ -250,7 +250,7 @@ class ChatProcessor:
             pixel_values=pixels,
             layouts=layouts,
             image_keys=keys,
-            visuals=spans,
+            visuals=visual_spans,
         )
 
     def encode_prompt(self, messages: list[Message], images: list) -> EncodedSample:
