@@ -94,3 +94,22 @@ def test_bad_videos(tmp_path, clips):
         load_clip(clips[".webm"], VideoOptions(num_frames=2, max_frame_pixels=1000))
     with pytest.raises(VideoLoadError, match="fewer than the 11 frames"):
         load_clip(clips[".webm"], VideoOptions(num_frames=11))
+
+
+def test_tokens_command_video():
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    run = CliRunner().invoke(app, ["tokens", "--preset", "qwen2-vl-7b", "--size", "640x360", "--frames", "16",
+                                   "--compression", "temporal-patch", "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    # 640x360 -> 644x364 -> 46x26 patches -> 299 merged tokens per frame; 16 frames -> 8 temporal patches
+    assert (out["tokens_per_frame"], out["uncompressed_tokens"], out["visual_tokens"]) == (299, 4784, 2392)
+    assert out["parts"]["grid_thw"] == [8, 26, 46]
+    run = CliRunner().invoke(app, ["tokens", "--preset", "llava-1.5-7b", "--size", "640x360", "--frames", "16",
+                                   "--compression", "pool", "--pooled-frames", "4", "--json"])
+    assert json.loads(run.output)["visual_tokens"] == 4 * 576

@@ -87,6 +87,9 @@ def tokens(
     table: bool = typer.Option(False, "--table", help="reproduce the seed's token-budget table"),
     plot: str = typer.Option(None, "--plot", help="write a PNG chart of tokens vs image size per family"),
     list_presets: bool = typer.Option(False, "--list", help="list presets"),
+    frames: int = typer.Option(None, "--frames", help="video: sampled frames of SIZE (cost = frames x tokens per frame, then compression)"),
+    compression: str = typer.Option("none", "--compression", help="video: none | pool | temporal-patch"),
+    pooled_frames: int = typer.Option(4, "--pooled-frames", help="video, pool: time windows per video"),
 ) -> None:
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
     if list_presets:
@@ -109,6 +112,9 @@ def tokens(
     w, h = _size(size)
     if context is not None and context <= 0:
         raise typer.BadParameter("--context must be positive")
+    if frames is not None:
+        _video(preset, w, h, frames, compression, pooled_frames, as_json)
+        return
     try:
         b = image_budget(preset, w, h, context=context)
     except KeyError as e:
@@ -120,6 +126,37 @@ def tokens(
         typer.echo(json.dumps(b.to_dict(), indent=2))
     else:
         _print_budget(b)
+
+
+def _video(preset: str, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:
+    from vlmkit.processing.budget import get_preset
+    from vlmkit.processing.video import VideoOptions, video_layout
+
+    if frames <= 0:
+        raise typer.BadParameter("--frames must be positive")
+    try:
+        proc = get_preset(preset).make_processor()
+        opts = VideoOptions(compression=compression, pooled_frames=pooled_frames)
+        layout = video_layout(proc, w, h, frames, opts)
+    except KeyError as e:
+        raise typer.BadParameter(str(e.args[0])) from None
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    parts = dict(layout.parts)
+    out = {"preset": preset, "width": w, "height": h, "frames": frames, "compression": compression,
+           "tokens_per_frame": parts.pop("frame_tokens"), "uncompressed_tokens": parts.pop("uncompressed_tokens"),
+           "visual_tokens": layout.visual_tokens, "special_tokens": layout.special_tokens,
+           "sequence_tokens": layout.total_tokens, "parts": parts}
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"{preset}, video {frames} frames of {w}x{h}, compression {compression}")
+    typer.echo(f"  tokens per frame   {out['tokens_per_frame']:,}")
+    typer.echo(f"  frames x tokens    {out['uncompressed_tokens']:,}")
+    typer.echo(f"  after compression  {layout.visual_tokens:,} visual + {layout.special_tokens:,} special")
+    for k, v in parts.items():
+        typer.echo(f"    {k:<16} {v}")
 
 
 def register(app: typer.Typer) -> None:
