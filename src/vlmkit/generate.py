@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from vlmkit.data.collate import collate
+from vlmkit.model import fast_decode
 from vlmkit.model.vlm import run_decoder
 from vlmkit.processing.prompt import EncodedSample
 
@@ -99,17 +100,33 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         feats = model.vision_features(batch.pixel_values)
     image_embeds = model.project(feats) if feats is not None else None
     embeds = model.embed(batch.input_ids, image_embeds)
-    decoder, head = model.llm.base_model, model.llm.get_output_embeddings()
-    cache = DynamicCache()
+    head, token_embedding = model.llm.get_output_embeddings(), model.llm.get_input_embeddings()
     mask = batch.attention_mask
     positions = batch.position_ids
-    out = run_decoder(decoder, embeds, mask, positions, cache, use_cache=True)
-    logits = head(out.last_hidden_state[:, -1])
+    steps = max(limits, default=0)
+    if fast_decode.supports(model.llm):
+        lean = fast_decode.LeanDecoder(model.llm)
+        cache = lean.new_cache(B, mask.shape[1] + steps, embeds.dtype, embeds.device)
+        full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
+
+        def step_forward(step_embeds, step_positions):
+            return lean.forward(step_embeds, step_positions, full_mask, cache)[:, -1]
+    else:
+        decoder, dyn_cache = model.llm.base_model, DynamicCache()
+        state = {"mask": mask}
+
+        def step_forward(step_embeds, step_positions):
+            if step_embeds.shape[1] == 1:
+                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((B, 1))], dim=1)
+            out = run_decoder(decoder, step_embeds, state["mask"], step_positions, dyn_cache, use_cache=True)
+            return out.last_hidden_state[:, -1]
+
+    logits = head(step_forward(embeds, positions))
 
     done = [limit <= 0 for limit in limits]
     counts = [0] * B
     next_pos = positions[:, -1:] + 1
-    for _ in range(max(limits, default=0)):
+    for _ in range(steps):
         if cancelled is not None:
             for i in range(B):
                 done[i] = done[i] or cancelled(i)
@@ -134,10 +151,7 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         if all(done):
             return
         token = torch.tensor(picked, device=model.device)
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
-        step_embeds = model.llm.get_input_embeddings()(token.unsqueeze(-1))
-        out = run_decoder(decoder, step_embeds, mask, next_pos, cache, use_cache=True)
-        logits = head(out.last_hidden_state[:, -1])
+        logits = head(step_forward(token_embedding(token.unsqueeze(-1)), next_pos))
         next_pos = next_pos + 1
 
 
