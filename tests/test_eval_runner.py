@@ -124,8 +124,10 @@ def test_missing_image_names_item_and_keeps_cache(chartqa, tmp_path):
 
 
 def test_backend_registry_hook():
-    with pytest.raises(EvalInputError, match="vlmkit checkpoint backend is not installed"):
+    with pytest.raises(EvalInputError, match="/nowhere: vlmkit checkpoint folder not found"):
         make_backend("vlmkit:/nowhere")
+    with pytest.raises(EvalInputError, match="unknown model spec"):
+        make_backend("nosuchkind:/x")
 
     @register_backend("test-echo")
     def _factory(target, **opts):

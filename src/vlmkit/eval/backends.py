@@ -57,8 +57,7 @@ def make_backend(spec: str, **options: Any) -> Backend:
             kind, target = "hf", spec
         else:
             known = ", ".join(f"{k}:..." for k in sorted(BACKENDS)) or "(none)"
-            hint = " (the vlmkit checkpoint backend is not installed in this build)" if kind == "vlmkit" else ""
-            raise EvalInputError(f"unknown model spec {spec!r}{hint}; known kinds: {known}")
+            raise EvalInputError(f"unknown model spec {spec!r}; known kinds: {known}")
     return BACKENDS[kind](target, **options)
 
 
