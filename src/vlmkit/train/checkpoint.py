@@ -143,6 +143,9 @@ def rotate_and_save(stage_dir: Path, step: int, keep: int, save) -> Path:
     complete checkpoint that `latest_resumable` finds.
     """
     last = stage_dir.with_name(f"{stage_dir.name}-last")
+    # Half-written folders a kill left behind: never read, only in the way.
+    for stale in stage_dir.parent.glob(f".{stage_dir.name}-last.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if (last / META).is_file():
         old_step = int(json.loads((last / META).read_text()).get("step", 0))
         os.replace(last, stage_dir.with_name(f"{stage_dir.name}-step-{old_step:08d}"))

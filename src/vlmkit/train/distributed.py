@@ -32,9 +32,11 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, batch_size: int) -> slice:
-        per = batch_size // self.world_size
-        return slice(self.rank * per, (self.rank + 1) * per)
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of a micro-batch of n (an epoch's tail may not divide)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum plain numbers over ranks (in float64, so token counts stay exact)."""

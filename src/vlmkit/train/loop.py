@@ -13,6 +13,7 @@ SIGTERM finishes the current step, saves, and exits with status 143.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import threading
@@ -80,7 +81,7 @@ def last_turn_only(sample: EncodedSample) -> EncodedSample:
         gaps = (supervised[1:] - supervised[:-1] > 1).nonzero().flatten()
         first = supervised[int(gaps[-1]) + 1] if gaps.numel() else supervised[0]
         labels[first:] = sample.labels[first:]
-    return EncodedSample(sample.id, sample.input_ids, labels, sample.pixel_values, sample.layouts, sample.image_keys)
+    return dataclasses.replace(sample, labels=labels)
 
 
 def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
@@ -127,18 +128,18 @@ def _features_for(samples: list[EncodedSample], cache: dict[str, torch.Tensor] |
     return [cache[k].unsqueeze(0) for s in samples for k in s.image_keys]
 
 
-def _micro_batches(n: int, batch_size: int, seed: int, stage: str):
-    """Endless micro-batches of `batch_size` indices from a stream of seeded per-epoch shuffles.
-    Every micro-batch is full (an epoch's tail continues into the next shuffle), so each rank
-    always gets an equal share, and a resumed run skips exactly what it already consumed."""
-    epoch, buffer = 0, []
+def _micro_batches(n: int, batch_size: int, seed: int, stage: str, min_size: int = 1):
+    """Endless micro-batches of indices, reshuffled every epoch from a seed, so the sequence is
+    reproducible and a resumed run can skip exactly what it already consumed. An epoch's short
+    tail batch is kept, unless it has fewer samples than there are ranks to share it."""
+    epoch = 0
     while True:
-        while len(buffer) < batch_size:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + sum(map(ord, stage)))
-            buffer.extend(torch.randperm(n, generator=g).tolist())
-            epoch += 1
-        yield buffer[:batch_size]
-        buffer = buffer[batch_size:]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + sum(map(ord, stage)))
+        order = torch.randperm(n, generator=g).tolist()
+        for i in range(0, n, batch_size):
+            if len(order[i : i + batch_size]) >= min_size:
+                yield order[i : i + batch_size]
+        epoch += 1
 
 
 # ---- resume checks ----------------------------------------------------------------------------
@@ -283,13 +284,12 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
 
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
-    micro_batches = _micro_batches(len(units), stage.batch_size, tcfg.seed, name)
+    micro_batches = _micro_batches(len(units), stage.batch_size, tcfg.seed, name, min_size=dist.world_size)
     # Skip what a resumed run already consumed, so the data order matches an uninterrupted run.
     for _ in range(step * stage.grad_accum):
         next(micro_batches)
     flop_model = FlopModel.of(model, stage.trainable, vision_cached)
     telemetry = Telemetry(device, peak_flops(device, tcfg.peak_tflops))
-    local = dist.shard(stage.batch_size)
     bar = tqdm(total=total_steps, initial=step, desc=f"stage {name}", unit="step", disable=not (progress and dist.is_main))
     start = time.perf_counter()
     while step < total_steps:
@@ -298,14 +298,14 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         micro = [next(micro_batches) for _ in range(stage.grad_accum)]
         # The whole step's count, known from the labels alone: the same on every rank.
         if dpo:
-            normaliser = stage.batch_size * stage.grad_accum
+            normaliser = sum(len(idx) for idx in micro)
         else:
             counts = torch.tensor([int((u[0].labels[1:] != IGNORE_INDEX).sum()) for idx in micro for u in (units[i] for i in idx)])
             normaliser = step_normaliser(counts, stage.loss_reduction)
         stats = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "images": 0.0, "supervised": 0.0, "flops": 0.0,
                  "chosen_reward": 0.0, "rejected_reward": 0.0, "reward_accuracy": 0.0}
         for m, indices in enumerate(micro):
-            mine = indices[local] if dist.enabled else indices
+            mine = indices[dist.shard(len(indices))] if dist.enabled else indices
             batch = make_batch([units[i] for i in mine])
             telemetry.data_done()
             sync = m == len(micro) - 1 or not hasattr(wrapped, "no_sync")
@@ -355,7 +355,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
                       "supervised_tokens": int(totals["supervised"]), "tokens": int(totals["tokens"]), "images": int(totals["images"]),
                       "elapsed_s": time.perf_counter() - start, "world_size": dist.world_size, **rates}
             if dpo:
-                pairs = stage.batch_size * stage.grad_accum
+                pairs = sum(len(idx) for idx in micro)
                 record.update({"chosen_reward": totals["chosen_reward"] / pairs, "rejected_reward": totals["rejected_reward"] / pairs,
                                "reward_margin": (totals["chosen_reward"] - totals["rejected_reward"]) / pairs,
                                "reward_accuracy": totals["reward_accuracy"] / pairs})
