@@ -133,7 +133,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
     trained_rows = answer_questions(model, test, data_dir, with_image=True, desc="eval with image")
     blind_rows = answer_questions(model, test, data_dir, with_image=False, desc="eval blind")
     trained, blind = summarise(trained_rows), summarise(blind_rows)
-    counts = {t: sum(r.task == t for r in test) for t in sorted({r["task"] for r in test})}
+    counts = {t: sum(r["task"] == t for r in test) for t in sorted({r["task"] for r in test})}
     table = results_table(trained, blind, counts)
 
     logger = JsonlLogger(out / "metrics.jsonl")
