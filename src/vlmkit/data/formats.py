@@ -48,15 +48,12 @@ class Sample:
     videos: list[Path] = field(default_factory=list)
 
 
-def read_llava_json(path: str | Path, image_folder: str | Path | None = None) -> list[Sample]:
-    """Read a LLaVA-format JSON (or JSONL) file; image paths resolve against `image_folder`
-    (default: the file's own folder)."""
-    path = Path(path)
-    root = Path(image_folder) if image_folder else path.parent
+def read_json_records(path: Path, what: str = "data") -> list:
+    """The records of a JSON list file or a JSONL file; bad JSON names the file (and line)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"data file not found: {path}") from None
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -65,13 +62,22 @@ def read_llava_json(path: str | Path, image_folder: str | Path | None = None) ->
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+        raise ValueError(f"{path}: expected a JSON list of {what} records")
+    return records
+
+
+def read_llava_json(path: str | Path, image_folder: str | Path | None = None) -> list[Sample]:
+    """Read a LLaVA-format JSON (or JSONL) file; image paths resolve against `image_folder`
+    (default: the file's own folder)."""
+    path = Path(path)
+    root = Path(image_folder) if image_folder else path.parent
+    records = read_json_records(path, "data")
     return [record_to_sample(r, i, root, str(path)) for i, r in enumerate(records)]
 
 

@@ -13,11 +13,10 @@ preference is not 1 or 2, raises `BadRecordError` at read time, before any train
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample
+from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample, read_json_records
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
 FORMATS = ("trl", "rlaif-v", "llava-rlhf")
@@ -54,25 +53,7 @@ def read_preference_file(path: str | Path, image_folder: str | Path | None = Non
     (the caller decides whether a bad record stops the run or is skipped)."""
     path = Path(path)
     root = Path(image_folder) if image_folder else path.parent
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"preference data file not found: {path}") from None
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of preference records")
+    records = read_json_records(path, "preference data")
     out: list[PreferencePair | BadRecordError] = []
     for i, record in enumerate(records):
         try:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlmkit.eval.backends import Backend
-from vlmkit.eval.benchmarks.base import BenchItem, Benchmark, EvalInputError, ScoreResult, atomic_write_text
+from vlmkit.eval.benchmarks.base import BenchItem, Benchmark, EvalInputError, ScoreResult
+from vlmkit.utils import atomic_write_text
 
 CACHE_NAME = "predictions.jsonl"
 META_NAME = "run.json"

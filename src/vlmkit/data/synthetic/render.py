@@ -75,8 +75,9 @@ def bar_chart(rng: random.Random, labels: list[str], values: list[int], size: in
     draw.line((left, top, left, bottom), fill="black", width=1)
     draw.line((left, bottom, right, bottom), fill="black", width=1)
     slot = (right - left) / len(values)
-    palette = list(COLOURS.values())
-    colour = palette[rng.randrange(len(palette))]
+    # A slight shade jitter keeps images distinct without making colour a nuisance to learn.
+    shade = rng.randint(-20, 20)
+    colour = (40 + shade, 90 + shade, 200 + shade // 2)
     for i, (label, value) in enumerate(zip(labels, values)):
         x0 = left + slot * i + slot * 0.2
         x1 = left + slot * (i + 1) - slot * 0.2
@@ -87,15 +88,15 @@ def bar_chart(rng: random.Random, labels: list[str], values: list[int], size: in
 
 
 def word_image(rng: random.Random, word: str, size: int = 224) -> Image.Image:
-    """One word in large letters at a random position, dark ink on a light background."""
+    """One word in large dark letters near the centre of a light background."""
     bg = tuple(rng.randint(225, 255) for _ in range(3))
-    ink = tuple(rng.randint(0, 80) for _ in range(3))
+    ink = tuple(rng.randint(0, 60) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
-    f = font(rng.randint(38, 46), bold=True)
+    f = font(rng.randint(44, 50), bold=True)
     x0, y0, x1, y1 = draw.textbbox((0, 0), word, font=f)
     w, h = x1 - x0, y1 - y0
-    x = rng.uniform(4, max(4, size - w - 4)) - x0
-    y = rng.uniform(4, max(4, size - h - 4)) - y0
+    x = (size - w) / 2 + rng.uniform(-12, 12) - x0
+    y = (size - h) / 2 + rng.uniform(-30, 30) - y0
     draw.text((x, y), word, fill=ink, font=f)
     return img

@@ -4,7 +4,8 @@ Every answer is known exactly because we drew the image. Three task families:
 - scene: coloured shapes; captions, "how many", "what colour", "what shape".
 - chart: bar charts; "what is the value of bar B" (scored with ChartQA's relaxed accuracy).
 - text: one rendered word; "what is written" (scored with OCRBench's matching rule).
-All splits are written in the LLaVA JSON format; test records carry `task` and `answer` too.
+All splits are written in the LLaVA JSON format; stage-2 records ask every question about their
+image as one multi-turn conversation; test records ask one question and carry `task` and `answer`.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def make_chart(rng: random.Random) -> Item:
     values = [rng.randint(1, 9) for _ in BAR_LABELS]
     img = bar_chart(rng, list(BAR_LABELS), values)
     caption = "A bar chart with bars " + ", ".join(f"{l} at {v}" for l, v in zip(BAR_LABELS, values)) + "."
-    label = rng.randrange(len(BAR_LABELS))
     return Item(img, caption, [
-        ("chart", f"What is the value of bar {BAR_LABELS[label]}? Answer with a number.", str(values[label])),
+        ("chart", f"What is the value of bar {label}? Answer with a number.", str(value))
+        for label, value in zip(BAR_LABELS, values)
     ])
 
 
@@ -62,13 +63,13 @@ def make_text(rng: random.Random) -> Item:
 MAKERS = {"scene": make_scene, "chart": make_chart, "text": make_text}
 
 
-def _record(rid: str, image: str, question: str, reply: str, **extra) -> dict:
-    return {
-        "id": rid,
-        "image": image,
-        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": reply}],
-        **extra,
-    }
+def _record(rid: str, image: str, turns: list[tuple[str, str]], **extra) -> dict:
+    """A LLaVA record; the image placeholder goes in the first question only."""
+    conversations = []
+    for k, (question, reply) in enumerate(turns):
+        conversations.append({"from": "human", "value": f"<image>\n{question}" if k == 0 else question})
+        conversations.append({"from": "gpt", "value": reply})
+    return {"id": rid, "image": image, "conversations": conversations, **extra}
 
 
 def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n_test: int = 150, seed: int = 0) -> dict[str, Path]:
@@ -88,10 +89,15 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
                 name = f"images/{split}_{i:05d}_{kind}.png"
                 item.image.save(out / name)
                 if split == "stage1":
-                    splits[split].append(_record(f"{split}-{i}", name, "Describe the image briefly.", item.caption))
+                    splits[split].append(_record(f"{split}-{i}", name, [("Describe the image briefly.", item.caption)]))
+                elif split == "stage2":
+                    # Every question about the image, in random order, as one multi-turn
+                    # conversation: one image forward pass supervises several answers.
+                    turns = [(q, a) for _, q, a in rng.sample(item.questions, len(item.questions))]
+                    splits[split].append(_record(f"{split}-{i}", name, turns, task=kind))
                 else:
                     task, q, a = rng.choice(item.questions)
-                    splits[split].append(_record(f"{split}-{i}", name, q, a, task=task, answer=a))
+                    splits[split].append(_record(f"{split}-{i}", name, [(q, a)], task=task, answer=a))
                 bar.update()
     paths = {}
     for split, records in splits.items():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Union
 
 from PIL import Image
+
 
 ImageRef = Union[Path, bytes]
 
@@ -151,20 +151,6 @@ def check_prediction_ids(name: str, items: list[BenchItem], predictions: dict[st
             f"{len(unknown)} prediction id(s) are not {name} items (e.g. {sample}); "
             f"ids are the benchmark's own, e.g. {next(iter(known), '?')!r}"
         )
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def mean(xs: Iterable[float]) -> float:
