@@ -124,7 +124,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
         ax.plot([offset + r["step"] for r in pts], [r["loss"] for r in pts], label=f"stage {stage}")
         offset += max(r["step"] for r in pts)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_ylabel("training loss (supervised tokens)")
     ax.set_title("vlmkit quickstart")
     ax.legend()
     ax.grid(alpha=0.3)
