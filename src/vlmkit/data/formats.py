@@ -182,13 +182,8 @@ def content_parts_to_sample(record: dict, index: int, root: Path, source: str = 
     return Sample(id=rid, messages=messages, images=images, videos=videos)
 
 
-def llava_record_to_sample(record: dict, index: int, image_root: Path, source: str = "") -> Sample:
-    rid = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
-    if not isinstance(record, dict):
-        raise BadRecordError(rid, "record is not an object", source)
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise BadRecordError(rid, "missing or empty 'conversations'", source)
+def llava_turns(rid: str, turns: list, source: str = "") -> list[Message]:
+    """LLaVA `{"from", "value"}` turns as messages; a malformed turn names the record and turn."""
     messages = []
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -197,6 +192,17 @@ def llava_record_to_sample(record: dict, index: int, image_root: Path, source: s
         if role is None:
             raise BadRecordError(rid, f"conversation turn {t} has unknown speaker {turn['from']!r}", source)
         messages.append(Message(role, str(turn["value"])))
+    return messages
+
+
+def llava_record_to_sample(record: dict, index: int, image_root: Path, source: str = "") -> Sample:
+    rid = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+    if not isinstance(record, dict):
+        raise BadRecordError(rid, "record is not an object", source)
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadRecordError(rid, "missing or empty 'conversations'", source)
+    messages = llava_turns(rid, turns, source)
     images = _path_list(rid, record.get("image"), "image", source)
     videos = _path_list(rid, record.get("video"), "video", source)
     return Sample(id=rid, messages=messages, images=[image_root / p for p in images], videos=[image_root / p for p in videos])

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample, read_json_records
+from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample, llava_turns, read_json_records
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
 FORMATS = ("trl", "rlaif-v", "llava-rlhf")
@@ -180,14 +180,7 @@ def _llava_rlhf(record: dict, rid: str, root: Path, source: str) -> PreferencePa
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise BadRecordError(rid, "'conversations' must be a list", source)
-    prompt = []
-    for t, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise BadRecordError(rid, f"conversation turn {t} needs 'from' and 'value'", source)
-        role = ROLE_NAMES.get(turn["from"])
-        if role is None:
-            raise BadRecordError(rid, f"conversation turn {t} has unknown speaker {turn['from']!r}", source)
-        prompt.append(Message(role, str(turn["value"])))
+    prompt = llava_turns(rid, turns, source)
     if not prompt or prompt[-1].role != "user":
         raise BadRecordError(rid, "LLaVA-RLHF conversations must end with the human turn the outputs answer", source)
 
