@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 
-FAMILY_MODULES = ("fixed", "anyres", "dynamic", "qwen2vl", "pixtral", "mllama", "idefics3")
-
-
 def import_families() -> None:
     """Importing a family module registers it in IMAGE_PROCESSORS."""
-    import importlib
-
-    for name in FAMILY_MODULES:
-        try:
-            importlib.import_module(f"vlmkit.processing.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"vlmkit.processing.{name}":
-                raise
+    from vlmkit.processing import anyres, dynamic, fixed, idefics3, mllama, pixtral, qwen2vl  # noqa: F401
 
 
 def build_image_processor(model_config, tokens_per_image: int | None = None):
