@@ -105,12 +105,9 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     positions = batch.position_ids
     steps = max(limits, default=0)
     if fast_decode.supports(model.llm):
-        lean = fast_decode.LeanDecoder(model.llm)
-        cache = lean.new_cache(B, mask.shape[1] + steps, embeds.dtype, embeds.device)
         full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
-
-        def step_forward(step_embeds, step_positions):
-            return lean.forward(step_embeds, step_positions, full_mask, cache)[:, -1]
+        lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device)
+        step_forward, head = lean.forward_last, lean.logits
     else:
         decoder, dyn_cache = model.llm.base_model, DynamicCache()
         state = {"mask": mask}
