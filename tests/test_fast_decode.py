@@ -18,7 +18,13 @@ def _models():
     llama = LlamaForCausalLM(LlamaConfig(**SMALL, rope_theta=500.0)).eval()
     qwen = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=False)).eval()  # q/k/v biases
     scaled = LlamaForCausalLM(LlamaConfig(**SMALL, rope_scaling={"rope_type": "linear", "factor": 2.0})).eval()
-    return {"llama": llama, "qwen2": qwen, "llama-linear-rope": scaled}
+    models = {"llama": llama, "qwen2": qwen, "llama-linear-rope": scaled}
+    with torch.no_grad():  # trained norms are not all ones; the decoder folds them into weights
+        for model in models.values():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+    return models
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama-linear-rope"])
@@ -58,13 +64,29 @@ def test_decode_layout_copies_only_wide_weights_and_follow_updates():
     weights = fast_decode.decode_weights(llm)
     layer, module = weights.layers[0], llm.model.layers[0]
     # Wider-than-tall weights get a column-major copy with equal values; the rest are the weights themselves.
-    assert not layer.gate.weight.is_contiguous() and torch.equal(layer.gate.weight, module.mlp.gate_proj.weight)
-    assert layer.down.weight.data_ptr() == module.mlp.down_proj.weight.data_ptr()
+    inner = module.mlp.gate_proj.out_features
+    folded = module.mlp.gate_proj.weight * module.post_attention_layernorm.weight
+    assert not layer.gate_up.weight.is_contiguous() and torch.equal(layer.gate_up.weight[:inner], folded)
+    assert layer.down.weight.data_ptr() == module.mlp.down_proj.weight.data_ptr()  # taller than wide: used as is
     assert fast_decode.decode_weights(llm) is weights  # cached while nothing changes
     with torch.no_grad():
         module.mlp.gate_proj.weight.add_(1.0)  # an optimizer step, in place
     fresh = fast_decode.decode_weights(llm)
-    assert fresh is not weights and torch.equal(fresh.layers[0].gate.weight, module.mlp.gate_proj.weight)
+    folded = module.mlp.gate_proj.weight * module.post_attention_layernorm.weight
+    assert fresh is not weights and torch.equal(fresh.layers[0].gate_up.weight[:inner], folded)
+
+
+def test_bfloat16_keeps_the_norm_scale_unfolded_and_matches_hf():
+    llm = _models()["llama"].to(torch.bfloat16)
+    assert fast_decode.decode_weights(llm).layers[0].input_norm.weight is not None
+    B, T = 2, 7
+    mask = torch.ones(B, T, dtype=torch.long)
+    embeds = llm.get_input_embeddings()(torch.randint(0, SMALL["vocab_size"], (B, T)))
+    with torch.no_grad():
+        lean = fast_decode.LeanDecoder(llm, B, T, mask, embeds.dtype, embeds.device)
+        ours = lean.forward_last(embeds, torch.arange(T).expand(B, T))
+        theirs = llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, -1]
+    torch.testing.assert_close(ours, theirs, atol=3e-2, rtol=3e-2)
 
 
 def test_hooked_or_unsupported_models_use_the_hf_path():

@@ -90,10 +90,11 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     limits = list(limits) if limits is not None else [cfg.max_new_tokens] * B
     if len(limits) != B:
         raise ValueError(f"{len(limits)} limits for {B} prompts")
-    batch = collate(prompts, pad_id, left_pad=True, features=image_features).to(model.device)
+    device = model.device  # a property that walks the parameters: read it once
+    batch = collate(prompts, pad_id, left_pad=True, features=image_features).to(device)
     generator = None
     if cfg.do_sample and cfg.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     feats = batch.image_features
     if feats is None and batch.pixel_values is not None:
@@ -147,7 +148,7 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         yield Step(tokens, finished)
         if all(done):
             return
-        token = torch.tensor(picked, device=model.device)
+        token = torch.tensor(picked, device=device)
         logits = head(step_forward(token_embedding(token.unsqueeze(-1)), next_pos))
         next_pos = next_pos + 1
 

@@ -74,53 +74,74 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-def _linear(module: nn.Linear) -> _Linear:
-    return _Linear(_decode_layout(module.weight.detach()), None if module.bias is None else module.bias.detach())
+def _linear(*modules: nn.Linear, input_scale: torch.Tensor | None = None) -> _Linear:
+    """One linear map for the modules' outputs side by side (q|k|v, gate|up): one product to
+    dispatch and one larger weight to stream, instead of several small ones. `input_scale`
+    (an RMSNorm weight) is folded into the columns: W @ (g * x) == (W * g) @ x."""
+    weights = [m.weight.detach() for m in modules]
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    if input_scale is not None:
+        weight = weight * input_scale.detach()
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    return _Linear(_decode_layout(weight), bias)
 
 
 @dataclass
 class _Norm:
-    weight: torch.Tensor
+    """HF's RMSNorm: normalise in float32, cast back, then scale in the input dtype. The scale is
+    None where it was folded into the next linear map."""
+
+    weight: torch.Tensor | None
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # HF's RMSNorm: normalise in float32, cast back, then scale in the input dtype.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        return self.weight * normed.to(x.dtype)
+        normed = F.rms_norm(x, (x.shape[-1],), None, self.eps)  # computes in float32 for low precision
+        return normed if self.weight is None else self.weight * normed
 
 
-def _norm(module: nn.Module) -> _Norm:
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps")
-    return _Norm(module.weight.detach(), float(eps))
+def _eps(module: nn.Module) -> float:
+    return float(getattr(module, "variance_epsilon", None) or getattr(module, "eps"))
 
 
 @dataclass
 class _Layer:
     input_norm: _Norm
-    q: _Linear
-    k: _Linear
-    v: _Linear
+    qkv: _Linear
     o: _Linear
     post_norm: _Norm
-    gate: _Linear
-    up: _Linear
+    gate_up: _Linear
     down: _Linear
 
 
 class _Weights:
-    """Decode-layout views and copies of one LLM's weights, valid while none of them changes."""
+    """Decode-layout copies of one LLM's weights, valid while none of the weights changes.
+
+    In float32 the RMSNorm scales are folded into the maps that follow them (one multiply less
+    per norm, a different rounding of the same product); in 16-bit they are not, because the
+    folded weight would be rounded to 8 bits of mantissa once more."""
 
     def __init__(self, llm: nn.Module):
         model = llm.base_model
         self.signature = _signature(llm)
-        self.layers = [
-            _Layer(_norm(layer.input_layernorm), _linear(layer.self_attn.q_proj), _linear(layer.self_attn.k_proj),
-                   _linear(layer.self_attn.v_proj), _linear(layer.self_attn.o_proj), _norm(layer.post_attention_layernorm),
-                   _linear(layer.mlp.gate_proj), _linear(layer.mlp.up_proj), _linear(layer.mlp.down_proj))
-            for layer in model.layers
-        ]
-        self.final_norm = _norm(model.norm)
-        self.head = _linear(llm.get_output_embeddings())
+        fold = llm.get_output_embeddings().weight.dtype == torch.float32
+
+        def norm_and_scale(module):
+            weight = module.weight.detach()
+            return (_Norm(None, _eps(module)), weight) if fold else (_Norm(weight, _eps(module)), None)
+
+        self.layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            input_norm, input_scale = norm_and_scale(layer.input_layernorm)
+            post_norm, post_scale = norm_and_scale(layer.post_attention_layernorm)
+            self.layers.append(_Layer(
+                input_norm, _linear(attn.q_proj, attn.k_proj, attn.v_proj, input_scale=input_scale), _linear(attn.o_proj),
+                post_norm, _linear(mlp.gate_proj, mlp.up_proj, input_scale=post_scale), _linear(mlp.down_proj),
+            ))
+        self.final_norm, final_scale = norm_and_scale(model.norm)
+        self.head = _linear(llm.get_output_embeddings(), input_scale=final_scale)
 
 
 def _signature(llm: nn.Module) -> tuple:
@@ -206,13 +227,6 @@ class LeanDecoder:
         diag[torch.arange(T), torch.arange(start, end)] = True
         return (keys_ok & causal) | diag
 
-    @staticmethod
-    def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """out = x*cos + rotate_half(x)*sin, the HF operation order, written into `out`."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1).mul_(signed_sin)
-        return torch.mul(x, cos, out=out).add_(rotated)
-
     def forward_last(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run `embeds` (B, T, D) as the next T positions; the final-norm hidden state of the
         last position (B, D)."""
@@ -220,27 +234,31 @@ class LeanDecoder:
         cache = self.cache
         start, end = cache.length, cache.length + T
         cos, signed_sin = self._rope(embeds, position_ids)
-        cos, signed_sin = cos.unsqueeze(1), signed_sin.unsqueeze(1)  # (B, 1, T, hd)
+        cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)  # (B, T, 1, hd)
         mask = self._mask(T, start, end, embeds.device)
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
+        half = hd // 2
         x = embeds
         for i, w in enumerate(self.weights.layers):
-            h = w.input_norm(x)
-            q = w.q(h).view(B, T, H, hd).transpose(1, 2)
-            k = w.k(h).view(B, T, KV, hd).transpose(1, 2)
+            qkv = w.qkv(w.input_norm(x)).view(B, T, H + 2 * KV, hd)
+            qk = qkv[:, :, : H + KV]
+            # RoPE on q and k at once, in HF's order: x*cos + rotate_half(x)*sin.
+            rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1).mul_(signed_sin)
+            qk = (qk * cos).add_(rotated)
             keys, values = cache.keys[i], cache.values[i]
-            self._rotate_into(keys[:, :, start:end], k, cos, signed_sin)
-            values[:, :, start:end] = w.v(h).view(B, T, KV, hd).transpose(1, 2)
-            q = self._rotate_into(torch.empty_like(q), q, cos, signed_sin)
+            keys[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            values[:, :, start:end] = qkv[:, :, H + KV :].transpose(1, 2)
             out = F.scaled_dot_product_attention(
-                q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling, enable_gqa=H != KV,
+                qk[:, :, :H].transpose(1, 2), keys[:, :, :end], values[:, :, :end],
+                attn_mask=mask, scale=self.scaling, enable_gqa=H != KV,
             )
             attn_out = w.o(out.transpose(1, 2).reshape(B, T, H * hd))
             x = x + attn_out if i == 0 else x.add_(attn_out)  # never write into the caller's embeds
-            h = w.post_norm(x)
-            gate = w.gate(h)
+            gate_up = w.gate_up(w.post_norm(x))
+            inner = gate_up.shape[-1] // 2
+            gate, up = gate_up[..., :inner], gate_up[..., inner:]
             gate = F.silu(gate, inplace=True) if self.inplace_silu else self.act(gate)
-            x.add_(w.down(gate.mul_(w.up(h))))
+            x.add_(w.down(gate.mul_(up)))
         cache.length = end
         return self.weights.final_norm(x[:, -1])
 
