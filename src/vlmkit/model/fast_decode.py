@@ -243,7 +243,7 @@ class LeanDecoder:
             qkv = w.qkv(w.input_norm(x)).view(B, T, H + 2 * KV, hd)
             qk = qkv[:, :, : H + KV]
             # RoPE on q and k at once, in HF's order: x*cos + rotate_half(x)*sin.
-            rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1).mul_(signed_sin)
+            rotated = torch.roll(qk, half, dims=-1).mul_(signed_sin)  # roll by half == cat(x2, x1)
             qk = (qk * cos).add_(rotated)
             keys, values = cache.keys[i], cache.values[i]
             keys[:, :, start:end] = qk[:, :, H:].transpose(1, 2)
