@@ -58,9 +58,10 @@ def supports(llm: nn.Module) -> bool:
 
 
 def _decode_layout(weight: torch.Tensor) -> torch.Tensor:
-    """The same matrix, stored so that its longer side is contiguous (see the module notes)."""
+    """The same matrix, stored so that its longer side is contiguous (see the module notes).
+    Measured for MKL on CPU only; GPU BLAS libraries get the weight as it is."""
     out_features, in_features = weight.shape
-    if out_features > in_features and weight.is_contiguous():
+    if weight.device.type == "cpu" and out_features > in_features and weight.is_contiguous():
         return weight.t().contiguous().t()
     return weight
 
