@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
-from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, normalize_
+from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, to_normalized
 from vlmkit.registry import IMAGE_PROCESSORS
 
 MAX_IMAGE_SIZE = 4096
@@ -133,8 +133,7 @@ class Idefics3Processor(ImageProcessor):
                 views = [img[None]]
         if second is None:
             views = [views[0][None]]
-        out = torch.cat(views).to(torch.float32)
-        return normalize_(out, self.mean, self.std, exact=self.backend == "pil")
+        return to_normalized(torch.cat(views), self.mean, self.std, exact=self.backend == "pil")
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         layout = self.layout(*image.size)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
-from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, normalize_
+from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, to_normalized
 from vlmkit.registry import IMAGE_PROCESSORS
 
 
@@ -111,9 +111,8 @@ class MllamaProcessor(ImageProcessor):
         out = torch.zeros((self.max_tiles, 3, t, t), dtype=torch.float32)
         canvas = torch.zeros((3, rows * t, cols * t), dtype=torch.uint8)
         canvas[:, :rh, :rw] = Resizer(image, self.resample, self.backend).resize(rh, rw)
-        used = out[: rows * cols]
-        used.view(rows, cols, 3, t, t).permute(2, 0, 3, 1, 4).copy_(canvas.view(3, rows, t, cols, t))
-        normalize_(used, self.mean, self.std, exact=self.backend == "pil")
+        tiles = canvas.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
+        to_normalized(tiles, self.mean, self.std, exact=self.backend == "pil", out=out[: rows * cols])
         return out, rows, cols
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
