@@ -90,3 +90,25 @@ def test_resizer_accepts_any_mode_and_rejects_bad_sizes():
         r.resize(0, 4)
     with pytest.raises(ValueError, match="unknown resample"):
         Resizer(Image.new("RGB", (2, 2)), "cubic")
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((5, 3, 40, 36), -3), ((3, 700, 900), 0), ((50, 3, 392), 1)])
+def test_blockwise_normalisation_equals_the_whole_tensor_at_once(monkeypatch, shape, channel_dim):
+    import torch
+
+    import vlmkit.processing.images as images
+
+    monkeypatch.setattr(images, "_BLOCK_FLOATS", 1000)  # many blocks, including partial ones
+    u8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    for exact in (False, True):
+        got = images.to_normalized(u8, mean, std, exact=exact, channel_dim=channel_dim)
+        moved = u8.movedim(channel_dim, -3).float()
+        want = images.normalize_(moved.clone(), mean, std, exact=exact).movedim(-3, channel_dim)
+        assert torch.equal(got, want)
+        if exact:  # the exact order reproduces numpy's float32 arithmetic (the HF processors') bit for bit
+            ref = ((u8.movedim(channel_dim, -1).numpy().astype(np.float32) / np.float32(255.0) - np.array(mean, np.float32))
+                   / np.array(std, np.float32))
+            assert np.array_equal(got.movedim(channel_dim, -1).numpy(), ref)
+    with pytest.raises(ValueError, match="out must be"):
+        images.to_normalized(u8, mean, std, channel_dim=channel_dim, out=torch.empty(3))
