@@ -7,7 +7,7 @@ second; their greedy outputs are compared token by token. Random weights: speed 
 on what the weights are.
 
     python benchmarks/generate_speed.py                      # CPU shapes, batch 1 and 32
-    python benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 --hf-compiled
+    python benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 --compiled --hf-compiled
 
 Shapes: "cpu-small" (a small LM that a laptop CPU runs at batch 32 in seconds), "smollm2-135m" and
 "smolvlm-360m" (SigLIP-B/16 at 384 px = 576 image tokens, SmolLM2-360M: the GPU comparison
@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--hf-compiled", action="store_true", help="also time HF generate with a static cache + torch.compile")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time vlmkit with its compiled decode step (GenerationConfig.compile; a CUDA graph on GPUs)")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -170,6 +172,15 @@ def main(argv=None) -> int:
                "prompt_tokens": int(mask.sum(1).max()), "new_tokens": args.new_tokens,
                "vlmkit_tok_s": n_mine / t_mine, "hf_default_tok_s": n_hf / t_hf, "ratio_vs_default": (n_mine / t_mine) / (n_hf / t_hf),
                "same_greedy_rows": f"{same}/{batch}"}
+        if args.compiled:
+            compiled_cfg = GenerationConfig(max_new_tokens=args.new_tokens, compile=True)
+            t0 = time.perf_counter()
+            generate(model, prompts, compiled_cfg)  # compiles
+            row["vlmkit_compile_s"] = time.perf_counter() - t0
+            generate(model, prompts, compiled_cfg)
+            ours_c, t_oc = timed(lambda: generate(model, prompts, compiled_cfg), args.device, args.repeats)
+            row["vlmkit_compiled_tok_s"] = sum(map(len, ours_c)) / t_oc
+            row["vlmkit_compiled_same_rows"] = f"{sum(a == b for a, b in zip(ours_c, theirs))}/{batch}"
         if args.hf_compiled:
             def hf_compiled():
                 with torch.inference_mode():
@@ -194,6 +205,15 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['vlmkit_tok_s']:,.0f} | {r['hf_default_tok_s']:,.0f} | {r['ratio_vs_default']:.2f}x | {r['same_greedy_rows']} |")
+    for r in rows:
+        extra = []
+        if "vlmkit_compiled_tok_s" in r:
+            extra.append(f"vlmkit compiled {r['vlmkit_compiled_tok_s']:,.0f} new tok/s ({r['vlmkit_compiled_same_rows']} rows equal HF,"
+                         f" compiled in {r['vlmkit_compile_s']:.0f} s)")
+        if "hf_compiled_tok_s" in r:
+            extra.append(f"HF static-cache compiled {r['hf_compiled_tok_s']:,.0f} new tok/s")
+        if extra:
+            print(f"batch {r['batch']}: " + "; ".join(extra))
     return 0
 
 

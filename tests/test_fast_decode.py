@@ -95,3 +95,29 @@ def test_hooked_or_unsupported_models_use_the_hf_path():
     assert not fast_decode.supports(llm)
     handle.remove()
     assert fast_decode.supports(llm)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_is_reused_across_calls():
+    """The torch.compile'd single-token step (a CUDA graph on GPUs) against the eager lean path,
+    on a left-padded batch; a second call with other prompt lengths in the same length bucket
+    reuses the compiled graph instead of compiling again."""
+    from torch._dynamo.utils import counters
+
+    from _serve_util import tiny_model
+
+    from vlmkit.data.formats import Message
+    from vlmkit.generate import GenerationConfig, generate
+
+    model, processor = tiny_model()
+
+    def prompts(questions):
+        return [processor.encode_prompt([Message("user", q)], []) for q in questions]
+
+    first, second = prompts(["a question", "hi", "something longer here?"]), prompts(["why?", "tell me more, please", "ok"])
+    eager = [generate(model, p, GenerationConfig(max_new_tokens=10)) for p in (first, second)]
+    counters.clear()
+    compiled = generate(model, first, GenerationConfig(max_new_tokens=10, compile=True))
+    frames_after_first = counters["stats"]["unique_graphs"]
+    assert compiled == eager[0]
+    assert generate(model, second, GenerationConfig(max_new_tokens=10, compile=True)) == eager[1]
+    assert frames_after_first >= 1 and counters["stats"]["unique_graphs"] == frames_after_first

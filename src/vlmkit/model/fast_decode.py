@@ -170,10 +170,14 @@ def release(llm: nn.Module) -> None:
 class StaticKVCache:
     """Keys and values for every layer, (B, kv_heads, max_len, head_dim), filled left to right."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device,
+                 zeroed: bool = False):
+        # Attention over the whole cache (the compiled step) multiplies unwritten columns by a zero
+        # probability, and 0 * NaN from uninitialised memory is NaN: that cache starts zeroed.
         shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        alloc = torch.zeros if zeroed else torch.empty
+        self.keys = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
 
 
@@ -181,7 +185,8 @@ class LeanDecoder:
     """One generation call: a KV cache for `max_len` positions, rotary tables for the positions
     the call will use, and the additive decode mask built from `key_mask` (B, max_len)."""
 
-    def __init__(self, llm: nn.Module, batch: int, max_len: int, key_mask: torch.Tensor, dtype, device):
+    def __init__(self, llm: nn.Module, batch: int, max_len: int, key_mask: torch.Tensor, dtype, device,
+                 compile: bool = False):
         self.llm = llm
         self.model = llm.base_model
         self.weights = decode_weights(llm)
@@ -193,7 +198,15 @@ class LeanDecoder:
         act = self.model.layers[0].mlp.act_fn
         self.inplace_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
         self.act = act
-        self.cache = StaticKVCache(len(self.weights.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, device)
+        self.compiled = None
+        if compile:
+            # One compiled graph per (batch, bucket): round the cache up so calls of nearby lengths
+            # share it. The extra columns are never written and stay masked.
+            bucket = -(-max_len // _LENGTH_BUCKET) * _LENGTH_BUCKET
+            key_mask = torch.cat([key_mask, key_mask.new_zeros((batch, bucket - max_len))], dim=1)
+            max_len = bucket
+        self.cache = StaticKVCache(len(self.weights.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, device,
+                                   zeroed=compile)
         self.key_ok = key_mask.bool()
         # One decode mask for the whole call (sliced per step); none at all without padding.
         self.decode_mask = None
@@ -208,6 +221,16 @@ class LeanDecoder:
             # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): negation is exact.
             signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
             self._rope_table = (cos[0], signed_sin)
+        if compile:
+            if self._rope_table is None:
+                raise ValueError(f"compiled decoding needs a static rotary embedding, not {rope.rope_type!r}")
+            self.compiled = _compiled_step(device)
+            # Future columns start masked and are opened as they are written.
+            self.static_mask = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
+            self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+            if torch.device(device).type == "cuda":
+                for t in self.cache.keys + self.cache.values + [self.static_mask, self.write_index]:
+                    torch._dynamo.mark_static_address(t)  # CUDA graphs then use these buffers in place
 
     def _rope(self, embeds: torch.Tensor, position_ids: torch.Tensor):
         if self._rope_table is not None:
@@ -265,3 +288,87 @@ class LeanDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.weights.head(hidden)
+
+    def step_logits(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for the last of the next T positions. Single-token steps go through the
+        compiled graph when the decoder was built with `compile=True`; prompts never do (their
+        length varies, and they run once per call)."""
+        T = embeds.shape[1]
+        if self.compiled is None or T != 1:
+            logits = self.logits(self.forward_last(embeds, position_ids))
+            if self.compiled is not None:  # open the prompt's real columns
+                self.static_mask[:, 0, 0, : self.cache.length].masked_fill_(self.key_ok[:, : self.cache.length], 0.0)
+            return logits
+        column = self.cache.length
+        self.static_mask[:, 0, 0, column] = 0.0
+        self.write_index.fill_(column)
+        logits = self._run_compiled(embeds, position_ids)
+        self.cache.length = column + 1
+        return logits
+
+    def _run_compiled(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        return self.compiled(
+            embeds, position_ids, self.write_index, self.static_mask, self.cache.keys, self.cache.values,
+            _flat_params(w), self._rope_table[0], self._rope_table[1], (self.heads, self.kv_heads, self.head_dim),
+            self.scaling, F.silu if self.inplace_silu else self.act, w.final_norm.eps,
+        )
+
+
+# Cache lengths of compiled decoders are rounded up to this, so one graph serves many calls.
+_LENGTH_BUCKET = 128
+_PARAMS_PER_LAYER = 10
+
+
+def _flat_params(w: _Weights) -> list:
+    """The weights as a flat list (graph inputs, so rebuilt weights reuse the compiled graph)."""
+    flat = []
+    for layer in w.layers:
+        flat += [layer.input_norm.weight, layer.qkv.weight, layer.qkv.bias, layer.o.weight, layer.o.bias,
+                 layer.post_norm.weight, layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias]
+    flat += [w.final_norm.weight, w.head.weight, w.head.bias]
+    return flat
+
+
+def _decode_one(x, position_ids, write_index, mask, keys, values, params, cos_table, signed_sin_table, dims, scaling,
+                act, eps):
+    """One token per row through every layer, with fixed shapes: the compiled twin of
+    `LeanDecoder.forward_last` for T = 1 (same operations, the cache written at `write_index`,
+    attention over the whole cache with `mask` hiding unwritten and padded columns)."""
+    heads, kv_heads, head_dim = dims
+    B, half = x.shape[0], head_dim // 2
+    cos, signed_sin = cos_table[position_ids].unsqueeze(2), signed_sin_table[position_ids].unsqueeze(2)
+
+    def norm(h, weight):
+        normed = F.rms_norm(h, (h.shape[-1],), None, eps)
+        return normed if weight is None else weight * normed
+
+    for i in range(len(keys)):
+        in_w, qkv_w, qkv_b, o_w, o_b, post_w, gu_w, gu_b, down_w, down_b = params[i * _PARAMS_PER_LAYER : (i + 1) * _PARAMS_PER_LAYER]
+        qkv = F.linear(norm(x, in_w), qkv_w, qkv_b).view(B, 1, heads + 2 * kv_heads, head_dim)
+        qk = qkv[:, :, : heads + kv_heads]
+        qk = qk * cos + torch.roll(qk, half, dims=-1) * signed_sin
+        keys[i].index_copy_(2, write_index, qk[:, :, heads:].transpose(1, 2))
+        values[i].index_copy_(2, write_index, qkv[:, :, heads + kv_heads :].transpose(1, 2))
+        out = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys[i], values[i], attn_mask=mask,
+                                             scale=scaling, enable_gqa=heads != kv_heads)
+        x = x + F.linear(out.transpose(1, 2).reshape(B, 1, heads * head_dim), o_w, o_b)
+        gate_up = F.linear(norm(x, post_w), gu_w, gu_b)
+        inner = gate_up.shape[-1] // 2
+        x = x + F.linear(act(gate_up[..., :inner]) * gate_up[..., inner:], down_w, down_b)
+    final_w, head_w, head_b = params[-3:]
+    return F.linear(norm(x[:, -1], final_w), head_w, head_b)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_step(device) -> object:
+    """The single-token decode step, compiled once per device type: fixed shapes, the cache written
+    with index_copy_ at a tensor position (no recompilation per step), attention over the whole
+    cache under a mask. On CUDA this is captured as a CUDA graph ("reduce-overhead")."""
+    kind = torch.device(device).type
+    if kind not in _COMPILED:
+        mode = "reduce-overhead" if kind == "cuda" else None
+        _COMPILED[kind] = torch.compile(_decode_one, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[kind]
