@@ -118,6 +118,9 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_is_reused_across_calls(
     counters.clear()
     compiled = generate(model, first, GenerationConfig(max_new_tokens=10, compile=True))
     frames_after_first = counters["stats"]["unique_graphs"]
+    buffers = fast_decode.decode_weights(model.llm).static_buffers[1]
     assert compiled == eager[0]
     assert generate(model, second, GenerationConfig(max_new_tokens=10, compile=True)) == eager[1]
     assert frames_after_first >= 1 and counters["stats"]["unique_graphs"] == frames_after_first
+    # Same shape: the same buffers (a CUDA graph keeps its input addresses), cleared between calls.
+    assert fast_decode.decode_weights(model.llm).static_buffers[1] is buffers

@@ -117,7 +117,8 @@ class _Layer:
 
 
 class _Weights:
-    """Decode-layout copies of one LLM's weights, valid while none of the weights changes.
+    """Decode-layout copies of one LLM's weights, valid while none of the weights changes
+    (and, for the compiled step, the buffers of its last call: `static_buffers`).
 
     In float32 the RMSNorm scales are folded into the maps that follow them (one multiply less
     per norm, a different rounding of the same product); in 16-bit they are not, because the
@@ -143,6 +144,7 @@ class _Weights:
             ))
         self.final_norm, final_scale = norm_and_scale(model.norm)
         self.head = _linear(llm.get_output_embeddings(), input_scale=final_scale)
+        self.static_buffers = None
 
 
 def _signature(llm: nn.Module) -> tuple:
@@ -205,8 +207,10 @@ class LeanDecoder:
             bucket = -(-max_len // _LENGTH_BUCKET) * _LENGTH_BUCKET
             key_mask = torch.cat([key_mask, key_mask.new_zeros((batch, bucket - max_len))], dim=1)
             max_len = bucket
-        self.cache = StaticKVCache(len(self.weights.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, device,
-                                   zeroed=compile)
+        if compile:
+            self.cache, self.static_mask, self.write_index = self._static_buffers(batch, max_len, dtype, device)
+        else:
+            self.cache = StaticKVCache(len(self.weights.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, device)
         self.key_ok = key_mask.bool()
         # One decode mask for the whole call (sliced per step); none at all without padding.
         self.decode_mask = None
@@ -225,12 +229,30 @@ class LeanDecoder:
             if self._rope_table is None:
                 raise ValueError(f"compiled decoding needs a static rotary embedding, not {rope.rope_type!r}")
             self.compiled = _compiled_step(device)
-            # Future columns start masked and are opened as they are written.
-            self.static_mask = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
-            self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+
+    def _static_buffers(self, batch: int, max_len: int, dtype, device):
+        """Cache, mask and write position of the compiled step. The last set is kept with the
+        weights and reused by the next call of the same shape, so a CUDA graph finds its inputs at
+        the addresses it was recorded with (instead of re-recording every call)."""
+        key = (batch, max_len, dtype, torch.device(device))
+        held = getattr(self.weights, "static_buffers", None)
+        if held is not None and held[0] == key:
+            cache, mask, write_index = held[1]
+            cache.length = 0
+            for t in cache.keys + cache.values:
+                t.zero_()
+        else:
+            self.weights.static_buffers = None  # free the previous shape's buffers first
+            cache = StaticKVCache(len(self.weights.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, device,
+                                  zeroed=True)
+            mask = torch.empty((batch, 1, 1, max_len), dtype=dtype, device=device)
+            write_index = torch.zeros(1, dtype=torch.long, device=device)
             if torch.device(device).type == "cuda":
-                for t in self.cache.keys + self.cache.values + [self.static_mask, self.write_index]:
-                    torch._dynamo.mark_static_address(t)  # CUDA graphs then use these buffers in place
+                for t in cache.keys + cache.values + [mask, write_index]:
+                    torch._dynamo.mark_static_address(t)
+            self.weights.static_buffers = (key, (cache, mask, write_index))
+        mask.fill_(float("-inf"))  # future columns start masked and are opened as they are written
+        return cache, mask, write_index
 
     def _rope(self, embeds: torch.Tensor, position_ids: torch.Tensor):
         if self._rope_table is not None:
