@@ -124,3 +124,21 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_is_reused_across_calls(
     assert frames_after_first >= 1 and counters["stats"]["unique_graphs"] == frames_after_first
     # Same shape: the same buffers (a CUDA graph keeps its input addresses), cleared between calls.
     assert fast_decode.decode_weights(model.llm).static_buffers[1] is buffers
+
+
+def test_compiled_decoding_pads_batches_to_a_power_of_two_and_reports_only_real_rows(monkeypatch):
+    from _serve_util import tiny_model
+
+    import vlmkit.generate as gen
+    from vlmkit.data.formats import Message
+
+    model, processor = tiny_model()
+    prompts = [processor.encode_prompt([Message("user", q)], []) for q in ("one", "two words", "and three more")]
+    eager = gen.generate(model, prompts, gen.GenerationConfig(max_new_tokens=6))
+    monkeypatch.setattr(gen, "PAD_BATCH_FOR_GRAPHS", {"cpu"})
+    polled = []
+    steps = list(gen.generate_steps(model, prompts, gen.GenerationConfig(max_new_tokens=6, compile=True),
+                                    cancelled=lambda i: polled.append(i) or False))
+    assert all(len(s.tokens) == 3 for s in steps) and max(polled) == 2
+    assert fast_decode.decode_weights(model.llm).static_buffers[0][0] == 4  # three rows ran as four
+    assert [[s.tokens[i] for s in steps if s.tokens[i] is not None] for i in range(3)] == eager

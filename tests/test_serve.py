@@ -75,6 +75,16 @@ def test_chat_completion_matches_vlmkit_generate(tiny, client):
     assert resp.model == MODEL and resp.id.startswith("chatcmpl-")
 
 
+def test_compiled_decode_server_answers_like_the_eager_one(tiny):
+    model, processor = tiny
+    app = create_app(model, processor, ServerSettings(model_name=MODEL, compile_decode=True))
+    uri = png_data_uri((20, 200, 90))
+    with running_server(app) as base:
+        compiled_client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        resp = compiled_client.chat.completions.create(model=MODEL, messages=user("What colour?", uri), max_tokens=12, temperature=0)
+    assert resp.choices[0].message.content == expected_text(tiny, "What colour?", uri, 12)
+
+
 def test_text_only_and_system_message(tiny, client):
     resp = client.chat.completions.create(
         model=MODEL, temperature=0, max_tokens=5,

@@ -19,6 +19,11 @@ from vlmkit.model.vlm import run_decoder
 from vlmkit.processing.prompt import EncodedSample
 
 
+# Devices where compiled decoding pads batches to a power of two (graphs are per batch size;
+# on a CPU the padded rows would cost more than the graph saves).
+PAD_BATCH_FOR_GRAPHS = {"cuda"}
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 32
@@ -94,6 +99,16 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     if len(limits) != B:
         raise ValueError(f"{len(limits)} limits for {B} prompts")
     device = model.device  # a property that walks the parameters: read it once
+    real_B = B
+    if cfg.compile and device.type in PAD_BATCH_FOR_GRAPHS and fast_decode.supports(model.llm):
+        # A compiled step (a CUDA graph) exists per batch size; rounding batches up to a power of
+        # two bounds the graphs to log2(max_batch). The extra rows repeat the first prompt with no
+        # tokens to produce, so they are done from the start and never reported.
+        B = 1 << (real_B - 1).bit_length()
+        prompts = list(prompts) + [prompts[0]] * (B - real_B)
+        limits = limits + [0] * (B - real_B)
+        if image_features is not None:
+            image_features = list(image_features) + [image_features[0]] * (B - real_B)
     batch = collate(prompts, pad_id, left_pad=True, features=image_features).to(device)
     generator = None
     if cfg.do_sample and cfg.seed is not None:
@@ -129,7 +144,7 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     next_pos = positions[:, -1:] + 1
     for _ in range(steps):
         if cancelled is not None:
-            for i in range(B):
+            for i in range(real_B):
                 done[i] = done[i] or cancelled(i)
         if all(done):
             return
@@ -148,7 +163,7 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
                 counts[i] += 1
                 if counts[i] >= limits[i]:
                     done[i], finished[i] = True, "length"
-        yield Step(tokens, finished)
+        yield Step(tokens[:real_B], finished[:real_B])
         if all(done):
             return
         token = torch.tensor(picked, device=device)

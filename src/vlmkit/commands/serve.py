@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         max_images: Annotated[int, typer.Option(min=0, help="Most images in one request.")] = 8,
         max_length: Annotated[Optional[int], typer.Option(help="Prompt length limit in tokens (default: the checkpoint's train.max_length).")] = None,
         device: str = "cpu",
+        compile_decode: Annotated[bool, typer.Option(help="Compile the decode step (CUDA graphs on a GPU; batches padded to powers of two). Each batch size compiles once, on first use.")] = False,
     ) -> None:
         """Serve a checkpoint over an OpenAI-compatible /v1/chat/completions API, with a web page at /."""
         offline()
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
             model_name=model_name or checkpoint.resolve().name, api_key=api_key, allow_remote_images=allow_remote_images,
             max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
             max_tokens_limit=max_tokens, default_max_tokens=min(256, max_tokens), max_batch=max_batch, max_wait_ms=max_wait_ms,
+            compile_decode=compile_decode,
         )
         typer.echo(f"serving {settings.model_name!r} on http://{host}:{port}/ (API at /v1, health at /health)")
         run_server(create_app(model, processor, settings), host=host, port=port)

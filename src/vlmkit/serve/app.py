@@ -55,6 +55,8 @@ class ServerSettings:
     max_wait_ms: float = 10.0
     max_queue: int = 1024
     remote_timeout_s: float = 10.0
+    # Compile the decode step (GenerationConfig.compile): a CUDA graph per power-of-two batch size.
+    compile_decode: bool = False
 
 
 class APIError(Exception):
@@ -366,7 +368,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         messages, images = await to_conversation(req)
         prompt = await asyncio.get_running_loop().run_in_executor(encoder, encode, messages, images)
         max_tokens = req.max_completion_tokens or req.max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
-        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed)
+        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed,
+                               compile=settings.compile_decode)
         job = Job(prompt=prompt, gen=gen, max_new_tokens=max_tokens, loop=asyncio.get_running_loop())
         try:
             batcher.submit(job)
