@@ -201,43 +201,45 @@ class LeanDecoder:
         self.inplace_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
         self.act = act
         self.compiled = None
+        rope = self.model.rotary_emb
+        static_rope = getattr(rope, "rope_type", "default") in _STATIC_ROPE_TYPES
         if compile:
+            if not static_rope:
+                raise ValueError(f"compiled decoding needs a static rotary embedding, not {rope.rope_type!r}")
             # One compiled graph per (batch, bucket): round the cache up so calls of nearby lengths
             # share it. The extra columns are never written and stay masked.
             bucket = -(-max_len // _LENGTH_BUCKET) * _LENGTH_BUCKET
             key_mask = torch.cat([key_mask, key_mask.new_zeros((batch, bucket - max_len))], dim=1)
             max_len = bucket
-        if compile:
-            self.cache, self.static_mask, self.write_index = self._static_buffers(batch, max_len, dtype, device)
+            self.cache, self.static_mask, self.write_index, self._rope_table = self._static_buffers(batch, max_len, dtype, device)
+            self.compiled = _compiled_step(device)
         else:
             self.cache = StaticKVCache(len(self.weights.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, device)
+            self._rope_table = self._rope_tables(max_len, dtype, device) if static_rope else None
         self.key_ok = key_mask.bool()
         # One decode mask for the whole call (sliced per step); none at all without padding.
         self.decode_mask = None
         if not bool(self.key_ok.all()):
             self.decode_mask = torch.zeros(key_mask.shape, dtype=dtype, device=device).masked_fill_(~self.key_ok, float("-inf"))[:, None, None, :]
-        self._rope_table = None
-        rope = self.model.rotary_emb
-        if getattr(rope, "rope_type", "default") in _STATIC_ROPE_TYPES:
-            probe = torch.empty(0, dtype=dtype, device=device)
-            cos, sin = rope(probe, position_ids=torch.arange(max_len, device=device)[None])
-            half = self.head_dim // 2
-            # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): negation is exact.
-            signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
-            self._rope_table = (cos[0], signed_sin)
-        if compile:
-            if self._rope_table is None:
-                raise ValueError(f"compiled decoding needs a static rotary embedding, not {rope.rope_type!r}")
-            self.compiled = _compiled_step(device)
+
+    def _rope_tables(self, max_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin for positions 0..max_len-1, (max_len, head_dim) each."""
+        probe = torch.empty(0, dtype=dtype, device=device)
+        cos, sin = self.model.rotary_emb(probe, position_ids=torch.arange(max_len, device=device)[None])
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): negation is exact.
+        signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        return cos[0], signed_sin
 
     def _static_buffers(self, batch: int, max_len: int, dtype, device):
-        """Cache, mask and write position of the compiled step. The last set is kept with the
-        weights and reused by the next call of the same shape, so a CUDA graph finds its inputs at
-        the addresses it was recorded with (instead of re-recording every call)."""
+        """Cache, mask, write position and rotary tables of the compiled step. The last set is
+        kept with the weights and reused by the next call of the same shape, so a CUDA graph finds
+        its inputs at the addresses it was recorded with. On CUDA these and the weights are marked
+        static: a graph copies every other input into its own memory at each replay."""
         key = (batch, max_len, dtype, torch.device(device))
-        held = getattr(self.weights, "static_buffers", None)
+        held = self.weights.static_buffers
         if held is not None and held[0] == key:
-            cache, mask, write_index = held[1]
+            cache, mask, write_index, rope = held[1]
             cache.length = 0
             for t in cache.keys + cache.values:
                 t.zero_()
@@ -247,12 +249,14 @@ class LeanDecoder:
                                   zeroed=True)
             mask = torch.empty((batch, 1, 1, max_len), dtype=dtype, device=device)
             write_index = torch.zeros(1, dtype=torch.long, device=device)
+            rope = self._rope_tables(max_len, dtype, device)
             if torch.device(device).type == "cuda":
-                for t in cache.keys + cache.values + [mask, write_index]:
+                weights = [t for t in _flat_params(self.weights) if t is not None]
+                for t in cache.keys + cache.values + [mask, write_index, *rope, *weights]:
                     torch._dynamo.mark_static_address(t)
-            self.weights.static_buffers = (key, (cache, mask, write_index))
+            self.weights.static_buffers = (key, (cache, mask, write_index, rope))
         mask.fill_(float("-inf"))  # future columns start masked and are opened as they are written
-        return cache, mask, write_index
+        return cache, mask, write_index, rope
 
     def _rope(self, embeds: torch.Tensor, position_ids: torch.Tensor):
         if self._rope_table is not None:
