@@ -1,8 +1,7 @@
 """A lean inference path for Llama-family decoders (Llama, Qwen2, Mistral without sliding
 windows): the same weights and the same maths as the Hugging Face modules, with less work
-around the matrix products.
-
-What it saves, each measured on the CPU this project is developed on (benchmarks/generate_speed.py):
+around the matrix products. Each item was measured on the CPU this project is developed on
+(benchmarks/generate_speed.py; figures in docs/serving.md):
 
 * **The KV cache is preallocated once and written in place.** With left padding every row of a
   batch writes its new key/value into the same column, so the cache is a plain tensor slice, not
@@ -10,16 +9,19 @@ What it saves, each measured on the CPU this project is developed on (benchmarks
 * **Weights in the layout matrix-vector products read fastest.** A decoding step multiplies one
   row per sequence by every weight, so it is bound by how fast the weights stream from memory.
   MKL streams a weight about 1.7x (MLP up/gate) to 2.5x (LM head) faster when its longer side is
-  the contiguous one, so those weights get a column-major copy (same values, same shape). The
-  copies are made once per set of weights and reused until any weight changes.
-* **Fewer, in-place operations.** Rotary tables are computed once per call (a K=1 outer product,
-  so the values are bitwise those of the HF rotary module), the decode mask is built once per
-  call, the rotated keys are written straight into the cache, and residuals and activations are
-  updated in place. Module calls are bypassed (their hooks are refused by `supports`).
+  the contiguous one, so those weights get a column-major copy (same values, same shape).
+* **Fewer operations.** q|k|v and gate|up are one map each; in float32 the RMSNorm scales are
+  folded into the maps after them; rotary tables are computed once per call (a K=1 outer product,
+  so the values are bitwise those of the HF rotary module); RoPE runs on q and k at once; the
+  decode mask is built once per call; residuals and activations are updated in place; module
+  calls are bypassed (`supports` refuses hooked or wrapped modules).
+* **Optionally, a compiled single-token step** (`compile=True`): fixed shapes, so torch.compile
+  builds one graph per batch size and length bucket, captured as a CUDA graph on GPUs.
 
-The operation order within each step is the HF modules' own (RMSNorm as `weight * normed` in
-the input dtype, RoPE as `x*cos + rotate_half(x)*sin`), so outputs match `LlamaModel` to float
-tolerance, and greedy decoding gives the same tokens (tested).
+The copies (fused maps, column-major layouts, folded norms) are made once per set of weights
+and reused until any parameter changes. The operation order within each step is the HF modules'
+own (RMSNorm in float32 then scaled in the input dtype, RoPE as `x*cos + rotate_half(x)*sin`), so
+outputs match `LlamaModel` to float tolerance and greedy decoding gives the same tokens (tested).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def supports(llm: nn.Module) -> bool:
     if layers is None or len(layers) == 0:
         return False
     attn = layers[0].self_attn
-    # Extra per-head norms (Qwen3, Gemma) or hooks (cross-attention fusion, adapters) change the maths.
+    if hasattr(attn, "q_norm") or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return False  # extra per-head norms (Qwen3, Gemma) or another attention layout
+    # Hooks (cross-attention fusion) or wrapped linears (adapters) change the maths.
     modules = [llm.base_model.norm, llm.get_output_embeddings()]
     for layer in layers:
         modules += [layer, layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, layer.self_attn,
@@ -53,8 +57,7 @@ def supports(llm: nn.Module) -> bool:
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
     hooked = any(m._forward_pre_hooks or m._forward_hooks for m in modules)
     plain_linears = all(type(m) is nn.Linear for m in modules if isinstance(m, nn.Linear))
-    return (not hooked and plain_linears and not hasattr(attn, "q_norm")
-            and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    return not hooked and plain_linears
 
 
 def _decode_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -103,7 +106,8 @@ class _Norm:
 
 
 def _eps(module: nn.Module) -> float:
-    return float(getattr(module, "variance_epsilon", None) or getattr(module, "eps"))
+    eps = getattr(module, "variance_epsilon", None)
+    return float(module.eps if eps is None else eps)
 
 
 @dataclass
