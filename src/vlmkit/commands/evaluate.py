@@ -87,6 +87,7 @@ def run_cmd(
     base_url: Optional[str] = typer.Option(None, help="openai: endpoint base URL (default $OPENAI_BASE_URL)"),
     api_key: Optional[str] = typer.Option(None, help="openai: API key (default $OPENAI_API_KEY)"),
     device: Optional[str] = typer.Option(None, help="hf/vlmkit: torch device"),
+    compile_decode: bool = typer.Option(False, help="vlmkit: compile the decode step (CUDA graphs on a GPU); pays off over many batches"),
     judge: Optional[str] = typer.Option(None, help="MathVista: LLM answer extractor model"),
     judge_base_url: Optional[str] = typer.Option(None),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -102,7 +103,8 @@ def run_cmd(
         items = bench.load(data)
         if limit is not None:
             items = items[:limit]
-        backend = make_backend(model, base_url=base_url, api_key=api_key, device=device)
+        options = {"compile_decode": True} if compile_decode else {}
+        backend = make_backend(model, base_url=base_url, api_key=api_key, device=device, **options)
         outcome = run_benchmark(bench, items, backend, out, model_spec=model, data_dir=str(data),
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     except EvalInputError as e:

@@ -214,15 +214,17 @@ class VlmkitBackend:
     greedy generation with a KV cache. Each image gets an `<image>` placeholder before the
     prompt unless the prompt already places them."""
 
-    def __init__(self, model, max_length: int | None = None, name: str = "vlmkit"):
+    def __init__(self, model, max_length: int | None = None, name: str = "vlmkit", compile_decode: bool = False):
         from vlmkit.processing import build_chat_processor
 
         self.model = model
         self.name = name
+        # Batches of one size, many times over: the case where compiling the decode step pays.
+        self.compile_decode = compile_decode
         self.processor = build_chat_processor(model, max_length or 4096)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str | None = None) -> "VlmkitBackend":
+    def from_checkpoint(cls, path: str, device: str | None = None, compile_decode: bool = False) -> "VlmkitBackend":
         import torch
 
         from vlmkit.train.checkpoint import load_checkpoint
@@ -231,7 +233,7 @@ class VlmkitBackend:
             raise EvalInputError(f"{path}: vlmkit checkpoint folder not found")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, config = load_checkpoint(path, device=device)
-        return cls(model, config.train.max_length, name=f"vlmkit:{path}")
+        return cls(model, config.train.max_length, name=f"vlmkit:{path}", compile_decode=compile_decode)
 
     def encode(self, prompt: str, images: Sequence[Image.Image]):
         from vlmkit.data.formats import Message
@@ -243,9 +245,10 @@ class VlmkitBackend:
         from vlmkit.generate import GenerationConfig, decode, generate
 
         prompts = [self.encode(p, ims) for p, ims in batch]
-        return decode(self.model, generate(self.model, prompts, GenerationConfig(max_new_tokens=max_new_tokens)))
+        return decode(self.model, generate(self.model, prompts, GenerationConfig(max_new_tokens=max_new_tokens,
+                                                                                 compile=self.compile_decode)))
 
 
 @register_backend("vlmkit")
 def _vlmkit_factory(target: str, **options: Any) -> Backend:
-    return VlmkitBackend.from_checkpoint(target, device=options.get("device"))
+    return VlmkitBackend.from_checkpoint(target, device=options.get("device"), compile_decode=bool(options.get("compile_decode")))
