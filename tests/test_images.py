@@ -112,3 +112,17 @@ def test_blockwise_normalisation_equals_the_whole_tensor_at_once(monkeypatch, sh
             assert np.array_equal(got.movedim(channel_dim, -1).numpy(), ref)
     with pytest.raises(ValueError, match="out must be"):
         images.to_normalized(u8, mean, std, channel_dim=channel_dim, out=torch.empty(3))
+
+
+def test_normalised_output_can_be_a_strided_slot_of_a_larger_tensor():
+    import torch
+
+    from vlmkit.processing.images import to_normalized
+
+    u8 = torch.randint(0, 256, (7, 3, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    big = torch.zeros(7, 3, 2, 20)
+    to_normalized(u8, (0.5,) * 3, (0.25,) * 3, channel_dim=1, out=big[:, :, 0])  # Qwen2-VL's temporal slot
+    assert torch.equal(big[:, :, 0], to_normalized(u8, (0.5,) * 3, (0.25,) * 3, channel_dim=1))
+    assert torch.equal(big[:, :, 1], torch.zeros(7, 3, 20))
+    with pytest.raises(ValueError, match="flattenable"):  # its last two axes cannot merge into one
+        to_normalized(u8.view(7, 3, 4, 5), (0.5,) * 3, (0.25,) * 3, channel_dim=1, out=torch.zeros(7, 3, 5, 4).transpose(2, 3))

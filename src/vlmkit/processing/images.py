@@ -224,7 +224,8 @@ _BLOCK_FLOATS = 1 << 20
 def to_normalized(u8: torch.Tensor, mean, std, exact: bool = False, channel_dim: int = -3,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 with 3 channels at `channel_dim` -> normalised float32 of the same shape (written
-    into `out`, a contiguous float32 tensor of that shape, when given).
+    into `out`, a float32 tensor of that shape whose leading, channel and trailing dimensions
+    each flatten without a copy, when given).
 
     Converting and normalising a whole tile stack in separate passes moves the float data
     through memory three times; a 12-tile InternVL stack is 31 MB, larger than the cache. Doing
@@ -237,9 +238,13 @@ def to_normalized(u8: torch.Tensor, mean, std, exact: bool = False, channel_dim:
     lead, inner = math.prod(u8.shape[:cd]), math.prod(u8.shape[cd + 1:])
     if out is None:
         out = torch.empty(u8.shape, dtype=torch.float32)
-    elif out.shape != u8.shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous float32 of shape {tuple(u8.shape)}")
-    src, dst = u8.reshape(lead, 3, inner), out.view(lead, 3, inner)
+    elif out.shape != u8.shape or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 of shape {tuple(u8.shape)}, got {out.dtype} {tuple(out.shape)}")
+    try:
+        dst = out.view(lead, 3, inner)
+    except RuntimeError:
+        raise ValueError(f"out must be float32 of shape {tuple(u8.shape)} with flattenable strides") from None
+    src = u8.reshape(lead, 3, inner)
     constants = _constants(mean, std, exact, (1, 3, 1))
     rows = max(1, _BLOCK_FLOATS // (3 * inner))
     cols = inner if rows > 1 else min(inner, max(1, _BLOCK_FLOATS // 3))
