@@ -100,7 +100,8 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         raise ValueError(f"{len(limits)} limits for {B} prompts")
     device = model.device  # a property that walks the parameters: read it once
     real_B = B
-    if cfg.compile and device.type in PAD_BATCH_FOR_GRAPHS and fast_decode.supports(model.llm):
+    lean_path = fast_decode.supports(model.llm)  # walks every module: once per call
+    if cfg.compile and device.type in PAD_BATCH_FOR_GRAPHS and lean_path:
         # A compiled step (a CUDA graph) exists per batch size; rounding batches up to a power of
         # two bounds the graphs to log2(max_batch). The extra rows repeat the first prompt with no
         # tokens to produce, so they are done from the start and never reported.
@@ -123,7 +124,7 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     mask = batch.attention_mask
     positions = batch.position_ids
     steps = max(limits, default=0)
-    if fast_decode.supports(model.llm):
+    if lean_path:
         full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
         lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device, compile=cfg.compile)
         step_logits = lean.step_logits

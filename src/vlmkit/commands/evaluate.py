@@ -103,8 +103,7 @@ def run_cmd(
         items = bench.load(data)
         if limit is not None:
             items = items[:limit]
-        options = {"compile_decode": True} if compile_decode else {}
-        backend = make_backend(model, base_url=base_url, api_key=api_key, device=device, **options)
+        backend = make_backend(model, base_url=base_url, api_key=api_key, device=device, compile_decode=compile_decode)
         outcome = run_benchmark(bench, items, backend, out, model_spec=model, data_dir=str(data),
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     except EvalInputError as e:
