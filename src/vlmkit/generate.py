@@ -33,7 +33,8 @@ class GenerationConfig:
     top_k: int = 0
     seed: int | None = None
     # Compile the single-token decode step (torch.compile; a CUDA graph on GPUs). Pays a compile
-    # on first use per batch size and length bucket; measured on CPU it saves about 5% per step.
+    # on first use per batch size and length bucket; on a CPU its gain is within run-to-run noise
+    # (docs/serving.md), so it is meant for GPUs.
     compile: bool = False
 
 
