@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 venv: $(STAMP)
 
 # torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml requirements-pretrained.txt
+$(STAMP): pyproject.toml setup.py src/vlmkit/processing/_pixels.c requirements-pretrained.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

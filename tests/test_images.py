@@ -92,8 +92,20 @@ def test_resizer_accepts_any_mode_and_rejects_bad_sizes():
         Resizer(Image.new("RGB", (2, 2)), "cubic")
 
 
+@pytest.fixture(params=["native", "torch"])
+def pixel_path(request, monkeypatch):
+    """Run a test on the C kernel and on the torch fallback."""
+    import vlmkit.processing.images as images
+
+    if request.param == "native" and images._native is None:
+        pytest.fail("the C extension vlmkit.processing._pixels is not built (make venv builds it)")
+    monkeypatch.setenv("VLMKIT_NATIVE_PIXELS", "1" if request.param == "native" else "0")
+    assert images.native_pixels() == (request.param == "native")
+    return request.param
+
+
 @pytest.mark.parametrize("shape,channel_dim", [((5, 3, 40, 36), -3), ((3, 700, 900), 0), ((50, 3, 392), 1)])
-def test_blockwise_normalisation_equals_the_whole_tensor_at_once(monkeypatch, shape, channel_dim):
+def test_blockwise_normalisation_equals_the_whole_tensor_at_once(monkeypatch, pixel_path, shape, channel_dim):
     import torch
 
     import vlmkit.processing.images as images
@@ -114,7 +126,7 @@ def test_blockwise_normalisation_equals_the_whole_tensor_at_once(monkeypatch, sh
         images.to_normalized(u8, mean, std, channel_dim=channel_dim, out=torch.empty(3))
 
 
-def test_normalised_output_can_be_a_strided_slot_of_a_larger_tensor():
+def test_normalised_output_can_be_a_strided_slot_of_a_larger_tensor(pixel_path):
     import torch
 
     from vlmkit.processing.images import to_normalized
@@ -126,3 +138,95 @@ def test_normalised_output_can_be_a_strided_slot_of_a_larger_tensor():
     assert torch.equal(big[:, :, 1], torch.zeros(7, 3, 20))
     with pytest.raises(ValueError, match="flattenable"):  # its last two axes cannot merge into one
         to_normalized(u8.view(7, 3, 4, 5), (0.5,) * 3, (0.25,) * 3, channel_dim=1, out=torch.zeros(7, 3, 5, 4).transpose(2, 3))
+
+
+def _rgbx(h: int, w: int, seed: int = 0):
+    """(3, h, w) uint8 view of RGBX memory, the layout the torch resize path produces."""
+    import torch
+
+    mem = torch.randint(0, 256, (h, w, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return mem.permute(2, 0, 1)[:3]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_native_kernel_gives_the_torch_bits_on_every_layout(exact):
+    """The C kernel must agree bit for bit with the torch ops it replaces, on the strided views
+    the families hand it: RGBX tiles, packed RGB, planar, a transposed view, a stack of tiles."""
+    import torch
+
+    import vlmkit.processing.images as images
+
+    if images._native is None:
+        pytest.fail("the C extension vlmkit.processing._pixels is not built (make venv builds it)")
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    g = torch.Generator().manual_seed(3)
+    rgb = torch.randint(0, 256, (31, 45, 3), dtype=torch.uint8, generator=g)
+    views = {
+        "rgbx window": _rgbx(50, 70)[:, 5:37, 11:60],
+        "packed rgb": rgb.permute(2, 0, 1),
+        "planar": torch.randint(0, 256, (3, 17, 29), dtype=torch.uint8, generator=g),
+        "transposed": rgb.permute(2, 1, 0),
+        "tile stack": _rgbx(64, 64).reshape(3, 2, 32, 2, 32).permute(1, 3, 0, 2, 4).reshape(4, 3, 32, 32),
+    }
+    for name, src in views.items():
+        want = images.normalize_(src.float(), mean, std, exact=exact)
+        got = images.normalize_into(src, torch.empty(src.shape), mean, std, exact)
+        assert torch.equal(got, want), name
+        # Into a strided slot of a larger output (a transposed destination takes the generic loop).
+        big = torch.full((*src.shape[:-1], src.shape[-1] + 3), 7.0)
+        images.normalize_into(src, big[..., 2:-1], mean, std, exact)
+        assert torch.equal(big[..., 2:-1], want) and (big[..., :2] == 7).all() and (big[..., -1] == 7).all(), name
+        tdst = torch.empty(src.shape[:-2] + src.shape[-2:][::-1]).transpose(-1, -2)
+        assert torch.equal(images.normalize_into(src, tdst, mean, std, exact), want), name
+    with pytest.raises(TypeError, match="uint8 -> float32"):
+        images.normalize_into(torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), mean, std)
+    with pytest.raises(ValueError, match="matching"):
+        images.normalize_into(torch.zeros(3, 2, 2, dtype=torch.uint8), torch.zeros(3, 2, 3), mean, std)
+
+
+@pytest.mark.parametrize("top,left,h,w", [
+    (84, 0, 504, 672),     # LLaVA-NeXT: centred, padded above and below
+    (0, 0, 600, 1000),     # Llama 3.2 Vision: top-left, padded right and bottom, one tile all padding
+    (0, 0, 700, 1400),     # Idefics3: the image overhangs the crop grid
+    (0, 101, 672, 470),    # padded left and right
+    (-5, 3, 600, 500),     # shifted out of the canvas at the top
+])
+def test_tiles_into_equals_cutting_a_zero_canvas(pixel_path, top, left, h, w):
+    import torch
+
+    from vlmkit.processing.images import pad_value, tiles_into, to_normalized
+
+    rows, cols, t = 2, 2, 336
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    image = _rgbx(h, w, seed=top + left)
+    canvas = torch.zeros((3, rows * t, cols * t), dtype=torch.uint8)
+    ys, xs = max(top, 0), max(left, 0)
+    ye, xe = min(top + h, rows * t), min(left + w, cols * t)
+    canvas[:, ys:ye, xs:xe] = image[:, ys - top : ye - top, xs - left : xe - left]
+    for exact in (False, True):
+        want = to_normalized(canvas.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t),
+                             mean, std, exact=exact)
+        got = tiles_into(image, torch.full((rows * cols, 3, t, t), float("nan")), rows, cols, mean, std, exact, top, left)
+        assert torch.equal(got, want)
+    assert torch.equal(pad_value(mean, std), torch.full((3, 1, 1), -1.0))
+    with pytest.raises(ValueError, match="out must be"):
+        tiles_into(image, torch.empty(3, 3, t, t), rows, cols, mean, std)
+
+
+def test_resize_into_channels_last_equals_interpolate():
+    """The out= resize (no layout-conversion copy) gives exactly F.interpolate's pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    from vlmkit.processing.images import Resizer
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8))
+    for resample in ("bicubic", "bilinear"):
+        r = Resizer(img, resample)
+        src = r._source()
+        for h, w in ((40, 70), (200, 90), (97, 131)):
+            got = r.resize(h, w)
+            want = F.interpolate(src.contiguous(), size=(h, w), mode=resample, antialias=True)[0, :3]
+            if (h, w) == (97, 131):
+                want = src[0, :3]
+            assert got.shape == (3, h, w) and torch.equal(got, want), (resample, h, w)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
-from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, to_normalized
+from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, normalize_into, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -139,14 +139,13 @@ class AnyResProcessor(ImageProcessor):
         src = Resizer(image, self.resample, self.backend)
         if self.base_size != s:
             raise ValueError("pixels() needs base_size == image_size; the seed layout is token-only")
-        # Pad (zeros) and tile in uint8, then convert and normalise the whole stack once.
-        canvas = torch.zeros((3, best_h, best_w), dtype=torch.uint8)
+        exact = self.backend == "pil"
+        out = torch.empty((1 + rows * cols, 3, s, s), dtype=torch.float32)
+        normalize_into(src.resize(s, s), out[0], self.mean, self.std, exact)
+        # The resized image sits centred on a zero canvas of the best resolution.
         top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
-        canvas[:, top : top + new_h, left : left + new_w] = src.resize(new_h, new_w)
-        views = torch.empty((1 + rows * cols, 3, s, s), dtype=torch.uint8)
-        views[0] = src.resize(s, s)
-        views[1:].view(rows, cols, 3, s, s).permute(2, 0, 3, 1, 4).copy_(canvas.view(3, rows, s, cols, s))
-        return to_normalized(views, self.mean, self.std, exact=self.backend == "pil")
+        tiles_into(src.resize(new_h, new_w), out[1:], rows, cols, self.mean, self.std, exact, top, left)
+        return out
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         w, h = image.size

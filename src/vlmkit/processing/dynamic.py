@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
-from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD, Resizer, to_normalized
+from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD, Resizer, normalize_into, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
 
@@ -109,12 +109,12 @@ class DynamicTileProcessor(ImageProcessor):
         cols, rows = self.grid(w, h)
         thumbnail = self.use_thumbnail and cols * rows != 1
         src = Resizer(image, self.resample, self.backend)
-        views = torch.empty((cols * rows + int(thumbnail), 3, s, s), dtype=torch.uint8)
-        resized = src.resize(rows * s, cols * s)
-        views[: cols * rows].view(rows, cols, 3, s, s).permute(2, 0, 3, 1, 4).copy_(resized.reshape(3, rows, s, cols, s))
+        exact = self.backend == "pil"
+        out = torch.empty((cols * rows + int(thumbnail), 3, s, s), dtype=torch.float32)
+        tiles_into(src.resize(rows * s, cols * s), out[: cols * rows], rows, cols, self.mean, self.std, exact)
         if thumbnail:
-            views[-1] = src.resize(s, s)
-        return to_normalized(views, self.mean, self.std, exact=self.backend == "pil")
+            normalize_into(src.resize(s, s), out[-1], self.mean, self.std, exact)
+        return out
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         return ProcessedImage(pixel_values=self.pixels(image), layout=self.layout(*image.size))

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
-from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, to_normalized
+from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, normalize_into, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
 MAX_IMAGE_SIZE = 4096
@@ -122,18 +122,18 @@ class Idefics3Processor(ImageProcessor):
         (h1, w1), second, rows, cols = self.plan(*image.size)
         c = self.crop_size
         img = Resizer(image, self.resample, self.backend).resize(h1, w1)
+        exact = self.backend == "pil"
         if second is None:
-            views = [_resize_u8(img, c, c, self.resample, self.backend)]
-        else:
-            img = _resize_u8(img, second[0], second[1], self.resample, self.backend)
-            if rows:
-                crops = img[:, : rows * c, : cols * c].reshape(3, rows, c, cols, c).permute(1, 3, 0, 2, 4)
-                views = [crops.reshape(rows * cols, 3, c, c), _resize_u8(img, c, c, self.resample, self.backend)[None]]
-            else:
-                views = [img[None]]
-        if second is None:
-            views = [views[0][None]]
-        return to_normalized(torch.cat(views), self.mean, self.std, exact=self.backend == "pil")
+            view = _resize_u8(img, c, c, self.resample, self.backend)
+            return normalize_into(view[None], torch.empty((1, *view.shape)), self.mean, self.std, exact)
+        img = _resize_u8(img, second[0], second[1], self.resample, self.backend)
+        if not rows:
+            return normalize_into(img[None], torch.empty((1, *img.shape)), self.mean, self.std, exact)
+        out = torch.empty((rows * cols + 1, 3, c, c), dtype=torch.float32)
+        # Crops cover the top-left rows*c x cols*c of the image; the global image comes last.
+        tiles_into(img, out[:-1], rows, cols, self.mean, self.std, exact)
+        normalize_into(_resize_u8(img, c, c, self.resample, self.backend), out[-1], self.mean, self.std, exact)
+        return out
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         layout = self.layout(*image.size)

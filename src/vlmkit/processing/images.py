@@ -113,7 +113,8 @@ def load_image(
 # one tile at a time. Two things make them slow: PIL's resampler is single-threaded scalar C,
 # and every tile is a separate round trip through numpy. Here an image is converted once, each
 # distinct resize happens once (torch's uint8 antialiased kernel, which implements PIL's filters
-# with SIMD), and normalisation runs in place over one preallocated output tensor.
+# with SIMD) straight into RGBX memory, and each output tile is written once, converted and
+# normalised in the same pass (a small C extension, `_pixels.c`, with a torch fallback).
 # --------------------------------------------------------------------------------------------
 
 import torch  # noqa: E402
@@ -175,19 +176,39 @@ class Resizer:
         return self._nchw
 
     def resize(self, height: int, width: int) -> torch.Tensor:
-        """uint8 (3, height, width)."""
+        """uint8 (3, height, width); with the torch backend, a view of RGBX memory (strides 1, 4w, 4)."""
         if height <= 0 or width <= 0:
             raise ValueError(f"cannot resize to {width}x{height}")
         if (width, height) == self.image.size:
             return self._source()[0, :3]
         if self.use_torch:
-            out = F.interpolate(
-                self._source(), size=(height, width), mode=TORCH_RESAMPLE[self.resample],
-                antialias=True, align_corners=False,
-            )
-            return out[0, :3]
+            return _resize_channels_last(self._source(), height, width, self.resample)[0, :3]
         resized = self.image.resize((width, height), PIL_RESAMPLE[self.resample])
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+
+
+def _resize_channels_last(src: torch.Tensor, height: int, width: int, resample: str) -> torch.Tensor:
+    """Antialiased resize of a channels-last uint8 (1, C, H, W) into channels-last output.
+
+    `F.interpolate` returns contiguous NCHW, so torch's kernel, which works channels-last,
+    finishes with a layout-conversion copy: a third of the resize's time at 1024 px. Writing
+    into a channels-last `out` skips it; the planar view the callers want is free.
+    """
+    out = torch.empty((1, height, width, src.shape[1]), dtype=torch.uint8).permute(0, 3, 1, 2)
+    op = _AA_OUT_OPS.get(resample)
+    if op is not None:
+        try:
+            return op(src, [height, width], False, None, None, out=out)
+        except (RuntimeError, TypeError):  # a torch without the private out= overload
+            pass
+    return F.interpolate(src, size=(height, width), mode=TORCH_RESAMPLE[resample], antialias=True,
+                         align_corners=False)
+
+
+_AA_OUT_OPS = {
+    name: getattr(getattr(torch.ops.aten, op, None), "out", None)
+    for name, op in (("bicubic", "_upsample_bicubic2d_aa"), ("bilinear", "_upsample_bilinear2d_aa"))
+}
 
 
 def _constants(mean, std, exact: bool, shape: tuple[int, ...]):
@@ -215,9 +236,102 @@ def normalize_(pixels: torch.Tensor, mean, std, exact: bool = False) -> torch.Te
     return _normalize_with(pixels, _constants(mean, std, exact, (3, 1, 1)), exact)
 
 
-# Floats per block of `to_normalized` (4 MB): small enough that a block stays cache-resident
-# between the conversion and the normalising passes, large enough that the per-block dispatch
-# cost (three small ops) stays negligible.
+try:
+    from vlmkit.processing import _pixels as _native
+except ImportError:  # built without a C compiler: the torch fallback gives the same bits
+    _native = None
+
+
+def native_pixels() -> bool:
+    """Whether the C conversion kernel is in use (`VLMKIT_NATIVE_PIXELS=0` turns it off)."""
+    return _native is not None and os.environ.get("VLMKIT_NATIVE_PIXELS", "1") != "0"
+
+
+_native_constants_cache: dict = {}
+
+
+def _native_constants(mean, std, exact: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    key = (tuple(mean), tuple(std), exact)
+    if key not in _native_constants_cache:
+        a, b = _constants(mean, std, exact, (3,))
+        _native_constants_cache[key] = (tuple(a.tolist()), tuple(b.tolist()))
+    return _native_constants_cache[key]
+
+
+def _as_nchw(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    if t.dim() == 4:
+        return t
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def normalize_into(src: torch.Tensor, dst: torch.Tensor, mean, std, exact: bool = False) -> torch.Tensor:
+    """dst = normalised src, for a uint8 (..., 3, h, w) view with any strides (a tile of an RGBX
+    resize, say) and a float32 view of the same shape. One read, one write; returns dst."""
+    if src.dtype != torch.uint8 or dst.dtype != torch.float32:
+        raise TypeError(f"normalize_into needs uint8 -> float32, got {src.dtype} -> {dst.dtype}")
+    if src.shape != dst.shape or src.dim() < 3 or src.shape[-3] != 3:
+        raise ValueError(f"need matching (..., 3, h, w) shapes, got {tuple(src.shape)} and {tuple(dst.shape)}")
+    if src.device.type != "cpu" or dst.device.type != "cpu":
+        raise ValueError("normalize_into runs on CPU tensors")
+    if src.numel() == 0:
+        return dst
+    if native_pixels() and dst.dim() <= 4:
+        s, d = _as_nchw(src), _as_nchw(dst)
+        if s.dim() == 4:  # reshape of a >4-d source may copy; it stays uint8, so that is cheap
+            p0, p1 = _native_constants(mean, std, exact)
+            _native.normalize(s.data_ptr(), *s.stride(), s.shape[0], s.shape[2], s.shape[3],
+                              d.data_ptr(), *d.stride(), p0, p1, exact)
+            return dst
+    dst.copy_(src)
+    _normalize_with(dst, _constants(mean, std, exact, (3, 1, 1)), exact)
+    return dst
+
+
+def pad_value(mean, std, exact: bool = False, level: int = 0) -> torch.Tensor:
+    """(3, 1, 1) float32: what a padding pixel of `level` (0..255) becomes, computed by the same
+    path as every other pixel so padded regions match a normalised zero canvas bit for bit."""
+    out = torch.empty((3, 1, 1), dtype=torch.float32)
+    return normalize_into(torch.full((3, 1, 1), level, dtype=torch.uint8), out, mean, std, exact)
+
+
+def tiles_into(image: torch.Tensor, out: torch.Tensor, rows: int, cols: int, mean, std, exact: bool = False,
+               top: int = 0, left: int = 0) -> torch.Tensor:
+    """Cut a (rows*t, cols*t) canvas into `out` (rows*cols, 3, t, t), row-major, normalised.
+
+    The canvas holds the uint8 (3, H, W) `image` at (top, left) and zeros elsewhere (the
+    padding of LLaVA-NeXT, Llama 3.2 Vision); parts of the image outside the canvas are dropped
+    (Idefics3's crops). No canvas is materialised: each tile's share of the image is normalised
+    straight into place and only its padding bands are filled.
+    """
+    t = out.shape[-1]
+    if out.shape[0] != rows * cols or tuple(out.shape[1:]) != (3, t, t):
+        raise ValueError(f"out must be ({rows * cols}, 3, t, t), got {tuple(out.shape)}")
+    _, h, w = image.shape
+    fill = None
+    for r in range(rows):
+        for c in range(cols):
+            tile = out[r * cols + c]
+            # The image window inside this tile, in tile coordinates.
+            y0, y1 = min(max(top - r * t, 0), t), min(max(top + h - r * t, 0), t)
+            x0, x1 = min(max(left - c * t, 0), t), min(max(left + w - c * t, 0), t)
+            if y1 > y0 and x1 > x0:
+                window = image[:, r * t + y0 - top : r * t + y1 - top, c * t + x0 - left : c * t + x1 - left]
+                normalize_into(window, tile[:, y0:y1, x0:x1], mean, std, exact)
+            else:
+                y0 = y1 = x0 = x1 = 0
+            if (y0, y1, x0, x1) != (0, t, 0, t):
+                fill = pad_value(mean, std, exact) if fill is None else fill
+                for band in (tile[:, :y0], tile[:, y1:], tile[:, y0:y1, :x0], tile[:, y0:y1, x1:]):
+                    if band.numel():
+                        band.copy_(fill.expand_as(band))
+    return out
+
+
+# Floats per block of the torch fallback of `to_normalized` (4 MB): small enough that a block
+# stays cache-resident between the conversion and the normalising passes, large enough that the
+# per-block dispatch cost (three small ops) stays negligible.
 _BLOCK_FLOATS = 1 << 20
 
 
@@ -227,10 +341,9 @@ def to_normalized(u8: torch.Tensor, mean, std, exact: bool = False, channel_dim:
     into `out`, a float32 tensor of that shape whose leading, channel and trailing dimensions
     each flatten without a copy, when given).
 
-    Converting and normalising a whole tile stack in separate passes moves the float data
-    through memory three times; a 12-tile InternVL stack is 31 MB, larger than the cache. Doing
-    it block by block keeps each block cache-resident across the passes, so the output is
-    written to memory once.
+    With the C kernel this is one pass. The torch fallback converts and normalises block by
+    block: in separate whole-tensor passes a 12-tile InternVL stack (31 MB, larger than the
+    cache) would move through memory three times; per block, it stays cache-resident.
     """
     cd = channel_dim % u8.dim()
     if u8.shape[cd] != 3:
@@ -244,6 +357,12 @@ def to_normalized(u8: torch.Tensor, mean, std, exact: bool = False, channel_dim:
         dst = out.view(lead, 3, inner)
     except RuntimeError:
         raise ValueError(f"out must be float32 of shape {tuple(u8.shape)} with flattenable strides") from None
+    if native_pixels():
+        if u8.dim() in (3, 4) and cd == u8.dim() - 3:  # keep the source's own strides: no copy
+            normalize_into(u8, out, mean, std, exact)
+        else:
+            normalize_into(u8.reshape(lead, 3, 1, inner), dst.unsqueeze(2), mean, std, exact)
+        return out
     src = u8.reshape(lead, 3, inner)
     constants = _constants(mean, std, exact, (1, 3, 1))
     rows = max(1, _BLOCK_FLOATS // (3 * inner))

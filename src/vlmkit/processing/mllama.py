@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
-from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, to_normalized
+from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
 
@@ -109,10 +109,9 @@ class MllamaProcessor(ImageProcessor):
         rows, cols, rh, rw = self.plan(*image.size)
         t = self.tile_size
         out = torch.zeros((self.max_tiles, 3, t, t), dtype=torch.float32)
-        canvas = torch.zeros((3, rows * t, cols * t), dtype=torch.uint8)
-        canvas[:, :rh, :rw] = Resizer(image, self.resample, self.backend).resize(rh, rw)
-        tiles = canvas.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
-        to_normalized(tiles, self.mean, self.std, exact=self.backend == "pil", out=out[: rows * cols])
+        # The resized image sits top-left on a zero canvas of whole tiles.
+        resized = Resizer(image, self.resample, self.backend).resize(rh, rw)
+        tiles_into(resized, out[: rows * cols], rows, cols, self.mean, self.std, exact=self.backend == "pil")
         return out, rows, cols
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
