@@ -230,3 +230,20 @@ def test_resize_into_channels_last_equals_interpolate():
             if (h, w) == (97, 131):
                 want = src[0, :3]
             assert got.shape == (3, h, w) and torch.equal(got, want), (resample, h, w)
+
+
+@pytest.mark.parametrize("run", [1, 5, 8, 14, 23])
+def test_copy_into_equals_torch_copy(pixel_path, run):
+    """Short-run strided copies (patch layouts): every run length, expanded sources, any rank."""
+    import torch
+
+    from vlmkit.processing.images import copy_into
+
+    g = torch.Generator().manual_seed(run)
+    src = torch.randn(3, 6, 2 * run, generator=g)
+    view = src.view(3, 6, 2, run).permute(1, 2, 0, 3).unsqueeze(2).expand(6, 2, 2, 3, run)
+    dst = torch.full((6, 2, 2, 3, run + 2), float("nan"))[..., 1:-1]
+    copy_into(view, dst)
+    assert torch.equal(dst, view) and dst._base[..., 0].isnan().all() and dst._base[..., -1].isnan().all()
+    flat = torch.empty(6, 2, 2, 3, run)
+    assert torch.equal(copy_into(view, flat), view)

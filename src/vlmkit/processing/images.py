@@ -258,17 +258,14 @@ def _native_constants(mean, std, exact: bool) -> tuple[tuple[float, ...], tuple[
     return _native_constants_cache[key]
 
 
-def _as_nchw(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() == 3:
-        return t.unsqueeze(0)
-    if t.dim() == 4:
-        return t
-    return t.reshape(-1, *t.shape[-3:])
+# The C kernel takes up to this many leading (batch) dimensions before (3, h, w).
+_NATIVE_BATCH_DIMS = 4
 
 
 def normalize_into(src: torch.Tensor, dst: torch.Tensor, mean, std, exact: bool = False) -> torch.Tensor:
     """dst = normalised src, for a uint8 (..., 3, h, w) view with any strides (a tile of an RGBX
-    resize, say) and a float32 view of the same shape. One read, one write; returns dst."""
+    resize, Qwen2-VL's patch order) and a float32 view of the same shape. One read of the bytes,
+    one write of the floats, no intermediate copy; returns dst."""
     if src.dtype != torch.uint8 or dst.dtype != torch.float32:
         raise TypeError(f"normalize_into needs uint8 -> float32, got {src.dtype} -> {dst.dtype}")
     if src.shape != dst.shape or src.dim() < 3 or src.shape[-3] != 3:
@@ -277,16 +274,35 @@ def normalize_into(src: torch.Tensor, dst: torch.Tensor, mean, std, exact: bool 
         raise ValueError("normalize_into runs on CPU tensors")
     if src.numel() == 0:
         return dst
-    if native_pixels() and dst.dim() <= 4:
-        s, d = _as_nchw(src), _as_nchw(dst)
-        if s.dim() == 4:  # reshape of a >4-d source may copy; it stays uint8, so that is cheap
-            p0, p1 = _native_constants(mean, std, exact)
-            _native.normalize(s.data_ptr(), *s.stride(), s.shape[0], s.shape[2], s.shape[3],
-                              d.data_ptr(), *d.stride(), p0, p1, exact)
-            return dst
+    if native_pixels() and src.dim() <= 3 + _NATIVE_BATCH_DIMS:
+        pad = 3 + _NATIVE_BATCH_DIMS - src.dim()
+        p0, p1 = _native_constants(mean, std, exact)
+        _native.normalize(src.data_ptr(), (0,) * pad + src.stride(), dst.data_ptr(), (0,) * pad + dst.stride(),
+                          (1,) * pad + tuple(src.shape), p0, p1, exact)
+        return dst
     dst.copy_(src)
     _normalize_with(dst, _constants(mean, std, exact, (3, 1, 1)), exact)
     return dst
+
+
+_NATIVE_COPY_DIMS = 8
+
+
+def copy_into(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for float32 CPU views whose last dimension is contiguous on both sides.
+
+    Patch layouts (Qwen2-VL's 14-float runs, written to every temporal slot) are many short
+    runs, where torch's generic strided copy is slow; the C kernel moves each run as vectors.
+    Anything else goes to `copy_`."""
+    if (native_pixels() and src.dtype == torch.float32 and dst.dtype == torch.float32 and src.shape == dst.shape
+            and 1 <= src.dim() <= _NATIVE_COPY_DIMS and src.device.type == "cpu" and dst.device.type == "cpu"
+            and src.stride(-1) == 1 and dst.stride(-1) == 1
+            and all(st != 0 or n == 1 for st, n in zip(dst.stride(), dst.shape))):
+        pad = _NATIVE_COPY_DIMS - src.dim()
+        _native.copy(src.data_ptr(), (0,) * pad + src.stride(), dst.data_ptr(), (0,) * pad + dst.stride(),
+                     (1,) * pad + tuple(src.shape))
+        return dst
+    return dst.copy_(src)
 
 
 def pad_value(mean, std, exact: bool = False, level: int = 0) -> torch.Tensor:
@@ -358,7 +374,7 @@ def to_normalized(u8: torch.Tensor, mean, std, exact: bool = False, channel_dim:
     except RuntimeError:
         raise ValueError(f"out must be float32 of shape {tuple(u8.shape)} with flattenable strides") from None
     if native_pixels():
-        if u8.dim() in (3, 4) and cd == u8.dim() - 3:  # keep the source's own strides: no copy
+        if cd == u8.dim() - 3 and u8.dim() <= 3 + _NATIVE_BATCH_DIMS:  # the source's own strides: no copy
             normalize_into(u8, out, mean, std, exact)
         else:
             normalize_into(u8.reshape(lead, 3, 1, inner), dst.unsqueeze(2), mean, std, exact)

@@ -285,21 +285,23 @@ def video_layout(processor: ImageProcessor, width: int, height: int, frames: int
 
 def _qwen2vl_video_pixels(processor, frames: list[Image.Image]) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Qwen2-VL video patches: two consecutive frames fill the temporal axis of each patch."""
-    from vlmkit.processing.images import Resizer, to_normalized
+    from vlmkit.processing.images import Resizer
+    from vlmkit.processing.qwen2vl import patches_into
 
     w, h = frames[0].size
     rh, rw = processor.resized_size(w, h)
     p, m, tp = processor.patch_size, processor.merge_size, processor.temporal_patch_size
-    x = torch.stack([
-        to_normalized(Resizer(f, processor.resample, processor.backend).resize(rh, rw), processor.mean, processor.std,
-                      exact=processor.backend == "pil")
-        for f in frames
-    ])
-    if x.shape[0] % tp:
-        x = torch.cat([x, x[-1:].expand(tp - x.shape[0] % tp, -1, -1, -1)])
-    t, gh, gw = x.shape[0] // tp, rh // p, rw // p
-    x = x.view(t, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(t * gh * gw, 3 * tp * p * p), (t, gh, gw)
+    t, gh, gw = -(-len(frames) // tp), rh // p, rw // p
+    out = torch.empty((t * gh * gw, 3, tp, p * p), dtype=torch.float32)
+    slots = out.view(t, gh // m, gw // m, m, m, 3, tp, p, p)
+    # Each frame goes straight into its temporal slot of every patch; a short last group
+    # repeats the last frame, as the reference does.
+    for i in range(t * tp):
+        if i < len(frames):
+            u8 = Resizer(frames[i], processor.resample, processor.backend).resize(rh, rw)
+        patches_into(u8, slots[i // tp, :, :, :, :, :, i % tp : i % tp + 1], processor.mean, processor.std,
+                     exact=processor.backend == "pil")
+    return out.view(t * gh * gw, 3 * tp * p * p), (t, gh, gw)
 
 
 def process_clip(processor: ImageProcessor, clip: Clip, options: VideoOptions) -> ProcessedVideo:
