@@ -65,31 +65,61 @@ static inline void exact_row(const uint8_t *s, Py_ssize_t sw, float *d, Py_ssize
     }
 }
 
-static inline void image(const Job *j, const uint8_t *src, float *dst) {
-    for (int c = 0; c < 3; c++) {
+static inline void row(const Job *j, int c, const uint8_t *s, float *d) {
+    if (j->dw != 1 || j->w < SHORT_ROW) {
         const float *lut = j->lut[c];
-        for (Py_ssize_t y = 0; y < j->h; y++) {
-            const uint8_t *s = src + c * j->sc + y * j->sh;
-            float *d = dst + c * j->dc + y * j->dh;
-            if (j->dw != 1 || j->w < SHORT_ROW) {
-                for (Py_ssize_t x = 0; x < j->w; x++) d[x * j->dw] = lut[s[x * j->sw]];
-            } else if (j->exact) {
-                exact_row(s, j->sw, d, j->w, j->p0[c], j->p1[c]);
-            } else {
-                fast_row(s, j->sw, d, j->w, j->p0[c], j->p1[c]);
-            }
-        }
+        for (Py_ssize_t x = 0; x < j->w; x++) d[x * j->dw] = lut[s[x * j->sw]];
+    } else if (j->exact) {
+        exact_row(s, j->sw, d, j->w, j->p0[c], j->p1[c]);
+    } else {
+        fast_row(s, j->sw, d, j->w, j->p0[c], j->p1[c]);
     }
 }
 
+/* Interleaved pixels (RGBX or RGB): all three channels from one pass over the row, which the
+ * compiler vectorises as one load and a byte shuffle per group of pixels. */
+#define PIXEL_ROW(STRIDE)                                                                   \
+    for (Py_ssize_t x = 0; x < w; x++) {                                                    \
+        const uint8_t *px = s + x * (STRIDE);                                               \
+        d0[x] = (float)px[0] * a0 - b0;                                                     \
+        d1[x] = (float)px[1] * a1 - b1;                                                     \
+        d2[x] = (float)px[2] * a2 - b2;                                                     \
+    }
+
+static inline void pixel_row(const Job *j, const uint8_t *s, float *d) {
+    float *d0 = d, *d1 = d + j->dc, *d2 = d + 2 * j->dc;
+    const float a0 = j->p0[0], a1 = j->p0[1], a2 = j->p0[2], b0 = j->p1[0], b1 = j->p1[1], b2 = j->p1[2];
+    const Py_ssize_t w = j->w;
+    if (j->sw == 4) {
+        PIXEL_ROW(4)
+    } else {
+        PIXEL_ROW(3)
+    }
+}
+
+/* Loop order: the last batch dimension runs inside the row loop, channels innermost. For a
+ * grid of tiles cut from one image, shape (rows, cols, 3, t, t), that reads the source in memory
+ * order, a whole image row at a time, so the prefetcher streams it; tile by tile it would jump
+ * between short row segments (half the speed on InternVL's 10 MB 12-tile images). */
 VECTOR_CLONES
 static void run(const Job *j) {
+    const int interleaved = j->sc == 1 && (j->sw == 3 || j->sw == 4) && j->dw == 1 && !j->exact && j->w >= SHORT_ROW;
     for (Py_ssize_t a = 0; a < j->n[0]; a++)
         for (Py_ssize_t b = 0; b < j->n[1]; b++)
-            for (Py_ssize_t c = 0; c < j->n[2]; c++)
-                for (Py_ssize_t d = 0; d < j->n[3]; d++)
-                    image(j, j->src + a * j->sn[0] + b * j->sn[1] + c * j->sn[2] + d * j->sn[3],
-                          j->dst + a * j->dn[0] + b * j->dn[1] + c * j->dn[2] + d * j->dn[3]);
+            for (Py_ssize_t c = 0; c < j->n[2]; c++) {
+                const uint8_t *src = j->src + a * j->sn[0] + b * j->sn[1] + c * j->sn[2];
+                float *dst = j->dst + a * j->dn[0] + b * j->dn[1] + c * j->dn[2];
+                for (Py_ssize_t y = 0; y < j->h; y++)
+                    for (Py_ssize_t d = 0; d < j->n[3]; d++) {
+                        const uint8_t *s = src + d * j->sn[3] + y * j->sh;
+                        float *o = dst + d * j->dn[3] + y * j->dh;
+                        if (interleaved) {
+                            pixel_row(j, s, o);
+                            continue;
+                        }
+                        for (int ch = 0; ch < 3; ch++) row(j, ch, s + ch * j->sc, o + ch * j->dc);
+                    }
+            }
 }
 
 PyDoc_STRVAR(normalize_doc,

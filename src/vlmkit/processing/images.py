@@ -325,23 +325,34 @@ def tiles_into(image: torch.Tensor, out: torch.Tensor, rows: int, cols: int, mea
     if out.shape[0] != rows * cols or tuple(out.shape[1:]) != (3, t, t):
         raise ValueError(f"out must be ({rows * cols}, 3, t, t), got {tuple(out.shape)}")
     _, h, w = image.shape
+    grid = out.view(rows, cols, 3, t, t)
     fill = None
     for r in range(rows):
-        for c in range(cols):
-            tile = out[r * cols + c]
-            # The image window inside this tile, in tile coordinates.
-            y0, y1 = min(max(top - r * t, 0), t), min(max(top + h - r * t, 0), t)
-            x0, x1 = min(max(left - c * t, 0), t), min(max(left + w - c * t, 0), t)
-            if y1 > y0 and x1 > x0:
-                window = image[:, r * t + y0 - top : r * t + y1 - top, c * t + x0 - left : c * t + x1 - left]
-                normalize_into(window, tile[:, y0:y1, x0:x1], mean, std, exact)
-            else:
-                y0 = y1 = x0 = x1 = 0
-            if (y0, y1, x0, x1) != (0, t, 0, t):
-                fill = pad_value(mean, std, exact) if fill is None else fill
-                for band in (tile[:, :y0], tile[:, y1:], tile[:, y0:y1, :x0], tile[:, y0:y1, x1:]):
-                    if band.numel():
-                        band.copy_(fill.expand_as(band))
+        # The image's rows inside this tile row, in tile coordinates.
+        y0, y1 = min(max(top - r * t, 0), t), min(max(top + h - r * t, 0), t)
+        band = image[:, r * t + y0 - top : r * t + y1 - top]
+        if y1 > y0 and left <= 0 and left + w >= cols * t:
+            # The image spans the whole tile row: one call, which reads it in memory order.
+            window = band[:, :, -left : cols * t - left].reshape(3, y1 - y0, cols, t).permute(2, 0, 1, 3)
+            normalize_into(window, grid[r, :, :, y0:y1], mean, std, exact)
+            x_spans = [(0, t)] * cols
+        else:
+            x_spans = []
+            for c in range(cols):
+                x0, x1 = min(max(left - c * t, 0), t), min(max(left + w - c * t, 0), t)
+                if y1 > y0 and x1 > x0:
+                    window = band[:, :, c * t + x0 - left : c * t + x1 - left]
+                    normalize_into(window, grid[r, c, :, y0:y1, x0:x1], mean, std, exact)
+                x_spans.append((x0, x1) if y1 > y0 and x1 > x0 else (0, 0))
+        for c, (x0, x1) in enumerate(x_spans):
+            ya, yb = (y0, y1) if x1 > x0 else (0, 0)
+            if (ya, yb, x0, x1) == (0, t, 0, t):
+                continue
+            fill = pad_value(mean, std, exact) if fill is None else fill
+            tile = grid[r, c]
+            for pad in (tile[:, :ya], tile[:, yb:], tile[:, ya:yb, :x0], tile[:, ya:yb, x1:]):
+                if pad.numel():
+                    pad.copy_(fill.expand_as(pad))
     return out
 
 
