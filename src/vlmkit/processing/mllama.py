@@ -108,7 +108,8 @@ class MllamaProcessor(ImageProcessor):
         """(max_tiles, 3, T, T) float32; tile slots past rows*cols are zeros, as in transformers."""
         rows, cols, rh, rw = self.plan(*image.size)
         t = self.tile_size
-        out = torch.zeros((self.max_tiles, 3, t, t), dtype=torch.float32)
+        out = torch.empty((self.max_tiles, 3, t, t), dtype=torch.float32)
+        out[rows * cols :].zero_()
         # The resized image sits top-left on a zero canvas of whole tiles.
         resized = Resizer(image, self.resample, self.backend).resize(rh, rw)
         tiles_into(resized, out[: rows * cols], rows, cols, self.mean, self.std, exact=self.backend == "pil")
