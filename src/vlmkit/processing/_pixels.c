@@ -17,7 +17,7 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 /* One build serves every x86-64 machine: the loader picks the widest vector unit at start-up. */
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VECTOR_CLONES
 #endif
