@@ -5,6 +5,7 @@
 
 One thread (torch and the HF numpy path both), PIL images in memory, outputs checked against
 each other on every image before timing (max difference in 0..255 intensity levels).
+`VLMKIT_NATIVE_PIXELS=0` measures the torch fallback instead of the C conversion kernel.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def main() -> None:
     images = make_images(args.images, w, h)
     fams = families()
     names = list(fams) if args.family == "all" else [args.family]
+    from vlmkit.processing.images import native_pixels
+
+    kernel = "C extension" if native_pixels() else "torch fallback"
     results = []
     for name in names:
         ours, hf, get = fams[name]
@@ -106,10 +110,11 @@ def main() -> None:
         our_rate = rate(ours.preprocess, images, args.seconds)
         results.append({"family": name, "size": f"{w}x{h}", "hf_images_per_s": round(hf_rate, 1),
                         "vlmkit_images_per_s": round(our_rate, 1), "speedup": round(our_rate / hf_rate, 2),
-                        "max_diff_levels": round(worst, 2)})
+                        "max_diff_levels": round(worst, 2), "pixels_kernel": kernel})
     if args.json:
         print(json.dumps(results, indent=2))
         return
+    print(f"uint8 -> float conversion: {kernel}")
     print(f"{'family':<12} {'size':<10} {'HF img/s':>9} {'vlmkit img/s':>13} {'speedup':>8} {'max diff (0-255)':>17}")
     for r in results:
         print(f"{r['family']:<12} {r['size']:<10} {r['hf_images_per_s']:>9} {r['vlmkit_images_per_s']:>13} "
