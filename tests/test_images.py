@@ -247,3 +247,30 @@ def test_copy_into_equals_torch_copy(pixel_path, run):
     assert torch.equal(dst, view) and dst._base[..., 0].isnan().all() and dst._base[..., -1].isnan().all()
     flat = torch.empty(6, 2, 2, 3, run)
     assert torch.equal(copy_into(view, flat), view)
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (333, 901), (1500, 260)])
+def test_every_family_gives_the_same_bits_with_and_without_the_c_kernel(monkeypatch, size):
+    import torch
+
+    import vlmkit.processing.images as images
+    from vlmkit.processing.anyres import AnyResProcessor
+    from vlmkit.processing.dynamic import DynamicTileProcessor
+    from vlmkit.processing.idefics3 import Idefics3Processor
+    from vlmkit.processing.mllama import MllamaProcessor
+    from vlmkit.processing.pixtral import PixtralProcessor
+    from vlmkit.processing.qwen2vl import Qwen2VLProcessor
+
+    if images._native is None:
+        pytest.fail("the C extension vlmkit.processing._pixels is not built (make venv builds it)")
+    w, h = size
+    img = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h))
+    processors = [AnyResProcessor(), DynamicTileProcessor(max_num=6), Qwen2VLProcessor(max_pixels=400_000),
+                  PixtralProcessor(), MllamaProcessor(), Idefics3Processor(longest_edge=728, backend="torch",
+                                                                           resample="bicubic")]
+    for proc in processors:
+        monkeypatch.setenv("VLMKIT_NATIVE_PIXELS", "1")
+        native = proc.preprocess(img).pixel_values
+        monkeypatch.setenv("VLMKIT_NATIVE_PIXELS", "0")
+        fallback = proc.preprocess(img).pixel_values
+        assert native.shape == fallback.shape and torch.equal(native, fallback), type(proc).__name__
