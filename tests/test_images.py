@@ -182,6 +182,8 @@ def test_native_kernel_gives_the_torch_bits_on_every_layout(exact):
         images.normalize_into(torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), mean, std)
     with pytest.raises(ValueError, match="matching"):
         images.normalize_into(torch.zeros(3, 2, 2, dtype=torch.uint8), torch.zeros(3, 2, 3), mean, std)
+    with pytest.raises(ValueError, match="expanded"):
+        images.normalize_into(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, 3, 2, 2).expand(2, 3, 2, 2), mean, std)
 
 
 @pytest.mark.parametrize("top,left,h,w", [

@@ -272,6 +272,8 @@ def normalize_into(src: torch.Tensor, dst: torch.Tensor, mean, std, exact: bool 
         raise ValueError(f"need matching (..., 3, h, w) shapes, got {tuple(src.shape)} and {tuple(dst.shape)}")
     if src.device.type != "cpu" or dst.device.type != "cpu":
         raise ValueError("normalize_into runs on CPU tensors")
+    if any(st == 0 and n > 1 for st, n in zip(dst.stride(), dst.shape)):
+        raise ValueError("dst is an expanded view: several outputs would share one memory location")
     if src.numel() == 0:
         return dst
     if native_pixels() and src.dim() <= 3 + _NATIVE_BATCH_DIMS:
