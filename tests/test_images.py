@@ -12,6 +12,18 @@ from vlmkit.processing.anyres import AnyResProcessor
 from vlmkit.processing.images import ImageLoadError, Resizer, load_image
 
 
+def require_native_kernel() -> None:
+    """The C extension must be built wherever a C compiler exists (`make venv` builds it)."""
+    import shutil
+
+    import vlmkit.processing.images as images
+
+    if images._native is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("the C extension vlmkit.processing._pixels is not built although a C compiler exists")
+        pytest.skip("no C compiler here: the extension is not built and the torch fallback is in use")
+
+
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
@@ -97,8 +109,8 @@ def pixel_path(request, monkeypatch):
     """Run a test on the C kernel and on the torch fallback."""
     import vlmkit.processing.images as images
 
-    if request.param == "native" and images._native is None:
-        pytest.fail("the C extension vlmkit.processing._pixels is not built (make venv builds it)")
+    if request.param == "native":
+        require_native_kernel()
     monkeypatch.setenv("VLMKIT_NATIVE_PIXELS", "1" if request.param == "native" else "0")
     assert images.native_pixels() == (request.param == "native")
     return request.param
@@ -156,8 +168,7 @@ def test_native_kernel_gives_the_torch_bits_on_every_layout(exact):
 
     import vlmkit.processing.images as images
 
-    if images._native is None:
-        pytest.fail("the C extension vlmkit.processing._pixels is not built (make venv builds it)")
+    require_native_kernel()
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     g = torch.Generator().manual_seed(3)
     rgb = torch.randint(0, 256, (31, 45, 3), dtype=torch.uint8, generator=g)
@@ -263,8 +274,7 @@ def test_every_family_gives_the_same_bits_with_and_without_the_c_kernel(monkeypa
     from vlmkit.processing.pixtral import PixtralProcessor
     from vlmkit.processing.qwen2vl import Qwen2VLProcessor
 
-    if images._native is None:
-        pytest.fail("the C extension vlmkit.processing._pixels is not built (make venv builds it)")
+    require_native_kernel()
     w, h = size
     img = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h))
     processors = [AnyResProcessor(), DynamicTileProcessor(max_num=6), Qwen2VLProcessor(max_pixels=400_000),
