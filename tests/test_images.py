@@ -226,17 +226,23 @@ def test_tiles_into_equals_cutting_a_zero_canvas(pixel_path, top, left, h, w):
         tiles_into(image, torch.empty(3, 3, t, t), rows, cols, mean, std)
 
 
-def test_resize_into_channels_last_equals_interpolate():
-    """The out= resize (no layout-conversion copy) gives exactly F.interpolate's pixels."""
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_resize_into_channels_last_equals_interpolate(monkeypatch, zero_copy):
+    """The out= resize (no layout-conversion copy) gives exactly F.interpolate's pixels, from
+    RGBX memory (Pillow's Arrow export) and from the packed-RGB copy used without it."""
     import torch
     import torch.nn.functional as F
 
+    import vlmkit.processing.images as images
     from vlmkit.processing.images import Resizer
 
+    if not zero_copy:
+        monkeypatch.setattr(images, "_zero_copy_rgbx", lambda image: None)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8))
     for resample in ("bicubic", "bilinear"):
         r = Resizer(img, resample)
         src = r._source()
+        assert src.shape[1] == (4 if zero_copy else 3)
         for h, w in ((40, 70), (200, 90), (97, 131)):
             got = r.resize(h, w)
             want = F.interpolate(src.contiguous(), size=(h, w), mode=resample, antialias=True)[0, :3]
