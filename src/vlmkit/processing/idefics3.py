@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
-from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, normalize_into, tiles_into
+from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, normalize_into, tiles_into, to_normalized
 from vlmkit.registry import IMAGE_PROCESSORS
 
 MAX_IMAGE_SIZE = 4096
@@ -124,11 +124,10 @@ class Idefics3Processor(ImageProcessor):
         img = Resizer(image, self.resample, self.backend).resize(h1, w1)
         exact = self.backend == "pil"
         if second is None:
-            view = _resize_u8(img, c, c, self.resample, self.backend)
-            return normalize_into(view[None], torch.empty((1, *view.shape)), self.mean, self.std, exact)
+            return to_normalized(_resize_u8(img, c, c, self.resample, self.backend), self.mean, self.std, exact)[None]
         img = _resize_u8(img, second[0], second[1], self.resample, self.backend)
         if not rows:
-            return normalize_into(img[None], torch.empty((1, *img.shape)), self.mean, self.std, exact)
+            return to_normalized(img, self.mean, self.std, exact)[None]
         out = torch.empty((rows * cols + 1, 3, c, c), dtype=torch.float32)
         # Crops cover the top-left rows*c x cols*c of the image; the global image comes last.
         tiles_into(img, out[:-1], rows, cols, self.mean, self.std, exact)

@@ -261,6 +261,11 @@ def _native_constants(mean, std, exact: bool) -> tuple[tuple[float, ...], tuple[
 # The C kernel takes up to this many leading (batch) dimensions before (3, h, w).
 _NATIVE_BATCH_DIMS = 4
 
+# Floats per block of the torch fallback of `normalize_into` (4 MB): small enough that a block
+# stays cache-resident between the conversion and the normalising passes, large enough that the
+# per-block dispatch cost (three small ops) stays negligible.
+_BLOCK_FLOATS = 1 << 20
+
 
 def normalize_into(src: torch.Tensor, dst: torch.Tensor, mean, std, exact: bool = False) -> torch.Tensor:
     """dst = normalised src, for a uint8 (..., 3, h, w) view with any strides (a tile of an RGBX
@@ -282,8 +287,16 @@ def normalize_into(src: torch.Tensor, dst: torch.Tensor, mean, std, exact: bool 
         _native.normalize(src.data_ptr(), (0,) * pad + src.stride(), dst.data_ptr(), (0,) * pad + dst.stride(),
                           (1,) * pad + tuple(src.shape), p0, p1, exact)
         return dst
-    dst.copy_(src)
-    _normalize_with(dst, _constants(mean, std, exact, (3, 1, 1)), exact)
+    # Torch fallback, a band of rows at a time: in whole-tensor passes a 12-tile InternVL stack
+    # (31 MB, larger than the cache) would move through memory three times; a band stays in
+    # cache from the conversion to the last normalising pass.
+    constants = _constants(mean, std, exact, (3, 1, 1))
+    height = src.shape[-2]
+    band = max(1, _BLOCK_FLOATS * height // src.numel())
+    for y in range(0, height, band):
+        block = dst[..., y : y + band, :]
+        block.copy_(src[..., y : y + band, :])
+        _normalize_with(block, constants, exact)
     return dst
 
 
@@ -358,49 +371,28 @@ def tiles_into(image: torch.Tensor, out: torch.Tensor, rows: int, cols: int, mea
     return out
 
 
-# Floats per block of the torch fallback of `to_normalized` (4 MB): small enough that a block
-# stays cache-resident between the conversion and the normalising passes, large enough that the
-# per-block dispatch cost (three small ops) stays negligible.
-_BLOCK_FLOATS = 1 << 20
-
-
 def to_normalized(u8: torch.Tensor, mean, std, exact: bool = False, channel_dim: int = -3,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 with 3 channels at `channel_dim` -> normalised float32 of the same shape (written
     into `out`, a float32 tensor of that shape whose leading, channel and trailing dimensions
-    each flatten without a copy, when given).
-
-    With the C kernel this is one pass. The torch fallback converts and normalises block by
-    block: in separate whole-tensor passes a 12-tile InternVL stack (31 MB, larger than the
-    cache) would move through memory three times; per block, it stays cache-resident.
-    """
+    each flatten without a copy, when given)."""
     cd = channel_dim % u8.dim()
     if u8.shape[cd] != 3:
         raise ValueError(f"expected 3 channels at dim {channel_dim}, got shape {tuple(u8.shape)}")
-    lead, inner = math.prod(u8.shape[:cd]), math.prod(u8.shape[cd + 1:])
     if out is None:
         out = torch.empty(u8.shape, dtype=torch.float32)
     elif out.shape != u8.shape or out.dtype != torch.float32:
         raise ValueError(f"out must be float32 of shape {tuple(u8.shape)}, got {out.dtype} {tuple(out.shape)}")
     try:
-        dst = out.view(lead, 3, inner)
+        out.view(math.prod(u8.shape[:cd]), 3, math.prod(u8.shape[cd + 1:]))
     except RuntimeError:
         raise ValueError(f"out must be float32 of shape {tuple(u8.shape)} with flattenable strides") from None
-    if native_pixels():
-        if cd == u8.dim() - 3 and u8.dim() <= 3 + _NATIVE_BATCH_DIMS:  # the source's own strides: no copy
-            normalize_into(u8, out, mean, std, exact)
-        else:
-            normalize_into(u8.reshape(lead, 3, 1, inner), dst.unsqueeze(2), mean, std, exact)
-        return out
-    src = u8.reshape(lead, 3, inner)
-    constants = _constants(mean, std, exact, (1, 3, 1))
-    rows = max(1, _BLOCK_FLOATS // (3 * inner))
-    cols = inner if rows > 1 else min(inner, max(1, _BLOCK_FLOATS // 3))
-    for i in range(0, lead, rows):
-        for j in range(0, inner, cols):
-            block = dst[i : i + rows, :, j : j + cols]
-            block.copy_(src[i : i + rows, :, j : j + cols])
-            _normalize_with(block, constants, exact)
+    # Channels to dim -3 as views (trailing unit dims for 1-d and 2-d input): normalize_into
+    # takes any strides, so nothing is copied.
+    src, dst = u8, out
+    while src.dim() < 3:
+        src, dst = src[..., None], dst[..., None]
+    normalize_into(src.movedim(cd, -3), dst.movedim(cd, -3), mean, std, exact)
     return out
 
 
