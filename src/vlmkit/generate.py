@@ -15,7 +15,6 @@ from transformers import DynamicCache
 
 from vlmkit.data.collate import collate
 from vlmkit.model import fast_decode
-from vlmkit.model.vlm import run_decoder
 from vlmkit.processing.prompt import EncodedSample
 
 
@@ -116,34 +115,45 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    feats = batch.image_features
-    if feats is None and batch.pixel_values is not None:
-        feats = model.vision_features(batch.pixel_values)
-    image_embeds = model.project(feats) if feats is not None else None
-    embeds = model.embed(batch.input_ids, image_embeds)
-    head, token_embedding = model.llm.get_output_embeddings(), model.llm.get_input_embeddings()
+    head = model.llm.get_output_embeddings()
     mask = batch.attention_mask
     positions = batch.position_ids
     steps = max(limits, default=0)
     if lean_path:
+        # Llama-family decoders run on decode-layout weights; the images are fused by the model's
+        # own strategy, exactly as in `forward`.
+        embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features)
         full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
         lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device, compile=cfg.compile)
-        step_logits = lean.step_logits
+        token_embedding = model.llm.get_input_embeddings()
+        logits = lean.step_logits(embeds, positions)
+
+        def step_logits(token, step_positions):
+            return lean.step_logits(token_embedding(token.unsqueeze(-1)), step_positions)
     else:
-        decoder, dyn_cache = model.llm.base_model, DynamicCache()
-        state = {"mask": mask}
+        state = {"mask": mask, "cache": DynamicCache()}
 
-        def step_logits(step_embeds, step_positions):
-            if step_embeds.shape[1] == 1:
-                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((B, 1))], dim=1)
-            out = run_decoder(decoder, step_embeds, state["mask"], step_positions, dyn_cache, use_cache=True)
-            return head(out.last_hidden_state[:, -1])
+        def forward_last(ids, step_positions, images=None, features=None):
+            out = model(ids, state["mask"], images=images, image_features=features, position_ids=step_positions,
+                        past_key_values=state["cache"], use_cache=True)
+            state["cache"] = out.past_key_values
+            return head(out.hidden_states[:, -1])
 
-    logits = step_logits(embeds, positions)
+        # The cache object is empty before the prompt: the fusion strategy sees a fresh prompt.
+        logits = model(batch.input_ids, mask, images=batch.images, image_features=batch.image_features,
+                       position_ids=positions, past_key_values=None, use_cache=True)
+        state["cache"] = logits.past_key_values
+        logits = head(logits.hidden_states[:, -1])
+
+        def step_logits(token, step_positions):
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((B, 1))], dim=1)
+            return forward_last(token.unsqueeze(-1), step_positions)
 
     done = [limit <= 0 for limit in limits]
     counts = [0] * B
-    next_pos = positions[:, -1:] + 1
+    # The prompt ends in text, whose M-RoPE positions are equal on all axes: the next position is
+    # the last one plus 1 on each (this is the decode delta of Qwen2-VL's get_rope_index).
+    next_pos = positions[..., -1:] + 1
     for _ in range(steps):
         if cancelled is not None:
             for i in range(real_B):
@@ -169,7 +179,7 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         if all(done):
             return
         token = torch.tensor(picked, device=device)
-        logits = step_logits(token_embedding(token.unsqueeze(-1)), next_pos)
+        logits = step_logits(token, next_pos)
         next_pos = next_pos + 1
 
 

@@ -8,11 +8,12 @@ packed row never asks one sample's last token to predict the next sample's first
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from vlmkit.model.vlm import IGNORE_INDEX
+from vlmkit.processing.base import ProcessedImage
 from vlmkit.processing.prompt import EncodedSample
 
 
@@ -22,9 +23,14 @@ class Batch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor | None  # (B, T); None when packed (isolation comes from positions)
     labels: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T); restart at 0 for each sample of a packed row
-    pixel_values: torch.Tensor | None  # (images, 3, H, W), images in the order their tokens appear
-    image_features: torch.Tensor | None = None  # cached frozen-tower features, same order
+    # (B, T), restarting at 0 for each sample of a packed row; (3, B, T) M-RoPE positions for
+    # Qwen2-VL-family models, (4, B, T) when packed (a text row first, for sample isolation).
+    position_ids: torch.Tensor
+    # Every image (token group) of the batch in the order its tokens appear: its views with their
+    # pixels and grids, its original size and arrangement. Images of different sizes batch together.
+    images: list[ProcessedImage] = field(default_factory=list)
+    # Cached frozen-tower features: per image, one (t, h*w, C) tensor per view.
+    image_features: list[list[torch.Tensor]] | None = None
     num_images: int = 0
     targets: torch.Tensor | None = None  # (B, T): label of the next token of the same sample
     segments: torch.Tensor | None = None  # (B, T): index into `ids`, -1 on padding
@@ -35,6 +41,14 @@ class Batch:
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """The views' pixels stacked, when they all have one shape (fixed-resolution batches)."""
+        views = [p for im in self.images for p in im.view_pixels()]
+        if not views or len({tuple(p.shape) for p in views}) != 1:
+            return None
+        return torch.stack(views)
+
+    @property
     def real_tokens(self) -> int:
         return int((self.segments >= 0).sum()) if self.segments is not None else int(self.attention_mask.sum())
 
@@ -43,7 +57,14 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[1:], labels.new_full((1,), IGNORE_INDEX)])
 
 
-def collate(samples: list[EncodedSample], pad_id: int, left_pad: bool = False, features: list[torch.Tensor] | None = None) -> Batch:
+def _positions_3d(samples: list[EncodedSample]) -> bool:
+    with_3d = [s.position_ids is not None for s in samples]
+    if any(with_3d) and not all(with_3d):
+        raise ValueError("a batch mixes samples with and without M-RoPE positions")
+    return all(with_3d) and bool(samples)
+
+
+def collate(samples: list[EncodedSample], pad_id: int, left_pad: bool = False, features: list | None = None) -> Batch:
     """Pad to the longest sample. Left padding (generation) keeps every prompt's last token at
     the end; positions count real tokens only, so padding never shifts a sample's positions."""
     longest = max(len(s.input_ids) for s in samples)
@@ -62,11 +83,15 @@ def collate(samples: list[EncodedSample], pad_id: int, left_pad: bool = False, f
         segments[i, sl] = i
         mask[i, sl] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    pixel_list = [s.pixel_values for s in samples if s.pixel_values.numel()]
-    pixels = torch.cat(pixel_list) if pixel_list else None
-    feats = torch.cat(features) if features else None
-    num_images = sum(len(s.layouts) for s in samples)
-    return Batch([s.id for s in samples], input_ids, mask, labels, position_ids, pixels, feats, num_images, targets, segments)
+    if _positions_3d(samples):
+        # Padding gets position 1 on every axis, as Qwen2-VL's get_rope_index gives it.
+        position_ids = torch.ones((3, B, longest), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s.input_ids)
+            position_ids[:, i, slice(longest - n, longest) if left_pad else slice(0, n)] = s.position_ids
+    images = [im for s in samples for im in s.images]
+    return Batch([s.id for s in samples], input_ids, mask, labels, position_ids, images, features or None, len(images),
+                 targets, segments)
 
 
 def plan_packs(lengths: list[int], images: list[int], capacity: int, max_images: int | None = None) -> list[list[int]]:
@@ -94,7 +119,7 @@ def plan_packs(lengths: list[int], images: list[int], capacity: int, max_images:
     return rows
 
 
-def pack(samples: list[EncodedSample], pad_id: int, capacity: int, max_images: int | None = None, features: list[torch.Tensor] | None = None) -> Batch:
+def pack(samples: list[EncodedSample], pad_id: int, capacity: int, max_images: int | None = None, features: list | None = None) -> Batch:
     """Several samples per row, isolated from each other.
 
     Isolation comes from the position ids: they restart at 0 at each sample, and the attention
@@ -103,7 +128,8 @@ def pack(samples: list[EncodedSample], pad_id: int, capacity: int, max_images: i
     outputs no loss reads. `segments` keeps the input order of `samples`.
     """
     lengths = [len(s.input_ids) for s in samples]
-    n_images = [len(s.layouts) for s in samples]
+    n_images = [len(s.images) for s in samples]
+    mrope = _positions_3d(samples)
     rows = plan_packs(lengths, n_images, capacity, max_images)
     longest = max(sum(lengths[i] for i in row) for row in rows)
     B = len(rows)
@@ -112,11 +138,12 @@ def pack(samples: list[EncodedSample], pad_id: int, capacity: int, max_images: i
     targets = torch.full((B, longest), IGNORE_INDEX, dtype=torch.long)
     segments = torch.full((B, longest), -1, dtype=torch.long)
     position_ids = torch.zeros((B, longest), dtype=torch.long)
-    # Image slots are filled in row-major token order, so pixels must follow the packed order.
+    rope = torch.zeros((3, B, longest), dtype=torch.long) if mrope else None
+    # Image slots are filled in row-major token order, so images must follow the packed order.
     feat_offsets = [0]
     for n in n_images:
         feat_offsets.append(feat_offsets[-1] + n)
-    pixel_list, feat_list = [], []
+    images, feat_list = [], []
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -126,13 +153,18 @@ def pack(samples: list[EncodedSample], pad_id: int, capacity: int, max_images: i
             targets[r, at : at + n] = shifted_targets(s.labels)
             segments[r, at : at + n] = i
             position_ids[r, at : at + n] = torch.arange(n)
-            if s.pixel_values.numel():
-                pixel_list.append(s.pixel_values)
+            if rope is not None:
+                rope[:, r, at : at + n] = s.position_ids
+            images.extend(s.images)
             if features:
                 feat_list.extend(features[feat_offsets[i] : feat_offsets[i + 1]])
             at += n
         if at < longest:
             position_ids[r, at:] = torch.arange(longest - at)
-    pixels = torch.cat(pixel_list) if pixel_list else None
-    feats = torch.cat(feat_list) if feat_list else None
-    return Batch([s.id for s in samples], input_ids, None, labels, position_ids, pixels, feats, sum(n_images), targets, segments, packed=True)
+            if rope is not None:
+                rope[:, r, at:] = torch.arange(longest - at)
+    if rope is not None:
+        # The text row tells the mask builder where each packed sample starts (see the field notes).
+        position_ids = torch.cat([position_ids.unsqueeze(0), rope])
+    return Batch([s.id for s in samples], input_ids, None, labels, position_ids, images, feat_list or None,
+                 sum(n_images), targets, segments, packed=True)

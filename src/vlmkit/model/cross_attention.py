@@ -140,130 +140,40 @@ class CrossAttentionFusion(nn.Module):
         self._handles.clear()
 
 
-def _vlm_base():
-    from vlmkit.model.vlm import VisionLanguageModel
-
-    return VisionLanguageModel
-
-
-def group_memory(memory: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, seen_before: torch.Tensor | None = None):
+def group_memory(memory: list[torch.Tensor] | torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                 seen_before: torch.Tensor | None = None):
     """Per-sample memory and per-query visibility from the image markers in `input_ids`.
 
-    memory: (images, M, D) in marker order (row-major over the batch). Returns
+    memory: one (M_i, D) tensor per image in marker order (row-major over the batch); images may
+    differ in length (Llama 3.2 Vision tiles), shorter ones are padded and masked. Returns
     (B, K*M, D) memory, (B, L, K*M) mask, and the marker count per sample, where K is the most
-    images any sample has. `seen_before` counts markers in earlier (cached) chunks.
+    images any sample has and M the longest image. `seen_before` counts markers in earlier
+    (cached) chunks.
     """
+    memory = list(memory)
     is_marker = input_ids == image_token_id
     b, length = input_ids.shape
     counts = is_marker.sum(1)
     total = counts if seen_before is None else counts + seen_before
-    n_images, m, d = memory.shape
+    n_images = len(memory)
     if int(total.sum()) != n_images:
         raise ValueError(f"the text has {int(total.sum())} image markers but {n_images} images were given")
+    m = max(x.shape[0] for x in memory)
+    d = memory[0].shape[-1]
     k = max(int(total.max()), 1)
-    grouped = memory.new_zeros(b, k, m, d)
-    valid = torch.zeros(b, k, dtype=torch.bool, device=memory.device)
+    grouped = memory[0].new_zeros(b, k, m, d)
+    valid = torch.zeros(b, k, m, dtype=torch.bool, device=memory[0].device)
     start = 0
     for i in range(b):
-        n = int(total[i])
-        grouped[i, :n] = memory[start : start + n]
-        valid[i, :n] = True
-        start += n
+        for j in range(int(total[i])):
+            image = memory[start + j]
+            grouped[i, j, : image.shape[0]] = image
+            valid[i, j, : image.shape[0]] = True
+        start += int(total[i])
     seen = torch.cumsum(is_marker.long(), dim=1)
     if seen_before is not None:
         seen = seen + seen_before[:, None]
     # Image j of a sample is visible from its marker onwards.
-    visible = torch.arange(k, device=memory.device)[None, None, :] < seen[:, :, None]
-    visible = visible & valid[:, None, :]
-    mask = visible[..., None].expand(b, length, k, m).reshape(b, length, k * m)
-    return grouped.reshape(b, k * m, d), mask, total
-
-
-class CrossAttentionVLM(_vlm_base()):
-    """A VisionLanguageModel whose images reach the LLM through gated cross-attention."""
-
-    @classmethod
-    def build(cls, config, pretrained: bool = True) -> "CrossAttentionVLM":
-        from vlmkit.model.connectors import build_connector
-        from vlmkit.model.language import build_language_model
-        from vlmkit.model.vision import build_vision_tower
-
-        options = dict(config.connector.options)
-        xattn = parse_cross_attention_options(options.pop("cross_attention", None))
-        vision = build_vision_tower(config.vision, pretrained=pretrained)
-        llm, tokenizer = build_language_model(config.llm, pretrained=pretrained)
-        grid = vision.grid(config.processor.image_size)
-        llm_dim = llm.get_input_embeddings().embedding_dim
-        connector = build_connector(config.connector.name, vision.hidden_size, llm_dim, options, grid=grid)
-        pretrained_parts = set()
-        if pretrained and not config.vision.name.endswith("random"):
-            pretrained_parts.add("vision")
-        if pretrained and not config.llm.name.endswith("random"):
-            pretrained_parts.add("llm")
-        return cls(config, vision, connector, llm, tokenizer, pretrained_parts, xattn)
-
-    def __init__(self, config, vision, connector, llm, tokenizer, pretrained_parts, xattn: CrossAttentionOptions):
-        super().__init__(config, vision, connector, llm, tokenizer, pretrained_parts)
-        memory_dim = getattr(connector, "out_dim", connector.llm_dim)
-        self.cross_attention = CrossAttentionFusion(llm, memory_dim, xattn)
-
-    def parts(self) -> dict[str, nn.Module]:
-        return {**super().parts(), "cross_attention": self.cross_attention}
-
-    @property
-    def tokens_per_image(self) -> int:
-        # One marker slot per image; the visual tokens live in the cross-attention memory.
-        return 1
-
-    @property
-    def memory_tokens_per_image(self) -> int:
-        return self.connector.num_tokens(self.image_grid)
-
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, keep_memory: bool = False) -> torch.Tensor:
-        """Marker slots get the marker embedding; the image memory goes to the blocks.
-
-        `image_embeds` is the connector output (images, M, D) in marker order. It stays set for
-        the decoder calls that follow (generation runs the decoder itself after `embed`), until
-        the next `embed` replaces or clears it.
-        """
-        markers = int((input_ids == self.image_token_id).sum())
-        if image_embeds is not None:
-            grouped, mask, _ = group_memory(image_embeds, input_ids, self.image_token_id)
-            self.cross_attention.set_memory(grouped, mask)
-        elif not keep_memory:
-            self.cross_attention.set_memory(None)
-        if markers and image_embeds is None:
-            raise ValueError(f"the text has {markers} image markers but no images were given")
-        marker_embeds = self.cross_attention.image_marker.expand(markers, 1, -1) if markers else None
-        return super().embed(input_ids, marker_embeds)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values=None,
-        use_cache: bool = False,
-    ):
-        from vlmkit.model.vlm import VLMOutput, run_decoder, supervised_loss
-
-        if image_features is None and pixel_values is not None and pixel_values.numel():
-            image_features = self.vision_features(pixel_values)
-        memory = self.project(image_features.to(self.device)) if image_features is not None else None
-        # Later decoding steps carry no images: they keep the memory the prompt set.
-        embeds = self.embed(input_ids, memory, keep_memory=memory is None and past_key_values is not None)
-        try:
-            out = run_decoder(self.llm.base_model, embeds, attention_mask, position_ids, past_key_values, use_cache)
-        finally:
-            if not use_cache:
-                self.cross_attention.set_memory(None)
-        hidden = out.last_hidden_state
-        head = self.llm.get_output_embeddings()
-        if labels is None:
-            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-            return VLMOutput(loss=None, logits=head(hidden), past_key_values=cache if use_cache else None)
-        loss, count = supervised_loss(hidden, labels, head)
-        return VLMOutput(loss=loss, logits=None, num_supervised=count)
+    visible = torch.arange(k, device=grouped.device)[None, None, :] < seen[:, :, None]
+    mask = visible[..., None] & valid[:, None, :, :]
+    return grouped.reshape(b, k * m, d), mask.reshape(b, length, k * m), total

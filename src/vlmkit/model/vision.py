@@ -23,7 +23,16 @@ class VisionTower(nn.Module):
     # eval mode whenever they are frozen, so a frozen tower gives the same features every time.
 
     def grid(self, image_size: int) -> tuple[int, int]:
+        return self.grid_hw(image_size, image_size)
+
+    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Feature grid (rows, cols) for an input of this many pixels."""
         raise NotImplementedError
+
+    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        """Features (t, h*w, C), row-major per frame, of pre-flattened patches (Qwen2-VL's layout)."""
+        raise ValueError(f"{type(self).__name__} takes images, not pre-flattened patches; "
+                         "pair the qwen2vl processor with the qwen2-vit tower")
 
     def num_tokens(self, image_size: int) -> int:
         h, w = self.grid(image_size)
@@ -69,9 +78,8 @@ class EfficientNetLiteTower(VisionTower):
             )
         return Path(spec.submodule_search_locations[0]) / "models" / filename
 
-    def grid(self, image_size: int) -> tuple[int, int]:
-        side = -(-image_size // 32)
-        return side, side
+    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
+        return -(-height // 32), -(-width // 32)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.net.extract_features(pixel_values)  # (B, C, H, W)
@@ -91,9 +99,8 @@ class HFVisionTower(VisionTower):
         # CLIP-like towers prepend a CLS token; SigLIP has none.
         self.has_cls = getattr(model.config, "model_type", "").startswith("clip")
 
-    def grid(self, image_size: int) -> tuple[int, int]:
-        side = image_size // self.patch_size
-        return side, side
+    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.patch_size, width // self.patch_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.feature_layer != -1

@@ -1,50 +1,148 @@
-"""Assembly: vision tower -> connector -> language model, with prefix fusion.
+"""Assembly: vision tower -> connector -> family assembler -> fusion into the language model.
 
-Prefix fusion: the prompt holds one image token per visual slot; their embeddings are replaced
-by the connector's outputs, in order. The processor promised how many slots each image takes;
-the model checks the promise and refuses a mismatch instead of truncating image tokens.
+The processor describes every image as views (tiles, thumbnail, native-resolution patches,
+temporal patches) with their sizes and grids, plus an arrangement (`processing.base`). The model
+encodes each view at its own grid, projects it with the connector, lets the family's assembler
+place the tokens (AnyRes stitching, unpadding and row newlines), and hands the result to the
+fusion strategy named in the config:
+
+* `prefix`: the prompt holds one image token per visual token; their embeddings are replaced by
+  the image tokens, in order.
+* `cross-attention`: each image has one marker slot in the text; its tokens become the memory of
+  gated cross-attention blocks inside the LLM (`model/cross_attention.py`).
+
+The processor promised how many slots each image takes; the model checks that promise when it is
+built (on probe images, so a processor family its connector cannot consume is refused before any
+batch) and again on every batch, and never truncates image tokens.
+
+`forward` returns the LLM's final hidden states and its cache; losses (`train/losses.py`) and
+generation (`generate.py`) read those, so training, evaluation and serving share one forward.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass, field
+
 import functools
 import inspect
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.config import ModelConfig
+from vlmkit.model.assembly import assembler
 from vlmkit.model.connectors import build_connector
 from vlmkit.model.language import build_language_model
 from vlmkit.model.vision import build_vision_tower
+from vlmkit.registry import Registry
 
 IGNORE_INDEX = -100
 PARTS = ("vision", "connector", "llm", "cross_attention")
 
+# Image sizes (as multiples of the processor's base size) on which a new model checks that its
+# processor's promised slots equal what it produces: square, wide, tall, small.
+PROBE_SIZES = ((1.0, 1.0), (2.0, 1.0), (0.75, 2.25), (0.4, 0.3))
+
 
 @dataclass
 class VLMOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
-    num_supervised: int = 0
+    hidden_states: torch.Tensor | None
     past_key_values: object | None = None
+    loss: torch.Tensor | None = None
+    num_supervised: int = 0
+    head: nn.Module | None = field(default=None, repr=False)
 
+    @property
+    def logits(self) -> torch.Tensor:
+        """LM-head output over every position (computed on request: training never needs it)."""
+        return self.head(self.hidden_states)
+
+
+# ---- fusion strategies ------------------------------------------------------------------------
+
+FUSIONS: Registry = Registry("fusion")
+
+
+class PrefixFusion:
+    """Visual tokens fill the image-token slots of the input sequence."""
+
+    name = "prefix"
+    module: nn.Module | None = None
+
+    def inputs_embeds(self, model: "VisionLanguageModel", input_ids, image_tokens: list[torch.Tensor] | None, cached: bool):
+        return model.fill_slots(input_ids, torch.cat(image_tokens) if image_tokens else None)
+
+    def after_forward(self, use_cache: bool) -> None:
+        pass
+
+
+class CrossAttentionFusionStrategy:
+    """Visual tokens are the memory of gated cross-attention blocks; the text holds one marker per image."""
+
+    name = "cross-attention"
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def inputs_embeds(self, model, input_ids, image_tokens, cached: bool):
+        from vlmkit.model.cross_attention import group_memory
+
+        markers = int((input_ids == model.image_token_id).sum())
+        if image_tokens:
+            grouped, mask, _ = group_memory(image_tokens, input_ids, model.image_token_id)
+            self.module.set_memory(grouped, mask)
+        elif not cached:
+            # Later decoding steps carry no images: they keep the memory the prompt set.
+            self.module.set_memory(None)
+        if markers and not image_tokens:
+            raise ValueError(f"the text has {markers} image markers but no images were given")
+        marker = self.module.image_marker
+        return model.fill_slots(input_ids, marker.expand(markers, -1) if markers else None)
+
+    def after_forward(self, use_cache: bool) -> None:
+        if not use_cache:
+            self.module.set_memory(None)
+
+
+@FUSIONS.register("prefix")
+def _prefix(config: ModelConfig, llm, connector, options: dict) -> PrefixFusion:
+    if options:
+        raise ValueError(f"prefix fusion takes no cross_attention options, got {sorted(options)}")
+    return PrefixFusion()
+
+
+@FUSIONS.register("cross-attention")
+def _cross_attention(config: ModelConfig, llm, connector, options: dict) -> CrossAttentionFusionStrategy:
+    from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
+
+    memory_dim = getattr(connector, "out_dim", connector.llm_dim)
+    return CrossAttentionFusionStrategy(CrossAttentionFusion(llm, memory_dim, parse_cross_attention_options(options)))
+
+
+# ---- the model ---------------------------------------------------------------------------------
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vision: nn.Module, connector: nn.Module, llm: nn.Module, tokenizer, pretrained_parts: set[str]):
+    def __init__(self, config: ModelConfig, vision: nn.Module, connector: nn.Module, llm: nn.Module, tokenizer,
+                 pretrained_parts: set[str], fusion=None, image_processor=None):
         super().__init__()
+        from vlmkit.model.qwen2vl import uses_mrope
+
         self.config = config
         self.vision = vision
         self.connector = connector
         self.llm = llm
         self.tokenizer = tokenizer
+        self.fusion = fusion or PrefixFusion()
+        if self.fusion.module is not None:
+            self.cross_attention = self.fusion.module
         # Parts whose weights come from files the config names: a checkpoint need not repeat them.
         self.pretrained_parts = set(pretrained_parts)
         self.frozen: set[str] = set()
         self.image_token_id = ensure_image_token(tokenizer, config.image_token)
         self.vocab_size = llm.get_input_embeddings().num_embeddings
+        self.uses_mrope = uses_mrope(llm)
+        self.image_processor = image_processor
         if self.image_token_id < self.vocab_size:
             # The placeholder must never collide with a real token the LM could emit.
             existing = tokenizer.convert_ids_to_tokens(self.image_token_id)
@@ -54,24 +152,36 @@ class VisionLanguageModel(nn.Module):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def build(cls, config: ModelConfig, pretrained: bool = True) -> "VisionLanguageModel":
-        if config.fusion == "cross-attention" and cls is VisionLanguageModel:
-            from vlmkit.model.cross_attention import CrossAttentionVLM
+        from vlmkit.model import qwen2vl  # noqa: F401  (registers its tower and LLM)
+        from vlmkit.processing import build_image_processor
 
-            return CrossAttentionVLM.build(config, pretrained=pretrained)
         vision = build_vision_tower(config.vision, pretrained=pretrained)
         llm, tokenizer = build_language_model(config.llm, pretrained=pretrained)
         grid = vision.grid(config.processor.image_size)
         llm_dim = llm.get_input_embeddings().embedding_dim
-        connector = build_connector(config.connector.name, vision.hidden_size, llm_dim, config.connector.options, grid=grid)
+        options = dict(config.connector.options)
+        fusion_options = options.pop("cross_attention", None) or {}
+        connector = build_connector(config.connector.name, vision.hidden_size, llm_dim, options,
+                                    grid=None if config.processor.name in NATIVE_FAMILIES else grid)
+        fusion = FUSIONS.build(config.fusion, config, llm, connector, fusion_options)
+        processor = build_image_processor(config, tokens_per_image=_fixed_tokens(connector, grid, config))
+        if getattr(processor, "newline", False) and getattr(processor, "unpad", None) is not None:
+            # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
+            connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
         pretrained_parts = set()
         if pretrained and not config.vision.name.endswith("random"):
             pretrained_parts.add("vision")
         if pretrained and not config.llm.name.endswith("random"):
             pretrained_parts.add("llm")
-        return cls(config, vision, connector, llm, tokenizer, pretrained_parts)
+        model = cls(config, vision, connector, llm, tokenizer, pretrained_parts, fusion, processor)
+        model.check_processor()
+        return model
 
     def parts(self) -> dict[str, nn.Module]:
-        return {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+        parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+        if self.fusion.module is not None:
+            parts["cross_attention"] = self.fusion.module
+        return parts
 
     @property
     def image_grid(self) -> tuple[int, int]:
@@ -79,11 +189,63 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.connector.num_tokens(self.image_grid)
+        """Slots one base-size image takes in the text (1 marker under cross-attention)."""
+        return 1 if self.fusion.name == "cross-attention" else self.connector.num_tokens(self.image_grid)
+
+    @property
+    def memory_tokens_per_image(self) -> int:
+        return self.connector.num_tokens(self.image_grid) if self.fusion.name == "cross-attention" else 0
 
     @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
+
+    # ---- the processor contract ---------------------------------------------------------
+    def view_grid(self, view) -> tuple[int, int, int]:
+        """(t, h, w) encoder grid of one view."""
+        if view.role == "patches":
+            return tuple(view.grid)
+        return (1, *self.vision.grid_hw(*view.size))
+
+    def count_image_tokens(self, image) -> int:
+        """Visual tokens the model makes for one processed image, from grids alone (no forward)."""
+        grids, counts = [], []
+        for view in image.views:
+            t, h, w = self.view_grid(view)
+            self.connector.check_grid((h, w))
+            grids.append(self.connector.output_grid((h, w)))
+            counts.append(t * self.connector.num_tokens((h, w)))
+        _, count = assembler(image.arrangement.assembler)
+        return count(counts, grids, image.arrangement, image.image_size)
+
+    def image_slots(self, image) -> int:
+        """Text slots the image needs: its visual tokens, or one marker under cross-attention."""
+        tokens = self.count_image_tokens(image)
+        return 1 if self.fusion.name == "cross-attention" else tokens
+
+    def check_processor(self) -> None:
+        """Refuse a processor family whose promised slots differ from what this model produces."""
+        from PIL import Image
+
+        proc, cfg = self.image_processor, self.config
+        base = cfg.processor.image_size
+        for fw, fh in PROBE_SIZES:
+            w, h = max(1, round(base * fw)), max(1, round(base * fh))
+            try:
+                image = proc.preprocess(Image.new("RGB", (w, h), (127, 127, 127)))
+                made = self.image_slots(image)
+            except ValueError as e:
+                raise ValueError(
+                    f"processor family {cfg.processor.name!r} cannot feed connector {cfg.connector.name!r} "
+                    f"(vision tower {cfg.vision.name!r}, {cfg.fusion} fusion) for a {w}x{h} image: {e}"
+                ) from None
+            if made != image.layout.slots:
+                raise ValueError(
+                    f"processor family {cfg.processor.name!r} reserves {image.layout.slots} image slots for a {w}x{h} "
+                    f"image but connector {cfg.connector.name!r} over vision tower {cfg.vision.name!r} produces {made}; "
+                    "pick a connector whose token count matches the family (e.g. pixel-shuffle with the family's "
+                    "downsample ratio), or change the processor's options"
+                )
 
     # ---- freezing -----------------------------------------------------------------------
     def set_trainable(self, trainable: list[str] | set[str]) -> None:
@@ -106,21 +268,64 @@ class VisionLanguageModel(nn.Module):
     def trainable_parameters(self) -> dict[str, int]:
         return {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in self.parts().items()}
 
-    # ---- forward ------------------------------------------------------------------------
+    # ---- images ---------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) -> (images, grid tokens, vision width)."""
+        """(images, 3, H, W) of one size -> (images, grid tokens, vision width)."""
         return self.vision(pixel_values.to(self.device, dtype=next(self.vision.parameters()).dtype))
 
+    def view_features(self, images: list) -> list[list[torch.Tensor]]:
+        """Tower features of every view of every image: (t, h*w, C) each. Image-shaped views of
+        one size run through the tower together, whatever image they belong to."""
+        out: list[list[torch.Tensor | None]] = [[None] * len(im.views) for im in images]
+        by_size = defaultdict(list)
+        for i, im in enumerate(images):
+            for j, (view, pixels) in enumerate(zip(im.views, im.view_pixels())):
+                if view.role == "patches":
+                    out[i][j] = self.vision.encode_patches(pixels.to(self.device), tuple(view.grid))
+                else:
+                    by_size[tuple(pixels.shape)].append((i, j, pixels))
+        for items in by_size.values():
+            feats = self.vision_features(torch.stack([p for _, _, p in items]))
+            for (i, j, _), f in zip(items, feats):
+                out[i][j] = f.unsqueeze(0)
+        return out
+
+    def image_tokens(self, images: list, features: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """(visual tokens, LLM width) for each image, assembled by its family."""
+        if features is None:
+            features = self.view_features(images)
+        newline = getattr(self.connector, "image_newline", None)
+        # Views of one grid, from any image, go through the connector together (frames of a
+        # video view are rows like any other).
+        by_grid = defaultdict(list)
+        for i, (image, feats) in enumerate(zip(images, features)):
+            for j, (view, f) in enumerate(zip(image.views, feats)):
+                by_grid[self.view_grid(view)[1:]].append((i, j, f))
+        projected: dict[tuple[int, int], torch.Tensor] = {}
+        for grid, items in by_grid.items():
+            stacked = torch.cat([f.to(self.device) for _, _, f in items])
+            rows = self.connector(stacked, grid).split([f.shape[0] for _, _, f in items])
+            for (i, j, _), r in zip(items, rows):
+                projected[i, j] = r.reshape(-1, r.shape[-1])
+        out = []
+        for i, image in enumerate(images):
+            tokens = [projected[i, j] for j in range(len(image.views))]
+            grids = [self.connector.output_grid(self.view_grid(v)[1:]) for v in image.views]
+            assemble, _ = assembler(image.arrangement.assembler)
+            out.append(assemble(tokens, grids, image.arrangement, image.image_size, newline))
+        return out
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Connector output for stacked base-size features (images, N, C)."""
         return self.connector(features, self.image_grid)
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the image-token slots filled by `image_embeds`, in order."""
+    def fill_slots(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image-token slots filled by `image_embeds` (rows in order)."""
         is_image = input_ids == self.image_token_id
         safe_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.llm.get_input_embeddings()(safe_ids)
         slots = int(is_image.sum())
-        given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        given = 0 if image_embeds is None else image_embeds.reshape(-1, embeds.shape[-1]).shape[0]
         if slots != given:
             raise ValueError(
                 f"the prompt has {slots} image-token slots but the images produced {given} visual tokens; "
@@ -131,28 +336,67 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), flat)
         return embeds
 
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings from stacked connector outputs (images, N, D) (or None)."""
+        tokens = list(image_embeds) if image_embeds is not None else None
+        return self.fusion.inputs_embeds(self, input_ids, tokens, cached=False)
+
+    def inputs_embeds(self, input_ids, images=None, image_features=None, pixel_values=None, cached: bool = False):
+        """What the decoder reads: the text's embeddings with the images fused in by the strategy."""
+        if images is None and pixel_values is not None and pixel_values.numel():
+            images = self._legacy_images(pixel_values)
+        tokens = None
+        if image_features is not None and not isinstance(image_features, list):
+            # Stacked base-size features, one single-view image each.
+            tokens = list(self.project(image_features.to(self.device)))
+        elif images:
+            tokens = self.image_tokens(images, image_features)
+        return self.fusion.inputs_embeds(self, input_ids, tokens, cached)
+
+    def _legacy_images(self, pixel_values: torch.Tensor) -> list:
+        """Stacked (images, 3, H, W) pixels as single-view images (the fixed-resolution case)."""
+        from vlmkit.processing.base import ProcessedImage, TokenLayout, image_views
+
+        return [ProcessedImage(p.unsqueeze(0), TokenLayout(0), views=image_views(p, ["image"])) for p in pixel_values]
+
+    # ---- forward --------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features=None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        images: list | None = None,
     ) -> VLMOutput:
-        if image_features is None and pixel_values is not None and pixel_values.numel():
-            image_features = self.vision_features(pixel_values)
-        image_embeds = self.project(image_features.to(self.device)) if image_features is not None else None
-        embeds = self.embed(input_ids, image_embeds)
-        out = run_decoder(self.llm.base_model, embeds, attention_mask, position_ids, past_key_values, use_cache)
-        hidden = out.last_hidden_state
+        embeds = self.inputs_embeds(input_ids, images, image_features, pixel_values, cached=past_key_values is not None)
+        try:
+            out = run_decoder(self.llm.base_model, embeds, attention_mask, position_ids, past_key_values, use_cache)
+        finally:
+            self.fusion.after_forward(use_cache)
         head = self.llm.get_output_embeddings()
-        if labels is None:
-            return VLMOutput(loss=None, logits=head(hidden), past_key_values=out.past_key_values if use_cache else None)
-        loss, count = supervised_loss(hidden, labels, head)
-        return VLMOutput(loss=loss, logits=None, num_supervised=count)
+        cache = (getattr(out, "past_key_values", None) or getattr(out, "cache", None)) if use_cache else None
+        result = VLMOutput(out.last_hidden_state, cache, head=head)
+        if labels is not None:
+            from vlmkit.train.losses import next_token_loss
+
+            result.loss, result.num_supervised = next_token_loss(out.last_hidden_state, labels, head)
+        return result
+
+
+# Families whose views have no fixed size: the connector is not checked against the base grid.
+NATIVE_FAMILIES = ("qwen2vl", "pixtral")
+
+
+def _fixed_tokens(connector, grid, config: ModelConfig) -> int:
+    """The fixed family's per-image slots: the connector's output for the base grid, or one
+    marker under cross-attention."""
+    if config.processor.name != "fixed":
+        return 0
+    return 1 if config.fusion == "cross-attention" else connector.num_tokens(grid)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,26 +409,6 @@ def run_decoder(decoder: nn.Module, embeds, attention_mask, position_ids, cache=
     """The LLM's decoder stack (no LM head) on input embeddings."""
     kwargs = {_cache_argument(type(decoder)): cache} if cache is not None else {}
     return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs)
-
-
-def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over supervised positions only.
-
-    The LM head runs on the supervised rows alone, in chunks: most positions of a VLM sample are
-    image and prompt tokens, and a full (tokens x vocab) logit tensor is the largest activation.
-    """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = hidden[:, :-1][keep]
-    wanted = targets[keep]
-    count = int(wanted.numel())
-    if count == 0:
-        return hidden.sum() * 0.0, 0
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk):
-        logits = head(rows[start : start + chunk]).float()
-        total = total + F.cross_entropy(logits, wanted[start : start + chunk], reduction="sum")
-    return total / count, count
 
 
 def ensure_image_token(tokenizer, image_token: str) -> int:

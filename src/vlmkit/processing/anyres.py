@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import Arrangement, ImageProcessor, ProcessedImage, TokenLayout, image_views
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, normalize_into, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -149,10 +149,16 @@ class AnyResProcessor(ImageProcessor):
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         w, h = image.size
+        layout = self.layout(w, h)
+        pixels = self.pixels(image)
+        rows, cols = layout.parts["grid"]
         return ProcessedImage(
-            pixel_values=self.pixels(image),
-            layout=self.layout(w, h),
+            pixel_values=pixels,
+            layout=layout,
             extra={"image_size": (h, w)},
+            views=image_views(pixels, ["thumbnail"] + ["tile"] * (rows * cols)),
+            image_size=(h, w),
+            arrangement=Arrangement("anyres", tiles=(rows, cols), first_tile=1, unpad=self.unpad, newline=self.newline),
         )
 
 

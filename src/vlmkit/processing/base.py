@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -26,17 +26,74 @@ class TokenLayout:
     parts: dict[str, Any] = field(default_factory=dict)
     # Text tokens the family adds around or between the visual slots ([IMG_BREAK], newlines ...).
     special_tokens: int = 0
+    # Image-token positions in the text, when they differ from `visual_tokens`: a cross-attention
+    # family (Llama 3.2 Vision) puts one marker in the text and its visual tokens in a memory.
+    sequence_slots: int | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.visual_tokens if self.sequence_slots is None else self.sequence_slots
 
     @property
     def total_tokens(self) -> int:
         return self.visual_tokens + self.special_tokens
 
 
+@dataclass(frozen=True)
+class View:
+    """One input of the vision tower: a tile, a thumbnail, a whole image at native resolution,
+    or a video's temporal patches. `size` is its (height, width) in pixels; the encoder grid
+    follows from it and the tower's patch size, except for pre-flattened patches, whose
+    (t, h, w) patch grid the processor states in `grid`."""
+
+    role: Literal["image", "tile", "thumbnail", "patches"]
+    size: tuple[int, int]
+    grid: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """How a family's views become one image's token block (read by the model's assembler).
+
+    `tiles` (rows, cols): views [first_tile, first_tile + rows*cols) are a row-major tile grid
+    whose features are stitched into one feature map (AnyRes); `unpad`: crop that map to the
+    original aspect ratio; `newline`: a learned embedding after each feature row."""
+
+    assembler: str = "concat"
+    tiles: tuple[int, int] | None = None
+    first_tile: int = 0
+    unpad: bool = False
+    newline: bool = False
+
+
 @dataclass
 class ProcessedImage:
-    pixel_values: torch.Tensor  # family-specific layout, e.g. (crops, 3, H, W)
+    # Views stacked in view order: (views, 3, H, W) for image-shaped views of one size, or
+    # (patches, C*T*p*p) for a family that flattens patches itself (Qwen2-VL).
+    pixel_values: torch.Tensor
     layout: TokenLayout
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. image_grid_thw
+    extra: dict[str, Any] = field(default_factory=dict)  # reference-processor outputs, for display
+    views: tuple[View, ...] = ()
+    image_size: tuple[int, int] | None = None  # original (height, width)
+    arrangement: Arrangement = Arrangement()
+
+    def view_pixels(self) -> list[torch.Tensor]:
+        """Each view's pixels: (3, H, W), or (patches, dim) for flattened patches."""
+        if self.views and self.views[0].role == "patches":
+            out, at = [], 0
+            for v in self.views:
+                t, h, w = v.grid
+                n = t * h * w
+                out.append(self.pixel_values[at : at + n])
+                at += n
+            return out
+        return list(self.pixel_values[: len(self.views)])
+
+
+def image_views(pixels: torch.Tensor, roles: list[str]) -> tuple[View, ...]:
+    """Views of a stacked (views, 3, H, W) tensor, one role per view."""
+    size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+    return tuple(View(role, size) for role in roles)
 
 
 class ImageProcessor(ABC):

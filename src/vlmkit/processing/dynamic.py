@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD, Resizer, normalize_into, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -117,7 +117,11 @@ class DynamicTileProcessor(ImageProcessor):
         return out
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
-        return ProcessedImage(pixel_values=self.pixels(image), layout=self.layout(*image.size))
+        layout = self.layout(*image.size)
+        pixels = self.pixels(image)
+        roles = ["tile"] * layout.parts["tiles"] + ["thumbnail"] * int(layout.parts["thumbnail"])
+        return ProcessedImage(pixel_values=pixels, layout=layout, views=image_views(pixels, roles),
+                              image_size=(image.size[1], image.size[0]))
 
     def placeholder_text(self, layout: TokenLayout, image_token: str) -> str:
         return "<img>" + image_token * layout.visual_tokens + "</img>"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
 from vlmkit.registry import IMAGE_PROCESSORS
 
 RESAMPLE = {
@@ -85,7 +85,8 @@ class FixedResizeProcessor(ImageProcessor):
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         pixels = normalize(self.resize(image), self.mean, self.std).unsqueeze(0)
-        return ProcessedImage(pixel_values=pixels, layout=self.layout(*image.size))
+        return ProcessedImage(pixel_values=pixels, layout=self.layout(*image.size), views=image_views(pixels, ["image"]),
+                              image_size=(image.size[1], image.size[0]))
 
 
 @IMAGE_PROCESSORS.register("fixed")

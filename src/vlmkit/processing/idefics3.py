@@ -29,7 +29,7 @@ import math
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
 from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, normalize_into, tiles_into, to_normalized
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -137,7 +137,10 @@ class Idefics3Processor(ImageProcessor):
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         layout = self.layout(*image.size)
         rows, cols = layout.parts["grid"]
-        return ProcessedImage(pixel_values=self.pixels(image), layout=layout, extra={"rows": rows, "cols": cols})
+        pixels = self.pixels(image)
+        roles = ["tile"] * (rows * cols) + ["thumbnail"] if rows else ["image"]
+        return ProcessedImage(pixel_values=pixels, layout=layout, extra={"rows": rows, "cols": cols},
+                              views=image_views(pixels, roles), image_size=(image.size[1], image.size[0]))
 
     def placeholder_text(self, layout: TokenLayout, image_token: str = "<image>") -> str:
         rows, cols = layout.parts["grid"]

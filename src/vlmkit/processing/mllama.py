@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
 from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -102,6 +102,7 @@ class MllamaProcessor(ImageProcessor):
                 "sequence_tokens": 1,
                 "aspect_ratio_id": self.aspect_ratio_id(rows, cols),
             },
+            sequence_slots=1,
         )
 
     def pixels(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
@@ -124,6 +125,9 @@ class MllamaProcessor(ImageProcessor):
             layout=self.layout(*image.size),
             extra={"aspect_ratio_id": self.aspect_ratio_id(rows, cols), "aspect_ratio_mask": mask,
                    "num_tiles": rows * cols},
+            # Only the real tiles are encoded; the zero slots exist for the reference layout.
+            views=image_views(pixels, ["tile"] * (rows * cols)),
+            image_size=(image.size[1], image.size[0]),
         )
 
     def placeholder_text(self, layout: TokenLayout, image_token: str = "<|image|>") -> str:

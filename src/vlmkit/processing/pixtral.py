@@ -14,7 +14,7 @@ import math
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, to_normalized
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -62,8 +62,10 @@ class PixtralProcessor(ImageProcessor):
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         layout = self.layout(*image.size)
-        return ProcessedImage(pixel_values=self.pixels(image), layout=layout,
-                              extra={"image_size": tuple(layout.parts["resized"][::-1])})
+        pixels = self.pixels(image)
+        return ProcessedImage(pixel_values=pixels, layout=layout,
+                              extra={"image_size": tuple(layout.parts["resized"][::-1])},
+                              views=image_views(pixels, ["image"]), image_size=(image.size[1], image.size[0]))
 
     def placeholder_text(self, layout: TokenLayout, image_token: str = "[IMG]") -> str:
         rows, cols = layout.parts["grid"]

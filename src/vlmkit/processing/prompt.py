@@ -51,6 +51,11 @@ class EncodedSample:
     layouts: list[TokenLayout] = field(default_factory=list)  # one per pixel row / token group
     image_keys: list[str] = field(default_factory=list)  # for caching frozen-tower features, one per row
     visuals: list[VisualSpan] = field(default_factory=list)
+    # Each token group's views, grids and arrangement, in token order (what the model encodes).
+    images: list[ProcessedImage] = field(default_factory=list)
+    # (3, T) M-RoPE positions (Qwen2-VL family), and what generation adds to the step counter.
+    position_ids: torch.Tensor | None = None
+    rope_delta: int = 0
 
 
 @dataclass
@@ -86,8 +91,10 @@ class ChatProcessor:
     """
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
-                 max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto"):
+                 max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
+                 mrope: bool = False):
         self.tokenizer = tokenizer
+        self.mrope = mrope
         self.image_processor = image_processor
         self.image_token = image_token
         self.max_length = max_length
@@ -196,9 +203,18 @@ class ChatProcessor:
         layouts = [g.layout for g in groups]
         pixels = torch.cat([g.pixel_values for g in groups]) if groups else torch.zeros(0)
         keys = [k for v in visuals for k in v.keys]
-        spans = [VisualSpan(v.kind, v.index, len(v.groups), sum(g.layout.visual_tokens for g in v.groups), v.grid_thw,
+        spans = [VisualSpan(v.kind, v.index, len(v.groups), sum(g.layout.slots for g in v.groups), v.grid_thw,
                             list(v.timestamps)) for v in visuals]
-        return layouts, pixels, keys, spans
+        return layouts, pixels, keys, spans, groups
+
+    def _with_positions(self, sample: EncodedSample) -> EncodedSample:
+        if self.mrope:
+            from vlmkit.processing.mrope import sample_positions
+
+            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            sample.position_ids = sample_positions(sample, image_id)
+            sample.rope_delta = int(sample.position_ids.max()) + 1 - len(sample.input_ids) if len(sample.input_ids) else 0
+        return sample
 
     # ---- text ---------------------------------------------------------------------------
     def _render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
@@ -223,7 +239,7 @@ class ChatProcessor:
 
     def encode(self, sample: Sample, train: bool = True) -> EncodedSample:
         visuals, messages = self._prepare(sample)
-        layouts, pixels, keys, visual_spans = self._outputs(visuals)
+        layouts, pixels, keys, visual_spans, groups = self._outputs(visuals)
         if train and not any(m.role == "assistant" for m in messages):
             raise BadRecordError(sample.id, "has no assistant turn to learn from")
         text, spans = self.assistant_spans(sample.id, messages)
@@ -243,7 +259,7 @@ class ChatProcessor:
             if not any(s <= start < e for start, _ in enc["offset_mapping"]):
                 raise BadRecordError(sample.id, f"assistant turn {turn} has no tokens to supervise")
         self._check_image_tokens(sample.id, ids, layouts)
-        return EncodedSample(
+        return self._with_positions(EncodedSample(
             id=sample.id,
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
@@ -251,7 +267,8 @@ class ChatProcessor:
             layouts=layouts,
             image_keys=keys,
             visuals=visual_spans,
-        )
+            images=groups,
+        ))
 
     def encode_prompt(self, messages: list[Message], images: list) -> EncodedSample:
         """A generation prompt: the conversation so far plus the assistant header.
@@ -275,17 +292,17 @@ class ChatProcessor:
                         images=[x for x in images if not isinstance(x, VideoInput)],
                         videos=[x.path for x in images if isinstance(x, VideoInput)])
         visuals, expanded = self._prepare(sample)
-        layouts, pixels, keys, spans = self._outputs(visuals)
+        layouts, pixels, keys, spans, groups = self._outputs(visuals)
         text = self._render(expanded, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_length:
             raise BadRecordError("prompt", f"is {len(ids)} tokens long, longer than the context of {self.max_length}")
         self._check_image_tokens("prompt", ids, layouts)
-        return EncodedSample("prompt", torch.tensor(ids), torch.full((len(ids),), IGNORE_INDEX), pixels, layouts,
-                             keys, spans)
+        return self._with_positions(EncodedSample("prompt", torch.tensor(ids), torch.full((len(ids),), IGNORE_INDEX),
+                                                  pixels, layouts, keys, spans, groups))
 
     def _check_image_tokens(self, sample_id: str, ids: list[int], layouts: list[TokenLayout]) -> None:
         image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        got, want = ids.count(image_id), sum(l.visual_tokens for l in layouts)
+        got, want = ids.count(image_id), sum(l.slots for l in layouts)
         if got != want:
             raise BadRecordError(sample_id, f"tokenised to {got} image tokens, expected {want}")

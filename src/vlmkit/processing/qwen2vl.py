@@ -19,7 +19,7 @@ import math
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, View
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, copy_into, normalize_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -114,7 +114,10 @@ class Qwen2VLProcessor(ImageProcessor):
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         pixels, thw = self.pixels(image)
-        return ProcessedImage(pixel_values=pixels, layout=self.layout(*image.size), extra={"image_grid_thw": thw})
+        p = self.patch_size
+        view = View("patches", (thw[1] * p, thw[2] * p), thw)
+        return ProcessedImage(pixel_values=pixels, layout=self.layout(*image.size), extra={"image_grid_thw": thw},
+                              views=(view,), image_size=(image.size[1], image.size[0]))
 
     def placeholder_text(self, layout: TokenLayout, image_token: str) -> str:
         return "<|vision_start|>" + image_token * layout.visual_tokens + "<|vision_end|>"

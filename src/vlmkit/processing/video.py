@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, View
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
@@ -315,13 +315,17 @@ def process_clip(processor: ImageProcessor, clip: Clip, options: VideoOptions) -
     if options.compression == "temporal-patch" and _is_qwen2vl(processor):
         pixels, thw = _qwen2vl_video_pixels(processor, frames)
         group_layout = TokenLayout(layout.visual_tokens, {"grid_thw": list(thw)}, layout.special_tokens)
-        return ProcessedVideo([ProcessedImage(pixels, group_layout, {"video_grid_thw": thw})], layout, times,
+        view = View("patches", (thw[1] * processor.patch_size, thw[2] * processor.patch_size), thw)
+        group = ProcessedImage(pixels, group_layout, {"video_grid_thw": thw}, views=(view,), image_size=(h, w))
+        return ProcessedVideo([group], layout, times,
                               [(times[0], times[-1])], (thw[0], thw[1] // processor.merge_size, thw[2] // processor.merge_size))
     per_frame = [processor.preprocess(im) for im in frames]
     groups = []
     for window in group_plan(len(frames), options):
         rows = torch.stack([per_frame[i].pixel_values for i in window])
-        groups.append(ProcessedImage(rows.mean(0), per_frame[window[0]].layout))
+        first = per_frame[window[0]]
+        groups.append(ProcessedImage(rows.mean(0), first.layout, views=first.views, image_size=first.image_size,
+                                     arrangement=first.arrangement))
     spans = [(times[wd[0]], times[wd[-1]]) for wd in group_plan(len(frames), options)]
     grid = None
     if "grid_thw" in per_frame[0].layout.parts:

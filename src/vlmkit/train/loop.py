@@ -106,26 +106,26 @@ def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
 
 
 @torch.no_grad()
-def cache_vision_features(model, encoded: list[EncodedSample], batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """Features of each distinct image from the frozen tower, computed once for the stage."""
-    todo: dict[str, torch.Tensor] = {}
+def cache_vision_features(model, encoded: list[EncodedSample], batch_size: int = 32) -> dict[str, list[torch.Tensor]]:
+    """Features of each distinct image (every view) from the frozen tower, computed once for the stage."""
+    todo: dict[str, object] = {}
     for s in encoded:
-        for k, key in enumerate(s.image_keys):
-            todo.setdefault(key, s.pixel_values[k : k + 1])
+        for key, image in zip(s.image_keys, s.images):
+            todo.setdefault(key, image)
     keys = list(todo)
-    feats: dict[str, torch.Tensor] = {}
+    feats: dict[str, list[torch.Tensor]] = {}
     model.vision.eval()
     for start in tqdm(range(0, len(keys), batch_size), desc="vision features", unit="batch", leave=False):
         chunk = keys[start : start + batch_size]
-        out = model.vision_features(torch.cat([todo[k] for k in chunk])).cpu()
-        feats.update(zip(chunk, out))
+        out = model.view_features([todo[k] for k in chunk])
+        feats.update(zip(chunk, [[f.cpu() for f in views] for views in out]))
     return feats
 
 
-def _features_for(samples: list[EncodedSample], cache: dict[str, torch.Tensor] | None):
+def _features_for(samples: list[EncodedSample], cache: dict[str, list[torch.Tensor]] | None):
     if cache is None:
         return None
-    return [cache[k].unsqueeze(0) for s in samples for k in s.image_keys]
+    return [cache[k] for s in samples for k in s.image_keys]
 
 
 def _micro_batches(n: int, batch_size: int, seed: int, stage: str, min_size: int = 1):

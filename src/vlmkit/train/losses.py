@@ -22,30 +22,35 @@ from vlmkit.model.vlm import IGNORE_INDEX
 
 
 def decoder_hidden(model, batch: Batch) -> torch.Tensor:
-    """Final hidden states of the LLM for `batch`, through the model's own forward.
+    """Final hidden states of the LLM for `batch`, through the model's own forward (so DDP /
+    FSDP wrappers and both fusion strategies stay on their normal path)."""
+    return model(
+        batch.input_ids, batch.attention_mask,
+        images=batch.images,
+        image_features=batch.image_features,
+        position_ids=batch.position_ids,
+    ).hidden_states
 
-    The model is called with every label ignored, so its built-in loss costs nothing; a hook
-    on the decoder stack hands back the hidden states. Going through `model(...)` keeps DDP /
-    FSDP wrappers and fusion variants (prefix, cross-attention) on their normal path.
+
+def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over supervised positions of unpacked rows (`labels` are
+    the token's own ids, the target of the position before it).
+
+    The LM head runs on the supervised rows alone, in chunks: most positions of a VLM sample are
+    image and prompt tokens, and a full (tokens x vocab) logit tensor is the largest activation.
     """
-    inner = getattr(model, "module", model)
-    captured = {}
-
-    def grab(_module, _args, output):
-        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    handle = inner.llm.base_model.register_forward_hook(grab)
-    try:
-        model(
-            batch.input_ids, batch.attention_mask,
-            pixel_values=None if batch.image_features is not None else batch.pixel_values,
-            image_features=batch.image_features,
-            labels=torch.full_like(batch.input_ids, IGNORE_INDEX),
-            position_ids=batch.position_ids,
-        )
-    finally:
-        handle.remove()
-    return captured["hidden"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows = hidden[:, :-1][keep]
+    wanted = targets[keep]
+    count = int(wanted.numel())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk):
+        logits = head(rows[start : start + chunk]).float()
+        total = total + F.cross_entropy(logits, wanted[start : start + chunk], reduction="sum")
+    return total / count, count
 
 
 def sequence_logps(hidden: torch.Tensor, batch: Batch, head, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,12 @@ class Connector(nn.Module):
         """Output tokens for one image whose features form an `h x w` grid."""
         raise NotImplementedError
 
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The (rows, cols) its output tokens form for an input grid, for connectors whose output
+        keeps the image's 2D layout (AnyRes stitches tiles and unpads on it); None for learned
+        queries / latents, which have no spatial order."""
+        return None
+
     def check_grid(self, grid: tuple[int, int]) -> None:
         """Raise ValueError if this connector cannot take a feature grid of this shape."""
 

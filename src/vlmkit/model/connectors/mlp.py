@@ -21,6 +21,9 @@ class LinearConnector(Connector):
         super().__init__(vision_dim, llm_dim, options)
         self.proj = nn.Linear(vision_dim, llm_dim, bias=options.bias)
 
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid
+
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return grid[0] * grid[1]
 
@@ -47,6 +50,9 @@ class MLPConnector(Connector):
         self.fc1 = nn.Linear(vision_dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, llm_dim)
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return grid[0] * grid[1]

@@ -36,6 +36,9 @@ class NativeConnector(Connector):
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return grid[0] * grid[1]
 
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid
+
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         check_tokens(features, grid, "native")
         return self.proj(features)

@@ -72,6 +72,9 @@ class PatchEmbedConnector(Connector):
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return grid[0] * grid[1]
 
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid
+
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         check_tokens(features, grid, "patch-embed")
         return self.proj(features)

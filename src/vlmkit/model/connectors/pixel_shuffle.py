@@ -76,6 +76,9 @@ class PixelShuffleConnector(Connector):
                 "change the image size or the ratio"
             )
 
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid[0] // self.factor, grid[1] // self.factor
+
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return (grid[0] // self.factor) * (grid[1] // self.factor)
 

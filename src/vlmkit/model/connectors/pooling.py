@@ -39,6 +39,10 @@ class PoolingConnector(Connector):
         if grid[0] % k or grid[1] % k:
             raise ValueError(f"pooling kernel {k} does not tile the {grid[0]}x{grid[1]} feature grid")
 
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        k = self.options.kernel
+        return grid[0] // k, grid[1] // k
+
     def num_tokens(self, grid: tuple[int, int]) -> int:
         k = self.options.kernel
         return (grid[0] // k) * (grid[1] // k)

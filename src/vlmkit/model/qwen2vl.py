@@ -1,0 +1,120 @@
+"""Qwen2-VL's own parts, taken from transformers so their maths is the reference's:
+
+* `qwen2-vit`: the native-resolution ViT (3D patch embedding, 2D rotary positions, attention
+  bounded per image). It reads the processor's pre-flattened patches with their (t, h, w) grid.
+  Its PatchMerger is left out: that is vlmkit's pixel-shuffle connector with `norm: pre`, so the
+  connector stays a swappable part. Features leave the tower in row-major order per frame; the
+  reference keeps them in 2x2 merge-window order, and pixel shuffle over a row-major grid puts
+  the same four patches into each merged token in the same channel order.
+* an LLM whose rotary positions are 3D (M-RoPE): transformers' `Qwen2VLTextModel` plus an LM
+  head. It takes `position_ids` of shape (3, B, T) from the processor (`processing/mrope.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmkit.config import LLMConfig, VisionConfig
+from vlmkit.model.vision import VisionTower
+from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
+
+# Model types whose LLM takes (3, B, T) M-RoPE positions.
+MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
+
+
+class Qwen2ViTTower(VisionTower):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.hidden_size = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.merge_size = cfg.spatial_merge_size
+        self.temporal_patch_size = cfg.temporal_patch_size
+
+    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
+        p = self.patch_size
+        return height // p, width // p
+
+    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        t, h, w = grid_thw
+        m = self.merge_size
+        dtype = self.model.patch_embed.proj.weight.dtype
+        out = self.model(hidden_states=patches.to(dtype), grid_thw=torch.tensor([grid_thw], device=patches.device))
+        feats = out.last_hidden_state  # (t*h*w, C) in merge-window order
+        c = feats.shape[-1]
+        return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the qwen2-vit tower reads pre-flattened patches (the qwen2vl processor), not image tensors")
+
+
+@VISION_TOWERS.register("qwen2-vit")
+def build_qwen2_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
+    """A randomly initialised Qwen2-VL ViT from `cfg.config` (Qwen2VLVisionConfig fields)."""
+    from transformers import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    model = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLVisionConfig(**(cfg.config or {})))
+    del model.merger  # the connector's job (see the module notes)
+    return Qwen2ViTTower(model)
+
+
+class MRopeCausalLM(nn.Module):
+    """Qwen2-VL's text decoder with an LM head, shaped like a transformers causal LM for the
+    parts vlmkit reads: `base_model`, `config`, input and output embeddings."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+        self.config = config
+        self.model = Qwen2VLTextModel._from_config(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, **kwargs)
+        return self.lm_head(out.last_hidden_state)
+
+
+def build_mrope_llm(cfg: LLMConfig, tokenizer) -> MRopeCausalLM:
+    from transformers import Qwen2VLTextConfig
+
+    kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, **(cfg.config or {})}
+    heads = kwargs.get("num_attention_heads", 28)
+    head_dim = kwargs.get("hidden_size", 3584) // heads
+    # M-RoPE splits the rotary pairs between time, height and width; Qwen2-VL's is 1/4, 3/8, 3/8.
+    half = head_dim // 2
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    rope = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 1_000_000.0), "mrope_section": section}
+    rope.update(kwargs.pop("rope_parameters", {}))
+    return MRopeCausalLM(Qwen2VLTextConfig(rope_parameters=rope, **kwargs))
+
+
+@LANGUAGE_MODELS.register("qwen2-vl-text-random")
+def build_random_mrope_llm(cfg: LLMConfig, pretrained: bool = False):
+    """A randomly initialised Qwen2-VL text decoder (M-RoPE) from `cfg.config`, with the offline
+    byte-level tokenizer."""
+    from vlmkit.tokenizer import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer()
+    return build_mrope_llm(cfg, tokenizer), tokenizer
+
+
+def uses_mrope(llm: nn.Module) -> bool:
+    return getattr(llm.config, "model_type", "") in MROPE_MODEL_TYPES
