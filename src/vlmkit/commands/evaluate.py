@@ -182,6 +182,23 @@ def synth_bench_cmd(
         _fail(str(e))
 
 
+@data_app.command("synth-train")
+def synth_train_cmd(
+    out_dir: Path = typer.Argument(..., help="folder to write train.json, test.json, video.json, video_test.json and their media into"),
+    n: int = typer.Option(320, "--n", min=1, help="training samples with images (a quarter of them with two images)"),
+    n_test: int = typer.Option(48, "--n-test", min=1, help="held-out questions"),
+    n_video: int = typer.Option(96, "--n-video", min=0, help="training videos (0: none)"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Write the small built-in training set every family recipe (recipes/families/) trains on:
+    images of many sizes and aspect ratios, two-image samples and short videos."""
+    from vlmkit.data.synthetic.families import write_family_dataset
+
+    paths = write_family_dataset(out_dir, n_train=n, n_test=n_test, n_video=n_video, seed=seed)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
 def _group(app: typer.Typer, name: str, sub: typer.Typer) -> None:
     """Attach `sub` as `name`, or merge its commands into a group of that name another module made."""
     for info in app.registered_groups:

@@ -57,7 +57,7 @@ def build_qwen2_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     model = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLVisionConfig(**(cfg.config or {})))
-    del model.merger  # the connector's job (see the module notes)
+    model.merger = nn.Identity()  # the connector's job (see the module notes)
     return Qwen2ViTTower(model)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vlmkit.eval.benchmarks.base import Benchmark, BenchItem, EvalInputError, ScoreResult
+from vlmkit.registry import BENCHMARKS
 from vlmkit.processing.video import VideoInput
 
 MORE_QUESTION = "Which image holds more objects? Answer first or second."
@@ -99,6 +100,7 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.strip().lower()).strip()
 
 
+@BENCHMARKS.register("synth-media")
 class SyntheticMediaBench(Benchmark):
     """The synthetic multi-image and video tasks, read from a vlmkit training-style JSON file."""
 
