@@ -24,6 +24,7 @@ MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
 
 
 class Qwen2ViTTower(VisionTower):
+    reads_patches = True
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model

@@ -19,6 +19,9 @@ from vlmkit.registry import VISION_TOWERS
 
 class VisionTower(nn.Module):
     hidden_size: int
+    # True for towers that read pre-flattened patches with a (t, h, w) grid (Qwen2-VL's ViT), which
+    # take no image tensors; every other tower reads (views, 3, H, W) images.
+    reads_patches: bool = False
     # Whether the connector may assume BatchNorm statistics etc. stay fixed: towers are put in
     # eval mode whenever they are frozen, so a frozen tower gives the same features every time.
 

@@ -203,6 +203,11 @@ class VisionLanguageModel(nn.Module):
     # ---- the processor contract ---------------------------------------------------------
     def view_grid(self, view) -> tuple[int, int, int]:
         """(t, h, w) encoder grid of one view."""
+        if (view.role == "patches") != self.vision.reads_patches:
+            raise ValueError(
+                f"the vision tower {type(self.vision).__name__} reads "
+                + ("pre-flattened patches (the qwen2vl processor)" if self.vision.reads_patches else "images, not pre-flattened patches")
+            )
         if view.role == "patches":
             return tuple(view.grid)
         return (1, *self.vision.grid_hw(*view.size))

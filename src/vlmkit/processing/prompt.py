@@ -47,7 +47,7 @@ class EncodedSample:
     id: str
     input_ids: torch.Tensor  # (T,)
     labels: torch.Tensor  # (T,), IGNORE_INDEX outside assistant spans
-    pixel_values: torch.Tensor  # (groups, 3, H, W) in token order; (0, ...) when text-only
+    pixel_values: torch.Tensor  # (views, 3, H, W) in token order when all views share a shape; else (0,)
     layouts: list[TokenLayout] = field(default_factory=list)  # one per pixel row / token group
     image_keys: list[str] = field(default_factory=list)  # for caching frozen-tower features, one per row
     visuals: list[VisualSpan] = field(default_factory=list)
@@ -201,7 +201,10 @@ class ChatProcessor:
     def _outputs(visuals: list[_Visual]):
         groups = [g for v in visuals for g in v.groups]
         layouts = [g.layout for g in groups]
-        pixels = torch.cat([g.pixel_values for g in groups]) if groups else torch.zeros(0)
+        shapes = {tuple(g.pixel_values.shape[1:]) for g in groups}
+        # Stacked pixels only where every view has one shape (fixed resolution); `images` is the
+        # source of truth the model reads, whatever the sizes.
+        pixels = torch.cat([g.pixel_values for g in groups]) if len(shapes) == 1 else torch.zeros(0)
         keys = [k for v in visuals for k in v.keys]
         spans = [VisualSpan(v.kind, v.index, len(v.groups), sum(g.layout.slots for g in v.groups), v.grid_thw,
                             list(v.timestamps)) for v in visuals]
