@@ -132,12 +132,13 @@ def _build_llm(spec: dict) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def build_meta(name: str) -> MetaModel:
-    """Every part at its released shape, on the meta device (`name` may be an alias)."""
+def build_meta(preset: str | Preset) -> MetaModel:
+    """Every part at its released shape, on the meta device (a name, an alias or a Preset)."""
     from vlmkit.model.connectors import build_connector
     from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
 
-    preset = get_preset(name)
+    if isinstance(preset, str):
+        preset = get_preset(preset)
     d = preset.data
     with torch.device("meta"):
         vision, vision_dim = _build_vision(d["vision"])
