@@ -159,8 +159,10 @@ def anyres_seed(name: str, connector: dict, pixel_shuffle: int, note: str) -> di
         "image": {"size": 448, "grid": [32, 32], "tiles": 1, "note": "per 448 px tile; AnyRes adds tiles + a 224 px global view (vlmkit tokens)"},
         "processor": real, "tokens_note": note,
         "stages": LLAVA_STAGES,
+        # The anyres family makes pixels only with the global view at tile size (a smaller global
+        # view is token-only there), so the tiny variant, which trains, keeps base_size = tile size.
         "tiny": tiny(connector["name"], connector["options"], vision="clip",
-                     processor=toy(real, 32, patch_size=4, base_size=16, grid_pinpoints=TINY_ANYRES["grid_pinpoints"])),
+                     processor=toy(real, 32, patch_size=4, base_size=None, grid_pinpoints=TINY_ANYRES["grid_pinpoints"])),
     }
 
 
