@@ -82,7 +82,7 @@ def _plot(path: str) -> None:
 
 
 def tokens(
-    preset: str = typer.Option(None, "--preset", "-p", help=f"one of: {', '.join(PRESETS)}"),
+    preset: str = typer.Option(None, "--preset", "-p", help=f"a preset (the same names as `vlmkit inspect`): {', '.join(PRESETS)}"),
     size: str = typer.Option(None, "--size", "-s", help="image size WIDTHxHEIGHT, e.g. 1024x768"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     context: int = typer.Option(None, "--context", help="context length for the share (default: the LLM's)"),

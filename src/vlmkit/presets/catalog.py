@@ -378,12 +378,13 @@ PRESET_DATA: list[dict[str, Any]] = [
     },
     {
         "name": "smolvlm-256m", "family": "SmolVLM-256M-Instruct", "release": "HuggingFaceTB/SmolVLM-256M-Instruct",
-        "published": {"total": None, "source": "the '256M' is the release's name; no safetensors total written down (not checked from this offline machine)"},
+        "published": {"total": 256e6, "source": "Hugging Face blog 'SmolVLM Grows Smaller' (256M parameters); safetensors total not checked from this offline machine"},
         "vision": {"model_class": "SiglipVisionModel", "config_class": "SiglipVisionConfig",
                    "config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                               "image_size": 512, "patch_size": 16, "vision_use_head": False}},
         "connector": {"name": "pixel-shuffle", "options": SMOLVLM_256M_SHUFFLE},
-        "llm": llama(49280, 576, 1536, 30, 9, 3, tie=True, label="SmolLM2-135M", max_position_embeddings=8192),
+        # The LM head is stored apart from the embeddings here (tied, the count would be 228M, not 256M).
+        "llm": llama(49280, 576, 1536, 30, 9, 3, tie=False, label="SmolLM2-135M", max_position_embeddings=8192),
         "image": {"size": 512, "grid": [32, 32], "tiles": 1, "note": "per 512 px split; image splitting adds splits + a global view"},
         "processor": SMOLVLM_256M_PROC, "tokens_note": "512 px crops, 64 tokens each",
         "stages": {"stage1-align": ["connector"], "stage2-instruct": ["vision", "connector", "llm"]},

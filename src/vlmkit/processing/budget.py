@@ -15,8 +15,9 @@ N is the image's sequence length: visual slots plus the text tokens the family a
 ([IMG_BREAK], <img>, row tags ...). Cross-attention models (Llama 3.2 Vision) put one token in
 the sequence; their cost is the vision states read by the cross-attention layers: the K/V
 projections of those states (`2 * S * n_cross * 2*d*KV*hd` FLOPs) and their K/V cache
-(`S * n_cross * 2 * KV * hd` values), with S counted over all max_tiles tile slots because
-that is what the model computes and caches (padded slots are masked, not skipped).
+(`S * n_cross * 2 * KV * hd` values), with d the memory width and KV, hd the blocks' own heads
+(Llama 3.2 Vision's equal its LLM's), and S counted over all max_tiles tile slots because that
+is what the model computes and caches (padded slots are masked, not skipped).
 
 Everything comes from the preset registry (`vlmkit.presets`, the same entries `vlmkit inspect`
 builds): the processor from the preset's ProcessorConfig, its count per image from the family
