@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from vlmkit import presets
 from vlmkit.cli import app
+from vlmkit.config import ModelConfig
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.presets.catalog import ALIASES
 from vlmkit.processing import build_image_processor
@@ -135,6 +136,22 @@ def test_processor_and_connector_agree_on_one_view(name):
     size = meta.preset.data["image"]["size"]
     tokens, grid = _per_view(family, presets.image_processor(meta).layout(size, size), meta.preset)
     assert tokens == meta.parts["connector"].num_tokens(grid)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tiny_variant_is_the_same_family_at_toy_size(name):
+    from vlmkit.processing import import_families
+    from vlmkit.registry import IMAGE_PROCESSORS
+
+    import_families()
+    preset = presets.get_preset(name)
+    tiny, real = preset.tiny_config(), preset.processor_config()
+    assert isinstance(tiny, ModelConfig)
+    assert tiny.processor.name == real.name and tiny.fusion == preset.fusion
+    assert tiny.connector.name == preset.data["connector"]["name"]
+    assert tiny.processor.image_size < real.image_size
+    proc = IMAGE_PROCESSORS.build(tiny.processor.name, tiny.processor, tokens_per_image=4)
+    assert proc.layout(64, 48).visual_tokens > 0
 
 
 @pytest.mark.parametrize("name", ALL)

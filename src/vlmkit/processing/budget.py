@@ -94,17 +94,14 @@ def llm_shape(meta: presets.MetaModel) -> LLMShape:
 
 
 @dataclass(frozen=True)
-class Preset:
-    """What the budget needs of a registry preset: its processor and its LLM shape."""
+class Costing:
+    """What the budget needs of a registry preset: its image processor and its LLM shape."""
 
     name: str
     family: str
     llm: LLMShape
     processor: ImageProcessor
     note: str = ""
-
-    def make_processor(self) -> ImageProcessor:
-        return self.processor
 
 
 # A fixed-query connector sets the count whatever the processor does, so it names the family.
@@ -114,14 +111,12 @@ PRESETS: list[str] = presets.names()
 
 
 @lru_cache(maxsize=None)
-def get_preset(name: str) -> Preset:
-    try:
-        meta = presets.build_meta(name)
-    except KeyError as e:
-        raise KeyError(e.args[0]) from None
+def get_preset(name: str) -> Costing:
+    """The registry preset `name` (or alias), built on the meta device once per process."""
+    meta = presets.build_meta(name)
     p = meta.preset
     family = _QUERY_CONNECTORS.get(p.data["connector"]["name"], p.data["processor"]["name"])
-    return Preset(p.name, family, llm_shape(meta), presets.image_processor(meta), p.data.get("tokens_note", ""))
+    return Costing(p.name, family, llm_shape(meta), presets.image_processor(meta), p.data.get("tokens_note", ""))
 
 
 @dataclass
