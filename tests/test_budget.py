@@ -145,3 +145,25 @@ def test_aliases_give_the_same_budget():
         assert image_budget(alias, 1024, 768) == image_budget(name, 1024, 768)
     res = runner.invoke(app, ["tokens", "-p", "llava-v1.6-vicuna-7b", "-s", "1024x768", "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["preset"] == "llava-next-7b"
+
+
+def test_notes_do_not_contradict_the_counts():
+    # The notes are prose kept word for word from the old table; where one names a count, it must
+    # be the count the processor and connector give.
+    import re
+
+    from vlmkit import presets
+
+    checked = 0
+    for name in PRESETS:
+        p, meta = get_preset(name), presets.build_meta(name)
+        size = meta.preset.data["image"]["size"]
+        layout = p.processor.layout(size, size)
+        per_view = layout.parts.get("tokens_per_crop", layout.visual_tokens)
+        for pattern, expected in [(r"(\d+) tokens each", per_view),
+                                  (r"(\d+) learned queries", meta.parts["connector"].num_tokens(meta.preset.feature_grid)),
+                                  (r"(\d+) Perceiver latents", meta.parts["connector"].num_tokens(meta.preset.feature_grid))]:
+            for found in re.findall(pattern, p.note):
+                assert int(found) == expected, (name, p.note)
+                checked += 1
+    assert checked >= 6
