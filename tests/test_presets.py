@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
 from vlmkit import presets
+from vlmkit.cli import app
+from vlmkit.config import ModelConfig
 from vlmkit.model.vlm import VisionLanguageModel
+from vlmkit.presets.catalog import ALIASES
+from vlmkit.processing import build_image_processor
 
 ALL = presets.names()
+INSPECT_REFERENCE = json.loads((Path(__file__).parent / "data" / "inspect_reference.json").read_text())["reports"]
 
 
 def test_every_seed_model_has_a_preset():
@@ -68,12 +76,95 @@ def test_fused_parts_have_their_own_counts(reports):
     assert reports["openflamingo"]["params"]["cross_attention"] > 1e9
 
 
+def test_every_tokens_preset_is_a_preset():
+    # The names `vlmkit tokens` had before the two preset tables became one.
+    wanted = {"blip2", "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "internvl2-76b", "internvl2-76b-40tiles", "qwen2-vl-7b",
+              "pixtral-12b", "llama-3.2-vision-11b", "idefics3-8b", "smolvlm", "smolvlm-256m", "anyres-seed", "anyres-seed-shuffle"}
+    assert wanted <= set(ALL)
+
+
+def test_inspect_and_tokens_take_the_same_names():
+    runner = CliRunner()
+    inspect_names = runner.invoke(app, ["inspect", "list"]).output.split()
+    tokens_names = [line.split()[0] for line in runner.invoke(app, ["tokens", "--list"]).output.splitlines()]
+    assert inspect_names == tokens_names == ALL
+    assert len(set(ALL)) == len(ALL)
+
+
+def test_aliases_resolve_in_both_commands():
+    runner = CliRunner()
+    assert not set(ALIASES) & set(ALL)
+    for alias, name in ALIASES.items():
+        assert presets.resolve(alias) == name and presets.get_preset(alias).name == name
+    res = runner.invoke(app, ["inspect", "llava-v1.6-mistral-7b", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["preset"] == "llava-next"
+    res = runner.invoke(app, ["tokens", "-p", "llava-v1.6-mistral-7b", "-s", "640x480", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["preset"] == "llava-next"
+    with pytest.raises(KeyError, match="llava-1.5-7b"):
+        presets.resolve("llava-9")
+
+
+@pytest.mark.parametrize("name", sorted(INSPECT_REFERENCE))
+def test_inspect_report_unchanged(name, reports):
+    # Recorded before the preset tables were merged: parameter counts, FLOPs, stages, tokens.
+    assert json.loads(json.dumps(reports[name])) == INSPECT_REFERENCE[name]
+
+
+# The count one view costs, as each family's layout reports it for an image at the preset's base
+# size, and as the connector makes it from that view's feature grid: they must agree, so a
+# processor option that restates a connector setting (a pixel-shuffle factor, a merge size) cannot
+# silently disagree with it.
+def _per_view(family: str, layout, preset) -> tuple[int, tuple[int, int]]:
+    grid = preset.feature_grid
+    if family == "anyres":
+        # The base (global) view; the seed example shrinks it to 224 px.
+        side = layout.parts["base_image"][0] * grid[0] // preset.data["image"]["size"]
+        return layout.parts["base_tokens"], (side, side)
+    if family == "dynamic":
+        return layout.parts["tokens_per_tile"], grid
+    if family == "idefics3":
+        return layout.parts["tokens_per_crop"], grid
+    if family == "mllama":
+        return layout.parts["states_per_tile"] - 1, grid  # + each tile's CLS state, not a grid token
+    return layout.visual_tokens, grid
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_processor_and_connector_agree_on_one_view(name):
+    meta = presets.build_meta(name)
+    family = meta.preset.processor_config().name
+    size = meta.preset.data["image"]["size"]
+    tokens, grid = _per_view(family, presets.image_processor(meta).layout(size, size), meta.preset)
+    assert tokens == meta.parts["connector"].num_tokens(grid)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tiny_variant_is_the_same_family_at_toy_size(name):
+    from vlmkit.processing import import_families
+    from vlmkit.registry import IMAGE_PROCESSORS
+
+    import_families()
+    preset = presets.get_preset(name)
+    tiny, real = preset.tiny_config(), preset.processor_config()
+    assert isinstance(tiny, ModelConfig)
+    assert tiny.processor.name == real.name and tiny.fusion == preset.fusion
+    assert tiny.connector.name == preset.data["connector"]["name"]
+    assert tiny.processor.image_size < real.image_size
+    proc = IMAGE_PROCESSORS.build(tiny.processor.name, tiny.processor, tokens_per_image=4)
+    assert proc.layout(64, 48).visual_tokens > 0
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_tiny_variant_trains_on_cpu(name):
     preset = presets.get_preset(name)
     torch.manual_seed(0)
     model = VisionLanguageModel.build(preset.tiny_config(), pretrained=False)
     assert model.config.fusion == preset.fusion
+    # Same processor family as the real shape, at toy size, and it preprocesses.
+    assert model.config.processor.name == preset.processor_config().name
+    proc = build_image_processor(model.config, tokens_per_image=model.tokens_per_image)
+    out = proc.preprocess(Image.new("RGB", (45, 30), (90, 120, 200)))
+    assert out.layout == proc.layout(45, 30) and out.layout.visual_tokens > 0
     model.set_trainable(sorted(set(sum(preset.stages.values(), []))))
     model.train()
     size = model.config.processor.image_size

@@ -42,7 +42,7 @@ def _tiny_report(name: str) -> dict:
 
 
 def inspect_command(
-    preset: str = typer.Argument(..., help="preset name (see `vlmkit inspect --list`)"),
+    preset: str = typer.Argument(..., help="preset name or alias (see `vlmkit inspect list`; the same names as `vlmkit tokens`)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     tiny: bool = typer.Option(False, "--tiny", help="the tiny CPU variant, built for real"),
 ) -> None:
@@ -55,9 +55,11 @@ def inspect_command(
     if preset == "list":
         typer.echo("\n".join(presets.names()))
         return
-    if preset not in presets.names():
-        typer.echo(f"unknown preset {preset!r}; known: {', '.join(presets.names())}", err=True)
-        raise typer.Exit(2)
+    try:
+        preset = presets.resolve(preset)
+    except KeyError as e:
+        typer.echo(e.args[0], err=True)
+        raise typer.Exit(2) from None
     report = _tiny_report(preset) if tiny else presets.inspect_preset(preset)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

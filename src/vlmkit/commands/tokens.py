@@ -1,4 +1,6 @@
-"""`vlmkit tokens`: what an image costs a preset, and the seed deck's token-budget table."""
+"""`vlmkit tokens`: what an image costs a preset, and the seed deck's token-budget table.
+
+Presets are the registry's (`vlmkit.presets`), the same names `vlmkit inspect` takes."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import re
 
 import typer
 
-from vlmkit.processing.budget import PRESETS, image_budget, seed_table
+from vlmkit.processing.budget import PRESETS, get_preset, image_budget, seed_table
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -66,7 +68,7 @@ def _plot(path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in ["llava-1.5-7b", "llava-next-7b", "internvl2-76b", "qwen2-vl-7b", "pixtral-12b",
                  "llama-3.2-vision-11b", "idefics3-8b", "smolvlm", "blip2"]:
-        proc = PRESETS[name].make_processor()
+        proc = get_preset(name).processor
         ax.plot(sides, [proc.layout(s, s * 3 // 4).visual_tokens for s in sides], label=name)
     ax.set_xlabel("image width (px), 4:3 aspect")
     ax.set_ylabel("visual tokens per image")
@@ -80,7 +82,7 @@ def _plot(path: str) -> None:
 
 
 def tokens(
-    preset: str = typer.Option(None, "--preset", "-p", help=f"one of: {', '.join(PRESETS)}"),
+    preset: str = typer.Option(None, "--preset", "-p", help=f"a preset (the same names as `vlmkit inspect`): {', '.join(PRESETS)}"),
     size: str = typer.Option(None, "--size", "-s", help="image size WIDTHxHEIGHT, e.g. 1024x768"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     context: int = typer.Option(None, "--context", help="context length for the share (default: the LLM's)"),
@@ -93,7 +95,8 @@ def tokens(
 ) -> None:
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
     if list_presets:
-        for name, p in PRESETS.items():
+        for name in PRESETS:
+            p = get_preset(name)
             typer.echo(f"{name:<24} {p.family:<9} {p.llm.name:<40} {p.note}")
         return
     if table:
@@ -129,13 +132,12 @@ def tokens(
 
 
 def _video(preset: str, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:
-    from vlmkit.processing.budget import get_preset
     from vlmkit.processing.video import VideoOptions, video_layout
 
     if frames <= 0:
         raise typer.BadParameter("--frames must be positive")
     try:
-        proc = get_preset(preset).make_processor()
+        proc = get_preset(preset).processor
         opts = VideoOptions(compression=compression, pooled_frames=pooled_frames)
         layout = video_layout(proc, w, h, frames, opts)
     except KeyError as e:

@@ -1,9 +1,12 @@
-"""Named architectures at real shape (meta device, never allocated) and as tiny CPU variants.
+"""Named architectures at real shape (meta device, never allocated), their image processors, and
+tiny CPU variants: the one preset registry that `vlmkit inspect` and `vlmkit tokens` share.
 
 The data lives in `catalog.py`; this module turns an entry into modules. Real shapes use the
 transformers config/model classes of each release for the vision tower and LLM, and vlmkit's
 own connectors and cross-attention blocks, all under `torch.device("meta")`: parameter counts
-and FLOP estimates come from real module trees without allocating a byte of weights.
+and FLOP estimates come from real module trees without allocating a byte of weights. A preset's
+image processor is built from its `ProcessorConfig` through IMAGE_PROCESSORS; where the count
+per image is the connector's, it is the connector's `num_tokens`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.config import ModelConfig
-from vlmkit.presets.catalog import PRESET_DATA, SEED_FIGURES
+from vlmkit.config import ModelConfig, ProcessorConfig
+from vlmkit.presets.catalog import ALIASES, PRESET_DATA, SEED_FIGURES
 from vlmkit.registry import PRESETS
 
 PART_ORDER = ("vision", "connector", "cross_attention", "llm")
@@ -39,8 +42,17 @@ class Preset:
     def stages(self) -> dict[str, list[str]]:
         return self.data["stages"]
 
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        """The vision tower's feature grid for one view at the base resolution."""
+        rows, cols = self.data["image"]["grid"]
+        return rows, cols
+
     def tiny_config(self) -> ModelConfig:
         return ModelConfig.model_validate(self.data["tiny"])
+
+    def processor_config(self) -> ProcessorConfig:
+        return ProcessorConfig.model_validate(self.data["processor"])
 
 
 for _entry in PRESET_DATA:
@@ -48,11 +60,20 @@ for _entry in PRESET_DATA:
 
 
 def names() -> list[str]:
+    """Canonical preset names, in catalog order (aliases are accepted but not listed)."""
     return [e["name"] for e in PRESET_DATA]
 
 
+def resolve(name: str) -> str:
+    """The canonical name for a preset name or alias; KeyError (listing the names) if unknown."""
+    name = ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(names())}")
+    return name
+
+
 def get_preset(name: str) -> Preset:
-    return PRESETS.build(name)
+    return PRESETS.build(resolve(name))
 
 
 def _resolve(name: str):
@@ -111,12 +132,13 @@ def _build_llm(spec: dict) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def build_meta(name: str) -> MetaModel:
-    """Every part at its released shape, on the meta device."""
+def build_meta(preset: str | Preset) -> MetaModel:
+    """Every part at its released shape, on the meta device (a name, an alias or a Preset)."""
     from vlmkit.model.connectors import build_connector
     from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
 
-    preset = get_preset(name)
+    if isinstance(preset, str):
+        preset = get_preset(preset)
     d = preset.data
     with torch.device("meta"):
         vision, vision_dim = _build_vision(d["vision"])
@@ -133,6 +155,22 @@ def build_meta(name: str) -> MetaModel:
     return MetaModel(preset, parts, vision_dim, llm_dim, dict(d.get("extra_params", {})))
 
 
+def image_processor(meta: MetaModel):
+    """The preset's image processor, built from its ProcessorConfig through IMAGE_PROCESSORS.
+
+    Families whose count follows from the image (tiles, native resolution) compute it
+    themselves; for the fixed-resolution family the count is whatever the connector makes of
+    the feature grid (576 for LLaVA-1.5's MLP over 24x24, 32 for BLIP-2's Q-Former queries).
+    """
+    from vlmkit.processing import import_families
+    from vlmkit.registry import IMAGE_PROCESSORS
+
+    import_families()
+    config = meta.preset.processor_config()
+    tokens = meta.parts["connector"].num_tokens(meta.preset.feature_grid)
+    return IMAGE_PROCESSORS.build(config.name, config, tokens_per_image=tokens)
+
+
 # ---- what one image costs -----------------------------------------------------------------------
 
 def _matmul_params(module: nn.Module, skip: tuple[type, ...] = (nn.Embedding,)) -> int:
@@ -145,16 +183,20 @@ def _matmul_params(module: nn.Module, skip: tuple[type, ...] = (nn.Embedding,)) 
     return total
 
 
-def _decoder_layer_count(llm: nn.Module) -> int:
+def decoder_layer_list(llm: nn.Module) -> nn.ModuleList:
     from vlmkit.model.language import decoder_layers
 
     # OPT and MPT keep their layers under names the generic lookup does not try.
     for path in (None, "model.decoder.layers", "transformer.blocks"):
         try:
-            return len(decoder_layers(llm, path))
+            return decoder_layers(llm, path)
         except AttributeError:
             continue
     raise AttributeError(f"cannot find the decoder layers of {type(llm).__name__}")
+
+
+def _decoder_layer_count(llm: nn.Module) -> int:
+    return len(decoder_layer_list(llm))
 
 
 def image_cost(meta: MetaModel) -> dict[str, Any]:
@@ -232,6 +274,7 @@ def trainable_by_stage(meta: MetaModel) -> dict[str, dict[str, int]]:
 
 def inspect_preset(name: str) -> dict[str, Any]:
     meta = build_meta(name)
+    name = meta.preset.name
     counts = meta.params()
     published = meta.preset.published_total
     return {

@@ -15,27 +15,26 @@ N is the image's sequence length: visual slots plus the text tokens the family a
 ([IMG_BREAK], <img>, row tags ...). Cross-attention models (Llama 3.2 Vision) put one token in
 the sequence; their cost is the vision states read by the cross-attention layers: the K/V
 projections of those states (`2 * S * n_cross * 2*d*KV*hd` FLOPs) and their K/V cache
-(`S * n_cross * 2 * KV * hd` values), with S counted over all max_tiles tile slots because
-that is what the model computes and caches (padded slots are masked, not skipped).
+(`S * n_cross * 2 * KV * hd` values), with d the memory width and KV, hd the blocks' own heads
+(Llama 3.2 Vision's equal its LLM's), and S counted over all max_tiles tile slots because that
+is what the model computes and caches (padded slots are masked, not skipped).
 
-The LLM shapes below are the published configs of each preset's language model; this table is
-kept here, self-contained, so the calculator needs no model code.
+Everything comes from the preset registry (`vlmkit.presets`, the same entries `vlmkit inspect`
+builds): the processor from the preset's ProcessorConfig, its count per image from the family
+or, for fixed-resolution presets, from the connector's `num_tokens`; the LLM shape from the
+preset's real-shape LLM built on the meta device (nothing allocated).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from functools import lru_cache
+from typing import Any
 
-from vlmkit.processing.anyres import AnyResProcessor
+from torch import nn
+
+from vlmkit import presets
 from vlmkit.processing.base import ImageProcessor, TokenLayout
-from vlmkit.processing.dynamic import DynamicTileProcessor
-from vlmkit.processing.fixed import FixedResizeProcessor
-from vlmkit.processing.idefics3 import Idefics3Processor
-from vlmkit.processing.images import CLIP_MEAN, CLIP_STD
-from vlmkit.processing.mllama import MllamaProcessor
-from vlmkit.processing.pixtral import PixtralProcessor
-from vlmkit.processing.qwen2vl import Qwen2VLProcessor
 
 
 @dataclass(frozen=True)
@@ -50,81 +49,74 @@ class LLMShape:
     context: int
     gated_mlp: bool = True
     cross_attention_layers: int = 0  # > 0: images enter through gated cross-attention
+    # Cross-attention blocks: width of the memory their K/V projections read, and K + V output width.
+    cross_kv_in: int = 0
+    cross_kv_width: int = 0
 
     def layer_params(self) -> int:
         attn = 2 * self.d_model * self.heads * self.head_dim + 2 * self.d_model * self.kv_heads * self.head_dim
         return attn + (3 if self.gated_mlp else 2) * self.d_model * self.ffn
 
 
-VICUNA_7B = LLMShape("Vicuna-7B (Llama-2-7B)", 32, 4096, 32, 32, 128, 11008, 4096)
-VICUNA_13B = LLMShape("Vicuna-13B (Llama-2-13B)", 40, 5120, 40, 40, 128, 13824, 4096)
-LLAMA3_70B = LLMShape("Hermes-2-Theta-Llama-3-70B", 80, 8192, 64, 8, 128, 28672, 8192)
-QWEN2_7B = LLMShape("Qwen2-7B", 28, 3584, 28, 4, 128, 18944, 32768)
-NEMO_12B = LLMShape("Mistral-NeMo-12B", 40, 5120, 32, 8, 128, 14336, 131072)
-LLAMA31_8B = LLMShape("Llama-3.1-8B", 32, 4096, 32, 8, 128, 14336, 131072)
-LLAMA31_8B_XATTN = LLMShape("Llama-3.1-8B + 8 cross-attention layers", 40, 4096, 32, 8, 128, 14336, 131072,
-                            cross_attention_layers=8)
-SMOLLM2_1_7B = LLMShape("SmolLM2-1.7B", 24, 2048, 32, 32, 64, 8192, 16384)
-SMOLLM2_135M = LLMShape("SmolLM2-135M", 30, 576, 9, 3, 64, 1536, 8192)
-OPT_2_7B = LLMShape("OPT-2.7B", 32, 2560, 32, 32, 80, 10240, 2048, gated_mlp=False)
+def _linears(module: nn.Module) -> list[nn.Module]:
+    # GPT-2-style Conv1D layers count as linear layers too.
+    return [m for m in module.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+
+
+def llm_shape(meta: presets.MetaModel) -> LLMShape:
+    """The shape the cost formulas need, read off the preset's real-shape LLM."""
+    spec = meta.preset.data["llm"]
+    llm = meta.parts["llm"]
+    cfg = llm.config.get_text_config()
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    context = getattr(cfg, "max_position_embeddings", None) or cfg.max_seq_len  # MPT names it max_seq_len
+    layers = presets.decoder_layer_list(llm)
+    # Config classes name the FFN width differently (intermediate_size, ffn_dim, expansion_ratio);
+    # the first layer's weights do not: the MLP's up projection is its widest d-input matrix, and
+    # what is not attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn.
+    weights = [m.weight.shape for m in _linears(layers[0])]
+    ffn = max(max(s) for s in weights if d in s and max(s) != d)
+    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+    mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
+    if rest or mlp_matrices not in (2, 3):
+        raise ValueError(f"{meta.preset.name}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
+    name = spec["label"]
+    cross = {}
+    if meta.preset.fusion == "cross-attention":
+        blocks = meta.parts["cross_attention"].blocks
+        attn = blocks[0].attn
+        name = f"{name} + {len(blocks)} cross-attention layers"
+        cross = {"cross_attention_layers": len(blocks), "cross_kv_in": attn.k_proj.in_features,
+                 "cross_kv_width": attn.k_proj.out_features + attn.v_proj.out_features}
+    return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross)
 
 
 @dataclass(frozen=True)
-class Preset:
+class Costing:
+    """What the budget needs of a registry preset: its image processor and its LLM shape."""
+
     name: str
     family: str
     llm: LLMShape
-    make_processor: Callable[[], ImageProcessor]
+    processor: ImageProcessor
     note: str = ""
 
 
-def _fixed(size: int, tokens: int) -> Callable[[], ImageProcessor]:
-    return lambda: FixedResizeProcessor(size, tokens, mean=CLIP_MEAN, std=CLIP_STD)
+# A fixed-query connector sets the count whatever the processor does, so it names the family.
+_QUERY_CONNECTORS = {"qformer": "Q-Former", "perceiver": "Perceiver"}
+
+PRESETS: list[str] = presets.names()
 
 
-SEED_PINPOINTS = ((448, 896), (896, 448), (896, 896), (1344, 448), (448, 1344), (896, 1344), (1344, 896))
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset("blip2", "Q-Former", OPT_2_7B, _fixed(224, 32), "32 learned queries, whatever the image"),
-        Preset("llava-1.5-7b", "fixed", VICUNA_7B, _fixed(336, 576), "336 px, 24x24 patches"),
-        Preset("llava-1.5-13b", "fixed", VICUNA_13B, _fixed(336, 576), "336 px, 24x24 patches"),
-        Preset("llava-next-7b", "anyres", VICUNA_7B, AnyResProcessor, "llava-v1.6 pinpoints, 336 px tiles"),
-        Preset("internvl2-76b", "dynamic", LLAMA3_70B, lambda: DynamicTileProcessor(max_num=12),
-               "max_dynamic_patch 12 (the released config)"),
-        Preset("internvl2-76b-40tiles", "dynamic", LLAMA3_70B, lambda: DynamicTileProcessor(max_num=40),
-               "max_num 40, the seed's tile cap"),
-        Preset("qwen2-vl-7b", "qwen2vl", QWEN2_7B,
-               lambda: Qwen2VLProcessor(min_pixels=3136, max_pixels=12845056),
-               "released preprocessor_config: min_pixels 3136, max_pixels 12845056"),
-        Preset("pixtral-12b", "pixtral", NEMO_12B, PixtralProcessor, "longest edge 1024, patch 16"),
-        Preset("llama-3.2-vision-11b", "mllama", LLAMA31_8B_XATTN, MllamaProcessor,
-               "cross-attention: 1 sequence token per image"),
-        Preset("idefics3-8b", "idefics3", LLAMA31_8B, Idefics3Processor, "364 px crops, 169 tokens each"),
-        Preset("smolvlm", "idefics3", SMOLLM2_1_7B,
-               lambda: Idefics3Processor(longest_edge=1536, crop_size=384, patch_size=14, scale_factor=3),
-               "SmolVLM-Instruct: 384 px crops, 81 tokens each"),
-        Preset("smolvlm-256m", "idefics3", SMOLLM2_135M,
-               lambda: Idefics3Processor(longest_edge=2048, crop_size=512, patch_size=16, scale_factor=4),
-               "512 px crops, 64 tokens each"),
-        Preset("anyres-seed", "anyres", VICUNA_7B,
-               lambda: AnyResProcessor(image_size=448, grid_pinpoints=SEED_PINPOINTS, unpad=False,
-                                       newline=False, base_size=224),
-               "the seed deck's AnyRes example: 448 px tiles (1024 tokens) + 224 px global (256)"),
-        Preset("anyres-seed-shuffle", "anyres", VICUNA_7B,
-               lambda: AnyResProcessor(image_size=448, grid_pinpoints=SEED_PINPOINTS, unpad=False,
-                                       newline=False, base_size=224, pixel_shuffle=2),
-               "the same with a 2x2 pixel shuffle (InternVL-style, 1/4 of the tokens)"),
-    ]
-}
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+@lru_cache(maxsize=None)
+def get_preset(name: str) -> Costing:
+    """The registry preset `name` (or alias), built on the meta device once per process."""
+    meta = presets.build_meta(name)
+    p = meta.preset
+    family = _QUERY_CONNECTORS.get(p.data["connector"]["name"], p.data["processor"]["name"])
+    return Costing(p.name, family, llm_shape(meta), presets.image_processor(meta), p.data.get("tokens_note", ""))
 
 
 @dataclass
@@ -152,24 +144,22 @@ class Budget:
 def image_budget(preset: str, width: int, height: int, context: int | None = None,
                  bytes_per_value: int = 2) -> Budget:
     p = get_preset(preset)
-    proc = p.make_processor()
-    layout: TokenLayout = proc.layout(width, height)
+    layout: TokenLayout = p.processor.layout(width, height)
     llm = p.llm
     ctx = context or llm.context
     if ctx <= 0:
         raise ValueError("context must be positive")
-    kv_width = 2 * llm.kv_heads * llm.head_dim
     if llm.cross_attention_layers:
         seq = layout.parts.get("sequence_tokens", 1)
         states = layout.parts.get("cross_attention_states_padded", layout.visual_tokens)
-        flops = 2 * states * llm.cross_attention_layers * llm.d_model * kv_width
-        kv = states * llm.cross_attention_layers * kv_width * bytes_per_value
+        flops = 2 * states * llm.cross_attention_layers * llm.cross_kv_in * llm.cross_kv_width
+        kv = states * llm.cross_attention_layers * llm.cross_kv_width * bytes_per_value
         fusion = "cross-attention"
     else:
         seq = layout.total_tokens
         n = seq
         flops = 2 * n * llm.layer_params() * llm.layers + 2 * llm.layers * n * n * llm.heads * llm.head_dim
-        kv = n * llm.layers * kv_width * bytes_per_value
+        kv = n * llm.layers * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
         fusion = "prefix"
     notes = [p.note] if p.note else []
     if seq > ctx:
@@ -185,7 +175,7 @@ def image_budget(preset: str, width: int, height: int, context: int | None = Non
 # The seed deck's token-budget table, row by row, next to what the reference code gives.
 def seed_table() -> list[dict[str, Any]]:
     def tok(preset, w, h):
-        return get_preset(preset).make_processor().layout(w, h)
+        return get_preset(preset).processor.layout(w, h)
 
     q_min, q_max = tok("qwen2-vl-7b", 56, 56), tok("qwen2-vl-7b", 4000, 4000)
     iv_tile, iv12, iv40 = tok("internvl2-76b", 448, 448), tok("internvl2-76b", 1344, 1792), tok("internvl2-76b-40tiles", 4480, 1792)
