@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from vlmkit.data.collate import collate
+from vlmkit.data.formats import Message, Sample
+from vlmkit.processing import build_chat_processor
+from vlmkit.train.losses import decoder_hidden, next_token_loss
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -167,15 +172,16 @@ def test_tiny_variant_trains_on_cpu(name):
     assert out.layout == proc.layout(45, 30) and out.layout.visual_tokens > 0
     model.set_trainable(sorted(set(sum(preset.stages.values(), []))))
     model.train()
-    size = model.config.processor.image_size
-    pixels = torch.randn(2, 3, size, size)
-    ids = torch.tensor([[model.image_token_id] * model.tokens_per_image + [40, 41, 42]] * 2)
-    labels = ids.clone()
-    labels[:, : model.tokens_per_image + 1] = -100
+    # Through the processor and collator, two images of different sizes in one batch.
+    chat = build_chat_processor(model, 4096)
+    samples = [Sample(id=str(i), messages=[Message("user", "<image>\nWhat is it?"), Message("assistant", "ok")],
+                      images=[Image.new("RGB", size, (90, 120, 200))]) for i, size in enumerate([(45, 30), (30, 60)])]
+    batch = collate([chat.encode(s) for s in samples], pad_id=0)
+    head = model.llm.get_output_embeddings()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(8):
-        loss = model(ids, pixel_values=pixels, labels=labels).loss
+        loss, _ = next_token_loss(decoder_hidden(model, batch), batch.labels, head)
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()

@@ -74,6 +74,16 @@ MLLAMA = processor("mllama", 560, HALF_MEAN, HALF_STD, resample="bilinear", max_
 # Toy sizes: 32 px images, 4 px patches (an 8x8 feature grid), so every family trains on CPU.
 TINY_ANYRES = {"patch_size": 4, "grid_pinpoints": [[32, 64], [64, 32], [64, 64]]}
 TINY_QWEN2_VL = {"patch_size": 4, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
+# Qwen2-VL's own tower (3D patch embedding over pre-flattened patches) and M-RoPE text decoder, at
+# toy width; its 2x2 PatchMerger is the pixel-shuffle connector with a pre-norm.
+TINY_QWEN2_VL_PARTS = {
+    "vision": {"name": "qwen2-vit", "config": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4,
+                                               "temporal_patch_size": 2, "spatial_merge_size": 2}},
+    "connector": {"name": "pixel-shuffle", "options": {"ratio": 0.5, "norm": "pre", "norm_eps": 1e-6, "hidden_size": 128}},
+    "llm": {"name": "qwen2-vl-text-random", "config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                                       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}},
+    "fusion": "prefix",
+}
 
 # ---- tiny variants ---------------------------------------------------------------------------
 
@@ -110,6 +120,8 @@ TINY_QFORMER = {"num_queries": 8, "hidden_size": 32, "layers": 2, "heads": 4, "i
 # `vlmkit tokens` asks the connector, `num_tokens(image.grid)`. Where a processor option must
 # agree with the connector (a pixel-shuffle factor), it is derived from the connector options.
 # `tokens_note`: the remark `vlmkit tokens` prints under the preset.
+
+TINY_QWEN2_VL_MODEL = {**TINY_QWEN2_VL_PARTS, "processor": toy(QWEN2_VL, 32, **TINY_QWEN2_VL)}
 
 LLAVA_STAGES = {"stage1-align": ["connector"], "stage2-instruct": ["connector", "llm"]}
 INTERNVL_SHUFFLE = {"ratio": 0.5, "norm": "post"}
@@ -289,7 +301,7 @@ PRESET_DATA: list[dict[str, Any]] = [
             # merge_size 2 (the processor's default) is the connector's 2x2 pixel shuffle (ratio 0.5).
             "processor": QWEN2_VL, "tokens_note": "released preprocessor_config: min_pixels 3136, max_pixels 12845056",
             "stages": {"stage1-align": ["vision", "connector"], "stage2-instruct": ["vision", "connector", "llm"]},
-            "tiny": tiny("pixel-shuffle", {"ratio": 0.5, "norm": "pre", "hidden_size": 192}, llm="qwen2", processor=toy(QWEN2_VL, 32, **TINY_QWEN2_VL)),
+            "tiny": TINY_QWEN2_VL_MODEL,
         }
         for size, total, llm in (
             ("2b", 2.21e9, llama(151936, 1536, 8960, 28, 12, 2, tie=True, cls="Qwen2Config", label="Qwen2-1.5B")),
