@@ -1,11 +1,17 @@
-"""Training-step tokens/s: vlmkit against Hugging Face `LlavaForConditionalGeneration`, same shapes,
-same batch, same machine, one run. Both train every parameter with AdamW (forward, backward,
+"""Training-step tokens/s: vlmkit against Hugging Face, same shapes, same batch, same machine, one
+run. `--family llava` (default) compares with `LlavaForConditionalGeneration`; `--family anyres`
+with `LlavaNextForConditionalGeneration` (AnyRes tiles, unpadding, newlines: four images of
+different sizes and aspect ratios in the batch); `--family qwen2-vl` with
+`Qwen2VLForConditionalGeneration` (native resolution, 2x2 merge, M-RoPE). For the last two the
+reference holds vlmkit's weights (`vlmkit.model.reference`) and the losses are checked equal first. Both train every parameter with AdamW (forward, backward,
 optimizer step); both run the same SigLIP tower, 2-layer GELU projector and Llama decoder built
 from the same configs. HF computes logits for every position; vlmkit runs the LM head only at
 supervised positions, in chunks, through the training loop's own loss path.
 
     .venv/bin/python benchmarks/train_step.py                      # CPU shapes (small)
     .venv/bin/python benchmarks/train_step.py --preset gpu --device cuda   # SigLIP-B/16-384 + SmolLM2-360M, bf16
+    .venv/bin/python benchmarks/train_step.py --family anyres --threads 1
+    .venv/bin/python benchmarks/train_step.py --family qwen2-vl --threads 1
 
 tokens/s counts every position of the batch (image + text), the figure the issue quotes.
 """
@@ -90,8 +96,103 @@ def time_steps(step, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+# ---- native-resolution and tiling families --------------------------------------------------------
+
+FAMILY_SHAPES = dict(v_hidden=384, v_layers=6, v_heads=6, hidden=576, layers=8, heads=9, kv_heads=3, inter=1536,
+                     vocab=49152, answer=16)
+IMAGE_SIZES = ((640, 480), (480, 640), (800, 400), (500, 500))
+
+
+def family_config(family: str, p: dict) -> dict:
+    llm = {"hidden_size": p["hidden"], "intermediate_size": p["inter"], "num_hidden_layers": p["layers"],
+           "num_attention_heads": p["heads"], "num_key_value_heads": p["kv_heads"], "vocab_size": p["vocab"],
+           "tie_word_embeddings": True, "max_position_embeddings": 8192}
+    if family == "anyres":
+        tile = 224
+        return {"vision": {"name": "hf-random", "config": {**vision_cfg({**p, "image": tile, "patch": 16, "v_inter": 4 * p["v_hidden"]})}},
+                "connector": {"name": "mlp"}, "llm": {"name": "hf-random", "config": llm},
+                "processor": {"name": "anyres", "image_size": tile,
+                              "options": {"patch_size": 16, "grid_pinpoints": [[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]]}}}
+    return {"vision": {"name": "qwen2-vit", "config": {"depth": p["v_layers"], "embed_dim": p["v_hidden"], "num_heads": p["v_heads"],
+                                                       "mlp_ratio": 4, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2}},
+            "connector": {"name": "pixel-shuffle", "options": {"ratio": 0.5, "norm": "pre", "norm_eps": 1e-6, "hidden_size": 4 * p["v_hidden"]}},
+            "llm": {"name": "qwen2-vl-text-random", "config": llm},
+            "processor": {"name": "qwen2vl", "options": {"max_pixels": 448 * 448}}}
+
+
+def run_family(args) -> dict:
+    from PIL import Image
+
+    from vlmkit.config import ModelConfig
+    from vlmkit.data.collate import collate
+    from vlmkit.data.formats import Message, Sample
+    from vlmkit.model import reference
+    from vlmkit.model.vlm import VisionLanguageModel
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.train.losses import decoder_hidden, sequence_logps, sft_loss_sum
+
+    p = dict(FAMILY_SHAPES)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours = VisionLanguageModel.build(ModelConfig.model_validate(family_config(args.family, p)), pretrained=False).to(device)
+    ours.set_trainable(["vision", "connector", "llm"])
+    ours.train()
+    proc = build_chat_processor(ours, 8192)
+    g = torch.Generator().manual_seed(0)
+    answer = "the answer is " + "x" * (p["answer"] - 14)
+    samples = [Sample(id=str(i), messages=[Message("user", "<image>\nDescribe the image in detail."), Message("assistant", answer)],
+                      images=[Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())])
+               for i, (w, h) in enumerate(IMAGE_SIZES)]
+    encoded = [proc.encode(s) for s in samples]
+    batch = collate(encoded, pad_id=0).to(device)
+    head = ours.llm.get_output_embeddings()
+
+    ref = (reference.llava_next if args.family == "anyres" else reference.qwen2_vl)(ours).train()
+    if args.family == "anyres":
+        ref_inputs = {k: v.to(device) for k, v in reference.llava_next_inputs(encoded).items()}
+    else:
+        ref_inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                      "pixel_values": torch.cat([im.pixel_values for im in batch.images]).to(device),
+                      "image_grid_thw": torch.tensor([im.views[0].grid for im in batch.images], device=device),
+                      "mm_token_type_ids": (batch.input_ids == ours.image_token_id).int()}
+    ref_inputs["labels"] = batch.labels
+
+    def our_loss():
+        logps, counts = sequence_logps(decoder_hidden(ours, batch), batch, head)
+        return sft_loss_sum(logps, counts, "token") / counts.sum()
+
+    with torch.no_grad():
+        a, b = float(our_loss()), float(ref(**ref_inputs).loss)
+    if abs(a - b) > 1e-4 * max(1.0, abs(b)):
+        raise SystemExit(f"losses differ: vlmkit {a:.6f} vs transformers {b:.6f}")
+    opt_ours = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-5)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-5)
+
+    def ours_step():
+        opt_ours.zero_grad(set_to_none=True)
+        our_loss().backward()
+        opt_ours.step()
+
+    def ref_step():
+        opt_ref.zero_grad(set_to_none=True)
+        ref(**ref_inputs).loss.backward()
+        opt_ref.step()
+
+    t_ours, t_ref = float("inf"), float("inf")
+    for _ in range(2):
+        t_ref = min(t_ref, time_steps(ref_step, args.steps, args.warmup, device))
+        t_ours = min(t_ours, time_steps(ours_step, args.steps, args.warmup, device))
+    tokens = int(batch.attention_mask.sum())
+    return {"family": args.family, "reference": type(ref).__name__, "device": str(device), "threads": torch.get_num_threads(),
+            "batch": len(encoded), "image_sizes": [list(s) for s in IMAGE_SIZES],
+            "image_tokens": [ours.count_image_tokens(im) for im in batch.images], "tokens": tokens,
+            "loss_vlmkit": a, "loss_reference": b,
+            "vlmkit_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_ref, "ratio": t_ref / t_ours}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=["llava", "anyres", "qwen2-vl"], default="llava")
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int)
@@ -103,6 +204,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.family != "llava":
+        result = run_family(args)
+        print(json.dumps(result) if args.json else "\n".join(
+            f"{k:>22}: {v:,.2f}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in result.items()))
+        return
     p = dict(PRESETS[args.preset])
     if args.batch:
         p["batch"] = args.batch
@@ -119,7 +225,8 @@ def main() -> None:
     mask = torch.ones_like(input_ids)
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
     segments = torch.arange(B, device=device)[:, None].expand(B, T).contiguous()
-    batch = Batch([str(i) for i in range(B)], input_ids, mask, labels, (mask.cumsum(-1) - 1), pixels, None, B, targets, segments)
+    batch = Batch([str(i) for i in range(B)], input_ids, mask, labels, (mask.cumsum(-1) - 1), ours._legacy_images(pixels),
+                  None, B, targets, segments)
     opt_ours = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-5)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
