@@ -27,4 +27,5 @@ def build_chat_processor(model, max_length: int):
     image_processor = build_image_processor(cfg, tokens_per_image=model.tokens_per_image)
     options = cfg.processor.options
     return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels,
-                         video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"))
+                         video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"),
+                         image_formats=cfg.processor.image_formats)

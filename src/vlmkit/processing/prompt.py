@@ -86,12 +86,14 @@ class ChatProcessor:
     """
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
-                 max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto"):
+                 max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
+                 image_formats=None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token = image_token
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
+        self.image_formats = image_formats  # None: images.DEFAULT_IMAGE_FORMATS
         self.video = video or VideoOptions()
         if sentinels not in ("auto", "always", "never"):
             raise ValueError(f"sentinels must be 'auto', 'always' or 'never', got {sentinels!r}")
@@ -110,7 +112,7 @@ class ChatProcessor:
 
     def _load_image(self, sample_id: str, ref) -> ProcessedImage:
         try:
-            image = load_image(ref, max_pixels=self.max_image_pixels)
+            image = load_image(ref, max_pixels=self.max_image_pixels, formats=self.image_formats)
         except (ImageLoadError, FileNotFoundError) as e:
             raise BadRecordError(sample_id, str(e)) from None
         try:
