@@ -130,7 +130,11 @@ class ChatProcessor:
               pattern: re.Pattern = PLACEHOLDER_RE) -> list[tuple[str, int]]:
         """(kind, 0-based input index) for each placeholder, in the order they appear."""
         found: list[tuple[str, int | None]] = []
-        for m in messages:
+        for t, m in enumerate(messages):
+            if m.role == "assistant" and (match := pattern.search(m.content)):
+                # Its image tokens would sit inside the supervised span and become targets.
+                raise BadRecordError(sample_id, f"assistant turn {t} holds the placeholder {match.group(0)!r}; "
+                                                "images and videos belong in user turns")
             for match in pattern.finditer(m.content):
                 found.append((match.group(1), int(match.group(2)) if match.group(2) else None))
         plan = []
@@ -213,6 +217,8 @@ class ChatProcessor:
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 continue
+            if i == 0:
+                raise BadRecordError(sample_id, "starts with an assistant turn; a conversation starts with a user (or system) turn")
             before = self._render(messages[:i], add_generation_prompt=True)
             through = self._render(messages[: i + 1])
             if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
