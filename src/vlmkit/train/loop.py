@@ -283,6 +283,9 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
         if dist.is_main:
             print(f"[vlmkit] stage {name}: resuming at step {step}/{total_steps} from {resume_dir}")
+    if logger and dist.is_main:
+        # Steps logged after the checkpoint (or before a first one) are about to be redone.
+        logger.drop(lambda r: r.get("stage") == name and isinstance(r.get("step"), int) and r["step"] > step)
 
     def save_periodic() -> None:
         weights = ckpt.model_state(model, ckpt.parts_to_save(model))
