@@ -2,13 +2,49 @@
 
 Each area registers its own subcommands from its own module (`register(app)`), so this file
 only assembles them.
+
+An exception that escapes a command ends it with one `error: ...` line on stderr and exit
+status 1, not a traceback: a bad image, recipe or checkpoint is the user's to fix, and the
+message names it. `vlmkit --debug ...` or `VLMKIT_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import typer
+from typer.core import TyperGroup
+
+DEBUG_ENV = "VLMKIT_DEBUG"
+# Errors whose message is written for the user (they name the file, record or field).
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def _debug_requested(ctx) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def error_line(exc: BaseException) -> str:
+    message = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, USER_ERRORS):
+        return f"error: {message}"
+    return f"error: {type(exc).__name__}: {message} (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+
+
+class _CleanErrors(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors and deliberate exits keep click's handling
+        except Exception as exc:
+            if _debug_requested(ctx):
+                raise
+            typer.echo(error_line(exc), err=True)
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
     name="vlmkit",
@@ -16,7 +52,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_CleanErrors,
 )
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback of an error (also {DEBUG_ENV}=1)."),
+) -> None:
+    """Build, train, evaluate and serve vision-language models."""
+
 
 # Modules that add subcommands; each defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES = (
@@ -36,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

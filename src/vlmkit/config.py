@@ -63,7 +63,18 @@ class ProcessorConfig(Strict):
     resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     # Decompression-bomb guard, in pixels.
     max_image_pixels: int = 64_000_000
+    # Pillow formats decoded (None: PNG, JPEG, WEBP, GIF, BMP, TIFF); EPS is never allowed.
+    image_formats: list[str] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, v):
+        if v is None:
+            return v
+        from vlmkit.processing.images import image_formats
+
+        return list(image_formats(v))
 
 
 class ModelConfig(Strict):

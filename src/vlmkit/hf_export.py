@@ -31,6 +31,7 @@ import torch
 
 from vlmkit.config import load_config
 from vlmkit.paths import offline
+from vlmkit.utils import respect_umask
 
 
 class ExportError(ValueError):
@@ -215,6 +216,7 @@ def export_llava(model, out: str | Path) -> Path:
         llava.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "vlmkit_export.json").write_text(json.dumps({"vocab_size": vocab, "vlmkit_config": model.config.model_dump(mode="json")}, indent=2))
+        respect_umask(tmp)  # mkdtemp made it 0700
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -330,6 +332,7 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
         config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
         ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
         shutil.move(str(staged_llm), ckpt / "llm")
+        respect_umask(ckpt)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

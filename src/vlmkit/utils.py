@@ -13,10 +13,41 @@ import numpy as np
 import torch
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only swap)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: str | Path) -> None:
+    """Give a file or folder made by `tempfile` (0600 / 0700, private by design) the mode a plain
+    open() or mkdir() would have given it, and do the same for everything inside a folder."""
+    mask = current_umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,6 +73,30 @@ class JsonlLogger:
     def log(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, default=float) + "\n")
         self._f.flush()
+
+    def drop(self, predicate) -> int:
+        """Remove the logged records for which `predicate(record)` is true, and any line a kill
+        left half-written; returns how many lines went. A resumed stage drops the steps it is
+        about to redo, so readers see one line per step."""
+        self._f.close()
+        kept, dropped = [], 0
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    dropped += 1
+                    continue
+                if isinstance(record, dict) and predicate(record):
+                    dropped += 1
+                else:
+                    kept.append(line)
+            if dropped:
+                atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+        return dropped
 
     def close(self) -> None:
         self._f.close()

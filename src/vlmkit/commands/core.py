@@ -45,14 +45,16 @@ def register(app: typer.Typer) -> None:
         question: Annotated[str, typer.Argument(help="The question.")],
         checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
         image: Annotated[Optional[list[Path]], typer.Option(help="Image file(s); each gets an <image> placeholder before the question.")] = None,
-        max_new_tokens: int = 64,
-        temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+        temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+        top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (0 < top_p <= 1).")] = 1.0,
+        seed: Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1)] = 0,
         device: str = "cpu",
     ) -> None:
         """Answer one question about an image."""
         offline()
+        if top_p <= 0:
+            raise typer.BadParameter("must be above 0", param_hint="--top-p")
         _check_device(device)
         from vlmkit.data.formats import Message
         from vlmkit.generate import GenerationConfig, decode, generate
@@ -64,7 +66,10 @@ def register(app: typer.Typer) -> None:
         text = question if "<image>" in question else "<image>\n" * len(images) + question
         processor = build_chat_processor(model, config.train.max_length)
         prompt = processor.encode_prompt([Message("user", text)], images)
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, seed=seed)
+        # Below 1e-6 the nucleus is the top token alone either way; far smaller values round to 0 in
+        # float32 and would leave no token at all.
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                               top_p=max(top_p, 1e-6), seed=seed)
         typer.echo(decode(model, generate(model, [prompt], gen))[0])
 
 

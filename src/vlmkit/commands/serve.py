@@ -38,15 +38,26 @@ def register(app: typer.Typer) -> None:
         max_length: Annotated[Optional[int], typer.Option(help="Prompt length limit in tokens (default: the checkpoint's train.max_length).")] = None,
         device: str = "cpu",
         compile_decode: Annotated[bool, typer.Option(help="Compile the decode step (CUDA graphs on a GPU; batches padded to powers of two). Each batch size compiles once, on first use.")] = False,
+        image_format: Annotated[Optional[list[str]], typer.Option(help="Image format requests may use (repeat it; default PNG, JPEG, WEBP, GIF, BMP, TIFF).")] = None,
+        allowed_host: Annotated[Optional[list[str]], typer.Option(help="Without --api-key: a Host name clients may use besides loopback and --host (repeat it; '*' for any).")] = None,
+        allowed_origin: Annotated[Optional[list[str]], typer.Option(help="Without --api-key: a browser Origin allowed besides the server's own, e.g. http://localhost:3000 (repeat it; '*' for any).")] = None,
     ) -> None:
         """Serve a checkpoint over an OpenAI-compatible /v1/chat/completions API, with a web page at /."""
         offline()
         from vlmkit.commands.core import _check_device
         from vlmkit.processing import build_chat_processor
+        from vlmkit.processing.images import image_formats
         from vlmkit.serve.app import ServerSettings, create_app, run_server
         from vlmkit.train.checkpoint import load_checkpoint
 
         _check_device(device)
+        try:
+            formats = list(image_formats(image_format)) if image_format else None
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--image-format") from None
+        hosts = list(allowed_host or [])
+        if host not in ("0.0.0.0", "::", ""):
+            hosts.append(host)
         if not _is_loopback(host) and not api_key:
             typer.echo(f"warning: listening on {host} without --api-key; anyone who can reach it can use the model", err=True)
         model, config = load_checkpoint(checkpoint, device=device)
@@ -55,7 +66,7 @@ def register(app: typer.Typer) -> None:
             model_name=model_name or checkpoint.resolve().name, api_key=api_key, allow_remote_images=allow_remote_images,
             max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
             max_tokens_limit=max_tokens, default_max_tokens=min(256, max_tokens), max_batch=max_batch, max_wait_ms=max_wait_ms,
-            compile_decode=compile_decode,
+            compile_decode=compile_decode, image_formats=formats, allowed_hosts=hosts, allowed_origins=list(allowed_origin or []),
         )
         typer.echo(f"serving {settings.model_name!r} on http://{host}:{port}/ (API at /v1, health at /health)")
         run_server(create_app(model, processor, settings), host=host, port=port)

@@ -48,8 +48,11 @@ class Sample:
     videos: list[Path] = field(default_factory=list)
 
 
-def read_json_records(path: Path, what: str = "data") -> list:
-    """The records of a JSON list file or a JSONL file; bad JSON names the file (and line)."""
+def read_json_records(path: Path, what: str = "data", lenient: bool = False) -> list:
+    """The records of a JSON list file or a JSONL file; bad JSON names the file (and line).
+
+    `lenient`: a JSONL line that is not JSON becomes a `BadRecordError` in the list (so a caller
+    that skips bad records can skip it) instead of stopping the read."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -60,13 +63,16 @@ def read_json_records(path: Path, what: str = "data") -> list:
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, RecursionError, ValueError) as e:
+                    if lenient:
+                        records.append(BadRecordError(f"line {lineno}", f"not valid JSON ({type(e).__name__})", str(path)))
+                        continue
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
         return records
     try:
         records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of {what} records")
     return records
@@ -79,6 +85,43 @@ def read_llava_json(path: str | Path, image_folder: str | Path | None = None) ->
     root = Path(image_folder) if image_folder else path.parent
     records = read_json_records(path, "data")
     return [record_to_sample(r, i, root, str(path)) for i, r in enumerate(records)]
+
+
+def read_llava_records(path: str | Path, image_folder: str | Path | None = None) -> list[Sample | BadRecordError]:
+    """Like `read_llava_json`, but each record that cannot be read is its `BadRecordError` in the
+    list (the caller decides whether a bad record stops the run or is skipped)."""
+    path = Path(path)
+    root = Path(image_folder) if image_folder else path.parent
+    out: list[Sample | BadRecordError] = []
+    for i, record in enumerate(read_json_records(path, "data", lenient=True)):
+        if isinstance(record, BadRecordError):
+            out.append(record)
+            continue
+        try:
+            out.append(record_to_sample(record, i, root, str(path)))
+        except BadRecordError as e:
+            out.append(e)
+    return out
+
+
+def record_id(record, index: int) -> str:
+    """A record's id as messages name it: its `id` when that is a short string or number, else `#index`."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
+        return f"#{index}"
+    rid = str(rid)
+    return rid if len(rid) <= 200 else rid[:200] + "..."
+
+
+def check_text(rid: str, text, where: str, source: str = "") -> str:
+    """Message text must be a string of valid Unicode; anything else is named, never stringified."""
+    if not isinstance(text, str):
+        raise BadRecordError(rid, f"{where} must be a string, got {type(text).__name__}", source)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecordError(rid, f"{where} holds a lone UTF-16 surrogate, which is not text", source) from None
+    return text
 
 
 def record_to_sample(record: dict, index: int, root: Path, source: str = "") -> Sample:
@@ -115,7 +158,7 @@ def content_parts_to_sample(record: dict, index: int, root: Path, source: str = 
     """An OpenAI / TRL `messages` record: parts become `<image>` / `<video>` placeholders in place."""
     from vlmkit.processing.prompt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
-    rid = str(record.get("id", f"#{index}"))
+    rid = record_id(record, index)
     turns = record.get("messages")
     if not isinstance(turns, list) or not turns:
         raise BadRecordError(rid, "missing or empty 'messages'", source)
@@ -136,12 +179,12 @@ def content_parts_to_sample(record: dict, index: int, root: Path, source: str = 
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise BadRecordError(rid, f"message {t} needs 'role' and 'content'", source)
-        role = ROLE_NAMES.get(turn["role"])
+        role = ROLE_NAMES.get(turn["role"]) if isinstance(turn["role"], str) else None
         if role is None:
-            raise BadRecordError(rid, f"message {t} has unknown role {turn['role']!r}", source)
+            raise BadRecordError(rid, f"message {t} has unknown role {_short(turn['role'])}", source)
         content = turn["content"]
         if isinstance(content, str):
-            messages.append(Message(role, content))
+            messages.append(Message(role, check_text(rid, content, f"message {t} content", source)))
             continue
         if not isinstance(content, list):
             raise BadRecordError(rid, f"message {t} content must be a string or a list of parts", source)
@@ -149,7 +192,7 @@ def content_parts_to_sample(record: dict, index: int, root: Path, source: str = 
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                text.append(str(part.get("text", "")))
+                text.append(check_text(rid, part.get("text"), f"message {t}: a text part's 'text'", source))
             elif kind in ("image", "image_url"):
                 ref = part.get("image") or part.get("path") or part.get("url")
                 if kind == "image_url":
@@ -188,17 +231,22 @@ def llava_turns(rid: str, turns: list, source: str = "") -> list[Message]:
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise BadRecordError(rid, f"conversation turn {t} needs 'from' and 'value'", source)
-        role = ROLE_NAMES.get(turn["from"])
+        role = ROLE_NAMES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
-            raise BadRecordError(rid, f"conversation turn {t} has unknown speaker {turn['from']!r}", source)
-        messages.append(Message(role, str(turn["value"])))
+            raise BadRecordError(rid, f"conversation turn {t} has unknown speaker {_short(turn['from'])}", source)
+        messages.append(Message(role, check_text(rid, turn["value"], f"conversation turn {t} 'value'", source)))
     return messages
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
 def llava_record_to_sample(record: dict, index: int, image_root: Path, source: str = "") -> Sample:
-    rid = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+    rid = record_id(record, index)
     if not isinstance(record, dict):
-        raise BadRecordError(rid, "record is not an object", source)
+        raise BadRecordError(rid, f"record is not an object (got {type(record).__name__})", source)
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise BadRecordError(rid, "missing or empty 'conversations'", source)

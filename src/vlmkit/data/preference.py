@@ -13,10 +13,11 @@ preference is not 1 or 2, raises `BadRecordError` at read time, before any train
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample, llava_turns, read_json_records
+from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample, check_text, llava_turns, read_json_records, record_id
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
 FORMATS = ("trl", "rlaif-v", "llava-rlhf")
@@ -53,9 +54,12 @@ def read_preference_file(path: str | Path, image_folder: str | Path | None = Non
     (the caller decides whether a bad record stops the run or is skipped)."""
     path = Path(path)
     root = Path(image_folder) if image_folder else path.parent
-    records = read_json_records(path, "preference data")
+    records = read_json_records(path, "preference data", lenient=True)
     out: list[PreferencePair | BadRecordError] = []
     for i, record in enumerate(records):
+        if isinstance(record, BadRecordError):
+            out.append(record)
+            continue
         try:
             out.append(parse_preference_record(record, i, root, str(path)))
         except BadRecordError as e:
@@ -64,9 +68,9 @@ def read_preference_file(path: str | Path, image_folder: str | Path | None = Non
 
 
 def parse_preference_record(record: dict, index: int, image_root: Path, source: str = "") -> PreferencePair:
-    rid = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+    rid = record_id(record, index)
     if not isinstance(record, dict):
-        raise BadRecordError(rid, "record is not an object", source)
+        raise BadRecordError(rid, f"record is not an object (got {type(record).__name__})", source)
     fmt = detect_format(record)
     if fmt is None:
         raise BadRecordError(rid, f"is not a preference record in any known format {FORMATS} (keys: {sorted(record)})", source)
@@ -79,6 +83,8 @@ def parse_preference_record(record: dict, index: int, image_root: Path, source: 
     if any(r is not None for r in refs):
         if any(r is None for r in refs):
             raise BadRecordError(rid, "carries one reference log-prob but not the other", source)
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in refs):
+            raise BadRecordError(rid, f"reference log-probs must be finite numbers, got {refs[0]!r:.40} and {refs[1]!r:.40}", source)
         pair.ref_chosen_logp, pair.ref_rejected_logp = float(refs[0]), float(refs[1])
     return pair
 
@@ -109,7 +115,7 @@ def _with_placeholders(text: str, n_images: int) -> str:
 
 def _content_text(content, rid: str, source: str) -> str:
     if isinstance(content, str):
-        return content
+        return check_text(rid, content, "message content", source)
     if not isinstance(content, list):
         raise BadRecordError(rid, f"message content must be text or a list of parts, got {type(content).__name__}", source)
     pieces = []
@@ -120,24 +126,24 @@ def _content_text(content, rid: str, source: str) -> str:
             follows = k + 1 < len(content) and isinstance(content[k + 1], dict) and content[k + 1].get("type") == "text"
             pieces.append(IMAGE_PLACEHOLDER + ("\n" if follows else ""))
         elif kind == "text":
-            pieces.append(str(part.get("text", "")))
+            pieces.append(check_text(rid, part.get("text"), "a text part's 'text'", source))
         else:
-            raise BadRecordError(rid, f"unknown content part {part!r}", source)
+            raise BadRecordError(rid, f"unknown content part {part!r:.80}", source)
     return "".join(pieces)
 
 
 def _messages(value, rid: str, source: str, field_name: str) -> list[Message]:
     if isinstance(value, str):
-        return [Message("user" if field_name == "prompt" else "assistant", value)]
+        return [Message("user" if field_name == "prompt" else "assistant", check_text(rid, value, repr(field_name), source))]
     if not isinstance(value, list):
         raise BadRecordError(rid, f"{field_name!r} must be a message list or a string", source)
     out = []
     for m in value:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRecordError(rid, f"{field_name!r} messages need 'role' and 'content'", source)
-        role = ROLE_NAMES.get(m["role"])
+        role = ROLE_NAMES.get(m["role"]) if isinstance(m["role"], str) else None
         if role is None:
-            raise BadRecordError(rid, f"{field_name!r} has unknown role {m['role']!r}", source)
+            raise BadRecordError(rid, f"{field_name!r} has unknown role {m['role']!r:.60}", source)
         out.append(Message(role, _content_text(m["content"], rid, source)))
     return out
 
@@ -165,16 +171,20 @@ def _trl(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
 def _rlaif_v(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
     _require(record, ("question", "chosen", "rejected"), rid, "RLAIF-V", source)
     images = _image_paths(record.get("image"), root, rid, source)
-    prompt = [Message("user", _with_placeholders(str(record["question"]), len(images)))]
-    return PreferencePair(rid, prompt, str(record["chosen"]), str(record["rejected"]), images)
+    question, chosen, rejected = (check_text(rid, record[k], f"RLAIF-V {k!r}", source) for k in ("question", "chosen", "rejected"))
+    prompt = [Message("user", _with_placeholders(question, len(images)))]
+    return PreferencePair(rid, prompt, chosen, rejected, images)
 
 
 def _llava_rlhf(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
     _require(record, ("conversations", "output_1", "output_2", "preference"), rid, "LLaVA-RLHF", source)
-    try:
-        preferred = int(record["preference"])
-    except (TypeError, ValueError):
-        preferred = 0
+    # 1 or 2 exactly (also "1"/"2" and 1.0/2.0, as some exports write them); 2.7 is not 2.
+    value = record["preference"]
+    preferred = 0
+    if isinstance(value, str) and value.strip() in ("1", "2"):
+        preferred = int(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and value in (1, 2):
+        preferred = int(value)
     if preferred not in (1, 2):
         raise BadRecordError(rid, f"LLaVA-RLHF 'preference' must be 1 or 2, got {record['preference']!r}", source)
     turns = record["conversations"]
@@ -188,7 +198,7 @@ def _llava_rlhf(record: dict, rid: str, root: Path, source: str) -> PreferencePa
         value = out.get("value") if isinstance(out, dict) else out
         if not isinstance(value, str) or not value.strip():
             raise BadRecordError(rid, f"LLaVA-RLHF {name!r} has no response text", source)
-        return value
+        return check_text(rid, value, f"LLaVA-RLHF {name!r}", source)
 
     outputs = [text(record["output_1"], "output_1"), text(record["output_2"], "output_2")]
     images = _image_paths(record.get("image"), root, rid, source)

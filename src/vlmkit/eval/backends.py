@@ -167,9 +167,15 @@ class HFBackend:
             raise EvalInputError(f"{path}: Hugging Face model folder not found")
         self.name = f"hf:{path}"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise EvalInputError(f"unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-        self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        try:
+            self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        except Exception as e:  # noqa: BLE001 - a missing optional dependency, a bad config, missing weights ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise EvalInputError(f"{path}: transformers cannot load this model folder ({type(e).__name__}: {first[:400]})") from e
         self.model.to(self.device).eval()
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
@@ -196,7 +202,8 @@ class HFBackend:
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        # Raw text: the runner strips every backend's answers alike.
+        return list(self.processor.batch_decode(new_tokens, skip_special_tokens=True))
 
 
 @register_backend("hf")
@@ -232,7 +239,11 @@ class VlmkitBackend:
         if not Path(path).is_dir():
             raise EvalInputError(f"{path}: vlmkit checkpoint folder not found")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, config = load_checkpoint(path, device=device)
+        try:
+            model, config = load_checkpoint(path, device=device)
+        except Exception as e:  # noqa: BLE001 - not a checkpoint, a torn one, weights of another model ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise EvalInputError(f"{path}: cannot load this vlmkit checkpoint ({type(e).__name__}: {first[:400]})") from e
         return cls(model, config.train.max_length, name=f"vlmkit:{path}", compile_decode=compile_decode)
 
     def encode(self, prompt: str, images: Sequence[Image.Image]):

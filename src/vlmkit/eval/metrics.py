@@ -355,6 +355,12 @@ def mathvista_rule_extract(response: str, question_type: str, answer_type: str, 
     The fallback rules follow the patterns of the MathVista extraction demos: an explicit
     "answer is/Answer:" phrase wins, then for multiple choice a lone or bracketed option
     letter, then for numbers the last number in the response, for lists the last [...].
+
+    Bracketed letters: the last one that is an option label wins, but a bracketed letter that
+    is exactly one of the choices' own text (choices written "(a)".."(e)") quotes that choice
+    rather than naming an option, so an option label elsewhere is preferred: for "(E) (b)" with
+    choices "(a)".."(e)" the answer is E. When the only bracketed letters quote choices, the
+    quoted choice's option letter is the answer.
     """
     quick = mathvista_quick_extract(response, question_type, answer_type, choices)
     if quick is not None:
@@ -364,10 +370,14 @@ def mathvista_rule_extract(response: str, question_type: str, answer_type: str, 
     tail = m.group(1).strip().rstrip(".").strip() if m else text
     if question_type == "multi_choice":
         letters = [chr(ord("A") + i) for i in range(len(choices or []))]
+        quoted = {c: chr(ord("A") + i) for i, c in enumerate(choices or []) if re.fullmatch(r"\([A-Za-z]\)", c or "")}
         for candidate in (tail, text):
             br = re.findall(r"\(([A-Za-z])\)", candidate)
-            if br and br[-1].upper() in letters:
-                return br[-1].upper()
+            labels = [b for b in br if f"({b})" not in quoted]
+            if labels and labels[-1].upper() in letters:
+                return labels[-1].upper()
+            if br and not labels:
+                return quoted[f"({br[-1]})"]
             lone = re.findall(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", candidate)
             lone = [x for x in lone if x in letters]
             if lone:

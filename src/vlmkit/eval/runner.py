@@ -3,10 +3,20 @@
 The cache (`predictions.jsonl` in the output folder) is itself a valid predictions file for
 `vlmkit eval score`. Each batch is appended with one write and an fsync, so a run killed at
 any point keeps every answered item; rerunning skips them and ends with the same score.
+
+Each cached prediction carries a fingerprint of what was asked (the prompt and the bytes of
+its images), so a cache is reused only for the same data: another dataset whose ids overlap
+is refused, not scored with the first one's answers.
+
+Every backend's answer is stripped of leading and trailing whitespace before it is cached and
+scored, as the official generation scripts do with a model's decoded output (LLaVA's
+`model_vqa*`: `outputs.strip()`): the same text scores the same whichever backend produced it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import time
@@ -35,17 +45,45 @@ class RunOutcome:
     samples_per_s: float
 
 
+@functools.lru_cache(maxsize=65536)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    # Keyed on size and mtime too, so a file changed in place is hashed again; benchmarks that ask
+    # several questions about one image (VQAv2) hash it once.
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+def item_fingerprint(benchmark: Benchmark, item: BenchItem) -> str:
+    """What the model is asked for an item: its prompt and the bytes of its images."""
+    h = hashlib.sha256(json.dumps([benchmark.name, item.id, benchmark.prompt(item)], ensure_ascii=False).encode())
+    for ref in item.images:
+        if isinstance(ref, bytes):
+            h.update(hashlib.sha256(ref).digest())
+            continue
+        try:
+            st = os.stat(ref)
+            h.update(_file_digest(os.fspath(ref), st.st_size, st.st_mtime_ns))
+        except (OSError, ValueError):
+            h.update(b"missing:" + str(ref).encode())  # generation will name the missing file
+    return h.hexdigest()[:32]
+
+
 class PredictionCache:
-    """Append-only JSONL of {"id", "prediction"}; tolerant of a torn last line only."""
+    """Append-only JSONL of {"id", "prediction", "item"}; tolerant of a torn last line only.
+
+    "item" is the item's fingerprint (`item_fingerprint`); `fingerprints` holds those read by
+    the last `load` (lines written before fingerprints existed have none)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.fingerprints: dict[str, str | None] = {}
 
     def load(self) -> dict[str, str]:
         if not self.path.exists():
             return {}
         raw = self.path.read_bytes()
         preds: dict[str, str] = {}
+        self.fingerprints = {}
         lines = raw.split(b"\n")
         torn = lines[-1]  # text after the last newline: empty, or a write cut short by a kill
         for lineno, line in enumerate(lines[:-1], 1):
@@ -62,10 +100,14 @@ class PredictionCache:
                     "the file is left untouched: fix or remove that line and rerun"
                 ) from None
             preds.setdefault(key, pred)
+            self.fingerprints.setdefault(key, rec.get("item"))
         if torn.strip():
             try:
                 rec = json.loads(torn)
+                if not isinstance(rec["prediction"], str):
+                    raise TypeError("prediction is not a string")
                 preds.setdefault(str(rec["id"]), rec["prediction"])
+                self.fingerprints.setdefault(str(rec["id"]), rec.get("item"))
                 with open(self.path, "ab") as f:  # complete line, only its newline was lost
                     f.write(b"\n")
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
@@ -74,8 +116,10 @@ class PredictionCache:
                     f.truncate(len(raw) - len(torn))
         return preds
 
-    def append(self, records: Sequence[tuple[str, str]]) -> None:
-        data = "".join(json.dumps({"id": k, "prediction": p}, ensure_ascii=False) + "\n" for k, p in records)
+    def append(self, records: Sequence[tuple[str, str] | tuple[str, str, str]]) -> None:
+        """(id, prediction) or (id, prediction, item fingerprint) records."""
+        data = "".join(json.dumps({"id": r[0], "prediction": r[1], **({"item": r[2]} if len(r) > 2 else {})},
+                                  ensure_ascii=False) + "\n" for r in records)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, data.encode("utf-8"))
@@ -84,7 +128,20 @@ class PredictionCache:
             os.close(fd)
 
 
-def _check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+def _check_cached_items(out_dir: Path, cache: PredictionCache, cached: dict[str, str], fingerprints: dict[str, str]) -> None:
+    """Refuse a cache whose predictions were made for other data under the same ids."""
+    stale = [k for k, fp in fingerprints.items() if k in cached and cache.fingerprints.get(k) != fp]
+    if not stale:
+        return
+    legacy = all(cache.fingerprints.get(k) is None for k in stale)
+    why = ("were cached without a fingerprint of their data (by an older vlmkit)" if legacy
+           else "were made for different data (another dataset, or changed questions or images)")
+    raise EvalInputError(
+        f"{out_dir}: cached predictions for {len(stale)} item(s), e.g. {stale[0]!r}, {why}; "
+        "use another --out (or delete its predictions.jsonl to start afresh)")
+
+
+def _check_meta(out_dir: Path, meta: dict[str, Any], write: bool = True) -> None:
     path = out_dir / META_NAME
     if path.exists():
         try:
@@ -95,7 +152,8 @@ def _check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
         if diff and (out_dir / CACHE_NAME).exists():
             details = "; ".join(f"{k}: cached {old.get(k)!r} vs now {meta.get(k)!r}" for k in diff)
             raise EvalInputError(f"{out_dir}: cached predictions come from a different run ({details}); use another --out")
-    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
+    if write:
+        atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
 
 
 def run_benchmark(
@@ -116,9 +174,13 @@ def run_benchmark(
     meta = {"benchmark": benchmark.name, "model": model_spec, "data": str(data_dir),
             "prompt_template": benchmark.prompt_template, "parser": benchmark.parser, "metric": benchmark.metric,
             "max_new_tokens": max_new, "batch_size": batch_size}
-    _check_meta(out, meta)
+    # Everything is checked before run.json is rewritten: a refused run changes nothing.
+    _check_meta(out, meta, write=False)
     cache = PredictionCache(out / CACHE_NAME)
     cached = cache.load()
+    fingerprints = {it.id: item_fingerprint(benchmark, it) for it in items}
+    _check_cached_items(out, cache, cached, fingerprints)
+    _check_meta(out, meta)
     known = {it.id for it in items}
     todo = [it for it in items if it.id not in cached]
     reused = len(items) - len(todo)
@@ -134,7 +196,10 @@ def run_benchmark(
             answers = backend.generate(requests, max_new)
             if len(answers) != len(chunk):
                 raise RuntimeError(f"backend {backend.name} returned {len(answers)} answers for {len(chunk)} requests")
-            cache.append([(it.id, a) for it, a in zip(chunk, answers)])
+            if not all(isinstance(a, str) for a in answers):
+                raise RuntimeError(f"backend {backend.name} returned a non-string answer")
+            answers = [a.strip() for a in answers]  # every backend alike (see the module docstring)
+            cache.append([(it.id, a, fingerprints[it.id]) for it, a in zip(chunk, answers)])
             cached.update((it.id, a) for it, a in zip(chunk, answers))
             bar.update(len(chunk))
     finally:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import threading
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -67,43 +69,103 @@ def check_size(width: int, height: int, source: str, max_pixels: int, max_aspect
         )
 
 
+# Formats decoded by default: the common photo and screenshot formats, each with a header that
+# states the size before any pixel is decoded. Pillow knows many more; some run external
+# programs (EPS goes to Ghostscript) or decode inside `Image.open` (ICO, ICNS), so they are
+# opt-in (`image_formats` in the processor config, `--image-format` for `vlmkit serve`).
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Never decoded, even when asked for: Pillow hands these to external programs.
+EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
+
+# `Image.MAX_IMAGE_PIXELS` is a process-wide setting and `warnings.catch_warnings` a
+# process-wide filter; opening (header parsing) is serialised so concurrent loads with
+# different limits cannot leave either in the wrong state. Pixel decoding is not serialised.
+_OPEN_LOCK = threading.Lock()
+# A repr such as "<_io.BytesIO object at 0x7f...>" in Pillow's messages tells a user nothing.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def image_formats(formats) -> tuple[str, ...]:
+    """Validated, upper-case Pillow format names; the default allow-list when `formats` is None."""
+    if formats is None:
+        return DEFAULT_IMAGE_FORMATS
+    Image.init()
+    out = []
+    for f in formats:
+        name = str(f).upper()
+        if name == "JPG":
+            name = "JPEG"
+        if name in EXTERNAL_DECODER_FORMATS:
+            raise ValueError(f"image format {name!r} is decoded by an external program and is never allowed")
+        if name not in Image.OPEN:
+            raise ValueError(f"unknown image format {f!r}; Pillow can open: {', '.join(sorted(Image.OPEN))}")
+        out.append(name)
+    if not out:
+        raise ValueError("the list of allowed image formats is empty")
+    return tuple(dict.fromkeys(out))
+
+
+def _open_checked(data, name: str, formats: tuple[str, ...], max_pixels: int) -> Image.Image:
+    """`Image.open` limited to `formats`, with Pillow's own bomb check set to our limit: some
+    plugins decode inside `open` (an ICO's embedded PNG) and check only through that setting."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        prev = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(data, formats=list(formats))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(found.group(1)):,} pixels, " if found else ""
+            raise ImageLoadError(f"{name}: image is {size}above the limit of {max_pixels:,} "
+                                 "(raise max_image_pixels if this is intended)") from None
+        except UnidentifiedImageError:
+            raise ImageLoadError(f"{name}: cannot decode image: not an image in an allowed format ({', '.join(formats)})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = prev
+
+
 def load_image(
     source: str | os.PathLike | bytes | BinaryIO | Image.Image,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    formats=None,
 ) -> Image.Image:
-    """Open, validate and normalise one image to RGB with EXIF orientation applied."""
+    """Open, validate and normalise one image to RGB with EXIF orientation applied.
+
+    Only `formats` (default `DEFAULT_IMAGE_FORMATS`) are decoded, and the pixel and aspect-ratio
+    limits are checked from the header, before any pixel is decoded.
+    """
     if isinstance(source, Image.Image):
         name = "<PIL image>"
         img = source
     else:
+        allowed = image_formats(formats)
         name = str(source) if isinstance(source, (str, os.PathLike)) else "<image bytes>"
         data = io.BytesIO(source) if isinstance(source, bytes) else source
         if isinstance(data, (str, os.PathLike)) and not Path(data).is_file():
             raise ImageLoadError(f"{name}: image file not found")
         try:
-            # PIL's own bomb check runs in open(); route it through our limit instead.
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                prev = Image.MAX_IMAGE_PIXELS
-                Image.MAX_IMAGE_PIXELS = None
-                try:
-                    img = Image.open(data)
-                finally:
-                    Image.MAX_IMAGE_PIXELS = prev
+            img = _open_checked(data, name, allowed, max_pixels)
             check_size(img.width, img.height, name, max_pixels, max_aspect_ratio)
             img.load()
         except ImageLoadError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageLoadError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+        except MemoryError:
+            raise ImageLoadError(f"{name}: not enough memory to decode this image") from None
+        except Exception as e:  # noqa: BLE001 - a corrupt file can fail anywhere in a plugin
+            detail = _OBJECT_REPR.sub("the image", str(e))
+            raise ImageLoadError(f"{name}: cannot decode image ({type(e).__name__}: {detail})") from None
     check_size(img.width, img.height, name, max_pixels, max_aspect_ratio)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not cost the image
         pass
-    return _to_rgb(img)
+    try:
+        return _to_rgb(img)
+    except Exception as e:  # noqa: BLE001 - an odd mode from a corrupt file
+        raise ImageLoadError(f"{name}: cannot convert image of mode {img.mode!r} to RGB ({type(e).__name__})") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,13 +92,14 @@ class ChatProcessor:
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
                  max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
-                 mrope: bool = False):
+                 mrope: bool = False, image_formats=None):
         self.tokenizer = tokenizer
         self.mrope = mrope
         self.image_processor = image_processor
         self.image_token = image_token
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
+        self.image_formats = image_formats  # None: images.DEFAULT_IMAGE_FORMATS
         self.video = video or VideoOptions()
         if sentinels not in ("auto", "always", "never"):
             raise ValueError(f"sentinels must be 'auto', 'always' or 'never', got {sentinels!r}")
@@ -117,7 +118,7 @@ class ChatProcessor:
 
     def _load_image(self, sample_id: str, ref) -> ProcessedImage:
         try:
-            image = load_image(ref, max_pixels=self.max_image_pixels)
+            image = load_image(ref, max_pixels=self.max_image_pixels, formats=self.image_formats)
         except (ImageLoadError, FileNotFoundError) as e:
             raise BadRecordError(sample_id, str(e)) from None
         try:
@@ -131,11 +132,16 @@ class ChatProcessor:
         except (VideoLoadError, FileNotFoundError) as e:
             raise BadRecordError(sample_id, str(e)) from None
 
-    def _plan(self, sample_id: str, messages: list[Message], counts: dict[str, int]) -> list[tuple[str, int]]:
+    def _plan(self, sample_id: str, messages: list[Message], counts: dict[str, int],
+              pattern: re.Pattern = PLACEHOLDER_RE) -> list[tuple[str, int]]:
         """(kind, 0-based input index) for each placeholder, in the order they appear."""
         found: list[tuple[str, int | None]] = []
-        for m in messages:
-            for match in PLACEHOLDER_RE.finditer(m.content):
+        for t, m in enumerate(messages):
+            if m.role == "assistant" and (match := pattern.search(m.content)):
+                # Its image tokens would sit inside the supervised span and become targets.
+                raise BadRecordError(sample_id, f"assistant turn {t} holds the placeholder {match.group(0)!r}; "
+                                                "images and videos belong in user turns")
+            for match in pattern.finditer(m.content):
                 found.append((match.group(1), int(match.group(2)) if match.group(2) else None))
         plan = []
         for kind in ("image", "video"):
@@ -181,7 +187,7 @@ class ChatProcessor:
     def _use_sentinels(self, n: int) -> bool:
         return self.sentinels == "always" or (self.sentinels == "auto" and n > 1)
 
-    def _expand_placeholders(self, sample: Sample, visuals: list[_Visual]) -> list[Message]:
+    def _expand_placeholders(self, sample: Sample, visuals: list[_Visual], pattern: re.Pattern = PLACEHOLDER_RE) -> list[Message]:
         sentinels = self._use_sentinels(len(visuals))
         it = iter(visuals)
 
@@ -190,12 +196,12 @@ class ChatProcessor:
             text = "".join(self.image_processor.placeholder_text(g.layout, self.image_token) for g in v.groups)
             return (f"<{v.kind}_{v.index}>" if sentinels else "") + text
 
-        return [Message(m.role, PLACEHOLDER_RE.sub(expand, m.content)) for m in sample.messages]
+        return [Message(m.role, pattern.sub(expand, m.content)) for m in sample.messages]
 
-    def _prepare(self, sample: Sample) -> tuple[list[_Visual], list[Message]]:
-        plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)})
+    def _prepare(self, sample: Sample, pattern: re.Pattern = PLACEHOLDER_RE) -> tuple[list[_Visual], list[Message]]:
+        plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)}, pattern)
         visuals = self._visuals(sample, plan)
-        return visuals, self._expand_placeholders(sample, visuals)
+        return visuals, self._expand_placeholders(sample, visuals, pattern)
 
     @staticmethod
     def _outputs(visuals: list[_Visual]):
@@ -229,6 +235,8 @@ class ChatProcessor:
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 continue
+            if i == 0:
+                raise BadRecordError(sample_id, "starts with an assistant turn; a conversation starts with a user (or system) turn")
             before = self._render(messages[:i], add_generation_prompt=True)
             through = self._render(messages[: i + 1])
             if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
@@ -273,28 +281,33 @@ class ChatProcessor:
             images=groups,
         ))
 
-    def encode_prompt(self, messages: list[Message], images: list) -> EncodedSample:
+    def encode_prompt(self, messages: list[Message], images: list, placeholder_re: re.Pattern | None = None) -> EncodedSample:
         """A generation prompt: the conversation so far plus the assistant header.
 
         `images` holds the visual inputs in placeholder order: images (paths, bytes, PIL) and
         videos (`VideoInput`). A bare `<image>` placeholder may stand for a video input (the input
-        decides how it expands), so callers that only know "one placeholder per input" work."""
+        decides how it expands), so callers that only know "one placeholder per input" work.
+
+        `placeholder_re` replaces `PLACEHOLDER_RE` (same two groups: kind, optional index) for
+        callers whose text is a user's literal words: the server marks its images with a
+        per-request marker, so "<video>" or "<image_2>" typed by a user stays text."""
+        pattern = placeholder_re or PLACEHOLDER_RE
         kinds = ["video" if isinstance(x, VideoInput) else "image" for x in images]
         order = iter(kinds)
 
         def retag(match) -> str:
             if match.group(2) is None and match.group(1) == "image":
                 kind = next(order, "image")
-                return f"<{kind}>"
+                return match.group(0).replace("image", kind, 1)
             if match.group(2) is None:
                 next(order, None)
             return match.group(0)
 
-        messages = [Message(m.role, PLACEHOLDER_RE.sub(retag, m.content)) for m in messages]
+        messages = [Message(m.role, pattern.sub(retag, m.content)) for m in messages]
         sample = Sample(id="prompt", messages=messages,
                         images=[x for x in images if not isinstance(x, VideoInput)],
                         videos=[x.path for x in images if isinstance(x, VideoInput)])
-        visuals, expanded = self._prepare(sample)
+        visuals, expanded = self._prepare(sample, pattern)
         layouts, pixels, keys, spans, groups = self._outputs(visuals)
         text = self._render(expanded, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

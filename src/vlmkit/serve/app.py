@@ -7,7 +7,13 @@ Every request is checked before it reaches the model, and every way it can be wr
 with a 4xx and an OpenAI-style error body: the body is read with a byte cap (a client cannot
 make the server buffer gigabytes), JSON and fields are validated, images must be `data:` URIs
 unless remote fetching was switched on, and decoded images go through the same pixel and
-aspect-ratio guards as training data. Only then is a job queued for the batcher.
+aspect-ratio guards as training data, in worker threads (never on the event loop). Only then
+is a job queued for the batcher.
+
+A server without an API key answers only requests whose Host is an allowed host (loopback
+names by default) and whose Origin, when a browser sends one, is the server itself or an
+allowed origin: a web page elsewhere cannot reach it with a cross-site POST or through DNS
+rebinding.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import binascii
 import hmac
 from html import escape
 import json
+import logging
 import re
 import time
 import urllib.error
@@ -25,10 +32,11 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any, Literal
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmkit.data.formats import BadRecordError, Message
 from vlmkit.generate import GenerationConfig
-from vlmkit.processing.images import ImageLoadError, load_image
+from vlmkit.processing.images import ImageLoadError, image_formats, load_image
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 from vlmkit.serve.batching import DynamicBatcher, Job, QueueFull
 
@@ -57,6 +65,14 @@ class ServerSettings:
     remote_timeout_s: float = 10.0
     # Compile the decode step (GenerationConfig.compile): a CUDA graph per power-of-two batch size.
     compile_decode: bool = False
+    # Pillow formats a request's images may be in (None: images.DEFAULT_IMAGE_FORMATS).
+    image_formats: list[str] | None = None
+    # Threads that decode request images, off the event loop.
+    decode_workers: int = 2
+    # Without an API key: Host names (no port) and browser Origins that may reach the server;
+    # "*" allows any. The loopback names are always allowed hosts.
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
 
 
 class APIError(Exception):
@@ -115,7 +131,8 @@ class ChatRequest(_Loose):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # Any 64-bit seed torch's generator takes.
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -208,14 +225,44 @@ class TextAssembler:
 # ---- the application ---------------------------------------------------------------------------
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# Pillow and the tokenizers sometimes put object reprs in messages; a client gains nothing from them.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+# top_p values below this keep only the most likely token, as this value does; much smaller ones
+# round to 0 in float32 and would drop every token.
+MIN_TOP_P = 1e-6
+log = logging.getLogger("vlmkit.serve")
+
+
+def _host_name(host_header: str) -> str:
+    """The host part of a Host header: "[::1]:8000" -> "::1", "Example.COM:80" -> "example.com"."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     batcher = DynamicBatcher(model, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue)
-    # One thread encodes prompts: fast tokenizers are not safe to share across threads, and
-    # decoding a few images is quick next to generation.
+    # One thread encodes prompts: fast tokenizers are not safe to share across threads.
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-encode")
+    # Images decode on their own threads: a large image must not stall /health or other requests.
+    decoder = ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="vlmkit-decode")
+    formats = image_formats(settings.image_formats)
     tokenizer = model.tokenizer
-    forbidden_text = {IMAGE_PLACEHOLDER, model.config.image_token}
+    # The image token itself is a special token: typed by a user it would tokenise as one.
+    forbidden_text = {model.config.image_token}
+    allowed_hosts = {h.lower().strip("[]") for h in (*LOOPBACK_HOSTS, *settings.allowed_hosts)}
+    allowed_origins = {o.lower().rstrip("/") for o in settings.allowed_origins}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -225,6 +272,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         finally:
             batcher.stop()
             encoder.shutdown(wait=False, cancel_futures=True)
+            decoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="vlmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
@@ -239,7 +287,30 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        # A bug, not a bad request: the traceback goes to the log, the client gets no internals.
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal server error", "server_error", code="internal_error"), status_code=500)
+
+    def check_site(request: Request) -> None:
+        """Without an API key, only the allowed hosts and same-site (or allowed) browser origins."""
+        if settings.api_key is not None:
+            return
+        host_header = request.headers.get("host", "")
+        if "*" not in allowed_hosts and _host_name(host_header) not in allowed_hosts:
+            raise APIError(403, "this Host is not allowed (a server without an API key answers only its allowed hosts; "
+                           "start it with --allowed-host NAME)", code="host_not_allowed", kind="permission_error")
+        origin = request.headers.get("origin")
+        if origin is None or "*" in allowed_origins:
+            return
+        origin = origin.lower().rstrip("/")
+        if origin not in allowed_origins and origin not in (f"http://{host_header.lower()}", f"https://{host_header.lower()}"):
+            raise APIError(403, "cross-origin requests are not allowed (start the server with --allowed-origin ORIGIN, "
+                           "or with --api-key)", code="origin_not_allowed", kind="permission_error")
+
     def check_key(request: Request) -> None:
+        check_site(request)
         if settings.api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -258,9 +329,18 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
                 raise APIError(413, f"request body is above the limit of {settings.max_request_bytes:,} bytes", code="request_too_large")
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            body = json.loads(b"".join(chunks))
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+        except ValueError as e:  # also UnicodeDecodeError, and integers longer than Python converts
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        try:
+            surrogate = _has_lone_surrogate(body)
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+        if surrogate:
+            raise APIError(400, "request body holds a lone UTF-16 surrogate (such as \\ud800), which is not text", code="invalid_json")
+        return body
 
     def parse_request(body: Any) -> ChatRequest:
         if not isinstance(body, dict):
@@ -277,9 +357,10 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}", "model", "model_not_found")
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", "n")
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is not None and not 1 <= max_tokens <= settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens must be between 1 and {settings.max_tokens_limit}", "max_tokens")
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = getattr(req, name)
+            if value is not None and not 1 <= value <= settings.max_tokens_limit:
+                raise APIError(400, f"{name} must be between 1 and {settings.max_tokens_limit}, got {value}", name)
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stops) > 4:
             raise APIError(400, "at most 4 stop sequences", "stop")
@@ -296,6 +377,14 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             raise APIError(413, f"remote image is larger than {limit:,} bytes", "messages", "image_too_large")
         return data
 
+    def requested_max_tokens(req: ChatRequest) -> int:
+        # 0 is not "unset": parse_request refused it; the newer field wins when both are sent.
+        if req.max_completion_tokens is not None:
+            return req.max_completion_tokens
+        if req.max_tokens is not None:
+            return req.max_tokens
+        return min(settings.default_max_tokens, settings.max_tokens_limit)
+
     async def load_part_image(url: str):
         if url.startswith("data:"):
             data = parse_data_uri(url, settings.max_request_bytes)
@@ -307,11 +396,15 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         else:
             raise APIError(400, "image_url must be a data: URI" + (" or an http(s) URL" if settings.allow_remote_images else ""), "messages", "invalid_image_url")
         try:
-            return load_image(data, max_pixels=settings.max_image_pixels)
+            return await asyncio.get_running_loop().run_in_executor(decoder, decode_image, data)
         except ImageLoadError as e:
-            raise APIError(400, f"unusable image: {e}", "messages", "invalid_image") from None
+            raise APIError(400, f"unusable image: {_OBJECT_REPR.sub('the image', str(e))}", "messages", "invalid_image") from None
 
-    async def to_conversation(req: ChatRequest) -> tuple[list[Message], list]:
+    def decode_image(data: bytes):
+        return load_image(data, max_pixels=settings.max_image_pixels, formats=formats)
+
+    async def to_conversation(req: ChatRequest, marker: str) -> tuple[list[Message], list]:
+        """The request as messages; each image part becomes `marker` (see `encode`)."""
         messages, images = [], []
         for k, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
@@ -320,7 +413,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             for part in parts:
                 if isinstance(part, TextPart):
                     if any(t in part.text for t in forbidden_text):
-                        raise APIError(400, f"messages[{k}]: text may not contain the image placeholder {IMAGE_PLACEHOLDER!r}; send images as image_url parts", f"messages.{k}.content")
+                        raise APIError(400, f"messages[{k}]: text may not contain the model's image token {model.config.image_token!r}; "
+                                       "send images as image_url parts", f"messages.{k}.content")
                     pieces.append(part.text)
                 else:
                     if role != "user":
@@ -328,21 +422,25 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
                     if len(images) >= settings.max_images:
                         raise APIError(400, f"at most {settings.max_images} images per request", f"messages.{k}.content")
                     images.append(await load_part_image(part.image_url.url))
-                    pieces.append(IMAGE_PLACEHOLDER)
+                    pieces.append(marker)
             messages.append(Message(role, "\n".join(pieces)))
         if messages[-1].role == "assistant":
             raise APIError(400, "the last message must not be an assistant message (continuing a reply is not supported)", "messages")
         return messages, images
 
-    def encode(messages: list[Message], images: list):
+    def encode(messages: list[Message], images: list, placeholders: re.Pattern):
         try:
-            return processor.encode_prompt(messages, images)
+            return processor.encode_prompt(messages, images, placeholder_re=placeholders)
         except BadRecordError as e:
-            raise APIError(400, str(e).replace("sample 'prompt' ", "the prompt "), "messages", "invalid_prompt") from None
+            message = str(e).replace("record 'prompt': ", "the prompt ")
+            raise APIError(400, _OBJECT_REPR.sub("an object", message), "messages", "invalid_prompt") from None
+        except jinja2.TemplateError as e:  # e.g. a template that insists on alternating roles
+            raise APIError(400, f"the model's chat template refuses this conversation: {e}", "messages", "invalid_prompt") from None
 
     # ---- routes ---------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        # Open to any Host: load balancers and probes address the server by its IP.
         body = {"status": "ok" if batcher.healthy else "error", "model": settings.model_name, "waiting": batcher.waiting, **batcher.stats}
         if batcher.error is not None:
             body["error"] = f"{type(batcher.error).__name__}: {batcher.error}"
@@ -354,7 +452,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "vlmkit"}]}
 
     @app.get("/", response_class=HTMLResponse)
-    async def page():
+    async def page(request: Request):
+        check_site(request)
         html = resources.files("vlmkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html.replace("{{MODEL}}", escape(settings.model_name)), headers={
             # The page talks to this server only and loads nothing from elsewhere.
@@ -365,11 +464,15 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     async def chat_completions(request: Request):
         check_key(request)
         req = parse_request(await read_body(request))
-        messages, images = await to_conversation(req)
-        prompt = await asyncio.get_running_loop().run_in_executor(encoder, encode, messages, images)
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
-        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed,
-                               compile=settings.compile_decode)
+        # A user's text is literal: images are marked with a per-request marker no client can
+        # know in advance, so "<video>" or "<image_2>" in a question stays text.
+        nonce = uuid.uuid4().hex
+        messages, images = await to_conversation(req, f"<{IMAGE_PLACEHOLDER[1:-1]}:{nonce}>")
+        placeholders = re.compile(rf"<(image|video)(?:_(\d+))?:{nonce}>")
+        prompt = await asyncio.get_running_loop().run_in_executor(encoder, encode, messages, images, placeholders)
+        max_tokens = requested_max_tokens(req)
+        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=req.temperature > 0, temperature=req.temperature or 1.0,
+                               top_p=max(req.top_p, MIN_TOP_P), seed=req.seed, compile=settings.compile_decode)
         job = Job(prompt=prompt, gen=gen, max_new_tokens=max_tokens, loop=asyncio.get_running_loop())
         try:
             batcher.submit(job)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit.config import Config, load_config
+from vlmkit.utils import respect_umask
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -68,6 +69,8 @@ def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        # mkdtemp made the folder 0700; a checkpoint is shared like any other output.
+        respect_umask(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,25 +147,44 @@ def rotate_and_save(stage_dir: Path, step: int, keep: int, save) -> Path:
     """
     last = stage_dir.with_name(f"{stage_dir.name}-last")
     # Half-written folders a kill left behind: never read, only in the way.
-    for stale in stage_dir.parent.glob(f".{stage_dir.name}-last.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{stage_dir.name}-last.tmp-*", f".{stage_dir.name}-*.pruned", f".{stage_dir.name}-last.old"):
+        for stale in stage_dir.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+    # A step folder without trainer state is what a kill during pruning leaves (rmtree is not
+    # atomic); it can never be resumed from.
+    for _, path in _step_dirs(stage_dir, complete=False):
+        if not (path / TRAINER_STATE).is_file():
+            _prune(path)
     if (last / META).is_file():
         old_step = int(json.loads((last / META).read_text()).get("step", 0))
         os.replace(last, stage_dir.with_name(f"{stage_dir.name}-step-{old_step:08d}"))
     save(last)
     older = sorted(_step_dirs(stage_dir), reverse=True)
     for _, path in older[max(0, keep - 1):]:
-        shutil.rmtree(path, ignore_errors=True)
+        _prune(path)
     return last
 
 
-def _step_dirs(stage_dir: Path) -> list[tuple[int, Path]]:
+def _prune(path: Path) -> None:
+    """Delete a checkpoint folder: first renamed out of the `-step-N` namespace (atomic), so a kill
+    mid-delete leaves a hidden `.pruned` folder that the next rotation removes."""
+    trash = path.with_name(f".{path.name}.pruned")
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _step_dirs(stage_dir: Path, complete: bool = True) -> list[tuple[int, Path]]:
+    """`<stage>-step-N` folders; with `complete`, only those holding trainer state."""
     pattern = re.compile(re.escape(stage_dir.name) + r"-step-(\d+)$")
     found = []
     if stage_dir.parent.is_dir():
         for path in stage_dir.parent.iterdir():
             m = pattern.match(path.name)
-            if m and (path / TRAINER_STATE).is_file():
+            if m and path.is_dir() and (not complete or (path / TRAINER_STATE).is_file()):
                 found.append((int(m.group(1)), path))
     return found
 
@@ -178,8 +200,8 @@ def latest_resumable(stage_dir: Path) -> Path | None:
 
 def remove_periodic(stage_dir: Path) -> None:
     shutil.rmtree(stage_dir.with_name(f"{stage_dir.name}-last"), ignore_errors=True)
-    for _, path in _step_dirs(stage_dir):
-        shutil.rmtree(path, ignore_errors=True)
+    for _, path in _step_dirs(stage_dir, complete=False):
+        _prune(path)
 
 
 class ResumeMismatchError(ValueError):

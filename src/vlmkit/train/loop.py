@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import Config, StageConfig
 from vlmkit.data.collate import Batch, collate, pack
-from vlmkit.data.formats import BadRecordError, Sample, read_llava_json
+from vlmkit.data.formats import BadRecordError, Sample, read_llava_records
 from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
@@ -47,7 +47,7 @@ class StageResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # record id -> reason
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (record id, reason), one per skipped record
     checkpoint: Path | None = None
     trainable_parameters: dict[str, int] = field(default_factory=dict)
 
@@ -56,16 +56,31 @@ class Preempted(SystemExit):
     """Raised after SIGTERM once the state is saved; exits quietly with status 143."""
 
 
-def encode_all(processor: ChatProcessor, samples: list[Sample], on_bad: str, desc: str) -> tuple[list[EncodedSample], dict[str, str]]:
-    """Encode every sample up front, so a bad record surfaces before any step is taken."""
-    encoded, skipped = [], {}
+def encode_record(processor: ChatProcessor, sample: Sample) -> EncodedSample:
+    """`processor.encode`, with any failure a `BadRecordError` naming the record: a template that
+    refuses the conversation or a tokenizer that refuses the text is the record's fault too."""
+    try:
+        return processor.encode(sample)
+    except BadRecordError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything a record's content can provoke
+        raise BadRecordError(sample.id, f"cannot be encoded ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def encode_all(processor: ChatProcessor, samples: list[Sample | BadRecordError], on_bad: str, desc: str
+               ) -> tuple[list[EncodedSample], list[tuple[str, str]]]:
+    """Encode every sample up front, so a bad record surfaces before any step is taken. Items that
+    are already `BadRecordError`s (records that could not be read) count as bad records."""
+    encoded, skipped = [], []
     for sample in tqdm(samples, desc=f"encode {desc}", unit="sample", leave=False):
         try:
-            encoded.append(processor.encode(sample))
+            if isinstance(sample, BadRecordError):
+                raise sample
+            encoded.append(encode_record(processor, sample))
         except BadRecordError as e:
             if on_bad == "error":
                 raise
-            skipped[sample.id] = str(e)
+            skipped.append((e.record_id, str(e)))
     if not encoded:
         raise ValueError(f"stage {desc}: no usable records ({len(skipped)} skipped)")
     return encoded, skipped
@@ -89,17 +104,17 @@ def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
     data carries them; a record with a missing side stops the run here, before any step."""
     from vlmkit.data.preference import read_preference_file
 
-    units, refs, skipped = [], [], {}
+    units, refs, skipped = [], [], []
     for item in tqdm(read_preference_file(path), desc=f"encode {desc}", unit="pair", leave=False):
         try:
             if isinstance(item, BadRecordError):
                 raise item
-            units.append([last_turn_only(processor.encode(item.sample(side))) for side in ("chosen", "rejected")])
+            units.append([last_turn_only(encode_record(processor, item.sample(side))) for side in ("chosen", "rejected")])
             refs.append((item.ref_chosen_logp, item.ref_rejected_logp))
         except BadRecordError as e:
             if on_bad == "error":
                 raise
-            skipped[e.record_id] = str(e)
+            skipped.append((e.record_id, str(e)))
     if not units:
         raise ValueError(f"stage {desc}: no usable preference pairs ({len(skipped)} skipped)")
     return units, refs, skipped
@@ -216,10 +231,10 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
             missing = sum(r[0] is None for r in data_refs)
             raise ValueError(f"stage {name}: dpo.reference=data but {missing} pair(s) carry no ref_chosen_logp/ref_rejected_logp")
     else:
-        encoded, skipped = encode_all(processor, read_llava_json(stage.data), tcfg.on_bad_record, name)
+        encoded, skipped = encode_all(processor, read_llava_records(stage.data), tcfg.on_bad_record, name)
         units = [[s] for s in encoded]
     if skipped and dist.is_main:
-        print(f"[vlmkit] stage {name}: skipped {len(skipped)} bad record(s), e.g. {next(iter(skipped.values()))}")
+        print(f"[vlmkit] stage {name}: skipped {len(skipped)} bad record(s), e.g. {skipped[0][1]}")
     flat = [s for u in units for s in u]
     feature_cache = None
     vision_cached = "vision" not in stage.trainable and tcfg.cache_frozen_vision
@@ -268,6 +283,9 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
         if dist.is_main:
             print(f"[vlmkit] stage {name}: resuming at step {step}/{total_steps} from {resume_dir}")
+    if logger and dist.is_main:
+        # Steps logged after the checkpoint (or before a first one) are about to be redone.
+        logger.drop(lambda r: r.get("stage") == name and isinstance(r.get("step"), int) and r["step"] > step)
 
     def save_periodic() -> None:
         weights = ckpt.model_state(model, ckpt.parts_to_save(model))

@@ -1,0 +1,294 @@
+"""Hostile and careless requests against a real server: each gets its exact status and error code
+(never a 500), the body never shows Python internals, and the server stays healthy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import struct
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from _serve_util import png_data_uri, request, running_server, tiny_model  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vlmkit.data.formats import Message  # noqa: E402
+from vlmkit.serve import app as app_module  # noqa: E402
+from vlmkit.serve.app import ServerSettings, create_app  # noqa: E402
+
+KEY = "hostile-key"
+MODEL = "tiny"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    model, processor = tiny
+    settings = ServerSettings(model_name=MODEL, api_key=KEY, max_request_bytes=300_000, max_image_pixels=100_000,
+                              max_tokens_limit=64, max_batch=8, max_wait_ms=5)
+    with running_server(create_app(model, processor, settings)) as base:
+        yield base
+
+
+def healthy(base: str) -> bool:
+    status, body, _ = request(base, "GET", "/health")
+    return status == 200 and body["status"] == "ok"
+
+
+def user(text, image_uri=None):
+    parts = [{"type": "image_url", "image_url": {"url": image_uri}}] if image_uri else []
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def b64(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def ico_wrapping_png(side: int) -> bytes:
+    png = encode(Image.new("RGB", (side, side)))
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    import zlib
+
+    data = bytearray(encode(Image.new("RGB", (1, 1))))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+GOOD = {"model": MODEL, "messages": user("hi"), "max_tokens": 2}
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+def raw(obj: dict) -> str:
+    return json.dumps(obj)
+
+
+# name -> (body, expected status, expected error code or None, expected param or None)
+REFUSED = {
+    "nested 200 KB in an unknown field": ('{"model": "tiny", "messages": [], "x": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "invalid_json", None),
+    "nested 200 KB as the body": ("[" * 100_000 + "]" * 100_000, 400, "invalid_json", None),
+    "nested objects 100 KB": ('{"a":' * 20_000 + "1" + "}" * 20_000, 400, "invalid_json", None),
+    "5000-digit max_tokens": (raw(GOOD)[:-1] + ', "max_tokens": ' + "9" * 5000 + "}", 400, "invalid_json", None),
+    "5000-digit integer elsewhere": (raw(GOOD)[:-1] + ', "extra": ' + "1" * 5000 + "}", 400, "invalid_json", None),
+    "lone surrogate in text": (raw(GOOD).replace('"hi"', '"hi \\ud800"'), 400, "invalid_json", None),
+    "lone low surrogate in text": (raw(GOOD).replace('"hi"', '"\\udfff"'), 400, "invalid_json", None),
+    "lone surrogate in stop": (raw({**GOOD, "stop": "x"}).replace('"x"', '"\\ud83d"'), 400, "invalid_json", None),
+    "lone surrogate in model": (raw(GOOD).replace('"tiny"', '"\\ud800"'), 400, "invalid_json", None),
+    "seed 2**64": ({**GOOD, "seed": 2**64, "temperature": 1}, 400, None, "seed"),
+    "seed below -2**63": ({**GOOD, "seed": -(2**63) - 1, "temperature": 1}, 400, None, "seed"),
+    "max_completion_tokens 0": ({**GOOD, "max_completion_tokens": 0}, 400, None, "max_completion_tokens"),
+    "max_tokens 0": ({**GOOD, "max_tokens": 0}, 400, None, "max_tokens"),
+    "max_completion_tokens above the limit": ({**GOOD, "max_completion_tokens": 65}, 400, None, "max_completion_tokens"),
+    "max_tokens negative": ({**GOOD, "max_tokens": -5}, 400, None, "max_tokens"),
+    "NaN temperature": (raw(GOOD)[:-1] + ', "temperature": NaN}', 400, None, "temperature"),
+    "Infinity top_p": (raw(GOOD)[:-1] + ', "top_p": Infinity}', 400, None, "top_p"),
+    "temperature 1e400": (raw(GOOD)[:-1] + ', "temperature": 1e400}', 400, None, "temperature"),
+    "top_p zero": ({**GOOD, "top_p": 0}, 400, None, "top_p"),
+    "the image token as text": ({**GOOD, "messages": user("look <image> here")}, 400, None, "messages.0.content"),
+    "body null": ("null", 400, "invalid_json", None),
+    "body a string": ('"hello"', 400, "invalid_json", None),
+    "body empty": ("", 400, "invalid_json", None),
+    "messages an object": ({**GOOD, "messages": {"role": "user"}}, 400, None, "messages"),
+    "message not an object": ({**GOOD, "messages": ["hi"]}, 400, None, "messages.0"),
+    "content part not an object": ({**GOOD, "messages": [{"role": "user", "content": [5]}]}, 400, None, None),
+    "text part text a number": ({**GOOD, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, None, None),
+    "stop a number": ({**GOOD, "stop": 5}, 400, None, None),
+    "stream 5": ({**GOOD, "stream": 5}, 400, None, "stream"),
+    "model a list": ({**GOOD, "model": [MODEL]}, 400, None, "model"),
+    "n zero": ({**GOOD, "n": 0}, 400, None, "n"),
+    "eps image named png": ({**GOOD, "messages": user("hi", b64(EPS))}, 400, "invalid_image", "messages"),
+    "ico wrapping a 3000x3000 png": ({**GOOD, "messages": user("hi", b64(ico_wrapping_png(3000), "image/x-icon"))}, 400, "invalid_image", "messages"),
+    "png claiming 65535x65535": ({**GOOD, "messages": user("hi", b64(png_claiming(65535, 65535)))}, 400, "invalid_image", "messages"),
+    "garbage image bytes": ({**GOOD, "messages": user("hi", b64(b"not an image at all"))}, 400, "invalid_image", "messages"),
+    "truncated png": ({**GOOD, "messages": user("hi", b64(encode(Image.new("RGB", (30, 30), 7))[:70]))}, 400, "invalid_image", "messages"),
+    "pdf data uri": ({**GOOD, "messages": user("hi", b64(b"%PDF-1.4", "application/pdf"))}, 400, "invalid_image_url", "messages"),
+    "javascript url": ({**GOOD, "messages": user("hi", "javascript:alert(1)")}, 400, "invalid_image_url", "messages"),
+    "nine images": ({**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_uri()}}] * 9}]}, 400, None, "messages.0.content"),
+    "image in a system message": ({**GOOD, "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": png_data_uri()}}]}, *user("hi")]}, 400, None, "messages.0.content"),
+    "prompt longer than the context": ({**GOOD, "messages": user("word " * 2000)}, 400, "invalid_prompt", "messages"),
+    "too many stops": ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
+    "unknown model": ({**GOOD, "model": "gpt-4o"}, 404, "model_not_found", "model"),
+    "body over the cap": ({**GOOD, "padding": "x" * 310_000}, 413, "request_too_large", None),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_hostile_request_gets_its_exact_refusal(server, name):
+    body, status, code, param = REFUSED[name]
+    got, payload, _ = request(server, "POST", "/v1/chat/completions", body, AUTH)
+    assert got == status, (name, got, payload)
+    error = payload["error"]
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    assert " object at 0x" not in error["message"] and "Traceback" not in error["message"]
+    assert healthy(server)
+
+
+ANSWERED = {
+    "seed 2**64 - 1": {**GOOD, "seed": 2**64 - 1, "temperature": 1},
+    "seed -2**63": {**GOOD, "seed": -(2**63), "temperature": 1},
+    "top_p 1e-300": {**GOOD, "top_p": 1e-300, "temperature": 1},
+    "top_p 5e-324": {**GOOD, "top_p": 5e-324, "temperature": 2},
+    "html video tag in text": {**GOOD, "messages": user("What does the HTML <video> tag do?")},
+    "image_k in text": {**GOOD, "messages": user("Compare <image_1> and <image_2>.")},
+    "video_k in a system message": {**GOOD, "messages": [{"role": "system", "content": "Refer to <video_1> as 'the clip'."}, *user("hi")]},
+    "placeholders next to a real image": {**GOOD, "messages": user("Is this <image_1> or a <video>?", png_data_uri())},
+    "assistant message first": {**GOOD, "messages": [{"role": "assistant", "content": "Hello!"}, *user("hi")]},
+    "user content null then user": {**GOOD, "messages": [{"role": "user", "content": None}, *user("hi")]},
+    "unknown top-level fields": {**GOOD, "logprobs": True, "frequency_penalty": 0.5, "user": "x"},
+    "emoji and astral text": {**GOOD, "messages": user("🦙 \U0001F600 \u0301 \u200b")},
+    "body with a UTF-8 BOM": "\ufeff" + raw(GOOD),
+}
+
+
+@pytest.mark.parametrize("name", list(ANSWERED))
+def test_careless_but_valid_request_is_answered(server, name):
+    status, payload, _ = request(server, "POST", "/v1/chat/completions", ANSWERED[name], AUTH)
+    assert status == 200, (name, payload)
+    assert payload["choices"][0]["message"]["role"] == "assistant"
+    assert payload["usage"]["completion_tokens"] <= 2  # an end-of-text token may come first
+    assert healthy(server)
+
+
+def test_max_completion_tokens_wins_and_is_never_treated_as_unset(server):
+    status, payload, _ = request(server, "POST", "/v1/chat/completions",
+                                 {**GOOD, "max_tokens": 50, "max_completion_tokens": 1}, AUTH)
+    assert status == 200 and payload["usage"]["completion_tokens"] == 1
+
+
+def test_user_text_with_placeholders_is_tokenised_as_literal_text(tiny, server):
+    model, processor = tiny
+    text = "What does the HTML <video> tag do? Compare <image_1> and <image_2>."
+    status, payload, _ = request(server, "POST", "/v1/chat/completions", {**GOOD, "messages": user(text)}, AUTH)
+    assert status == 200, payload
+    never = re.compile(r"(?!)(x)(y)")  # matches nothing: every character of the text is text
+    expected = processor.encode_prompt([Message("user", text)], [], placeholder_re=never)
+    assert payload["usage"]["prompt_tokens"] == len(expected.input_ids)
+
+
+def test_images_are_decoded_off_the_event_loop(server, monkeypatch):
+    threads = []
+    real = app_module.load_image
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            threads.append("event loop")
+        except RuntimeError:
+            threads.append("worker")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_image", spy)
+    status, payload, _ = request(server, "POST", "/v1/chat/completions", {**GOOD, "messages": user("hi", png_data_uri())}, AUTH)
+    assert status == 200, payload
+    assert threads == ["worker"]
+
+
+def test_declared_content_length_over_the_cap_is_413(server):
+    import http.client
+
+    conn = http.client.HTTPConnection(server.split("//", 1)[1], timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", AUTH["Authorization"])
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(10**12))
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413 and body["error"]["code"] == "request_too_large"
+    assert healthy(server)
+
+
+def test_unexpected_errors_are_a_plain_500_without_internals(tiny, monkeypatch):
+    model, processor = tiny
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret <object at 0xdeadbeef> details")
+
+    app = create_app(model, processor, ServerSettings(model_name=MODEL))
+    monkeypatch.setattr(processor, "encode_prompt", broken)
+    with running_server(app) as base:
+        status, payload, _ = request(base, "POST", "/v1/chat/completions", GOOD)
+        assert status == 500
+        assert payload["error"] == {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}
+        assert healthy(base)
+
+
+# ---- a server without an API key: Host and Origin ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def open_server(tiny):
+    model, processor = tiny
+    settings = ServerSettings(model_name=MODEL, max_tokens_limit=8, allowed_hosts=["vlm.internal"],
+                              allowed_origins=["http://localhost:3000"])
+    with running_server(create_app(model, processor, settings)) as base:
+        yield base
+
+
+def port_of(base: str) -> str:
+    return base.rsplit(":", 1)[1]
+
+
+SITE_CASES = {
+    # name -> (extra headers, expected status, expected code)
+    "rebinding host": ({"Host": "attacker.example"}, 403, "host_not_allowed"),
+    "rebinding host with port": ({"Host": "attacker.example:{port}"}, 403, "host_not_allowed"),
+    "host that only starts like localhost": ({"Host": "localhost.attacker.example:{port}"}, 403, "host_not_allowed"),
+    "cross-site origin": ({"Origin": "http://attacker.example"}, 403, "origin_not_allowed"),
+    "cross-site text/plain post": ({"Origin": "https://attacker.example", "Content-Type": "text/plain"}, 403, "origin_not_allowed"),
+    "null origin": ({"Origin": "null"}, 403, "origin_not_allowed"),
+    "origin on another port": ({"Origin": "http://127.0.0.1:1"}, 403, "origin_not_allowed"),
+    "same origin": ({"Origin": "http://127.0.0.1:{port}"}, 200, None),
+    "no origin (curl, sdk)": ({}, 200, None),
+    "localhost host": ({"Host": "localhost:{port}"}, 200, None),
+    "ipv6 loopback host": ({"Host": "[::1]:{port}"}, 200, None),
+    "configured host": ({"Host": "vlm.internal:{port}"}, 200, None),
+    "configured origin": ({"Origin": "http://localhost:3000"}, 200, None),
+}
+
+
+@pytest.mark.parametrize("name", list(SITE_CASES))
+def test_server_without_key_checks_host_and_origin(open_server, name):
+    headers, status, code = SITE_CASES[name]
+    headers = {k: v.format(port=port_of(open_server)) for k, v in headers.items()}
+    got, payload, _ = request(open_server, "POST", "/v1/chat/completions", {**GOOD, "max_tokens": 1}, headers)
+    assert got == status, (name, payload)
+    if code:
+        assert payload["error"]["code"] == code
+    assert healthy(open_server)
+
+
+def test_host_check_also_guards_models_and_the_page_but_not_health(open_server):
+    evil = {"Host": "attacker.example"}
+    assert request(open_server, "GET", "/v1/models", None, evil)[0] == 403
+    assert request(open_server, "GET", "/", None, evil)[0] == 403
+    assert request(open_server, "GET", "/health", None, evil)[0] == 200
+
+
+def test_server_with_key_does_not_need_host_checks(server):
+    status, _, _ = request(server, "POST", "/v1/chat/completions", GOOD, {**AUTH, "Host": "anything.example", "Origin": "http://else.example"})
+    assert status == 200
