@@ -45,13 +45,14 @@ def register(app: typer.Typer) -> None:
         question: Annotated[str, typer.Argument(help="The question.")],
         checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
         image: Annotated[Optional[list[Path]], typer.Option(help="Image file(s); each gets an <image> placeholder before the question.")] = None,
+        video: Annotated[Optional[list[Path]], typer.Option(help="Video file(s), after the images; each gets a <video> placeholder before the question.")] = None,
         max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
         temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
         top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (0 < top_p <= 1).")] = 1.0,
         seed: Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1)] = 0,
         device: str = "cpu",
     ) -> None:
-        """Answer one question about an image."""
+        """Answer one question about images or videos."""
         offline()
         if top_p <= 0:
             raise typer.BadParameter("must be above 0", param_hint="--top-p")
@@ -62,7 +63,9 @@ def register(app: typer.Typer) -> None:
         from vlmkit.train.checkpoint import load_checkpoint
 
         model, config = load_checkpoint(checkpoint, device=device)
-        images = image or []
+        from vlmkit.processing.video import VideoInput
+
+        images = list(image or []) + [VideoInput(v) for v in video or []]
         text = question if "<image>" in question else "<image>\n" * len(images) + question
         processor = build_chat_processor(model, config.train.max_length)
         prompt = processor.encode_prompt([Message("user", text)], images)
