@@ -27,3 +27,49 @@ def test_serve_on_a_busy_port_fails_before_announcing(tmp_path):
     assert "serving" not in result.output
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_tokens_plot_honours_the_preset(tmp_path, monkeypatch):
+    from vlmkit.commands import tokens as tokens_cmd
+
+    plotted = []
+    real = tokens_cmd._plot
+
+    def spy(path, names=tokens_cmd.PLOT_PRESETS, mark=None):
+        plotted.append(list(names))
+        real(path, names, mark)
+
+    monkeypatch.setattr(tokens_cmd, "_plot", spy)
+    every, one = tmp_path / "every.png", tmp_path / "one.png"
+    assert invoke("tokens", "--plot", str(every)).exit_code == 0
+    result = invoke("tokens", "--plot", str(one), "-p", "qwen2-vl-7b")
+    assert result.exit_code == 0, result.output
+    assert plotted == [list(tokens_cmd.PLOT_PRESETS), ["qwen2-vl-7b"]]
+    assert "qwen2-vl-7b" in result.output
+    assert one.read_bytes() != every.read_bytes()
+    bad = invoke("tokens", "--plot", str(tmp_path / "x.png"), "-p", "no-such-model")
+    assert bad.exit_code != 0 and "unknown preset 'no-such-model'" in bad.output
+
+
+def test_tokens_labels_sizes_and_grids():
+    result = invoke("tokens", "-p", "llava-next-7b", "-s", "1024x768")
+    assert result.exit_code == 0, result.output
+    # 1024x768 fits the 672x672 pinpoint as 672 wide, 504 high; its features are 36 rows of 48.
+    assert "resized (width x height)     672 x 504" in result.output
+    assert "feature grid (rows x cols)   36 x 48" in result.output
+    assert "tile grid (rows x cols)      2 x 2" in result.output
+
+
+def test_inspect_help_points_to_the_real_list_subcommand():
+    result = invoke("inspect", "--help")
+    assert "inspect list" in result.output and "--list" not in result.output
+    listed = invoke("inspect", "list")
+    assert listed.exit_code == 0 and "llava-1.5-7b" in listed.output
+
+
+def test_inspect_tiny_header_is_clean():
+    result = invoke("inspect", "smolvlm", "--tiny")
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0]
+    assert "(;" not in header and "()" not in header
+    assert header.startswith("smolvlm (tiny)") and "pixel-shuffle" in header

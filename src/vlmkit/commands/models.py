@@ -42,7 +42,7 @@ def _tiny_report(name: str) -> dict:
 
 
 def inspect_command(
-    preset: str = typer.Argument(..., help="preset name (see `vlmkit inspect --list`)"),
+    preset: str = typer.Argument(..., help="preset name, or `list` to print every preset (`vlmkit inspect list`)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     tiny: bool = typer.Option(False, "--tiny", help="the tiny CPU variant, built for real"),
 ) -> None:
@@ -63,7 +63,10 @@ def inspect_command(
         typer.echo(json.dumps(report, indent=2))
         return
     p = report["params"]
-    typer.echo(f"{report['preset']}  ({report.get('family', '')}; {report['fusion']} fusion, connector {report['connector']})")
+    about = [f"{report['fusion']} fusion", f"connector {report['connector']}"]
+    if report.get("family"):
+        about.insert(0, report["family"])
+    typer.echo(f"{report['preset']}  ({'; '.join(about)})")
     typer.echo("parameters")
     seed = report.get("seed_figures", {})
     for part in presets.PART_ORDER:
