@@ -7,8 +7,9 @@ parsed the way YAML parses them), and the merged tree is validated by pydantic w
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
@@ -67,6 +68,10 @@ class ProcessorConfig(Strict):
 
 
 class ModelConfig(Strict):
+    # A vlmkit checkpoint folder to start from (fine-tuning): its model settings are the defaults
+    # of this section and its saved weights are loaded before the first stage. Relative to the
+    # working directory, like train.output_dir.
+    init_from: str | None = None
     vision: VisionConfig = Field(default_factory=VisionConfig)
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
@@ -143,6 +148,10 @@ class TrainConfig(Strict):
     device: str = "cpu"
     max_length: int = 512
     output_dir: str = "runs/default"
+    # Folder that relative stage `data` paths resolve against. Unset: a path written in a recipe
+    # file is relative to that file's folder, one given as a command-line override to the
+    # working directory.
+    data_dir: str | None = None
     # Bad records (missing image, no placeholder, too long): raise, or skip and count them.
     on_bad_record: Literal["error", "skip"] = "error"
     log_every: int = Field(default=1, gt=0)
@@ -166,45 +175,126 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed where `loc` points (walking models and dicts of models)."""
+    annotation: Any = model
+    for part in loc:
+        target = _model_in(annotation)
+        if target is not None and isinstance(part, str) and part in target.model_fields:
+            annotation = target.model_fields[part].annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return []
+    target = _model_in(annotation)
+    return list(target.model_fields) if target is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):  # Optional[Model], Model | None
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {where}: {e['msg']}")
+        message = e["msg"]
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            message = "unknown key"
+            known = _fields_at(Config, e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]!r}?" if close else f"; known keys here: {', '.join(known)}"
+        lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 
 
 def load_config(
     recipe: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    init_defaults: bool = True,
 ) -> Config:
-    """Load a YAML recipe (or dict), apply `a.b=c` overrides, validate."""
+    """Load a YAML recipe (or dict), apply `a.b=c` overrides, validate.
+
+    Relative stage data paths become absolute here (see `TrainConfig.data_dir`), so the config
+    means the same whatever folder the command runs in. `init_defaults`: fill the model section
+    from `model.init_from`'s checkpoint (off when reading a checkpoint's own, complete config).
+    """
     source = "defaults"
     base: dict[str, Any] = {}
+    recipe_dir = Path.cwd()
     if isinstance(recipe, (str, Path)):
         source = str(recipe)
         try:
             base = yaml.safe_load(Path(recipe).read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"recipe file not found: {recipe}") from None
+            raise ConfigError(f"recipe file not found: {Path(recipe).resolve()}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
         if not isinstance(base, dict):
             raise ConfigError(f"recipe {recipe} must be a mapping at the top level")
+        recipe_dir = Path(recipe).resolve().parent
     elif isinstance(recipe, dict):
         source = "dict"
         base = recipe
     try:
-        merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(list(overrides)))
+        override_tree = OmegaConf.from_dotlist(list(overrides))
+        merged = OmegaConf.merge(OmegaConf.create(base), override_tree)
         tree = OmegaConf.to_container(merged, resolve=True)
+        given_on_command_line = OmegaConf.to_container(override_tree, resolve=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad override in {list(overrides)}: {e}") from None
+    if overrides:
+        source += f" with overrides {list(overrides)}"
+    if init_defaults and isinstance(tree, dict):
+        tree = _with_init_defaults(tree, source)
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as e:
-        if overrides:
-            source += f" with overrides {list(overrides)}"
         raise ConfigError(_format_validation_error(e, source)) from None
+    _resolve_data_paths(config, recipe_dir, given_on_command_line)
+    return config
+
+
+def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    """The model section of `model.init_from`'s checkpoint, with the recipe's own model keys on top."""
+    import json
+
+    model = tree.get("model")
+    init_from = model.get("init_from") if isinstance(model, dict) else None
+    if not init_from:
+        return tree
+    saved = Path(init_from) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"model.init_from ({source}): {Path(init_from).resolve()} is not a vlmkit checkpoint (no config.json)")
+    saved_model = json.loads(saved.read_text()).get("model", {})
+    saved_model.pop("init_from", None)
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved_model), OmegaConf.create(model)))
+    merged["init_from"] = str(Path(init_from).resolve())
+    return {**tree, "model": merged}
+
+
+def _resolve_data_paths(config: Config, recipe_dir: Path, given_on_command_line: Any) -> None:
+    cli_stages = ((given_on_command_line or {}).get("train") or {}).get("stages") or {}
+    cli_train = (given_on_command_line or {}).get("train") or {}
+    data_dir = None
+    if config.train.data_dir:
+        data_dir = _absolute(config.train.data_dir, Path.cwd() if "data_dir" in cli_train else recipe_dir)
+        config.train.data_dir = str(data_dir)
+    for name, stage in config.train.stages.items():
+        on_command_line = isinstance(cli_stages.get(name), dict) and "data" in cli_stages[name]
+        folder = data_dir or (Path.cwd() if on_command_line else recipe_dir)
+        stage.data = str(_absolute(stage.data, folder))
+
+
+def _absolute(path: str, folder: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else folder / p
 
 
 def dump_config(config: Config) -> dict[str, Any]:

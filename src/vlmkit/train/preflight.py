@@ -1,0 +1,97 @@
+"""Checks that run before any model is built: every stage's data file is read, every record
+parsed and every image and video path looked up, so a typo costs a second, not a model load.
+
+The digest of each data file is kept in the stage's checkpoint; a later run compares it, so a
+changed file is noticed even when its path is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmkit.config import Config
+from vlmkit.data.formats import BadRecordError
+
+# How many missing files an error lists before it summarises the rest.
+SHOWN = 5
+
+
+class DataError(ValueError):
+    """A stage's data that cannot be used; the message names the stage, the file and the record."""
+
+
+@dataclass
+class StageData:
+    path: Path
+    records: int
+    sha256: str
+    unusable: int = 0  # records that `on_bad_record: skip` will leave out
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_data(config: Config) -> dict[str, StageData]:
+    """Every stage's data, checked; raises `DataError` on the first stage that cannot be trained."""
+    return {name: check_stage_data(name, stage, config.train.on_bad_record) for name, stage in config.train.stages.items()}
+
+
+def check_stage_data(name: str, stage, on_bad_record: str = "error") -> StageData:
+    path = Path(stage.data)
+    if not path.is_file():
+        where = "is a folder, not a file" if path.is_dir() else "not found"
+        raise DataError(f"stage {name!r}: data file {where}: {path.resolve()}")
+    try:
+        records = _records(path, stage.loss)
+    except (OSError, ValueError) as e:  # BadRecordError and bad JSON are ValueErrors
+        raise DataError(f"stage {name!r}: {e}") from None
+    bad: list[str] = []
+    missing: list[str] = []
+    for item in records:
+        if isinstance(item, BadRecordError):
+            bad.append(str(item))
+            continue
+        absent = [p for p in _files_of(item) if not p.is_file()]
+        if absent:
+            missing.append(f"record {item.id!r}: {', '.join(str(p.resolve()) for p in absent)}")
+    if not records:
+        raise DataError(f"stage {name!r}: {path.resolve()} holds no records")
+    if on_bad_record == "error" and (bad or missing):
+        lines = bad + missing
+        head = (f"stage {name!r}: {len(missing)} record(s) of {path.resolve()} name files that do not exist"
+                if missing and not bad else f"stage {name!r}: {len(lines)} unusable record(s) in {path.resolve()}")
+        more = f"\n  ... and {len(lines) - SHOWN} more" if len(lines) > SHOWN else ""
+        raise DataError(head + ":\n  " + "\n  ".join(lines[:SHOWN]) + more
+                        + "\n(set train.on_bad_record=skip to train without them)")
+    if len(bad) + len(missing) == len(records):
+        raise DataError(f"stage {name!r}: none of the {len(records)} records of {path.resolve()} is usable, e.g. {(bad + missing)[0]}")
+    return StageData(path, len(records), file_digest(path), len(bad) + len(missing))
+
+
+def _records(path: Path, loss: str) -> list:
+    """Parsed records; a malformed one is returned as its BadRecordError, so all are reported."""
+    if loss == "dpo":
+        from vlmkit.data.preference import read_preference_file
+
+        return read_preference_file(path)
+    from vlmkit.data.formats import read_json_records, record_to_sample
+
+    out = []
+    for i, record in enumerate(read_json_records(path, "data")):
+        try:
+            out.append(record_to_sample(record, i, path.parent, str(path)))
+        except BadRecordError as e:
+            out.append(e)
+    return out
+
+
+def _files_of(item) -> list[Path]:
+    """The image and video files a sample or preference pair reads (inline images are bytes)."""
+    return [p for p in [*item.images, *getattr(item, "videos", [])] if isinstance(p, Path)]
