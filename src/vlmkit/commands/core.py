@@ -10,62 +10,147 @@ import typer
 from vlmkit.paths import offline
 
 
+OVERRIDES_HELP = "Dotted recipe overrides KEY=VALUE, e.g. train.stages.instruct.max_steps=100 (validated like the recipe)."
+
+
+def overrides_argument(values: Optional[list[str]]) -> list[str]:
+    """The one override syntax of quickstart, train and ablate: positional KEY=VALUE words."""
+    values = values or []
+    for v in values:
+        key, eq, _ = v.partition("=")
+        if not eq or not key.strip() or key.startswith("-"):
+            raise typer.BadParameter(f"{v!r} is not an override; overrides look like KEY=VALUE, e.g. train.seed=1",
+                                     param_hint="OVERRIDES")
+    return values
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def quickstart(
+        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
         out: Annotated[Path, typer.Option(help="Output folder (data, checkpoints, metrics, plots).")] = Path("runs/quickstart"),
-        device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
-        override: Annotated[Optional[list[str]], typer.Option("--set", help="Dotted config override, e.g. train.stages.instruct.max_steps=100")] = None,
+        device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
     ) -> None:
         """Build a VLM from packaged pretrained parts, train stages 1-2 on synthetic data, evaluate it."""
+        overrides = overrides_argument(overrides)
         offline()
         _check_device(device)
         from vlmkit.quickstart import run_quickstart
 
-        run_quickstart(out, device=device, overrides=override or [])
+        run_quickstart(out, device=device, overrides=overrides)
 
     @app.command()
     def train(
-        recipe: Annotated[Path, typer.Argument(help="YAML recipe.")],
-        overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: train.stages.instruct.lr=1e-4")] = None,
+        recipe: Annotated[Path, typer.Argument(help="YAML recipe (`vlmkit recipe --template` writes one).")],
+        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+        device: Annotated[Optional[str], typer.Option(help="Torch device (cpu, cuda, cuda:1 ...); default: the recipe's train.device.")] = None,
+        restart: Annotated[bool, typer.Option("--restart", help="Train a stage whose settings or data changed since its checkpoint again from the start.")] = False,
+        extend: Annotated[bool, typer.Option("--extend", help="Train a stage whose settings or data changed on from its trained weights.")] = False,
     ) -> None:
-        """Train every stage of a recipe (resumes from its checkpoints)."""
+        """Train every stage of a recipe. A finished stage is loaded, not redone; a stopped one resumes.
+
+        A stage whose settings or data changed since its checkpoint is refused, listing what
+        changed, unless --restart or --extend says what to do (stages after it are trained again).
+        """
+        overrides = overrides_argument(overrides)
+        if restart and extend:
+            raise typer.BadParameter("give --restart or --extend, not both")
         offline()
         from vlmkit.config import load_config
         from vlmkit.train.loop import run_training
 
-        config = load_config(recipe, overrides or [])
-        _check_device(config.train.device)
-        _, results = run_training(config)
+        from vlmkit.config import ConfigError
+        from vlmkit.train.checkpoint import ResumeMismatchError
+        from vlmkit.train.preflight import DataError
+
+        if device is not None:
+            overrides = [*overrides, f"train.device={device}"]
+        try:
+            config = load_config(recipe, overrides)
+            _check_device(config.train.device)
+            _, results = run_training(config, on_change="restart" if restart else "extend" if extend else "refuse")
+        except (ConfigError, DataError, ResumeMismatchError) as e:
+            # The recipe, its data or its checkpoints, not vlmkit: the message says what to change.
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         for r in results:
-            typer.echo(f"stage {r.name}: {r.steps} steps, final loss {r.losses[-1] if r.losses else float('nan'):.4f}, checkpoint {r.checkpoint}")
+            if r.loaded:
+                typer.echo(f"stage {r.name}: already trained with these settings; loaded {r.checkpoint}")
+            else:
+                how = " (extended from its earlier checkpoint)" if r.extended else ""
+                typer.echo(f"stage {r.name}: {r.steps} steps{how}, final loss {r.losses[-1]:.4f}, checkpoint {r.checkpoint}")
 
     @app.command()
     def chat(
-        question: Annotated[str, typer.Argument(help="The question.")],
-        checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
-        image: Annotated[Optional[list[Path]], typer.Option(help="Image file(s); each gets an <image> placeholder before the question.")] = None,
-        max_new_tokens: int = 64,
-        temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        device: str = "cpu",
+        question: Annotated[Optional[str], typer.Argument(help="The question; without one, an interactive conversation starts.", show_default=False)] = None,
+        checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")] = ...,
+        image: Annotated[Optional[list[Path]], typer.Option(help="Image file(s); each gets an <image> placeholder before the (first) question.", show_default=False)] = None,
+        max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 64,
+        temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy.")] = 0.0,
+        top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
+        seed: Annotated[int, typer.Option(help="Random seed for sampling (same seed, same answer).")] = 0,
+        device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
     ) -> None:
-        """Answer one question about an image."""
+        """Answer a question about an image; without a question, hold a conversation.
+
+        In a conversation the model is loaded once and keeps every turn:
+        /image PATH attaches an image to the next message, /reset starts over, /quit ends.
+        """
         offline()
         _check_device(device)
-        from vlmkit.data.formats import Message
-        from vlmkit.generate import GenerationConfig, decode, generate
+        from vlmkit.chat import ChatSession
+        from vlmkit.generate import GenerationConfig
         from vlmkit.processing import build_chat_processor
         from vlmkit.train.checkpoint import load_checkpoint
 
         model, config = load_checkpoint(checkpoint, device=device)
-        images = image or []
-        text = question if "<image>" in question else "<image>\n" * len(images) + question
         processor = build_chat_processor(model, config.train.max_length)
-        prompt = processor.encode_prompt([Message("user", text)], images)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, seed=seed)
-        typer.echo(decode(model, generate(model, [prompt], gen))[0])
+        session = ChatSession(model, processor, gen)
+        for path in image or []:
+            session.pending.append(path)
+        if question is not None:
+            typer.echo(session.ask(question))
+            return
+        _converse(session, checkpoint)
+
+
+def _converse(session, checkpoint: Path) -> None:
+    import sys
+
+    from vlmkit.chat import HELP
+
+    interactive = sys.stdin.isatty()
+    typer.echo(f"chatting with {checkpoint}. {HELP}", err=True)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        command, _, arg = text.partition(" ")
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/help":
+            typer.echo(HELP, err=True)
+        elif command == "/reset":
+            session.reset()
+            typer.echo("(new conversation)", err=True)
+        elif command == "/image":
+            try:
+                path = session.attach(arg.strip())
+                typer.echo(f"(image {path} attached to your next message)", err=True)
+            except FileNotFoundError as e:
+                typer.echo(f"error: {e}", err=True)
+        elif command.startswith("/"):
+            typer.echo(f"error: unknown command {command}; {HELP}", err=True)
+        else:
+            try:
+                typer.echo(session.ask(text))
+            except ValueError as e:
+                typer.echo(f"error: {e} (that message was dropped; the conversation goes on)", err=True)
 
 
 def _check_device(device: str) -> None:
