@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,28 +25,57 @@ def overrides_argument(values: Optional[list[str]]) -> list[str]:
     return values
 
 
+@contextmanager
+def recipe_errors():
+    """A problem with the recipe, its data or its checkpoints is the user's to fix, not a crash:
+    one `error:` line that says what to change, exit status 2."""
+    from vlmkit.config import ConfigError
+    from vlmkit.train.checkpoint import ResumeMismatchError
+    from vlmkit.train.preflight import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError, ResumeMismatchError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def on_change(restart: bool, extend: bool) -> str:
+    if restart and extend:
+        raise typer.BadParameter("give --restart or --extend, not both")
+    return "restart" if restart else "extend" if extend else "refuse"
+
+
+RESTART_HELP = "Train a stage whose settings or data changed since its checkpoint again from the start (and the stages after it)."
+EXTEND_HELP = "Train a stage whose settings or data changed on from its trained weights (and the stages after it again)."
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def quickstart(
-        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE")] = None,
         out: Annotated[Path, typer.Option(help="Output folder (data, checkpoints, metrics, plots).")] = Path("runs/quickstart"),
         device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+        restart: Annotated[bool, typer.Option("--restart", help=RESTART_HELP)] = False,
+        extend: Annotated[bool, typer.Option("--extend", help=EXTEND_HELP)] = False,
     ) -> None:
         """Build a VLM from packaged pretrained parts, train stages 1-2 on synthetic data, evaluate it."""
         overrides = overrides_argument(overrides)
+        mode = on_change(restart, extend)
         offline()
         _check_device(device)
         from vlmkit.quickstart import run_quickstart
 
-        run_quickstart(out, device=device, overrides=overrides)
+        with recipe_errors():
+            run_quickstart(out, device=device, overrides=overrides, on_change=mode)
 
     @app.command()
     def train(
-        recipe: Annotated[Path, typer.Argument(help="YAML recipe (`vlmkit recipe --template` writes one).")],
-        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+        recipe: Annotated[Path, typer.Argument(help="YAML recipe (`vlmkit recipe --template` writes one).", metavar="RECIPE")],
+        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE")] = None,
         device: Annotated[Optional[str], typer.Option(help="Torch device (cpu, cuda, cuda:1 ...); default: the recipe's train.device.")] = None,
-        restart: Annotated[bool, typer.Option("--restart", help="Train a stage whose settings or data changed since its checkpoint again from the start.")] = False,
-        extend: Annotated[bool, typer.Option("--extend", help="Train a stage whose settings or data changed on from its trained weights.")] = False,
+        restart: Annotated[bool, typer.Option("--restart", help=RESTART_HELP)] = False,
+        extend: Annotated[bool, typer.Option("--extend", help=EXTEND_HELP)] = False,
     ) -> None:
         """Train every stage of a recipe. A finished stage is loaded, not redone; a stopped one resumes.
 
@@ -53,26 +83,17 @@ def register(app: typer.Typer) -> None:
         changed, unless --restart or --extend says what to do (stages after it are trained again).
         """
         overrides = overrides_argument(overrides)
-        if restart and extend:
-            raise typer.BadParameter("give --restart or --extend, not both")
+        mode = on_change(restart, extend)
         offline()
         from vlmkit.config import load_config
         from vlmkit.train.loop import run_training
 
-        from vlmkit.config import ConfigError
-        from vlmkit.train.checkpoint import ResumeMismatchError
-        from vlmkit.train.preflight import DataError
-
         if device is not None:
             overrides = [*overrides, f"train.device={device}"]
-        try:
+        with recipe_errors():
             config = load_config(recipe, overrides)
             _check_device(config.train.device)
-            _, results = run_training(config, on_change="restart" if restart else "extend" if extend else "refuse")
-        except (ConfigError, DataError, ResumeMismatchError) as e:
-            # The recipe, its data or its checkpoints, not vlmkit: the message says what to change.
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            _, results = run_training(config, on_change=mode)
         for r in results:
             if r.loaded:
                 typer.echo(f"stage {r.name}: already trained with these settings; loaded {r.checkpoint}")
@@ -82,9 +103,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def chat(
-        question: Annotated[Optional[str], typer.Argument(help="The question; without one, an interactive conversation starts.", show_default=False)] = None,
+        question: Annotated[Optional[str], typer.Argument(help="The question; without one, an interactive conversation starts.", show_default=False, metavar="QUESTION")] = None,
         checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")] = ...,
-        image: Annotated[Optional[list[Path]], typer.Option(help="Image file(s); each gets an <image> placeholder before the (first) question.", show_default=False)] = None,
+        image: Annotated[Optional[list[Path]], typer.Option(help="Image file (repeatable); each gets an <image> placeholder before the (first) question.", show_default=False, metavar="PATH")] = None,
         max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 64,
         temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy.")] = 0.0,
         top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,

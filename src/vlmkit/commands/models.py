@@ -193,9 +193,9 @@ def ablation_table(rows: list[dict], tasks=("text", "chart")) -> str:
 
 
 def ablate_command(
-    recipe: str = typer.Argument(..., help="recipe YAML (e.g. recipes/ablate.yaml)"),
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="recipe YAML (e.g. recipes/ablate.yaml)"),
     overrides: Optional[list[str]] = typer.Argument(
-        None, show_default=False, help="Dotted recipe overrides KEY=VALUE, e.g. train.stages.instruct.max_steps=100."),
+        None, show_default=False, metavar="KEY=VALUE", help="Dotted recipe overrides KEY=VALUE, e.g. train.stages.instruct.max_steps=100."),
     connectors: str = typer.Option("mlp,pixel-shuffle,qformer,perceiver,cross-attn", "--connectors",
                                    help=f"comma-separated connectors to compare, from: {', '.join(ABLATION_CONNECTORS)}"),
     out: str = typer.Option("runs/ablate", "--out", help="output folder (data, one run per connector, ablation.md)"),
@@ -211,9 +211,10 @@ def ablate_command(
     for name in names:
         if name not in ABLATION_CONNECTORS:
             raise typer.BadParameter(f"unknown connector {name!r}; choose from {', '.join(ABLATION_CONNECTORS)}")
-    from vlmkit.commands.core import overrides_argument
+    from vlmkit.commands.core import overrides_argument, recipe_errors
 
-    rows = run_ablation(recipe, names, out, n_caption, n_instruct, n_test, seed, overrides_argument(overrides))
+    with recipe_errors():
+        rows = run_ablation(recipe, names, out, n_caption, n_instruct, n_test, seed, overrides_argument(overrides))
     typer.echo(json.dumps(rows, indent=2) if as_json else ablation_table(rows))
 
 

@@ -13,7 +13,7 @@ def recipe_command(
     schema: Annotated[bool, typer.Option("--schema", help="Print every recipe key with its type, default and meaning (Markdown).")] = False,
     template: Annotated[Optional[Path], typer.Option(help="Write a commented recipe for training on your own LLaVA-format data to this file.", show_default=False)] = None,
     check: Annotated[Optional[Path], typer.Option(help="Validate this recipe and read all its data and image paths, without loading a model.", show_default=False)] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="With --check: dotted overrides KEY=VALUE, as for `vlmkit train`.", show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="With --check: dotted overrides KEY=VALUE, as for `vlmkit train`.", show_default=False, metavar="KEY=VALUE")] = None,
 ) -> None:
     """Recipe reference (--schema), a template (--template FILE), or a check (--check RECIPE)."""
     if sum([schema, template is not None, check is not None]) != 1:

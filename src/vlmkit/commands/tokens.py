@@ -1,4 +1,5 @@
-"""`vlmkit tokens`: what an image costs a preset, and the seed deck's token-budget table."""
+"""`vlmkit tokens`: what an image costs a preset, and the lecture's token-budget table checked
+against the reference implementations."""
 
 from __future__ import annotations
 
@@ -65,13 +66,13 @@ def _print_budget(b) -> None:
 
 def _print_table() -> None:
     rows = seed_table()
-    typer.echo("Seed token-budget table vs the reference implementations")
-    typer.echo(f"{'model':<28} {'seed (typical / max)':<40} reference")
+    typer.echo("The lecture's token-budget table vs the reference implementations")
+    typer.echo(f"{'model':<28} {'lecture (typical / max)':<40} reference")
     for r in rows:
         flag = {True: "  ", False: "!!", None: "--"}[r["agrees"]]
         typer.echo(f"{flag}{r['model']:<26} {r['seed']:<40} {r['reference']}")
     typer.echo("")
-    typer.echo("Where the reference disagrees with the seed (!!) or explains it:")
+    typer.echo("Where the reference disagrees with the lecture (!!) or explains it:")
     for r in rows:
         if r["agrees"] is not True or r["model"].startswith("AnyRes"):
             typer.echo(f"  - {r['model']}: {r['detail']}")
@@ -118,7 +119,7 @@ def tokens(
     size: str = typer.Option(None, "--size", "-s", help="image size WIDTHxHEIGHT, e.g. 1024x768"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     context: int = typer.Option(None, "--context", help="context length for the share (default: the LLM's)"),
-    table: bool = typer.Option(False, "--table", help="reproduce the seed's token-budget table"),
+    table: bool = typer.Option(False, "--table", help="the lecture's token-budget table, checked against the reference implementations"),
     plot: str = typer.Option(None, "--plot", help="write a PNG chart of tokens vs image size per family"),
     list_presets: bool = typer.Option(False, "--list", help="list presets"),
     frames: int = typer.Option(None, "--frames", help="video: sampled frames of SIZE (cost = frames x tokens per frame, then compression)"),

@@ -47,7 +47,8 @@ def check_stage_data(name: str, stage, on_bad_record: str = "error") -> StageDat
     path = Path(stage.data)
     if not path.is_file():
         where = "is a folder, not a file" if path.is_dir() else "not found"
-        raise DataError(f"stage {name!r}: data file {where}: {path.resolve()}")
+        raise DataError(f"stage {name!r}: data file {where}: {path.resolve()}\n(a relative `data` path in a recipe is relative "
+                        "to the recipe's folder, on the command line to the working directory; train.data_dir=FOLDER sets the folder)")
     try:
         records = _records(path, stage.loss)
     except (OSError, ValueError) as e:  # BadRecordError and bad JSON are ValueErrors
