@@ -18,8 +18,13 @@ from vlmkit.data.formats import BadRecordError
 SHOWN = 5
 
 
-class DataError(ValueError):
-    """A stage's data that cannot be used; the message names the stage, the file and the record."""
+class DataError(BadRecordError):
+    """A stage's data that cannot be used; the message names the stage, the file and the record.
+    A BadRecordError, so code that handles bad records handles these too."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.record_id, self.reason = None, message
 
 
 @dataclass
