@@ -74,3 +74,37 @@ def test_inspect_tiny_header_is_clean():
     header = result.output.splitlines()[0]
     assert "(;" not in header and "()" not in header
     assert header.startswith("smolvlm (tiny)") and "pixel-shuffle" in header
+
+
+def _commands():
+    import click
+    import typer
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_option_and_argument_is_described():
+    missing = [f"{' '.join(path)} {p.name}" for path, cmd in _commands() for p in cmd.params if p.name != "help" and not p.help]
+    assert not missing, missing
+
+
+def test_help_has_no_type_noise_and_version_prints():
+    for path, _ in _commands():
+        text = invoke(*path, "--help").output
+        assert "<bool>" not in text, path
+    assert invoke("--version").output.startswith("vlmkit 0.")
+
+
+def test_synth_bench_help_names_the_file_it_writes(tmp_path):
+    text = " ".join(invoke("data", "synth-bench", "--help").output.split())
+    result = invoke("data", "synth-bench", "chartqa", str(tmp_path / "chartqa"), "--n", "2")
+    assert result.exit_code == 0, result.output
+    written = [p.name for p in (tmp_path / "chartqa").iterdir() if p.suffix == ".jsonl"]
+    assert written and all(name in text for name in written)
