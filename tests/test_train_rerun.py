@@ -199,3 +199,14 @@ def test_init_from_starts_a_new_recipe_from_another_runs_checkpoint(data_dir, tm
 def test_init_from_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="model.init_from.*is not a vlmkit checkpoint"):
         load_config({"model": {"init_from": str(tmp_path)}})
+
+
+def test_a_refusal_comes_before_the_model_is_built(data_dir, tmp_path, monkeypatch):
+    train(recipe(data_dir, tmp_path / "run"))
+
+    def no_build(*a, **k):
+        raise AssertionError("the model was built before the checkpoints were compared")
+
+    monkeypatch.setattr(VisionLanguageModel, "build", no_build)
+    with pytest.raises(ckpt.ResumeMismatchError, match=r"train\.stages\.instruct\.max_steps"):
+        run_training(load_config(recipe(data_dir, tmp_path / "run", max_steps=4)), progress=False)

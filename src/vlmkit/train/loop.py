@@ -477,6 +477,19 @@ def _score_pairs(model, units, make_batch, batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _refuse_changed_stages(config: Config, data: dict) -> None:
+    """The check the stage loop makes for finished stages, made from their checkpoints alone."""
+    previous = None
+    for name in config.train.stages:
+        done = Path(config.train.output_dir) / "checkpoints" / name
+        if not (done / ckpt.META).is_file():
+            return  # this stage trains, and so do the ones after it
+        diffs = stage_differences(done, config, name, data[name].sha256, previous)
+        if diffs:
+            raise _mismatch(name, done, diffs, finished=True)
+        previous = ckpt.read_meta(done).get("id")
+
+
 def run_training(config: Config, model=None, progress: bool = True, on_change: str = "refuse") -> tuple[object, list[StageResult]]:
     """Run every stage of the recipe in order. Under torchrun, every process runs this; the process
     group comes from the environment.
@@ -495,8 +508,10 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
     world = D.DistContext(world_size=D.world_size_from_env())
     for name, stage in config.train.stages.items():
         D.check_divides(world, name, stage.batch_size)
-    # Every data file and image path, before the (slow) model build.
+    # Every data file and image path, and any refusal to reuse a checkpoint, before the (slow) model build.
     data = check_data(config)
+    if on_change == "refuse":
+        _refuse_changed_stages(config, data)
     dist = D.setup(config.train.distributed, config.train.device)
     try:
         seed_everything(config.train.seed)
