@@ -210,3 +210,13 @@ def test_a_refusal_comes_before_the_model_is_built(data_dir, tmp_path, monkeypat
     monkeypatch.setattr(VisionLanguageModel, "build", no_build)
     with pytest.raises(ckpt.ResumeMismatchError, match=r"train\.stages\.instruct\.max_steps"):
         run_training(load_config(recipe(data_dir, tmp_path / "run", max_steps=4)), progress=False)
+
+
+def test_init_from_with_a_model_that_does_not_fit_the_checkpoint(data_dir, tmp_path):
+    run_training(load_config(recipe(data_dir, tmp_path / "base")), model=tiny_model(), progress=False)
+    source = tmp_path / "base" / "checkpoints" / "instruct"
+    tree = {"model": {"init_from": str(source), "llm": {"config": {**tiny_config("mlp").llm.config, "hidden_size": 64}}},
+            "train": {"output_dir": str(tmp_path / "tuned"), "stages": {
+                "mine": {"data": str(data_dir / "stage2.json"), "trainable": ["connector"], "lr": 1e-3, "max_steps": 1}}}}
+    with pytest.raises(ConfigError, match=r"model.init_from: the checkpoint's weights do not fit the model this recipe builds \(size mismatch for fc1.weight"):
+        run_training(load_config(tree), progress=False)

@@ -32,17 +32,17 @@ class ChatSession:
         self.messages, self.images, self.pending = [], [], []
 
     def ask(self, text: str) -> str:
-        """The model's answer; a turn that cannot be encoded (too long, unreadable image) is
-        dropped with its images and the conversation so far is kept."""
+        """The model's answer. A turn that cannot be encoded (too long, an unreadable image) raises
+        BadRecordError; it is dropped with its images, and the conversation so far is kept."""
         images = self.pending
         if images and "<image>" not in text:
             text = "<image>\n" * len(images) + text
         messages = [*self.messages, Message("user", text)]
         try:
             prompt = self.processor.encode_prompt(messages, [*self.images, *images])
-        except BadRecordError as e:
+        except BadRecordError:
             self.pending = []
-            raise ValueError(e.reason) from None
+            raise
         answer = decode(self.model, generate(self.model, [prompt], self.gen))[0]
         self.messages = [*messages, Message("assistant", answer)]
         self.images = [*self.images, *images]

@@ -140,6 +140,7 @@ def _converse(session, checkpoint: Path) -> None:
     import sys
 
     from vlmkit.chat import HELP
+    from vlmkit.data.formats import BadRecordError
 
     interactive = sys.stdin.isatty()
     typer.echo(f"chatting with {checkpoint}. {HELP}", err=True)
@@ -170,8 +171,8 @@ def _converse(session, checkpoint: Path) -> None:
         else:
             try:
                 typer.echo(session.ask(text))
-            except ValueError as e:
-                typer.echo(f"error: {e} (that message was dropped; the conversation goes on)", err=True)
+            except BadRecordError as e:
+                typer.echo(f"error: {e.reason} (that message was dropped; the conversation goes on)", err=True)
 
 
 def _check_device(device: str) -> None:

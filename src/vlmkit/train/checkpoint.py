@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmkit.config import Config, load_config
+from vlmkit.config import Config, ConfigError, load_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -141,12 +141,16 @@ def init_from_checkpoint(model, directory: str | Path) -> None:
     """Load another run's checkpoint into a freshly built model (`model.init_from`), to fine-tune it."""
     directory = Path(directory)
     if not (directory / META).is_file() or not (directory / WEIGHTS).is_file():
-        raise FileNotFoundError(f"model.init_from: {directory.resolve()} is not a vlmkit checkpoint (no {META} / {WEIGHTS})")
+        raise ConfigError(f"model.init_from: {directory.resolve()} is not a vlmkit checkpoint (no {META} / {WEIGHTS})")
     _load_saved_tokenizer(model, directory, model.config.image_token)
     try:
         meta = load_weights(model, directory)
-    except ValueError as e:
-        raise ValueError(f"model.init_from: {e}") from None
+    except (ValueError, RuntimeError) as e:  # torch reports a shape mismatch as a RuntimeError
+        # The recipe's model section changed the architecture the checkpoint was saved from.
+        lines = [line.strip() for line in str(e).splitlines()]
+        first = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise ConfigError(f"model.init_from: the checkpoint's weights do not fit the model this recipe builds ({first}); "
+                          "keep the checkpoint's model settings (or leave them out of the recipe)") from None
     # These parts no longer hold what the config's pretrained files hold, so every checkpoint of
     # this run saves them: it stays loadable without the folder it started from.
     model.pretrained_parts -= set(meta["parts"])
