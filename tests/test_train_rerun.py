@@ -220,3 +220,14 @@ def test_init_from_with_a_model_that_does_not_fit_the_checkpoint(data_dir, tmp_p
                 "mine": {"data": str(data_dir / "stage2.json"), "trainable": ["connector"], "lr": 1e-3, "max_steps": 1}}}}
     with pytest.raises(ConfigError, match=r"model.init_from: the checkpoint's weights do not fit the model this recipe builds \(size mismatch for fc1.weight"):
         run_training(load_config(tree), progress=False)
+
+
+def test_model_names_and_connector_options_are_checked_before_anything_loads(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(VisionLanguageModel, "build", lambda *a, **k: pytest.fail("the model was built"))
+    tree = recipe(data_dir, tmp_path / "run")
+    tree["model"]["connector"] = {"name": "mlp", "options": {"input_nrom": True}}
+    with pytest.raises(ConfigError, match=r"model\.connector\.options\.input_nrom: unknown option; did you mean 'input_norm'\?"):
+        run_training(load_config(tree), progress=False)
+    tree["model"]["connector"] = {"name": "qfromer"}
+    with pytest.raises(ConfigError, match=r"model\.connector\.name: unknown connector 'qfromer'; did you mean 'qformer'\?"):
+        run_training(load_config(tree), progress=False)

@@ -33,10 +33,11 @@ def recipe_command(
     else:
         from vlmkit.commands.core import overrides_argument
         from vlmkit.config import ConfigError, load_config
-        from vlmkit.train.preflight import DataError, check_data
+        from vlmkit.train.preflight import DataError, check_data, check_model
 
         try:
             config = load_config(check, overrides_argument(overrides))
+            check_model(config)
             report = check_data(config)
         except (ConfigError, DataError) as e:
             typer.echo(f"error: {e}", err=True)

@@ -500,7 +500,7 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
     from its own trained weights (`"extend"`); the stages after it are then trained again too.
     """
     from vlmkit.model.vlm import VisionLanguageModel
-    from vlmkit.train.preflight import check_data
+    from vlmkit.train.preflight import check_data, check_model
 
     if on_change not in ("refuse", "restart", "extend"):
         raise ValueError(f"on_change must be refuse, restart or extend, not {on_change!r}")
@@ -509,6 +509,8 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
     for name, stage in config.train.stages.items():
         D.check_divides(world, name, stage.batch_size)
     # Every data file and image path, and any refusal to reuse a checkpoint, before the (slow) model build.
+    if model is None:
+        check_model(config)
     data = check_data(config)
     if on_change == "refuse":
         _refuse_changed_stages(config, data)

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmkit.config import Config
+from vlmkit.config import Config, ConfigError
 from vlmkit.data.formats import BadRecordError
 
 # How many missing files an error lists before it summarises the rest.
@@ -41,6 +41,52 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_model(config: Config) -> None:
+    """The model section's names exist and the connector's options validate, before anything is
+    loaded (they are otherwise checked only as each part is built, after the vision tower)."""
+    import difflib
+
+    import vlmkit.model.connectors  # noqa: F401  (importing registers the builders)
+    import vlmkit.model.language  # noqa: F401
+    import vlmkit.model.vision  # noqa: F401
+    from vlmkit.processing import import_families
+    from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS
+
+    import_families()
+    m = config.model
+    for key, registry, name in (("model.vision.name", VISION_TOWERS, m.vision.name), ("model.connector.name", CONNECTORS, m.connector.name),
+                                ("model.llm.name", LANGUAGE_MODELS, m.llm.name), ("model.processor.name", IMAGE_PROCESSORS, m.processor.name)):
+        if name not in registry:
+            close = difflib.get_close_matches(name, registry.names(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; {hint}known: {', '.join(registry.names())}")
+    from pydantic import ValidationError
+
+    options = CONNECTORS.get(m.connector.name).Options
+    given = dict(m.connector.options)
+    if m.fusion == "cross-attention":
+        # The blocks' settings ride along in the connector's options; the fusion takes them out.
+        from vlmkit.model.cross_attention import parse_cross_attention_options
+
+        try:
+            parse_cross_attention_options(given.pop("cross_attention", None))
+        except ValueError as e:
+            raise ConfigError(f"model.connector.options.cross_attention: {e}") from None
+    try:
+        options.model_validate(given)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = "model.connector.options." + ".".join(map(str, err["loc"]))
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(str(err["loc"][-1]), list(options.model_fields), n=1, cutoff=0.6)
+                message = "unknown option" + (f"; did you mean {close[0]!r}?" if close else f"; options of {m.connector.name!r}: "
+                                              + ", ".join(options.model_fields))
+            problems.append(f"  {where}: {message}")
+        raise ConfigError(f"invalid connector options for {m.connector.name!r}:\n" + "\n".join(problems)) from None
 
 
 def check_data(config: Config) -> dict[str, StageData]:
