@@ -231,3 +231,12 @@ def test_model_names_and_connector_options_are_checked_before_anything_loads(dat
     tree["model"]["connector"] = {"name": "qfromer"}
     with pytest.raises(ConfigError, match=r"model\.connector\.name: unknown connector 'qfromer'; did you mean 'qformer'\?"):
         run_training(load_config(tree), progress=False)
+
+
+def test_extend_refuses_a_changed_model_before_building_it(data_dir, tmp_path, monkeypatch):
+    train(recipe(data_dir, tmp_path / "run"))
+    changed = recipe(data_dir, tmp_path / "run")
+    changed["model"]["connector"]["name"] = "linear"
+    monkeypatch.setattr(VisionLanguageModel, "build", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ckpt.ResumeMismatchError, match=r"--extend continues from the trained weights.*\n  model\.connector\.name"):
+        run_training(load_config(changed), progress=False, on_change="extend")

@@ -477,17 +477,30 @@ def _score_pairs(model, units, make_batch, batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _refuse_changed_stages(config: Config, data: dict) -> None:
-    """The check the stage loop makes for finished stages, made from their checkpoints alone."""
+def _check_changed_stages(config: Config, data: dict, on_change: str) -> None:
+    """The refusals the stage loop would make for finished stages, made from their checkpoints
+    alone, so they come before the model is built."""
     previous = None
     for name in config.train.stages:
         done = Path(config.train.output_dir) / "checkpoints" / name
         if not (done / ckpt.META).is_file():
             return  # this stage trains, and so do the ones after it
         diffs = stage_differences(done, config, name, data[name].sha256, previous)
-        if diffs:
+        if diffs and on_change == "refuse":
             raise _mismatch(name, done, diffs, finished=True)
+        if diffs and on_change == "extend":
+            _check_extendable(name, diffs)
+        if diffs:
+            return
         previous = ckpt.read_meta(done).get("id")
+
+
+def _check_extendable(name: str, diffs: list[str]) -> None:
+    model_changed = [d for d in diffs if d.startswith("model.")]
+    if model_changed:
+        raise ckpt.ResumeMismatchError(
+            f"stage {name!r}: --extend continues from the trained weights, which need the same model; "
+            "these model settings changed:\n  " + "\n  ".join(model_changed) + "\nUse --restart to train it again.")
 
 
 def run_training(config: Config, model=None, progress: bool = True, on_change: str = "refuse") -> tuple[object, list[StageResult]]:
@@ -512,8 +525,7 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
     if model is None:
         check_model(config)
     data = check_data(config)
-    if on_change == "refuse":
-        _refuse_changed_stages(config, data)
+    _check_changed_stages(config, data, on_change)
     dist = D.setup(config.train.distributed, config.train.device)
     try:
         seed_everything(config.train.seed)
@@ -547,12 +559,10 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
                             continue
                         if on_change == "refuse":
                             raise _mismatch(name, done, diffs, finished=True)
-                        model_changed = [d for d in diffs if d.startswith("model.")]
-                        extend = on_change == "extend" and not model_changed and not any(d.startswith("an earlier") for d in diffs)
-                        if on_change == "extend" and model_changed:
-                            raise ckpt.ResumeMismatchError(
-                                f"stage {name!r}: --extend continues from the trained weights, which need the same model; "
-                                "these model settings changed:\n  " + "\n  ".join(model_changed) + "\nUse --restart to train it again.")
+                        if on_change == "extend":
+                            _check_extendable(name, diffs)
+                        # A stage whose predecessor was retrained starts over: its weights were fitted to the old one.
+                        extend = on_change == "extend" and not any(d.startswith("an earlier") for d in diffs)
                         if extend:
                             apply_stage(model, stage)
                             _load_weights(model, done)
