@@ -8,7 +8,6 @@ import re
 
 import typer
 
-from vlmkit.processing.budget import PRESETS, image_budget, seed_table
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -65,6 +64,8 @@ def _print_budget(b) -> None:
 
 
 def _print_table() -> None:
+    from vlmkit.processing.budget import seed_table
+
     rows = seed_table()
     typer.echo("The lecture's token-budget table vs the reference implementations")
     typer.echo(f"{'model':<28} {'lecture (typical / max)':<40} reference")
@@ -115,7 +116,7 @@ def _plot(path: str, names: tuple[str, ...] | list[str] = PLOT_PRESETS, mark: tu
 
 
 def tokens(
-    preset: str = typer.Option(None, "--preset", "-p", help=f"one of: {', '.join(PRESETS)}"),
+    preset: str = typer.Option(None, "--preset", "-p", help="preset name (`vlmkit tokens --list` lists them)"),
     size: str = typer.Option(None, "--size", "-s", help="image size WIDTHxHEIGHT, e.g. 1024x768"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     context: int = typer.Option(None, "--context", help="context length for the share (default: the LLM's)"),
@@ -127,6 +128,10 @@ def tokens(
     pooled_frames: int = typer.Option(4, "--pooled-frames", help="video, pool: time windows per video"),
 ) -> None:
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
+    # Imported here, not at the top: it pulls in torch, which every other command's start-up
+    # (and `vlmkit --help`) would otherwise pay for.
+    from vlmkit.processing.budget import PRESETS, image_budget, seed_table
+
     if list_presets:
         for name, p in PRESETS.items():
             typer.echo(f"{name:<24} {p.family:<9} {p.llm.name:<40} {p.note}")
