@@ -202,7 +202,9 @@ class TrainConfig(Strict):
     output_dir: str = "runs/default"
     """Where checkpoints (`checkpoints/<stage>`) and `metrics.jsonl` go; relative to the working directory."""
     data_dir: str | None = None
-    """A folder every relative stage `data` path resolves against, instead of the recipe's folder."""
+    """A folder every relative stage `data` path resolves against, instead of the recipe's folder
+    (itself relative to the recipe's folder when written there, to the working directory when
+    given on the command line)."""
     on_bad_record: Literal["error", "skip"] = "error"
     """A record that cannot be used (missing image, no placeholder, too long): stop with an error
     naming it, or skip it and count it."""
