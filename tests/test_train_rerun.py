@@ -148,6 +148,12 @@ def test_relative_data_paths_resolve_against_the_recipe_folder(tmp_path, monkeyp
     # An explicit data_dir wins for every relative data path.
     cfg = load_config(path, [f"train.data_dir={tmp_path / 'store'}"])
     assert cfg.train.stages["sft"].data == str(tmp_path / "store" / "data" / "train.json")
+    assert load_config(path, ["train.data_dir=store"]).train.stages["sft"].data == str(elsewhere / "store" / "data" / "train.json")
+    # Written in the recipe, data_dir is relative to the recipe's folder like any path there.
+    tree = yaml.safe_load(path.read_text())
+    tree["train"]["data_dir"] = "store"
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config(path).train.stages["sft"].data == str(folder / "store" / "data" / "train.json")
 
 
 def test_missing_data_names_the_stage_and_absolute_path(tmp_path, monkeypatch):
