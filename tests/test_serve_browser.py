@@ -190,6 +190,12 @@ def test_page_holds_a_conversation_about_one_image(browser, tmp_path):
 
         b = browser
         open_page(b, base, image_path)
+        # Inputs in normal weight (labels bold), and the inputs of a row on one line however long
+        # each label is.
+        assert b.js("getComputedStyle(document.getElementById('question')).fontWeight") == "400"
+        assert b.js("getComputedStyle(document.querySelector('.label')).fontWeight") == "600"
+        tops = b.js("[...document.querySelectorAll('.row input')].map(i => Math.round(i.getBoundingClientRect().top))")
+        assert len(tops) == 3 and len(set(tops)) == 1, tops
         b.js("document.getElementById('max-tokens').value = '6'")
         for k, q in enumerate(questions):
             assert ask(b, q).startswith("Answered"), b.js("document.getElementById('status').textContent")
