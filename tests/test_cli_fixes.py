@@ -108,3 +108,11 @@ def test_synth_bench_help_names_the_file_it_writes(tmp_path):
     assert result.exit_code == 0, result.output
     written = [p.name for p in (tmp_path / "chartqa").iterdir() if p.suffix == ".jsonl"]
     assert written and all(name in text for name in written)
+
+
+def test_chat_names_a_missing_image_or_checkpoint_before_loading(tmp_path):
+    (tmp_path / "ck").mkdir()
+    missing = invoke("chat", "--checkpoint", str(tmp_path / "ck"), "--image", str(tmp_path / "nope.png"), "What?")
+    assert missing.exit_code == 2 and "nope.png" in missing.output and "does not exist" in missing.output
+    no_checkpoint = invoke("chat", "--checkpoint", str(tmp_path / "gone"), "What?")
+    assert no_checkpoint.exit_code == 2 and "gone" in no_checkpoint.output

@@ -104,8 +104,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def chat(
         question: Annotated[Optional[str], typer.Argument(help="The question; without one, an interactive conversation starts.", show_default=False, metavar="QUESTION")] = None,
-        checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")] = ...,
-        image: Annotated[Optional[list[Path]], typer.Option(help="Image file (repeatable); each gets an <image> placeholder before the (first) question.", show_default=False, metavar="PATH")] = None,
+        checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.", exists=True, file_okay=False)] = ...,
+        image: Annotated[Optional[list[Path]], typer.Option(help="Image file (repeatable); each gets an <image> placeholder before the (first) question.",
+                                                            show_default=False, metavar="PATH", exists=True, dir_okay=False)] = None,
         max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 64,
         temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy.")] = 0.0,
         top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
