@@ -53,6 +53,9 @@ def _type(annotation: Any) -> str:
     if origin is tuple:
         return f"{len(args)} {_type(args[0])}s"
     if origin is dict:
+        value = args[1] if len(args) == 2 else None
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return "mapping of name to section (`NAME` below)"
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section"
