@@ -19,6 +19,7 @@ from vlmkit.model.vlm import IGNORE_INDEX, VisionLanguageModel
 from vlmkit.processing import build_chat_processor
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train.loop import run_training
+from vlmkit.train.preflight import DataError
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,8 @@ def test_bad_records_skipped_and_counted_when_asked(data_dir, tmp_path):
     bad.write_text(json.dumps(records))
     recipe = tiny_recipe(data_dir, tmp_path / "run", data=str(bad), max_steps=2)
     del recipe["train"]["stages"]["align"]
-    with pytest.raises(BadRecordError, match=records[2]["id"]):
+    # The missing image is found by the data check before the model is touched.
+    with pytest.raises(DataError, match=records[2]["id"] + ".*does-not-exist.png"):
         run_training(load_config(recipe), model=tiny_model(), progress=False)
     recipe["train"]["on_bad_record"] = "skip"
     _, results = run_training(load_config(recipe), model=tiny_model(), progress=False)

@@ -1,5 +1,6 @@
 """Loaders and scorers on the real published question files (no images needed to score)."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -7,19 +8,28 @@ import pytest
 
 from vlmkit.eval.benchmarks import EvalInputError, get_benchmark
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmark-files"
-pytestmark = pytest.mark.skipif(not (DATA / "OCRBench.json").is_file(), reason="real benchmark files not present")
+# The published files, gzipped to keep the repository small (sources and licences in the README there).
+PACKED = Path(__file__).resolve().parent / "data" / "benchmark-files"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A folder with the files under their official names, as the loaders expect them."""
+    folder = tmp_path_factory.mktemp("benchmark-files")
+    for packed in PACKED.glob("*.json.gz"):
+        (folder / packed.name.removesuffix(".gz")).write_bytes(gzip.decompress(packed.read_bytes()))
+    return folder
 
 
 def gold(items):
     return {it.id: it.answers[0] for it in items}
 
 
-def test_ocrbench_real_gold_scores_1000():
+def test_ocrbench_real_gold_scores_1000(data_dir):
     b = get_benchmark("ocrbench")
-    items = b.load(DATA)
+    items = b.load(data_dir)
     assert len(items) == 1000 and [it.id for it in items] == [str(i) for i in range(1000)]
-    raw = json.loads((DATA / "OCRBench.json").read_text())
+    raw = json.loads((data_dir / "OCRBench.json").read_text())
     assert len({r["id"] for r in raw}) < 1000  # the source ids repeat: key by list index
     r = b.score(items, gold(items))
     assert r.display == "1000" and r.overall == 1.0
@@ -32,9 +42,9 @@ def test_ocrbench_real_gold_scores_1000():
     assert empty.overall == 0.0 and empty.n_missing == 1000
 
 
-def test_mathvista_real_gold_hits_official_letter_quirk():
+def test_mathvista_real_gold_hits_official_letter_quirk(data_dir):
     b = get_benchmark("mathvista")
-    items = b.load(DATA)
+    items = b.load(data_dir)
     assert len(items) == 1000 and items[0].id == "1"
     r = b.score(items, gold(items))
     # pids 168 and 849 have choices written "(a)".."(e)"; the official normaliser reads the
@@ -45,9 +55,9 @@ def test_mathvista_real_gold_hits_official_letter_quirk():
     assert "skills=scientific reasoning" in r.breakdown
 
 
-def test_mathvista_prompt_has_hint_and_choices():
+def test_mathvista_prompt_has_hint_and_choices(data_dir):
     b = get_benchmark("mathvista")
-    items = {it.id: it for it in b.load(DATA)}
+    items = {it.id: it for it in b.load(data_dir)}
     mc = next(it for it in items.values() if it.metadata["question_type"] == "multi_choice")
     p = b.prompt(mc)
     assert p.startswith("Hint: Please answer the question and provide the correct option letter")
@@ -55,9 +65,9 @@ def test_mathvista_prompt_has_hint_and_choices():
     assert "two decimal places" in b.prompt(next(it for it in items.values() if it.metadata.get("precision") == 2))
 
 
-def test_mmmu_answer_dict_gold_and_letters():
+def test_mmmu_answer_dict_gold_and_letters(data_dir):
     b = get_benchmark("mmmu")
-    items = b.load(DATA)
+    items = b.load(data_dir)
     assert len(items) == 900
     r = b.score(items, gold(items))
     assert r.overall == 1.0 and r.extra["random_fallbacks"] == 0
@@ -73,9 +83,9 @@ def test_mmmu_answer_dict_gold_and_letters():
     assert b.score(items, {it.id: "" for it in items}).overall == blank.overall  # seeded: reproducible
 
 
-def test_mmmu_instance_weighted_overall():
+def test_mmmu_instance_weighted_overall(data_dir):
     b = get_benchmark("mmmu", random_fallback=False)  # unparseable -> wrong, for an exact figure
-    items = b.load(DATA)
+    items = b.load(data_dir)
     preds = gold(items)
     art = [it.id for it in items if it.metadata["subject"] == "Art"]
     for k in art[:15]:
@@ -86,8 +96,8 @@ def test_mmmu_instance_weighted_overall():
     assert r.extra["random_fallbacks"] == 15  # counted even when the fallback is off
 
 
-def test_unknown_prediction_id_is_an_error():
+def test_unknown_prediction_id_is_an_error(data_dir):
     b = get_benchmark("ocrbench")
-    items = b.load(DATA)
+    items = b.load(data_dir)
     with pytest.raises(EvalInputError, match="not ocrbench items"):
         b.score(items, {"1000": "x"})

@@ -95,6 +95,18 @@ def test_unexportable_models_fail_with_a_reason(problem):
             check_exportable(model)
 
 
+def test_every_export_blocker_is_named_at_once():
+    # The quickstart model has two blockers (input_norm, the EfficientNet tower); a user fixing one
+    # must not discover the next only on the following run.
+    model = siglip_model(connector_options={"input_norm": True})
+    model.config.processor.name = "dynamic"
+    with pytest.raises(ExportError) as err:
+        check_exportable(model)
+    message = str(err.value)
+    assert "2 things block the export" in message
+    assert "input_norm" in message and "processor 'dynamic'" in message
+
+
 def test_import_round_trip_trains_and_generates(tmp_path):
     from vlmkit.train.checkpoint import load_checkpoint
 

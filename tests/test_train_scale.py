@@ -256,7 +256,7 @@ def test_resume_from_a_checkpoint_of_another_config_is_refused(data_dir, tmp_pat
     r["model"]["llm"]["config"]["num_hidden_layers"] = 3
     with pytest.raises(ckpt.ResumeMismatchError) as err:
         run_training(load_config(r), model=build(), progress=False)
-    assert "stage.lr: checkpoint 0.003, now 0.001" in str(err.value)
+    assert "train.stages.sft.lr: checkpoint 0.003, now 0.001" in str(err.value)
     assert "model.llm.config.num_hidden_layers: checkpoint 2, now 3" in str(err.value)
     assert (tmp_path / "run" / "checkpoints" / "sft-last").is_dir()  # nothing was lost
 

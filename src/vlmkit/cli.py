@@ -53,11 +53,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     cls=_CleanErrors,
+    # Plain help: the rich layout printed a type column with "<bool>" against every flag.
+    rich_markup_mode=None,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from vlmkit import __version__
+
+        typer.echo(f"vlmkit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _options(
+def _main(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback of an error (also {DEBUG_ENV}=1)."),
 ) -> None:
     """Build, train, evaluate and serve vision-language models."""
@@ -66,6 +77,7 @@ def _options(
 # Modules that add subcommands; each defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES = (
     "vlmkit.commands.core",  # quickstart, train, chat
+    "vlmkit.commands.recipe",  # recipe (reference, template, check)
     "vlmkit.commands.tokens",  # tokens (token budget)
     "vlmkit.commands.models",  # inspect, ablate
     "vlmkit.commands.evaluate",  # eval ..., data synth-bench

@@ -7,8 +7,9 @@ parsed the way YAML parses them), and the merged tree is validated by pydantic w
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
@@ -21,51 +22,72 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # The docstring under each field is its description: `vlmkit recipe --schema` and
+    # docs/recipes.md are generated from them, so the reference cannot drift from the code.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class VisionConfig(Strict):
-    # Registry key in VISION_TOWERS: "efficientnet-lite0" (packaged ImageNet weights),
-    # "hf" (a SigLIP / CLIP / ViT vision tower from a local folder), "hf-random" (from `config`).
+    """The image encoder."""
+
     name: str = "efficientnet-lite0"
+    """Which tower, e.g. `efficientnet-lite0` (packaged ImageNet weights), `hf` (a SigLIP / CLIP /
+    ViT tower from the local folder `path`), `hf-random` (random weights from `config`)."""
     path: str | None = None
-    # For random-init towers: keyword arguments of the Hugging Face config class.
+    """Local folder of a Hugging Face vision model (with `name: hf`)."""
     config: dict[str, Any] | None = None
+    """Random-init towers: keyword arguments of the Hugging Face config class."""
     model_type: str = "siglip_vision_model"
-    # Which hidden state of a transformer tower feeds the connector (LLaVA uses the penultimate).
+    """Random-init towers: the Hugging Face model type of `config`."""
     feature_layer: int = -1
+    """Which hidden state of a transformer tower feeds the connector (-2: the penultimate, as LLaVA)."""
 
 
 class ConnectorConfig(Strict):
-    # Registry key in CONNECTORS.
+    """Maps vision features into the LLM's embedding space."""
+
     name: str = "mlp"
-    # Family-specific settings, validated by the connector's own options model at build time.
+    """Connector family (`mlp` is LLaVA's 2-layer GELU MLP)."""
     options: dict[str, Any] = Field(default_factory=dict)
+    """Family-specific settings (e.g. `{input_norm: true}`, `{ratio: 0.5}`), validated by the family
+    when the model is built; `cross_attention: {every: N}` adds gated cross-attention blocks."""
 
 
 class LLMConfig(Strict):
-    # Registry key in LANGUAGE_MODELS: "smollm2-135m-instruct" (packaged GGUF), "hf" (a local
-    # folder, or a GGUF file with `gguf_file`), "hf-random" (from `config`, for tests).
+    """The language model."""
+
     name: str = "smollm2-135m-instruct"
+    """Which LLM, e.g. `smollm2-135m-instruct` (packaged GGUF), `hf` (a local folder, or a GGUF
+    file with `gguf_file`), `hf-random` (random weights from `config`)."""
     path: str | None = None
+    """Local folder of a Hugging Face causal LM (with `name: hf`)."""
     gguf_file: str | None = None
+    """A GGUF file inside `path` to load instead of safetensors."""
     config: dict[str, Any] | None = None
+    """Random-init LLMs: keyword arguments of the Hugging Face config class."""
     model_type: str = "llama"
+    """Random-init LLMs: the Hugging Face model type of `config`."""
 
 
 class ProcessorConfig(Strict):
-    # Registry key in IMAGE_PROCESSORS.
+    """How an image becomes pixel tensors (and so how many visual tokens it costs)."""
+
     name: str = "fixed"
-    image_size: int = 224
-    # EfficientNet-Lite's normalisation is (x - 127) / 128 on 0..255 pixels.
+    """Preprocessing family (`fixed`: one square image, as LLaVA-1.5; the others tile or keep the aspect ratio)."""
+    image_size: int = Field(default=224, gt=0)
+    """Side of the square image (of each tile, for tiling families), in pixels."""
     mean: tuple[float, float, float] = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+    """Per-channel mean subtracted from 0..1 pixels (the default is EfficientNet-Lite's (x - 127) / 128)."""
     std: tuple[float, float, float] = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+    """Per-channel standard deviation the pixels are divided by."""
     resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
-    # Decompression-bomb guard, in pixels.
-    max_image_pixels: int = 64_000_000
-    # Pillow formats decoded (None: PNG, JPEG, WEBP, GIF, BMP, TIFF); EPS is never allowed.
+    """Resize filter."""
+    max_image_pixels: int = Field(default=64_000_000, gt=0)
+    """Largest image accepted, in pixels (decompression-bomb guard)."""
     image_formats: list[str] | None = None
+    """Pillow formats decoded (None: PNG, JPEG, WEBP, GIF, BMP, TIFF); EPS is never allowed."""
     options: dict[str, Any] = Field(default_factory=dict)
+    """Family-specific settings, e.g. `fit: pad | squash | crop` for `fixed`."""
 
     @field_validator("image_formats")
     @classmethod
@@ -78,57 +100,86 @@ class ProcessorConfig(Strict):
 
 
 class ModelConfig(Strict):
+    """The model: vision tower, connector, LLM, image processor and how they are fused."""
+
+    init_from: str | None = None
+    """A vlmkit checkpoint folder to start from (to fine-tune it): its model settings become the
+    defaults of this section and its weights are loaded before the first stage. Relative to the
+    working directory, like `train.output_dir`."""
     vision: VisionConfig = Field(default_factory=VisionConfig)
+    """The image encoder."""
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    """Vision features to LLM embeddings."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    """The language model."""
     processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
+    """Image preprocessing."""
     fusion: Literal["prefix", "cross-attention"] = "prefix"
+    """`prefix`: visual tokens in the LLM's input sequence; `cross-attention`: gated
+    cross-attention blocks read them (the connector's `cross_attention` option)."""
     image_token: str = "<image>"
+    """The placeholder for an image in the text of data records and prompts."""
 
 
 PART_NAMES = ("vision", "connector", "llm", "cross_attention")
 
 
 class DPOConfig(Strict):
-    # Strength of the KL anchor to the reference: the implicit reward is beta * log(pi / pi_ref).
+    """Direct preference optimisation settings (with `loss: dpo`)."""
+
     beta: float = Field(default=0.1, gt=0)
-    # "precompute": the reference is the policy as it enters the stage, scored once before the
-    #   first step (no second model in memory; the log-probs travel in the resume state).
-    # "model": a frozen copy of that policy, scored alongside every step (same numbers, more memory).
-    # "data": each record carries `ref_chosen_logp` / `ref_rejected_logp` computed beforehand.
+    """Strength of the KL anchor to the reference: the implicit reward is beta * log(pi / pi_ref)."""
     reference: Literal["precompute", "model", "data"] = "precompute"
-    # Conservative DPO: the share of pairs assumed to be labelled the wrong way round.
+    """`precompute`: the policy as it enters the stage, scored once before the first step (no
+    second model in memory); `model`: a frozen copy of it, scored alongside every step;
+    `data`: each record carries `ref_chosen_logp` / `ref_rejected_logp`."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """Conservative DPO: the share of pairs assumed to be labelled the wrong way round."""
 
 
 class StageConfig(Strict):
-    """One alignment stage. Which parts train, and at what learning rate, is data."""
+    """One training stage. Which parts train, and at what learning rate, is data."""
 
     data: str
+    """The stage's data file: LLaVA JSON / JSONL (or preference records, with `loss: dpo`). A
+    relative path is relative to the recipe file's folder (to the working directory when given
+    on the command line; to `train.data_dir` when that is set). Image paths in the records are
+    relative to the data file's folder."""
     trainable: list[str]
+    """Parts that train in this stage; the rest are frozen: any of `vision`, `connector`, `llm`, `cross_attention`."""
     lr: float = Field(gt=0)
-    # Per-part learning rates, e.g. {"llm": 2e-5} while the connector keeps `lr`.
+    """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
     part_lr: dict[str, float] = Field(default_factory=dict)
+    """Per-part learning rates, e.g. `{llm: 2.0e-5}` while the other parts keep `lr`."""
     epochs: float = Field(default=1.0, gt=0)
+    """Passes over the data (fractions allowed), when `max_steps` is not set."""
     max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps; overrides `epochs`."""
     batch_size: int = Field(default=8, gt=0)
+    """Samples per micro-batch (global: under torchrun each rank takes its share)."""
     grad_accum: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step."""
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay (biases and norms get none)."""
     max_grad_norm: float | None = 1.0
-    # "sft": next-token loss on assistant turns (LLaVA JSON); "dpo": preference pairs (TRL,
-    # RLAIF-V or LLaVA-RLHF records, detected per record).
+    """Gradient clipping norm; null: no clipping."""
     loss: Literal["sft", "dpo"] = "sft"
+    """`sft`: next-token loss on the assistant turns; `dpo`: preference pairs (TRL, RLAIF-V or
+    LLaVA-RLHF records, detected per record)."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
-    # SFT reduction: "token" weighs every supervised token of the optimizer step equally;
-    # "sample" averages each sample's mean token loss, so long answers do not dominate.
+    """DPO settings."""
     loss_reduction: Literal["token", "sample"] = "token"
-    # Pack each micro-batch's samples into rows of at most `pack_length` tokens (default:
-    # train.max_length). Samples in a row cannot attend to each other; padding shrinks to the
-    # tail of the shortest rows. The micro-batch (and so the loss) is the same as unpacked.
+    """SFT: `token` weighs every supervised token of the step equally; `sample` averages each
+    sample's mean token loss, so long answers do not dominate."""
     packing: bool = False
+    """Pack each micro-batch's samples into rows of at most `pack_length` tokens (samples in a
+    row cannot attend to each other); the loss is the same as unpacked."""
     pack_length: int | None = Field(default=None, gt=0)
+    """Row length for packing (default: `train.max_length`)."""
     max_images_per_pack: int | None = Field(default=None, gt=0)
+    """Most images in one packed row."""
 
     @field_validator("trainable")
     @classmethod
@@ -147,75 +198,174 @@ class StageConfig(Strict):
 
 
 class TrainConfig(Strict):
-    # Ordered: stages run in the order they are written.
+    """Training: the stages and what they share."""
+
     stages: dict[str, StageConfig] = Field(default_factory=dict)
+    """The stages by name, run in the order they are written."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: autocast the forward pass to bfloat16 (weights and optimizer stay fp32)."""
     seed: int = 0
+    """Seed of the model's random parts and of the data order."""
     device: str = "cpu"
-    max_length: int = 512
+    """Torch device: `cpu`, `cuda`, `cuda:1` ... (`vlmkit train --device` sets it)."""
+    max_length: int = Field(default=512, gt=0)
+    """Context length in tokens; a longer sample is an error naming it (image tokens are never truncated)."""
     output_dir: str = "runs/default"
-    # Bad records (missing image, no placeholder, too long): raise, or skip and count them.
+    """Where checkpoints (`checkpoints/<stage>`) and `metrics.jsonl` go; relative to the working directory."""
+    data_dir: str | None = None
+    """A folder every relative stage `data` path resolves against, instead of the recipe's folder
+    (itself relative to the recipe's folder when written there, to the working directory when
+    given on the command line)."""
     on_bad_record: Literal["error", "skip"] = "error"
+    """A record that cannot be used (missing image, no placeholder, too long): stop with an error
+    naming it, or skip it and count it."""
     log_every: int = Field(default=1, gt=0)
-    save_every: int | None = None
+    """Write a `metrics.jsonl` line every this many steps."""
+    save_every: int | None = Field(default=None, gt=0)
+    """Save a resumable checkpoint every this many steps (null: only at the end of each stage)."""
     num_workers: int = 0
-    # Encode each image once when the vision tower is frozen (it never changes during the stage).
+    """Not used yet: samples are encoded once, up front, in the training process."""
     cache_frozen_vision: bool = True
-    # Periodic checkpoints kept per stage (the newest is `<stage>-last`, older ones `<stage>-step-N`).
+    """Encode each image once when the vision tower is frozen (it cannot change during the stage)."""
     keep_last: int = Field(default=2, gt=0)
-    # Under torchrun: "ddp" replicates the model; "fsdp2" shards parameters, gradients and
-    # optimizer state with `fully_shard`. Ignored in a single process. `batch_size` is global:
-    # every rank takes batch_size / world_size samples of each micro-batch.
+    """Periodic checkpoints kept per stage (the newest is `<stage>-last`)."""
     distributed: Literal["ddp", "fsdp2"] = "ddp"
-    # Dense peak of the accelerator in TFLOP/s for MFU; None: looked up for known GPUs
-    # (bf16 tensor-core peak), and MFU is left out where unknown (CPUs).
+    """Under torchrun: `ddp` replicates the model; `fsdp2` shards parameters, gradients and
+    optimizer state. Ignored in a single process."""
     peak_tflops: float | None = Field(default=None, gt=0)
+    """Dense peak of the accelerator in TFLOP/s, for MFU; null: looked up for known GPUs (MFU is
+    left out where unknown, e.g. CPUs)."""
 
 
 class Config(Strict):
+    """A recipe."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """Training."""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed where `loc` points (walking models and dicts of models)."""
+    annotation: Any = model
+    for part in loc:
+        target = _model_in(annotation)
+        if target is not None and isinstance(part, str) and part in target.model_fields:
+            annotation = target.model_fields[part].annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return []
+    target = _model_in(annotation)
+    return list(target.model_fields) if target is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):  # Optional[Model], Model | None
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {where}: {e['msg']}")
+        message = e["msg"]
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            message = "unknown key"
+            known = _fields_at(Config, e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]!r}?" if close else f"; known keys here: {', '.join(known)}"
+        lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 
 
 def load_config(
     recipe: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    init_defaults: bool = True,
 ) -> Config:
-    """Load a YAML recipe (or dict), apply `a.b=c` overrides, validate."""
+    """Load a YAML recipe (or dict), apply `a.b=c` overrides, validate.
+
+    Relative stage data paths become absolute here (see `TrainConfig.data_dir`), so the config
+    means the same whatever folder the command runs in. `init_defaults`: fill the model section
+    from `model.init_from`'s checkpoint (off when reading a checkpoint's own, complete config).
+    """
     source = "defaults"
     base: dict[str, Any] = {}
+    recipe_dir = Path.cwd()
     if isinstance(recipe, (str, Path)):
         source = str(recipe)
         try:
             base = yaml.safe_load(Path(recipe).read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"recipe file not found: {recipe}") from None
+            raise ConfigError(f"recipe file not found: {Path(recipe).resolve()}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
         if not isinstance(base, dict):
             raise ConfigError(f"recipe {recipe} must be a mapping at the top level")
+        recipe_dir = Path(recipe).resolve().parent
     elif isinstance(recipe, dict):
         source = "dict"
         base = recipe
     try:
-        merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(list(overrides)))
+        override_tree = OmegaConf.from_dotlist(list(overrides))
+        merged = OmegaConf.merge(OmegaConf.create(base), override_tree)
         tree = OmegaConf.to_container(merged, resolve=True)
+        given_on_command_line = OmegaConf.to_container(override_tree, resolve=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad override in {list(overrides)}: {e}") from None
+    if overrides:
+        source += f" with overrides {list(overrides)}"
+    if init_defaults and isinstance(tree, dict):
+        tree = _with_init_defaults(tree, source)
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as e:
-        if overrides:
-            source += f" with overrides {list(overrides)}"
         raise ConfigError(_format_validation_error(e, source)) from None
+    _resolve_data_paths(config, recipe_dir, given_on_command_line)
+    return config
+
+
+def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    """The model section of `model.init_from`'s checkpoint, with the recipe's own model keys on top."""
+    import json
+
+    model = tree.get("model")
+    init_from = model.get("init_from") if isinstance(model, dict) else None
+    if not init_from:
+        return tree
+    saved = Path(init_from) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"model.init_from ({source}): {Path(init_from).resolve()} is not a vlmkit checkpoint (no config.json)")
+    saved_model = json.loads(saved.read_text()).get("model", {})
+    saved_model.pop("init_from", None)
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved_model), OmegaConf.create(model)))
+    merged["init_from"] = str(Path(init_from).resolve())
+    return {**tree, "model": merged}
+
+
+def _resolve_data_paths(config: Config, recipe_dir: Path, given_on_command_line: Any) -> None:
+    cli_stages = ((given_on_command_line or {}).get("train") or {}).get("stages") or {}
+    cli_train = (given_on_command_line or {}).get("train") or {}
+    data_dir = None
+    if config.train.data_dir:
+        data_dir = _absolute(config.train.data_dir, Path.cwd() if "data_dir" in cli_train else recipe_dir)
+        config.train.data_dir = str(data_dir)
+    for name, stage in config.train.stages.items():
+        on_command_line = isinstance(cli_stages.get(name), dict) and "data" in cli_stages[name]
+        folder = data_dir or (Path.cwd() if on_command_line else recipe_dir)
+        stage.data = str(_absolute(stage.data, folder))
+
+
+def _absolute(path: str, folder: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else folder / p
 
 
 def dump_config(config: Config) -> dict[str, Any]:

@@ -65,27 +65,37 @@ def _hf_config_dict(cfg) -> dict:
     return {k: v for k, v in d.items() if k not in _FILE_KEYS}
 
 
-def check_exportable(model) -> None:
+def export_blockers(model) -> list[str]:
+    """Every reason the model cannot become a LLaVA folder (empty: it can), so one run names them all."""
     from vlmkit.model.connectors.mlp import MLPConnector
     from vlmkit.model.vision import HFVisionTower
 
     cfg = model.config
+    blockers = []
     if cfg.fusion != "prefix":
-        raise ExportError(f"fusion={cfg.fusion!r}: LLaVA only has prefix fusion (image embeddings in the token sequence)")
+        blockers.append(f"fusion={cfg.fusion!r}: LLaVA only has prefix fusion (image embeddings in the token sequence)")
     if not isinstance(model.connector, MLPConnector):
-        raise ExportError(f"connector {cfg.connector.name!r}: LLaVA's projector is the 2-layer GELU MLP ('mlp' connector)")
-    if not isinstance(model.connector.norm, torch.nn.Identity):
-        raise ExportError("the MLP connector has input_norm=true; LLaVA's projector has no input layer norm")
+        blockers.append(f"connector {cfg.connector.name!r}: LLaVA's projector is the 2-layer GELU MLP ('mlp' connector)")
+    elif not isinstance(model.connector.norm, torch.nn.Identity):
+        blockers.append("the MLP connector has input_norm=true; LLaVA's projector has no input layer norm")
     if not isinstance(model.vision, HFVisionTower):
-        raise ExportError(
+        blockers.append(
             f"vision tower {cfg.vision.name!r} cannot be exported: LLaVA needs a Hugging Face ViT-style tower "
             "(SigLIP or CLIP via the 'hf' / 'hf-random' towers); EfficientNet and other CNN towers have no LLaVA equivalent"
         )
-    model_type = model.vision.model.config.model_type
-    if model_type not in ("siglip_vision_model", "clip_vision_model"):
-        raise ExportError(f"vision tower type {model_type!r}: export supports SigLIP and CLIP vision towers")
+    elif model.vision.model.config.model_type not in ("siglip_vision_model", "clip_vision_model"):
+        blockers.append(f"vision tower type {model.vision.model.config.model_type!r}: export supports SigLIP and CLIP vision towers")
     if cfg.processor.name != "fixed":
-        raise ExportError(f"processor {cfg.processor.name!r}: LLaVA (1.5) uses one fixed-size image; use the 'fixed' processor")
+        blockers.append(f"processor {cfg.processor.name!r}: LLaVA (1.5) uses one fixed-size image; use the 'fixed' processor")
+    return blockers
+
+
+def check_exportable(model) -> None:
+    blockers = export_blockers(model)
+    if len(blockers) == 1:
+        raise ExportError(blockers[0])
+    if blockers:
+        raise ExportError(f"{len(blockers)} things block the export:\n" + "\n".join(f"  - {b}" for b in blockers))
 
 
 def _vision_feature_settings(model) -> tuple[int, str, bool]:

@@ -134,7 +134,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
 
 
 def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu", overrides: list[str] | tuple[str, ...] = (),
-                   n_caption: int = 400, n_instruct: int = 600, n_test: int = 150, seed: int = 0) -> dict:
+                   n_caption: int = 400, n_instruct: int = 600, n_test: int = 150, seed: int = 0, on_change: str = "refuse") -> dict:
     from vlmkit.data.synthetic.tasks import generate as generate_data
     from vlmkit.train.loop import run_training
 
@@ -150,7 +150,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
         *overrides,
     ])
     torch.manual_seed(seed)
-    model, stages = run_training(config)
+    model, stages = run_training(config, on_change=on_change)
     model.eval()
 
     test = json.loads((data_dir / "test.json").read_text())

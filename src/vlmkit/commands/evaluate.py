@@ -9,8 +9,10 @@ from typing import Optional
 
 import typer
 
-eval_app = typer.Typer(help="Evaluate models on benchmarks with their official scoring.", no_args_is_help=True)
-data_app = typer.Typer(help="Data utilities.", no_args_is_help=True)
+from vlmkit.eval.synth import GOLD_NAME
+
+eval_app = typer.Typer(help="Evaluate models on benchmarks with their official scoring.", no_args_is_help=True, rich_markup_mode=None)
+data_app = typer.Typer(help="Data utilities.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def _fail(msg: str) -> None:
@@ -77,11 +79,11 @@ def score_cmd(
 
 @eval_app.command("run")
 def run_cmd(
-    benchmark: str = typer.Option(..., "--benchmark", "-b"),
-    data: Path = typer.Option(..., "--data", "-d"),
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help="mmmu, mathvista, chartqa, docvqa, ocrbench, vqav2, textvqa, chair (`vlmkit eval list`)"),
+    data: Path = typer.Option(..., "--data", "-d", help="folder with the benchmark's official files (`vlmkit data synth-bench` writes a small one)"),
     model: str = typer.Option(..., "--model", "-m", help="hf:/path/folder | openai:MODEL | vlmkit:/path/checkpoint"),
     out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="output folder (prediction cache, results)"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="questions answered together"),
     max_new_tokens: Optional[int] = typer.Option(None, help="default: the benchmark's own"),
     limit: Optional[int] = typer.Option(None, help="only the first N items"),
     base_url: Optional[str] = typer.Option(None, help="openai: endpoint base URL (default $OPENAI_BASE_URL)"),
@@ -89,9 +91,9 @@ def run_cmd(
     device: Optional[str] = typer.Option(None, help="hf/vlmkit: torch device"),
     compile_decode: bool = typer.Option(False, help="vlmkit: compile the decode step (CUDA graphs on a GPU); pays off over many batches"),
     judge: Optional[str] = typer.Option(None, help="MathVista: LLM answer extractor model"),
-    judge_base_url: Optional[str] = typer.Option(None),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    as_json: bool = typer.Option(False, "--json"),
+    judge_base_url: Optional[str] = typer.Option(None, help="MathVista: base URL of the judge endpoint"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Generate answers (batched, resumable) and score them."""
     from vlmkit.eval.backends import make_backend
@@ -119,11 +121,11 @@ def run_cmd(
 @eval_app.command("contamination")
 def contamination_cmd(
     train: Path = typer.Option(..., "--train", help="LLaVA-format training JSON"),
-    benchmark: str = typer.Option(..., "--benchmark", "-b"),
-    data: Path = typer.Option(..., "--data", "-d"),
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help="benchmark name (`vlmkit eval list`)"),
+    data: Path = typer.Option(..., "--data", "-d", help="folder with the benchmark's official files"),
     n: int = typer.Option(8, "--n", min=1, help="n-gram length in words"),
     threshold: float = typer.Option(0.5, help="an item counts as contaminated when this share of its n-grams is in the training set"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """N-gram overlap between a training set's texts and a benchmark's questions and answers."""
     from vlmkit.eval.benchmarks import EvalInputError
@@ -164,9 +166,9 @@ def synth_bench_cmd(
     name: str = typer.Argument(..., help="benchmark name, or 'all'"),
     out_dir: Path = typer.Argument(..., help="folder to write the benchmark's official layout into"),
     n: int = typer.Option(12, "--n", min=1, help="items per split"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed for the synthetic items"),
     predictions: bool = typer.Option(True, "--predictions/--no-predictions",
-                                     help="also write gold.jsonl (gold answers as predictions)"),
+                                     help=f"also write {GOLD_NAME} (the gold answers as a predictions file)"),
 ) -> None:
     """Write a small synthetic benchmark in its official layout, images included."""
     from vlmkit.eval.benchmarks import EvalInputError

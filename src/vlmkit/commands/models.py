@@ -42,7 +42,7 @@ def _tiny_report(name: str) -> dict:
 
 
 def inspect_command(
-    preset: str = typer.Argument(..., help="preset name or alias (see `vlmkit inspect list`; the same names as `vlmkit tokens`)"),
+    preset: str = typer.Argument(..., help="preset name or alias, or `list` to print every preset (`vlmkit inspect list`; the same names as `vlmkit tokens`)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     tiny: bool = typer.Option(False, "--tiny", help="the tiny CPU variant, built for real"),
 ) -> None:
@@ -65,7 +65,10 @@ def inspect_command(
         typer.echo(json.dumps(report, indent=2))
         return
     p = report["params"]
-    typer.echo(f"{report['preset']}  ({report.get('family', '')}; {report['fusion']} fusion, connector {report['connector']})")
+    about = [f"{report['fusion']} fusion", f"connector {report['connector']}"]
+    if report.get("family"):
+        about.insert(0, report["family"])
+    typer.echo(f"{report['preset']}  ({'; '.join(about)})")
     typer.echo("parameters")
     seed = report.get("seed_figures", {})
     for part in presets.PART_ORDER:
@@ -192,15 +195,17 @@ def ablation_table(rows: list[dict], tasks=("text", "chart")) -> str:
 
 
 def ablate_command(
-    recipe: str = typer.Argument(..., help="recipe YAML (e.g. recipes/ablate.yaml)"),
-    connectors: str = typer.Option("mlp,pixel-shuffle,qformer,perceiver,cross-attn", "--connectors", help="comma-separated"),
-    out: str = typer.Option("runs/ablate", "--out"),
-    n_caption: int = typer.Option(320, "--n-caption"),
-    n_instruct: int = typer.Option(900, "--n-instruct"),
-    n_test: int = typer.Option(150, "--n-test"),
-    seed: int = typer.Option(0, "--seed"),
-    override: Optional[list[str]] = typer.Option(None, "--set", "-s", help="dotted recipe override, repeatable"),
-    as_json: bool = typer.Option(False, "--json"),
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="recipe YAML (e.g. recipes/ablate.yaml)"),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, show_default=False, metavar="KEY=VALUE", help="Dotted recipe overrides KEY=VALUE, e.g. train.stages.instruct.max_steps=100."),
+    connectors: str = typer.Option("mlp,pixel-shuffle,qformer,perceiver,cross-attn", "--connectors",
+                                   help=f"comma-separated connectors to compare, from: {', '.join(ABLATION_CONNECTORS)}"),
+    out: str = typer.Option("runs/ablate", "--out", help="output folder (data, one run per connector, ablation.md)"),
+    n_caption: int = typer.Option(320, "--n-caption", min=1, help="synthetic caption samples (stage 1)"),
+    n_instruct: int = typer.Option(900, "--n-instruct", min=1, help="synthetic question samples (stage 2)"),
+    n_test: int = typer.Option(150, "--n-test", min=1, help="held-out questions"),
+    seed: int = typer.Option(0, "--seed", help="seed for the data and for training"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON instead of a table"),
 ) -> None:
     """Train the same recipe once per connector on the synthetic OCR and chart tasks; write a
     comparison table (accuracy per task, visual tokens, parameters, training time) to OUT/ablation.md."""
@@ -208,7 +213,10 @@ def ablate_command(
     for name in names:
         if name not in ABLATION_CONNECTORS:
             raise typer.BadParameter(f"unknown connector {name!r}; choose from {', '.join(ABLATION_CONNECTORS)}")
-    rows = run_ablation(recipe, names, out, n_caption, n_instruct, n_test, seed, override or ())
+    from vlmkit.commands.core import overrides_argument, recipe_errors
+
+    with recipe_errors():
+        rows = run_ablation(recipe, names, out, n_caption, n_instruct, n_test, seed, overrides_argument(overrides))
     typer.echo(json.dumps(rows, indent=2) if as_json else ablation_table(rows))
 
 

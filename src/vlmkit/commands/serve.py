@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,12 +21,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
         checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
         host: Annotated[str, typer.Option(help="Interface to listen on; loopback unless you mean to expose it.")] = "127.0.0.1",
-        port: int = 8000,
+        port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 8000,
         api_key: Annotated[Optional[str], typer.Option(envvar="VLMKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
         allow_remote_images: Annotated[bool, typer.Option(help="Let requests name http(s) image URLs, which the server then fetches.")] = False,
         model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default: the checkpoint folder's name).")] = None,
@@ -36,7 +46,7 @@ def register(app: typer.Typer) -> None:
         max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest decoded image, in pixels.")] = 16_000_000,
         max_images: Annotated[int, typer.Option(min=0, help="Most images in one request.")] = 8,
         max_length: Annotated[Optional[int], typer.Option(help="Prompt length limit in tokens (default: the checkpoint's train.max_length).")] = None,
-        device: str = "cpu",
+        device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
         compile_decode: Annotated[bool, typer.Option(help="Compile the decode step (CUDA graphs on a GPU; batches padded to powers of two). Each batch size compiles once, on first use.")] = False,
         image_format: Annotated[Optional[list[str]], typer.Option(help="Image format requests may use (repeat it; default PNG, JPEG, WEBP, GIF, BMP, TIFF).")] = None,
         allowed_host: Annotated[Optional[list[str]], typer.Option(help="Without --api-key: a Host name clients may use besides loopback and --host (repeat it; '*' for any).")] = None,
@@ -60,6 +70,9 @@ def register(app: typer.Typer) -> None:
             hosts.append(host)
         if not _is_loopback(host) and not api_key:
             typer.echo(f"warning: listening on {host} without --api-key; anyone who can reach it can use the model", err=True)
+        # Bound before the model loads and before announcing, so a busy port fails at once and
+        # the address printed is one the server really holds.
+        sock = _bind(host, port)
         model, config = load_checkpoint(checkpoint, device=device)
         processor = build_chat_processor(model, max_length or config.train.max_length)
         settings = ServerSettings(
@@ -68,8 +81,9 @@ def register(app: typer.Typer) -> None:
             max_tokens_limit=max_tokens, default_max_tokens=min(256, max_tokens), max_batch=max_batch, max_wait_ms=max_wait_ms,
             compile_decode=compile_decode, image_formats=formats, allowed_hosts=hosts, allowed_origins=list(allowed_origin or []),
         )
+        port = sock.getsockname()[1]
         typer.echo(f"serving {settings.model_name!r} on http://{host}:{port}/ (API at /v1, health at /health)")
-        run_server(create_app(model, processor, settings), host=host, port=port)
+        run_server(create_app(model, processor, settings), host=host, port=port, sock=sock)
 
     @app.command("export-hf")
     def export_hf(

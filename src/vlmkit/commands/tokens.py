@@ -1,4 +1,5 @@
-"""`vlmkit tokens`: what an image costs a preset, and the seed deck's token-budget table.
+"""`vlmkit tokens`: what an image costs a preset, and the lecture's token-budget table checked
+against the reference implementations.
 
 Presets are the registry's (`vlmkit.presets`), the same names `vlmkit inspect` takes."""
 
@@ -9,7 +10,6 @@ import re
 
 import typer
 
-from vlmkit.processing.budget import PRESETS, get_preset, image_budget, seed_table
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -29,11 +29,32 @@ def _human(n: float, unit: str) -> str:
     return f"{n:.0f} {unit}"
 
 
+# What each pair in a layout's parts means: sizes are (width, height), grids (rows, cols).
+PART_LABELS = {
+    "resized": "resized (width x height)",
+    "base_image": "base image (width x height)",
+    "best_resolution": "best resolution (w x h)",
+    "grid": "tile grid (rows x cols)",
+    "feature_grid": "feature grid (rows x cols)",
+    "grid_thw": "grid (frames x rows x cols)",
+}
+
+
+def _label(key: str) -> str:
+    return PART_LABELS.get(key, key.replace("_", " "))
+
+
+def _pair(value) -> str:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return " x ".join(str(v) for v in value)
+    return str(value)
+
+
 def _print_budget(b) -> None:
     typer.echo(f"{b.preset} ({b.family}, {b.fusion} fusion), image {b.width}x{b.height}")
     typer.echo(f"  visual tokens   {b.visual_tokens:,}")
     for k, v in b.parts.items():
-        typer.echo(f"    {k:<28} {v}")
+        typer.echo(f"    {_label(k):<28} {_pair(v)}")
     typer.echo(f"  special tokens  {b.special_tokens:,}")
     typer.echo(f"  sequence tokens {b.sequence_tokens:,}")
     typer.echo(f"  LLM             {b.llm}")
@@ -45,48 +66,63 @@ def _print_budget(b) -> None:
 
 
 def _print_table() -> None:
+    from vlmkit.processing.budget import seed_table
+
     rows = seed_table()
-    typer.echo("Seed token-budget table vs the reference implementations")
-    typer.echo(f"{'model':<28} {'seed (typical / max)':<40} reference")
+    typer.echo("The lecture's token-budget table vs the reference implementations")
+    typer.echo(f"{'model':<28} {'lecture (typical / max)':<40} reference")
     for r in rows:
         flag = {True: "  ", False: "!!", None: "--"}[r["agrees"]]
         typer.echo(f"{flag}{r['model']:<26} {r['seed']:<40} {r['reference']}")
     typer.echo("")
-    typer.echo("Where the reference disagrees with the seed (!!) or explains it:")
+    typer.echo("Where the reference disagrees with the lecture (!!) or explains it:")
     for r in rows:
         if r["agrees"] is not True or r["model"].startswith("AnyRes"):
             typer.echo(f"  - {r['model']}: {r['detail']}")
 
 
-def _plot(path: str) -> None:
+# Every family on one chart unless --preset picks one.
+PLOT_PRESETS = ("llava-1.5-7b", "llava-next-7b", "internvl2-76b", "qwen2-vl-7b", "pixtral-12b",
+                "llama-3.2-vision-11b", "idefics3-8b", "smolvlm", "blip2")
+
+
+def _plot(path: str, names: tuple[str, ...] | list[str] = PLOT_PRESETS, mark: tuple[int, int] | None = None) -> None:
+    """Tokens against image width (4:3 images); `mark`: a (width, height) image drawn as a point."""
     import matplotlib
+
+    from vlmkit.processing.budget import get_preset
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sides = list(range(64, 2049, 32))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in ["llava-1.5-7b", "llava-next-7b", "internvl2-76b", "qwen2-vl-7b", "pixtral-12b",
-                 "llama-3.2-vision-11b", "idefics3-8b", "smolvlm", "blip2"]:
+    for name in names:
         proc = get_preset(name).processor
         ax.plot(sides, [proc.layout(s, s * 3 // 4).visual_tokens for s in sides], label=name)
+        if mark is not None:
+            ax.plot([mark[0]], [proc.layout(*mark).visual_tokens], "o", color=ax.lines[-1].get_color(),
+                    label=f"{name}, {mark[0]}x{mark[1]}")
     ax.set_xlabel("image width (px), 4:3 aspect")
     ax.set_ylabel("visual tokens per image")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Visual tokens vs image size (Llama 3.2 Vision: cross-attention states)")
+    title = "Visual tokens vs image size" if len(names) > 1 else f"Visual tokens vs image size: {names[0]}"
+    if "llama-3.2-vision-11b" in names:
+        title += " (Llama 3.2 Vision: cross-attention states)"
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def tokens(
-    preset: str = typer.Option(None, "--preset", "-p", help=f"a preset (the same names as `vlmkit inspect`): {', '.join(PRESETS)}"),
+    preset: str = typer.Option(None, "--preset", "-p", help="preset name or alias, the same names as `vlmkit inspect` (`vlmkit tokens --list` lists them)"),
     size: str = typer.Option(None, "--size", "-s", help="image size WIDTHxHEIGHT, e.g. 1024x768"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     context: int = typer.Option(None, "--context", help="context length for the share (default: the LLM's)"),
-    table: bool = typer.Option(False, "--table", help="reproduce the seed's token-budget table"),
+    table: bool = typer.Option(False, "--table", help="the lecture's token-budget table, checked against the reference implementations"),
     plot: str = typer.Option(None, "--plot", help="write a PNG chart of tokens vs image size per family"),
     list_presets: bool = typer.Option(False, "--list", help="list presets"),
     frames: int = typer.Option(None, "--frames", help="video: sampled frames of SIZE (cost = frames x tokens per frame, then compression)"),
@@ -94,6 +130,10 @@ def tokens(
     pooled_frames: int = typer.Option(4, "--pooled-frames", help="video, pool: time windows per video"),
 ) -> None:
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
+    # Imported here, not at the top: it pulls in torch, which every other command's start-up
+    # (and `vlmkit --help`) would otherwise pay for.
+    from vlmkit.processing.budget import PRESETS, get_preset, image_budget, seed_table
+
     if list_presets:
         for name in PRESETS:
             p = get_preset(name)
@@ -106,8 +146,12 @@ def tokens(
         else:
             _print_table()
     if plot:
-        _plot(plot)
-        typer.echo(f"wrote {plot}", err=as_json)
+        names = [preset] if preset else list(PLOT_PRESETS)
+        try:
+            _plot(plot, names, mark=_size(size) if size else None)
+        except KeyError as e:
+            raise typer.BadParameter(str(e.args[0]), param_hint="--preset") from None
+        typer.echo(f"wrote {plot} ({', '.join(names)})", err=as_json)
     if table or plot:
         return
     if not preset or not size:

@@ -561,8 +561,10 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", sock=None) -> None:
+    """`sock`: a socket the caller already bound (uvicorn then serves on it instead of binding)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmkit.config import Config, load_config
+from vlmkit.config import Config, ConfigError, load_config
 from vlmkit.utils import respect_umask
 
 WEIGHTS = "model.safetensors"
@@ -94,7 +94,7 @@ def read_config(directory: str | Path) -> Config:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vlmkit checkpoint (no {CONFIG})")
-    return load_config(json.loads(path.read_text()))
+    return load_config(json.loads(path.read_text()), init_defaults=False)
 
 
 def load_weights(model, directory: str | Path) -> dict[str, Any]:
@@ -111,22 +111,52 @@ def load_weights(model, directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(directory: str | Path, device: str = "cpu"):
-    """Rebuild the model from the checkpoint's config and load its saved parts."""
-    from vlmkit.model.vlm import VisionLanguageModel, ensure_image_token
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    return json.loads(path.read_text()) if path.is_file() else {}
 
-    config = read_config(directory)
-    model = VisionLanguageModel.build(config.model)
-    tok_dir = Path(directory) / TOKENIZER_DIR
+
+def _load_saved_tokenizer(model, directory: Path, image_token: str) -> None:
+    from vlmkit.model.vlm import ensure_image_token
+
+    tok_dir = directory / TOKENIZER_DIR
     if tok_dir.is_dir():
         from transformers import AutoTokenizer
 
         model.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         # The saved tokenizer decides the placeholder's id, not the one the build made.
-        model.image_token_id = ensure_image_token(model.tokenizer, config.model.image_token)
+        model.image_token_id = ensure_image_token(model.tokenizer, image_token)
+
+
+def load_checkpoint(directory: str | Path, device: str = "cpu"):
+    """Rebuild the model from the checkpoint's config and load its saved parts."""
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    config = read_config(directory)
+    model = VisionLanguageModel.build(config.model)
+    _load_saved_tokenizer(model, Path(directory), config.model.image_token)
     load_weights(model, directory)
     model.to(device).eval()
     return model, config
+
+
+def init_from_checkpoint(model, directory: str | Path) -> None:
+    """Load another run's checkpoint into a freshly built model (`model.init_from`), to fine-tune it."""
+    directory = Path(directory)
+    if not (directory / META).is_file() or not (directory / WEIGHTS).is_file():
+        raise ConfigError(f"model.init_from: {directory.resolve()} is not a vlmkit checkpoint (no {META} / {WEIGHTS})")
+    _load_saved_tokenizer(model, directory, model.config.image_token)
+    try:
+        meta = load_weights(model, directory)
+    except (ValueError, RuntimeError) as e:  # torch reports a shape mismatch as a RuntimeError
+        # The recipe's model section changed the architecture the checkpoint was saved from.
+        lines = [line.strip() for line in str(e).splitlines()]
+        first = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise ConfigError(f"model.init_from: the checkpoint's weights do not fit the model this recipe builds ({first}); "
+                          "keep the checkpoint's model settings (or leave them out of the recipe)") from None
+    # These parts no longer hold what the config's pretrained files hold, so every checkpoint of
+    # this run saves them: it stays loadable without the folder it started from.
+    model.pretrained_parts -= set(meta["parts"])
 
 
 def load_trainer_state(directory: str | Path) -> dict | None:

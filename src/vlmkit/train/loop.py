@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class StageResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (record id, reason), one per skipped record
     checkpoint: Path | None = None
     trainable_parameters: dict[str, int] = field(default_factory=dict)
+    loaded: bool = False  # an already trained stage, loaded from its checkpoint: no steps were run
+    extended: bool = False  # trained on from its own earlier checkpoint (--extend)
 
 
 class Preempted(SystemExit):
@@ -165,23 +168,49 @@ TRAJECTORY_KEYS = ("seed", "max_length", "precision", "on_bad_record", "cache_fr
 
 def _resume_view(tree: dict, stage: str) -> dict:
     train = tree.get("train", {})
-    return {"model": tree.get("model", {}), "train": {k: train.get(k) for k in TRAJECTORY_KEYS},
-            "stage": train.get("stages", {}).get(stage)}
+    settings = dict(train.get("stages", {}).get(stage) or {})
+    # The data is compared by its contents (the digest in meta.json), not by where the file lies.
+    settings.pop("data", None)
+    return {"model": tree.get("model", {}),
+            "train": {**{k: train.get(k) for k in TRAJECTORY_KEYS}, "stages": {stage: settings}}}
 
 
-def check_resume_config(directory: Path, config: Config, stage: str, model_only: bool = False) -> None:
+def stage_differences(directory: Path, config: Config, stage: str, data_sha256: str | None = None,
+                      after: str | None = None) -> list[str]:
+    """What differs between the run a stage checkpoint was written by and this one: dotted config
+    keys, the data file's contents, and the earlier stage it was trained on top of."""
     # Re-validated, so keys added since the checkpoint was written compare as their defaults.
-    saved = ckpt.read_config(directory).model_dump(mode="json")
-    a, b = _resume_view(saved, stage), _resume_view(config.model_dump(mode="json"), stage)
-    if model_only:
-        a, b = {"model": a["model"]}, {"model": b["model"]}
-    diffs = ckpt.config_differences(a, b)
+    saved = ckpt.read_config(directory)
+    diffs = ckpt.config_differences(_resume_view(saved.model_dump(mode="json"), stage),
+                                    _resume_view(config.model_dump(mode="json"), stage))
+    meta = ckpt.read_meta(directory)
+    if data_sha256 and meta.get("data_sha256") not in (None, data_sha256):
+        before = saved.train.stages[stage].data if stage in saved.train.stages else "?"
+        diffs.append(f"train.stages.{stage}.data: not the data the checkpoint was trained on "
+                     f"(checkpoint {before}, now {config.train.stages[stage].data}, contents differ)")
+    if "after" in meta and meta["after"] != after:
+        diffs.append("an earlier stage was trained again since this stage was trained on top of it")
+    return diffs
+
+
+def _mismatch(stage: str, directory: Path, diffs: list[str], finished: bool) -> ckpt.ResumeMismatchError:
+    if finished:
+        what, hint = "is already trained", (
+            "To train it again from the start under the new settings, add --restart; to continue from its "
+            "trained weights, add --extend (either way, the stages after it are trained again).")
+    else:
+        what, hint = "has a checkpoint to resume from", "To discard that checkpoint and start the stage over, add --restart."
+    return ckpt.ResumeMismatchError(
+        f"stage {stage!r} {what} in {directory}, under different settings:\n  " + "\n  ".join(diffs[:20])
+        + f"\n{hint} Or use the original settings, or a new train.output_dir."
+    )
+
+
+def check_resume_config(directory: Path, config: Config, stage: str, data_sha256: str | None = None, after: str | None = None) -> None:
+    """Refuse to resume a stage from a periodic checkpoint written under other settings."""
+    diffs = stage_differences(directory, config, stage, data_sha256, after)
     if diffs:
-        raise ckpt.ResumeMismatchError(
-            f"cannot resume stage {stage!r} from {directory}: it was written under a different config:\n  "
-            + "\n  ".join(diffs[:20])
-            + "\nUse the original config, or a new train.output_dir (or delete that checkpoint) to start over."
-        )
+        raise _mismatch(stage, directory, diffs, finished=False)
 
 
 # ---- SIGTERM ----------------------------------------------------------------------------------
@@ -209,15 +238,26 @@ class _StopFlag:
 # ---- one stage --------------------------------------------------------------------------------
 
 def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: Path, logger: JsonlLogger | None = None,
-                progress: bool = True, dist: D.DistContext | None = None, stop: _StopFlag | None = None) -> StageResult:
+                progress: bool = True, dist: D.DistContext | None = None, stop: _StopFlag | None = None,
+                *, data_sha256: str | None = None, after: str | None = None, discard_mismatched: bool = False) -> StageResult:
+    """`data_sha256`, `after`: the data file's digest and the id of the previous stage's
+    checkpoint, kept in this stage's checkpoints so a later run can tell what changed.
+    `discard_mismatched`: drop a periodic checkpoint written under other settings instead of refusing."""
     dist = dist or D.DistContext()
     tcfg = config.train
     device = torch.device(D.local_device(dist, tcfg.device))
     D.check_divides(dist, name, stage.batch_size)
     stage_dir = out_dir / "checkpoints" / name
     resume_dir = ckpt.latest_resumable(stage_dir)
-    if resume_dir is not None:
-        check_resume_config(resume_dir, config, name)
+    if resume_dir is not None and stage_differences(resume_dir, config, name, data_sha256, after):
+        if not discard_mismatched:
+            check_resume_config(resume_dir, config, name, data_sha256, after)
+        if dist.is_main:
+            print(f"[vlmkit] stage {name}: discarding {resume_dir.name} (written under other settings)")
+            ckpt.remove_periodic(stage_dir)
+        dist.barrier()
+        resume_dir = None
+    lineage = {"after": after, "data_sha256": data_sha256}
     if stage.packing and config.model.fusion != "prefix":
         raise ValueError(f"stage {name}: packing needs prefix fusion (cross-attention memory is per row, so packed samples would see each other's images)")
 
@@ -297,7 +337,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
             if reference_logps is not None:
                 trainer_state["reference_logps"] = reference_logps
             ckpt.rotate_and_save(stage_dir, step, tcfg.keep_last, lambda path: ckpt.save_checkpoint(
-                path, model, config, {"stage": name, "step": step}, trainer_state, weights=weights))
+                path, model, config, {"stage": name, "step": step, **lineage}, trainer_state, weights=weights))
         dist.barrier()
 
     model.train()
@@ -390,7 +430,8 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
     final_dir = stage_dir
     weights = ckpt.model_state(model, ckpt.parts_to_save(model))
     if dist.is_main:
-        ckpt.save_checkpoint(stage_dir, model, config, {"stage": name, "step": step, "final": True}, weights=weights)
+        ckpt.save_checkpoint(stage_dir, model, config, {"stage": name, "step": step, "final": True, "id": uuid.uuid4().hex, **lineage},
+                             weights=weights)
         ckpt.remove_periodic(stage_dir)
     dist.barrier()
     return StageResult(name, step, time.perf_counter() - start, losses, skipped, final_dir, model.trainable_parameters())
@@ -454,37 +495,103 @@ def _score_pairs(model, units, make_batch, batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run_training(config: Config, model=None, progress: bool = True) -> tuple[object, list[StageResult]]:
-    """Run every stage of the recipe in order; a stage whose final checkpoint exists is loaded, not redone.
-    Under torchrun, every process runs this; the process group comes from the environment."""
-    from vlmkit.model.vlm import VisionLanguageModel
+def _check_changed_stages(config: Config, data: dict, on_change: str) -> None:
+    """The refusals the stage loop would make for finished stages, made from their checkpoints
+    alone, so they come before the model is built."""
+    previous = None
+    for name in config.train.stages:
+        done = Path(config.train.output_dir) / "checkpoints" / name
+        if not (done / ckpt.META).is_file():
+            return  # this stage trains, and so do the ones after it
+        diffs = stage_differences(done, config, name, data[name].sha256, previous)
+        if diffs and on_change == "refuse":
+            raise _mismatch(name, done, diffs, finished=True)
+        if diffs and on_change == "extend":
+            _check_extendable(name, diffs)
+        if diffs:
+            return
+        previous = ckpt.read_meta(done).get("id")
 
+
+def _check_extendable(name: str, diffs: list[str]) -> None:
+    model_changed = [d for d in diffs if d.startswith("model.")]
+    if model_changed:
+        raise ckpt.ResumeMismatchError(
+            f"stage {name!r}: --extend continues from the trained weights, which need the same model; "
+            "these model settings changed:\n  " + "\n  ".join(model_changed) + "\nUse --restart to train it again.")
+
+
+def run_training(config: Config, model=None, progress: bool = True, on_change: str = "refuse") -> tuple[object, list[StageResult]]:
+    """Run every stage of the recipe in order. Under torchrun, every process runs this; the process
+    group comes from the environment.
+
+    A stage whose final checkpoint was written under the same settings, data and earlier stages is
+    loaded, not redone. One that differs is refused with a ResumeMismatchError naming what changed
+    (`on_change="refuse"`), trained again from the start (`"restart"`), or trained again starting
+    from its own trained weights (`"extend"`); the stages after it are then trained again too.
+    """
+    from vlmkit.model.vlm import VisionLanguageModel
+    from vlmkit.train.preflight import check_data, check_model
+
+    if on_change not in ("refuse", "restart", "extend"):
+        raise ValueError(f"on_change must be refuse, restart or extend, not {on_change!r}")
     # Checked before joining the process group, so a bad batch size fails fast on every rank.
     world = D.DistContext(world_size=D.world_size_from_env())
     for name, stage in config.train.stages.items():
         D.check_divides(world, name, stage.batch_size)
+    # Every data file and image path, and any refusal to reuse a checkpoint, before the (slow) model build.
+    if model is None:
+        check_model(config)
+    data = check_data(config)
+    _check_changed_stages(config, data, on_change)
     dist = D.setup(config.train.distributed, config.train.device)
     try:
         seed_everything(config.train.seed)
         out_dir = Path(config.train.output_dir)
         if model is None:
             model = VisionLanguageModel.build(config.model)
+        if config.model.init_from:
+            ckpt.init_from_checkpoint(model, config.model.init_from)
+            if dist.is_main:
+                print(f"[vlmkit] model: starting from {config.model.init_from}")
         model.to(D.local_device(dist, config.train.device))
         logger = JsonlLogger(out_dir / "metrics.jsonl") if dist.is_main else None
         results = []
+        previous = None  # id of the checkpoint the next stage starts from
         try:
             with _StopFlag() as stop:
                 for name, stage in config.train.stages.items():
+                    digest = data[name].sha256
                     done = out_dir / "checkpoints" / name
+                    extend = False
                     if (done / ckpt.META).is_file():
-                        check_resume_config(done, config, name, model_only=True)
-                        apply_stage(model, stage)
-                        _load_weights(model, done)
+                        diffs = stage_differences(done, config, name, digest, previous)
+                        if not diffs:
+                            apply_stage(model, stage)
+                            _load_weights(model, done)
+                            if dist.is_main:
+                                print(f"[vlmkit] stage {name}: already trained, loaded {done}")
+                            results.append(StageResult(name, 0, 0.0, checkpoint=done, trainable_parameters=model.trainable_parameters(),
+                                                       loaded=True))
+                            previous = ckpt.read_meta(done).get("id")
+                            continue
+                        if on_change == "refuse":
+                            raise _mismatch(name, done, diffs, finished=True)
+                        if on_change == "extend":
+                            _check_extendable(name, diffs)
+                        # A stage whose predecessor was retrained starts over: its weights were fitted to the old one.
+                        extend = on_change == "extend" and not any(d.startswith("an earlier") for d in diffs)
+                        if extend:
+                            apply_stage(model, stage)
+                            _load_weights(model, done)
                         if dist.is_main:
-                            print(f"[vlmkit] stage {name}: already trained, loaded {done}")
-                        results.append(StageResult(name, 0, 0.0, checkpoint=done, trainable_parameters=model.trainable_parameters()))
-                        continue
-                    results.append(train_stage(model, config, name, stage, out_dir, logger, progress, dist, stop))
+                            how = f"continuing from {done}" if extend else "training it again from the start"
+                            print(f"[vlmkit] stage {name}: settings changed ({'; '.join(d.split(':')[0] for d in diffs)}); {how}")
+                    result = train_stage(model, config, name, stage, out_dir, logger, progress, dist, stop, data_sha256=digest,
+                                         after=previous, discard_mismatched=on_change != "refuse")
+                    result.extended = extend
+                    results.append(result)
+                    previous = ckpt.read_meta(done).get("id")
         finally:
             if logger:
                 logger.close()

@@ -1,0 +1,149 @@
+"""Checks that run before any model is built: every stage's data file is read, every record
+parsed and every image and video path looked up, so a typo costs a second, not a model load.
+
+The digest of each data file is kept in the stage's checkpoint; a later run compares it, so a
+changed file is noticed even when its path is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmkit.config import Config, ConfigError
+from vlmkit.data.formats import BadRecordError
+
+# How many missing files an error lists before it summarises the rest.
+SHOWN = 5
+
+
+class DataError(BadRecordError):
+    """A stage's data that cannot be used; the message names the stage, the file and the record.
+    A BadRecordError, so code that handles bad records handles these too."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.record_id, self.reason = None, message
+
+
+@dataclass
+class StageData:
+    path: Path
+    records: int
+    sha256: str
+    unusable: int = 0  # records that `on_bad_record: skip` will leave out
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_model(config: Config) -> None:
+    """The model section's names exist and the connector's options validate, before anything is
+    loaded (they are otherwise checked only as each part is built, after the vision tower)."""
+    import difflib
+
+    import vlmkit.model.connectors  # noqa: F401  (importing registers the builders)
+    import vlmkit.model.language  # noqa: F401
+    import vlmkit.model.vision  # noqa: F401
+    from vlmkit.processing import import_families
+    from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS
+
+    import_families()
+    m = config.model
+    for key, registry, name in (("model.vision.name", VISION_TOWERS, m.vision.name), ("model.connector.name", CONNECTORS, m.connector.name),
+                                ("model.llm.name", LANGUAGE_MODELS, m.llm.name), ("model.processor.name", IMAGE_PROCESSORS, m.processor.name)):
+        if name not in registry:
+            close = difflib.get_close_matches(name, registry.names(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; {hint}known: {', '.join(registry.names())}")
+    from pydantic import ValidationError
+
+    options = CONNECTORS.get(m.connector.name).Options
+    given = dict(m.connector.options)
+    if m.fusion == "cross-attention":
+        # The blocks' settings ride along in the connector's options; the fusion takes them out.
+        from vlmkit.model.cross_attention import parse_cross_attention_options
+
+        try:
+            parse_cross_attention_options(given.pop("cross_attention", None))
+        except ValueError as e:
+            raise ConfigError(f"model.connector.options.cross_attention: {e}") from None
+    try:
+        options.model_validate(given)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = "model.connector.options." + ".".join(map(str, err["loc"]))
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(str(err["loc"][-1]), list(options.model_fields), n=1, cutoff=0.6)
+                message = "unknown option" + (f"; did you mean {close[0]!r}?" if close else f"; options of {m.connector.name!r}: "
+                                              + ", ".join(options.model_fields))
+            problems.append(f"  {where}: {message}")
+        raise ConfigError(f"invalid connector options for {m.connector.name!r}:\n" + "\n".join(problems)) from None
+
+
+def check_data(config: Config) -> dict[str, StageData]:
+    """Every stage's data, checked; raises `DataError` on the first stage that cannot be trained."""
+    return {name: check_stage_data(name, stage, config.train.on_bad_record) for name, stage in config.train.stages.items()}
+
+
+def check_stage_data(name: str, stage, on_bad_record: str = "error") -> StageData:
+    path = Path(stage.data)
+    if not path.is_file():
+        where = "is a folder, not a file" if path.is_dir() else "not found"
+        raise DataError(f"stage {name!r}: data file {where}: {path.resolve()}\n(a relative `data` path in a recipe is relative "
+                        "to the recipe's folder, on the command line to the working directory; train.data_dir=FOLDER sets the folder)")
+    try:
+        records = _records(path, stage.loss)
+    except (OSError, ValueError) as e:  # BadRecordError and bad JSON are ValueErrors
+        raise DataError(f"stage {name!r}: {e}") from None
+    bad: list[str] = []
+    missing: list[str] = []
+    for item in records:
+        if isinstance(item, BadRecordError):
+            bad.append(str(item))
+            continue
+        absent = [p for p in _files_of(item) if not p.is_file()]
+        if absent:
+            missing.append(f"record {item.id!r}: {', '.join(str(p.resolve()) for p in absent)}")
+    if not records:
+        raise DataError(f"stage {name!r}: {path.resolve()} holds no records")
+    if on_bad_record == "error" and (bad or missing):
+        lines = bad + missing
+        head = (f"stage {name!r}: {len(missing)} record(s) of {path.resolve()} name files that do not exist"
+                if missing and not bad else f"stage {name!r}: {len(lines)} unusable record(s) in {path.resolve()}")
+        more = f"\n  ... and {len(lines) - SHOWN} more" if len(lines) > SHOWN else ""
+        raise DataError(head + ":\n  " + "\n  ".join(lines[:SHOWN]) + more
+                        + "\n(set train.on_bad_record=skip to train without them)")
+    if len(bad) + len(missing) == len(records):
+        raise DataError(f"stage {name!r}: none of the {len(records)} records of {path.resolve()} is usable, e.g. {(bad + missing)[0]}")
+    return StageData(path, len(records), file_digest(path), len(bad) + len(missing))
+
+
+def _records(path: Path, loss: str) -> list:
+    """Parsed records; a malformed one is returned as its BadRecordError, so all are reported."""
+    if loss == "dpo":
+        from vlmkit.data.preference import read_preference_file
+
+        return read_preference_file(path)
+    from vlmkit.data.formats import read_json_records, record_to_sample
+
+    out = []
+    for i, record in enumerate(read_json_records(path, "data")):
+        try:
+            out.append(record_to_sample(record, i, path.parent, str(path)))
+        except BadRecordError as e:
+            out.append(e)
+    return out
+
+
+def _files_of(item) -> list[Path]:
+    """The image and video files a sample or preference pair reads (inline images are bytes)."""
+    return [p for p in [*item.images, *getattr(item, "videos", [])] if isinstance(p, Path)]
