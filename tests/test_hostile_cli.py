@@ -41,8 +41,13 @@ def assert_error_line(result, text, code=1):
 
 
 def test_chat_missing_checkpoint(tmp_path):
+    # A path that does not exist is a usage error, caught before anything loads.
     result = run(["chat", "hi", "--checkpoint", str(tmp_path / "nope")])
-    assert_error_line(result, f"{tmp_path / 'nope'} is not a vlmkit checkpoint (no config.json)")
+    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+    # A folder that is not a checkpoint is named in one error line.
+    (tmp_path / "empty").mkdir()
+    result = run(["chat", "hi", "--checkpoint", str(tmp_path / "empty")])
+    assert_error_line(result, f"{tmp_path / 'empty'} is not a vlmkit checkpoint (no config.json)")
 
 
 def test_chat_bad_images(checkpoint, tmp_path):
@@ -52,8 +57,8 @@ def test_chat_bad_images(checkpoint, tmp_path):
     assert_error_line(result, "record 'prompt': ")
     assert "photo.png: cannot decode image: not an image in an allowed format" in result.output
     result = run(["chat", "What?", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "missing.png")])
-    assert_error_line(result, "record 'prompt': ")
-    assert "missing.png: image file not found" in result.output
+    assert result.exit_code == 2 and "missing.png" in result.output and "does not exist" in result.output
+    assert "Traceback" not in result.output
     big = tmp_path / "wide.png"
     Image.new("RGB", (5000, 2)).save(big)
     result = run(["chat", "What?", "--checkpoint", str(checkpoint), "--image", str(big)])
@@ -76,6 +81,7 @@ def test_chat_out_of_range_options_are_usage_errors(checkpoint, args, message):
 
 
 def test_debug_flag_and_environment_show_the_traceback(tmp_path):
+    (tmp_path / "nope").mkdir()
     for args, env in ((["--debug"], None), ([], {"VLMKIT_DEBUG": "1"})):
         result = run([*args, "chat", "hi", "--checkpoint", str(tmp_path / "nope")], env=env)
         assert isinstance(result.exception, FileNotFoundError)
@@ -83,13 +89,14 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path):
 
 
 def test_train_missing_and_bad_recipes(tmp_path):
-    assert_error_line(run(["train", str(tmp_path / "none.yaml")]), f"recipe file not found: {tmp_path / 'none.yaml'}")
+    # `train` reports recipe and data errors with exit status 2, as `eval` does.
+    assert_error_line(run(["train", str(tmp_path / "none.yaml")]), f"recipe file not found: {tmp_path / 'none.yaml'}", code=2)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  stages:\n    a: {data: x.json, trainable: [connector], lr: 0.001, batchsize: 4}\n")
-    assert_error_line(run(["train", str(recipe)]), "")
+    assert_error_line(run(["train", str(recipe)]), "", code=2)
     assert "train.stages.a.batchsize" in run(["train", str(recipe)]).output
     recipe.write_text("train: [unclosed\n")
-    assert_error_line(run(["train", str(recipe)]), "")
+    assert_error_line(run(["train", str(recipe)]), "", code=2)
 
 
 def test_train_bad_record_names_it(tmp_path):
@@ -101,7 +108,8 @@ def test_train_bad_record_names_it(tmp_path):
         "train": {"output_dir": str(tmp_path / "run"), "stages": {"s": {"data": str(data), "trainable": ["connector"], "lr": 1e-3, "max_steps": 1}}},
     }))
     result = run(["train", str(recipe)])
-    assert_error_line(result, f"{data}: record 'rec-1': conversation turn 1 'value' must be a string, got int")
+    assert_error_line(result, f"stage 's': 1 unusable record(s) in {data}", code=2)
+    assert f"{data}: record 'rec-1': conversation turn 1 'value' must be a string, got int" in result.output
 
 
 def test_serve_user_errors(checkpoint, tmp_path):

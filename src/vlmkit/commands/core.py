@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 64,
         temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy.")] = 0.0,
         top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
-        seed: Annotated[int, typer.Option(help="Random seed for sampling (same seed, same answer).")] = 0,
+        seed: Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1, help="Random seed for sampling (same seed, same answer).")] = 0,
         device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
     ) -> None:
         """Answer a question about images or videos; without a question, hold a conversation.

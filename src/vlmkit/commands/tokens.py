@@ -176,6 +176,7 @@ def tokens(
 
 
 def _video(preset: str, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:
+    from vlmkit.processing.budget import get_preset
     from vlmkit.processing.video import VideoOptions, video_layout
 
     if frames <= 0:

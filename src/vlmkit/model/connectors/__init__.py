@@ -13,3 +13,5 @@ from vlmkit.model.connectors.base import Connector, build_connector  # noqa: F40
 
 # The native-resolution tower the `native` connector is paired with; imported for its registration.
 from vlmkit.model import rope_vit  # noqa: E402,F401
+# Qwen2-VL's own tower and M-RoPE decoder (registered here so every registry listing has them).
+from vlmkit.model import qwen2vl  # noqa: E402,F401
