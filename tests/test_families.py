@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import random
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from typer.testing import CliRunner
+
+from vlmkit.cli import app
 from vlmkit.config import load_config
 from vlmkit.data.formats import Message, Sample
 from vlmkit.data.synthetic.families import COLOURS, colour_image
@@ -72,6 +76,14 @@ def test_slots_equal_model_tokens_equal_layout_in_a_mixed_batch(family):
         made = [model.image_slots(im) for im in enc.images]
         slots = int((enc.input_ids == model.image_token_id).sum())
         assert slots == sum(made) == sum(layouts), (s.id, slots, made, layouts)
+    # ... and `vlmkit tokens --recipe` reports the same count for each image size.
+    for w, h in {im.size for s in samples for im in s.images}:
+        out = CliRunner().invoke(app, ["tokens", "--recipe", str(RECIPES / f"{family}.yaml"), "--size", f"{w}x{h}", "--json"])
+        assert out.exit_code == 0, out.output
+        budget = json.loads(out.output)
+        reported = budget["sequence_tokens"] if budget["fusion"] == "cross-attention" else budget["visual_tokens"]
+        image = proc.image_processor.preprocess(image_of("red", (w, h)))
+        assert reported == model.image_slots(image), (w, h, budget)
     batch = collate(encoded, pad_id=0)
     with torch.no_grad():
         produced = model.image_tokens(batch.images)

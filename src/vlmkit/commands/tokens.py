@@ -128,6 +128,7 @@ def tokens(
     frames: int = typer.Option(None, "--frames", help="video: sampled frames of SIZE (cost = frames x tokens per frame, then compression)"),
     compression: str = typer.Option("none", "--compression", help="video: none | pool | temporal-patch"),
     pooled_frames: int = typer.Option(4, "--pooled-frames", help="video, pool: time windows per video"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="a training recipe instead of a preset: what an image costs the model it builds (built on the meta device, no weights read)"),
 ) -> None:
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
     # Imported here, not at the top: it pulls in torch, which every other command's start-up
@@ -154,8 +155,19 @@ def tokens(
         typer.echo(f"wrote {plot} ({', '.join(names)})", err=as_json)
     if table or plot:
         return
+    if recipe:
+        if preset:
+            raise typer.BadParameter("give --preset or --recipe, not both")
+        from vlmkit.config import ConfigError
+        from vlmkit.processing.budget import recipe_costing
+
+        try:
+            preset = recipe_costing(recipe)
+        except (ConfigError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     if not preset or not size:
-        raise typer.BadParameter("give --preset and --size (or --table / --plot / --list)")
+        raise typer.BadParameter("give --preset (or --recipe) and --size (or --table / --plot / --list)")
     w, h = _size(size)
     if context is not None and context <= 0:
         raise typer.BadParameter("--context must be positive")
@@ -175,14 +187,14 @@ def tokens(
         _print_budget(b)
 
 
-def _video(preset: str, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:
+def _video(preset, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:
     from vlmkit.processing.budget import get_preset
     from vlmkit.processing.video import VideoOptions, video_layout
 
     if frames <= 0:
         raise typer.BadParameter("--frames must be positive")
     try:
-        proc = get_preset(preset).processor
+        proc = (preset if not isinstance(preset, str) else get_preset(preset)).processor
         opts = VideoOptions(compression=compression, pooled_frames=pooled_frames)
         layout = video_layout(proc, w, h, frames, opts)
     except KeyError as e:
@@ -191,14 +203,14 @@ def _video(preset: str, w: int, h: int, frames: int, compression: str, pooled_fr
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     parts = dict(layout.parts)
-    out = {"preset": preset, "width": w, "height": h, "frames": frames, "compression": compression,
+    out = {"preset": preset if isinstance(preset, str) else preset.name, "width": w, "height": h, "frames": frames, "compression": compression,
            "tokens_per_frame": parts.pop("frame_tokens"), "uncompressed_tokens": parts.pop("uncompressed_tokens"),
            "visual_tokens": layout.visual_tokens, "special_tokens": layout.special_tokens,
            "sequence_tokens": layout.total_tokens, "parts": parts}
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"{preset}, video {frames} frames of {w}x{h}, compression {compression}")
+    typer.echo(f"{out['preset']}, video {frames} frames of {w}x{h}, compression {compression}")
     typer.echo(f"  tokens per frame   {out['tokens_per_frame']:,}")
     typer.echo(f"  frames x tokens    {out['uncompressed_tokens']:,}")
     typer.echo(f"  after compression  {layout.visual_tokens:,} visual + {layout.special_tokens:,} special")

@@ -237,7 +237,8 @@ class VisionLanguageModel(nn.Module):
         for fw, fh in PROBE_SIZES:
             w, h = max(1, round(base * fw)), max(1, round(base * fh))
             try:
-                image = proc.preprocess(Image.new("RGB", (w, h), (127, 127, 127)))
+                with torch.device("cpu"):  # pixels are host tensors, even for a model built on meta
+                    image = proc.preprocess(Image.new("RGB", (w, h), (127, 127, 127)))
                 made = self.image_slots(image)
             except ValueError as e:
                 raise ValueError(

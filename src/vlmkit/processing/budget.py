@@ -65,8 +65,12 @@ def _linears(module: nn.Module) -> list[nn.Module]:
 
 def llm_shape(meta: presets.MetaModel) -> LLMShape:
     """The shape the cost formulas need, read off the preset's real-shape LLM."""
-    spec = meta.preset.data["llm"]
-    llm = meta.parts["llm"]
+    cross = meta.parts["cross_attention"] if meta.preset.fusion == "cross-attention" else None
+    return llm_shape_of(meta.parts["llm"], meta.preset.data["llm"]["label"], cross, meta.preset.name)
+
+
+def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = None, where: str = "") -> LLMShape:
+    """The shape of any built LLM (on the meta device or not), with its cross-attention blocks."""
     cfg = llm.config.get_text_config()
     d, heads = cfg.hidden_size, cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -81,11 +85,10 @@ def llm_shape(meta: presets.MetaModel) -> LLMShape:
     attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
     mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
     if rest or mlp_matrices not in (2, 3):
-        raise ValueError(f"{meta.preset.name}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
-    name = spec["label"]
+        raise ValueError(f"{where}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
     cross = {}
-    if meta.preset.fusion == "cross-attention":
-        blocks = meta.parts["cross_attention"].blocks
+    if cross_attention is not None:
+        blocks = cross_attention.blocks
         attn = blocks[0].attn
         name = f"{name} + {len(blocks)} cross-attention layers"
         cross = {"cross_attention_layers": len(blocks), "cross_kv_in": attn.k_proj.in_features,
@@ -141,9 +144,28 @@ class Budget:
         return asdict(self)
 
 
-def image_budget(preset: str, width: int, height: int, context: int | None = None,
+def recipe_costing(recipe) -> Costing:
+    """What an image costs the model of a recipe (a YAML file or a loaded Config): the model is
+    built on the meta device (no weights are allocated or read), so its processor and its LLM
+    shape are the ones training would use."""
+    import torch
+
+    from vlmkit.config import Config, load_config
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    config = recipe if isinstance(recipe, Config) else load_config(recipe)
+    with torch.device("meta"):
+        model = VisionLanguageModel.build(config.model, pretrained=False)
+    cross = model.parts().get("cross_attention")
+    label = f"{config.model.llm.name} ({type(model.llm).__name__})"
+    family = _QUERY_CONNECTORS.get(config.model.connector.name, config.model.processor.name)
+    return Costing(str(recipe) if not isinstance(recipe, Config) else "recipe", family,
+                   llm_shape_of(model.llm, label, cross, str(recipe)), model.image_processor)
+
+
+def image_budget(preset: "str | Costing", width: int, height: int, context: int | None = None,
                  bytes_per_value: int = 2) -> Budget:
-    p = get_preset(preset)
+    p = preset if isinstance(preset, Costing) else get_preset(preset)
     layout: TokenLayout = p.processor.layout(width, height)
     llm = p.llm
     ctx = context or llm.context
