@@ -92,13 +92,19 @@ def read_llava_records(path: str | Path, image_folder: str | Path | None = None)
     list (the caller decides whether a bad record stops the run or is skipped)."""
     path = Path(path)
     root = Path(image_folder) if image_folder else path.parent
-    out: list[Sample | BadRecordError] = []
-    for i, record in enumerate(read_json_records(path, "data", lenient=True)):
+    return parse_each(read_json_records(path, "data", lenient=True), record_to_sample, root, str(path))
+
+
+def parse_each(records: list, parse, root: Path, source: str) -> list:
+    """`parse(record, index, root, source)` for every record; a record that could not be read, or
+    whose parse raises BadRecordError, stands in the list as that error."""
+    out = []
+    for i, record in enumerate(records):
         if isinstance(record, BadRecordError):
             out.append(record)
             continue
         try:
-            out.append(record_to_sample(record, i, root, str(path)))
+            out.append(parse(record, i, root, source))
         except BadRecordError as e:
             out.append(e)
     return out

@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmkit.data.formats import ROLE_NAMES, BadRecordError, Message, Sample, check_text, llava_turns, read_json_records, record_id
+from vlmkit.data.formats import (ROLE_NAMES, BadRecordError, Message, Sample, check_text, llava_turns, parse_each,
+                                 read_json_records, record_id)
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
 FORMATS = ("trl", "rlaif-v", "llava-rlhf")
@@ -55,16 +56,7 @@ def read_preference_file(path: str | Path, image_folder: str | Path | None = Non
     path = Path(path)
     root = Path(image_folder) if image_folder else path.parent
     records = read_json_records(path, "preference data", lenient=True)
-    out: list[PreferencePair | BadRecordError] = []
-    for i, record in enumerate(records):
-        if isinstance(record, BadRecordError):
-            out.append(record)
-            continue
-        try:
-            out.append(parse_preference_record(record, i, root, str(path)))
-        except BadRecordError as e:
-            out.append(e)
-    return out
+    return parse_each(records, parse_preference_record, root, str(path))
 
 
 def parse_preference_record(record: dict, index: int, image_root: Path, source: str = "") -> PreferencePair:
