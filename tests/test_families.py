@@ -212,3 +212,20 @@ def test_video_family_end_to_end(tmp_path):
     answers = decode(model, batched)
     assert loss.item() < 0.25 * first
     assert sum(a.split()[0:1] == [s.messages[1].content] for a, s in zip(answers, data)) >= 6, answers
+
+
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
+def test_placeholder_segments_are_typed_and_add_up(family):
+    """A placeholder expands into typed segments: slots the model fills, separator text between
+    them; the slots add up to the layout's, and one-token separators to its special tokens."""
+    from vlmkit.processing.base import Slots, Text, render
+
+    proc = built(family).image_processor
+    for w, h in SIZES:
+        layout = proc.layout(w, h)
+        segments = proc.segments(layout)
+        assert all(isinstance(s, (Slots, Text)) for s in segments)
+        assert sum(s.count for s in segments if isinstance(s, Slots)) == layout.slots
+        assert render(segments, "<image>") == proc.placeholder_text(layout, "<image>")
+        if family in ("qwen2-vl", "pixtral", "internvl"):  # each separator is one special token
+            assert sum(isinstance(s, Text) for s in segments) == layout.special_tokens

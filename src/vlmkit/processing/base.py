@@ -40,6 +40,28 @@ class TokenLayout:
 
 
 @dataclass(frozen=True)
+class Slots:
+    """Image-token positions the model fills with this many of the image's tokens, in order."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Text:
+    """Separator text the family writes around or between the slots ([IMG_BREAK], <img>, row
+    tags, <|vision_start|> ...), tokenised by the LM's own tokenizer."""
+
+    text: str
+
+
+Segment = Slots | Text
+
+
+def render(segments: tuple[Segment, ...], image_token: str) -> str:
+    return "".join(image_token * s.count if isinstance(s, Slots) else s.text for s in segments)
+
+
+@dataclass(frozen=True)
 class View:
     """One input of the vision tower: a tile, a thumbnail, a whole image at native resolution,
     or a video's temporal patches. `size` is its (height, width) in pixels; the encoder grid
@@ -107,6 +129,11 @@ class ImageProcessor(ABC):
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         """Pixels for the vision tower, plus the layout (must equal `layout(w, h)`)."""
 
+    def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
+        """What one `<image>` placeholder becomes, as typed segments: the slots the model fills and
+        the family's separator text around and between them. Families with separators override it."""
+        return (Slots(layout.slots),)
+
     def placeholder_text(self, layout: TokenLayout, image_token: str) -> str:
-        """The text that replaces one `<image>` placeholder: one image token per visual slot."""
-        return image_token * layout.visual_tokens
+        """The text that replaces one `<image>` placeholder (the segments, with `image_token` per slot)."""
+        return render(self.segments(layout), image_token)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, Segment, Slots, Text, TokenLayout, image_views
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD, Resizer, normalize_into, tiles_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -123,8 +123,8 @@ class DynamicTileProcessor(ImageProcessor):
         return ProcessedImage(pixel_values=pixels, layout=layout, views=image_views(pixels, roles),
                               image_size=(image.size[1], image.size[0]))
 
-    def placeholder_text(self, layout: TokenLayout, image_token: str) -> str:
-        return "<img>" + image_token * layout.visual_tokens + "</img>"
+    def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
+        return Text("<img>"), Slots(layout.visual_tokens), Text("</img>")
 
 
 @IMAGE_PROCESSORS.register("dynamic")

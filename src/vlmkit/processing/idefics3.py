@@ -29,7 +29,7 @@ import math
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, Segment, Slots, Text, TokenLayout, image_views
 from vlmkit.processing.images import HALF_MEAN, HALF_STD, Resizer, normalize_into, tiles_into, to_normalized
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -142,16 +142,21 @@ class Idefics3Processor(ImageProcessor):
         return ProcessedImage(pixel_values=pixels, layout=layout, extra={"rows": rows, "cols": cols},
                               views=image_views(pixels, roles), image_size=(image.size[1], image.size[0]))
 
-    def placeholder_text(self, layout: TokenLayout, image_token: str = "<image>") -> str:
+    def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
         rows, cols = layout.parts["grid"]
-        body = image_token * self.image_seq_len
+        body = Slots(self.image_seq_len)
         fake, glob = "<fake_token_around_image>", "<global-img>"
         if not rows:
-            return f"{fake}{glob}{body}{fake}"
-        text = ""
+            return Text(f"{fake}{glob}"), body, Text(fake)
+        out: list[Segment] = []
         for r in range(rows):
-            text += "".join(f"{fake}<row_{r + 1}_col_{c + 1}>{body}" for c in range(cols)) + "\n"
-        return text + f"\n{fake}{glob}{body}{fake}"
+            for c in range(cols):
+                out += [Text(f"{fake}<row_{r + 1}_col_{c + 1}>"), body]
+            out.append(Text("\n"))
+        return (*out, Text(f"\n{fake}{glob}"), body, Text(fake))
+
+    def placeholder_text(self, layout: TokenLayout, image_token: str = "<image>") -> str:
+        return super().placeholder_text(layout, image_token)
 
 
 def _resize_u8(u8: torch.Tensor, height: int, width: int, resample: str, backend: str) -> torch.Tensor:

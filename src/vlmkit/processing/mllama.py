@@ -131,8 +131,8 @@ class MllamaProcessor(ImageProcessor):
         )
 
     def placeholder_text(self, layout: TokenLayout, image_token: str = "<|image|>") -> str:
-        # Cross-attention fusion: the image occupies one sequence position.
-        return image_token
+        # Cross-attention fusion: the image occupies one sequence position (`layout.slots` is 1).
+        return super().placeholder_text(layout, image_token)
 
 
 @IMAGE_PROCESSORS.register("mllama")

@@ -14,7 +14,7 @@ import math
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, Segment, Slots, Text, TokenLayout, image_views
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, to_normalized
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -67,10 +67,15 @@ class PixtralProcessor(ImageProcessor):
                               extra={"image_size": tuple(layout.parts["resized"][::-1])},
                               views=image_views(pixels, ["image"]), image_size=(image.size[1], image.size[0]))
 
-    def placeholder_text(self, layout: TokenLayout, image_token: str = "[IMG]") -> str:
+    def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
         rows, cols = layout.parts["grid"]
-        row = image_token * cols + "[IMG_BREAK]"
-        return (row * rows)[: -len("[IMG_BREAK]")] + "[IMG_END]"
+        out: list[Segment] = []
+        for r in range(rows):
+            out += [Slots(cols), Text("[IMG_BREAK]" if r < rows - 1 else "[IMG_END]")]
+        return tuple(out)
+
+    def placeholder_text(self, layout: TokenLayout, image_token: str = "[IMG]") -> str:
+        return super().placeholder_text(layout, image_token)
 
 
 @IMAGE_PROCESSORS.register("pixtral")

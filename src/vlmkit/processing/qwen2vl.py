@@ -19,7 +19,7 @@ import math
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, View
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, Segment, Slots, Text, TokenLayout, View
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, Resizer, copy_into, normalize_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
@@ -119,8 +119,8 @@ class Qwen2VLProcessor(ImageProcessor):
         return ProcessedImage(pixel_values=pixels, layout=self.layout(*image.size), extra={"image_grid_thw": thw},
                               views=(view,), image_size=(image.size[1], image.size[0]))
 
-    def placeholder_text(self, layout: TokenLayout, image_token: str) -> str:
-        return "<|vision_start|>" + image_token * layout.visual_tokens + "<|vision_end|>"
+    def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
+        return Text("<|vision_start|>"), Slots(layout.visual_tokens), Text("<|vision_end|>")
 
 
 @IMAGE_PROCESSORS.register("qwen2vl")
