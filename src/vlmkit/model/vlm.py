@@ -169,7 +169,9 @@ class VisionLanguageModel(nn.Module):
             # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
             connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
         pretrained_parts = set()
-        if pretrained and not config.vision.name.endswith("random"):
+        # A tower that says its weights are random (qwen2-vit, built from a config) must be saved
+        # with every checkpoint, whatever its registry name.
+        if pretrained and not config.vision.name.endswith("random") and getattr(vision, "from_files", True):
             pretrained_parts.add("vision")
         if pretrained and not config.llm.name.endswith("random"):
             pretrained_parts.add("llm")
