@@ -502,3 +502,40 @@ def export_hf(model, out: str | Path) -> Path:
     if family == "llava_next":
         return export_llava_next(model, out)
     return export_llava(model, out)
+
+
+@torch.no_grad()
+def verify_hf_export(model, folder: str | Path) -> float:
+    """Largest |logit difference| between vlmkit and transformers' reload of the export, on one
+    image+text prompt of the family's own layout."""
+    from PIL import Image
+
+    from vlmkit.data.formats import Message
+    from vlmkit.hf_export import verify_export
+    from vlmkit.processing import build_chat_processor
+
+    family = family_of(model)
+    if family == "llava":
+        return verify_export(model, folder)
+    offline()
+    g = torch.Generator().manual_seed(0)
+    size = model.config.processor.image_size
+    image = Image.fromarray((torch.rand(size, size * 3 // 2, 3, generator=g) * 255).byte().numpy())
+    prompt = build_chat_processor(model, 1 << 20).encode_prompt([Message("user", "<image>\nDescribe the image.")], [image])
+    ids = prompt.input_ids[None]
+    kwargs = {}
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration as cls
+
+        kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+                  "mm_token_type_ids": (ids == model.image_token_id).int()}
+        ours = model(ids.to(model.device), images=prompt.images, position_ids=prompt.position_ids[:, None].to(model.device))
+    else:
+        from transformers import LlavaNextForConditionalGeneration as cls
+
+        kwargs = {"pixel_values": prompt.images[0].pixel_values[None], "image_sizes": torch.tensor([list(prompt.images[0].image_size)])}
+        ours = model(ids.to(model.device), images=prompt.images)
+    ref = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    theirs = ref(input_ids=ids, **kwargs).logits.float()
+    ours = ours.logits.float().cpu()
+    return float((ours - theirs[..., : ours.shape[-1]]).abs().max())
