@@ -139,6 +139,8 @@ class VisionLanguageModel(nn.Module):
         # Parts whose weights come from files the config names: a checkpoint need not repeat them.
         self.pretrained_parts = set(pretrained_parts)
         self.frozen: set[str] = set()
+        # The LoRA spec of the adapters injected into its parts (train/lora.py); None: none.
+        self.lora_spec: dict | None = None
         self.image_token_id = ensure_image_token(tokenizer, config.image_token)
         self.vocab_size = llm.get_input_embeddings().num_embeddings
         self.uses_mrope = uses_mrope(llm)
