@@ -54,8 +54,9 @@ def qwen2vl_tokenizer():
 
 
 def save_qwen2vl(folder: Path, *, seed: int = 0, text: dict | None = None, vision: dict | None = None,
-                 min_pixels: int = 256, max_pixels: int = 16384) -> Path:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+                 min_pixels: int = 256, max_pixels: int = 16384, version: str = "2") -> Path:
+    """`version="2.5"`: a Qwen2.5-VL folder (windowed-attention tower, RMSNorm merger)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
@@ -65,12 +66,20 @@ def save_qwen2vl(folder: Path, *, seed: int = 0, text: dict | None = None, visio
             "num_key_value_heads": 2, "max_position_embeddings": 4096, "vocab_size": len(tok),
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **(text or {})}
-    vision = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4, "temporal_patch_size": 2,
-              "spatial_merge_size": 2, "hidden_size": text["hidden_size"], **(vision or {})}
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
+    if version == "2.5":
+        # Window of 16 px = 2x2 merge units of 4 px patches: several windows per image; block 1 attends fully.
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4, "temporal_patch_size": 2,
+                  "spatial_merge_size": 2, "window_size": 16, "fullatt_block_indexes": [1], "out_hidden_size": text["hidden_size"],
+                  **(vision or {})}
+    else:
+        vision = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4, "temporal_patch_size": 2,
+                  "spatial_merge_size": 2, "hidden_size": text["hidden_size"], **(vision or {})}
+    config_cls, model_cls = ((Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration) if version == "2.5"
+                             else (Qwen2VLConfig, Qwen2VLForConditionalGeneration))
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
                            video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
                            vision_end_token_id=vocab["<|vision_end|>"])
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _sharpen(model)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)

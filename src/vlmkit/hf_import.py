@@ -15,6 +15,8 @@ Families:
 * `qwen2_vl`: the `qwen2-vit` tower, the PatchMerger as a pre-norm 2x2 `pixel-shuffle`
   connector, the M-RoPE decoder (`qwen2-vl-text`), the `qwen2vl` processor (smart_resize with
   the folder's min/max pixels, patch, merge, mean/std).
+* `qwen2_5_vl`: the same with the `qwen2.5-vit` tower (windowed attention, RMSNorm, SwiGLU) and
+  an RMSNorm before the merge (`norm_kind: rmsnorm`).
 * `llava_next`: a SigLIP / CLIP tower (`hf-random` + the folder's weights), the 2-layer GELU
   projector (`mlp`) plus `image_newline`, any transformers causal LM, the `anyres` processor
   with the folder's pinpoints.
@@ -53,6 +55,7 @@ SUPPORTED = {
     "llava": "LLaVA-1.5 (LlavaForConditionalGeneration)",
     "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
+    "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
 }
 
 
@@ -201,7 +204,8 @@ def import_hf(folder: str | Path, out: str | Path) -> Path:
     offline()
     folder, out = Path(folder), Path(out).resolve()
     cfg = read_hf_config(folder)
-    importer = {"llava": import_llava, "llava_next": import_llava_next, "qwen2_vl": import_qwen2_vl}[cfg["model_type"]]
+    importer = {"llava": import_llava, "llava_next": import_llava_next, "qwen2_vl": import_qwen2_vl,
+                "qwen2_5_vl": import_qwen2_vl}[cfg["model_type"]]
     return importer(folder, out)
 
 
@@ -217,7 +221,7 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
-    read_hf_config(folder)
+    qwen25 = read_hf_config(folder)["model_type"] == "qwen2_5_vl"
     cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
     state = read_weights(folder)
     # transformers 5 saves Qwen2-VL in the original layout (visual.*, model.*, lm_head.*); the
@@ -231,6 +235,10 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     connector_state = {"norm.weight": merger.get("ln_q.weight"), "norm.bias": merger.get("ln_q.bias"),
                        "proj.0.weight": merger.get("mlp.0.weight"), "proj.0.bias": merger.get("mlp.0.bias"),
                        "proj.2.weight": merger.get("mlp.2.weight"), "proj.2.bias": merger.get("mlp.2.bias")}
+    if qwen25:  # Qwen2.5-VL's merger norm is an RMSNorm: no bias
+        del connector_state["norm.bias"]
+    # Qwen2-VL's tower width is embed_dim (hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
+    width = vision_cfg.hidden_size if qwen25 else vision_cfg.embed_dim
     if any(v is None for v in connector_state.values()):
         raise ExportError(f"{folder}: the vision merger's weights (visual.merger.ln_q / mlp.0 / mlp.2) are incomplete")
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
@@ -263,9 +271,10 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
         del llm
         vision_dict = _hf_config_dict(vision_cfg)
         config = load_config({"model": {
-            "vision": {"name": "qwen2-vit", "config": vision_dict},
+            "vision": {"name": "qwen2.5-vit" if qwen25 else "qwen2-vit", "config": vision_dict},
             "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / merge, "norm": "pre", "norm_eps": 1e-6,
-                                                               "hidden_size": vision_cfg.embed_dim * merge**2}},
+                                                               "norm_kind": "rmsnorm" if qwen25 else "layernorm",
+                                                               "hidden_size": width * merge**2}},
             "llm": {"name": "qwen2-vl-text", "path": str(staged_llm)},
             "processor": {"name": "qwen2vl", "image_size": patch * merge * 8,
                           "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
@@ -389,8 +398,10 @@ def import_llava_next(folder: Path, out: Path) -> Path:
 
 def family_of(model) -> str:
     """Which transformers family a vlmkit model exports to."""
-    from vlmkit.model.qwen2vl import Qwen2ViTTower
+    from vlmkit.model.qwen2vl import Qwen2ViTTower, Qwen25ViTTower
 
+    if isinstance(model.vision, Qwen25ViTTower):
+        return "qwen2_5_vl"
     if isinstance(model.vision, Qwen2ViTTower):
         return "qwen2_vl"
     if model.config.processor.name == "anyres":
@@ -436,9 +447,9 @@ def _generation_config(tokenizer, **kw):
 def export_qwen2_vl(model, out: str | Path) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlmkit.model.reference import qwen2_vl
+    from vlmkit.model.reference import qwen2_5_vl, qwen2_vl
 
-    ref = qwen2_vl(model).eval()
+    ref = (qwen2_5_vl if family_of(model) == "qwen2_5_vl" else qwen2_vl)(model).eval()
     tok = model.tokenizer
     vocab = tok.get_vocab()
     for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
@@ -461,7 +472,7 @@ def export_qwen2_vl(model, out: str | Path) -> Path:
         template = _plain_template(tok)
         if template:
             (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor",
+        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor" if family_of(model) == "qwen2_5_vl" else "Qwen2VLProcessor",
                                                                "image_token": model.config.image_token}, indent=2))
 
     return _atomic_folder(Path(out), write)
@@ -497,7 +508,7 @@ def export_llava_next(model, out: str | Path) -> Path:
 def export_hf(model, out: str | Path) -> Path:
     """Write `model` in its family's transformers format."""
     family = family_of(model)
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         return export_qwen2_vl(model, out)
     if family == "llava_next":
         return export_llava_next(model, out)
@@ -524,8 +535,10 @@ def verify_hf_export(model, folder: str | Path) -> float:
     prompt = build_chat_processor(model, 1 << 20).encode_prompt([Message("user", "<image>\nDescribe the image.")], [image])
     ids = prompt.input_ids[None]
     kwargs = {}
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration as cls
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+        cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
 
         kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
                   "mm_token_type_ids": (ids == model.image_token_id).int()}

@@ -32,7 +32,8 @@ class Qwen2ViTTower(VisionTower):
         super().__init__()
         self.model = model
         cfg = model.config
-        self.hidden_size = cfg.embed_dim
+        # Qwen2-VL's tower width is embed_dim (its hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
+        self.hidden_size = cfg.embed_dim if cfg.model_type == "qwen2_vl_vision" else cfg.hidden_size
         self.patch_size = cfg.patch_size
         self.merge_size = cfg.spatial_merge_size
         self.temporal_patch_size = cfg.temporal_patch_size
@@ -63,6 +64,40 @@ def build_qwen2_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
     model = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLVisionConfig(**(cfg.config or {})))
     model.merger = nn.Identity()  # the connector's job (see the module notes)
     return Qwen2ViTTower(model)
+
+
+class Qwen25ViTTower(Qwen2ViTTower):
+    """Qwen2.5-VL's ViT (RMSNorm, SwiGLU, windowed attention with a few full-attention blocks).
+    It runs its blocks over merge units regrouped by window and undoes that order only after
+    its merger; with the merger left out (the connector's job), the tower's output is put back
+    into merge-window order here, unit by unit, and then into row-major order like Qwen2-VL's."""
+
+    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        t, h, w = grid_thw
+        m = self.merge_size
+        cfg = self.model.config
+        grid = torch.tensor([grid_thw], device=patches.device)
+        dtype = self.model.patch_embed.proj.weight.dtype
+        feats = self.model(hidden_states=patches.to(dtype), grid_thw=grid).last_hidden_state  # window order
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=m, window_size=cfg.window_size, patch_size=cfg.patch_size)
+        c = feats.shape[-1]
+        feats = feats.view(-1, m * m, c)[torch.argsort(window_index.to(feats.device))].reshape(-1, c)
+        return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
+
+
+@VISION_TOWERS.register("qwen2.5-vit")
+def build_qwen25_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
+    """A randomly initialised Qwen2.5-VL ViT from `cfg.config` (Qwen2_5_VLVisionConfig fields);
+    `vlmkit import-hf` loads the weights into it."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    vision_cfg = Qwen2_5_VLConfig(vision_config=cfg.config or {}).vision_config
+    model = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_cfg)
+    model.merger = nn.Identity()  # the connector's job: pixel-shuffle with an RMSNorm before the merge
+    return Qwen25ViTTower(model)
 
 
 class MRopeCausalLM(nn.Module):
