@@ -56,6 +56,7 @@ SUPPORTED = {
     "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
+    "idefics3": "Idefics3 / SmolVLM (Idefics3ForConditionalGeneration)",
 }
 
 
@@ -205,7 +206,7 @@ def import_hf(folder: str | Path, out: str | Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = read_hf_config(folder)
     importer = {"llava": import_llava, "llava_next": import_llava_next, "qwen2_vl": import_qwen2_vl,
-                "qwen2_5_vl": import_qwen2_vl}[cfg["model_type"]]
+                "qwen2_5_vl": import_qwen2_vl, "idefics3": import_idefics3}[cfg["model_type"]]
     return importer(folder, out)
 
 
@@ -386,6 +387,68 @@ def import_llava_next(folder: Path, out: Path) -> Path:
         model.set_trainable(["vision", "connector"])
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_tower.")
         load_part(model.connector, connector_state, "projector", "multi_modal_projector(mapped) ")
+        config.model.llm.path = str(out / "llm")
+        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_idefics3(folder: Path, out: Path) -> Path:
+    """Idefics3 / SmolVLM: its vision transformer is SigLIP's (same weights and, for the
+    full-size crops its processor makes, the same position ids), its connector a pixel shuffle
+    plus one bias-free linear layer, its LLM a Llama."""
+    from transformers import AutoConfig
+
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    folder, out = Path(folder), Path(out).resolve()
+    read_hf_config(folder)
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    state = read_weights(folder)
+    parts = split_state(state, {"model.vision_model.": "vision", "vision_model.": "vision",
+                                "model.connector.": "connector", "connector.": "connector",
+                                "model.text_model.": "llm", "text_model.": "llm", "lm_head.": "head"})
+    proj = parts["connector"].get("modality_projection.proj.weight")
+    if proj is None:
+        raise ExportError(f"{folder}: connector.modality_projection.proj.weight is missing")
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    settings = _image_processor_settings(folder)
+    crop = (settings.get("max_image_size") or {}).get("longest_edge") or vision_cfg.image_size
+    if crop != vision_cfg.image_size:
+        raise ExportError(f"{folder}: the image processor's crop size {crop} differs from the vision tower's image_size {vision_cfg.image_size}")
+    longest = (settings.get("size") or {}).get("longest_edge") or 4 * crop
+    resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(settings.get("resample", 1), "lanczos")
+    image_token = "<image>"
+    tokenizer = _tokenizer(folder, image_token)
+    siglip = {k: v for k, v in _hf_config_dict(vision_cfg).items()} | {"vision_use_head": False}
+
+    tmp = _staging(out)
+    try:
+        staged_llm = tmp / "llm"
+        causal = _causal_lm_from_state(text_cfg, llm_state)
+        causal.save_pretrained(staged_llm, safe_serialization=True)
+        tokenizer.save_pretrained(staged_llm)
+        del causal
+        config = load_config({"model": {
+            "vision": {"name": "hf-random", "model_type": "siglip_vision_model", "config": siglip},
+            "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / cfg.scale_factor, "norm": "none",
+                                                               "projector": "linear", "bias": False}},
+            "llm": {"name": "hf", "path": str(staged_llm)},
+            "processor": {"name": "idefics3", "image_size": crop, "mean": list(settings.get("image_mean", (0.5,) * 3)),
+                          "std": list(settings.get("image_std", (0.5,) * 3)),
+                          "options": {"patch_size": vision_cfg.patch_size, "scale_factor": cfg.scale_factor, "longest_edge": longest,
+                                      "do_image_splitting": bool(settings.get("do_image_splitting", True)), "resample": resample,
+                                      "sentinels": "never"}},
+            "image_token": image_token,
+        }})
+        model = VisionLanguageModel.build(config.model)
+        if model.image_token_id != cfg.image_token_id:
+            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_id}")
+        model.set_trainable(["vision", "connector"])
+        load_part(model.vision.model, parts["vision"], "vision tower", "model.vision_model.")
+        load_part(model.connector, {"proj.weight": proj}, "connector", "model.connector.modality_projection(mapped) ")
         config.model.llm.path = str(out / "llm")
         config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
         return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
