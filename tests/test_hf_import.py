@@ -212,6 +212,13 @@ def test_llava_next_export_then_import_returns_the_same_tensors(llava_next, tmp_
 # ---- Idefics3 / SmolVLM ----------------------------------------------------------------------
 
 
+def test_idefics3_export_then_import_returns_the_same_tensors(idefics3, tmp_path):
+    _, model = idefics3
+    again, _ = load_checkpoint(import_hf(export_hf(model, tmp_path / "hf"), tmp_path / "again"))
+    _assert_same_tensors(model, again)
+    assert again.config.processor == model.config.processor
+
+
 @pytest.fixture(scope="module")
 def idefics3(tmp_path_factory):
     root = tmp_path_factory.mktemp("idefics3")

@@ -119,3 +119,17 @@ def test_cli_import_then_export_then_chat_ready(good, tmp_path):
     _edit_config(bad, lambda c: c.update(model_type="fuyu"))
     result = runner.invoke(app, ["import-hf", str(bad), str(tmp_path / "nope")])
     assert result.exit_code == 2 and "not supported" in result.output
+
+
+def test_cli_export_check_for_idefics3(tmp_path):
+    from typer.testing import CliRunner
+
+    from _hf_folders import save_idefics3
+    from vlmkit.cli import app
+
+    runner = CliRunner()
+    folder = save_idefics3(tmp_path / "hf")
+    assert runner.invoke(app, ["import-hf", str(folder), str(tmp_path / "ckpt")]).exit_code == 0
+    result = runner.invoke(app, ["export-hf", "--checkpoint", str(tmp_path / "ckpt"), str(tmp_path / "back")])
+    assert result.exit_code == 0, result.output
+    assert "idefics3" in result.output and float(result.output.split("difference| ")[1].split(")")[0]) < 1e-4

@@ -20,6 +20,9 @@ Families:
 * `llava_next`: a SigLIP / CLIP tower (`hf-random` + the folder's weights), the 2-layer GELU
   projector (`mlp`) plus `image_newline`, any transformers causal LM, the `anyres` processor
   with the folder's pinpoints.
+* `idefics3` (Idefics3, SmolVLM v1): its vision transformer as a SigLIP tower (`hf-random` +
+  weights), pixel shuffle + one bias-free linear (`pixel-shuffle`, `norm: none`), any causal LM,
+  the `idefics3` processor (crop size, longest edge, splitting, mean/std).
 * `llava`: LLaVA-1.5 (`hf_export.import_llava`).
 
 Imported models never write vlmkit's `<image_k>` sentinels before the images of a multi-image
@@ -465,6 +468,8 @@ def family_of(model) -> str:
 
     if isinstance(model.vision, Qwen25ViTTower):
         return "qwen2_5_vl"
+    if model.config.processor.name == "idefics3":
+        return "idefics3"
     if isinstance(model.vision, Qwen2ViTTower):
         return "qwen2_vl"
     if model.config.processor.name == "anyres":
@@ -568,6 +573,50 @@ def export_llava_next(model, out: str | Path) -> Path:
     return _atomic_folder(Path(out), write)
 
 
+@torch.no_grad()
+def export_idefics3(model, out: str | Path) -> Path:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
+    from vlmkit.model.vision import HFVisionTower
+
+    conn, tower = model.connector, model.vision
+    o = model.config.processor.options
+    if (not isinstance(conn, PixelShuffleConnector) or conn.options.norm != "none" or conn.options.projector != "linear"
+            or conn.options.bias or not isinstance(tower, HFVisionTower) or tower.model.config.model_type != "siglip_vision_model"
+            or tower.feature_layer != -1):
+        raise ExportError("Idefics3 needs a SigLIP tower (last layer) and a pixel-shuffle connector with no norm and one bias-free linear layer")
+    tok = model.tokenizer
+    vision = {k: v for k, v in _hf_config_dict(tower.model.config).items() if k not in ("vision_use_head",)}
+    text = _hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
+    config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=model.image_token_id,
+                            scale_factor=conn.factor, tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
+    ref = Idefics3ForConditionalGeneration(config).eval()
+    state = {f"model.vision_model.{k}": v for k, v in tower.model.state_dict().items() if "position_ids" not in k}
+    state["model.connector.modality_projection.proj.weight"] = conn.proj.weight
+    state |= {f"model.text_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
+    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    if [m for m in missing if "rotary" not in m] or unexpected:
+        raise ExportError(f"weights do not map onto Idefics3 (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    ref.generation_config = _generation_config(tok)
+    p = model.config.processor
+    resample = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}[o.get("resample", "lanczos")]
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": o.get("longest_edge", 4 * p.image_size)},
+                                                max_image_size={"longest_edge": p.image_size}, resample=resample,
+                                                do_image_splitting=o.get("do_image_splitting", True),
+                                                image_mean=list(p.mean), image_std=list(p.std))
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=model.image_processor.image_seq_len,
+                                  chat_template=_plain_template(tok))
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return _atomic_folder(Path(out), write)
+
+
 def export_hf(model, out: str | Path) -> Path:
     """Write `model` in its family's transformers format."""
     family = family_of(model)
@@ -575,6 +624,8 @@ def export_hf(model, out: str | Path) -> Path:
         return export_qwen2_vl(model, out)
     if family == "llava_next":
         return export_llava_next(model, out)
+    if family == "idefics3":
+        return export_idefics3(model, out)
     return export_llava(model, out)
 
 
@@ -606,6 +657,11 @@ def verify_hf_export(model, folder: str | Path) -> float:
         kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
                   "mm_token_type_ids": (ids == model.image_token_id).int()}
         ours = model(ids.to(model.device), images=prompt.images, position_ids=prompt.position_ids[:, None].to(model.device))
+    elif family == "idefics3":
+        from transformers import Idefics3ForConditionalGeneration as cls
+
+        kwargs = {"pixel_values": prompt.images[0].pixel_values[None]}
+        ours = model(ids.to(model.device), images=prompt.images)
     else:
         from transformers import LlavaNextForConditionalGeneration as cls
 
