@@ -19,7 +19,7 @@ from vlmkit.processing import build_chat_processor
 from vlmkit.train.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hf_folders import save_idefics3, save_llava_next, save_qwen2vl  # noqa: E402
+from _hf_folders import save_idefics3, save_internvl, save_llava_next, save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -249,6 +249,64 @@ def test_idefics3_import_ids_pixels_logits_and_greedy_match_transformers(idefics
 
     ref = Idefics3ForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     inputs = dict(hf_inputs, pixel_values=ours_pixels[None])
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        theirs = ref(**inputs).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, prompt.input_ids.shape[0]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+
+
+# ---- InternVL --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("internvl")
+    folder = save_internvl(root / "hf")
+    model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
+    return folder, model
+
+
+def _internvl_reference_ids(folder, image, text):
+    """What transformers' InternVLProcessor produces (it cannot be built here without torchvision,
+    which its video processor needs): the chat template over a content list, each <IMG_CONTEXT>
+    replaced by <img> + image_seq_length * num_patches context tokens + </img>, with num_patches
+    from GotOcr2's (PIL) image processor."""
+    import json as _json
+
+    from transformers import AutoTokenizer
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    proc = GotOcr2ImageProcessorPil.from_pretrained(folder, local_files_only=True)
+    out = proc(images=[image], return_tensors="pt")
+    seq = _json.loads((Path(folder) / "processor_config.json").read_text())["image_seq_length"]
+    content = [{"type": "image"}, {"type": "text", "text": text}]
+    rendered = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    n = int(out["num_patches"][0])
+    rendered = rendered.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * (seq * n) + "</img>", 1)
+    return tok(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"][0], out
+
+
+@pytest.mark.parametrize("size", [(20, 20), (72, 40), (24, 90), (100, 100)])
+def test_internvl_import_ids_pixels_logits_and_greedy_match_transformers(internvl, size):
+    from transformers import InternVLForConditionalGeneration
+
+    folder, model = internvl
+    image = noise(*size, seed=9)
+    ref_ids, ref_pixels = _internvl_reference_ids(folder, image, "What is shown?")
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\nWhat is shown?")], [image])
+    assert prompt.input_ids.tolist() == ref_ids.tolist()
+    assert model.count_image_tokens(prompt.images[0]) == int((ref_ids == model.image_token_id).sum())
+    ours_pixels = prompt.images[0].pixel_values
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    assert ((ours_pixels - ref_pixels["pixel_values"]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+
+    ref = InternVLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    inputs = {"input_ids": prompt.input_ids[None], "pixel_values": ours_pixels}
     with torch.no_grad():
         ours = model(prompt.input_ids[None], images=prompt.images).logits
         theirs = ref(**inputs).logits

@@ -60,6 +60,7 @@ SUPPORTED = {
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
     "idefics3": "Idefics3 / SmolVLM (Idefics3ForConditionalGeneration)",
+    "internvl": "InternVL (transformers' InternVLForConditionalGeneration)",
 }
 
 
@@ -209,7 +210,8 @@ def import_hf(folder: str | Path, out: str | Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = read_hf_config(folder)
     importer = {"llava": import_llava, "llava_next": import_llava_next, "qwen2_vl": import_qwen2_vl,
-                "qwen2_5_vl": import_qwen2_vl, "idefics3": import_idefics3}[cfg["model_type"]]
+                "qwen2_5_vl": import_qwen2_vl, "idefics3": import_idefics3,
+                "internvl": import_internvl}[cfg["model_type"]]
     return importer(folder, out)
 
 
@@ -303,11 +305,14 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor]):
+def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
+    """The folder's LLM as a standalone causal LM. Some families keep `tie_word_embeddings` on
+    the outer config (`outer`); the standalone LM's config carries it."""
     from transformers import AutoModelForCausalLM
 
+    tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(outer, "tie_word_embeddings", False))
+    text_cfg.tie_word_embeddings = tied
     causal = AutoModelForCausalLM.from_config(text_cfg).eval()
-    tied = bool(getattr(text_cfg, "tie_word_embeddings", False))
     load_part(causal, state, "language model", optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
     if tied:
         causal.tie_weights()
@@ -369,7 +374,7 @@ def import_llava_next(folder: Path, out: Path) -> Path:
     tmp = _staging(out)
     try:
         staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state)
+        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
         causal.save_pretrained(staged_llm, safe_serialization=True)
         tokenizer.save_pretrained(staged_llm)
         del causal
@@ -430,7 +435,7 @@ def import_idefics3(folder: Path, out: Path) -> Path:
     tmp = _staging(out)
     try:
         staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state)
+        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
         causal.save_pretrained(staged_llm, safe_serialization=True)
         tokenizer.save_pretrained(staged_llm)
         del causal
@@ -452,6 +457,78 @@ def import_idefics3(folder: Path, out: Path) -> Path:
         model.set_trainable(["vision", "connector"])
         load_part(model.vision.model, parts["vision"], "vision tower", "model.vision_model.")
         load_part(model.connector, {"proj.weight": proj}, "connector", "model.connector.modality_projection(mapped) ")
+        config.model.llm.path = str(out / "llm")
+        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_internvl(folder: Path, out: Path) -> Path:
+    """InternVL (transformers' port): its ViT (`hf-random`, internvl_vision, CLS dropped), pixel
+    shuffle with a LayerNorm after the merge and a 2-layer GELU MLP (`pixel-shuffle`, `norm:
+    post`), any causal LM, the `dynamic` tiling processor (min/max patches, thumbnail)."""
+    from transformers import AutoConfig
+
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    folder, out = Path(folder), Path(out).resolve()
+    read_hf_config(folder)
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    if cfg.vision_feature_select_strategy != "default":
+        raise ExportError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: vlmkit drops InternVL's CLS token ('default')")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ExportError(f"vision_feature_layer={cfg.vision_feature_layer}: concatenating several layers has no vlmkit equivalent")
+    if cfg.projector_hidden_act != "gelu":
+        raise ExportError(f"projector activation {cfg.projector_hidden_act!r}: vlmkit's MLP projector uses exact GELU")
+    state = read_weights(folder)
+    parts = split_state(state, {"model.vision_tower.": "vision", "vision_tower.": "vision",
+                                "model.multi_modal_projector.": "projector", "multi_modal_projector.": "projector",
+                                "model.language_model.": "llm", "language_model.model.": "llm",
+                                "language_model.lm_head.": "head", "lm_head.": "head"})
+    p = parts["projector"]
+    names = {"norm.weight": "layer_norm.weight", "norm.bias": "layer_norm.bias", "proj.0.weight": "linear_1.weight",
+             "proj.0.bias": "linear_1.bias", "proj.2.weight": "linear_2.weight", "proj.2.bias": "linear_2.bias"}
+    absent = [v for v in names.values() if v not in p]
+    if absent:
+        raise ExportError(f"{folder}: multi_modal_projector tensors are missing: {absent}")
+    connector_state = {ours: p[theirs] for ours, theirs in names.items()}
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    settings = _image_processor_settings(folder)
+    size = (settings.get("size") or {}).get("height") or vision_cfg.image_size[0]
+    patch = vision_cfg.patch_size[0] if isinstance(vision_cfg.patch_size, (list, tuple)) else vision_cfg.patch_size
+    processor_cfg = _read_json(folder / "processor_config.json")
+    image_token = processor_cfg.get("image_token", "<IMG_CONTEXT>")
+    tokenizer = _tokenizer(folder, image_token)
+
+    tmp = _staging(out)
+    try:
+        staged_llm = tmp / "llm"
+        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
+        causal.save_pretrained(staged_llm, safe_serialization=True)
+        tokenizer.save_pretrained(staged_llm)
+        del causal
+        config = load_config({"model": {
+            "vision": {"name": "hf-random", "model_type": "internvl_vision", "config": _hf_config_dict(vision_cfg),
+                       "feature_layer": cfg.vision_feature_layer},
+            "connector": {"name": "pixel-shuffle", "options": {"ratio": cfg.downsample_ratio, "norm": "post", "norm_eps": 1e-5,
+                                                               "projector": "mlp", "hidden_size": text_cfg.hidden_size}},
+            "llm": {"name": "hf", "path": str(staged_llm)},
+            "processor": {"name": "dynamic", "image_size": size, "mean": list(settings.get("image_mean", (0.485, 0.456, 0.406))),
+                          "std": list(settings.get("image_std", (0.229, 0.224, 0.225))), "resample": _resample(settings),
+                          "options": {"patch_size": patch, "downsample_ratio": cfg.downsample_ratio,
+                                      "min_num": int(settings.get("min_patches", 1)),
+                                      "max_num": int(settings.get("max_patches", 12)) if settings.get("crop_to_patches", True) else 1,
+                                      "use_thumbnail": bool(settings.get("use_thumbnail", True)), "sentinels": "never"}},
+            "image_token": image_token,
+        }})
+        model = VisionLanguageModel.build(config.model)
+        if model.image_token_id != cfg.image_token_id:
+            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_id}")
+        model.set_trainable(["vision", "connector"])
+        load_part(model.vision.model, parts["vision"], "vision tower", "model.vision_tower.")
+        load_part(model.connector, connector_state, "projector", "model.multi_modal_projector(mapped) ")
         config.model.llm.path = str(out / "llm")
         config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
         return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
