@@ -262,6 +262,17 @@ def test_idefics3_import_ids_pixels_logits_and_greedy_match_transformers(idefics
 # ---- InternVL --------------------------------------------------------------------------------
 
 
+def test_internvl_export_then_import_returns_the_same_tensors(internvl, tmp_path):
+    from vlmkit.hf_import import verify_hf_export
+
+    _, model = internvl
+    exported = export_hf(model, tmp_path / "hf")
+    assert verify_hf_export(model, exported) < 1e-4
+    again, _ = load_checkpoint(import_hf(exported, tmp_path / "again"))
+    _assert_same_tensors(model, again)
+    assert again.config.processor == model.config.processor
+
+
 @pytest.fixture(scope="module")
 def internvl(tmp_path_factory):
     root = tmp_path_factory.mktemp("internvl")

@@ -547,6 +547,8 @@ def family_of(model) -> str:
         return "qwen2_5_vl"
     if model.config.processor.name == "idefics3":
         return "idefics3"
+    if model.config.processor.name == "dynamic":
+        return "internvl"
     if isinstance(model.vision, Qwen2ViTTower):
         return "qwen2_vl"
     if model.config.processor.name == "anyres":
@@ -694,6 +696,58 @@ def export_idefics3(model, out: str | Path) -> Path:
     return _atomic_folder(Path(out), write)
 
 
+@torch.no_grad()
+def export_internvl(model, out: str | Path) -> Path:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
+    from vlmkit.model.vision import HFVisionTower
+
+    conn, tower = model.connector, model.vision
+    if (not isinstance(conn, PixelShuffleConnector) or conn.options.norm != "post" or conn.options.projector != "mlp"
+            or conn.options.norm_kind != "layernorm" or not isinstance(tower, HFVisionTower)
+            or tower.model.config.model_type != "internvl_vision"):
+        raise ExportError("InternVL needs its own ViT (internvl_vision) and a pixel-shuffle connector with a LayerNorm after the "
+                          "merge and the 2-layer GELU MLP")
+    tok = model.tokenizer
+    text = _hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
+    config = InternVLConfig(vision_config=_hf_config_dict(tower.model.config), text_config=text, image_token_id=model.image_token_id,
+                            downsample_ratio=conn.options.ratio, vision_feature_layer=tower.feature_layer,
+                            vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                            tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
+    ref = InternVLForConditionalGeneration(config).eval()
+    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
+    names = {"norm.weight": "layer_norm.weight", "norm.bias": "layer_norm.bias", "proj.0.weight": "linear_1.weight",
+             "proj.0.bias": "linear_1.bias", "proj.2.weight": "linear_2.weight", "proj.2.bias": "linear_2.bias"}
+    cstate = conn.state_dict()
+    state |= {f"model.multi_modal_projector.{theirs}": cstate[ours] for ours, theirs in names.items()}
+    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
+    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    if [m for m in missing if "rotary" not in m] or unexpected:
+        raise ExportError(f"weights do not map onto InternVL (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    ref.generation_config = _generation_config(tok)
+    p, proc = model.config.processor, model.image_processor
+    image_processor = GotOcr2ImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, crop_to_patches=proc.max_num > 1,
+                                               min_patches=proc.min_num, max_patches=proc.max_num, use_thumbnail=proc.use_thumbnail,
+                                               image_mean=list(p.mean), image_std=list(p.std),
+                                               resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
+    tokens_per_tile = conn.num_tokens(tower.grid(p.image_size))
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        image_processor.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        template = _plain_template(tok)
+        if template:
+            (tmp / "chat_template.jinja").write_text(template)
+        (tmp / "processor_config.json").write_text(json.dumps({
+            "processor_class": "InternVLProcessor", "image_seq_length": tokens_per_tile, "image_token": model.config.image_token}, indent=2))
+
+    return _atomic_folder(Path(out), write)
+
+
 def export_hf(model, out: str | Path) -> Path:
     """Write `model` in its family's transformers format."""
     family = family_of(model)
@@ -703,6 +757,8 @@ def export_hf(model, out: str | Path) -> Path:
         return export_llava_next(model, out)
     if family == "idefics3":
         return export_idefics3(model, out)
+    if family == "internvl":
+        return export_internvl(model, out)
     return export_llava(model, out)
 
 
@@ -734,10 +790,13 @@ def verify_hf_export(model, folder: str | Path) -> float:
         kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
                   "mm_token_type_ids": (ids == model.image_token_id).int()}
         ours = model(ids.to(model.device), images=prompt.images, position_ids=prompt.position_ids[:, None].to(model.device))
-    elif family == "idefics3":
-        from transformers import Idefics3ForConditionalGeneration as cls
+    elif family in ("idefics3", "internvl"):
+        from transformers import Idefics3ForConditionalGeneration, InternVLForConditionalGeneration
 
-        kwargs = {"pixel_values": prompt.images[0].pixel_values[None]}
+        cls = Idefics3ForConditionalGeneration if family == "idefics3" else InternVLForConditionalGeneration
+
+        pixels = prompt.images[0].pixel_values
+        kwargs = {"pixel_values": pixels[None] if family == "idefics3" else pixels}
         ours = model(ids.to(model.device), images=prompt.images)
     else:
         from transformers import LlavaNextForConditionalGeneration as cls
