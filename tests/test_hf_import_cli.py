@@ -67,3 +67,33 @@ def test_imported_folder_chats_evaluates_and_fine_tunes_with_lora(workdir, famil
     assert (trained / "adapters.safetensors").is_file()
     answer = run(["chat", "--checkpoint", str(trained), "--image", "odd_37x111.png", "What colour?", "--max-new-tokens", "3"], workdir)
     assert "Traceback" not in answer.stderr
+
+
+def test_imported_qwen2vl_serves_openai_chat_completions(tmp_path):
+    """The OpenAI-compatible server on an imported Qwen2-VL answers what vlmkit's generate does."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from _serve_util import png_data_uri, running_server
+
+    from vlmkit.data.formats import Message
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.hf_import import import_hf
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.processing.images import load_image
+    from vlmkit.serve.app import ServerSettings, create_app
+    from vlmkit.train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(import_hf(save_qwen2vl(tmp_path / "hf"), tmp_path / "ckpt"))
+    processor = build_chat_processor(model, 4096)
+    settings = ServerSettings(model_name="qwen", api_key="k", max_tokens_limit=16, max_batch=4, max_wait_ms=10)
+    uri = png_data_uri(size=(60, 36))
+    import base64
+
+    image = load_image(base64.b64decode(uri.split(",", 1)[1]))
+    prompt = processor.encode_prompt([Message("user", "<image>\nWhat colour?")], [image])
+    expected = model.tokenizer.decode(generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0], skip_special_tokens=True)
+    with running_server(create_app(model, processor, settings)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=60)
+        resp = client.chat.completions.create(model="qwen", max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "What colour?"}]}])
+    assert resp.choices[0].message.content == expected
