@@ -38,14 +38,17 @@ NEXT = dict(text={"hidden_size": 256, "intermediate_size": 768, "num_hidden_laye
 LORA = {"parts": ["llm"], "r": 16, "alpha": 32, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, the two interleaved run by run, so a change in the (shared)
+    machine's load hits both sides alike."""
+    ours(), theirs()  # warm-up
+    a, b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((ours, a), (theirs, b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
 
 
 def image(seed: int, size):
@@ -125,7 +128,7 @@ def generation(family: str, model, ref, batch: int, new_tokens: int, repeats: in
                                    eos_token_id=eos, pad_token_id=model.tokenizer.pad_token_id)
             assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
 
-        t_ours, t_theirs = timed(ours, repeats), timed(theirs, repeats)
+        t_ours, t_theirs = timed_pair(ours, theirs, repeats)
     finally:
         G._extra_stop_ids = real_stops
     n = batch * new_tokens
@@ -188,7 +191,7 @@ def lora_step(family: str, model, ref, batch: int, repeats: int) -> dict:
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
-    t_ours, t_theirs = timed(ours, repeats), timed(theirs, repeats)
+    t_ours, t_theirs = timed_pair(ours, theirs, repeats)
     tokens = int(inputs["input_ids"].numel())
     return {"batch": batch, "tokens": tokens, "vlmkit_tok_s": tokens / t_ours, "hf_peft_tok_s": tokens / t_theirs, "ratio": t_theirs / t_ours}
 
