@@ -326,3 +326,30 @@ def test_internvl_import_ids_pixels_logits_and_greedy_match_transformers(internv
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, prompt.input_ids.shape[0]:].tolist()
     eos = ref.generation_config.eos_token_id
     assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+
+
+# ---- vlmkit tokens on an imported checkpoint ------------------------------------------------
+
+
+def _check_tokens_command(ckpt, model):
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    for w, h in [(72, 40), (24, 90)]:
+        result = CliRunner().invoke(app, ["tokens", "--checkpoint", str(ckpt), "--size", f"{w}x{h}", "--json"])
+        assert result.exit_code == 0, result.output
+        report = _json.loads(result.output)
+        prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\nWhat?")], [noise(w, h, seed=1)])
+        assert report["visual_tokens"] == int((prompt.input_ids == model.image_token_id).sum())
+        assert report["context"] == 4096
+
+
+def test_tokens_command_reads_the_imported_qwen_processor(qwen):
+    _check_tokens_command(qwen[1], qwen[2])
+
+
+def test_tokens_command_reads_the_imported_llava_next_processor(llava_next):
+    _check_tokens_command(llava_next[1], llava_next[2])
