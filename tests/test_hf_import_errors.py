@@ -133,3 +133,19 @@ def test_cli_export_check_for_idefics3(tmp_path):
     result = runner.invoke(app, ["export-hf", "--checkpoint", str(tmp_path / "ckpt"), str(tmp_path / "back")])
     assert result.exit_code == 0, result.output
     assert "idefics3" in result.output and float(result.output.split("difference| ")[1].split(")")[0]) < 1e-4
+
+
+def test_a_moved_import_still_loads_its_own_llm(good, tmp_path):
+    """The checkpoint names its llm/ folder by absolute path; moved, it uses the copy inside."""
+    import shutil as _shutil
+
+    from vlmkit.config import load_config
+    from vlmkit.train.checkpoint import load_checkpoint
+
+    first = import_hf(good, tmp_path / "a" / "ckpt")
+    moved = tmp_path / "b" / "ckpt"
+    moved.parent.mkdir()
+    _shutil.move(str(first), str(moved))
+    model, config = load_checkpoint(moved)
+    assert config.model.llm.path == str((moved / "llm").resolve())
+    assert load_config({"model": {"init_from": str(moved)}}).model.llm.path == str((moved / "llm").resolve())

@@ -366,6 +366,18 @@ def load_config(
     return config
 
 
+def relocated_llm(model: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint that carries its LLM (`import-hf` writes `<checkpoint>/llm`) names it by
+    absolute path; after the checkpoint folder is moved or copied, that path is stale and the
+    copy inside the checkpoint is the one meant."""
+    llm = model.get("llm") if isinstance(model, dict) else None
+    path = llm.get("path") if isinstance(llm, dict) else None
+    inside = Path(checkpoint) / "llm"
+    if path and not Path(path).exists() and (inside / "config.json").is_file():
+        model = {**model, "llm": {**llm, "path": str(inside.resolve())}}
+    return model
+
+
 def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
     """The model section of `model.init_from`'s checkpoint, with the recipe's own model keys on top."""
     import json
@@ -377,7 +389,7 @@ def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
     saved = Path(init_from) / "config.json"
     if not saved.is_file():
         raise ConfigError(f"model.init_from ({source}): {Path(init_from).resolve()} is not a vlmkit checkpoint (no config.json)")
-    saved_model = json.loads(saved.read_text()).get("model", {})
+    saved_model = relocated_llm(json.loads(saved.read_text()).get("model", {}), Path(init_from))
     saved_model.pop("init_from", None)
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved_model), OmegaConf.create(model)))
     merged["init_from"] = str(Path(init_from).resolve())

@@ -104,7 +104,12 @@ def read_config(directory: str | Path) -> Config:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vlmkit checkpoint (no {CONFIG})")
-    return load_config(json.loads(path.read_text()), init_defaults=False)
+    from vlmkit.config import relocated_llm
+
+    tree = json.loads(path.read_text())
+    if isinstance(tree.get("model"), dict):
+        tree["model"] = relocated_llm(tree["model"], Path(directory))
+    return load_config(tree, init_defaults=False)
 
 
 def load_weights(model, directory: str | Path) -> dict[str, Any]:
