@@ -353,3 +353,72 @@ def test_tokens_command_reads_the_imported_qwen_processor(qwen):
 
 def test_tokens_command_reads_the_imported_llava_next_processor(llava_next):
     _check_tokens_command(llava_next[1], llava_next[2])
+
+
+def test_llava_next_two_images_in_one_prompt_match_transformers(llava_next):
+    from transformers import LlavaNextForConditionalGeneration
+
+    folder, _, model = llava_next
+    images = [noise(72, 40, seed=11), noise(30, 80, seed=12)]
+    hf_proc = _llava_next_processor(folder)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]
+    hf_inputs = hf_proc(images=images, text=hf_proc.apply_chat_template(conversation, add_generation_prompt=True), return_tensors="pt")
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\n<image>\nSame?")], images)
+    assert prompt.input_ids.tolist() == hf_inputs["input_ids"][0].tolist()
+    views = hf_inputs["pixel_values"].shape[1]
+    pixels = torch.zeros_like(hf_inputs["pixel_values"])
+    for i, im in enumerate(prompt.images):
+        pixels[i, : im.pixel_values.shape[0]] = im.pixel_values
+    assert views == max(im.pixel_values.shape[0] for im in prompt.images)
+    ref = LlavaNextForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        theirs = ref(**dict(hf_inputs, pixel_values=pixels)).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_idefics3_two_images_in_one_prompt_match_transformers(idefics3):
+    from transformers import AutoTokenizer, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    folder, model = idefics3
+    images = [noise(72, 40, seed=13), noise(20, 20, seed=14)]
+    hf_proc = Idefics3Processor.from_pretrained(folder, local_files_only=True,
+                                                image_processor=Idefics3ImageProcessorPil.from_pretrained(folder, local_files_only=True),
+                                                tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]
+    hf_inputs = hf_proc(images=[images], text=hf_proc.apply_chat_template(conversation, add_generation_prompt=True), return_tensors="pt")
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image><image>Same?")], images)
+    assert prompt.input_ids.tolist() == hf_inputs["input_ids"][0].tolist()
+    pixels = torch.cat([im.pixel_values for im in prompt.images])[None]
+    assert pixels.shape == hf_inputs["pixel_values"].shape
+    ref = Idefics3ForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        theirs = ref(**dict(hf_inputs, pixel_values=pixels)).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_internvl_two_images_in_one_prompt_match_transformers(internvl):
+    import json as _json
+
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    folder, model = internvl
+    images = [noise(72, 40, seed=15), noise(30, 80, seed=16)]
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    counts = GotOcr2ImageProcessorPil.from_pretrained(folder, local_files_only=True)(images=images, return_tensors="pt")["num_patches"]
+    seq = _json.loads((Path(folder) / "processor_config.json").read_text())["image_seq_length"]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]
+    rendered = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    for n in counts:  # InternVLProcessor expands the placeholders in order
+        rendered = rendered.replace("<IMG_CONTEXT>\n", "<img>" + "<IMG_X>" * (seq * int(n)) + "</img>\n", 1)
+    ref_ids = tok(rendered.replace("<IMG_X>", "<IMG_CONTEXT>"), add_special_tokens=False)["input_ids"]
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\n<image>\nSame?")], images)
+    assert prompt.input_ids.tolist() == ref_ids
+    ref = InternVLForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        theirs = ref(input_ids=prompt.input_ids[None], pixel_values=torch.cat([im.pixel_values for im in prompt.images])).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
