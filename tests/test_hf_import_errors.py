@@ -149,3 +149,13 @@ def test_a_moved_import_still_loads_its_own_llm(good, tmp_path):
     model, config = load_checkpoint(moved)
     assert config.model.llm.path == str((moved / "llm").resolve())
     assert load_config({"model": {"init_from": str(moved)}}).model.llm.path == str((moved / "llm").resolve())
+
+
+def test_hf_eval_backend_error_points_to_import_for_supported_families(good, tmp_path):
+    from vlmkit.eval.backends import make_backend
+    from vlmkit.eval.benchmarks.base import EvalInputError
+
+    folder = _copy(good, tmp_path)
+    (folder / "model.safetensors").unlink()  # transformers cannot load it (any cause gives the hint)
+    with pytest.raises(EvalInputError, match=r"vlmkit import-hf .* then `-m vlmkit:OUT`"):
+        make_backend(f"hf:{folder}")

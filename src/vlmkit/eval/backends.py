@@ -207,7 +207,6 @@ class HFBackend:
         return list(self.processor.batch_decode(new_tokens, skip_special_tokens=True))
 
 
-@register_backend("hf")
 def _import_hint(path: str) -> str:
     """For a family vlmkit imports (Qwen2-VL's HF processor, for one, needs torchvision), how
     to evaluate it through vlmkit's own processors instead."""
@@ -225,6 +224,7 @@ def _import_hint(path: str) -> str:
             "then `-m vlmkit:OUT`")
 
 
+@register_backend("hf")
 def _hf_factory(target: str, **options: Any) -> Backend:
     return HFBackend(target, **{k: v for k, v in options.items() if v is not None and k in ("device", "dtype")})
 
