@@ -422,3 +422,43 @@ def test_internvl_two_images_in_one_prompt_match_transformers(internvl):
         ours = model(prompt.input_ids[None], images=prompt.images).logits
         theirs = ref(input_ids=prompt.input_ids[None], pixel_values=torch.cat([im.pixel_values for im in prompt.images])).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_qwen2vl_folder_in_the_released_layout_imports(tmp_path):
+    """Released Qwen2-VL folders (e.g. Qwen2-VL-2B-Instruct) keep the text settings flat at the top
+    of config.json, M-RoPE in `rope_scaling`, `in_chans`, a tied head stored once; transformers 5
+    reads that layout, and so must the import."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = save_qwen2vl(tmp_path / "hf", seed=4)
+    cfg = _json.loads((folder / "config.json").read_text())
+    text, vision = cfg.pop("text_config"), cfg.pop("vision_config")
+    legacy = {k: v for k, v in text.items() if k not in ("model_type", "rope_parameters", "layer_types", "dtype")}
+    legacy |= {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "tie_word_embeddings": True,
+               "rope_theta": 10000.0, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+               "image_token_id": cfg["image_token_id"], "video_token_id": cfg["video_token_id"],
+               "vision_start_token_id": cfg["vision_start_token_id"], "vision_end_token_id": cfg["vision_end_token_id"],
+               "transformers_version": "4.41.2", "torch_dtype": "float32",
+               "vision_config": {"depth": vision["depth"], "embed_dim": vision["embed_dim"], "mlp_ratio": vision["mlp_ratio"],
+                                 "num_heads": vision["num_heads"], "in_chans": 3, "hidden_size": vision["hidden_size"],
+                                 "patch_size": 4, "spatial_merge_size": 2, "spatial_patch_size": 4, "temporal_patch_size": 2}}
+    (folder / "config.json").write_text(_json.dumps(legacy))
+    state = load_file(str(folder / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+
+    model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    assert ref.config.tie_word_embeddings
+    image = noise(64, 40, seed=2)
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [image])
+    ids = prompt.input_ids[None]
+    with torch.no_grad():
+        ours = model(ids, images=prompt.images, position_ids=prompt.position_ids[:, None]).logits
+        theirs = ref(input_ids=ids, pixel_values=prompt.images[0].pixel_values,
+                     image_grid_thw=torch.tensor([prompt.images[0].views[0].grid]),
+                     mm_token_type_ids=(ids == model.image_token_id).int()).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

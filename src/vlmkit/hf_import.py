@@ -271,6 +271,8 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
         # Qwen2-VL keeps tie_word_embeddings on the outer config; the decoder folder carries it.
         tied = bool(getattr(cfg, "tie_word_embeddings", False))
         text_cfg.tie_word_embeddings = tied
+        if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
+            llm_state.pop("lm_head.weight", None)
         llm = MRopeCausalLM(text_cfg)
         load_part(llm, llm_state, "language model", optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
         save_mrope_llm(llm, tokenizer, staged_llm)
@@ -312,6 +314,8 @@ def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
 
     tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(outer, "tie_word_embeddings", False))
     text_cfg.tie_word_embeddings = tied
+    if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     causal = AutoModelForCausalLM.from_config(text_cfg).eval()
     load_part(causal, state, "language model", optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
     if tied:
