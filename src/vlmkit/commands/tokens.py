@@ -214,6 +214,7 @@ def _checkpoint_tokens(directory: str, w: int, h: int, context: int | None, as_j
 
 
 def _video(preset: str, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:
+    from vlmkit.processing.budget import get_preset
     from vlmkit.processing.video import VideoOptions, video_layout
 
     if frames <= 0:
