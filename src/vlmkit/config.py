@@ -137,6 +137,32 @@ class DPOConfig(Strict):
     """Conservative DPO: the share of pairs assumed to be labelled the wrong way round."""
 
 
+class LoraConfig(Strict):
+    """LoRA adapters for a stage (through peft): the named parts train only through low-rank
+    adapters on the target layers; their base weights stay frozen."""
+
+    parts: list[str] = Field(default_factory=lambda: ["llm"])
+    """Parts that get adapters (each must also be listed in the stage's `trainable`)."""
+    r: int = Field(default=16, gt=0)
+    """Adapter rank."""
+    alpha: float = Field(default=32.0, gt=0)
+    """Scaling: the update is B A * alpha / r."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter's input while training."""
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Layer names (suffixes) to adapt, e.g. `[q_proj, v_proj]`, or `[all-linear]`."""
+    quantize: Literal["4bit"] | None = None
+    """QLoRA: 4-bit base weights (needs bitsandbytes and a CUDA GPU; refused elsewhere)."""
+
+    @field_validator("parts")
+    @classmethod
+    def _known_lora_parts(cls, parts: list[str]) -> list[str]:
+        unknown = [p for p in parts if p not in PART_NAMES]
+        if unknown or not parts:
+            raise ValueError(f"lora.parts must name parts from {list(PART_NAMES)}, got {parts}")
+        return parts
+
+
 class StageConfig(Strict):
     """One training stage. Which parts train, and at what learning rate, is data."""
 
@@ -180,6 +206,9 @@ class StageConfig(Strict):
     """Row length for packing (default: `train.max_length`)."""
     max_images_per_pack: int | None = Field(default=None, gt=0)
     """Most images in one packed row."""
+    lora: LoraConfig | None = None
+    """Train the parts it names through LoRA adapters (e.g. `{parts: [llm], r: 16, alpha: 32,
+    dropout: 0.05, targets: [q_proj, v_proj]}`); null: full fine-tuning of the trainable parts."""
 
     @field_validator("trainable")
     @classmethod
@@ -194,6 +223,11 @@ class StageConfig(Strict):
         unknown = [p for p in self.part_lr if p not in PART_NAMES]
         if unknown:
             raise ValueError(f"part_lr names unknown parts {unknown}")
+        if self.lora is not None:
+            outside = [p for p in self.lora.parts if p not in self.trainable]
+            if outside:
+                raise ValueError(f"lora.parts {outside} are not in trainable {self.trainable}; "
+                                 "list them there too (they then train through their adapters only)")
         return self
 
 
@@ -332,6 +366,18 @@ def load_config(
     return config
 
 
+def relocated_llm(model: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint that carries its LLM (`import-hf` writes `<checkpoint>/llm`) names it by
+    absolute path; after the checkpoint folder is moved or copied, that path is stale and the
+    copy inside the checkpoint is the one meant."""
+    llm = model.get("llm") if isinstance(model, dict) else None
+    path = llm.get("path") if isinstance(llm, dict) else None
+    inside = Path(checkpoint) / "llm"
+    if path and not Path(path).exists() and (inside / "config.json").is_file():
+        model = {**model, "llm": {**llm, "path": str(inside.resolve())}}
+    return model
+
+
 def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
     """The model section of `model.init_from`'s checkpoint, with the recipe's own model keys on top."""
     import json
@@ -343,7 +389,7 @@ def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
     saved = Path(init_from) / "config.json"
     if not saved.is_file():
         raise ConfigError(f"model.init_from ({source}): {Path(init_from).resolve()} is not a vlmkit checkpoint (no config.json)")
-    saved_model = json.loads(saved.read_text()).get("model", {})
+    saved_model = relocated_llm(json.loads(saved.read_text()).get("model", {}), Path(init_from))
     saved_model.pop("init_from", None)
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved_model), OmegaConf.create(model)))
     merged["init_from"] = str(Path(init_from).resolve())

@@ -1,4 +1,4 @@
-"""Subcommands: serve (OpenAI-compatible server), export-hf and import-hf (LLaVA folders)."""
+"""Subcommands: serve (OpenAI-compatible server), export-hf and import-hf (Hugging Face folders)."""
 
 from __future__ import annotations
 
@@ -88,35 +88,39 @@ def register(app: typer.Typer) -> None:
     @app.command("export-hf")
     def export_hf(
         checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
-        out: Annotated[Path, typer.Argument(help="Folder to write (LlavaForConditionalGeneration + processor).")],
+        out: Annotated[Path, typer.Argument(help="Folder to write (the family's transformers model + processor files).")],
         check: Annotated[bool, typer.Option(help="Reload the export with transformers and compare logits.")] = True,
     ) -> None:
-        """Export a prefix-fusion MLP-connector model to a Hugging Face LLaVA folder."""
+        """Export a checkpoint in its family's Hugging Face format: Qwen2-VL (qwen2-vit tower),
+        LLaVA-NeXT (anyres processor) or LLaVA-1.5 (fixed processor, MLP connector)."""
         offline()
-        from vlmkit.hf_export import ExportError, export_llava, verify_export
+        from vlmkit.hf_export import ExportError
+        from vlmkit.hf_import import export_hf as export_family, family_of, verify_hf_export
         from vlmkit.train.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(checkpoint)
         try:
-            export_llava(model, out)
-        except ExportError as e:
+            export_family(model, out)
+        except (ExportError, ValueError) as e:
             raise typer.BadParameter(str(e), param_hint="--checkpoint") from None
-        typer.echo(f"wrote {out}")
+        typer.echo(f"wrote {out} ({family_of(model)})")
         if check:
-            diff = verify_export(model, out)
-            typer.echo(f"check: transformers' LlavaForConditionalGeneration matches vlmkit (max |logit difference| {diff:.2e})")
+            diff = verify_hf_export(model, out)
+            typer.echo(f"check: transformers' reload matches vlmkit (max |logit difference| {diff:.2e})")
 
     @app.command("import-hf")
     def import_hf(
-        folder: Annotated[Path, typer.Argument(help="A LLaVA-1.5-style Hugging Face folder (LlavaForConditionalGeneration).")],
+        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder: LLaVA-1.5, LLaVA-NeXT or Qwen2-VL (safetensors).")],
         out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write.")],
     ) -> None:
-        """Turn a Hugging Face LLaVA folder into a vlmkit checkpoint (for training, eval, serving)."""
+        """Turn a Hugging Face model folder into a vlmkit checkpoint (for training, eval, serving).
+        The family comes from its config.json; models that need trust_remote_code are refused."""
         offline()
-        from vlmkit.hf_export import ExportError, import_llava
+        from vlmkit.hf_export import ExportError
+        from vlmkit.hf_import import import_hf
 
         try:
-            import_llava(folder, out)
+            import_hf(folder, out)
         except ExportError as e:
             raise typer.BadParameter(str(e), param_hint="FOLDER") from None
         typer.echo(f"wrote {out}")

@@ -129,6 +129,8 @@ def tokens(
     compression: str = typer.Option("none", "--compression", help="video: none | pool | temporal-patch"),
     pooled_frames: int = typer.Option(4, "--pooled-frames", help="video, pool: time windows per video"),
     recipe: str = typer.Option(None, "--recipe", "-r", help="a training recipe instead of a preset: what an image costs the model it builds (built on the meta device, no weights read)"),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="a vlmkit checkpoint (e.g. from import-hf) instead of a preset: "
+                                   "its own processor settings and context length"),
 ) -> None:
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
     # Imported here, not at the top: it pulls in torch, which every other command's start-up
@@ -155,6 +157,9 @@ def tokens(
         typer.echo(f"wrote {plot} ({', '.join(names)})", err=as_json)
     if table or plot:
         return
+    if checkpoint and size:
+        _checkpoint_tokens(checkpoint, *_size(size), context, as_json)
+        return
     if recipe:
         if preset:
             raise typer.BadParameter("give --preset or --recipe, not both")
@@ -167,7 +172,7 @@ def tokens(
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
     if not preset or not size:
-        raise typer.BadParameter("give --preset (or --recipe) and --size (or --table / --plot / --list)")
+        raise typer.BadParameter("give --preset (or --recipe / --checkpoint) and --size (or --table / --plot / --list)")
     w, h = _size(size)
     if context is not None and context <= 0:
         raise typer.BadParameter("--context must be positive")
@@ -185,6 +190,39 @@ def tokens(
         typer.echo(json.dumps(b.to_dict(), indent=2))
     else:
         _print_budget(b)
+
+
+def _checkpoint_tokens(directory: str, w: int, h: int, context: int | None, as_json: bool) -> None:
+    """The image's layout under a checkpoint's own processor (its settings, not a preset's), read
+    from the config alone: no weights are loaded."""
+    from vlmkit.processing import build_image_processor
+    from vlmkit.train.checkpoint import read_config
+
+    try:
+        config = read_config(directory)
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e), param_hint="--checkpoint") from None
+    model = config.model
+    if model.processor.name == "fixed":
+        # Its count is the connector's output for the tower's grid: known only to a built model.
+        raise typer.BadParameter("a fixed-size processor costs the same for every image: `vlmkit inspect` or a preset gives it",
+                                 param_hint="--checkpoint")
+    layout = build_image_processor(model).layout(w, h)
+    ctx = context or config.train.max_length
+    out = {"checkpoint": str(directory), "processor": model.processor.name, "width": w, "height": h,
+           "visual_tokens": layout.slots, "special_tokens": layout.special_tokens,
+           "sequence_tokens": layout.slots + layout.special_tokens, "context": ctx,
+           "context_share": (layout.slots + layout.special_tokens) / ctx, "parts": layout.parts}
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"{directory} ({model.processor.name} processor), image {w}x{h}")
+    typer.echo(f"  visual tokens   {out['visual_tokens']:,}")
+    for k, v in layout.parts.items():
+        typer.echo(f"    {_label(k):<28} {_pair(v)}")
+    typer.echo(f"  special tokens  {out['special_tokens']:,}")
+    typer.echo(f"  sequence tokens {out['sequence_tokens']:,}")
+    typer.echo(f"  context share   {out['context_share']:.2%} of {ctx:,}")
 
 
 def _video(preset, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:

@@ -175,7 +175,8 @@ class HFBackend:
             self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
         except Exception as e:  # noqa: BLE001 - a missing optional dependency, a bad config, missing weights ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise EvalInputError(f"{path}: transformers cannot load this model folder ({type(e).__name__}: {first[:400]})") from e
+            raise EvalInputError(f"{path}: transformers cannot load this model folder ({type(e).__name__}: {first[:400]})"
+                                 + _import_hint(path)) from e
         self.model.to(self.device).eval()
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
@@ -204,6 +205,23 @@ class HFBackend:
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         # Raw text: the runner strips every backend's answers alike.
         return list(self.processor.batch_decode(new_tokens, skip_special_tokens=True))
+
+
+def _import_hint(path: str) -> str:
+    """For a family vlmkit imports (Qwen2-VL's HF processor, for one, needs torchvision), how
+    to evaluate it through vlmkit's own processors instead."""
+    import json
+
+    from vlmkit.hf_import import SUPPORTED
+
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return ""
+    if model_type not in SUPPORTED:
+        return ""
+    return (f"; vlmkit can run it without transformers' processor: `vlmkit import-hf {path} OUT`, "
+            "then `-m vlmkit:OUT`")
 
 
 @register_backend("hf")

@@ -25,11 +25,15 @@ MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
 
 class Qwen2ViTTower(VisionTower):
     reads_patches = True
+    # Built from a config with random weights: checkpoints must always carry it (see vlm.build).
+    from_files = False
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         cfg = model.config
-        self.hidden_size = cfg.embed_dim
+        # Qwen2-VL's tower width is embed_dim (its hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
+        self.hidden_size = cfg.embed_dim if cfg.model_type == "qwen2_vl_vision" else cfg.hidden_size
         self.patch_size = cfg.patch_size
         self.merge_size = cfg.spatial_merge_size
         self.temporal_patch_size = cfg.temporal_patch_size
@@ -62,16 +66,48 @@ def build_qwen2_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
     return Qwen2ViTTower(model)
 
 
+class Qwen25ViTTower(Qwen2ViTTower):
+    """Qwen2.5-VL's ViT (RMSNorm, SwiGLU, windowed attention with a few full-attention blocks).
+    It runs its blocks over merge units regrouped by window and undoes that order only after
+    its merger; with the merger left out (the connector's job), the tower's output is put back
+    into merge-window order here, unit by unit, and then into row-major order like Qwen2-VL's."""
+
+    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        t, h, w = grid_thw
+        m = self.merge_size
+        cfg = self.model.config
+        grid = torch.tensor([grid_thw], device=patches.device)
+        dtype = self.model.patch_embed.proj.weight.dtype
+        feats = self.model(hidden_states=patches.to(dtype), grid_thw=grid).last_hidden_state  # window order
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=m, window_size=cfg.window_size, patch_size=cfg.patch_size)
+        c = feats.shape[-1]
+        feats = feats.view(-1, m * m, c)[torch.argsort(window_index.to(feats.device))].reshape(-1, c)
+        return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
+
+
+@VISION_TOWERS.register("qwen2.5-vit")
+def build_qwen25_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
+    """A randomly initialised Qwen2.5-VL ViT from `cfg.config` (Qwen2_5_VLVisionConfig fields);
+    `vlmkit import-hf` loads the weights into it."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    vision_cfg = Qwen2_5_VLConfig(vision_config=cfg.config or {}).vision_config
+    model = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_cfg)
+    model.merger = nn.Identity()  # the connector's job: pixel-shuffle with an RMSNorm before the merge
+    return Qwen25ViTTower(model)
+
+
 class MRopeCausalLM(nn.Module):
     """Qwen2-VL's text decoder with an LM head, shaped like a transformers causal LM for the
     parts vlmkit reads: `base_model`, `config`, input and output embeddings."""
 
     def __init__(self, config):
         super().__init__()
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
-
         self.config = config
-        self.model = Qwen2VLTextModel._from_config(config)
+        self.model = _text_model_class(config.model_type)._from_config(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -90,6 +126,18 @@ class MRopeCausalLM(nn.Module):
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          position_ids=position_ids, **kwargs)
         return self.lm_head(out.last_hidden_state)
+
+
+def _text_model_class(model_type: str):
+    if model_type == "qwen2_5_vl_text":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+        return Qwen2_5_VLTextModel
+    if model_type == "qwen2_vl_text":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+        return Qwen2VLTextModel
+    raise ValueError(f"no M-RoPE text model for model_type {model_type!r}; expected one of {list(MROPE_MODEL_TYPES)}")
 
 
 def build_mrope_llm(cfg: LLMConfig, tokenizer) -> MRopeCausalLM:
@@ -115,6 +163,72 @@ def build_random_mrope_llm(cfg: LLMConfig, pretrained: bool = False):
 
     tokenizer = byte_level_tokenizer()
     return build_mrope_llm(cfg, tokenizer), tokenizer
+
+
+LLM_WEIGHTS = "model.safetensors"
+
+
+def save_mrope_llm(model: MRopeCausalLM, tokenizer, folder) -> None:
+    """Write the decoder as a folder `qwen2-vl-text` loads: its text config, safetensors weights
+    (`model.*`, `lm_head.weight`; a tied head is stored once) and the tokenizer."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight")
+    save_file(state, str(folder / LLM_WEIGHTS), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+
+
+@LANGUAGE_MODELS.register("qwen2-vl-text")
+def build_pretrained_mrope_llm(cfg: LLMConfig, pretrained: bool = True):
+    """A Qwen2-VL / Qwen2.5-VL text decoder (M-RoPE) from a local folder holding its text config,
+    `model.safetensors` and the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vlmkit.paths import offline
+
+    if not cfg.path:
+        raise ValueError("model.llm.path is required for the 'qwen2-vl-text' language model")
+    offline()
+    folder = Path(cfg.path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json (a qwen2-vl-text folder, as vlmkit import-hf writes)")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type not in MROPE_MODEL_TYPES:
+        raise ValueError(f"{folder}: model_type {config.model_type!r} is not an M-RoPE text model {list(MROPE_MODEL_TYPES)}")
+    model = MRopeCausalLM(config)
+    if pretrained:
+        weights = folder / LLM_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing")
+        load_state_checked(model, load_file(str(weights)), str(weights))
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def load_state_checked(module: nn.Module, state: dict, source: str, optional=("rotary", "inv_freq", "lm_head.weight")) -> None:
+    """Copy `state` into `module`, naming the first tensor that is missing, extra or mis-shaped."""
+    target = module.state_dict()
+    tied = getattr(getattr(module, "config", None), "tie_word_embeddings", False)
+    missing = [k for k in target if k not in state and not any(o in k for o in optional)]
+    if "lm_head.weight" in target and "lm_head.weight" not in state and not tied:
+        missing.append("lm_head.weight")
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for key, value in state.items():
+        if tuple(target[key].shape) != tuple(value.shape):
+            raise ValueError(f"{source}: tensor {key} has shape {tuple(value.shape)}, the config expects {tuple(target[key].shape)}")
+    module.load_state_dict(state, strict=False)
 
 
 def uses_mrope(llm: nn.Module) -> bool:

@@ -68,6 +68,30 @@ def _language_state(text_state: dict) -> dict:
     return {f"model.language_model.{k}": v for k, v in text_state.items()} | {"lm_head.weight": head}
 
 
+def qwen2_5_vl(model) -> nn.Module:
+    """`Qwen2_5_VLForConditionalGeneration` for a model with the `qwen2.5-vit` tower (its
+    PatchMerger = our pixel shuffle with an RMSNorm before the merge)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tower = model.vision.model
+    conn = model.connector
+    if conn.options.norm != "pre" or conn.options.norm_kind != "rmsnorm" or conn.factor != tower.config.spatial_merge_size:
+        raise ValueError("Qwen2.5-VL's PatchMerger is a pre-RMSNorm 2-layer pixel shuffle over the merge window")
+    vision = {k: v for k, v in tower.config.to_dict().items() if k in (
+        "depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels", "patch_size", "spatial_merge_size",
+        "temporal_patch_size", "tokens_per_second", "window_size", "fullatt_block_indexes", "rope_parameters")}
+    text, text_state = _text(model)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={**vision, "out_hidden_size": conn.llm_dim},
+                              image_token_id=model.image_token_id, video_token_id=model.image_token_id)
+    ref = Qwen2_5_VLForConditionalGeneration(config)
+    state = {f"model.visual.{k}": v for k, v in tower.state_dict().items()}
+    state |= {"model.visual.merger.ln_q.weight": conn.norm.weight,
+              "model.visual.merger.mlp.0.weight": conn.proj[0].weight, "model.visual.merger.mlp.0.bias": conn.proj[0].bias,
+              "model.visual.merger.mlp.2.weight": conn.proj[2].weight, "model.visual.merger.mlp.2.bias": conn.proj[2].bias}
+    state |= _language_state(text_state)
+    return _load(ref.to(next(model.parameters()).dtype), state).to(model.device)
+
+
 def llava_next(model) -> nn.Module:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 

@@ -97,10 +97,12 @@ class HFVisionTower(VisionTower):
         self.model = model
         cfg = model.config
         self.hidden_size = cfg.hidden_size
-        self.patch_size = cfg.patch_size
+        # InternVL's vision config gives the patch size as [h, w].
+        self.patch_size = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
         self.feature_layer = feature_layer
-        # CLIP-like towers prepend a CLS token; SigLIP has none.
-        self.has_cls = getattr(model.config, "model_type", "").startswith("clip")
+        # CLIP-like towers (and InternVL's ViT) prepend a CLS token; SigLIP has none.
+        model_type = getattr(model.config, "model_type", "")
+        self.has_cls = model_type.startswith("clip") or model_type == "internvl_vision"
 
     def grid_hw(self, height: int, width: int) -> tuple[int, int]:
         return height // self.patch_size, width // self.patch_size

@@ -139,6 +139,8 @@ class VisionLanguageModel(nn.Module):
         # Parts whose weights come from files the config names: a checkpoint need not repeat them.
         self.pretrained_parts = set(pretrained_parts)
         self.frozen: set[str] = set()
+        # The LoRA spec of the adapters injected into its parts (train/lora.py); None: none.
+        self.lora_spec: dict | None = None
         self.image_token_id = ensure_image_token(tokenizer, config.image_token)
         self.vocab_size = llm.get_input_embeddings().num_embeddings
         self.uses_mrope = uses_mrope(llm)
@@ -169,7 +171,9 @@ class VisionLanguageModel(nn.Module):
             # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
             connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
         pretrained_parts = set()
-        if pretrained and not config.vision.name.endswith("random"):
+        # A tower that says its weights are random (qwen2-vit, built from a config) must be saved
+        # with every checkpoint, whatever its registry name.
+        if pretrained and not config.vision.name.endswith("random") and getattr(vision, "from_files", True):
             pretrained_parts.add("vision")
         if pretrained and not config.llm.name.endswith("random"):
             pretrained_parts.add("llm")

@@ -32,15 +32,20 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def parts_to_save(model) -> list[str]:
-    trainable = [n for n, m in model.parts().items() if any(p.requires_grad for p in m.parameters())]
+    from vlmkit.train.lora import is_lora_key
+
+    # Adapter parameters go to their own file: a part that trains only through them is not saved.
+    trainable = [n for n, m in model.parts().items() if any(p.requires_grad and not is_lora_key(k) for k, p in m.named_parameters())]
     random_init = [n for n in model.parts() if n not in model.pretrained_parts]
     return sorted(set(trainable) | set(random_init))
 
 
 def model_state(model, parts: list[str]) -> dict[str, torch.Tensor]:
+    from vlmkit.train.lora import base_state
+
     state = {}
     for name in parts:
-        for key, value in model.parts()[name].state_dict().items():
+        for key, value in base_state(model.parts()[name].state_dict()).items():
             if hasattr(value, "full_tensor"):
                 # An FSDP2 shard: every rank must take part in gathering it.
                 value = value.full_tensor()
@@ -65,7 +70,12 @@ def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str
         parts = parts_to_save(model)
         save_file(weights if weights is not None else model_state(model, parts), str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-        (tmp / META).write_text(json.dumps({"parts": parts, **(meta or {})}, indent=2))
+        lora_spec = getattr(model, "lora_spec", None)
+        if lora_spec:
+            from vlmkit.train.lora import save_adapters
+
+            save_adapters(model, tmp)
+        (tmp / META).write_text(json.dumps({"parts": parts, **(meta or {}), **({"lora": lora_spec} if lora_spec else {})}, indent=2))
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -94,17 +104,30 @@ def read_config(directory: str | Path) -> Config:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vlmkit checkpoint (no {CONFIG})")
-    return load_config(json.loads(path.read_text()), init_defaults=False)
+    from vlmkit.config import relocated_llm
+
+    tree = json.loads(path.read_text())
+    if isinstance(tree.get("model"), dict):
+        tree["model"] = relocated_llm(tree["model"], Path(directory))
+    return load_config(tree, init_defaults=False)
 
 
 def load_weights(model, directory: str | Path) -> dict[str, Any]:
+    """Load the saved parts; a checkpoint with LoRA adapters adds them (if the model has none
+    yet) and loads them too."""
+    from vlmkit.train.lora import is_lora_key, load_adapters, to_module_keys
+
     directory = Path(directory)
     meta = json.loads((directory / META).read_text())
     state = load_file(str(directory / WEIGHTS))
+    if meta.get("lora"):
+        load_adapters(model, directory, meta["lora"])
     for name in meta["parts"]:
         prefix = f"{name}."
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        missing, unexpected = model.parts()[name].load_state_dict(sub, strict=False)
+        module = model.parts()[name]
+        sub = to_module_keys(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        missing, unexpected = module.load_state_dict(sub, strict=False)
+        missing = [k for k in missing if not is_lora_key(k)]
         # Tied LM heads are saved under both names; a missing key is a real mismatch.
         if missing or unexpected:
             raise ValueError(f"checkpoint {directory}: part {name!r} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -136,6 +159,10 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"):
     model = VisionLanguageModel.build(config.model)
     _load_saved_tokenizer(model, Path(directory), config.model.image_token)
     load_weights(model, directory)
+    # Inference (eval, serve, chat, export) runs on merged weights: W + B A * alpha / r.
+    from vlmkit.train.lora import merge_adapters
+
+    merge_adapters(model)
     model.to(device).eval()
     return model, config
 

@@ -50,6 +50,7 @@ def check_model(config: Config) -> None:
 
     import vlmkit.model.connectors  # noqa: F401  (importing registers the builders)
     import vlmkit.model.language  # noqa: F401
+    import vlmkit.model.qwen2vl  # noqa: F401  (qwen2-vit, qwen2-vl-text*)
     import vlmkit.model.vision  # noqa: F401
     from vlmkit.processing import import_families
     from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS

@@ -9,8 +9,18 @@ import torch
 from vlmkit.config import StageConfig
 
 
-def apply_stage(model, stage: StageConfig) -> None:
+def apply_stage(model, stage: StageConfig, device: str = "cpu") -> None:
+    """Freeze per the stage; a LoRA stage adds its adapters (kept if the model already has the
+    same ones, e.g. from the previous stage); a stage without LoRA merges any adapters first."""
+    from vlmkit.train import lora
+
+    spec = stage.lora.model_dump() if stage.lora is not None else None
+    if lora.has_adapters(model) and model.lora_spec != spec:
+        lora.merge_adapters(model)
     model.set_trainable(stage.trainable)
+    if spec is not None:
+        lora.check_quantization(spec, device)
+        lora.add_adapters(model, spec)
 
 
 def param_groups(model, stage: StageConfig) -> list[dict]:

@@ -40,6 +40,8 @@ class PixelShuffleOptions(ConnectorOptions):
     # "pre": LayerNorm on each patch before merging (Qwen2-VL's PatchMerger); "none": Idefics3.
     norm: Literal["post", "pre", "none"] = "post"
     norm_eps: float = 1e-5
+    # LayerNorm (InternVL, Qwen2-VL) or RMSNorm (Qwen2.5-VL's PatchMerger).
+    norm_kind: Literal["layernorm", "rmsnorm"] = "layernorm"
     projector: Literal["mlp", "linear"] = "mlp"
     # InternVL uses the LLM width; Qwen2-VL keeps the merged width (s^2*C).
     hidden_size: int | None = None
@@ -60,9 +62,10 @@ class PixelShuffleConnector(Connector):
         super().__init__(vision_dim, llm_dim, options)
         self.factor = shuffle_factor(options.ratio)
         merged = vision_dim * self.factor**2
+        norm = nn.LayerNorm if options.norm_kind == "layernorm" else nn.RMSNorm
         self.norm = {
-            "post": lambda: nn.LayerNorm(merged, eps=options.norm_eps),
-            "pre": lambda: nn.LayerNorm(vision_dim, eps=options.norm_eps),
+            "post": lambda: norm(merged, eps=options.norm_eps),
+            "pre": lambda: norm(vision_dim, eps=options.norm_eps),
             "none": nn.Identity,
         }[options.norm]()
         self.proj = projector(merged, llm_dim, options.projector, options.hidden_size, options.bias)
