@@ -1,0 +1,508 @@
+"""Training data sources, indexed without decoding a single image.
+
+A source is a random-access list of records: `len(source)` and `source.record(i)` (a `Sample`,
+or a `PreferencePair` for DPO). Indexing reads each record's text once and keeps only where it
+lies (byte offsets in compact arrays), so memory does not grow with the pixels, and any record
+can be read again in a DataLoader worker when its micro-batch comes up.
+
+* LLaVA JSON / JSONL (+ image folder): byte offsets of each record in the file.
+* Hugging Face parquet shards and arrow folders (`datasets`, memory-mapped; the_cauldron's
+  layout of `images` (embedded bytes) + `texts` [{user, assistant}], or LLaVA columns).
+* WebDataset tar shards (`.tar` of `KEY.json` + `KEY.jpg|png|...`): read with `tarfile`, whose
+  member offsets give random access. The `webdataset` library is not used: its pipelines are
+  sequential streams (shard shuffle + shuffle buffer), so the batch order could not be a pure
+  function of seed and step, and resuming mid-epoch would mean replaying the stream.
+
+Records ruled out while indexing (unparsable, missing image files) are left out of the index and
+reported in `bad`; the rest of the checks (images that do not decode, conversations the template
+refuses, too long) happen when a record is encoded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import os
+import tarfile
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmkit.data.formats import BadRecordError, Message, Sample, record_to_sample
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+FORMATS = ("auto", "llava", "parquet", "arrow", "webdataset")
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be read at all; the message names the file or shard."""
+
+
+@dataclass
+class BadRecord:
+    index: int  # the record's position in its file (for ordering reports)
+    record_id: str
+    message: str
+    missing_files: bool = False
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".json", ".jsonl"):
+            return "llava"
+        if suffix == ".parquet":
+            return "parquet"
+        if suffix == ".tar":
+            return "webdataset"
+        if suffix == ".arrow":
+            return "arrow"
+        raise DataSourceError(f"{path}: cannot tell the data format from the name; set `format` (one of {', '.join(FORMATS[1:])})")
+    names = {p.suffix.lower() for p in path.iterdir()}
+    if ".parquet" in names:
+        return "parquet"
+    if ".tar" in names:
+        return "webdataset"
+    if ".arrow" in names or (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return "arrow"
+    raise DataSourceError(f"{path}: folder holds no .parquet, .tar or .arrow files; set `format` or point at a data file")
+
+
+def open_source(path: str | Path, fmt: str = "auto", image_folder: str | Path | None = None, kind: str = "sft",
+                check_files: bool = True, allow_empty: bool = False) -> "Source":
+    """Index one source. `kind`: `sft` (samples) or `dpo` (preference pairs, JSON only)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataSourceError(f"data source not found: {path.resolve()}")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if kind == "dpo" and fmt != "llava":
+        raise DataSourceError(f"{path}: preference (DPO) data must be JSON / JSONL, not {fmt}")
+    if fmt == "llava":
+        if path.is_dir():
+            raise DataSourceError(f"{path}: a LLaVA source is a JSON / JSONL file, not a folder")
+        source = JsonSource(path, image_folder, kind, check_files)
+    elif fmt == "webdataset":
+        source = TarSource(path)
+    elif fmt in ("parquet", "arrow"):
+        source = ArrowSource(path, fmt)
+    else:
+        raise DataSourceError(f"{path}: unknown format {fmt!r}")
+    if len(source) == 0 and not allow_empty:
+        why = f" ({len(source.bad)} unusable, e.g. {source.bad[0].message})" if source.bad else ""
+        raise DataSourceError(f"{path}: empty source, no usable records{why}")
+    return source
+
+
+class Source:
+    path: Path
+    bad: list[BadRecord]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def record(self, i: int):
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        """The files whose contents make up this source (for the data digest)."""
+        return [self.path]
+
+    def record_index(self, i: int) -> int:
+        """The position in the file of the i-th usable record (for reports in data order)."""
+        return i
+
+
+# ---- LLaVA JSON / JSONL ------------------------------------------------------------------------
+
+def _json_spans(path: Path):
+    """(byte offset, byte length, record index, parsed record or BadRecordError) of every record of
+    a JSON list or JSONL file, reading the file once."""
+    data = path.read_bytes()
+    if path.suffix.lower() == ".jsonl":
+        offset = 0
+        index = 0
+        for lineno, line in enumerate(data.split(b"\n"), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+                    record = BadRecordError(f"line {lineno}", f"not valid JSON ({type(e).__name__})", str(path))
+                yield offset, len(line), index, record
+                index += 1
+            offset += len(line) + 1
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+    ascii_only = len(text) == len(data)  # then a character offset is a byte offset
+    decoder = json.JSONDecoder()
+    ws = " \t\r\n"
+    pos = len(text) - len(text.lstrip(ws))
+    if not text.startswith("[", pos):
+        raise ValueError(f"{path}: expected a JSON list of data records")
+    pos += 1
+    index, byte_pos, char_pos = 0, 0, 0
+    while True:
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if text.startswith("]", pos):
+            break
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+        if ascii_only:
+            start, length = pos, end - pos
+        else:
+            byte_pos += len(text[char_pos:pos].encode())
+            length = len(text[pos:end].encode())
+            start, char_pos = byte_pos, end
+            byte_pos += length
+        yield start, length, index, record
+        index += 1
+        pos = end
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if text.startswith(",", pos):
+            pos += 1
+        elif not text.startswith("]", pos):
+            raise ValueError(f"{path}: not valid JSON (expected ',' or ']' at character {pos})")
+
+
+class JsonSource(Source):
+    """LLaVA / OpenAI-messages records (or preference records) in a JSON list or JSONL file."""
+
+    def __init__(self, path: Path, image_folder=None, kind: str = "sft", check_files: bool = True):
+        self.path, self.kind = path, kind
+        self.root = Path(image_folder) if image_folder else path.parent
+        self.offsets, self.lengths, self.indices = array("q"), array("q"), array("q")
+        self.bad = []
+        self.missing_refs = 0  # preference pairs without reference log-probs
+        try:
+            for offset, length, index, record in _json_spans(path):
+                try:
+                    if isinstance(record, BadRecordError):
+                        raise record
+                    item = self._parse(record, index)
+                except BadRecordError as e:
+                    self.bad.append(BadRecord(index, e.record_id, str(e)))
+                    continue
+                if check_files:
+                    absent = [p for p in [*item.images, *getattr(item, "videos", [])] if isinstance(p, Path) and not p.is_file()]
+                    if absent:
+                        self.bad.append(BadRecord(index, item.id, f"record {item.id!r}: {', '.join(str(p.resolve()) for p in absent)}",
+                                                  missing_files=True))
+                        continue
+                if kind == "dpo" and item.ref_chosen_logp is None:
+                    self.missing_refs += 1
+                self.offsets.append(offset)
+                self.lengths.append(length)
+                self.indices.append(index)
+        except FileNotFoundError:
+            raise DataSourceError(f"data file not found: {path.resolve()}") from None
+        self._file = None
+        self._pid = None
+
+    def _parse(self, record, index: int):
+        if self.kind == "dpo":
+            from vlmkit.data.preference import parse_preference_record
+
+            return parse_preference_record(record, index, self.root, str(self.path))
+        return record_to_sample(record, index, self.root, str(self.path))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def record_index(self, i: int) -> int:
+        return self.indices[i]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def record(self, i: int):
+        # One open handle per process: DataLoader workers each open their own.
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        self._file.seek(self.offsets[i])
+        record = json.loads(self._file.read(self.lengths[i]))
+        return self._parse(record, self.indices[i])
+
+
+# ---- WebDataset tar shards ------------------------------------------------------------------------
+
+def _shards(path: Path, suffix: str) -> list[Path]:
+    shards = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
+    if not shards:
+        raise DataSourceError(f"{path}: no {suffix} shards in the folder")
+    return shards
+
+
+class TarSource(Source):
+    """WebDataset shards: members `KEY.json` (a LLaVA or messages record without image paths)
+    and `KEY.jpg` / `KEY.0.png` ... (the record's images, in name order)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.shards = _shards(path, ".tar")
+        self.bad = []
+        self.shard_of, self.json_at, self.json_len = array("q"), array("q"), array("q")
+        self.image_start = array("q", [0])
+        self.image_at, self.image_len = array("q"), array("q")
+        self.keys: list[str] = []
+        for s, shard in enumerate(self.shards):
+            self._index_shard(s, shard)
+        self._files: dict[int, object] = {}
+        self._pid = None
+
+    def files(self) -> list[Path]:
+        return list(self.shards)
+
+    def _index_shard(self, s: int, shard: Path) -> None:
+        size = shard.stat().st_size
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(shard, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    if member.offset_data + member.size > size:
+                        raise tarfile.ReadError(f"member {member.name!r} ends at byte {member.offset_data + member.size}, "
+                                                f"past the end of the file ({size} bytes)")
+                    base = member.name.rsplit("/", 1)[-1]
+                    key, dot, ext = base.partition(".")
+                    if not dot:
+                        continue
+                    prefix = member.name[: len(member.name) - len(base)]
+                    groups.setdefault(prefix + key, {})[ext.lower()] = member
+        except tarfile.TarError as e:
+            raise DataSourceError(f"{shard}: truncated or corrupt tar shard ({e})") from None
+        for number, (key, members) in enumerate(groups.items()):
+            if "json" not in members:
+                self.bad.append(BadRecord(number, key, f"{shard}: record {key!r}: no {key}.json member"))
+                continue
+            images = sorted((ext, m) for ext, m in members.items() if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+            self.shard_of.append(s)
+            self.json_at.append(members["json"].offset_data)
+            self.json_len.append(members["json"].size)
+            for _, m in images:
+                self.image_at.append(m.offset_data)
+                self.image_len.append(m.size)
+            self.image_start.append(len(self.image_at))
+            self.keys.append(key)
+
+    def __len__(self) -> int:
+        return len(self.json_at)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": {}, "_pid": None}
+
+    def _read(self, s: int, offset: int, length: int) -> bytes:
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = open(self.shards[s], "rb")
+        f.seek(offset)
+        return f.read(length)
+
+    def record(self, i: int) -> Sample:
+        s = self.shard_of[i]
+        source = str(self.shards[s])
+        try:
+            record = json.loads(self._read(s, self.json_at[i], self.json_len[i]))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise BadRecordError(self.keys[i], f"{self.keys[i]}.json is not valid JSON ({type(e).__name__})", source) from None
+        images = [self._read(s, self.image_at[j], self.image_len[j]) for j in range(self.image_start[i], self.image_start[i + 1])]
+        if not isinstance(record, dict):
+            raise BadRecordError(self.keys[i], "record is not a JSON object", source)
+        record = {"id": self.keys[i], **record}
+        # The images are the shard's members, not paths: placeholders stand in while parsing.
+        names = [f"#{j}" for j in range(len(images))]
+        record.update({"images": names} if "messages" in record else {"image": names})
+        sample = record_to_sample(record, i, Path("."), source)
+        sample.images = images
+        return sample
+
+
+# ---- Hugging Face parquet / arrow -----------------------------------------------------------------
+
+IMAGE_COLUMNS = ("images", "image")
+
+
+class ArrowSource(Source):
+    """Parquet shards or an arrow folder through Hugging Face `datasets` (memory-mapped, so rows
+    are read on demand). Images stay undecoded bytes until a worker encodes the record."""
+
+    def __init__(self, path: Path, fmt: str):
+        import datasets
+        import pyarrow.parquet as pq
+
+        self.path, self.bad = path, []
+        datasets.disable_progress_bars()
+        if fmt == "parquet":
+            self.shards = _shards(path, ".parquet")
+            rows = []
+            for shard in self.shards:
+                try:
+                    schema = pq.read_schema(shard)
+                    rows.append(pq.ParquetFile(shard).metadata.num_rows)
+                except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+                    raise DataSourceError(f"{shard}: not a readable parquet shard ({type(e).__name__}: {e})") from None
+                self._check_columns(shard, schema.names)
+            self.ds = datasets.Dataset.from_parquet([str(s) for s in self.shards], keep_in_memory=False)
+            self.ends = list(torch.tensor(rows).cumsum(0).tolist())
+        else:
+            self.shards = [path]
+            self.ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_file(str(path))
+            if isinstance(self.ds, datasets.DatasetDict):
+                raise DataSourceError(f"{path}: holds several splits ({', '.join(self.ds)}); point at one split's folder")
+            self._check_columns(path, self.ds.column_names)
+            self.ends = [len(self.ds)]
+        self.image_column = next(c for c in IMAGE_COLUMNS if c in self.ds.column_names)
+        # Undecoded: {"bytes", "path"} per image, decoded by the processor like any image file.
+        feature = self.ds.features[self.image_column]
+        if isinstance(feature, datasets.Image):
+            self.ds = self.ds.cast_column(self.image_column, datasets.Image(decode=False))
+        elif isinstance(feature, (list, datasets.Sequence)) or hasattr(feature, "feature"):
+            self.ds = self.ds.cast_column(self.image_column, datasets.Sequence(datasets.Image(decode=False)))
+
+    def files(self) -> list[Path]:
+        return list(self.shards) if self.path.is_dir() or self.path.suffix == ".parquet" else [self.path]
+
+    @staticmethod
+    def _check_columns(shard: Path, names: list[str]) -> None:
+        if not any(c in names for c in IMAGE_COLUMNS):
+            raise DataSourceError(f"{shard}: no image column (expected one of {list(IMAGE_COLUMNS)}; columns: {names})")
+        if "texts" not in names and "conversations" not in names and "messages" not in names:
+            raise DataSourceError(f"{shard}: no text column (expected 'texts' (the_cauldron), 'conversations' or 'messages'; "
+                                  f"columns: {names})")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def where(self, i: int) -> tuple[str, int]:
+        s = bisect.bisect_right(self.ends, i)
+        return str(self.shards[min(s, len(self.shards) - 1)]), i - (self.ends[s - 1] if s else 0)
+
+    def record(self, i: int) -> Sample:
+        row = self.ds[i]
+        shard, local = self.where(i)
+        rid = str(row["id"]) if row.get("id") is not None else f"#{local}"
+        value = row[self.image_column]
+        images = value if isinstance(value, list) else [value] if value is not None else []
+        blobs = []
+        for image in images:
+            data = image.get("bytes") if isinstance(image, dict) else None
+            if not data:
+                raise BadRecordError(rid, "an image has no embedded bytes", shard)
+            blobs.append(data)
+        if "texts" in row:  # the_cauldron: every image leads the first user turn
+            from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
+
+            turns = row["texts"] or []
+            if not turns:
+                raise BadRecordError(rid, "empty 'texts'", shard)
+            messages = []
+            for t, turn in enumerate(turns):
+                user, assistant = turn.get("user"), turn.get("assistant")
+                if not isinstance(user, str) or not isinstance(assistant, str):
+                    raise BadRecordError(rid, f"texts[{t}] needs string 'user' and 'assistant'", shard)
+                if t == 0:
+                    user = IMAGE_PLACEHOLDER * len(blobs) + "\n" + user if blobs else user
+                messages += [Message("user", user), Message("assistant", assistant)]
+            return Sample(rid, messages, blobs)
+        record = {k: v for k, v in row.items() if k != self.image_column}
+        record["id"] = rid
+        names = [f"#{j}" for j in range(len(blobs))]
+        record.update({"images": names} if "messages" in record else {"image": names})
+        sample = record_to_sample(record, local, Path("."), shard)
+        sample.images = blobs
+        return sample
+
+
+# ---- mixtures -----------------------------------------------------------------------------------
+
+class Mixture:
+    """Several sources as one index space: global index g lies in source k at g - starts[k]."""
+
+    def __init__(self, sources: list[Source], weights: list[float], names: list[str]):
+        if any(not (w > 0) for w in weights):
+            raise DataSourceError(f"mixture weights must be > 0, got {weights} for {names}")
+        self.sources, self.weights, self.names = sources, weights, names
+        self.starts = [0]
+        for s in sources:
+            self.starts.append(self.starts[-1] + len(s))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, g: int) -> tuple[int, int]:
+        k = bisect.bisect_right(self.starts, g) - 1
+        return k, g - self.starts[k]
+
+    def record(self, g: int):
+        k, i = self.locate(g)
+        return self.sources[k].record(i)
+
+    def source_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(indices, torch.tensor(self.starts[1:]), right=True)
+
+
+def _stage_salt(stage: str) -> int:
+    return sum(map(ord, stage))
+
+
+def epoch_order(mixture: Mixture, seed: int, stage: str):
+    """Endless epochs of global indices. One source: a fresh permutation each epoch (as always).
+    Several: each epoch has as many draws as all sources hold; each draw picks a source by weight
+    (a seeded multinomial) and takes that source's next record from its own endless sequence of
+    permutations, so every source is seen whole before any of its records repeats."""
+    salt = _stage_salt(stage)
+    if len(mixture.sources) == 1:
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + salt)
+            yield torch.randperm(len(mixture), generator=g)
+            epoch += 1
+    sizes = [len(s) for s in mixture.sources]
+    cursors = [0] * len(sizes)
+    perms = [None] * len(sizes)
+    rounds = [0] * len(sizes)
+    weights = torch.tensor(mixture.weights, dtype=torch.float64)
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + salt)
+        choice = torch.multinomial(weights, len(mixture), replacement=True, generator=g)
+        order = torch.empty(len(mixture), dtype=torch.long)
+        for k, n in enumerate(sizes):
+            at = (choice == k).nonzero().flatten()
+            taken = []
+            need = len(at)
+            while need:
+                if perms[k] is None or cursors[k] == n:
+                    pg = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (k + 1) + rounds[k] + salt)
+                    perms[k], cursors[k] = torch.randperm(n, generator=pg), 0
+                    rounds[k] += 1
+                step = min(need, n - cursors[k])
+                taken.append(perms[k][cursors[k] : cursors[k] + step])
+                cursors[k] += step
+                need -= step
+            if taken:
+                order[at] = torch.cat(taken) + mixture.starts[k]
+        yield order
+        epoch += 1
+
+
+def micro_batches(mixture: Mixture, batch_size: int, seed: int, stage: str, min_size: int = 1):
+    """Endless global micro-batches (lists of global indices): a pure function of the seed and the
+    position, so a resumed run skips exactly what it consumed. An epoch's short tail batch is
+    kept unless it has fewer samples than there are ranks to share it."""
+    for order in epoch_order(mixture, seed, stage):
+        order = order.tolist()
+        for i in range(0, len(order), batch_size):
+            if len(order[i : i + batch_size]) >= min_size:
+                yield order[i : i + batch_size]
