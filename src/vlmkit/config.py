@@ -312,7 +312,14 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
-    for e in err.errors():
+    errors = err.errors()
+    # A field that takes a path or a list of sources reports both union branches; when the list
+    # branch has something to say, the "not a string" complaint is noise. Branch tags are dropped.
+    tagged = {tuple(e["loc"][:i]) for e in errors for i, p in enumerate(e["loc"]) if isinstance(p, str) and "[" in p}
+    errors = [e for e in errors if not any(p == "str" and tuple(e["loc"][:i]) in tagged for i, p in enumerate(e["loc"]))]
+    for e in errors:
+        e["loc"] = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+    for e in errors:
         where = ".".join(str(p) for p in e["loc"]) or "(root)"
         message = e["msg"]
         if e["type"] == "extra_forbidden" and e["loc"]:

@@ -458,9 +458,11 @@ def _stage_salt(stage: str) -> int:
 
 def epoch_order(mixture: Mixture, seed: int, stage: str):
     """Endless epochs of global indices. One source: a fresh permutation each epoch (as always).
-    Several: each epoch has as many draws as all sources hold; each draw picks a source by weight
-    (a seeded multinomial) and takes that source's next record from its own endless sequence of
-    permutations, so every source is seen whole before any of its records repeats."""
+    Several: each epoch has as many draws as all sources hold, split between the sources by
+    weight (largest remainder, carried over epochs, so the realised shares stay within one draw
+    of the weights) and placed in a seeded random order; each draw takes its source's next record
+    from that source's own endless sequence of permutations, so every source is seen whole before
+    any of its records repeats."""
     salt = _stage_salt(stage)
     if len(mixture.sources) == 1:
         epoch = 0
@@ -472,11 +474,21 @@ def epoch_order(mixture: Mixture, seed: int, stage: str):
     cursors = [0] * len(sizes)
     perms = [None] * len(sizes)
     rounds = [0] * len(sizes)
-    weights = torch.tensor(mixture.weights, dtype=torch.float64)
+    total = sum(mixture.weights)
+    shares = [w / total for w in mixture.weights]
+    drawn = [0] * len(sizes)
+    L = len(mixture)
     epoch = 0
     while True:
+        ideal = [p * L * (epoch + 1) for p in shares]
+        counts = [int(x) - d for x, d in zip(ideal, drawn)]
+        by_remainder = sorted(range(len(sizes)), key=lambda k: (-(ideal[k] - int(ideal[k])), k))
+        for k in by_remainder[: L - sum(counts)]:
+            counts[k] += 1
+        drawn = [d + c for d, c in zip(drawn, counts)]
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + salt)
-        choice = torch.multinomial(weights, len(mixture), replacement=True, generator=g)
+        labels = torch.cat([torch.full((c,), k, dtype=torch.long) for k, c in enumerate(counts)])
+        choice = labels[torch.randperm(L, generator=g)]
         order = torch.empty(len(mixture), dtype=torch.long)
         for k, n in enumerate(sizes):
             at = (choice == k).nonzero().flatten()
