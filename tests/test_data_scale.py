@@ -84,6 +84,26 @@ def test_sources_index_without_decoding_and_read_records_lazily(data_dir):
     assert a.images[0].read_bytes() == b.images[0] == c.images[0]
 
 
+def test_the_cauldron_layout_trains(data_dir, tmp_path):
+    """the_cauldron's parquet layout: `images` (embedded) + `texts: [{user, assistant}]`."""
+    import datasets
+
+    records = json.loads((data_dir / "stage2.json").read_text())[:6]
+    table = {"images": [[{"bytes": (data_dir / r["image"]).read_bytes(), "path": None}] for r in records],
+             "texts": [[{"user": r["conversations"][0]["value"].replace("<image>", "").strip(),
+                         "assistant": r["conversations"][1]["value"], "source": "synth"}] for r in records]}
+    (tmp_path / "cauldron").mkdir()
+    ds = datasets.Dataset.from_dict(table).cast_column("images", datasets.Sequence(datasets.Image()))
+    ds.to_parquet(str(tmp_path / "cauldron" / "train-00000-of-00001.parquet"))
+    source = open_source(tmp_path / "cauldron")
+    sample = source.record(2)
+    assert sample.messages[0].content.startswith("<image>") and sample.images == [(data_dir / records[2]["image"]).read_bytes()]
+    assert sample.id == "#2"
+    cfg = load_config(recipe(tmp_path / "run", str(tmp_path / "cauldron"), max_steps=2, batch_size=2))
+    _, (res,) = run_training(cfg, model=build(), progress=False)
+    assert len(res.losses) == 2 and all(loss > 0 for loss in res.losses)
+
+
 def test_mixture_realised_shares_match_the_weights():
     class Fake:
         def __init__(self, n):
@@ -221,3 +241,34 @@ def test_empty_and_missing_sources_are_named(data_dir, tmp_path):
         _check(tmp_path, str(tmp_path / "empty.tar"))
     with pytest.raises(DataError, match=r"data file not found: .*nowhere\.parquet"):
         _check(tmp_path, [{"path": str(data_dir / "stage2.json")}, {"path": str(tmp_path / "nowhere.parquet")}])
+
+
+# ---- data-parallel evaluation -----------------------------------------------------------------
+
+def test_two_process_eval_equals_one_process(tmp_path):
+    from vlmkit.eval.synth import synth_bench
+
+    synth_bench("chartqa", tmp_path / "bench", n=10)
+    child = Path(__file__).resolve().parent / "_eval_child.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(child), str(tmp_path / "bench"), str(tmp_path / "one"), "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    # A leftover rank cache from an interrupted run counts as cached and is merged.
+    (tmp_path / "two").mkdir()
+    first = (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()[0]
+    (tmp_path / "two" / "predictions.rank1.jsonl").write_text(first + "\n")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(child),
+                          str(tmp_path / "bench"), str(tmp_path / "two"), "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    preds = {}
+    for name in ("one", "two"):
+        lines = [json.loads(x) for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        preds[name] = {r["id"]: r["prediction"] for r in lines}
+        assert len(lines) == len(preds[name])  # nothing written twice
+    assert preds["one"] == preds["two"] and len(preds["one"]) > 0
+    assert not list((tmp_path / "two").glob("predictions.rank*.jsonl"))
+    r1, r2 = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    drop = ("generation_seconds", "samples_per_s", "generated", "reused_from_cache", "data")
+    assert {k: v for k, v in r1.items() if k not in drop} == {k: v for k, v in r2.items() if k not in drop}
+    assert r2["reused_from_cache"] == 1 and r2["generated"] == r1["generated"] - 1

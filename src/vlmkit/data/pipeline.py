@@ -163,5 +163,10 @@ def make_loader(dataset: StageDataset, sampler, num_workers: int, pin_memory: bo
     """A DataLoader over whole micro-batches. Its own generator, so creating it never draws from
     the global RNG (which a resumed run restores and must find untouched)."""
     kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
+    if num_workers > 0:
+        # Forked workers must not use the tokenizer's thread pool (tokenizers warns, and could deadlock).
+        import os
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_identity,
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **kwargs)

@@ -24,6 +24,7 @@ import bisect
 import io
 import json
 import os
+import re
 import tarfile
 from array import array
 from dataclasses import dataclass
@@ -140,17 +141,13 @@ def _json_spans(path: Path):
         raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
     ascii_only = len(text) == len(data)  # then a character offset is a byte offset
     decoder = json.JSONDecoder()
-    ws = " \t\r\n"
-    pos = len(text) - len(text.lstrip(ws))
+    skip = _WHITESPACE.match
+    pos = skip(text, 0).end()
     if not text.startswith("[", pos):
         raise ValueError(f"{path}: expected a JSON list of data records")
-    pos += 1
+    pos = skip(text, pos + 1).end()
     index, byte_pos, char_pos = 0, 0, 0
-    while True:
-        while pos < len(text) and text[pos] in ws:
-            pos += 1
-        if text.startswith("]", pos):
-            break
+    while not text.startswith("]", pos):
         try:
             record, end = decoder.raw_decode(text, pos)
         except (json.JSONDecodeError, RecursionError) as e:
@@ -164,13 +161,14 @@ def _json_spans(path: Path):
             byte_pos += length
         yield start, length, index, record
         index += 1
-        pos = end
-        while pos < len(text) and text[pos] in ws:
-            pos += 1
+        pos = skip(text, end).end()
         if text.startswith(",", pos):
-            pos += 1
+            pos = skip(text, pos + 1).end()
         elif not text.startswith("]", pos):
             raise ValueError(f"{path}: not valid JSON (expected ',' or ']' at character {pos})")
+
+
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
 
 
 class JsonSource(Source):
@@ -192,7 +190,8 @@ class JsonSource(Source):
                     self.bad.append(BadRecord(index, e.record_id, str(e)))
                     continue
                 if check_files:
-                    absent = [p for p in [*item.images, *getattr(item, "videos", [])] if isinstance(p, Path) and not p.is_file()]
+                    absent = [p for p in [*item.images, *getattr(item, "videos", [])]
+                              if isinstance(p, Path) and not os.path.isfile(os.fspath(p))]
                     if absent:
                         self.bad.append(BadRecord(index, item.id, f"record {item.id!r}: {', '.join(str(p.resolve()) for p in absent)}",
                                                   missing_files=True))
