@@ -312,11 +312,11 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
             reference_logps = _score_pairs(model, dataset, on_device, stage.batch_size, tcfg.num_workers, pin)
     objective = DPOObjective(stage, reference_model, reference_logps) if dpo else SFTObjective(stage)
 
-    wrapped = D.wrap(model, dist)
+    wrapped = dist.strategy.wrap(model, dist)
     optimizer, scheduler = make_optimizer(model, stage, total_steps)
     step, losses = 0, []
     if state is not None:
-        D.load_optimizer_state(model, optimizer, state["optimizer"], dist)
+        dist.strategy.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
         rngs = state["rng"]
@@ -336,7 +336,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
 
     def save_periodic() -> None:
         weights = ckpt.model_state(model, ckpt.parts_to_save(model))
-        optim_state = D.full_optimizer_state(model, optimizer, dist)
+        optim_state = dist.strategy.full_optimizer_state(model, optimizer)
         rngs = dist.gather_objects(ckpt.rng_state())
         skipped = [row for rows in dist.gather_objects([(g, *v) for g, v in data_in.skipped.items()]) for row in rows]
         if dist.is_main:
@@ -372,8 +372,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
                     continue
                 batch = on_device(mb)
                 telemetry.data_done()
-                sync = m == len(micro) - 1 or not hasattr(wrapped, "no_sync")
-                with (wrapped.no_sync() if not sync else _nullcontext()), autocast:
+                with dist.strategy.no_sync(wrapped, last=m == len(micro) - 1), autocast:
                     loss_sum, n_targets = objective.loss(wrapped, model, batch, mb, stats)
                 # DDP and FSDP average gradients over ranks; the world-size factor undoes that.
                 (loss_sum * (dist.world_size / max(1, normaliser))).backward()
@@ -452,14 +451,6 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         ckpt.remove_periodic(stage_dir)
     dist.barrier()
     return StageResult(name, step, time.perf_counter() - start, losses, skipped, final_dir, model.trainable_parameters())
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_weights(model, directory: Path) -> None:
