@@ -149,6 +149,11 @@ class DataSource(Strict):
     """`auto`: told from the file name or the folder's contents."""
     image_folder: str | None = None
     """LLaVA sources: the folder image paths resolve against (default: the data file's folder)."""
+    streaming: bool = False
+    """Parquet sources: read the shards through `datasets`' streaming mode (no arrow cache copy, a
+    seeded shuffle buffer instead of a full shuffle; a resume reads the stream up to its position)."""
+    shuffle_buffer: int = Field(default=1000, gt=0)
+    """Streaming: rows in the shuffle buffer."""
 
 
 class StageConfig(Strict):

@@ -22,7 +22,7 @@ import torch
 
 from vlmkit.data.collate import Batch, collate, pack
 from vlmkit.data.formats import BadRecordError
-from vlmkit.data.sources import Mixture, micro_batches
+from vlmkit.data.sources import Mixture, StreamCursor, micro_batches
 from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
 
@@ -82,7 +82,8 @@ class MicroBatch:
 
 class StageDataset(torch.utils.data.Dataset):
     """Map-style dataset whose item is a whole micro-batch: given (this rank's global indices,
-    the global micro-batch), returns a `MicroBatch`. Runs in DataLoader workers."""
+    the global micro-batch, the rows of streamed records or None), returns a `MicroBatch`.
+    Runs in DataLoader workers."""
 
     def __init__(self, mixture: Mixture, processor: ChatProcessor, *, dpo: bool, pad_id: int, packing: bool = False,
                  capacity: int = 0, max_images: int | None = None, image_keys: bool = False):
@@ -90,19 +91,23 @@ class StageDataset(torch.utils.data.Dataset):
         self.pad_id, self.packing, self.capacity, self.max_images = pad_id, packing, capacity, max_images
         self.image_keys = image_keys
 
-    def unit(self, g: int) -> tuple[list[EncodedSample], tuple]:
-        item = self.mixture.record(g)
+    def unit(self, g: int, row: dict | None = None) -> tuple[list[EncodedSample], tuple]:
+        if row is not None:  # a streamed source's row, read by the sampler
+            k, p = self.mixture.locate(g)
+            item = self.mixture.sources[k].row_sample(row, p)
+        else:
+            item = self.mixture.record(g)
         if self.dpo:
             pair = [last_turn_only(encode_record(self.processor, item.sample(side))) for side in ("chosen", "rejected")]
             return pair, (item.ref_chosen_logp, item.ref_rejected_logp)
         return [encode_record(self.processor, item)], (None, None)
 
-    def __getitem__(self, item: tuple[tuple[int, ...], tuple[int, ...]]) -> MicroBatch:
-        mine, global_indices = item
+    def __getitem__(self, item: tuple) -> MicroBatch:
+        mine, global_indices, rows = item
         units, indices, refs, skipped = [], [], [], []
-        for g in mine:
+        for g, row in zip(mine, rows):
             try:
-                unit, ref = self.unit(g)
+                unit, ref = self.unit(g, row)
             except BadRecordError as e:
                 skipped.append((g, str(e.record_id), str(e)))
                 continue
@@ -136,12 +141,15 @@ class RankSampler:
 
     def __iter__(self):
         it = micro_batches(self.mixture, self.batch_size, self.seed, self.stage, min_size=self.world_size)
+        streams = StreamCursor(self.mixture, self.seed, self.stage)
         for _ in range(self.skip):
-            next(it)
+            streams.rows(next(it), set())  # a streamed source must be read up to the position
         for indices in it:
             base, extra = divmod(len(indices), self.world_size)
             start = self.rank * base + min(self.rank, extra)
-            yield tuple(indices[start : start + base + (self.rank < extra)]), tuple(indices)
+            mine = tuple(indices[start : start + base + (self.rank < extra)])
+            rows = streams.rows(indices, set(mine))
+            yield mine, tuple(indices), tuple(rows.get(g) for g in mine)
 
 
 class SequentialSampler:
@@ -153,7 +161,7 @@ class SequentialSampler:
     def __iter__(self):
         for i in range(0, self.n, self.batch_size):
             chunk = tuple(range(i, min(self.n, i + self.batch_size)))
-            yield chunk, chunk
+            yield chunk, chunk, (None,) * len(chunk)
 
     def __len__(self):
         return (self.n + self.batch_size - 1) // self.batch_size

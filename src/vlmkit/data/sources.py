@@ -7,7 +7,9 @@ can be read again in a DataLoader worker when its micro-batch comes up.
 
 * LLaVA JSON / JSONL (+ image folder): byte offsets of each record in the file.
 * Hugging Face parquet shards and arrow folders (`datasets`, memory-mapped; the_cauldron's
-  layout of `images` (embedded bytes) + `texts` [{user, assistant}], or LLaVA columns).
+  layout of `images` (embedded bytes) + `texts` [{user, assistant}], or LLaVA columns); parquet
+  also through `datasets`' streaming mode (`StreamSource`: read in order through a seeded
+  shuffle buffer, positions instead of offsets).
 * WebDataset tar shards (`.tar` of `KEY.json` + `KEY.jpg|png|...`): read with `tarfile`, whose
   member offsets give random access. The `webdataset` library is not used: its pipelines are
   sequential streams (shard shuffle + shuffle buffer), so the batch order could not be a pure
@@ -73,7 +75,7 @@ def detect_format(path: Path) -> str:
 
 
 def open_source(path: str | Path, fmt: str = "auto", image_folder: str | Path | None = None, kind: str = "sft",
-                check_files: bool = True, allow_empty: bool = False) -> "Source":
+                check_files: bool = True, allow_empty: bool = False, streaming: bool = False, shuffle_buffer: int = 1000) -> "Source":
     """Index one source. `kind`: `sft` (samples) or `dpo` (preference pairs, JSON only)."""
     path = Path(path)
     if not path.exists():
@@ -87,6 +89,10 @@ def open_source(path: str | Path, fmt: str = "auto", image_folder: str | Path | 
         source = JsonSource(path, image_folder, kind, check_files)
     elif fmt == "webdataset":
         source = TarSource(path)
+    elif streaming:
+        if fmt != "parquet":
+            raise DataSourceError(f"{path}: streaming reads parquet shards, not {fmt}")
+        source = StreamSource(path, shuffle_buffer)
     elif fmt in ("parquet", "arrow"):
         source = ArrowSource(path, fmt)
     else:
@@ -363,11 +369,7 @@ class ArrowSource(Source):
             self.ends = [len(self.ds)]
         self.image_column = next(c for c in IMAGE_COLUMNS if c in self.ds.column_names)
         # Undecoded: {"bytes", "path"} per image, decoded by the processor like any image file.
-        feature = self.ds.features[self.image_column]
-        if isinstance(feature, datasets.Image):
-            self.ds = self.ds.cast_column(self.image_column, datasets.Image(decode=False))
-        elif isinstance(feature, (list, datasets.Sequence)) or hasattr(feature, "feature"):
-            self.ds = self.ds.cast_column(self.image_column, datasets.Sequence(datasets.Image(decode=False)))
+        self.ds = _undecoded(self.ds, self.image_column)
 
     def files(self) -> list[Path]:
         return list(self.shards) if self.path.is_dir() or self.path.suffix == ".parquet" else [self.path]
@@ -388,39 +390,139 @@ class ArrowSource(Source):
         return str(self.shards[min(s, len(self.shards) - 1)]), i - (self.ends[s - 1] if s else 0)
 
     def record(self, i: int) -> Sample:
-        row = self.ds[i]
         shard, local = self.where(i)
-        rid = str(row["id"]) if row.get("id") is not None else f"#{local}"
-        value = row[self.image_column]
-        images = value if isinstance(value, list) else [value] if value is not None else []
-        blobs = []
-        for image in images:
-            data = image.get("bytes") if isinstance(image, dict) else None
-            if not data:
-                raise BadRecordError(rid, "an image has no embedded bytes", shard)
-            blobs.append(data)
-        if "texts" in row:  # the_cauldron: every image leads the first user turn
-            from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
+        return row_to_sample(self.ds[i], self.image_column, f"#{local}", shard, local)
 
-            turns = row["texts"] or []
-            if not turns:
-                raise BadRecordError(rid, "empty 'texts'", shard)
-            messages = []
-            for t, turn in enumerate(turns):
-                user, assistant = turn.get("user"), turn.get("assistant")
-                if not isinstance(user, str) or not isinstance(assistant, str):
-                    raise BadRecordError(rid, f"texts[{t}] needs string 'user' and 'assistant'", shard)
-                if t == 0:
-                    user = IMAGE_PLACEHOLDER * len(blobs) + "\n" + user if blobs else user
-                messages += [Message("user", user), Message("assistant", assistant)]
-            return Sample(rid, messages, blobs)
-        record = {k: v for k, v in row.items() if k != self.image_column}
-        record["id"] = rid
-        names = [f"#{j}" for j in range(len(blobs))]
-        record.update({"images": names} if "messages" in record else {"image": names})
-        sample = record_to_sample(record, local, Path("."), shard)
-        sample.images = blobs
-        return sample
+
+def row_to_sample(row: dict, image_column: str, default_id: str, source: str, index: int) -> Sample:
+    """A parquet / arrow row: the_cauldron's `texts` or LLaVA `conversations` / `messages`
+    columns, images as embedded bytes."""
+    rid = str(row["id"]) if row.get("id") is not None else default_id
+    value = row[image_column]
+    images = value if isinstance(value, list) else [value] if value is not None else []
+    blobs = []
+    for image in images:
+        data = image.get("bytes") if isinstance(image, dict) else None
+        if not data:
+            raise BadRecordError(rid, "an image has no embedded bytes", source)
+        blobs.append(data)
+    if "texts" in row:  # the_cauldron: every image leads the first user turn
+        from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
+
+        turns = row["texts"] or []
+        if not turns:
+            raise BadRecordError(rid, "empty 'texts'", source)
+        messages = []
+        for t, turn in enumerate(turns):
+            user, assistant = turn.get("user"), turn.get("assistant")
+            if not isinstance(user, str) or not isinstance(assistant, str):
+                raise BadRecordError(rid, f"texts[{t}] needs string 'user' and 'assistant'", source)
+            if t == 0:
+                user = IMAGE_PLACEHOLDER * len(blobs) + "\n" + user if blobs else user
+            messages += [Message("user", user), Message("assistant", assistant)]
+        return Sample(rid, messages, blobs)
+    record = {k: v for k, v in row.items() if k != image_column}
+    record["id"] = rid
+    names = [f"#{j}" for j in range(len(blobs))]
+    record.update({"images": names} if "messages" in record else {"image": names})
+    sample = record_to_sample(record, index, Path("."), source)
+    sample.images = blobs
+    return sample
+
+
+def _undecoded(ds, column: str):
+    """Cast an image column (one image or a list) to undecoded {bytes, path} values."""
+    import datasets
+
+    feature = ds.features[column] if ds.features else None
+    if isinstance(feature, datasets.Image):
+        return ds.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, (list, datasets.Sequence)) or hasattr(feature, "feature"):
+        return ds.cast_column(column, datasets.Sequence(datasets.Image(decode=False)))
+    return ds
+
+
+class StreamSource(Source):
+    """Parquet shards through `datasets`' streaming mode: rows come in file order through a
+    seeded shuffle buffer, with no arrow cache written and nothing memory-mapped. The stream is
+    read in the training process (rows, not pixels), so the order does not depend on the number
+    of workers; each epoch of the source reshuffles with the epoch number. There is no random
+    access: a resumed run reads the stream again up to its position (I/O, no decoding), and
+    under torchrun every rank reads the whole stream and keeps its share."""
+
+    streaming = True
+
+    def __init__(self, path: Path, shuffle_buffer: int = 1000):
+        import pyarrow.parquet as pq
+
+        self.path, self.bad, self.buffer = path, [], shuffle_buffer
+        self.shards = _shards(path, ".parquet")
+        self.n = 0
+        for shard in self.shards:
+            try:
+                names = pq.read_schema(shard).names
+                self.n += pq.ParquetFile(shard).metadata.num_rows
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+                raise DataSourceError(f"{shard}: not a readable parquet shard ({type(e).__name__}: {e})") from None
+            ArrowSource._check_columns(shard, names)
+        self.image_column = next(c for c in IMAGE_COLUMNS if c in names)
+
+    def files(self) -> list[Path]:
+        return list(self.shards)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def stream(self, seed: int, epoch: int):
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset("parquet", data_files=[str(s) for s in self.shards], split="train", streaming=True)
+        ds = _undecoded(ds, self.image_column).shuffle(seed=seed, buffer_size=self.buffer)
+        ds.set_epoch(epoch)
+        return iter(ds)
+
+    def record(self, i: int):
+        raise TypeError(f"{self.path} is streamed: its rows come from the stream, not by index")
+
+    def row_sample(self, row: dict, position: int) -> Sample:
+        return row_to_sample(row, self.image_column, f"#{position}", f"{self.path} (streamed)", position)
+
+
+class StreamCursor:
+    """The rows of a mixture's streamed sources, read in the order the sampler draws them: within
+    one epoch of a streamed source its positions come in increasing order (its 'permutation' is
+    the stream's own order), and a position lower than the last starts the source's next epoch."""
+
+    def __init__(self, mixture: "Mixture", seed: int, stage: str):
+        self.mixture = mixture
+        self.seed = seed * 1_000_003 + _stage_salt(stage)
+        self.state = {k: {"it": None, "next": 0, "epoch": -1} for k, s in enumerate(mixture.sources) if getattr(s, "streaming", False)}
+
+    def rows(self, indices: list[int], keep: set[int]) -> dict[int, dict]:
+        """Advance every streamed source through `indices` (a global micro-batch); return the rows of `keep`."""
+        out = {}
+        if not self.state:
+            return out
+        for g in indices:
+            k, p = self.mixture.locate(g)
+            st = self.state.get(k)
+            if st is None:
+                continue
+            if st["it"] is None or p < st["next"]:
+                st["epoch"] += 1
+                st["it"], st["next"] = self.mixture.sources[k].stream(self.seed + k, st["epoch"]), 0
+            row = None
+            while st["next"] <= p:
+                try:
+                    row = next(st["it"])
+                except StopIteration:
+                    raise DataSourceError(f"{self.mixture.sources[k].path}: the stream ended after {st['next']} rows, "
+                                          f"but the shards' metadata promised {len(self.mixture.sources[k])}") from None
+                st["next"] += 1
+            if g in keep:
+                out[g] = row
+        return out
 
 
 # ---- mixtures -----------------------------------------------------------------------------------
@@ -463,11 +565,15 @@ def epoch_order(mixture: Mixture, seed: int, stage: str):
     from that source's own endless sequence of permutations, so every source is seen whole before
     any of its records repeats."""
     salt = _stage_salt(stage)
+    streamed = [getattr(s, "streaming", False) for s in mixture.sources]
     if len(mixture.sources) == 1:
         epoch = 0
         while True:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + salt)
-            yield torch.randperm(len(mixture), generator=g)
+            if streamed[0]:
+                yield torch.arange(len(mixture))  # the stream shuffles itself
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + salt)
+                yield torch.randperm(len(mixture), generator=g)
             epoch += 1
     sizes = [len(s) for s in mixture.sources]
     cursors = [0] * len(sizes)
@@ -496,7 +602,8 @@ def epoch_order(mixture: Mixture, seed: int, stage: str):
             while need:
                 if perms[k] is None or cursors[k] == n:
                     pg = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (k + 1) + rounds[k] + salt)
-                    perms[k], cursors[k] = torch.randperm(n, generator=pg), 0
+                    perms[k] = torch.arange(n) if streamed[k] else torch.randperm(n, generator=pg)
+                    cursors[k] = 0
                     rounds[k] += 1
                 step = min(need, n - cursors[k])
                 taken.append(perms[k][cursors[k] : cursors[k] + step])
