@@ -300,3 +300,8 @@ def test_streamed_parquet_is_deterministic_resumable_and_whole_per_epoch(data_di
         _, (res,) = run_training(cfg, model=build(), progress=False)
         losses.append(res.losses)
     assert losses[0] == losses[1] and len(losses[0]) == 5
+
+
+def test_misspelt_source_key_suggests_the_real_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.stages\.sft\.data\.0\.wieght: unknown key; did you mean 'weight'\?"):
+        load_config(recipe(tmp_path, [{"path": "a.json", "wieght": 2}]))

@@ -300,6 +300,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             annotation = target.model_fields[part].annotation
         elif get_origin(annotation) is dict:
             annotation = get_args(annotation)[1]
+        elif isinstance(part, int) and (lists := [a for a in (annotation, *get_args(annotation)) if get_origin(a) is list]):
+            annotation = get_args(lists[0])[0]  # an item of a list (a stage's data sources)
         else:
             return []
     target = _model_in(annotation)
