@@ -31,6 +31,7 @@ def _registered() -> dict[str, list[str]]:
     """Names each registry accepts, keyed by the dotted field that takes them."""
     import vlmkit.model.connectors  # noqa: F401  (importing registers the builders)
     import vlmkit.model.language  # noqa: F401
+    import vlmkit.model.qwen2vl  # noqa: F401  (its tower and text model; otherwise listed only once something imported it)
     import vlmkit.model.vision  # noqa: F401
     from vlmkit.processing import import_families
     from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS
