@@ -23,6 +23,7 @@ refuses, too long) happen when a record is encoded.
 from __future__ import annotations
 
 import bisect
+import codecs
 import io
 import json
 import os
@@ -126,52 +127,95 @@ class Source:
 
 def _json_spans(path: Path):
     """(byte offset, byte length, record index, parsed record or BadRecordError) of every record of
-    a JSON list or JSONL file, reading the file once."""
-    data = path.read_bytes()
-    if path.suffix.lower() == ".jsonl":
-        offset = 0
-        index = 0
-        for lineno, line in enumerate(data.split(b"\n"), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
-                    record = BadRecordError(f"line {lineno}", f"not valid JSON ({type(e).__name__})", str(path))
-                yield offset, len(line), index, record
-                index += 1
-            offset += len(line) + 1
-        return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
-    ascii_only = len(text) == len(data)  # then a character offset is a byte offset
-    decoder = json.JSONDecoder()
-    skip = _WHITESPACE.match
-    pos = skip(text, 0).end()
-    if not text.startswith("[", pos):
-        raise ValueError(f"{path}: expected a JSON list of data records")
-    pos = skip(text, pos + 1).end()
-    index, byte_pos, char_pos = 0, 0, 0
-    while not text.startswith("]", pos):
+    a JSON list or JSONL file, reading the file once, a chunk at a time (so a 1 GB mix665k.json
+    never sits in memory whole)."""
+    with open(path, "rb") as f:
+        if path.suffix.lower() == ".jsonl":
+            offset = index = 0
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+                        record = BadRecordError(f"line {lineno}", f"not valid JSON ({type(e).__name__})", str(path))
+                    yield offset, len(line.rstrip(b"\r\n")), index, record
+                    index += 1
+                offset += len(line)
+            return
+        yield from _json_list_spans(_Chunks(f, path))
+
+
+def _nbytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
+class _Chunks:
+    """A UTF-8 file decoded a chunk at a time: `text` is the part not yet dropped, `base` the byte
+    offset of text[0]."""
+
+    SIZE = 8 << 20
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.base, self.eof = "", 0, False
+        self.more()
+
+    def more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.f.read(self.SIZE)
+        self.eof = not chunk
         try:
-            record, end = decoder.raw_decode(text, pos)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-        if ascii_only:
-            start, length = pos, end - pos
-        else:
-            byte_pos += len(text[char_pos:pos].encode())
-            length = len(text[pos:end].encode())
-            start, char_pos = byte_pos, end
-            byte_pos += length
-        yield start, length, index, record
+            self.text += self.decoder.decode(chunk, final=self.eof)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: not valid UTF-8 ({e})") from None
+        return True
+
+
+def _json_list_spans(c: _Chunks):
+    decoder = json.JSONDecoder()
+
+    def skip_ws(pos: int) -> int:
+        while True:
+            pos = _WHITESPACE.match(c.text, pos).end()
+            if pos < len(c.text) or not c.more():
+                return pos
+
+    pos = skip_ws(0)
+    if not c.text.startswith("[", pos):
+        raise ValueError(f"{c.path}: expected a JSON list of data records")
+    pos = skip_ws(pos + 1)
+    index = 0
+    mark, mark_bytes = 0, 0  # a character position in c.text and its byte offset in the file
+    while not c.text.startswith("]", pos):
+        if pos == len(c.text):
+            raise ValueError(f"{c.path}: not valid JSON (the list is not closed)")
+        while True:
+            try:
+                record, end = decoder.raw_decode(c.text, pos)
+                if end < len(c.text) or c.eof:
+                    break
+            except (json.JSONDecodeError, RecursionError) as e:
+                if not c.more():  # a record cut by the chunk boundary reads whole after more()
+                    raise ValueError(f"{c.path}: not valid JSON ({type(e).__name__}: {e})") from None
+                continue
+            c.more()
+        start = mark_bytes + _nbytes(c.text[mark:pos])
+        length = _nbytes(c.text[pos:end])
+        yield c.base + start, length, index, record
         index += 1
-        pos = skip(text, end).end()
-        if text.startswith(",", pos):
-            pos = skip(text, pos + 1).end()
-        elif not text.startswith("]", pos):
-            raise ValueError(f"{path}: not valid JSON (expected ',' or ']' at character {pos})")
+        mark, mark_bytes = end, start + length
+        pos = skip_ws(end)
+        if c.text.startswith(",", pos):
+            pos = skip_ws(pos + 1)
+        elif not c.text.startswith("]", pos):
+            raise ValueError(f"{c.path}: not valid JSON (expected ',' or ']' after record {index - 1})")
+        if pos > _Chunks.SIZE:  # forget what is parsed, now and then (not per record: that would copy)
+            mark_bytes += _nbytes(c.text[mark:pos])
+            c.base += mark_bytes
+            c.text = c.text[pos:]
+            pos, mark, mark_bytes = 0, 0, 0
 
 
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
@@ -620,7 +664,6 @@ def micro_batches(mixture: Mixture, batch_size: int, seed: int, stage: str, min_
     position, so a resumed run skips exactly what it consumed. An epoch's short tail batch is
     kept unless it has fewer samples than there are ranks to share it."""
     for order in epoch_order(mixture, seed, stage):
-        order = order.tolist()
         for i in range(0, len(order), batch_size):
             if len(order[i : i + batch_size]) >= min_size:
-                yield order[i : i + batch_size]
+                yield order[i : i + batch_size].tolist()
