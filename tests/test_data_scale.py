@@ -160,6 +160,19 @@ def test_sigkill_mid_epoch_with_two_workers_then_resume_is_bitwise_equal(data_di
     assert res.losses == full["losses"]["sft"]
 
 
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes(data_dir, tmp_path):
+    base = recipe(tmp_path / "run", str(data_dir / "wds"), train={"num_workers": 2}, max_steps=5)
+    r = _child(base, tmp_path, "term", "termgroup-at-log=2")
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "saved step 2" in r.stdout
+    r = _child(base, tmp_path, "again")
+    assert r.returncode == 0 and "resuming at step 2/5" in r.stdout, r.stderr[-2000:]
+    ref = recipe(tmp_path / "ref", str(data_dir / "wds"), max_steps=5)
+    r = _child(ref, tmp_path, "ref")
+    assert r.returncode == 0
+    assert json.loads((tmp_path / "again.out.json").read_text()) == json.loads((tmp_path / "ref.out.json").read_text())
+
+
 def test_two_gloo_processes_over_sharded_data_match_one(data_dir, tmp_path):
     one = recipe(tmp_path / "one", str(data_dir / "parquet"), max_steps=3, batch_size=4, grad_accum=2, train={"num_workers": 1})
     torch.manual_seed(0)

@@ -132,6 +132,15 @@ def _identity(x):
     return x
 
 
+def _worker_init(worker_id: int) -> None:
+    # A SIGTERM to the whole process group (a scheduler's preemption) must reach the training
+    # process alone: it finishes the step and saves. A worker that died of it first would make
+    # the DataLoader raise in the middle of that save.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class RankSampler:
     """This rank's share of each global micro-batch, from position `skip` on (endless)."""
 
@@ -177,4 +186,5 @@ def make_loader(dataset: StageDataset, sampler, num_workers: int, pin_memory: bo
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_identity,
-                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **kwargs)
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+                                       worker_init_fn=_worker_init if num_workers > 0 else None, **kwargs)
