@@ -318,3 +318,26 @@ def test_streamed_parquet_is_deterministic_resumable_and_whole_per_epoch(data_di
 def test_misspelt_source_key_suggests_the_real_one(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.stages\.sft\.data\.0\.wieght: unknown key; did you mean 'weight'\?"):
         load_config(recipe(tmp_path, [{"path": "a.json", "wieght": 2}]))
+
+
+def test_torchrun_eval_cli_equals_one_process(data_dir, tmp_path):
+    """`torchrun -m vlmkit.cli eval run` with a vlmkit checkpoint: same predictions and score."""
+    from vlmkit.eval.synth import synth_bench
+
+    cfg = load_config(recipe(tmp_path / "run", str(data_dir / "stage2.json"), max_steps=1))
+    run_training(cfg, model=build(), progress=False)
+    synth_bench("chartqa", tmp_path / "bench", n=8)
+    args = ["eval", "run", "-b", "chartqa", "-d", str(tmp_path / "bench"), "-m", f"vlmkit:{tmp_path / 'run' / 'checkpoints' / 'sft'}",
+            "--batch-size", "2", "--max-new-tokens", "4", "--no-progress", "--json"]  # 16 items: 2 ranks x 4 full batches
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args, "-o", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vlmkit.cli",
+                          *args, "-o", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    reports = [json.loads(r.stdout[r.stdout.index("{"):]) for r in (one, two)]
+    assert reports[0]["overall"] == reports[1]["overall"] and reports[0]["generated"] == reports[1]["generated"] > 0
+    preds = [{json.loads(x)["id"]: json.loads(x)["prediction"] for x in (tmp_path / n / "predictions.jsonl").read_text().splitlines()}
+             for n in ("one", "two")]
+    assert preds[0] == preds[1] and len(preds[0]) == reports[0]["generated"]
