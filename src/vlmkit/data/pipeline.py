@@ -188,3 +188,47 @@ def make_loader(dataset: StageDataset, sampler, num_workers: int, pin_memory: bo
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_identity,
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
                                        worker_init_fn=_worker_init if num_workers > 0 else None, **kwargs)
+
+
+def _record_error(rid: str, message: str) -> BadRecordError:
+    """A BadRecordError with a worker's message as is (it already names the record and file)."""
+    err = BadRecordError.__new__(BadRecordError)
+    ValueError.__init__(err, message)
+    err.record_id, err.reason = rid, message
+    return err
+
+
+class StageInput:
+    """The stage's micro-batches for this rank, read and encoded by DataLoader workers, and where
+    it stands: how many global micro-batches it has handed out, which records it had to leave
+    out, and how many draws each mixture source has had."""
+
+    def __init__(self, dataset: StageDataset, batch_size: int, seed: int, stage: str, rank: int, world_size: int,
+                 num_workers: int, pin_memory: bool, prefetch: int, on_bad: str, consumed: int = 0,
+                 source_counts: list[int] | None = None):
+        mixture = dataset.mixture
+        self.mixture, self.on_bad = mixture, on_bad
+        self.consumed = consumed
+        self.source_counts = list(source_counts or [0] * len(mixture.sources))
+        self.skipped: dict[int, tuple[str, str]] = {}  # global index -> (record id, message), found while encoding
+        sampler = RankSampler(mixture, batch_size, seed, stage, rank, world_size, skip=consumed)
+        self._it = iter(make_loader(dataset, sampler, num_workers, pin_memory, prefetch))
+
+    def next(self) -> MicroBatch:
+        mb = next(self._it)
+        self.consumed += 1
+        for g, rid, message in mb.skipped:
+            if self.on_bad == "error":
+                raise _record_error(rid, message)
+            self.skipped[g] = (rid, message)
+        for k, n in enumerate(torch.bincount(self.mixture.source_of(torch.tensor(mb.global_indices)),
+                                             minlength=len(self.mixture.sources)).tolist()):
+            self.source_counts[k] += n
+        return mb
+
+    def shares(self) -> dict[str, float]:
+        total = max(1, sum(self.source_counts))
+        return {name: n / total for name, n in zip(self.mixture.names, self.source_counts)}
+
+    def close(self) -> None:
+        self._it = None  # shuts the workers down

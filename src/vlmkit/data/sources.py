@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import io
 import json
 import os
 import re

@@ -14,7 +14,6 @@ SIGTERM finishes the current step, saves, and exits with status 143.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import signal
 import threading
@@ -28,9 +27,8 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import Config, StageConfig
 from vlmkit.data.formats import BadRecordError, Sample
-from vlmkit.data.pipeline import MicroBatch, RankSampler, SequentialSampler, StageDataset, encode_record, last_turn_only, make_loader
+from vlmkit.data.pipeline import MicroBatch, SequentialSampler, StageDataset, StageInput, encode_record, last_turn_only, make_loader
 from vlmkit.data.sources import Mixture
-from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
 from vlmkit.train import checkpoint as ckpt
@@ -181,49 +179,6 @@ class _StopFlag:
 
 # ---- one stage --------------------------------------------------------------------------------
 
-def _record_error(rid: str, message: str) -> BadRecordError:
-    """A BadRecordError with a worker's message as is (it already names the record and file)."""
-    err = BadRecordError.__new__(BadRecordError)
-    ValueError.__init__(err, message)
-    err.record_id, err.reason = rid, message
-    return err
-
-
-class StageInput:
-    """The stage's micro-batches for this rank, read and encoded by DataLoader workers, and where
-    it stands: how many global micro-batches it has handed out, which records it had to leave
-    out, and how many draws each mixture source has had."""
-
-    def __init__(self, dataset: StageDataset, mixture: Mixture, batch_size: int, seed: int, stage: str, dist: D.DistContext,
-                 num_workers: int, pin_memory: bool, prefetch: int, on_bad: str, consumed: int = 0,
-                 source_counts: list[int] | None = None):
-        self.dataset, self.mixture, self.on_bad = dataset, mixture, on_bad
-        self.consumed = consumed
-        self.source_counts = list(source_counts or [0] * len(mixture.sources))
-        self.skipped: dict[int, tuple[str, str]] = {}  # global index -> (record id, message), found while encoding
-        sampler = RankSampler(mixture, batch_size, seed, stage, dist.rank, dist.world_size, skip=consumed)
-        self._it = iter(make_loader(dataset, sampler, num_workers, pin_memory, prefetch))
-
-    def next(self) -> MicroBatch:
-        mb = next(self._it)
-        self.consumed += 1
-        for g, rid, message in mb.skipped:
-            if self.on_bad == "error":
-                raise _record_error(rid, message)
-            self.skipped[g] = (rid, message)
-        for k, n in enumerate(torch.bincount(self.mixture.source_of(torch.tensor(mb.global_indices)),
-                                             minlength=len(self.mixture.sources)).tolist()):
-            self.source_counts[k] += n
-        return mb
-
-    def shares(self) -> dict[str, float]:
-        total = max(1, sum(self.source_counts))
-        return {name: n / total for name, n in zip(self.mixture.names, self.source_counts)}
-
-    def close(self) -> None:
-        self._it = None  # shuts the workers down
-
-
 def _skipped_report(mixture: Mixture, encode_time: dict[int, tuple[str, str]]) -> list[tuple[str, str]]:
     """Every record left out, in data order: those ruled out while indexing and those found while encoding."""
     rows = [((k, b.index), b.record_id, b.message) for k, s in enumerate(mixture.sources) for b in s.bad]
@@ -328,8 +283,8 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         logger.drop(lambda r: r.get("stage") == name and isinstance(r.get("step"), int) and r["step"] > step)
 
     # Skip what a resumed run already consumed, so the data order matches an uninterrupted run.
-    data_in = StageInput(dataset, mixture, stage.batch_size, tcfg.seed, name, dist, tcfg.num_workers, pin, tcfg.prefetch,
-                         tcfg.on_bad_record, consumed=step * stage.grad_accum,
+    data_in = StageInput(dataset, stage.batch_size, tcfg.seed, name, dist.rank, dist.world_size, tcfg.num_workers, pin,
+                         tcfg.prefetch, tcfg.on_bad_record, consumed=step * stage.grad_accum,
                          source_counts=state.get("source_counts") if state is not None else None)
     if state is not None:
         data_in.skipped.update({int(g): (rid, msg) for g, rid, msg in state.get("skipped", [])})
