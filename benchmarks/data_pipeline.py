@@ -93,7 +93,7 @@ def child_throughput(data: str, workers: int, batches: int) -> dict:
 
     torch.set_num_threads(1)
     from vlmkit.config import load_config
-    from vlmkit.data.pipeline import RankSampler, StageDataset, make_loader
+    from vlmkit.data.pipeline import RankSampler, StageDataset, make_loader, receive
     from vlmkit.data.sources import Mixture, open_source
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.processing import build_chat_processor
@@ -103,9 +103,9 @@ def child_throughput(data: str, workers: int, batches: int) -> dict:
     mixture = Mixture([open_source(data)], [1.0], [data])
     dataset = StageDataset(mixture, build_chat_processor(model, 512), dpo=False, pad_id=model.tokenizer.pad_token_id or 0)
     it = iter(make_loader(dataset, RankSampler(mixture, 8, 0, "s"), workers, False, prefetch=4))
-    next(it)  # workers started
+    receive(next(it))  # workers started
     t0 = time.perf_counter()
-    n = sum(len(next(it).indices) for _ in range(batches))
+    n = sum(len(receive(next(it)).indices) for _ in range(batches))
     return {"workers": workers, "samples_per_s": n / (time.perf_counter() - t0)}
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import Config, StageConfig
 from vlmkit.data.formats import BadRecordError, Sample
-from vlmkit.data.pipeline import MicroBatch, SequentialSampler, StageDataset, StageInput, encode_record, last_turn_only, make_loader
+from vlmkit.data.pipeline import MicroBatch, SequentialSampler, StageDataset, StageInput, encode_record, last_turn_only, make_loader, receive
 from vlmkit.data.sources import Mixture
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
@@ -440,7 +440,8 @@ def _score_pairs(model, dataset: StageDataset, on_device, batch_size: int, num_w
     model.eval()
     out = torch.full((len(dataset.mixture), 2), float("nan"))
     loader = make_loader(dataset, SequentialSampler(len(dataset.mixture), batch_size), num_workers, pin)
-    for mb in tqdm(loader, desc="reference log-probs", unit="batch", leave=False):
+    for item in tqdm(loader, desc="reference log-probs", unit="batch", leave=False):
+        mb = receive(item, pin)
         if mb.batch is None:
             continue
         batch = on_device(mb)
