@@ -8,6 +8,7 @@ group that this script opens, which also covers a group opened by the caller).
 kill-at-log=N: SIGKILL itself right after logging step N (work since the last save is lost).
 kill-in-save=N: SIGKILL itself while writing the trainer state of the step-N checkpoint.
 term-at-log=N: SIGTERM itself after logging step N (the loop must save and exit with 143).
+termgroup-at-log=N: SIGTERM its whole process group (DataLoader workers included) after step N.
 Writes the stage losses and a digest of the final weights to OUT.json (rank 0 only).
 """
 
@@ -40,7 +41,11 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if str(record.get("step")) == opts.get("term-at-log"):
             os.kill(os.getpid(), signal.SIGTERM)
+        if str(record.get("step")) == opts.get("termgroup-at-log"):
+            os.killpg(os.getpgid(0), signal.SIGTERM)  # as a scheduler does: workers get it too
 
+    if "termgroup-at-log" in opts:
+        os.setpgrp()  # a group of its own (and its DataLoader workers'), so the test runner is spared
     JsonlLogger.log = log
     real_save = torch.save
 

@@ -163,14 +163,48 @@ class LoraConfig(Strict):
         return parts
 
 
+class DataSource(Strict):
+    """One source of a stage's data mixture."""
+
+    path: str
+    """A LLaVA JSON / JSONL file, a parquet file or folder of parquet shards, an arrow folder, or a
+    WebDataset `.tar` shard or folder of shards (relative paths as for `data`)."""
+    weight: float = Field(default=1.0, gt=0)
+    """Relative share of the draws that come from this source."""
+    format: Literal["auto", "llava", "parquet", "arrow", "webdataset"] = "auto"
+    """`auto`: told from the file name or the folder's contents."""
+    image_folder: str | None = None
+    """LLaVA sources: the folder image paths resolve against (default: the data file's folder)."""
+    streaming: bool = False
+    """Parquet sources: read the shards through `datasets`' streaming mode (no arrow cache copy, a
+    seeded shuffle buffer instead of a full shuffle; a resume reads the stream up to its position)."""
+    shuffle_buffer: int = Field(default=1000, gt=0)
+    """Streaming: rows in the shuffle buffer."""
+
+
 class StageConfig(Strict):
     """One training stage. Which parts train, and at what learning rate, is data."""
 
-    data: str
-    """The stage's data file: LLaVA JSON / JSONL (or preference records, with `loss: dpo`). A
-    relative path is relative to the recipe file's folder (to the working directory when given
-    on the command line; to `train.data_dir` when that is set). Image paths in the records are
-    relative to the data file's folder."""
+    data: str | list[DataSource]
+    """The stage's data: a LLaVA JSON / JSONL file (or preference records, with `loss: dpo`), a
+    parquet / arrow / WebDataset source, or a mixture `[{path, weight, format}]` sampled by weight
+    from the seed. A relative path is relative to the recipe file's folder (to the working
+    directory when given on the command line; to `train.data_dir` when that is set). Image paths
+    in the records are relative to the data file's folder."""
+
+    @field_validator("data")
+    @classmethod
+    def _some_data(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list of data sources")
+        return v
+
+    def sources(self) -> list[DataSource]:
+        """The data as a list of sources (a plain path is one source of weight 1)."""
+        return [DataSource(path=self.data)] if isinstance(self.data, str) else list(self.data)
+
+    def data_names(self) -> str:
+        return self.data if isinstance(self.data, str) else ", ".join(f"{s.path} ({s.weight:g})" for s in self.data)
     trainable: list[str]
     """Parts that train in this stage; the rest are frozen: any of `vision`, `connector`, `llm`, `cross_attention`."""
     lr: float = Field(gt=0)
@@ -257,10 +291,21 @@ class TrainConfig(Strict):
     """Write a `metrics.jsonl` line every this many steps."""
     save_every: int | None = Field(default=None, gt=0)
     """Save a resumable checkpoint every this many steps (null: only at the end of each stage)."""
-    num_workers: int = 0
-    """Not used yet: samples are encoded once, up front, in the training process."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes that read and encode samples while the model trains (0: in the
+    training process). The batches, and so the run, are the same for any number."""
+    prefetch: int = Field(default=2, gt=0)
+    """Micro-batches each worker prepares ahead."""
     cache_frozen_vision: bool = True
-    """Encode each image once when the vision tower is frozen (it cannot change during the stage)."""
+    """Run a frozen vision tower outside the autograd graph, and keep its features in
+    `feature_cache_dir` (when that is on) so each image is encoded once."""
+    feature_cache: bool = True
+    """Keep frozen-tower features on disk (safetensors, keyed by image content, preprocessing and
+    tower weights), reused by later epochs, stages and runs."""
+    feature_cache_dir: str | None = None
+    """Where the feature cache lives (default: `<output_dir>/feature_cache`)."""
+    feature_cache_gb: float = Field(default=20.0, gt=0)
+    """Most disk the feature cache may take; beyond it, features are computed but not stored."""
     keep_last: int = Field(default=2, gt=0)
     """Periodic checkpoints kept per stage (the newest is `<stage>-last`)."""
     distributed: Literal["ddp", "fsdp2"] = "ddp"
@@ -289,6 +334,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             annotation = target.model_fields[part].annotation
         elif get_origin(annotation) is dict:
             annotation = get_args(annotation)[1]
+        elif isinstance(part, int) and (lists := [a for a in (annotation, *get_args(annotation)) if get_origin(a) is list]):
+            annotation = get_args(lists[0])[0]  # an item of a list (a stage's data sources)
         else:
             return []
     target = _model_in(annotation)
@@ -306,7 +353,14 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
-    for e in err.errors():
+    errors = err.errors()
+    # A field that takes a path or a list of sources reports both union branches; when the list
+    # branch has something to say, the "not a string" complaint is noise. Branch tags are dropped.
+    tagged = {tuple(e["loc"][:i]) for e in errors for i, p in enumerate(e["loc"]) if isinstance(p, str) and "[" in p}
+    errors = [e for e in errors if not any(p == "str" and tuple(e["loc"][:i]) in tagged for i, p in enumerate(e["loc"]))]
+    for e in errors:
+        e["loc"] = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+    for e in errors:
         where = ".".join(str(p) for p in e["loc"]) or "(root)"
         message = e["msg"]
         if e["type"] == "extra_forbidden" and e["loc"]:
@@ -406,7 +460,13 @@ def _resolve_data_paths(config: Config, recipe_dir: Path, given_on_command_line:
     for name, stage in config.train.stages.items():
         on_command_line = isinstance(cli_stages.get(name), dict) and "data" in cli_stages[name]
         folder = data_dir or (Path.cwd() if on_command_line else recipe_dir)
-        stage.data = str(_absolute(stage.data, folder))
+        if isinstance(stage.data, str):
+            stage.data = str(_absolute(stage.data, folder))
+        else:
+            for source in stage.data:
+                source.path = str(_absolute(source.path, folder))
+                if source.image_folder:
+                    source.image_folder = str(_absolute(source.image_folder, folder))
 
 
 def _absolute(path: str, folder: Path) -> Path:

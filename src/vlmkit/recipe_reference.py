@@ -50,6 +50,8 @@ def _type(annotation: Any) -> str:
         text = " or ".join(_type(a) for a in inner)
         return text + " or null" if len(inner) < len(args) else text
     if origin is list:
+        if isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return "list of sections (`[]` below)"
         return f"list of {_type(args[0])}"
     if origin is tuple:
         return f"{len(args)} {_type(args[0])}s"
@@ -101,6 +103,12 @@ def _sections(model: type[BaseModel], prefix: str):
             value = get_args(annotation)[1]
             if isinstance(value, type) and issubclass(value, BaseModel):
                 yield from _sections(value, f"{prefix}.{name}.NAME")
+        else:
+            # A list of sections, alone or as one branch of a union (a stage's `data` mixture).
+            for arg in (get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)):
+                item = get_args(arg)[0] if get_origin(arg) is list and get_args(arg) else None
+                if isinstance(item, type) and issubclass(item, BaseModel):
+                    yield from _sections(item, f"{prefix}.{name}[]")
 
 
 def reference_markdown() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 import sys
 from pathlib import Path
@@ -105,11 +107,15 @@ def run_cmd(
         items = bench.load(data)
         if limit is not None:
             items = items[:limit]
+        if device and device.startswith("cuda") and ":" not in device and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: one GPU per rank
         backend = make_backend(model, base_url=base_url, api_key=api_key, device=device, compile_decode=compile_decode)
         outcome = run_benchmark(bench, items, backend, out, model_spec=model, data_dir=str(data),
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     except EvalInputError as e:
         _fail(str(e))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     _print_result(outcome.result, as_json, extra_fields={"out": str(outcome.out_dir), "generated": outcome.generated,
                                                          "reused_from_cache": outcome.reused,
                                                          "samples_per_s": outcome.samples_per_s})

@@ -175,43 +175,117 @@ def run_benchmark(
             "prompt_template": benchmark.prompt_template, "parser": benchmark.parser, "metric": benchmark.metric,
             "max_new_tokens": max_new, "batch_size": batch_size}
     # Everything is checked before run.json is rewritten: a refused run changes nothing.
-    _check_meta(out, meta, write=False)
-    cache = PredictionCache(out / CACHE_NAME)
-    cached = cache.load()
-    fingerprints = {it.id: item_fingerprint(benchmark, it) for it in items}
-    _check_cached_items(out, cache, cached, fingerprints)
-    _check_meta(out, meta)
-    known = {it.id for it in items}
-    todo = [it for it in items if it.id not in cached]
-    reused = len(items) - len(todo)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(items), initial=reused, desc=f"eval {benchmark.name}", unit="item", disable=not progress)
-    t0 = time.perf_counter()
+    world = _EvalWorld()
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            requests = [(benchmark.prompt(it), it.load_images()) for it in chunk]
-            answers = backend.generate(requests, max_new)
-            if len(answers) != len(chunk):
-                raise RuntimeError(f"backend {backend.name} returned {len(answers)} answers for {len(chunk)} requests")
-            if not all(isinstance(a, str) for a in answers):
-                raise RuntimeError(f"backend {backend.name} returned a non-string answer")
-            answers = [a.strip() for a in answers]  # every backend alike (see the module docstring)
-            cache.append([(it.id, a, fingerprints[it.id]) for it, a in zip(chunk, answers)])
-            cached.update((it.id, a) for it, a in zip(chunk, answers))
-            bar.update(len(chunk))
+        _check_meta(out, meta, write=False)
+        cache = PredictionCache(out / CACHE_NAME)
+        cached = cache.load()
+        # Rank caches left by an interrupted data-parallel run count as cached too.
+        rank_caches = sorted(out.glob(RANK_CACHE_GLOB))
+        for path in rank_caches:
+            extra = PredictionCache(path)
+            for key, pred in extra.load().items():
+                if key not in cached:
+                    cached[key] = pred
+                    cache.fingerprints.setdefault(key, extra.fingerprints.get(key))
+        fingerprints = {it.id: item_fingerprint(benchmark, it) for it in items}
+        _check_cached_items(out, cache, cached, fingerprints)
+        if world.rank == 0:
+            _check_meta(out, meta)
+        world.barrier()
+        known = {it.id for it in items}
+        todo = [it for it in items if it.id not in cached]
+        reused = len(items) - len(todo)
+        # Each rank takes a contiguous share, so its batches are the ones one process would form
+        # (when the batch size divides the share) and it appends to a cache of its own.
+        base, extra_items = divmod(len(todo), world.size)
+        start = world.rank * base + min(world.rank, extra_items)
+        mine = todo[start : start + base + (world.rank < extra_items)]
+        writer = cache if world.size == 1 else PredictionCache(out / RANK_CACHE.format(rank=world.rank))
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), initial=reused, desc=f"eval {benchmark.name}", unit="item",
+                   disable=not progress or world.rank != 0)
+        t0 = time.perf_counter()
+        try:
+            for at in range(0, len(mine), batch_size):
+                chunk = mine[at : at + batch_size]
+                requests = [(benchmark.prompt(it), it.load_images()) for it in chunk]
+                answers = backend.generate(requests, max_new)
+                if len(answers) != len(chunk):
+                    raise RuntimeError(f"backend {backend.name} returned {len(answers)} answers for {len(chunk)} requests")
+                if not all(isinstance(a, str) for a in answers):
+                    raise RuntimeError(f"backend {backend.name} returned a non-string answer")
+                answers = [a.strip() for a in answers]  # every backend alike (see the module docstring)
+                writer.append([(it.id, a, fingerprints[it.id]) for it, a in zip(chunk, answers)])
+                cached.update((it.id, a) for it, a in zip(chunk, answers))
+                bar.update(len(chunk) * world.size)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        world.barrier()
+        if world.size > 1 or rank_caches:
+            if world.rank == 0:
+                _merge_rank_caches(out, cache)
+            world.barrier()
+            cached = cache.load()
     finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+        world.close()
 
     predictions = {k: v for k, v in cached.items() if k in known}
     result = benchmark.score(items, predictions)
     generated = len(todo)
     outcome = RunOutcome(result, out, generated, reused, seconds, generated / seconds if seconds > 0 and generated else 0.0)
-    write_results(outcome, meta)
+    if world.rank == 0:
+        write_results(outcome, meta)
     return outcome
+
+
+RANK_CACHE = "predictions.rank{rank}.jsonl"
+RANK_CACHE_GLOB = "predictions.rank*.jsonl"
+
+
+def _merge_rank_caches(out: Path, cache: PredictionCache) -> None:
+    """Append every rank's predictions (in rank order) to the main cache, then drop the rank
+    files. Appending first and deleting after means a kill in between loses nothing."""
+    have = cache.load()
+    for path in sorted(out.glob(RANK_CACHE_GLOB), key=lambda p: int(p.name.split(".rank")[1].split(".")[0])):
+        part = PredictionCache(path)
+        new = [(k, v, part.fingerprints.get(k)) for k, v in part.load().items() if k not in have]
+        cache.append([r if r[2] is not None else r[:2] for r in new])
+        have.update((k, v) for k, v, _ in new)
+    for path in out.glob(RANK_CACHE_GLOB):
+        path.unlink()
+
+
+class _EvalWorld:
+    """The torchrun world an evaluation runs in (one process when WORLD_SIZE is unset); joins a
+    gloo group only for barriers, so it works the same next to any backend."""
+
+    def __init__(self):
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self._owns = False
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+                self._owns = True
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._owns:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owns = False
 
 
 def write_results(outcome: RunOutcome, meta: dict[str, Any]) -> None:

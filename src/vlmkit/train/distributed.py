@@ -9,11 +9,71 @@ compute the same step as one process holding the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+class Single:
+    """One process (or a world whose strategy needs no wrapping): the model trains as it is."""
+
+    name = "single"
+
+    def wrap(self, model, ctx: "DistContext"):
+        """The module the training step calls; `model` itself stays the unwrapped VLM."""
+        return model
+
+    def no_sync(self, wrapped, last: bool):
+        """Around a micro-batch's backward: skip the gradient all-reduce except on the last one."""
+        return contextlib.nullcontext()
+
+    def full_optimizer_state(self, model, optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+
+class DDP(Single):
+    """Replicated model; gradients averaged over ranks in backward."""
+
+    name = "ddp"
+
+    def wrap(self, model, ctx: "DistContext"):
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
+        # Built per stage: DDP registers the parameters that require grad at construction.
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def no_sync(self, wrapped, last: bool):
+        return contextlib.nullcontext() if last else wrapped.no_sync()
+
+
+class FSDP2(Single):
+    """Parameters, gradients and optimizer state sharded (`fully_shard`); checkpoints gather them whole."""
+
+    name = "fsdp2"
+
+    def wrap(self, model, ctx: "DistContext"):
+        shard_fsdp2(model)
+        return model
+
+    def full_optimizer_state(self, model, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+STRATEGIES = {"ddp": DDP, "fsdp2": FSDP2}
 
 
 @dataclass
@@ -21,7 +81,7 @@ class DistContext:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
-    strategy: str = "none"  # "none" | "ddp" | "fsdp2"
+    strategy: Single = field(default_factory=Single)  # Single, DDP or FSDP2
     owns_group: bool = False
 
     @property
@@ -84,7 +144,9 @@ def setup(strategy: str, device: str) -> DistContext:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
         owns = True
-    return DistContext(world, rank, local_rank, strategy, owns)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown distributed strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    return DistContext(world, rank, local_rank, STRATEGIES[strategy](), owns)
 
 
 def check_divides(ctx: DistContext, stage_name: str, batch_size: int) -> None:
@@ -102,19 +164,8 @@ def local_device(ctx: DistContext, device: str) -> str:
 
 
 def wrap(model, ctx: DistContext):
-    """The module the training step calls; `model` itself stays the unwrapped VLM."""
-    if not ctx.enabled:
-        return model
-    if ctx.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
-        # Built per stage: DDP registers the parameters that require grad at construction.
-        return DistributedDataParallel(model, device_ids=device_ids)
-    if ctx.strategy == "fsdp2":
-        shard_fsdp2(model)
-        return model
-    raise ValueError(f"unknown distributed strategy {ctx.strategy!r}")
+    """The module the training step calls (see `Single.wrap`)."""
+    return ctx.strategy.wrap(model, ctx)
 
 
 def shard_fsdp2(model) -> None:
@@ -154,17 +205,8 @@ def unsharded(model):
 
 def full_optimizer_state(model, optimizer, ctx: DistContext) -> dict:
     """The optimizer state as plain tensors, gathered from shards when FSDP2 holds them."""
-    if ctx.strategy != "fsdp2" or not ctx.enabled:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return ctx.strategy.full_optimizer_state(model, optimizer)
 
 
 def load_optimizer_state(model, optimizer, state: dict, ctx: DistContext) -> None:
-    if ctx.strategy != "fsdp2" or not ctx.enabled:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    ctx.strategy.load_optimizer_state(model, optimizer, state)

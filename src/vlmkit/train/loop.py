@@ -1,9 +1,10 @@
 """The training loop, readable top to bottom.
 
-Per stage: check any checkpoint to resume from against the config (before any work), encode the
-stage's data (SFT samples or DPO pairs) so bad records surface up front, cache the frozen vision
-tower's features, wrap the model for DDP / FSDP2, then AdamW with warmup + cosine, gradient
-accumulation and clipping. Each step's loss is normalised by the whole step's count (all
+Per stage: check any checkpoint to resume from against the config (before any work), take the
+stage's indexed data (records located, not decoded), wrap the model for DDP / FSDP2, then AdamW
+with warmup + cosine, gradient accumulation and clipping. Micro-batches are read and encoded on
+demand by DataLoader workers (`StageInput`); the objective (`SFTObjective`, `DPOObjective`) builds
+the loss; a frozen vision tower's features come from `FrozenFeatures` (on disk when enabled). Each step's loss is normalised by the whole step's count (all
 micro-batches, all ranks), so accumulation, packing and data parallelism all compute the loss
 one big batch would. Periodic checkpoints hold weights, optimizer, scheduler, every RNG and the
 data position; resuming from one reproduces the uninterrupted run bit for bit on the CPU.
@@ -13,7 +14,6 @@ SIGTERM finishes the current step, saves, and exits with status 143.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import signal
 import threading
@@ -26,14 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.config import Config, StageConfig
-from vlmkit.data.collate import Batch, collate, pack
-from vlmkit.data.formats import BadRecordError, Sample, read_llava_records
-from vlmkit.model.vlm import IGNORE_INDEX
+from vlmkit.data.formats import BadRecordError, Sample
+from vlmkit.data.pipeline import MicroBatch, SequentialSampler, StageDataset, StageInput, encode_record, last_turn_only, make_loader, receive
+from vlmkit.data.sources import Mixture
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train import distributed as D
-from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps, sft_loss_sum, step_normaliser
+from vlmkit.train.features import FrozenFeatures
+from vlmkit.train.losses import decoder_hidden, sequence_logps
+from vlmkit.train.objectives import DPOObjective, SFTObjective
+from vlmkit.train.preflight import StageData
 from vlmkit.train.stages import apply_stage, make_optimizer
 from vlmkit.train.telemetry import FlopModel, Telemetry, peak_flops
 from vlmkit.utils import JsonlLogger, seed_everything
@@ -59,17 +62,6 @@ class Preempted(SystemExit):
     """Raised after SIGTERM once the state is saved; exits quietly with status 143."""
 
 
-def encode_record(processor: ChatProcessor, sample: Sample) -> EncodedSample:
-    """`processor.encode`, with any failure a `BadRecordError` naming the record: a template that
-    refuses the conversation or a tokenizer that refuses the text is the record's fault too."""
-    try:
-        return processor.encode(sample)
-    except BadRecordError:
-        raise
-    except Exception as e:  # noqa: BLE001 - anything a record's content can provoke
-        raise BadRecordError(sample.id, f"cannot be encoded ({type(e).__name__}: {str(e)[:300]})") from e
-
-
 def encode_all(processor: ChatProcessor, samples: list[Sample | BadRecordError], on_bad: str, desc: str
                ) -> tuple[list[EncodedSample], list[tuple[str, str]]]:
     """Encode every sample up front, so a bad record surfaces before any step is taken. Items that
@@ -87,19 +79,6 @@ def encode_all(processor: ChatProcessor, samples: list[Sample | BadRecordError],
     if not encoded:
         raise ValueError(f"stage {desc}: no usable records ({len(skipped)} skipped)")
     return encoded, skipped
-
-
-def last_turn_only(sample: EncodedSample) -> EncodedSample:
-    """Keep labels on the final assistant turn only: a DPO response is that turn, and earlier
-    assistant turns belong to the shared prompt."""
-    supervised = (sample.labels != IGNORE_INDEX).nonzero().flatten()
-    labels = torch.full_like(sample.labels, IGNORE_INDEX)
-    if supervised.numel():
-        # The last turn's tokens are the final contiguous run of supervised positions.
-        gaps = (supervised[1:] - supervised[:-1] > 1).nonzero().flatten()
-        first = supervised[int(gaps[-1]) + 1] if gaps.numel() else supervised[0]
-        labels[first:] = sample.labels[first:]
-    return dataclasses.replace(sample, labels=labels)
 
 
 def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
@@ -121,43 +100,6 @@ def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
     if not units:
         raise ValueError(f"stage {desc}: no usable preference pairs ({len(skipped)} skipped)")
     return units, refs, skipped
-
-
-@torch.no_grad()
-def cache_vision_features(model, encoded: list[EncodedSample], batch_size: int = 32) -> dict[str, list[torch.Tensor]]:
-    """Features of each distinct image (every view) from the frozen tower, computed once for the stage."""
-    todo: dict[str, object] = {}
-    for s in encoded:
-        for key, image in zip(s.image_keys, s.images):
-            todo.setdefault(key, image)
-    keys = list(todo)
-    feats: dict[str, list[torch.Tensor]] = {}
-    model.vision.eval()
-    for start in tqdm(range(0, len(keys), batch_size), desc="vision features", unit="batch", leave=False):
-        chunk = keys[start : start + batch_size]
-        out = model.view_features([todo[k] for k in chunk])
-        feats.update(zip(chunk, [[f.cpu() for f in views] for views in out]))
-    return feats
-
-
-def _features_for(samples: list[EncodedSample], cache: dict[str, list[torch.Tensor]] | None):
-    if cache is None:
-        return None
-    return [cache[k] for s in samples for k in s.image_keys]
-
-
-def _micro_batches(n: int, batch_size: int, seed: int, stage: str, min_size: int = 1):
-    """Endless micro-batches of indices, reshuffled every epoch from a seed, so the sequence is
-    reproducible and a resumed run can skip exactly what it already consumed. An epoch's short
-    tail batch is kept, unless it has fewer samples than there are ranks to share it."""
-    epoch = 0
-    while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + sum(map(ord, stage)))
-        order = torch.randperm(n, generator=g).tolist()
-        for i in range(0, n, batch_size):
-            if len(order[i : i + batch_size]) >= min_size:
-                yield order[i : i + batch_size]
-        epoch += 1
 
 
 # ---- resume checks ----------------------------------------------------------------------------
@@ -237,12 +179,25 @@ class _StopFlag:
 
 # ---- one stage --------------------------------------------------------------------------------
 
+def _skipped_report(mixture: Mixture, encode_time: dict[int, tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every record left out, in data order: those ruled out while indexing and those found while encoding."""
+    rows = [((k, b.index), b.record_id, b.message) for k, s in enumerate(mixture.sources) for b in s.bad]
+    for g, (rid, message) in encode_time.items():
+        k, i = mixture.locate(g)
+        rows.append(((k, mixture.sources[k].record_index(i)), rid, message))
+    return [(rid, message) for _, rid, message in sorted(rows, key=lambda r: r[0])]
+
+
 def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: Path, logger: JsonlLogger | None = None,
                 progress: bool = True, dist: D.DistContext | None = None, stop: _StopFlag | None = None,
-                *, data_sha256: str | None = None, after: str | None = None, discard_mismatched: bool = False) -> StageResult:
+                *, data_sha256: str | None = None, after: str | None = None, discard_mismatched: bool = False,
+                data: StageData | None = None) -> StageResult:
     """`data_sha256`, `after`: the data file's digest and the id of the previous stage's
     checkpoint, kept in this stage's checkpoints so a later run can tell what changed.
-    `discard_mismatched`: drop a periodic checkpoint written under other settings instead of refusing."""
+    `discard_mismatched`: drop a periodic checkpoint written under other settings instead of refusing.
+    `data`: the stage's indexed data from the preflight check (indexed here when not given)."""
+    from vlmkit.train.preflight import check_stage_data
+
     dist = dist or D.DistContext()
     tcfg = config.train
     device = torch.device(D.local_device(dist, tcfg.device))
@@ -264,59 +219,59 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
     apply_stage(model, stage, tcfg.device)
     processor = build_chat_processor(model, tcfg.max_length)
     dpo = stage.loss == "dpo"
-    data_refs = None
-    if dpo:
-        units, data_refs, skipped = encode_pairs(processor, stage.data, tcfg.on_bad_record, name)
-        if stage.dpo.reference == "data" and any(r[0] is None for r in data_refs):
-            missing = sum(r[0] is None for r in data_refs)
+    data = data if data is not None and data.mixture is not None else check_stage_data(name, stage, tcfg.on_bad_record)
+    mixture = data.mixture
+    if dpo and stage.dpo.reference == "data":
+        missing = sum(getattr(s, "missing_refs", 0) for s in mixture.sources)
+        if missing:
             raise ValueError(f"stage {name}: dpo.reference=data but {missing} pair(s) carry no ref_chosen_logp/ref_rejected_logp")
-    else:
-        encoded, skipped = encode_all(processor, read_llava_records(stage.data), tcfg.on_bad_record, name)
-        units = [[s] for s in encoded]
-    if skipped and dist.is_main:
-        print(f"[vlmkit] stage {name}: skipped {len(skipped)} bad record(s), e.g. {skipped[0][1]}")
-    flat = [s for u in units for s in u]
-    feature_cache = None
+    if data.unusable and dist.is_main:
+        print(f"[vlmkit] stage {name}: leaving out {data.unusable} unusable record(s), e.g. "
+              f"{next(b for s in mixture.sources for b in s.bad).message}")
+
     vision_cached = "vision" not in stage.trainable and tcfg.cache_frozen_vision
+    features = None
     if vision_cached:
-        with D.unsharded(model):
-            feature_cache = cache_vision_features(model, flat)
+        cache_dir = None
+        if tcfg.feature_cache:
+            cache_dir = Path(tcfg.feature_cache_dir) if tcfg.feature_cache_dir else out_dir / "feature_cache"
+        features = FrozenFeatures(model, cache_dir, int(tcfg.feature_cache_gb * 1e9))
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    dataset = StageDataset(mixture, processor, dpo=dpo, pad_id=pad_id, packing=stage.packing, capacity=stage.pack_length or tcfg.max_length,
+                           max_images=stage.max_images_per_pack, image_keys=features is not None and features.dir is not None)
+    pin = device.type == "cuda"
+
+    def on_device(mb: MicroBatch):
+        batch = mb.batch.to(device)
+        if features is not None:
+            batch.image_features = features.features(batch, mb.image_keys)
+        return batch
 
     # The reference is the policy as it enters the stage: copy or score it before any resume load.
-    reference_model, reference_logps = None, None
+    reference_model = None
     if dpo and stage.dpo.reference == "model":
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-    elif dpo and stage.dpo.reference == "data":
-        reference_logps = torch.tensor(data_refs, dtype=torch.float32)
 
-    per_epoch = math.ceil(len(units) / (stage.batch_size * stage.grad_accum))
+    per_epoch = math.ceil(len(mixture) / (stage.batch_size * stage.grad_accum))
     total_steps = stage.max_steps or max(1, math.ceil(per_epoch * stage.epochs))
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    capacity = stage.pack_length or tcfg.max_length
-
-    def make_batch(chosen_units: list[list[EncodedSample]]) -> Batch:
-        # DPO: all chosen responses, then all rejected, in one forward.
-        samples = [u[0] for u in chosen_units] + ([u[1] for u in chosen_units] if dpo else [])
-        feats = _features_for(samples, feature_cache)
-        if stage.packing:
-            return pack(samples, pad_id, capacity, stage.max_images_per_pack, features=feats).to(device)
-        return collate(samples, pad_id, features=feats).to(device)
 
     state = None
     if resume_dir is not None:
         state = ckpt.load_trainer_state(resume_dir)
         _load_weights(model, resume_dir)
+    reference_logps = None
     if dpo and stage.dpo.reference == "precompute":
         if state is not None and "reference_logps" in state:
             reference_logps = state["reference_logps"]
         else:
-            reference_logps = _score_pairs(model, units, make_batch, stage.batch_size)
+            reference_logps = _score_pairs(model, dataset, on_device, stage.batch_size, tcfg.num_workers, pin)
+    objective = DPOObjective(stage, reference_model, reference_logps) if dpo else SFTObjective(stage)
 
-    wrapped = D.wrap(model, dist)
+    wrapped = dist.strategy.wrap(model, dist)
     optimizer, scheduler = make_optimizer(model, stage, total_steps)
     step, losses = 0, []
     if state is not None:
-        D.load_optimizer_state(model, optimizer, state["optimizer"], dist)
+        dist.strategy.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
         rngs = state["rng"]
@@ -327,13 +282,22 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         # Steps logged after the checkpoint (or before a first one) are about to be redone.
         logger.drop(lambda r: r.get("stage") == name and isinstance(r.get("step"), int) and r["step"] > step)
 
+    # Skip what a resumed run already consumed, so the data order matches an uninterrupted run.
+    data_in = StageInput(dataset, stage.batch_size, tcfg.seed, name, dist.rank, dist.world_size, tcfg.num_workers, pin,
+                         tcfg.prefetch, tcfg.on_bad_record, consumed=step * stage.grad_accum,
+                         source_counts=state.get("source_counts") if state is not None else None)
+    if state is not None:
+        data_in.skipped.update({int(g): (rid, msg) for g, rid, msg in state.get("skipped", [])})
+
     def save_periodic() -> None:
         weights = ckpt.model_state(model, ckpt.parts_to_save(model))
-        optim_state = D.full_optimizer_state(model, optimizer, dist)
+        optim_state = dist.strategy.full_optimizer_state(model, optimizer)
         rngs = dist.gather_objects(ckpt.rng_state())
+        skipped = [row for rows in dist.gather_objects([(g, *v) for g, v in data_in.skipped.items()]) for row in rows]
         if dist.is_main:
             trainer_state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step, "losses": losses,
-                             "rng": rngs, "micro_batches_consumed": step * stage.grad_accum, "units": len(units)}
+                             "rng": rngs, "micro_batches_consumed": data_in.consumed, "units": len(mixture),
+                             "source_counts": data_in.source_counts, "skipped": skipped}
             if reference_logps is not None:
                 trainer_state["reference_logps"] = reference_logps
             ckpt.rotate_and_save(stage_dir, step, tcfg.keep_last, lambda path: ckpt.save_checkpoint(
@@ -342,91 +306,98 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
 
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
-    micro_batches = _micro_batches(len(units), stage.batch_size, tcfg.seed, name, min_size=dist.world_size)
-    # Skip what a resumed run already consumed, so the data order matches an uninterrupted run.
-    for _ in range(step * stage.grad_accum):
-        next(micro_batches)
     flop_model = FlopModel.of(model, stage.trainable, vision_cached)
     telemetry = Telemetry(device, peak_flops(device, tcfg.peak_tflops))
     bar = tqdm(total=total_steps, initial=step, desc=f"stage {name}", unit="step", disable=not (progress and dist.is_main))
     start = time.perf_counter()
-    while step < total_steps:
-        telemetry.reset()
-        optimizer.zero_grad(set_to_none=True)
-        micro = [next(micro_batches) for _ in range(stage.grad_accum)]
-        # The whole step's count, known from the labels alone: the same on every rank.
-        if dpo:
-            normaliser = sum(len(idx) for idx in micro)
-        else:
-            counts = torch.tensor([int((u[0].labels[1:] != IGNORE_INDEX).sum()) for idx in micro for u in (units[i] for i in idx)])
-            normaliser = step_normaliser(counts, stage.loss_reduction)
-        stats = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "images": 0.0, "supervised": 0.0, "flops": 0.0,
-                 "chosen_reward": 0.0, "rejected_reward": 0.0, "reward_accuracy": 0.0}
-        for m, indices in enumerate(micro):
-            mine = indices[dist.shard(len(indices))] if dist.enabled else indices
-            batch = make_batch([units[i] for i in mine])
-            telemetry.data_done()
-            sync = m == len(micro) - 1 or not hasattr(wrapped, "no_sync")
-            with (wrapped.no_sync() if not sync else _nullcontext()), autocast:
-                hidden = decoder_hidden(wrapped, batch)
-                logps, n_targets = sequence_logps(hidden, batch, model.llm.get_output_embeddings())
-                if dpo:
-                    k = len(mine)
-                    ref = _reference(reference_model, reference_logps, batch, mine, device)
-                    terms = dpo_loss(logps[:k], logps[k:], ref[:k], ref[k:], stage.dpo.beta, stage.dpo.label_smoothing)
-                    loss_sum = terms.losses.sum()
-                    stats["chosen_reward"] += float(terms.chosen_rewards.sum())
-                    stats["rejected_reward"] += float(terms.rejected_rewards.sum())
-                    stats["reward_accuracy"] += float((terms.chosen_rewards > terms.rejected_rewards).float().sum())
-                else:
-                    loss_sum = sft_loss_sum(logps, n_targets, stage.loss_reduction)
-            # DDP and FSDP average gradients over ranks; the world-size factor undoes that.
-            (loss_sum * (dist.world_size / max(1, normaliser))).backward()
-            stats["loss"] += float(loss_sum.detach()) / max(1, normaliser)
-            lengths = [int(x) for x in torch.bincount(batch.segments[batch.segments >= 0], minlength=len(batch.ids))]
-            stats["tokens"] += sum(lengths)
-            stats["padded"] += batch.input_ids.numel() - sum(lengths)
-            stats["images"] += batch.num_images
-            stats["supervised"] += int(n_targets.sum())
-            stats["flops"] += flop_model.step_flops(lengths, int(n_targets.sum()), batch.num_images)
+    try:
+        while step < total_steps:
+            telemetry.reset()
+            optimizer.zero_grad(set_to_none=True)
+            micro = [data_in.next() for _ in range(stage.grad_accum)]
+            # The whole step's count (all micro-batches, all ranks), known before any backward.
+            (normaliser,) = dist.all_sum([objective.local_normaliser(micro)])
+            stats = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "images": 0.0, "supervised": 0.0, "flops": 0.0,
+                     "chosen_reward": 0.0, "rejected_reward": 0.0, "reward_accuracy": 0.0, "units": 0.0}
+            for m, mb in enumerate(micro):
+                if mb.batch is None:
+                    if dist.enabled:
+                        raise RuntimeError(f"stage {name} step {step + 1}: every record of this rank's share of a micro-batch was "
+                                           "unusable; with data parallelism, fix or remove the bad records (or use a larger batch)")
+                    continue
+                batch = on_device(mb)
+                telemetry.data_done()
+                with dist.strategy.no_sync(wrapped, last=m == len(micro) - 1), autocast:
+                    loss_sum, n_targets = objective.loss(wrapped, model, batch, mb, stats)
+                # DDP and FSDP average gradients over ranks; the world-size factor undoes that.
+                (loss_sum * (dist.world_size / max(1, normaliser))).backward()
+                stats["loss"] += float(loss_sum.detach()) / max(1, normaliser)
+                lengths = [int(x) for x in torch.bincount(batch.segments[batch.segments >= 0], minlength=len(batch.ids))]
+                stats["tokens"] += sum(lengths)
+                stats["padded"] += batch.input_ids.numel() - sum(lengths)
+                stats["images"] += batch.num_images
+                stats["supervised"] += int(n_targets.sum())
+                stats["units"] += len(mb.indices)
+                stats["flops"] += flop_model.step_flops(lengths, int(n_targets.sum()), batch.num_images)
+                telemetry.compute_done()
+            grad_norm = _clip(model, optimizer, stage.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"stage {name} step {step}: non-finite gradient norm ({grad_norm})")
+            optimizer.step()
+            scheduler.step()
             telemetry.compute_done()
-        grad_norm = _clip(model, optimizer, stage.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"stage {name} step {step}: non-finite gradient norm ({grad_norm})")
-        optimizer.step()
-        scheduler.step()
-        telemetry.compute_done()
-        step += 1
-        keys = list(stats)
-        totals = dict(zip(keys, dist.all_sum([stats[k] for k in keys])))
-        totals["ranks"] = dist.world_size
-        step_loss = totals["loss"]
-        losses.append(step_loss)
-        rates = telemetry.record(totals)
-        postfix = {"loss": f"{step_loss:.3f}", "tok/s": f"{rates['tokens_per_s']:.0f}", "data": f"{rates['data_share']:.0%}"}
-        if "mfu" in rates:
-            postfix["mfu"] = f"{rates['mfu']:.1%}"
-        bar.set_postfix(postfix)
-        bar.update()
-        if logger and dist.is_main and step % tcfg.log_every == 0:
-            record = {"stage": name, "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "supervised_tokens": int(totals["supervised"]), "tokens": int(totals["tokens"]), "images": int(totals["images"]),
-                      "elapsed_s": time.perf_counter() - start, "world_size": dist.world_size, **rates}
-            if dpo:
-                pairs = sum(len(idx) for idx in micro)
-                record.update({"chosen_reward": totals["chosen_reward"] / pairs, "rejected_reward": totals["rejected_reward"] / pairs,
-                               "reward_margin": (totals["chosen_reward"] - totals["rejected_reward"]) / pairs,
-                               "reward_accuracy": totals["reward_accuracy"] / pairs})
-            logger.log(record)
-        preempted = stop is not None and dist.any(stop.set)
-        if step < total_steps and (preempted or (tcfg.save_every and step % tcfg.save_every == 0)):
-            save_periodic()
-        if preempted and step < total_steps:
-            bar.close()
-            if dist.is_main:
-                print(f"[vlmkit] stage {name}: SIGTERM received; saved step {step} to {stage_dir.name}-last, exiting")
-            raise Preempted(PREEMPTED_EXIT)
+            step += 1
+            keys = list(stats)
+            totals = dict(zip(keys, dist.all_sum([stats[k] for k in keys])))
+            totals["ranks"] = dist.world_size
+            step_loss = totals["loss"]
+            losses.append(step_loss)
+            rates = telemetry.record(totals)
+            postfix = {"loss": f"{step_loss:.3f}", "tok/s": f"{rates['tokens_per_s']:.0f}", "data": f"{rates['data_share']:.0%}"}
+            if "mfu" in rates:
+                postfix["mfu"] = f"{rates['mfu']:.1%}"
+            bar.set_postfix(postfix)
+            bar.update()
+            if logger and dist.is_main and step % tcfg.log_every == 0:
+                record = {"stage": name, "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "supervised_tokens": int(totals["supervised"]), "tokens": int(totals["tokens"]), "images": int(totals["images"]),
+                          "elapsed_s": time.perf_counter() - start, "world_size": dist.world_size, **rates}
+                if len(mixture.sources) > 1:
+                    record["source_shares"] = data_in.shares()
+                if data_in.skipped:
+                    record["skipped_records"] = len(data_in.skipped)
+                if features is not None and features.dir is not None:
+                    record.update(features.stats())
+                if dpo:
+                    pairs = max(1.0, totals["units"])
+                    record.update({"chosen_reward": totals["chosen_reward"] / pairs, "rejected_reward": totals["rejected_reward"] / pairs,
+                                   "reward_margin": (totals["chosen_reward"] - totals["rejected_reward"]) / pairs,
+                                   "reward_accuracy": totals["reward_accuracy"] / pairs})
+                logger.log(record)
+            preempted = stop is not None and dist.any(stop.set)
+            if step < total_steps and (preempted or (tcfg.save_every and step % tcfg.save_every == 0)):
+                save_periodic()
+            if preempted and step < total_steps:
+                bar.close()
+                if dist.is_main:
+                    print(f"[vlmkit] stage {name}: SIGTERM received; saved step {step} to {stage_dir.name}-last, exiting")
+                raise Preempted(PREEMPTED_EXIT)
+    finally:
+        data_in.close()
     bar.close()
+    encode_time = {}
+    for part in dist.gather_objects(data_in.skipped):
+        encode_time.update(part)
+    skipped = _skipped_report(mixture, encode_time)
+    if skipped and dist.is_main:
+        print(f"[vlmkit] stage {name}: skipped {len(skipped)} bad record(s), e.g. {skipped[0][1]}")
+    if len(mixture.sources) > 1 and dist.is_main:
+        shares = ", ".join(f"{n}: {s:.3f} (weight {w / sum(mixture.weights):.3f})"
+                           for (n, s), w in zip(data_in.shares().items(), mixture.weights))
+        print(f"[vlmkit] stage {name}: realised source shares {shares}")
+        if logger:
+            logger.log({"stage": name, "event": "source_shares", "shares": data_in.shares(),
+                        "weights": [w / sum(mixture.weights) for w in mixture.weights]})
     final_dir = stage_dir
     weights = ckpt.model_state(model, ckpt.parts_to_save(model))
     if dist.is_main:
@@ -435,14 +406,6 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         ckpt.remove_periodic(stage_dir)
     dist.barrier()
     return StageResult(name, step, time.perf_counter() - start, losses, skipped, final_dir, model.trainable_parameters())
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_weights(model, directory: Path) -> None:
@@ -469,30 +432,24 @@ def _clip(model, optimizer, max_norm: float | None) -> torch.Tensor:
     return total
 
 
-def _reference(reference_model, reference_logps, batch: Batch, unit_indices: list[int], device) -> torch.Tensor:
-    """Reference log-probs for the batch's sequences (chosen first, then rejected)."""
-    if reference_model is not None:
-        with torch.no_grad():
-            hidden = decoder_hidden(reference_model, batch)
-            return sequence_logps(hidden, batch, reference_model.llm.get_output_embeddings())[0]
-    idx = torch.tensor(unit_indices)
-    return torch.cat([reference_logps[idx, 0], reference_logps[idx, 1]]).to(device)
-
-
 @torch.no_grad()
-def _score_pairs(model, units, make_batch, batch_size: int) -> torch.Tensor:
-    """Sequence log-probs of every (chosen, rejected) pair under the model as it is now."""
+def _score_pairs(model, dataset: StageDataset, on_device, batch_size: int, num_workers: int, pin: bool) -> torch.Tensor:
+    """Sequence log-probs of every (chosen, rejected) pair under the model as it is now, by global
+    record index (NaN where a record is unusable)."""
     was_training = model.training
     model.eval()
-    out = []
-    for start in tqdm(range(0, len(units), batch_size), desc="reference log-probs", unit="batch", leave=False):
-        chunk = units[start : start + batch_size]
-        batch = make_batch(chunk)
+    out = torch.full((len(dataset.mixture), 2), float("nan"))
+    loader = make_loader(dataset, SequentialSampler(len(dataset.mixture), batch_size), num_workers, pin)
+    for item in tqdm(loader, desc="reference log-probs", unit="batch", leave=False):
+        mb = receive(item, pin)
+        if mb.batch is None:
+            continue
+        batch = on_device(mb)
         logps = sequence_logps(decoder_hidden(model, batch), batch, model.llm.get_output_embeddings())[0].float().cpu()
-        k = len(chunk)
-        out.append(torch.stack([logps[:k], logps[k:]], dim=1))
+        k = len(mb.indices)
+        out[torch.tensor(mb.indices)] = torch.stack([logps[:k], logps[k:]], dim=1)
     model.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def _check_changed_stages(config: Config, data: dict, on_change: str) -> None:
@@ -588,7 +545,7 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
                             how = f"continuing from {done}" if extend else "training it again from the start"
                             print(f"[vlmkit] stage {name}: settings changed ({'; '.join(d.split(':')[0] for d in diffs)}); {how}")
                     result = train_stage(model, config, name, stage, out_dir, logger, progress, dist, stop, data_sha256=digest,
-                                         after=previous, discard_mismatched=on_change != "refuse")
+                                         after=previous, discard_mismatched=on_change != "refuse", data=data[name])
                     result.extended = extend
                     results.append(result)
                     previous = ckpt.read_meta(done).get("id")

@@ -29,10 +29,11 @@ class DataError(BadRecordError):
 
 @dataclass
 class StageData:
-    path: Path
+    path: Path | str  # the data file, or the mixture's sources as text
     records: int
     sha256: str
     unusable: int = 0  # records that `on_bad_record: skip` will leave out
+    mixture: object = None  # the indexed sources (`vlmkit.data.sources.Mixture`)
 
 
 def file_digest(path: Path) -> str:
@@ -96,53 +97,55 @@ def check_data(config: Config) -> dict[str, StageData]:
 
 
 def check_stage_data(name: str, stage, on_bad_record: str = "error") -> StageData:
-    path = Path(stage.data)
-    if not path.is_file():
-        where = "is a folder, not a file" if path.is_dir() else "not found"
-        raise DataError(f"stage {name!r}: data file {where}: {path.resolve()}\n(a relative `data` path in a recipe is relative "
-                        "to the recipe's folder, on the command line to the working directory; train.data_dir=FOLDER sets the folder)")
-    try:
-        records = _records(path, stage.loss)
-    except (OSError, ValueError) as e:  # BadRecordError and bad JSON are ValueErrors
-        raise DataError(f"stage {name!r}: {e}") from None
-    bad: list[str] = []
-    missing: list[str] = []
-    for item in records:
-        if isinstance(item, BadRecordError):
-            bad.append(str(item))
-            continue
-        absent = [p for p in _files_of(item) if not p.is_file()]
-        if absent:
-            missing.append(f"record {item.id!r}: {', '.join(str(p.resolve()) for p in absent)}")
-    if not records:
-        raise DataError(f"stage {name!r}: {path.resolve()} holds no records")
-    if on_bad_record == "error" and (bad or missing):
-        lines = bad + missing
-        head = (f"stage {name!r}: {len(missing)} record(s) of {path.resolve()} name files that do not exist"
-                if missing and not bad else f"stage {name!r}: {len(lines)} unusable record(s) in {path.resolve()}")
-        more = f"\n  ... and {len(lines) - SHOWN} more" if len(lines) > SHOWN else ""
-        raise DataError(head + ":\n  " + "\n  ".join(lines[:SHOWN]) + more
-                        + "\n(set train.on_bad_record=skip to train without them)")
-    if len(bad) + len(missing) == len(records):
-        raise DataError(f"stage {name!r}: none of the {len(records)} records of {path.resolve()} is usable, e.g. {(bad + missing)[0]}")
-    return StageData(path, len(records), file_digest(path), len(bad) + len(missing))
+    """Index every source of the stage (one pass over the records, no image decoded) and look up
+    every image file; records that cannot be used are listed (error) or counted (skip)."""
+    from vlmkit.data.sources import DataSourceError, Mixture, open_source
 
-
-def _records(path: Path, loss: str) -> list:
-    """Parsed records; a malformed one is returned as its BadRecordError, so all are reported."""
-    if loss == "dpo":
-        from vlmkit.data.preference import read_preference_file
-
-        return read_preference_file(path)
-    from vlmkit.data.formats import read_json_records, record_to_sample
-
-    out = []
-    for i, record in enumerate(read_json_records(path, "data")):
+    configured = stage.sources()
+    opened = []
+    for cfg in configured:
+        path = Path(cfg.path)
+        if not path.exists() or (path.is_dir() and isinstance(stage.data, str) and cfg.format in ("auto", "llava")
+                                 and not _shard_folder(path)):
+            where = "is a folder, not a file" if path.is_dir() else "not found"
+            raise DataError(f"stage {name!r}: data file {where}: {path.resolve()}\n(a relative `data` path in a recipe is relative "
+                            "to the recipe's folder, on the command line to the working directory; train.data_dir=FOLDER sets the folder)")
         try:
-            out.append(record_to_sample(record, i, path.parent, str(path)))
-        except BadRecordError as e:
-            out.append(e)
-    return out
+            source = open_source(path, cfg.format, cfg.image_folder, kind=stage.loss, allow_empty=True,
+                                 streaming=cfg.streaming, shuffle_buffer=cfg.shuffle_buffer)
+        except (DataSourceError, OSError, ValueError) as e:  # BadRecordError and bad JSON are ValueErrors
+            raise DataError(f"stage {name!r}: {e}") from None
+        bad = [b for b in source.bad if not b.missing_files]
+        missing = [b for b in source.bad if b.missing_files]
+        total = len(source) + len(source.bad)
+        if not total:
+            raise DataError(f"stage {name!r}: {path.resolve()} holds no records (empty source)")
+        if on_bad_record == "error" and source.bad:
+            lines = [b.message for b in bad + missing]
+            head = (f"stage {name!r}: {len(missing)} record(s) of {path.resolve()} name files that do not exist"
+                    if missing and not bad else f"stage {name!r}: {len(lines)} unusable record(s) in {path.resolve()}")
+            more = f"\n  ... and {len(lines) - SHOWN} more" if len(lines) > SHOWN else ""
+            raise DataError(head + ":\n  " + "\n  ".join(lines[:SHOWN]) + more
+                            + "\n(set train.on_bad_record=skip to train without them)")
+        if not len(source):
+            raise DataError(f"stage {name!r}: none of the {total} records of {path.resolve()} is usable, e.g. {source.bad[0].message}")
+        opened.append(source)
+    mixture = Mixture(opened, [c.weight for c in configured], [c.path for c in configured])
+    if isinstance(stage.data, str) and len(opened[0].files()) == 1:
+        digest = file_digest(opened[0].files()[0])  # as before mixtures: a plain file's digest
+    else:
+        h = hashlib.sha256()
+        for cfg, source in zip(configured, opened):
+            h.update(f"{cfg.weight!r} {cfg.format}".encode())
+            for f in source.files():
+                h.update(file_digest(f).encode())
+        digest = h.hexdigest()
+    path = Path(stage.data) if isinstance(stage.data, str) else stage.data_names()
+    return StageData(path, sum(len(s) + len(s.bad) for s in opened), digest, sum(len(s.bad) for s in opened), mixture)
+
+
+def _shard_folder(path: Path) -> bool:
+    return any(p.suffix in (".parquet", ".tar", ".arrow") for p in path.iterdir())
 
 
 def _files_of(item) -> list[Path]:
