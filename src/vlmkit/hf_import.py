@@ -649,6 +649,19 @@ def export_llava_next(model, out: str | Path) -> Path:
                                    chat_template=_plain_template(tok), image_token=model.config.image_token,
                                    num_additional_image_tokens=1 if model.vision.has_cls else 0)
 
+    return _save_with_processor(ref, processor, out)
+
+
+def _load_reference(ref, state: dict, family: str) -> None:
+    """Put vlmkit's weights into the transformers model; only rotary buffers may be left unset."""
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    if [m for m in missing if "rotary" not in m] or unexpected:
+        raise ExportError(f"weights do not map onto {family} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _save_with_processor(ref, processor, out: str | Path) -> Path:
+    """The model and its processor files, written into one folder swapped into place."""
+
     def write(tmp: Path) -> None:
         ref.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
@@ -680,9 +693,7 @@ def export_idefics3(model, out: str | Path) -> Path:
     state["model.connector.modality_projection.proj.weight"] = conn.proj.weight
     state |= {f"model.text_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
     state["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    missing, unexpected = ref.load_state_dict(state, strict=False)
-    if [m for m in missing if "rotary" not in m] or unexpected:
-        raise ExportError(f"weights do not map onto Idefics3 (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    _load_reference(ref, state, "Idefics3")
     ref.generation_config = _generation_config(tok)
     p = model.config.processor
     resample = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}[o.get("resample", "lanczos")]
@@ -693,11 +704,7 @@ def export_idefics3(model, out: str | Path) -> Path:
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=model.image_processor.image_seq_len,
                                   chat_template=_plain_template(tok))
 
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-
-    return _atomic_folder(Path(out), write)
+    return _save_with_processor(ref, processor, out)
 
 
 @torch.no_grad()
@@ -728,9 +735,7 @@ def export_internvl(model, out: str | Path) -> Path:
     state |= {f"model.multi_modal_projector.{theirs}": cstate[ours] for ours, theirs in names.items()}
     state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
     state["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    missing, unexpected = ref.load_state_dict(state, strict=False)
-    if [m for m in missing if "rotary" not in m] or unexpected:
-        raise ExportError(f"weights do not map onto InternVL (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    _load_reference(ref, state, "InternVL")
     ref.generation_config = _generation_config(tok)
     p, proc = model.config.processor, model.image_processor
     image_processor = GotOcr2ImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, crop_to_patches=proc.max_num > 1,
