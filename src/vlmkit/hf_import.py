@@ -42,7 +42,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -53,22 +55,73 @@ from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_temp
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
 
-# Families whose modelling code ships with transformers and that vlmkit maps onto its parts.
-SUPPORTED = {
-    "llava": "LLaVA-1.5 (LlavaForConditionalGeneration)",
-    "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
-    "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
-    "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
-    "idefics3": "Idefics3 / SmolVLM (Idefics3ForConditionalGeneration)",
-    "internvl": "InternVL (transformers' InternVLForConditionalGeneration)",
-}
+@dataclass(frozen=True)
+class HFFamily:
+    """One transformers family vlmkit imports and exports.
+
+    `owns(model)` tells whether a vlmkit model exports to this family (asked in registration
+    order, most specific first); `reference(model, prompt, ids)` returns the transformers class
+    and the keyword inputs (besides `input_ids`) that feed it the prompt's images, for
+    `verify_hf_export`."""
+
+    model_types: tuple[str, ...]
+    description: str
+    importer: Callable[[Path, Path], Path]
+    exporter: Callable[[Any, Path], Path]
+    owns: Callable[[Any], bool]
+    reference: Callable[[Any, Any, torch.Tensor], tuple[type, dict]] | None = None
+
+
+FAMILIES: list[HFFamily] = []
+
+# Modules under `vlmkit.hf_families` that register more families when imported.
+FAMILY_MODULES: tuple[str, ...] = ()
+
+
+def register_family(family: HFFamily) -> HFFamily:
+    FAMILIES.insert(0, family)  # later registrations are more specific: asked first by family_of
+    return family
+
+
+def _families() -> list[HFFamily]:
+    import importlib
+
+    for name in FAMILY_MODULES:
+        importlib.import_module(f"vlmkit.hf_families.{name}")
+    return FAMILIES
+
+
+def family_for(model_type: str) -> HFFamily | None:
+    return next((f for f in _families() if model_type in f.model_types), None)
+
+
+class _Supported(dict):
+    """model_type -> description of every registered family (filled on first use, so family
+    modules can import this one)."""
+
+    def _fill(self):
+        for f in reversed(_families()):
+            for t in f.model_types:
+                dict.setdefault(self, t, f.description)
+
+    def __contains__(self, key):
+        self._fill()
+        return dict.__contains__(self, key)
+
+    def items(self):
+        self._fill()
+        return dict.items(self)
+
+    def __iter__(self):
+        self._fill()
+        return dict.__iter__(self)
+
+
+SUPPORTED = _Supported()
 
 
 def supported_families() -> str:
     return ", ".join(f"{k} [{v}]" for k, v in SUPPORTED.items())
-
-
-# ---- reading a folder ------------------------------------------------------------------------
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -209,10 +262,7 @@ def import_hf(folder: str | Path, out: str | Path) -> Path:
     offline()
     folder, out = Path(folder), Path(out).resolve()
     cfg = read_hf_config(folder)
-    importer = {"llava": import_llava, "llava_next": import_llava_next, "qwen2_vl": import_qwen2_vl,
-                "qwen2_5_vl": import_qwen2_vl, "idefics3": import_idefics3,
-                "internvl": import_internvl}[cfg["model_type"]]
-    return importer(folder, out)
+    return family_for(cfg["model_type"]).importer(folder, out)
 
 
 def _staging(out: Path) -> Path:
@@ -545,19 +595,14 @@ def import_internvl(folder: Path, out: Path) -> Path:
 
 def family_of(model) -> str:
     """Which transformers family a vlmkit model exports to."""
-    from vlmkit.model.qwen2vl import Qwen2ViTTower, Qwen25ViTTower
+    family = next(f for f in _families() if f.owns(model))
+    return family.model_types[0] if family.model_types[0] != "qwen2_vl" or not _is_qwen25(model) else "qwen2_5_vl"
 
-    if isinstance(model.vision, Qwen25ViTTower):
-        return "qwen2_5_vl"
-    if model.config.processor.name == "idefics3":
-        return "idefics3"
-    if model.config.processor.name == "dynamic":
-        return "internvl"
-    if isinstance(model.vision, Qwen2ViTTower):
-        return "qwen2_vl"
-    if model.config.processor.name == "anyres":
-        return "llava_next"
-    return "llava"
+
+def _is_qwen25(model) -> bool:
+    from vlmkit.model.qwen2vl import Qwen25ViTTower
+
+    return isinstance(model.vision, Qwen25ViTTower)
 
 
 def _plain_template(tokenizer) -> str | None:
@@ -759,16 +804,7 @@ def export_internvl(model, out: str | Path) -> Path:
 
 def export_hf(model, out: str | Path) -> Path:
     """Write `model` in its family's transformers format."""
-    family = family_of(model)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        return export_qwen2_vl(model, out)
-    if family == "llava_next":
-        return export_llava_next(model, out)
-    if family == "idefics3":
-        return export_idefics3(model, out)
-    if family == "internvl":
-        return export_internvl(model, out)
-    return export_llava(model, out)
+    return family_for(family_of(model)).exporter(model, Path(out))
 
 
 @torch.no_grad()
@@ -790,29 +826,60 @@ def verify_hf_export(model, folder: str | Path) -> float:
     image = Image.fromarray((torch.rand(size, size * 3 // 2, 3, generator=g) * 255).byte().numpy())
     prompt = build_chat_processor(model, 1 << 20).encode_prompt([Message("user", "<image>\nDescribe the image.")], [image])
     ids = prompt.input_ids[None]
-    kwargs = {}
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-        cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-
-        kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
-                  "mm_token_type_ids": (ids == model.image_token_id).int()}
-        ours = model(ids.to(model.device), images=prompt.images, position_ids=prompt.position_ids[:, None].to(model.device))
-    elif family in ("idefics3", "internvl"):
-        from transformers import Idefics3ForConditionalGeneration, InternVLForConditionalGeneration
-
-        cls = Idefics3ForConditionalGeneration if family == "idefics3" else InternVLForConditionalGeneration
-
-        pixels = prompt.images[0].pixel_values
-        kwargs = {"pixel_values": pixels[None] if family == "idefics3" else pixels}
-        ours = model(ids.to(model.device), images=prompt.images)
-    else:
-        from transformers import LlavaNextForConditionalGeneration as cls
-
-        kwargs = {"pixel_values": prompt.images[0].pixel_values[None], "image_sizes": torch.tensor([list(prompt.images[0].image_size)])}
-        ours = model(ids.to(model.device), images=prompt.images)
+    cls, kwargs = family_for(family).reference(model, prompt, ids)
+    extra = {"position_ids": prompt.position_ids[:, None].to(model.device)} if prompt.position_ids is not None else {}
+    ours = model(ids.to(model.device), images=prompt.images, **extra)
     ref = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     theirs = ref(input_ids=ids, **kwargs).logits.float()
     ours = ours.logits.float().cpu()
     return float((ours - theirs[..., : ours.shape[-1]]).abs().max())
+
+
+def _qwen2_vl_reference(model, prompt, ids):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration if _is_qwen25(model) else Qwen2VLForConditionalGeneration
+    return cls, {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+                 "mm_token_type_ids": (ids == model.image_token_id).int()}
+
+
+def _idefics3_reference(model, prompt, ids):
+    from transformers import Idefics3ForConditionalGeneration
+
+    return Idefics3ForConditionalGeneration, {"pixel_values": prompt.images[0].pixel_values[None]}
+
+
+def _internvl_reference(model, prompt, ids):
+    from transformers import InternVLForConditionalGeneration
+
+    return InternVLForConditionalGeneration, {"pixel_values": prompt.images[0].pixel_values}
+
+
+def _llava_next_reference(model, prompt, ids):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration, {"pixel_values": prompt.images[0].pixel_values[None],
+                                               "image_sizes": torch.tensor([list(prompt.images[0].image_size)])}
+
+
+def _processor_is(name: str) -> Callable[[Any], bool]:
+    return lambda model: model.config.processor.name == name
+
+
+def _is_qwen2_vl(model) -> bool:
+    from vlmkit.model.qwen2vl import Qwen2ViTTower
+
+    return isinstance(model.vision, Qwen2ViTTower)
+
+
+# Registered least specific first: `family_of` asks the newest registration first.
+register_family(HFFamily(("llava",), "LLaVA-1.5 (LlavaForConditionalGeneration)", import_llava,
+                         lambda model, out: export_llava(model, out), lambda model: True))
+register_family(HFFamily(("llava_next",), "LLaVA-NeXT (LlavaNextForConditionalGeneration)", import_llava_next,
+                         export_llava_next, _processor_is("anyres"), _llava_next_reference))
+register_family(HFFamily(("qwen2_vl", "qwen2_5_vl"), "Qwen2-VL / Qwen2.5-VL (Qwen2VLForConditionalGeneration, "
+                         "Qwen2_5_VLForConditionalGeneration)", import_qwen2_vl, export_qwen2_vl, _is_qwen2_vl, _qwen2_vl_reference))
+register_family(HFFamily(("idefics3",), "Idefics3 / SmolVLM (Idefics3ForConditionalGeneration)", import_idefics3,
+                         export_idefics3, _processor_is("idefics3"), _idefics3_reference))
+register_family(HFFamily(("internvl",), "InternVL (transformers' InternVLForConditionalGeneration)", import_internvl,
+                         export_internvl, _processor_is("dynamic"), _internvl_reference))
