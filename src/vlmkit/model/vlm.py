@@ -170,6 +170,11 @@ class VisionLanguageModel(nn.Module):
         if getattr(processor, "newline", False) and getattr(processor, "unpad", None) is not None:
             # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
             connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
+        if config.connector.output_norm == "text":
+            with torch.no_grad():
+                table = llm.get_input_embeddings().weight
+                rms = 1.0 if table.is_meta else float(table.float().pow(2).mean(-1).sqrt().mean())
+            connector.attach_output_norm(rms)
         pretrained_parts = set()
         # A tower that says its weights are random (qwen2-vit, built from a config) must be saved
         # with every checkpoint, whatever its registry name.
@@ -314,7 +319,7 @@ class VisionLanguageModel(nn.Module):
         projected: dict[tuple[int, int], torch.Tensor] = {}
         for grid, items in by_grid.items():
             stacked = torch.cat([f.to(self.device) for _, _, f in items])
-            rows = self.connector(stacked, grid).split([f.shape[0] for _, _, f in items])
+            rows = self.connector.tokens(stacked, grid).split([f.shape[0] for _, _, f in items])
             for (i, j, _), r in zip(items, rows):
                 projected[i, j] = r.reshape(-1, r.shape[-1])
         out = []
@@ -327,7 +332,7 @@ class VisionLanguageModel(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Connector output for stacked base-size features (images, N, C)."""
-        return self.connector(features, self.image_grid)
+        return self.connector.tokens(features, self.image_grid)
 
     def fill_slots(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token slots filled by `image_embeds` (rows in order)."""
