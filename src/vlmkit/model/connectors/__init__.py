@@ -4,6 +4,7 @@ from vlmkit.model.connectors import (  # noqa: F401
     mlp,
     native,
     patch_embed,
+    patch_merger,
     perceiver,
     pixel_shuffle,
     pooling,
