@@ -76,7 +76,7 @@ class HFFamily:
 FAMILIES: list[HFFamily] = []
 
 # Modules under `vlmkit.hf_families` that register more families when imported.
-FAMILY_MODULES: tuple[str, ...] = ("pixtral",)
+FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama")
 
 
 def register_family(family: HFFamily) -> HFFamily:
