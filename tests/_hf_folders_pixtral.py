@@ -73,7 +73,7 @@ def save_pixtral(folder: Path, *, seed: int = 0, patch: int = 4, longest: int = 
     return _save(model, tok, folder, patch, 1, longest)
 
 
-def save_mistral3(folder: Path, *, seed: int = 0, patch: int = 4, longest: int = 64, bias: bool = False) -> Path:
+def save_mistral3(folder: Path, *, seed: int = 0, patch: int = 4, longest: int = 64, bias: bool = False, tied: bool = False) -> Path:
     """Mistral3ForConditionalGeneration (Mistral-Small-3.1's layout): Pixtral tower, RMSNorm,
     2x2 patch merger, MLP projector (bias-free, as released)."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
@@ -81,7 +81,8 @@ def save_mistral3(folder: Path, *, seed: int = 0, patch: int = 4, longest: int =
     torch.manual_seed(seed)
     tok = pixtral_tokenizer()
     config = Mistral3Config(vision_config=_vision(patch, longest), text_config=_text(tok), image_token_index=tok.convert_tokens_to_ids("[IMG]"),
-                            spatial_merge_size=2, vision_feature_layer=-1, multimodal_projector_bias=bias)
+                            spatial_merge_size=2, vision_feature_layer=-1, multimodal_projector_bias=bias,
+                            tie_word_embeddings=tied)  # untied as released (Mistral-Small-3.1); Mistral3Config's default ties
     model = Mistral3ForConditionalGeneration(config).eval()
     with torch.no_grad():
         model.model.multi_modal_projector.norm.weight.uniform_(0.5, 1.5)

@@ -140,6 +140,26 @@ def test_export_then_import_returns_the_same_tensors(family, tmp_path):
     assert again.config.connector == model.config.connector
 
 
+def test_a_tied_head_and_projector_biases_import_with_equal_logits(tmp_path):
+    """Mistral3Config ties the head to the embeddings by default (the file then holds no
+    lm_head.weight); a projector with biases maps too."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    folder = save_mistral3(tmp_path / "hf", seed=2, tied=True, bias=True)
+    model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
+    assert model.llm.config.tie_word_embeddings and model.config.connector.options["bias"]
+    image = noise(50, 30, seed=4)
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [image])
+    ref = Mistral3ForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    pixels = prompt.images[0].pixel_values
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        theirs = ref(input_ids=prompt.input_ids[None], pixel_values=pixels, image_sizes=torch.tensor([list(pixels.shape[-2:])])).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    exported = export_hf(model, tmp_path / "export")
+    assert verify_hf_export(model, exported) < 1e-4
+
+
 def test_a_llava_folder_without_a_pixtral_tower_stays_with_llava_1_5():
     assert family_for("llava", {"vision_config": {"model_type": "clip_vision_model"}}).description.startswith("LLaVA-1.5")
     assert family_for("llava", {"vision_config": {"model_type": "pixtral"}}).description.startswith("Pixtral")
