@@ -144,6 +144,29 @@ def test_export_then_import_returns_the_same_tensors(mllama, tmp_path):
     assert again.config.processor == model.config.processor
 
 
+def test_bad_folders_are_refused_naming_the_file_or_tensor(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmkit.hf_export import ExportError
+
+    folder = save_mllama(tmp_path / "hf", seed=1)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k != "multi_modal_projector.bias"}, str(folder / "model.safetensors"))
+    with pytest.raises(ExportError, match="multi_modal_projector.weight / .bias"):
+        import_hf(folder, tmp_path / "out")
+    save_file({k: v for k, v in state.items() if "cross_attn_mlp_gate" not in k}, str(folder / "model.safetensors"))
+    with pytest.raises(ExportError, match="cross_attn_mlp_gate"):
+        import_hf(folder, tmp_path / "out")
+    save_file(state, str(folder / "model.safetensors"))
+    settings = json.loads((folder / "processor_config.json").read_text())
+    settings["image_processor"]["max_image_tiles"] = 2
+    (folder / "processor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ExportError, match="max_image_tiles 2 differs from the vision tower's max_num_tiles 4"):
+        import_hf(folder, tmp_path / "out")
+
+
 @pytest.mark.parametrize("ids", [[5, 9, 1, 2], [9, 1, 2, 3], [1, 9, 2, 9, 3], [9, 9, 1, 2, 9, 3], [9, 1, 9, 9, 2], [1, 2]])
 def test_image_ranges_follow_transformers(ids):
     from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
