@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmkit.data.formats import write_llava_json
@@ -104,13 +105,18 @@ def image_digest(image) -> str:
     return hashlib.blake2b(image.tobytes() + repr((image.mode, image.size)).encode(), digest_size=16).hexdigest()
 
 
-def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n_test: int = 150, seed: int = 0) -> dict[str, Path]:
+def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n_test: int = 150, seed: int = 0,
+             n_instruct_more: int = 0) -> dict[str, Path]:
     """Write images/ and stage1.json (captions), stage2.json (QA), test.json (held-out QA).
 
     A held-out image is never one the training splits hold: a chart is fully determined by its
     three values and shade, so a test draw can repeat a training chart pixel for pixel; such a
     draw is replaced by a fresh one from a separate generator (the main one moves on as before,
-    so every other item is the same as without the check)."""
+    so every other item is the same as without the check).
+
+    `n_instruct_more` adds stage-2 images drawn after the held-out split, from their own
+    generator, so the held-out questions stay those of `n_caption` + `n_instruct` + `n_test`
+    alone; none of them repeats a held-out image either."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -143,6 +149,17 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
                     q = item.questions[rng.randrange(len(item.questions))]
                     splits[split].append(_record(f"{split}-{i}", name, [(q.text, q.answer)], task=q.task, kind=q.kind, answer=q.answer))
                 bar.update()
+    held_out = {image_digest(Image.open(out / r["image"]).convert("RGB")) for r in splits["test"]}
+    more = random.Random(f"{seed}-more-instruct")
+    for i in tqdm(range(n_instruct_more), desc="more stage-2 data", unit="img", disable=not n_instruct_more):
+        kind = kinds[i % len(kinds)]
+        item = MAKERS[kind](more)
+        while image_digest(item.image) in held_out:
+            item = MAKERS[kind](more)
+        name = f"images/stage2more_{i:05d}_{kind}.png"
+        item.image.save(out / name)
+        turns = [(q.text, q.answer) for q in more.sample(item.questions, len(item.questions))]
+        splits["stage2"].append(_record(f"stage2more-{i}", name, turns, task=kind))
     paths = {}
     for split, records in splits.items():
         paths[split] = out / f"{split}.json"
