@@ -134,31 +134,3 @@ def test_text_output_norm_starts_at_the_text_embedding_scale():
     plain = VisionLanguageModel.build(load_config({"model": {**TINY, "connector": {"name": "mlp"}}}).model, pretrained=False)
     assert getattr(plain.connector, "output_norm", None) is None
 
-
-def test_vocabulary_output_tokens_are_mixtures_of_the_llms_embeddings():
-    from vlmkit.model.vlm import VisionLanguageModel
-
-    torch.manual_seed(0)
-    cfg = load_config({"model": {**TINY, "connector": {"name": "mlp", "output_norm": "vocabulary"}}}).model
-    model = VisionLanguageModel.build(cfg, pretrained=False)
-    model.set_trainable(["connector"])
-    table = model.llm.get_input_embeddings().weight
-    mix = model.connector.output_norm
-    # The table is the LLM's own (not a copy, not a connector parameter, not trained here).
-    assert mix.embeddings.weight is table
-    assert all("embed" not in n for n, _ in model.connector.named_parameters())
-    assert not any(k.startswith("output_norm.embeddings") for k in model.connector.state_dict())
-    features = torch.randn(2, 16, model.vision.hidden_size)
-    tokens = model.connector.tokens(features, (4, 4))
-    # Each token is a convex combination of embedding rows: inside their bounding box, and
-    # exactly a row when the mix is made sharp.
-    assert (tokens <= table.max(0).values + 1e-5).all() and (tokens >= table.min(0).values - 1e-5).all()
-    with torch.no_grad():
-        mix.log_sharpness.fill_(20.0)  # clamped to the bounded maximum, still finite
-        sharp = model.connector.tokens(features, (4, 4))
-    assert torch.isfinite(sharp).all()
-    # Gradients reach the connector (and the sharpness), not the frozen table.
-    tokens.sum().backward()
-    assert model.connector.proj.weight.grad.abs().sum() > 0 if hasattr(model.connector, "proj") else \
-        model.connector.fc2.weight.grad.abs().sum() > 0
-    assert mix.log_sharpness.grad is not None and table.grad is None

@@ -51,13 +51,10 @@ class ConnectorConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     """Family-specific settings (e.g. `{input_norm: true}`, `{ratio: 0.5}`), validated by the family
     when the model is built; `cross_attention: {every: N}` adds gated cross-attention blocks."""
-    output_norm: Literal["none", "text", "vocabulary"] = "none"
-    """How the connector's output meets the LLM's embedding space. `text`: RMS-normalise each
-    visual token, then scale it by a learned per-channel gain that starts at the RMS of the LLM's
-    token embeddings (a connector trained into a frozen LLM otherwise grows its outputs far
-    beyond them). `vocabulary`: each visual token becomes a softmax-weighted mix of the LLM's own
-    (frozen) token embeddings, the connector's output scoring every vocabulary entry: visual
-    tokens then lie where the LLM's text tokens lie, the form a frozen LLM reads and copies."""
+    output_norm: Literal["none", "text"] = "none"
+    """`text`: RMS-normalise each visual token, then scale it by a learned per-channel gain that
+    starts at the RMS of the LLM's token embeddings, so visual tokens enter the LLM at the scale of
+    text tokens (a connector trained into a frozen LLM otherwise grows its outputs far beyond it)."""
 
 
 class LLMConfig(Strict):

@@ -206,8 +206,6 @@ class VisionLanguageModel(nn.Module):
         if getattr(processor, "newline", False) and getattr(processor, "unpad", None) is not None:
             # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
             connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
-        if config.connector.output_norm == "vocabulary":
-            connector.attach_vocabulary(llm.get_input_embeddings())
         if config.connector.output_norm == "text":
             with torch.no_grad():
                 table = llm.get_input_embeddings().weight

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -58,9 +57,6 @@ class Connector(nn.Module):
     def attach_output_norm(self, target_rms: float) -> None:
         self.output_norm = OutputNorm(self.llm_dim, target_rms)
 
-    def attach_vocabulary(self, embeddings: nn.Embedding) -> None:
-        self.output_norm = VocabularyMix(embeddings)
-
 
 class OutputNorm(nn.Module):
     """RMS normalisation with a learned per-channel gain that starts at `target_rms` (the RMS of
@@ -74,31 +70,6 @@ class OutputNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rms = x.float().pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
         return (x.float() * rms).to(x.dtype) * self.gain
-
-
-class VocabularyMix(nn.Module):
-    """Visual tokens as mixtures of the LLM's token embeddings: softmax(s cos(x, E)) E, with E the
-    LLM's input embedding table (shared, not copied, never trained here) and s a learned
-    sharpness. The connector learns which words an image region should read as.
-
-    Scores are cosines times a bounded sharpness: raw dot products let one large update make the
-    softmax one-hot over the 50k entries, and a one-hot softmax has no gradient left (measured:
-    a gradient norm of 117 at step 2, zero from then on)."""
-
-    max_sharpness = 50.0
-
-    def __init__(self, embeddings: nn.Embedding, sharpness: float = 10.0):
-        super().__init__()
-        # A plain attribute, not a submodule: the table belongs to the LLM (saved, frozen and
-        # adapted with it); this module only reads it.
-        self.__dict__["embeddings"] = embeddings
-        self.log_sharpness = nn.Parameter(torch.tensor(float(sharpness)).log())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        table = self.embeddings.weight.to(x.dtype)
-        sharpness = self.log_sharpness.exp().clamp(max=self.max_sharpness)
-        scores = F.normalize(x, dim=-1) @ F.normalize(table, dim=-1).t() * sharpness
-        return scores.float().softmax(-1).to(x.dtype) @ table
 
 
 def build_connector(name: str, vision_dim: int, llm_dim: int, options: dict[str, Any], grid: tuple[int, int] | None = None) -> Connector:
