@@ -41,12 +41,13 @@ class EvalRow:
     correct: bool
 
 
-def answer_questions(model, records: list[dict], image_root: Path, with_image: bool, batch_size: int = 16, max_new_tokens: int = 8, desc: str = "") -> list[EvalRow]:
+def answer_questions(model, records: list[dict], image_root: Path, with_image: bool, batch_size: int = 16, max_new_tokens: int = 8,
+                     desc: str = "", bf16: bool = False) -> list[EvalRow]:
     """Greedy answers through the same backend `vlmkit eval run` uses; blind runs drop the image."""
     from vlmkit.eval.backends import VlmkitBackend
     from vlmkit.processing.images import load_image
 
-    backend = VlmkitBackend(model)
+    backend = VlmkitBackend(model, bf16=bf16)
     rows: list[EvalRow] = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
         chunk = records[start : start + batch_size]
@@ -191,8 +192,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
     model.eval()
 
     test = json.loads((data_dir / "test.json").read_text())
-    trained_rows = answer_questions(model, test, data_dir, with_image=True, desc="eval with image")
-    blind_rows = answer_questions(model, test, data_dir, with_image=False, desc="eval blind")
+    bf16 = config.train.precision == "bf16"  # answer in the precision the model trained in
+    trained_rows = answer_questions(model, test, data_dir, with_image=True, desc="eval with image", bf16=bf16)
+    blind_rows = answer_questions(model, test, data_dir, with_image=False, desc="eval blind", bf16=bf16)
     prior_rows = prior_answers(json.loads((data_dir / "stage2.json").read_text()), test)
     trained, blind, prior = summarise(trained_rows), summarise(blind_rows), summarise(prior_rows)
     counts = {t: sum(r["task"] == t for r in test) for t in sorted({r["task"] for r in test})}

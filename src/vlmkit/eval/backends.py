@@ -239,11 +239,14 @@ class VlmkitBackend:
     greedy generation with a KV cache. Each image gets an `<image>` placeholder before the
     prompt unless the prompt already places them."""
 
-    def __init__(self, model, max_length: int | None = None, name: str = "vlmkit", compile_decode: bool = False):
+    def __init__(self, model, max_length: int | None = None, name: str = "vlmkit", compile_decode: bool = False,
+                 bf16: bool = False):
         from vlmkit.processing import build_chat_processor
 
         self.model = model
         self.name = name
+        # Autocast to bfloat16, as a model trained with `precision: bf16` ran in training.
+        self.bf16 = bf16
         # Batches of one size, many times over: the case where compiling the decode step pays.
         self.compile_decode = compile_decode
         self.processor = build_chat_processor(model, max_length or 4096)
@@ -273,9 +276,12 @@ class VlmkitBackend:
     def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:
         from vlmkit.generate import GenerationConfig, decode, generate
 
+        import torch
+
         prompts = [self.encode(p, ims) for p, ims in batch]
-        return decode(self.model, generate(self.model, prompts, GenerationConfig(max_new_tokens=max_new_tokens,
-                                                                                 compile=self.compile_decode)))
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            ids = generate(self.model, prompts, GenerationConfig(max_new_tokens=max_new_tokens, compile=self.compile_decode))
+        return decode(self.model, ids)
 
 
 @register_backend("vlmkit")

@@ -12,10 +12,11 @@ from vlmkit.config import TrainEvalConfig
 
 
 class HeldOutEval:
-    def __init__(self, cfg: TrainEvalConfig):
+    def __init__(self, cfg: TrainEvalConfig, bf16: bool = False):
         from vlmkit.eval.benchmarks import get_benchmark
 
         self.cfg = cfg
+        self.bf16 = bf16
         self.benchmark = get_benchmark(cfg.benchmark)
         items = self.benchmark.load(cfg.data)
         self.items = items[: cfg.limit] if cfg.limit else items
@@ -34,7 +35,7 @@ class HeldOutEval:
         model.eval()
         started = time.perf_counter()
         try:
-            backend = VlmkitBackend(model)
+            backend = VlmkitBackend(model, bf16=self.bf16)
             predictions = {}
             size = self.cfg.batch_size
             for at in range(0, len(self.items), size):

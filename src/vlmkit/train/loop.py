@@ -309,7 +309,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
     if tcfg.eval is not None and dist.is_main and not dist.enabled:
         from vlmkit.train.heldout import HeldOutEval
 
-        heldout = HeldOutEval(tcfg.eval)
+        heldout = HeldOutEval(tcfg.eval, bf16=tcfg.precision == "bf16")
     eval_seconds = 0.0
 
     model.train()
