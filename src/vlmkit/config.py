@@ -119,6 +119,20 @@ class ModelConfig(Strict):
     cross-attention blocks read them (the connector's `cross_attention` option)."""
     image_token: str = "<image>"
     """The placeholder for an image in the text of data records and prompts."""
+    attention: str = "causal"
+    """How the LLM attends over the prompt (prefix fusion; `model/attention.py`): `causal`;
+    `image`: the tokens of each image attend to each other (Gemma 3); `prefix`: prefix-LM, the
+    prompt (images and text before the first answer token) attends bidirectionally (PaliGemma).
+    Decoding steps are causal under every rule."""
+
+    @field_validator("attention")
+    @classmethod
+    def _known_attention_rule(cls, value: str) -> str:
+        from vlmkit.model.attention import ATTENTION_RULES
+
+        if value not in ATTENTION_RULES:
+            raise ValueError(f"unknown attention rule {value!r}; known: {', '.join(ATTENTION_RULES.names())}")
+        return value
 
 
 PART_NAMES = ("vision", "connector", "llm", "cross_attention")
