@@ -151,8 +151,9 @@ def _load_saved_tokenizer(model, directory: Path, image_token: str) -> None:
         model.image_token_id = ensure_image_token(model.tokenizer, image_token)
 
 
-def load_checkpoint(directory: str | Path, device: str = "cpu"):
-    """Rebuild the model from the checkpoint's config and load its saved parts."""
+def load_checkpoint(directory: str | Path, device: str = "cpu", merge: bool = True):
+    """Rebuild the model from the checkpoint's config and load its saved parts. `merge=False`
+    keeps LoRA adapters as separate layers (`export-hf --adapters peft`)."""
     from vlmkit.model.vlm import VisionLanguageModel
 
     config = read_config(directory)
@@ -162,7 +163,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"):
     # Inference (eval, serve, chat, export) runs on merged weights: W + B A * alpha / r.
     from vlmkit.train.lora import merge_adapters
 
-    merge_adapters(model)
+    if merge:
+        merge_adapters(model)
     model.to(device).eval()
     return model, config
 
