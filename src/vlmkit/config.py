@@ -119,6 +119,9 @@ class ModelConfig(Strict):
     cross-attention blocks read them (the connector's `cross_attention` option)."""
     image_token: str = "<image>"
     """The placeholder for an image in the text of data records and prompts."""
+    video_token: str | None = None
+    """The token of a video's slots where the family has its own (Qwen2-VL: `<|video_pad|>`);
+    None: a video's slots use `image_token`."""
     attention: str = "causal"
     """How the LLM attends over the prompt (prefix fusion; `model/attention.py`): `causal`;
     `image`: the tokens of each image attend to each other (Gemma 3); `prefix`: prefix-LM, the

@@ -164,6 +164,9 @@ class VisionLanguageModel(nn.Module):
         # The LoRA spec of the adapters injected into its parts (train/lora.py); None: none.
         self.lora_spec: dict | None = None
         self.image_token_id = ensure_image_token(tokenizer, config.image_token)
+        video_token = getattr(config, "video_token", None)
+        # A family's own video slot token (Qwen2-VL's <|video_pad|>); its slots are filled like image slots.
+        self.video_token_id = ensure_image_token(tokenizer, video_token) if video_token else None
         self.vocab_size = llm.get_input_embeddings().num_embeddings
         self.uses_mrope = uses_mrope(llm)
         self.image_processor = image_processor
@@ -356,9 +359,15 @@ class VisionLanguageModel(nn.Module):
         """Connector output for stacked base-size features (images, N, C)."""
         return self.connector(features, self.image_grid)
 
+    def slot_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where visual tokens go: image-token slots, and video-token slots where the family has its own."""
+        mask = input_ids == self.image_token_id
+        video = getattr(self, "video_token_id", None)
+        return mask if video is None else mask | (input_ids == video)
+
     def fill_slots(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token slots filled by `image_embeds` (rows in order)."""
-        is_image = input_ids == self.image_token_id
+        is_image = self.slot_mask(input_ids)
         safe_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.llm.get_input_embeddings()(safe_ids)
         slots = int(is_image.sum())

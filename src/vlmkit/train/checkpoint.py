@@ -149,6 +149,9 @@ def _load_saved_tokenizer(model, directory: Path, image_token: str) -> None:
         model.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         # The saved tokenizer decides the placeholder's id, not the one the build made.
         model.image_token_id = ensure_image_token(model.tokenizer, image_token)
+        video_token = getattr(model.config, "video_token", None)
+        if video_token:
+            model.video_token_id = ensure_image_token(model.tokenizer, video_token)
 
 
 def load_checkpoint(directory: str | Path, device: str = "cpu", merge: bool = True):
