@@ -98,3 +98,15 @@ def test_model_config_refuses_an_unknown_rule():
 
     with pytest.raises(ValueError, match="unknown attention rule 'bidi'.*causal, image, prefix"):
         ModelConfig(attention="bidi")
+
+
+def test_prefix_rule_keeps_the_samples_of_a_packed_row_apart():
+    from vlmkit.model.attention import _prefix_blocks
+
+    prefix = torch.tensor([[True, True, False, True, True, True, False]])
+    assert _prefix_blocks(torch.zeros(1, 7, dtype=torch.long), IMG, prefix).tolist() == [[0, 0, -1, 1, 1, 1, -1]]
+    # Positions restart per sample: transformers' packed-sequence mask keeps them apart too.
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    allowed = _allowed(decoder_mask(attention_rule("prefix"), _gemma_config(), torch.zeros(1, 7, dtype=torch.long),
+                                    torch.zeros(1, 7, 16), None, positions, IMG, prefix))[0]
+    assert allowed[0, 1] and allowed[3, 5] and not allowed[3, 1] and not allowed[1, 3] and not allowed[2, 3]

@@ -43,12 +43,16 @@ class AttentionRule:
 ATTENTION_RULES: Registry = Registry("attention rule")
 
 
+def run_blocks(mask: torch.Tensor) -> torch.Tensor:
+    """Each run of consecutive True positions is one block (0, 1, ... per row); -1 elsewhere."""
+    previous = F.pad(mask, (1, 0), value=False)[:, :-1]
+    group = torch.cumsum((mask & ~previous).int(), dim=1) - 1
+    return torch.where(mask, group, torch.full_like(group, -1))
+
+
 def image_blocks(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Each run of consecutive image-token slots is one block (0, 1, ... per row); -1 elsewhere."""
-    is_image = input_ids == image_token_id
-    previous = F.pad(is_image, (1, 0), value=False)[:, :-1]
-    group = torch.cumsum((is_image & ~previous).int(), dim=1) - 1
-    return torch.where(is_image, group, torch.full_like(group, -1))
+    return run_blocks(input_ids == image_token_id)
 
 
 @ATTENTION_RULES.register("causal")
@@ -64,7 +68,8 @@ def _image() -> AttentionRule:
 def _prefix_blocks(ids: torch.Tensor, image_id: int, prefix: torch.Tensor | None) -> torch.Tensor:
     if prefix is None:  # no answer given: the whole input is the prompt
         prefix = torch.ones_like(ids, dtype=torch.bool)
-    return torch.where(prefix.to(ids.device), torch.zeros_like(ids), torch.full_like(ids, -1))
+    # One block per prompt run: the prompts of the samples of a packed row never share a block.
+    return run_blocks(prefix.to(ids.device).bool())
 
 
 @ATTENTION_RULES.register("prefix")
