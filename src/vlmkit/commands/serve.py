@@ -125,7 +125,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("import-hf")
     def import_hf(
-        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder: LLaVA-1.5, LLaVA-NeXT or Qwen2-VL (safetensors).")],
+        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder of a supported family (safetensors); an unsupported one is refused with the list.")],
         out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write.")],
     ) -> None:
         """Turn a Hugging Face model folder into a vlmkit checkpoint (for training, eval, serving).
