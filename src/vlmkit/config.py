@@ -127,6 +127,23 @@ class ModelConfig(Strict):
     """A system turn put before every conversation that has none, in training, evaluation, chat
     and serving alike; null: whatever the chat template does (SmolLM2's adds a 17-token default
     system turn). `""` keeps only the template's empty system header: a shorter, cheaper sequence."""
+    video_token: str | None = None
+    """The token of a video's slots where the family has its own (Qwen2-VL: `<|video_pad|>`);
+    None: a video's slots use `image_token`."""
+    attention: str = "causal"
+    """How the LLM attends over the prompt (prefix fusion; `model/attention.py`): `causal`;
+    `image`: the tokens of each image attend to each other (Gemma 3); `prefix`: prefix-LM, the
+    prompt (images and text before the first answer token) attends bidirectionally (PaliGemma).
+    Decoding steps are causal under every rule."""
+
+    @field_validator("attention")
+    @classmethod
+    def _known_attention_rule(cls, value: str) -> str:
+        from vlmkit.model.attention import ATTENTION_RULES
+
+        if value not in ATTENTION_RULES:
+            raise ValueError(f"unknown attention rule {value!r}; known: {', '.join(ATTENTION_RULES.names())}")
+        return value
 
 
 PART_NAMES = ("vision", "connector", "llm", "cross_attention")

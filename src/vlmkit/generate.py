@@ -100,7 +100,9 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         raise ValueError(f"{len(limits)} limits for {B} prompts")
     device = model.device  # a property that walks the parameters: read it once
     real_B = B
-    lean_path = fast_decode.supports(model.llm)  # walks every module: once per call
+    # The lean path decodes causally from the start; a bidirectional prompt rule needs the model's prefill.
+    causal = getattr(getattr(model, "attention_rule", None), "name", "causal") == "causal"
+    lean_path = causal and fast_decode.supports(model.llm)  # walks every module: once per call
     if cfg.compile and device.type in PAD_BATCH_FOR_GRAPHS and lean_path:
         # A compiled step (a CUDA graph) exists per batch size; rounding batches up to a power of
         # two bounds the graphs to log2(max_batch). The extra rows repeat the first prompt with no
@@ -115,7 +117,9 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    head = model.llm.get_output_embeddings()
+    from vlmkit.model.vlm import lm_head
+
+    head = lm_head(model.llm)
     mask = batch.attention_mask
     positions = batch.position_ids
     steps = max(limits, default=0)

@@ -76,7 +76,7 @@ class HFFamily:
 FAMILIES: list[HFFamily] = []
 
 # Modules under `vlmkit.hf_families` that register more families when imported.
-FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama")
+FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama", "paligemma", "gemma3")
 
 
 def register_family(family: HFFamily) -> HFFamily:
@@ -315,6 +315,7 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     probe = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
     tokenizer = _tokenizer(folder, image_token)
+    video_token, video_options = _qwen2_vl_video(folder, cfg, probe, processor_cfg)
 
     tmp = _staging(out)
     try:
@@ -342,8 +343,9 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
                           "options": {"patch_size": patch, "merge_size": merge,
                                       "temporal_patch_size": settings.get("temporal_patch_size", vision_cfg.temporal_patch_size),
                                       "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
-                                      "sentinels": "never"}},
+                                      "sentinels": "never", **video_options}},
             "image_token": image_token,
+            "video_token": video_token,
         }})
         model = VisionLanguageModel.build(config.model)
         if model.image_token_id != cfg.image_token_id:
@@ -356,6 +358,31 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
         return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _qwen2_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[str | None, dict]:
+    """Qwen2-VL's video side: its own slot token (<|video_pad|>) and the video processor's
+    settings (`video_preprocessor_config.json`): frames in temporal patches, the frames'
+    smart_resize bounds, and frame sampling when the folder turns it on."""
+    video_id = getattr(cfg, "video_token_id", None)
+    token = processor_cfg.get("video_token") or (tokenizer.convert_ids_to_tokens(video_id) if video_id is not None else None)
+    if not token or token not in tokenizer.get_vocab():
+        return None, {}
+    settings = _read_json(folder / "video_preprocessor_config.json") or processor_cfg.get("video_processor") or {}
+    options: dict = {"video": {"compression": "temporal-patch"}}
+    size = settings.get("size") or {}
+    low, high = settings.get("min_pixels") or size.get("shortest_edge"), settings.get("max_pixels") or size.get("longest_edge")
+    if low:
+        options["video_min_pixels"] = int(low)
+    if high:
+        options["video_max_pixels"] = int(high)
+    if settings.get("do_sample_frames"):
+        if settings.get("num_frames"):
+            options["video"] |= {"sampling": "uniform", "num_frames": int(settings["num_frames"])}
+        else:
+            options["video"] |= {"sampling": "fps", "fps": float(settings.get("fps") or 2.0),
+                                 "min_frames": int(settings.get("min_frames") or 4), "max_frames": int(settings.get("max_frames") or 768)}
+    return token, options
 
 
 def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
@@ -675,8 +702,29 @@ def export_qwen2_vl(model, out: str | Path) -> Path:
             (tmp / "chat_template.jinja").write_text(template)
         (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor" if family_of(model) == "qwen2_5_vl" else "Qwen2VLProcessor",
                                                                "image_token": model.config.image_token}, indent=2))
+        if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
+            (tmp / "video_preprocessor_config.json").write_text(json.dumps(_qwen2_vl_video_settings(model), indent=2))
 
     return _atomic_folder(Path(out), write)
+
+
+def _qwen2_vl_video_settings(model) -> dict:
+    """Qwen2VLVideoProcessor's settings for the model's video side (written as JSON: the class
+    itself needs torchvision)."""
+    p = model.config.processor
+    o, video = p.options, dict(p.options.get("video") or {})
+    settings = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": o.get("patch_size", 14),
+                "merge_size": o.get("merge_size", 2), "temporal_patch_size": o.get("temporal_patch_size", 2),
+                "size": {"shortest_edge": o.get("video_min_pixels") or o.get("min_pixels", 56 * 56),
+                         "longest_edge": o.get("video_max_pixels") or o.get("max_pixels", 28 * 28 * 1280)},
+                "image_mean": list(p.mean), "image_std": list(p.std), "do_rescale": True, "do_normalize": True,
+                "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample], "do_sample_frames": False}
+    if video.get("sampling") == "fps":
+        settings |= {"do_sample_frames": True, "fps": video.get("fps", 2.0), "min_frames": video.get("min_frames", 4),
+                     "max_frames": video.get("max_frames", 768)}
+    elif "num_frames" in video:
+        settings |= {"do_sample_frames": True, "num_frames": video["num_frames"]}
+    return settings
 
 
 @torch.no_grad()

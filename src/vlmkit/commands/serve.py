@@ -90,29 +90,42 @@ def register(app: typer.Typer) -> None:
         checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
         out: Annotated[Path, typer.Argument(help="Folder to write (the family's transformers model + processor files).")],
         check: Annotated[bool, typer.Option(help="Reload the export with transformers and compare logits.")] = True,
+        adapters: Annotated[str, typer.Option(help="LoRA adapters of the checkpoint: 'merge' (into the base weights) or "
+                                                   "'peft' (base model in OUT, a PEFT adapter folder in OUT/adapter).")] = "merge",
     ) -> None:
-        """Export a checkpoint in its family's Hugging Face format: Qwen2-VL (qwen2-vit tower),
-        LLaVA-NeXT (anyres processor), Pixtral / Mistral3 (pixtral processor, Pixtral tower), Llama 3.2
-        Vision (mllama-vit tower) or LLaVA-1.5 (fixed processor, MLP connector), among others."""
+        """Export a checkpoint in its family's Hugging Face format (see `vlmkit import-hf --help`
+        for the families). LoRA adapters are merged, or written as a PEFT folder (`--adapters peft`)."""
         offline()
         from vlmkit.hf_export import ExportError
         from vlmkit.hf_import import export_hf as export_family, family_of, verify_hf_export
         from vlmkit.train.checkpoint import load_checkpoint
 
-        model, _ = load_checkpoint(checkpoint)
+        if adapters not in ("merge", "peft"):
+            raise typer.BadParameter(f"{adapters!r}: use 'merge' or 'peft'", param_hint="--adapters")
+        model, _ = load_checkpoint(checkpoint, merge=adapters == "merge")
         try:
-            export_family(model, out)
+            if adapters == "peft":
+                from vlmkit.hf_peft import export_hf_peft
+
+                export_hf_peft(model, out)
+            else:
+                export_family(model, out)
         except (ExportError, ValueError) as e:
             raise typer.BadParameter(str(e), param_hint="--checkpoint") from None
-        typer.echo(f"wrote {out} ({family_of(model)})")
+        typer.echo(f"wrote {out} ({family_of(model)})" + (f", adapters in {out / 'adapter'} (PEFT)" if adapters == "peft" else ""))
         if check:
-            diff = verify_hf_export(model, out)
-            typer.echo(f"check: transformers' reload matches vlmkit (max |logit difference| {diff:.2e})")
+            if adapters == "peft":
+                from vlmkit.hf_peft import verify_peft_export
+
+                diff = verify_peft_export(model, out)
+                typer.echo(f"check: transformers + PEFT reload matches vlmkit's unmerged model (max |logit difference| {diff:.2e})")
+            else:
+                diff = verify_hf_export(model, out)
+                typer.echo(f"check: transformers' reload matches vlmkit (max |logit difference| {diff:.2e})")
 
     @app.command("import-hf")
     def import_hf(
-        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (safetensors): LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, "
-                                                      "Pixtral, Mistral3, Llama 3.2 Vision ...")],
+        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder of a supported family (safetensors); an unsupported one is refused with the list.")],
         out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write.")],
     ) -> None:
         """Turn a Hugging Face model folder into a vlmkit checkpoint (for training, eval, serving).

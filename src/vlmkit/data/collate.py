@@ -49,6 +49,13 @@ class Batch:
         return torch.stack(views)
 
     @property
+    def prompt_mask(self) -> torch.Tensor:
+        """(B, T) True on each sample's tokens before its first supervised one (its prompt)."""
+        from vlmkit.model.attention import prompt_mask
+
+        return prompt_mask(self.labels, self.segments)
+
+    @property
     def real_tokens(self) -> int:
         return int((self.segments >= 0).sum()) if self.segments is not None else int(self.attention_mask.sum())
 

@@ -59,6 +59,28 @@ class VLMOutput:
         return self.head(self.hidden_states)
 
 
+class SoftcappedHead:
+    """An LM head whose logits are soft-capped, cap * tanh(logits / cap), as Gemma 2's
+    `final_logit_softcapping` does inside its causal LM's forward (which vlmkit does not call)."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        self.head, self.cap = head, float(cap)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden) / self.cap) * self.cap
+
+
+def lm_head(llm: nn.Module):
+    """The LLM's output layer as its own forward applies it (with any final logit soft-capping)."""
+    head = llm.get_output_embeddings()
+    cap = getattr(getattr(llm, "config", None), "final_logit_softcapping", None)
+    return SoftcappedHead(head, cap) if cap else head
+
+
 # ---- fusion strategies ------------------------------------------------------------------------
 
 FUSIONS: Registry = Registry("fusion")
@@ -178,9 +200,17 @@ class VisionLanguageModel(nn.Module):
         # The LoRA spec of the adapters injected into its parts (train/lora.py); None: none.
         self.lora_spec: dict | None = None
         self.image_token_id = ensure_image_token(tokenizer, config.image_token)
+        video_token = getattr(config, "video_token", None)
+        # A family's own video slot token (Qwen2-VL's <|video_pad|>); its slots are filled like image slots.
+        self.video_token_id = ensure_image_token(tokenizer, video_token) if video_token else None
         self.vocab_size = llm.get_input_embeddings().num_embeddings
         self.uses_mrope = uses_mrope(llm)
         self.image_processor = image_processor
+        from vlmkit.model.attention import attention_rule
+
+        self.attention_rule = attention_rule(getattr(config, "attention", "causal"))
+        if self.attention_rule.name != "causal" and self.fusion.name != "prefix":
+            raise ValueError(f"attention rule {self.attention_rule.name!r} needs prefix fusion (the images in the sequence)")
         if self.image_token_id < self.vocab_size:
             # The placeholder must never collide with a real token the LM could emit.
             existing = tokenizer.convert_ids_to_tokens(self.image_token_id)
@@ -373,9 +403,15 @@ class VisionLanguageModel(nn.Module):
         """Connector output for stacked base-size features (images, N, C)."""
         return self.connector.tokens(features, self.image_grid)
 
+    def slot_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where visual tokens go: image-token slots, and video-token slots where the family has its own."""
+        mask = input_ids == self.image_token_id
+        video = getattr(self, "video_token_id", None)
+        return mask if video is None else mask | (input_ids == video)
+
     def fill_slots(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token slots filled by `image_embeds` (rows in order)."""
-        is_image = input_ids == self.image_token_id
+        is_image = self.slot_mask(input_ids)
         safe_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.llm.get_input_embeddings()(safe_ids)
         slots = int(is_image.sum())
@@ -425,13 +461,22 @@ class VisionLanguageModel(nn.Module):
         past_key_values=None,
         use_cache: bool = False,
         images: list | None = None,
+        prefix_mask: torch.Tensor | None = None,
     ) -> VLMOutput:
+        """`prefix_mask` ((B, T) bool, the prompt of each sample: `Batch.prompt_mask`) is read by
+        the `prefix` attention rule; without it the whole uncached input is the prompt."""
+        cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
         embeds = self.inputs_embeds(input_ids, images, image_features, pixel_values, cached=past_key_values is not None)
+        if self.attention_rule.name != "causal" and not cached:
+            from vlmkit.model.attention import decoder_mask
+
+            attention_mask = decoder_mask(self.attention_rule, self.llm.config, input_ids, embeds, attention_mask,
+                                          position_ids, self.image_token_id, prefix_mask)
         try:
             out = run_decoder(self.llm.base_model, embeds, attention_mask, position_ids, past_key_values, use_cache)
         finally:
             self.fusion.after_forward(use_cache)
-        head = self.llm.get_output_embeddings()
+        head = lm_head(self.llm)
         cache = (getattr(out, "past_key_values", None) or getattr(out, "cache", None)) if use_cache else None
         result = VLMOutput(out.last_hidden_state, cache, head=head)
         if labels is not None:

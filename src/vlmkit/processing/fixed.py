@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, image_views
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, Slots, Text, TokenLayout, image_views
 from vlmkit.registry import IMAGE_PROCESSORS
 
 RESAMPLE = {
@@ -53,6 +53,8 @@ class FixedResizeProcessor(ImageProcessor):
         std=(0.5, 0.5, 0.5),
         resample: str = "bicubic",
         fit: Literal["pad", "squash", "crop"] = "pad",
+        before: str = "",
+        after: str = "",
     ):
         if image_size <= 0 or tokens_per_image <= 0:
             raise ValueError("image_size and tokens_per_image must be positive")
@@ -61,12 +63,18 @@ class FixedResizeProcessor(ImageProcessor):
         self.mean, self.std = tuple(mean), tuple(std)
         self.resample = RESAMPLE[resample]
         self.fit = fit
+        # Separator text around each image's slots (Gemma 3: "\n\n<start_of_image>" ... "<end_of_image>\n\n").
+        self.before, self.after = before, after
 
     def layout(self, width: int, height: int) -> TokenLayout:
         return TokenLayout(
             visual_tokens=self.tokens_per_image,
             parts={"resized": [self.image_size, self.image_size], "tiles": 1, "fit": self.fit},
+            special_tokens=int(bool(self.before)) + int(bool(self.after)),
         )
+
+    def segments(self, layout: TokenLayout):
+        return tuple(s for s in (Text(self.before), Slots(layout.slots), Text(self.after)) if not isinstance(s, Text) or s.text)
 
     def resize(self, image: Image.Image) -> Image.Image:
         s = self.image_size
@@ -98,4 +106,6 @@ def build_fixed(config, tokens_per_image: int) -> FixedResizeProcessor:
         std=config.std,
         resample=config.resample,
         fit=config.options.get("fit", "pad"),
+        before=config.options.get("before", ""),
+        after=config.options.get("after", ""),
     )

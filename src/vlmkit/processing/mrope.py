@@ -110,7 +110,7 @@ def get_rope_index(
     return positions, torch.tensor(deltas).unsqueeze(1)
 
 
-def sample_positions(encoded, image_token_id: int) -> torch.Tensor:
+def sample_positions(encoded, image_token_id: int | set[int]) -> torch.Tensor:
     """(3, T) M-RoPE positions of one `EncodedSample`, from its visual spans.
 
     A span with an LLM grid whose tokens form one run (a Qwen2-VL image, or a video in
@@ -126,4 +126,5 @@ def sample_positions(encoded, image_token_id: int) -> torch.Tensor:
             blocks += [(1, v.grid_thw[1], v.grid_thw[2])] * v.groups
         else:
             blocks += [(1, 1, per_group)] * v.groups
-    return row_positions([x == image_token_id for x in encoded.input_ids.tolist()], blocks)
+    slots = image_token_id if isinstance(image_token_id, set) else {image_token_id}  # image (and video) slot tokens
+    return row_positions([x in slots for x in encoded.input_ids.tolist()], blocks)

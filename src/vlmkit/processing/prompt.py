@@ -92,9 +92,11 @@ class ChatProcessor:
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
                  max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
-                 mrope: bool = False, image_formats=None, system_prompt: str | None = None):
+                 mrope: bool = False, image_formats=None, system_prompt: str | None = None, video_token: str | None = None):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        # A video's slots: the family's own video token (Qwen2-VL's <|video_pad|>), else the image token.
+        self.video_token = video_token
         self.mrope = mrope
         self.image_processor = image_processor
         self.image_token = image_token
@@ -194,7 +196,8 @@ class ChatProcessor:
 
         def expand(_match) -> str:
             v = next(it)
-            text = "".join(self.image_processor.placeholder_text(g.layout, self.image_token) for g in v.groups)
+            token = self.video_token if v.kind == "video" and self.video_token else self.image_token
+            text = "".join(self.image_processor.placeholder_text(g.layout, token) for g in v.groups)
             return (f"<{v.kind}_{v.index}>" if sentinels else "") + text
 
         return [Message(m.role, pattern.sub(expand, m.content)) for m in sample.messages]
@@ -221,8 +224,7 @@ class ChatProcessor:
         if self.mrope:
             from vlmkit.processing.mrope import sample_positions
 
-            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-            sample.position_ids = sample_positions(sample, image_id)
+            sample.position_ids = sample_positions(sample, self._slot_ids())
             sample.rope_delta = int(sample.position_ids.max()) + 1 - len(sample.input_ids) if len(sample.input_ids) else 0
         return sample
 
@@ -320,8 +322,13 @@ class ChatProcessor:
         return self._with_positions(EncodedSample("prompt", torch.tensor(ids), torch.full((len(ids),), IGNORE_INDEX),
                                                   pixels, layouts, keys, spans, groups))
 
+    def _slot_ids(self) -> set[int]:
+        """Token ids of visual slots: the image token, and the video token where the family has one."""
+        tokens = [self.image_token] + ([self.video_token] if self.video_token else [])
+        return {self.tokenizer.convert_tokens_to_ids(t) for t in tokens}
+
     def _check_image_tokens(self, sample_id: str, ids: list[int], layouts: list[TokenLayout]) -> None:
-        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        got, want = ids.count(image_id), sum(l.slots for l in layouts)
+        slot_ids = self._slot_ids()
+        got, want = sum(i in slot_ids for i in ids), sum(l.slots for l in layouts)
         if got != want:
             raise BadRecordError(sample_id, f"tokenised to {got} image tokens, expected {want}")

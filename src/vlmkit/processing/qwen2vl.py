@@ -83,11 +83,23 @@ class Qwen2VLProcessor(ImageProcessor):
         std=CLIP_STD,
         resample: str = "bicubic",
         backend: str = "torch",
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
     ):
         self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.mean, self.std = tuple(mean), tuple(std)
         self.resample, self.backend = resample, backend
+        # Video frames' smart_resize bounds (Qwen2-VL's video processor has its own); None: the image ones.
+        self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
+
+    def for_video(self) -> "Qwen2VLProcessor":
+        """This processor with the video frames' pixel bounds (temporal-patch videos)."""
+        if self.video_min_pixels is None and self.video_max_pixels is None:
+            return self
+        return Qwen2VLProcessor(self.patch_size, self.merge_size, self.temporal_patch_size,
+                                self.video_min_pixels or self.min_pixels, self.video_max_pixels or self.max_pixels,
+                                self.mean, self.std, self.resample, self.backend)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
@@ -137,4 +149,6 @@ def build_qwen2vl(config, tokens_per_image: int | None = None) -> Qwen2VLProcess
         std=config.std,
         resample=config.resample,
         backend=o.get("backend", "torch"),
+        video_min_pixels=o.get("video_min_pixels"),
+        video_max_pixels=o.get("video_max_pixels"),
     )

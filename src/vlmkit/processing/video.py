@@ -265,6 +265,8 @@ def video_layout(processor: ImageProcessor, width: int, height: int, frames: int
     """Token layout of a video of `frames` sampled frames of this size, without touching pixels."""
     if frames <= 0:
         raise ValueError("a video needs at least one sampled frame")
+    if options.compression == "temporal-patch" and _is_qwen2vl(processor):
+        processor = processor.for_video()
     per_frame = processor.layout(width, height)
     parts: dict[str, Any] = {"frames": frames, "compression": options.compression, "frame_tokens": per_frame.visual_tokens}
     if options.compression == "temporal-patch" and _is_qwen2vl(processor):
@@ -313,6 +315,7 @@ def process_clip(processor: ImageProcessor, clip: Clip, options: VideoOptions) -
     layout = video_layout(processor, w, h, len(frames), options)
     times = clip.timestamps
     if options.compression == "temporal-patch" and _is_qwen2vl(processor):
+        processor = processor.for_video()
         pixels, thw = _qwen2vl_video_pixels(processor, frames)
         group_layout = TokenLayout(layout.visual_tokens, {"grid_thw": list(thw)}, layout.special_tokens)
         view = View("patches", (thw[1] * processor.patch_size, thw[2] * processor.patch_size), thw)

@@ -149,10 +149,14 @@ def _load_saved_tokenizer(model, directory: Path, image_token: str) -> None:
         model.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         # The saved tokenizer decides the placeholder's id, not the one the build made.
         model.image_token_id = ensure_image_token(model.tokenizer, image_token)
+        video_token = getattr(model.config, "video_token", None)
+        if video_token:
+            model.video_token_id = ensure_image_token(model.tokenizer, video_token)
 
 
-def load_checkpoint(directory: str | Path, device: str = "cpu"):
-    """Rebuild the model from the checkpoint's config and load its saved parts."""
+def load_checkpoint(directory: str | Path, device: str = "cpu", merge: bool = True):
+    """Rebuild the model from the checkpoint's config and load its saved parts. `merge=False`
+    keeps LoRA adapters as separate layers (`export-hf --adapters peft`)."""
     from vlmkit.model.vlm import VisionLanguageModel
 
     config = read_config(directory)
@@ -162,7 +166,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"):
     # Inference (eval, serve, chat, export) runs on merged weights: W + B A * alpha / r.
     from vlmkit.train.lora import merge_adapters
 
-    merge_adapters(model)
+    if merge:
+        merge_adapters(model)
     model.to(device).eval()
     return model, config
 

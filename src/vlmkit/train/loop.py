@@ -34,6 +34,7 @@ from vlmkit.processing.prompt import ChatProcessor, EncodedSample
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train import distributed as D
 from vlmkit.train.features import FrozenFeatures
+from vlmkit.model.vlm import lm_head
 from vlmkit.train.losses import decoder_hidden, sequence_logps
 from vlmkit.train.objectives import DPOObjective, SFTObjective
 from vlmkit.train.preflight import StageData
@@ -460,7 +461,7 @@ def _score_pairs(model, dataset: StageDataset, on_device, batch_size: int, num_w
         if mb.batch is None:
             continue
         batch = on_device(mb)
-        logps = sequence_logps(decoder_hidden(model, batch), batch, model.llm.get_output_embeddings())[0].float().cpu()
+        logps = sequence_logps(decoder_hidden(model, batch), batch, lm_head(model.llm))[0].float().cpu()
         k = len(mb.indices)
         out[torch.tensor(mb.indices)] = torch.stack([logps[:k], logps[k:]], dim=1)
     model.train(was_training)

@@ -29,7 +29,15 @@ def decoder_hidden(model, batch: Batch) -> torch.Tensor:
         images=batch.images,
         image_features=batch.image_features,
         position_ids=batch.position_ids,
+        **_prefix(model, batch),
     ).hidden_states
+
+
+def _prefix(model, batch: Batch) -> dict:
+    """The prompt mask, for models whose attention rule reads it (prefix-LM)."""
+    inner = getattr(model, "module", model)  # DDP
+    rule = getattr(getattr(inner, "attention_rule", None), "name", "causal")
+    return {"prefix_mask": batch.prompt_mask} if rule == "prefix" else {}
 
 
 def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int = 1024) -> tuple[torch.Tensor, int]:

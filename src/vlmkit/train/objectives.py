@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from vlmkit.data.pipeline import MicroBatch
+from vlmkit.model.vlm import lm_head
 from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps, sft_loss_sum, step_normaliser
 
 
@@ -22,7 +23,7 @@ class SFTObjective:
         return float(step_normaliser(counts, self.reduction)) if counts.numel() else 0.0
 
     def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
-        logps, n_targets = sequence_logps(decoder_hidden(wrapped, batch), batch, model.llm.get_output_embeddings())
+        logps, n_targets = sequence_logps(decoder_hidden(wrapped, batch), batch, lm_head(model.llm))
         return sft_loss_sum(logps, n_targets, self.reduction), n_targets
 
 
@@ -45,7 +46,7 @@ class DPOObjective:
         if self.reference_model is not None:
             with torch.no_grad():
                 hidden = decoder_hidden(self.reference_model, batch)
-                return sequence_logps(hidden, batch, self.reference_model.llm.get_output_embeddings())[0]
+                return sequence_logps(hidden, batch, lm_head(self.reference_model.llm))[0]
         if self.mode == "data":
             refs = torch.tensor(mb.refs, dtype=torch.float32)
         else:
@@ -53,7 +54,7 @@ class DPOObjective:
         return torch.cat([refs[:, 0], refs[:, 1]]).to(device)
 
     def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
-        logps, n_targets = sequence_logps(decoder_hidden(wrapped, batch), batch, model.llm.get_output_embeddings())
+        logps, n_targets = sequence_logps(decoder_hidden(wrapped, batch), batch, lm_head(model.llm))
         k = len(mb.indices)
         ref = self.reference(batch, mb, logps.device)
         terms = dpo_loss(logps[:k], logps[k:], ref[:k], ref[k:], self.beta, self.smoothing)
