@@ -174,7 +174,8 @@ def plot_heldout(metrics_path: Path, out_png: Path) -> bool:
 
 
 def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu", overrides: list[str] | tuple[str, ...] = (),
-                   n_caption: int = 400, n_instruct: int = 600, n_test: int = 150, seed: int = 0, on_change: str = "refuse") -> dict:
+                   n_caption: int = 400, n_instruct: int = 600, n_test: int = 150, seed: int = 0, on_change: str = "refuse",
+                   n_instruct_more: int = 1400) -> dict:
     from vlmkit.data.synthetic.tasks import generate as generate_data
     from vlmkit.train.loop import run_training
 
@@ -182,7 +183,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
     out = Path(out_dir)
     data_dir = out / "data"
     if not (data_dir / "test.json").is_file():
-        generate_data(data_dir, n_caption=n_caption, n_instruct=n_instruct, n_test=n_test, seed=seed)
+        # More stage-2 images than steps can repeat: a connector that sees each image a few times
+        # memorises them (training loss 0.4, held-out at the prior) instead of learning to read.
+        generate_data(data_dir, n_caption=n_caption, n_instruct=n_instruct, n_test=n_test, seed=seed, n_instruct_more=n_instruct_more)
     config: Config = load_config(default_recipe(), [
         f"train.output_dir={out}", f"train.device={device}", f"train.seed={seed}", f"train.data_dir={data_dir}",
         *overrides,

