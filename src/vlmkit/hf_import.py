@@ -75,7 +75,7 @@ class HFFamily:
 FAMILIES: list[HFFamily] = []
 
 # Modules under `vlmkit.hf_families` that register more families when imported.
-FAMILY_MODULES: tuple[str, ...] = ("smolvlm",)
+FAMILY_MODULES: tuple[str, ...] = ("smolvlm", "llava_onevision")
 
 
 def register_family(family: HFFamily) -> HFFamily:
@@ -373,7 +373,9 @@ def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
     return causal
 
 
-def import_llava_next(folder: Path, out: Path) -> Path:
+def import_llava_next(folder: Path, out: Path, processor: str = "anyres", processor_options: dict | None = None) -> Path:
+    """LLaVA-NeXT; with `processor="anyres-max"` and its options, LLaVA-OneVision (same weights
+    and layout, capped feature maps, base-view images in multi-image prompts)."""
     from transformers import AutoConfig
 
     from vlmkit.model.vlm import VisionLanguageModel
@@ -437,10 +439,10 @@ def import_llava_next(folder: Path, out: Path) -> Path:
                        "feature_layer": feature_layer},
             "connector": {"name": "mlp", "options": {"hidden_size": p["linear_1.weight"].shape[0]}},
             "llm": {"name": "hf", "path": str(staged_llm)},
-            "processor": {"name": "anyres", "image_size": tile, "mean": list(settings.get("image_mean", (0.5,) * 3)),
+            "processor": {"name": processor, "image_size": tile, "mean": list(settings.get("image_mean", (0.5,) * 3)),
                           "std": list(settings.get("image_std", (0.5,) * 3)), "resample": _resample(settings),
                           "options": {"patch_size": vision_cfg.patch_size, "grid_pinpoints": [list(x) for x in pinpoints],
-                                      "sentinels": "never"}},
+                                      "sentinels": "never", **(processor_options or {})}},
             "image_token": image_token,
         }})
         model = VisionLanguageModel.build(config.model)

@@ -79,13 +79,16 @@ class Arrangement:
 
     `tiles` (rows, cols): views [first_tile, first_tile + rows*cols) are a row-major tile grid
     whose features are stitched into one feature map (AnyRes); `unpad`: crop that map to the
-    original aspect ratio; `newline`: a learned embedding after each feature row."""
+    original aspect ratio; `newline`: a learned embedding after each feature row; `max_tiles`
+    (LLaVA-OneVision's anyres_max_N, 0: no limit): a stitched map larger than 1.1x the area of
+    N tiles is resized (bilinear) down to about that area."""
 
     assembler: str = "concat"
     tiles: tuple[int, int] | None = None
     first_tile: int = 0
     unpad: bool = False
     newline: bool = False
+    max_tiles: int = 0
 
 
 @dataclass
@@ -128,6 +131,12 @@ class ImageProcessor(ABC):
     @abstractmethod
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         """Pixels for the vision tower, plus the layout (must equal `layout(w, h)`)."""
+
+    def for_sample(self, n_images: int) -> "ImageProcessor":
+        """The processor for each image of a sample that holds `n_images` images. Most families
+        read every image alike (self); LLaVA-OneVision reads the images of a multi-image sample
+        at base resolution only."""
+        return self
 
     def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
         """What one `<image>` placeholder becomes, as typed segments: the slots the model fills and

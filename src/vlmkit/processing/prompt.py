@@ -116,13 +116,13 @@ class ChatProcessor:
             processed.append(self._load_image(sample.id, path))
         return processed
 
-    def _load_image(self, sample_id: str, ref) -> ProcessedImage:
+    def _load_image(self, sample_id: str, ref, processor=None) -> ProcessedImage:
         try:
             image = load_image(ref, max_pixels=self.max_image_pixels, formats=self.image_formats)
         except (ImageLoadError, FileNotFoundError) as e:
             raise BadRecordError(sample_id, str(e)) from None
         try:
-            return self.image_processor.preprocess(image)
+            return (processor or self.image_processor).preprocess(image)
         except ValueError as e:  # e.g. Qwen2-VL's aspect-ratio limit
             raise BadRecordError(sample_id, f"{_image_key(ref)[:200]}: {e}") from None
 
@@ -170,9 +170,10 @@ class ChatProcessor:
 
     def _visuals(self, sample: Sample, plan: list[tuple[str, int]]) -> list[_Visual]:
         out = []
+        processor = self.image_processor.for_sample(len(sample.images))
         for kind, i in plan:
             if kind == "image":
-                p = self._load_image(sample.id, sample.images[i])
+                p = self._load_image(sample.id, sample.images[i], processor)
                 thw = p.layout.parts.get("grid_thw")
                 merge = p.layout.parts.get("merge", 1)
                 grid = (thw[0], thw[1] // merge, thw[2] // merge) if thw else None
