@@ -112,7 +112,10 @@ class ProcessedImage:
                 out.append(self.pixel_values[at : at + n])
                 at += n
             return out
-        return list(self.pixel_values[: len(self.views)])
+        # Views of different sizes (Idefics2's quadrants and whole image) sit top-left in a stack
+        # of the largest size.
+        return [p if tuple(p.shape[-2:]) == tuple(v.size) else p[:, : v.size[0], : v.size[1]]
+                for p, v in zip(self.pixel_values, self.views)]
 
 
 def image_views(pixels: torch.Tensor, roles: list[str]) -> tuple[View, ...]:
@@ -137,6 +140,11 @@ class ImageProcessor(ABC):
         read every image alike (self); LLaVA-OneVision reads the images of a multi-image sample
         at base resolution only."""
         return self
+
+    def finish_text(self, text: str) -> str:
+        """A turn's text once its placeholders are expanded, as the family's own processor leaves
+        it (Idefics2 shares boundary tokens between adjacent images); as is by default."""
+        return text
 
     def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
         """What one `<image>` placeholder becomes, as typed segments: the slots the model fills and

@@ -197,7 +197,9 @@ class ChatProcessor:
             text = "".join(self.image_processor.placeholder_text(g.layout, self.image_token) for g in v.groups)
             return (f"<{v.kind}_{v.index}>" if sentinels else "") + text
 
-        return [Message(m.role, pattern.sub(expand, m.content)) for m in sample.messages]
+        finish = self.image_processor.finish_text
+        return [Message(m.role, finish(pattern.sub(expand, m.content)) if pattern.search(m.content) else m.content)
+                for m in sample.messages]
 
     def _prepare(self, sample: Sample, pattern: re.Pattern = PLACEHOLDER_RE) -> tuple[list[_Visual], list[Message]]:
         plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)}, pattern)
