@@ -8,7 +8,7 @@ gives the same tensors and transformers' reload matches; the `vlmkit` command im
 and exports it.
 
 The prompts start with text: Idefics2's template writes "User:" before a leading image part and
-"User: " before text, and vlmkit renders plain-string turns (docs/hf_import.md)."""
+"User: " before text, and vlmkit renders plain-string turns (docs/serving.md, "Other families")."""
 
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ matches; the `vlmkit` command imports, chats and exports it.
 
 The prompts put the text before the image: SmolVLM's chat template writes "User:" before a
 leading image part and "User: " before a string, and vlmkit renders plain strings (the known
-difference is noted in docs/hf_import.md). Video is not imported (torchvision-only frame resize)."""
+difference is noted in docs/serving.md, "Other families"). Video: SmolVLM2's video processor needs
+torchvision, so the reference frames are built as images the way it builds them (its own frame
+sampler and prompt writer, PIL resizes; see `_hf_folders_smolvlm.smolvlm_video_reference`)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from vlmkit.processing import build_chat_processor
 from vlmkit.train.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hf_folders_smolvlm import save_smolvlm, smolvlm_reference_inputs  # noqa: E402
+from _hf_folders_smolvlm import save_smolvlm, smolvlm_reference_inputs, smolvlm_video_reference  # noqa: E402
 from test_hf_import import PIXEL_TOLERANCE, _assert_same_tensors, _first_stop, noise  # noqa: E402
 
 torch.set_num_threads(1)
@@ -81,6 +83,49 @@ def test_smolvlm_two_images_in_one_prompt_match_transformers(smolvlm):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def test_smolvlm_video_prompt_matches_transformers(smolvlm, tmp_path):
+    import numpy as np
+
+    from vlmkit.processing.video import VideoInput, write_video
+
+    folder, model, ref = smolvlm
+    video = write_video(tmp_path / "clip.mp4", [np.asarray(noise(40, 24, seed=i)) for i in range(20)], fps=4)
+    ids, pixels = smolvlm_video_reference(folder, video, "What happens?")
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "What happens?<video>")], [VideoInput(video)])
+    assert prompt.input_ids.tolist() == ids[0].tolist()
+    ours = torch.cat([im.pixel_values for im in prompt.images])
+    assert ours.shape == pixels[0].shape == (6, 3, 32, 32)
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    assert ((ours - pixels[0]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, pixel_values=ours[None]).logits
+        got = model(prompt.input_ids[None], images=prompt.images).logits
+    torch.testing.assert_close(got, theirs, atol=1e-4, rtol=0)
+    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=6))[0]
+    out = ref.generate(input_ids=ids, pixel_values=ours[None], max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+
+
+def test_smolvlm_frame_sampler_and_number_words_follow_transformers():
+    from types import SimpleNamespace
+
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from vlmkit.processing.smolvlm import number_words
+    from vlmkit.processing.video import VideoOptions, sample_indices
+
+    for total, fps, max_frames, rate in [(20, 4, 6, 2), (300, 30, 8, 1), (1000, 25, 64, 1), (7, 8, 64, 1), (90, 30, 2, 0.5)]:
+        meta = VideoMetadata(total_num_frames=total, fps=fps, duration=total / fps)
+        theirs = SmolVLMVideoProcessor.sample_frames(SimpleNamespace(num_frames=max_frames, fps=rate), meta).tolist()
+        ours = sample_indices(total, fps, VideoOptions(sampling="smolvlm", fps=rate, max_frames=max_frames))
+        assert ours == theirs, (total, fps, max_frames, rate)
+    assert [number_words(n) for n in (0, 8, 13, 20, 21, 64, 100, 105, 342)] == [
+        "zero", "eight", "thirteen", "twenty", "twenty-one", "sixty-four", "one hundred", "one hundred and five",
+        "three hundred and forty-two"]
+
+
 def test_smolvlm_export_then_import_returns_the_same_tensors(smolvlm, tmp_path):
     import json
 
@@ -94,6 +139,7 @@ def test_smolvlm_export_then_import_returns_the_same_tensors(smolvlm, tmp_path):
     _assert_same_tensors(model, again)
     assert again.config.processor == model.config.processor
     assert family_of(again) == "smolvlm"
+    assert json.loads((exported / "preprocessor_config.json").read_text())["video_sampling"]["video_size"] == {"longest_edge": 48}
 
 
 def test_smolvlm_import_chat_and_export_from_the_command_line(tmp_path):

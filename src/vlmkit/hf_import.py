@@ -458,11 +458,13 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model") -> Path:
+def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model", processor: str = "idefics3",
+                    processor_options: dict | None = None) -> Path:
     """Idefics3 / SmolVLM: its vision transformer is SigLIP's (same weights and, for the
     full-size crops its processor makes, the same position ids), its connector a pixel shuffle
     plus one bias-free linear layer, its LLM a Llama. `tower`: the transformers vision model the
-    weights load into (SmolVLM2 keeps its own, `smolvlm_vision`, which marks the export format)."""
+    weights load into (SmolVLM2 keeps its own, `smolvlm_vision`); `processor` and
+    `processor_options`: SmolVLM2's processor family (video) and its settings."""
     from transformers import AutoConfig
 
     from vlmkit.model.vlm import VisionLanguageModel
@@ -501,11 +503,11 @@ def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model")
             "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / cfg.scale_factor, "norm": "none",
                                                                "projector": "linear", "bias": False}},
             "llm": {"name": "hf", "path": str(staged_llm)},
-            "processor": {"name": "idefics3", "image_size": crop, "mean": list(settings.get("image_mean", (0.5,) * 3)),
+            "processor": {"name": processor, "image_size": crop, "mean": list(settings.get("image_mean", (0.5,) * 3)),
                           "std": list(settings.get("image_std", (0.5,) * 3)),
                           "options": {"patch_size": vision_cfg.patch_size, "scale_factor": cfg.scale_factor, "longest_edge": longest,
                                       "do_image_splitting": bool(settings.get("do_image_splitting", True)), "resample": resample,
-                                      "sentinels": "never"}},
+                                      "sentinels": "never", **(processor_options or {})}},
             "image_token": image_token,
         }})
         model = VisionLanguageModel.build(config.model)

@@ -141,6 +141,16 @@ class ImageProcessor(ABC):
         at base resolution only."""
         return self
 
+    def for_video(self) -> "ImageProcessor":
+        """The processor each sampled video frame goes through (SmolVLM2 reads frames as single
+        square images, never split); self by default."""
+        return self
+
+    def video_text(self, groups: list[str], timestamps: list[float], duration: float) -> str:
+        """What a video placeholder becomes, from each token group's placeholder text, the sampled
+        frames' times and the video's duration (seconds): the groups in order by default."""
+        return "".join(groups)
+
     def finish_text(self, text: str) -> str:
         """A turn's text once its placeholders are expanded, as the family's own processor leaves
         it (Idefics2 shares boundary tokens between adjacent images); as is by default."""

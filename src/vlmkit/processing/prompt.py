@@ -22,7 +22,8 @@ from vlmkit.data.formats import BadRecordError, Message, Sample
 from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
 from vlmkit.processing.images import ImageLoadError, load_image
-from vlmkit.processing.video import ProcessedVideo, VideoInput, VideoLoadError, VideoOptions, load_video, video_key
+from vlmkit.processing.video import (ProcessedVideo, VideoInput, VideoLoadError, VideoOptions, load_video, placeholder_text,
+                                     video_key)
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -66,6 +67,7 @@ class _Visual:
     keys: list[str]
     grid_thw: tuple[int, int, int] | None = None
     timestamps: list[float] = field(default_factory=list)
+    video: ProcessedVideo | None = None
 
 
 def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
@@ -182,7 +184,7 @@ class ChatProcessor:
                 path = Path(sample.videos[i])
                 v = self._load_video(sample.id, path)
                 keys = [video_key(path, self.video, g) for g in range(len(v.groups))]
-                out.append(_Visual("video", i + 1, v.groups, keys, v.grid_thw, v.timestamps))
+                out.append(_Visual("video", i + 1, v.groups, keys, v.grid_thw, v.timestamps, v))
         return out
 
     def _use_sentinels(self, n: int) -> bool:
@@ -194,7 +196,10 @@ class ChatProcessor:
 
         def expand(_match) -> str:
             v = next(it)
-            text = "".join(self.image_processor.placeholder_text(g.layout, self.image_token) for g in v.groups)
+            if v.kind == "video":
+                text = placeholder_text(self.image_processor, v.video, self.image_token)
+            else:
+                text = "".join(self.image_processor.placeholder_text(g.layout, self.image_token) for g in v.groups)
             return (f"<{v.kind}_{v.index}>" if sentinels else "") + text
 
         finish = self.image_processor.finish_text
