@@ -7,8 +7,8 @@ in one prompt; vlmkit's `perceiver` connector computes `Idefics2Connector` exact
 gives the same tensors and transformers' reload matches; the `vlmkit` command imports, chats
 and exports it.
 
-The prompts start with text: Idefics2's template writes "User:" before a leading image part and
-"User: " before text, and vlmkit renders plain-string turns (docs/serving.md, "Other families")."""
+Idefics2's template writes "User:" before a turn whose first part is an image and "User: "
+otherwise; the prompts here start with text or with the images."""
 
 from __future__ import annotations
 
@@ -53,13 +53,14 @@ def idefics2_split(tmp_path_factory):
     return _imported(tmp_path_factory.mktemp("idefics2-split"), split=True)
 
 
-def _check(folder, model, ref, images, greedy: bool = True):
+def _check(folder, model, ref, images, greedy: bool = True, leading: bool = False):
     hf_proc = idefics2_processor(folder)
-    content = [{"type": "text", "text": "What is shown?"}] + [{"type": "image"} for _ in images] + [{"type": "text", "text": "Answer."}]
+    before = [] if leading else [{"type": "text", "text": "What is shown?"}]
+    content = before + [{"type": "image"} for _ in images] + [{"type": "text", "text": "Answer."}]
     text = hf_proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     hf_inputs = hf_proc(images=[images], text=text, return_tensors="pt")
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "What is shown?" + "<image>" * len(images) + "Answer.")],
-                                                             images)
+    ours = ("" if leading else "What is shown?") + "<image>" * len(images) + "Answer."
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", ours)], images)
     assert prompt.input_ids.tolist() == hf_inputs["input_ids"][0].tolist()
     assert sum(model.count_image_tokens(im) for im in prompt.images) == int((hf_inputs["input_ids"] == model.image_token_id).sum())
     ours_inputs = idefics2_inputs(prompt.images)
@@ -86,7 +87,7 @@ def _check(folder, model, ref, images, greedy: bool = True):
 def test_idefics2_import_ids_pixels_logits_and_greedy_match_transformers(idefics2, size):
     folder, model, ref = idefics2
     assert family_of(model) == "idefics2"
-    _check(folder, model, ref, [noise(*size, seed=5)])
+    _check(folder, model, ref, [noise(*size, seed=5)], leading=size[0] % 2 == 0)
 
 
 @pytest.mark.parametrize("size", [(72, 40), (50, 45)])
@@ -97,6 +98,7 @@ def test_idefics2_split_images_match_transformers(idefics2_split, size):
 def test_idefics2_two_images_in_one_prompt_match_transformers(idefics2, idefics2_split):
     images = [noise(72, 40, seed=11), noise(30, 80, seed=12)]
     _check(*idefics2, images)
+    _check(*idefics2, images, greedy=False, leading=True)
     _check(*idefics2_split, images, greedy=False)
 
 
@@ -146,3 +148,19 @@ def test_idefics2_import_chat_and_export_from_the_command_line(tmp_path):
                              timeout=300)
         assert out.returncode == 0, f"vlmkit {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     assert (tmp_path / "back" / "model.safetensors").is_file()
+
+
+def test_idefics2_training_sample_supervises_the_assistant_turn_only(idefics2, tmp_path):
+    """With the image-parts template wrapper, a conversation that opens with an image encodes with
+    labels on the assistant's reply alone, and its text is the family's own rendering."""
+    from vlmkit.data.formats import Sample
+
+    folder, model, _ = idefics2
+    path = tmp_path / "im.png"
+    noise(50, 45, seed=3).save(path)
+    sample = Sample("s1", [Message("user", "<image>What is it?"), Message("assistant", "A test pattern.")], images=[path])
+    encoded = build_chat_processor(model, 4096).encode(sample)
+    supervised = encoded.input_ids[encoded.labels != -100]
+    assert model.tokenizer.decode(supervised).startswith("A test pattern.")
+    text = model.tokenizer.decode(encoded.input_ids)
+    assert text.startswith("User:<fake_token_around_image>") and "\ue000" not in text and "\ue001" not in text

@@ -4,9 +4,8 @@ pixels within docs/preprocessing.md's tolerance, logits within 1e-4 (fp32), the 
 tokens, two images in one prompt; export back gives the same tensors and transformers' reload
 matches; the `vlmkit` command imports, chats and exports it.
 
-The prompts put the text before the image: SmolVLM's chat template writes "User:" before a
-leading image part and "User: " before a string, and vlmkit renders plain strings (the known
-difference is noted in docs/serving.md, "Other families"). Video: SmolVLM2's video processor needs
+SmolVLM's chat template writes "User:" before a turn whose first part is an image and "User: "
+otherwise; the prompts here start with the image and with text. Video: SmolVLM2's video processor needs
 torchvision, so the reference frames are built as images the way it builds them (its own frame
 sampler and prompt writer, PIL resizes; see `_hf_folders_smolvlm.smolvlm_video_reference`)."""
 
@@ -49,8 +48,8 @@ def test_smolvlm_import_ids_pixels_logits_and_greedy_match_transformers(smolvlm,
     folder, model, ref = smolvlm
     assert family_of(model) == "smolvlm"
     image = noise(*size, seed=5)
-    ids, pixels = smolvlm_reference_inputs(folder, [image], [{"type": "text", "text": "What is shown?"}, {"type": "image"}])
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "What is shown?<image>")], [image])
+    ids, pixels = smolvlm_reference_inputs(folder, [image], [{"type": "image"}, {"type": "text", "text": "What is shown?"}])
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What is shown?")], [image])
     assert prompt.input_ids.tolist() == ids[0].tolist()
     assert model.count_image_tokens(prompt.images[0]) == int((ids == model.image_token_id).sum())
     ours_pixels = prompt.images[0].pixel_values
@@ -69,11 +68,14 @@ def test_smolvlm_import_ids_pixels_logits_and_greedy_match_transformers(smolvlm,
     assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
 
 
-def test_smolvlm_two_images_in_one_prompt_match_transformers(smolvlm):
+@pytest.mark.parametrize("leading", [True, False], ids=["images-first", "text-first"])
+def test_smolvlm_two_images_in_one_prompt_match_transformers(smolvlm, leading):
     folder, model, ref = smolvlm
     images = [noise(72, 40, seed=13), noise(20, 20, seed=14)]
-    ids, pixels = smolvlm_reference_inputs(folder, images, [{"type": "text", "text": "Same?"}, {"type": "image"}, {"type": "image"}])
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "Same?<image><image>")], images)
+    parts, text = [{"type": "image"}, {"type": "image"}], "<image><image>"
+    content = parts + [{"type": "text", "text": "Same?"}] if leading else [{"type": "text", "text": "Same?"}] + parts
+    ids, pixels = smolvlm_reference_inputs(folder, images, content)
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", text + "Same?" if leading else "Same?" + text)], images)
     assert prompt.input_ids.tolist() == ids[0].tolist()
     ours_pixels = torch.cat([im.pixel_values for im in prompt.images])[None]
     assert ours_pixels.shape == pixels.shape

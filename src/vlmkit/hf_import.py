@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _read_json,
-                              _usable_template, export_llava, import_llava)
+from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _plain_of_image_parts,
+                              _read_json, _usable_template, export_llava, import_llava)
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
 
@@ -615,6 +615,8 @@ def _plain_template(tokenizer) -> str | None:
     template = tokenizer.chat_template
     if isinstance(template, str) and template.startswith(_STRING_TO_PARTS_PREAMBLE):
         return template[len(_STRING_TO_PARTS_PREAMBLE):]
+    if isinstance(template, str) and (inner := _plain_of_image_parts(template)) is not None:
+        return inner
     return template
 
 

@@ -29,6 +29,13 @@ IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 # `<image>` / `<video>` take the next input of their kind; `<image_k>` / `<video_k>` name the k-th.
 PLACEHOLDER_RE = re.compile(r"<(image|video)(?:_(\d+))?>")
+# Chat templates whose output depends on the types of a turn's content parts (SmolVLM / Idefics2
+# write "User:" before a leading image, "User: " before text) are wrapped at import so that a
+# string turn that starts with IMAGE_PART_MARK reads as an image part followed by the text; the
+# chat processor writes the mark before a turn that opens with an image when the template
+# carries IMAGE_PARTS_FLAG.
+IMAGE_PART_MARK = "\ue000"
+IMAGE_PARTS_FLAG = "vlmkit: image parts"
 
 
 @dataclass
@@ -110,6 +117,8 @@ class ChatProcessor:
             raise TypeError("ChatProcessor needs a fast tokenizer (character offsets map spans to labels)")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
+        template = tokenizer.chat_template
+        self.image_mark = IMAGE_PART_MARK if isinstance(template, str) and IMAGE_PARTS_FLAG in template else ""
 
     # ---- images and videos --------------------------------------------------------------
     def load_images(self, sample: Sample):
@@ -202,9 +211,13 @@ class ChatProcessor:
                 text = "".join(self.image_processor.placeholder_text(g.layout, self.image_token) for g in v.groups)
             return (f"<{v.kind}_{v.index}>" if sentinels else "") + text
 
-        finish = self.image_processor.finish_text
-        return [Message(m.role, finish(pattern.sub(expand, m.content)) if pattern.search(m.content) else m.content)
-                for m in sample.messages]
+        def expanded(content: str) -> str:
+            text = self.image_processor.finish_text(pattern.sub(expand, content))
+            # A turn that opens with an image is, to a parts template, one whose first part is an image.
+            lead = pattern.match(content)
+            return (self.image_mark if lead and lead.group(1) == "image" and not sentinels else "") + text
+
+        return [Message(m.role, expanded(m.content) if pattern.search(m.content) else m.content) for m in sample.messages]
 
     def _prepare(self, sample: Sample, pattern: re.Pattern = PLACEHOLDER_RE) -> tuple[list[_Visual], list[Message]]:
         plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)}, pattern)
