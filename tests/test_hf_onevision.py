@@ -114,6 +114,6 @@ def test_onevision_import_chat_and_export_from_the_command_line(tmp_path):
     for args in (["import-hf", "hf", "ck"], ["chat", "--checkpoint", "ck", "--image", "odd.png", "What colour?", "--max-new-tokens", "3"],
                  ["export-hf", "--checkpoint", "ck", "back"]):
         out = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=900)
         assert out.returncode == 0, f"vlmkit {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     assert (tmp_path / "back" / "model.safetensors").is_file()
