@@ -142,3 +142,17 @@ def test_compiled_decoding_pads_batches_to_a_power_of_two_and_reports_only_real_
     assert all(len(s.tokens) == 3 for s in steps) and max(polled) == 2
     assert fast_decode.decode_weights(model.llm).static_buffers[0][0] == 4  # three rows ran as four
     assert [[s.tokens[i] for s in steps if s.tokens[i] is not None] for i in range(3)] == eager
+
+
+def test_llm_with_lora_adapters_uses_the_hf_path():
+    # peft's LoRA layer is not an nn.Linear: the lean decoder, which reads `.weight`, would decode
+    # with the base weights alone and ignore the adapters (it did, and a LoRA-trained model then
+    # answered from its base weights until it was saved, merged and reloaded).
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    llm = copy.deepcopy(_models()["llama"])
+    assert fast_decode.supports(llm)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), llm)
+    assert not fast_decode.supports(llm)

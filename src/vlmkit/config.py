@@ -51,6 +51,10 @@ class ConnectorConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     """Family-specific settings (e.g. `{input_norm: true}`, `{ratio: 0.5}`), validated by the family
     when the model is built; `cross_attention: {every: N}` adds gated cross-attention blocks."""
+    output_norm: Literal["none", "text"] = "none"
+    """`text`: RMS-normalise each visual token, then scale it by a learned per-channel gain that
+    starts at the RMS of the LLM's token embeddings, so visual tokens enter the LLM at the scale of
+    text tokens (a connector trained into a frozen LLM otherwise grows its outputs far beyond it)."""
 
 
 class LLMConfig(Strict):
@@ -119,6 +123,10 @@ class ModelConfig(Strict):
     cross-attention blocks read them (the connector's `cross_attention` option)."""
     image_token: str = "<image>"
     """The placeholder for an image in the text of data records and prompts."""
+    system_prompt: str | None = None
+    """A system turn put before every conversation that has none, in training, evaluation, chat
+    and serving alike; null: whatever the chat template does (SmolLM2's adds a 17-token default
+    system turn). `""` keeps only the template's empty system header: a shorter, cheaper sequence."""
 
 
 PART_NAMES = ("vision", "connector", "llm", "cross_attention")
@@ -265,6 +273,25 @@ class StageConfig(Strict):
         return self
 
 
+class TrainEvalConfig(Strict):
+    """Held-out evaluation while training: every `every` optimizer steps (and at the end of each
+    stage) the model answers a slice of a registered benchmark by greedy generation, scored by the
+    benchmark's own rule; the scores go to `metrics.jsonl` as `{"event": "eval", ...}` lines."""
+
+    benchmark: str
+    """A registered benchmark (`vlmkit eval list`), e.g. `synth-qa`, `chartqa`."""
+    data: str
+    """The benchmark's data folder or file (relative paths as for a stage's `data`)."""
+    every: int = Field(default=25, gt=0)
+    """Optimizer steps between evaluations."""
+    limit: int | None = Field(default=None, gt=0)
+    """Evaluate the first this many items (a fixed slice, the same every time); null: all."""
+    max_new_tokens: int | None = Field(default=None, gt=0)
+    """Generation length; null: the benchmark's default."""
+    batch_size: int = Field(default=16, gt=0)
+    """Prompts generated together."""
+
+
 class TrainConfig(Strict):
     """Training: the stages and what they share."""
 
@@ -311,6 +338,8 @@ class TrainConfig(Strict):
     distributed: Literal["ddp", "fsdp2"] = "ddp"
     """Under torchrun: `ddp` replicates the model; `fsdp2` shards parameters, gradients and
     optimizer state. Ignored in a single process."""
+    eval: TrainEvalConfig | None = None
+    """Held-out evaluation while training (`{benchmark, data, every, limit}`); null: none."""
     peak_tflops: float | None = Field(default=None, gt=0)
     """Dense peak of the accelerator in TFLOP/s, for MFU; null: looked up for known GPUs (MFU is
     left out where unknown, e.g. CPUs)."""
@@ -457,6 +486,9 @@ def _resolve_data_paths(config: Config, recipe_dir: Path, given_on_command_line:
     if config.train.data_dir:
         data_dir = _absolute(config.train.data_dir, Path.cwd() if "data_dir" in cli_train else recipe_dir)
         config.train.data_dir = str(data_dir)
+    if config.train.eval is not None:
+        on_command_line = isinstance(cli_train.get("eval"), dict) and "data" in cli_train["eval"]
+        config.train.eval.data = str(_absolute(config.train.eval.data, data_dir or (Path.cwd() if on_command_line else recipe_dir)))
     for name, stage in config.train.stages.items():
         on_command_line = isinstance(cli_stages.get(name), dict) and "data" in cli_stages[name]
         folder = data_dir or (Path.cwd() if on_command_line else recipe_dir)

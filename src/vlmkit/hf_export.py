@@ -78,6 +78,8 @@ def export_blockers(model) -> list[str]:
         blockers.append(f"connector {cfg.connector.name!r}: LLaVA's projector is the 2-layer GELU MLP ('mlp' connector)")
     elif not isinstance(model.connector.norm, torch.nn.Identity):
         blockers.append("the MLP connector has input_norm=true; LLaVA's projector has no input layer norm")
+    if cfg.connector.output_norm != "none":
+        blockers.append(f"connector output_norm={cfg.connector.output_norm!r}; LLaVA's projector has no output norm")
     if not isinstance(model.vision, HFVisionTower):
         blockers.append(
             f"vision tower {cfg.vision.name!r} cannot be exported: LLaVA needs a Hugging Face ViT-style tower "

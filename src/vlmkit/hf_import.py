@@ -70,12 +70,13 @@ class HFFamily:
     exporter: Callable[[Any, Path], Path]
     owns: Callable[[Any], bool]
     reference: Callable[[Any, Any, torch.Tensor], tuple[type, dict]] | None = None
+    accepts: Callable[[dict], bool] = lambda cfg: True
 
 
 FAMILIES: list[HFFamily] = []
 
 # Modules under `vlmkit.hf_families` that register more families when imported.
-FAMILY_MODULES: tuple[str, ...] = ("smolvlm", "llava_onevision", "idefics2")
+FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama", "smolvlm", "llava_onevision", "idefics2")
 
 
 def register_family(family: HFFamily) -> HFFamily:
@@ -91,8 +92,8 @@ def _families() -> list[HFFamily]:
     return FAMILIES
 
 
-def family_for(model_type: str) -> HFFamily | None:
-    return next((f for f in _families() if model_type in f.model_types), None)
+def family_for(model_type: str, cfg: dict | None = None) -> HFFamily | None:
+    return next((f for f in _families() if model_type in f.model_types and (cfg is None or f.accepts(cfg))), None)
 
 
 class _Supported(dict):
@@ -262,7 +263,7 @@ def import_hf(folder: str | Path, out: str | Path) -> Path:
     offline()
     folder, out = Path(folder), Path(out).resolve()
     cfg = read_hf_config(folder)
-    return family_for(cfg["model_type"]).importer(folder, out)
+    return family_for(cfg["model_type"], cfg).importer(folder, out)
 
 
 def _staging(out: Path) -> Path:
@@ -598,9 +599,13 @@ def import_internvl(folder: Path, out: Path) -> Path:
 # ---- export ----------------------------------------------------------------------------------
 
 
+def _owner(model) -> HFFamily:
+    return next(f for f in _families() if f.owns(model))
+
+
 def family_of(model) -> str:
     """Which transformers family a vlmkit model exports to."""
-    family = next(f for f in _families() if f.owns(model))
+    family = _owner(model)
     return family.model_types[0] if family.model_types[0] != "qwen2_vl" or not _is_qwen25(model) else "qwen2_5_vl"
 
 
@@ -824,7 +829,7 @@ def export_internvl(model, out: str | Path) -> Path:
 
 def export_hf(model, out: str | Path) -> Path:
     """Write `model` in its family's transformers format."""
-    return family_for(family_of(model)).exporter(model, Path(out))
+    return _owner(model).exporter(model, Path(out))
 
 
 @torch.no_grad()
@@ -837,8 +842,8 @@ def verify_hf_export(model, folder: str | Path) -> float:
     from vlmkit.hf_export import verify_export
     from vlmkit.processing import build_chat_processor
 
-    family = family_of(model)
-    if family == "llava":
+    family = _owner(model)
+    if family.reference is None:  # LLaVA-1.5
         return verify_export(model, folder)
     offline()
     g = torch.Generator().manual_seed(0)
@@ -846,7 +851,7 @@ def verify_hf_export(model, folder: str | Path) -> float:
     image = Image.fromarray((torch.rand(size, size * 3 // 2, 3, generator=g) * 255).byte().numpy())
     prompt = build_chat_processor(model, 1 << 20).encode_prompt([Message("user", "<image>\nDescribe the image.")], [image])
     ids = prompt.input_ids[None]
-    cls, kwargs = family_for(family).reference(model, prompt, ids)
+    cls, kwargs = family.reference(model, prompt, ids)
     extra = {"position_ids": prompt.position_ids[:, None].to(model.device)} if prompt.position_ids is not None else {}
     ours = model(ids.to(model.device), images=prompt.images, **extra)
     ref = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()

@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.config import Config, load_config
-from vlmkit.eval.metrics import ocrbench_correct, relaxed_correctness, vqa_normalize
+from vlmkit.data.synthetic.tasks import KINDS, question_kind
+from vlmkit.eval.benchmarks.synth_qa import METRIC_NAMES, score_answer
 from vlmkit.utils import JsonlLogger, atomic_write_text, read_jsonl
 
 
@@ -30,25 +31,11 @@ def default_recipe() -> Path:
     return Path(str(resources.files("vlmkit") / "recipes" / "quickstart.yaml"))
 
 
-def _score(task: str, prediction: str, answer: str) -> bool:
-    if task == "chart":
-        return relaxed_correctness(answer, prediction)
-    if task == "text":
-        return ocrbench_correct(prediction, answer, "IIIT5K")  # a "Text Recognition" dataset rule
-    return vqa_normalize(prediction) == vqa_normalize(answer)
-
-
-METRIC_NAMES = {
-    "chart": "ChartQA relaxed accuracy",
-    "text": "OCRBench matching rule",
-    "scene": "VQA-normalised exact match",
-}
-
-
 @dataclass
 class EvalRow:
     id: str
     task: str
+    kind: str
     answer: str
     prediction: str
     correct: bool
@@ -68,7 +55,7 @@ def answer_questions(model, records: list[dict], image_root: Path, with_image: b
             question = r["conversations"][0]["value"].replace("<image>", "").strip()
             requests.append((question, [load_image(image_root / r["image"])] if with_image else []))
         for r, pred in zip(chunk, backend.generate(requests, max_new_tokens)):
-            rows.append(EvalRow(r["id"], r["task"], r["answer"], pred, _score(r["task"], pred, r["answer"])))
+            rows.append(EvalRow(r["id"], r["task"], question_kind(r), r["answer"], pred, score_answer(r["task"], pred, r["answer"])))
     return rows
 
 
@@ -88,7 +75,7 @@ def prior_answers(records: list[dict], test: list[dict]) -> list[EvalRow]:
     for r in test:
         seen = counts.get(_question(r["conversations"][0]["value"]))
         pred = seen.most_common(1)[0][0] if seen else ""
-        rows.append(EvalRow(r["id"], r["task"], r["answer"], pred, _score(r["task"], pred, r["answer"])))
+        rows.append(EvalRow(r["id"], r["task"], question_kind(r), r["answer"], pred, score_answer(r["task"], pred, r["answer"])))
     return rows
 
 
@@ -97,6 +84,18 @@ def summarise(rows: list[EvalRow]) -> dict[str, float]:
     out = {t: sum(r.correct for r in rows if r.task == t) / max(1, sum(r.task == t for r in rows)) for t in tasks}
     out["overall"] = sum(r.correct for r in rows) / max(1, len(rows))
     return out
+
+
+def summarise_kinds(rows: list[EvalRow]) -> dict[str, float]:
+    """Accuracy per question kind (word, bar, colour, count, shape)."""
+    return {k: sum(r.correct for r in rows if r.kind == k) / n for k in KINDS if (n := sum(r.kind == k for r in rows))}
+
+
+def kinds_table(kinds: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
+    lines = ["| question kind | items | vlmkit (with image) | blind baseline | prior baseline |", "|---|---:|---:|---:|---:|"]
+    for k in (k for k in KINDS if k in counts):
+        lines.append(f"| {k} | {counts[k]} | {kinds['vlmkit'][k]:.1%} | {kinds['blind'][k]:.1%} | {kinds['prior'][k]:.1%} |")
+    return "\n".join(lines)
 
 
 def results_table(trained: dict[str, float], blind: dict[str, float], prior: dict[str, float], counts: dict[str, int]) -> str:
@@ -133,6 +132,46 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def plot_heldout(metrics_path: Path, out_png: Path) -> bool:
+    """Held-out accuracy per question kind against training step (from `train.eval` lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = read_jsonl(metrics_path)
+    records = [r for r in lines if r.get("event") == "eval" and "stage" in r and "breakdown" in r]
+    if not records:
+        return False
+    # Steps count from 1 in each stage; on the plot they run on across stages.
+    last_step: dict[str, int] = {}
+    for r in lines:
+        if "stage" in r and "loss" in r:
+            last_step[r["stage"]] = max(last_step.get(r["stage"], 0), r["step"])
+    stage_start, offset = {}, 0
+    for stage, n in last_step.items():
+        stage_start[stage], offset = offset, offset + n
+    x = [stage_start.get(r["stage"], 0) + r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind in KINDS:
+        if any(kind in r["breakdown"] for r in records):
+            ax.plot(x, [100 * r["breakdown"].get(kind, float("nan")) for r in records], marker="o", ms=3, label=kind)
+    ax.plot(x, [100 * r["overall"] for r in records], color="black", lw=2, label="overall")
+    for start in stage_start.values():
+        if start:
+            ax.axvline(start, color="grey", ls=":", lw=1)
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel(f"held-out accuracy, % ({records[0]['items']} items)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("vlmkit quickstart: held-out accuracy per question kind")
+    ax.legend(ncol=3, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu", overrides: list[str] | tuple[str, ...] = (),
                    n_caption: int = 400, n_instruct: int = 600, n_test: int = 150, seed: int = 0, on_change: str = "refuse") -> dict:
     from vlmkit.data.synthetic.tasks import generate as generate_data
@@ -144,9 +183,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
     if not (data_dir / "test.json").is_file():
         generate_data(data_dir, n_caption=n_caption, n_instruct=n_instruct, n_test=n_test, seed=seed)
     config: Config = load_config(default_recipe(), [
-        f"train.output_dir={out}", f"train.device={device}", f"train.seed={seed}",
-        f"train.stages.align.data={data_dir / 'stage1.json'}",
-        f"train.stages.instruct.data={data_dir / 'stage2.json'}",
+        f"train.output_dir={out}", f"train.device={device}", f"train.seed={seed}", f"train.data_dir={data_dir}",
         *overrides,
     ])
     torch.manual_seed(seed)
@@ -159,7 +196,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
     prior_rows = prior_answers(json.loads((data_dir / "stage2.json").read_text()), test)
     trained, blind, prior = summarise(trained_rows), summarise(blind_rows), summarise(prior_rows)
     counts = {t: sum(r["task"] == t for r in test) for t in sorted({r["task"] for r in test})}
-    table = results_table(trained, blind, prior, counts)
+    kinds = {"vlmkit": summarise_kinds(trained_rows), "blind": summarise_kinds(blind_rows), "prior": summarise_kinds(prior_rows)}
+    kind_counts = {k: n for k in KINDS if (n := sum(r.kind == k for r in trained_rows))}
+    table = results_table(trained, blind, prior, counts) + "\n\n" + kinds_table(kinds, kind_counts)
 
     logger = JsonlLogger(out / "metrics.jsonl")
     logger.log({"event": "eval", "model": "vlmkit", **trained})
@@ -171,12 +210,17 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
             for r in rows:
                 f.write(json.dumps({"model": kind, **r.__dict__}) + "\n")
     plot_losses(out / "metrics.jsonl", out / "loss.png")
+    plotted = plot_heldout(out / "metrics.jsonl", out / "heldout.png")
     elapsed = time.perf_counter() - started
-    summary = {"vlmkit": trained, "blind": blind, "prior": prior, "counts": counts, "seconds": elapsed,
+    summary = {"vlmkit": trained, "blind": blind, "prior": prior, "counts": counts, "kinds": kinds, "kind_counts": kind_counts,
+               "seconds": elapsed, "heldout_eval_seconds": sum(s.eval_seconds for s in stages),
                "checkpoint": str(stages[-1].checkpoint), "stages": [{"name": s.name, "steps": s.steps, "seconds": s.seconds,
-               "final_loss": s.losses[-1] if s.losses else None, "trainable_parameters": s.trainable_parameters} for s in stages]}
+               "eval_seconds": s.eval_seconds, "final_loss": s.losses[-1] if s.losses else None,
+               "trainable_parameters": s.trainable_parameters} for s in stages]}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "results.md", table + "\n")
     print("\n" + table)
-    print(f"\nwall time {elapsed:.0f} s; checkpoint {summary['checkpoint']}; metrics {out / 'metrics.jsonl'}; loss curve {out / 'loss.png'}")
+    curves = f"loss curve {out / 'loss.png'}" + (f", held-out accuracy {out / 'heldout.png'}" if plotted else "")
+    print(f"\nwall time {elapsed:.0f} s (held-out checks during training {summary['heldout_eval_seconds']:.0f} s); "
+          f"checkpoint {summary['checkpoint']}; metrics {out / 'metrics.jsonl'}; {curves}")
     return summary

@@ -92,8 +92,9 @@ def register(app: typer.Typer) -> None:
         check: Annotated[bool, typer.Option(help="Reload the export with transformers and compare logits.")] = True,
     ) -> None:
         """Export a checkpoint in its family's Hugging Face format: Qwen2-VL (qwen2-vit tower),
-        LLaVA-NeXT (anyres processor), LLaVA-OneVision (anyres-max), Idefics2, Idefics3 / SmolVLM,
-        InternVL or LLaVA-1.5 (fixed processor, MLP connector)."""
+        LLaVA-NeXT (anyres processor), LLaVA-OneVision (anyres-max), Pixtral / Mistral3 (pixtral processor,
+        Pixtral tower), Llama 3.2 Vision (mllama-vit tower), Idefics2, Idefics3 / SmolVLM, InternVL or LLaVA-1.5
+        (fixed processor, MLP connector)."""
         offline()
         from vlmkit.hf_export import ExportError
         from vlmkit.hf_import import export_hf as export_family, family_of, verify_hf_export
@@ -111,7 +112,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("import-hf")
     def import_hf(
-        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (safetensors): LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL / Qwen2.5-VL, Idefics2, Idefics3, SmolVLM / SmolVLM2 or InternVL.")],
+        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (safetensors): LLaVA-1.5, LLaVA-NeXT, "
+                                                      "LLaVA-OneVision, Qwen2-VL, Pixtral, Mistral3, Llama 3.2 Vision, "
+                                                      "Idefics2, Idefics3, SmolVLM / SmolVLM2, InternVL ...")],
         out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write.")],
     ) -> None:
         """Turn a Hugging Face model folder into a vlmkit checkpoint (for training, eval, serving).

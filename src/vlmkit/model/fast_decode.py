@@ -56,7 +56,11 @@ def supports(llm: nn.Module) -> bool:
                     layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
     hooked = any(m._forward_pre_hooks or m._forward_hooks for m in modules)
-    plain_linears = all(type(m) is nn.Linear for m in modules if isinstance(m, nn.Linear))
+    # An adapter (peft's LoRA layer) replaces the projection with a module that is not an
+    # nn.Linear at all, so every projection must be a plain nn.Linear, and nothing inside it.
+    projections = [m for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                                    layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    plain_linears = all(type(m) is nn.Linear and not any(True for _ in m.children()) for m in projections)
     return not hooked and plain_linears
 
 

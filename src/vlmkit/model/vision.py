@@ -111,6 +111,9 @@ class HFVisionTower(VisionTower):
         want_hidden = self.feature_layer != -1
         out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
         feats = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
+        if feats.shape[0] != pixel_values.shape[0]:
+            # Pixtral's ViT packs a batch of images into one sequence (block-diagonal attention).
+            feats = feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
         return feats[:, 1:] if self.has_cls else feats
 
 

@@ -70,7 +70,8 @@ class PrefixFusion:
     name = "prefix"
     module: nn.Module | None = None
 
-    def inputs_embeds(self, model: "VisionLanguageModel", input_ids, image_tokens: list[torch.Tensor] | None, cached: bool):
+    def inputs_embeds(self, model: "VisionLanguageModel", input_ids, image_tokens: list[torch.Tensor] | None, cached: bool,
+                      images=None):
         return model.fill_slots(input_ids, torch.cat(image_tokens) if image_tokens else None)
 
     def after_forward(self, use_cache: bool) -> None:
@@ -85,7 +86,7 @@ class CrossAttentionFusionStrategy:
     def __init__(self, module: nn.Module):
         self.module = module
 
-    def inputs_embeds(self, model, input_ids, image_tokens, cached: bool):
+    def inputs_embeds(self, model, input_ids, image_tokens, cached: bool, images=None):
         from vlmkit.model.cross_attention import group_memory
 
         markers = int((input_ids == model.image_token_id).sum())
@@ -105,6 +106,38 @@ class CrossAttentionFusionStrategy:
             self.module.set_memory(None)
 
 
+class LLMCrossAttentionStrategy:
+    """Visual tokens are the memory of the LLM's own cross-attention layers (Llama 3.2 Vision);
+    the text holds one image token per image, an ordinary token of the LLM's vocabulary."""
+
+    name = "cross-attention"
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def inputs_embeds(self, model, input_ids, image_tokens, cached: bool, images=None):
+        from vlmkit.model.cross_attention import mllama_memory
+
+        markers = int((input_ids == model.image_token_id).sum())
+        if image_tokens:
+            self.module.set_memory(*mllama_memory(image_tokens, images, input_ids, model.image_token_id))
+        elif not cached:
+            self.module.set_memory(None)
+        if markers and not image_tokens:
+            raise ValueError(f"the text has {markers} image markers but no images were given")
+        table = model.llm.get_input_embeddings()
+        if model.image_token_id >= table.num_embeddings:
+            raise ValueError(f"cross-attention layers: llm reads the image token {model.config.image_token!r} (id "
+                             f"{model.image_token_id}) from the LLM's embeddings, which have {table.num_embeddings} rows")
+        return table(input_ids)
+
+    def after_forward(self, use_cache: bool) -> None:
+        if use_cache:
+            self.module.consumed()
+        else:
+            self.module.set_memory(None)
+
+
 @FUSIONS.register("prefix")
 def _prefix(config: ModelConfig, llm, connector, options: dict) -> PrefixFusion:
     if options:
@@ -114,10 +147,13 @@ def _prefix(config: ModelConfig, llm, connector, options: dict) -> PrefixFusion:
 
 @FUSIONS.register("cross-attention")
 def _cross_attention(config: ModelConfig, llm, connector, options: dict) -> CrossAttentionFusionStrategy:
-    from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
+    from vlmkit.model.cross_attention import CrossAttentionFusion, LLMCrossAttention, parse_cross_attention_options
 
+    parsed = parse_cross_attention_options(options)
+    if parsed.layers == "llm":
+        return LLMCrossAttentionStrategy(LLMCrossAttention(llm, parsed))
     memory_dim = getattr(connector, "out_dim", connector.llm_dim)
-    return CrossAttentionFusionStrategy(CrossAttentionFusion(llm, memory_dim, parse_cross_attention_options(options)))
+    return CrossAttentionFusionStrategy(CrossAttentionFusion(llm, memory_dim, parsed))
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -170,6 +206,11 @@ class VisionLanguageModel(nn.Module):
         if getattr(processor, "newline", False) and getattr(processor, "unpad", None) is not None:
             # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
             connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
+        if config.connector.output_norm == "text":
+            with torch.no_grad():
+                table = llm.get_input_embeddings().weight
+                rms = 1.0 if table.is_meta else float(table.float().pow(2).mean(-1).sqrt().mean())
+            connector.attach_output_norm(rms)
         pretrained_parts = set()
         # A tower that says its weights are random (qwen2-vit, built from a config) must be saved
         # with every checkpoint, whatever its registry name.
@@ -286,6 +327,9 @@ class VisionLanguageModel(nn.Module):
     def view_features(self, images: list) -> list[list[torch.Tensor]]:
         """Tower features of every view of every image: (t, h*w, C) each. Image-shaped views of
         one size run through the tower together, whatever image they belong to."""
+        if getattr(self.vision, "encodes_whole_images", False):
+            # A tower whose views are not independent (Llama 3.2 Vision's tiles) reads each image whole.
+            return [self.vision.encode_image(im) for im in images]
         out: list[list[torch.Tensor | None]] = [[None] * len(im.views) for im in images]
         by_size = defaultdict(list)
         for i, im in enumerate(images):
@@ -314,7 +358,7 @@ class VisionLanguageModel(nn.Module):
         projected: dict[tuple[int, int], torch.Tensor] = {}
         for grid, items in by_grid.items():
             stacked = torch.cat([f.to(self.device) for _, _, f in items])
-            rows = self.connector(stacked, grid).split([f.shape[0] for _, _, f in items])
+            rows = self.connector.tokens(stacked, grid).split([f.shape[0] for _, _, f in items])
             for (i, j, _), r in zip(items, rows):
                 projected[i, j] = r.reshape(-1, r.shape[-1])
         out = []
@@ -327,7 +371,7 @@ class VisionLanguageModel(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Connector output for stacked base-size features (images, N, C)."""
-        return self.connector(features, self.image_grid)
+        return self.connector.tokens(features, self.image_grid)
 
     def fill_slots(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token slots filled by `image_embeds` (rows in order)."""
@@ -361,7 +405,7 @@ class VisionLanguageModel(nn.Module):
             tokens = list(self.project(image_features.to(self.device)))
         elif images:
             tokens = self.image_tokens(images, image_features)
-        return self.fusion.inputs_embeds(self, input_ids, tokens, cached)
+        return self.fusion.inputs_embeds(self, input_ids, tokens, cached, images=images)
 
     def _legacy_images(self, pixel_values: torch.Tensor) -> list:
         """Stacked (images, 3, H, W) pixels as single-view images (the fixed-resolution case)."""

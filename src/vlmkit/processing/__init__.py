@@ -28,4 +28,5 @@ def build_chat_processor(model, max_length: int):
     options = cfg.processor.options
     return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels,
                          video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"),
-                         mrope=getattr(model, "uses_mrope", False), image_formats=cfg.processor.image_formats)
+                         mrope=getattr(model, "uses_mrope", False), image_formats=cfg.processor.image_formats,
+                         system_prompt=cfg.system_prompt)

@@ -71,8 +71,12 @@ class MllamaProcessor(ImageProcessor):
         std=HALF_STD,
         resample: str = "bilinear",
         backend: str = "torch",
+        pad_tiles: bool = False,
     ):
         self.tile_size, self.max_tiles, self.patch_size = tile_size, max_tiles, patch_size
+        # Also hand the empty tile slots to the model (as `pad` views): Llama 3.2 Vision's own
+        # encoder (`mllama-vit`) reads all `max_tiles` slots of an image together.
+        self.pad_tiles = pad_tiles
         self.states_per_tile = (tile_size // patch_size) ** 2 + 1
         self.mean, self.std = tuple(mean), tuple(std)
         self.resample, self.backend = resample, backend
@@ -125,8 +129,8 @@ class MllamaProcessor(ImageProcessor):
             layout=self.layout(*image.size),
             extra={"aspect_ratio_id": self.aspect_ratio_id(rows, cols), "aspect_ratio_mask": mask,
                    "num_tiles": rows * cols},
-            # Only the real tiles are encoded; the zero slots exist for the reference layout.
-            views=image_views(pixels, ["tile"] * (rows * cols)),
+            # Only the real tiles are encoded (unless pad_tiles); the zero slots exist for the reference layout.
+            views=image_views(pixels, ["tile"] * (rows * cols) + ["pad"] * ((self.max_tiles - rows * cols) if self.pad_tiles else 0)),
             image_size=(image.size[1], image.size[0]),
         )
 
@@ -147,4 +151,5 @@ def build_mllama(config, tokens_per_image: int | None = None) -> MllamaProcessor
         std=config.std,
         resample=config.resample,
         backend=o.get("backend", "torch"),
+        pad_tiles=bool(o.get("pad_tiles", False)),
     )

@@ -5,6 +5,10 @@ Follows transformers' `PixtralImageProcessor`: when the image exceeds the cap it
 `max(h/1024, w/1024)` with `floor`; each side then rounds up to whole patches
 (`(side - 1) // 16 + 1`), so the resize target is a multiple of 16 (small images are upscaled
 by less than one patch, never downscaled).
+
+With `spatial_merge` s > 1 (Mistral3, whose connector merges s x s patches) the unit is
+`patch_size * s`, as transformers' `PixtralProcessor` passes it to the image processor: the
+image resizes to whole merge blocks and each block is one `[IMG]`.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ class PixtralProcessor(ImageProcessor):
         self.resample, self.backend = resample, backend
 
     def layout(self, width: int, height: int) -> TokenLayout:
-        rh, rw = pixtral_size(height, width, self.longest_edge, self.patch_size)
         unit = self.patch_size * self.spatial_merge
+        rh, rw = pixtral_size(height, width, self.longest_edge, unit)
         rows, cols = rh // unit, rw // unit
         return TokenLayout(
             visual_tokens=rows * cols,
@@ -55,8 +59,8 @@ class PixtralProcessor(ImageProcessor):
         )
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
-        """(1, 3, H, W) float32, H and W multiples of the patch size."""
-        rh, rw = pixtral_size(image.size[1], image.size[0], self.longest_edge, self.patch_size)
+        """(1, 3, H, W) float32, H and W multiples of the patch size (times the spatial merge)."""
+        rh, rw = pixtral_size(image.size[1], image.size[0], self.longest_edge, self.patch_size * self.spatial_merge)
         u8 = Resizer(image, self.resample, self.backend).resize(rh, rw)
         return to_normalized(u8, self.mean, self.std, exact=self.backend == "pil").unsqueeze(0)
 

@@ -101,8 +101,9 @@ class ChatProcessor:
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
                  max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
-                 mrope: bool = False, image_formats=None):
+                 mrope: bool = False, image_formats=None, system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
         self.mrope = mrope
         self.image_processor = image_processor
         self.image_token = image_token
@@ -248,6 +249,8 @@ class ChatProcessor:
 
     # ---- text ---------------------------------------------------------------------------
     def _render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        if self.system_prompt is not None and messages and messages[0].role != "system":
+            messages = [Message("system", self.system_prompt), *messages]
         return self.tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def assistant_spans(self, sample_id: str, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:

@@ -56,6 +56,7 @@ class StageResult:
     trainable_parameters: dict[str, int] = field(default_factory=dict)
     loaded: bool = False  # an already trained stage, loaded from its checkpoint: no steps were run
     extended: bool = False  # trained on from its own earlier checkpoint (--extend)
+    eval_seconds: float = 0.0  # of `seconds`, spent on held-out evaluation (`train.eval`)
 
 
 class Preempted(SystemExit):
@@ -304,6 +305,13 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
                 path, model, config, {"stage": name, "step": step, **lineage}, trainer_state, weights=weights))
         dist.barrier()
 
+    heldout = None
+    if tcfg.eval is not None and dist.is_main and not dist.enabled:
+        from vlmkit.train.heldout import HeldOutEval
+
+        heldout = HeldOutEval(tcfg.eval)
+    eval_seconds = 0.0
+
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
     flop_model = FlopModel.of(model, stage.trainable, vision_cached)
@@ -374,6 +382,12 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
                                    "reward_margin": (totals["chosen_reward"] - totals["rejected_reward"]) / pairs,
                                    "reward_accuracy": totals["reward_accuracy"] / pairs})
                 logger.log(record)
+            if heldout is not None and heldout.due(step, total_steps):
+                scores = heldout.run(model)
+                eval_seconds += scores["eval_s"]
+                bar.set_postfix({**postfix, "held-out": f"{scores['overall']:.0%}"})
+                if logger:
+                    logger.log({"stage": name, "step": step, **scores})
             preempted = stop is not None and dist.any(stop.set)
             if step < total_steps and (preempted or (tcfg.save_every and step % tcfg.save_every == 0)):
                 save_periodic()
@@ -405,7 +419,8 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
                              weights=weights)
         ckpt.remove_periodic(stage_dir)
     dist.barrier()
-    return StageResult(name, step, time.perf_counter() - start, losses, skipped, final_dir, model.trainable_parameters())
+    return StageResult(name, step, time.perf_counter() - start, losses, skipped, final_dir, model.trainable_parameters(),
+                       eval_seconds=eval_seconds)
 
 
 def _load_weights(model, directory: Path) -> None:

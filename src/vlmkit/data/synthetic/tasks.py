@@ -10,6 +10,7 @@ image as one multi-turn conversation; test records ask one question and carry `t
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,37 @@ BAR_LABELS = ("A", "B", "C")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 
+# Question kinds, each with the task (and so the official scoring rule) it belongs to.
+KIND_TASK = {"word": "text", "bar": "chart", "count": "scene", "colour": "scene", "shape": "scene"}
+KINDS = tuple(KIND_TASK)
+
+
+@dataclass
+class Question:
+    task: str  # chart | text | scene: picks the official scoring rule
+    kind: str  # what is asked: word | bar | count | colour | shape
+    text: str
+    answer: str
+
+
 @dataclass
 class Item:
     image: object  # PIL image
     caption: str
-    questions: list[tuple[str, str, str]]  # (task, question, answer)
+    questions: list[Question]
+
+
+def question_kind(record: dict) -> str:
+    """The kind of a test record's question (`kind`, or told from its text in data written before
+    records carried it)."""
+    if "kind" in record:
+        return record["kind"]
+    question = record["conversations"][0]["value"]
+    if record.get("task") == "text":
+        return "word"
+    if record.get("task") == "chart":
+        return "bar"
+    return "count" if "How many" in question else "colour" if "colour" in question else "shape"
 
 
 def make_scene(rng: random.Random) -> Item:
@@ -36,9 +63,9 @@ def make_scene(rng: random.Random) -> Item:
     noun = shape if count == 1 else shape + "s"
     caption = f"{NUMBER_WORDS[count].capitalize()} {colour} {noun} on a light background."
     return Item(img, caption, [
-        ("scene", "How many shapes are in the image? Answer with a number.", str(count)),
-        ("scene", "What colour are the shapes? Answer with one word.", colour),
-        ("scene", "What kind of shape is shown? Answer with one word.", shape),
+        Question("scene", "count", "How many shapes are in the image? Answer with a number.", str(count)),
+        Question("scene", "colour", "What colour are the shapes? Answer with one word.", colour),
+        Question("scene", "shape", "What kind of shape is shown? Answer with one word.", shape),
     ])
 
 
@@ -47,7 +74,7 @@ def make_chart(rng: random.Random) -> Item:
     img = bar_chart(rng, list(BAR_LABELS), values)
     caption = "A bar chart with bars " + ", ".join(f"{l} at {v}" for l, v in zip(BAR_LABELS, values)) + "."
     return Item(img, caption, [
-        ("chart", f"What is the value of bar {label}? Answer with a number.", str(value))
+        Question("chart", "bar", f"What is the value of bar {label}? Answer with a number.", str(value))
         for label, value in zip(BAR_LABELS, values)
     ])
 
@@ -56,7 +83,7 @@ def make_text(rng: random.Random) -> Item:
     word = rng.choice(WORDS)
     img = word_image(rng, word)
     return Item(img, f'The word "{word}" written in dark letters.', [
-        ("text", "What word is written in the image? Answer with the word.", word),
+        Question("text", "word", "What word is written in the image? Answer with the word.", word),
     ])
 
 
@@ -72,8 +99,18 @@ def _record(rid: str, image: str, turns: list[tuple[str, str]], **extra) -> dict
     return {"id": rid, "image": image, "conversations": conversations, **extra}
 
 
+def image_digest(image) -> str:
+    """Digest of an image's pixels (what a model sees; file bytes can differ for equal pixels)."""
+    return hashlib.blake2b(image.tobytes() + repr((image.mode, image.size)).encode(), digest_size=16).hexdigest()
+
+
 def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n_test: int = 150, seed: int = 0) -> dict[str, Path]:
-    """Write images/ and stage1.json (captions), stage2.json (QA), test.json (held-out QA)."""
+    """Write images/ and stage1.json (captions), stage2.json (QA), test.json (held-out QA).
+
+    A held-out image is never one the training splits hold: a chart is fully determined by its
+    three values and shade, so a test draw can repeat a training chart pixel for pixel; such a
+    draw is replaced by a fresh one from a separate generator (the main one moves on as before,
+    so every other item is the same as without the check)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -81,11 +118,18 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
     splits: dict[str, list[dict]] = {"stage1": [], "stage2": [], "test": []}
     plan = [("stage1", n_caption), ("stage2", n_instruct), ("test", n_test)]
     total = sum(n for _, n in plan)
+    trained_on: set[str] = set()
     with tqdm(total=total, desc="synthetic data", unit="img") as bar:
         for split, n in plan:
             for i in range(n):
                 kind = kinds[i % len(kinds)]
                 item = MAKERS[kind](rng)
+                if split == "test":
+                    redraw = random.Random(f"{seed}-held-out-{i}")
+                    while image_digest(item.image) in trained_on:
+                        item = MAKERS[kind](redraw)
+                else:
+                    trained_on.add(image_digest(item.image))
                 name = f"images/{split}_{i:05d}_{kind}.png"
                 item.image.save(out / name)
                 if split == "stage1":
@@ -93,11 +137,11 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
                 elif split == "stage2":
                     # Every question about the image, in random order, as one multi-turn
                     # conversation: one image forward pass supervises several answers.
-                    turns = [(q, a) for _, q, a in rng.sample(item.questions, len(item.questions))]
+                    turns = [(q.text, q.answer) for q in rng.sample(item.questions, len(item.questions))]
                     splits[split].append(_record(f"{split}-{i}", name, turns, task=kind))
                 else:
-                    task, q, a = rng.choice(item.questions)
-                    splits[split].append(_record(f"{split}-{i}", name, [(q, a)], task=task, answer=a))
+                    q = item.questions[rng.randrange(len(item.questions))]
+                    splits[split].append(_record(f"{split}-{i}", name, [(q.text, q.answer)], task=q.task, kind=q.kind, answer=q.answer))
                 bar.update()
     paths = {}
     for split, records in splits.items():

@@ -4,6 +4,7 @@ from vlmkit.model.connectors import (  # noqa: F401
     mlp,
     native,
     patch_embed,
+    patch_merger,
     perceiver,
     pixel_shuffle,
     pooling,
@@ -15,3 +16,5 @@ from vlmkit.model.connectors.base import Connector, build_connector  # noqa: F40
 from vlmkit.model import rope_vit  # noqa: E402,F401
 # Qwen2-VL's own tower and M-RoPE decoder (registered here so every registry listing has them).
 from vlmkit.model import qwen2vl  # noqa: E402,F401
+# Llama 3.2 Vision's tower and cross-attention decoder (transformers' own modules).
+from vlmkit.model import mllama  # noqa: E402,F401

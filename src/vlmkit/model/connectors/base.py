@@ -47,6 +47,30 @@ class Connector(nn.Module):
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
 
+    def tokens(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The connector's output as the model uses it: `forward`, then the output norm if one is
+        attached (`attach_output_norm`)."""
+        out = self(features, grid)
+        norm = getattr(self, "output_norm", None)
+        return out if norm is None else norm(out)
+
+    def attach_output_norm(self, target_rms: float) -> None:
+        self.output_norm = OutputNorm(self.llm_dim, target_rms)
+
+
+class OutputNorm(nn.Module):
+    """RMS normalisation with a learned per-channel gain that starts at `target_rms` (the RMS of
+    the LLM's token embeddings): the connector learns directions, the gain the scale."""
+
+    def __init__(self, dim: int, target_rms: float, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.gain = nn.Parameter(torch.full((dim,), float(target_rms)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = x.float().pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
+        return (x.float() * rms).to(x.dtype) * self.gain
+
 
 def build_connector(name: str, vision_dim: int, llm_dim: int, options: dict[str, Any], grid: tuple[int, int] | None = None) -> Connector:
     cls = CONNECTORS.get(name)

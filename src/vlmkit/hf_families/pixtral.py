@@ -1,0 +1,266 @@
+"""Pixtral (transformers' `LlavaForConditionalGeneration` with a Pixtral vision tower, e.g.
+mistral-community/pixtral-12b) and Mistral3 (`Mistral3ForConditionalGeneration`, e.g.
+Mistral-Small-3.1): import from and export to their Hugging Face folders.
+
+* the tower is transformers' own `PixtralVisionModel` (`hf-random`, model_type `pixtral`, the
+  folder's weights): vlmkit's `rope-vit` has Pixtral's shape but not its rotary layout (it turns
+  interleaved pairs and gives rows and columns one frequency ladder; Pixtral rotates halves and
+  gives columns the odd frequencies), so it cannot hold these weights with equal outputs;
+* Pixtral's projector is LLaVA's 2-layer GELU MLP (`mlp`); Mistral3's is an RMSNorm, a 2x2 learned
+  patch merge and the MLP (`patch-merger`);
+* the LLM (Mistral, Llama ...) is a standalone causal-LM folder (`llm/`), as in the other families;
+* preprocessing is vlmkit's `pixtral` family with the folder's longest edge, patch size, spatial
+  merge, mean/std and resampling: one `[IMG]` per (merged) patch, `[IMG_BREAK]` after each row,
+  `[IMG_END]` in place of the last. Several images per prompt work as in transformers.
+
+A Pixtral folder's config says `model_type: llava`; this family accepts exactly the LLaVA folders
+whose `vision_config.model_type` is `pixtral` (the LLaVA-1.5 importer keeps the others).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlmkit.config import load_config
+from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
+from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
+                              _plain_template, _resample, _staging, _tokenizer, _write_checkpoint, load_part, read_hf_config,
+                              read_weights, register_family, split_state)
+
+_RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+_BREAKS = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+
+
+def _is_pixtral_llava(cfg: dict) -> bool:
+    return (cfg.get("vision_config") or {}).get("model_type") == "pixtral"
+
+
+def _import(folder: Path, out: Path, mistral3: bool) -> Path:
+    from transformers import AutoConfig
+
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    folder, out = Path(folder), Path(out).resolve()
+    read_hf_config(folder)
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    if vision_cfg.model_type != "pixtral":
+        raise ExportError(f"{folder}/config.json: vision tower {vision_cfg.model_type!r}; this family needs a Pixtral tower")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ExportError(f"{folder}/config.json: vision_feature_layer={cfg.vision_feature_layer}: concatenating several layers "
+                          "has no vlmkit equivalent")
+    if not mistral3 and cfg.vision_feature_select_strategy != "full":
+        raise ExportError(f"{folder}/config.json: vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} would drop "
+                          "the first patch of a Pixtral tower (it has no CLS token); vlmkit keeps every patch ('full')")
+    if cfg.projector_hidden_act != "gelu":
+        raise ExportError(f"{folder}/config.json: projector activation {cfg.projector_hidden_act!r}; vlmkit's projector uses exact GELU")
+    merge = int(cfg.spatial_merge_size) if mistral3 else 1
+
+    state = read_weights(folder)
+    parts = split_state(state, {"vision_tower.": "vision", "model.vision_tower.": "vision",
+                                "multi_modal_projector.": "projector", "model.multi_modal_projector.": "projector",
+                                "language_model.model.": "llm", "model.language_model.": "llm",
+                                "language_model.lm_head.": "head", "lm_head.": "head"})
+    p = parts["projector"]
+    names = {"fc1.weight": "linear_1.weight", "fc2.weight": "linear_2.weight"}
+    if mistral3:
+        names |= {"norm.weight": "norm.weight", "merging_layer.weight": "patch_merger.merging_layer.weight"}
+    bias = bool(getattr(cfg, "multimodal_projector_bias", True))
+    if bias:
+        names |= {"fc1.bias": "linear_1.bias", "fc2.bias": "linear_2.bias"}
+    absent = [v for v in names.values() if v not in p]
+    if absent:
+        raise ExportError(f"{folder}: multi_modal_projector tensors are missing: {absent}")
+    connector_state = {ours: p[theirs] for ours, theirs in names.items()}
+    if not mistral3 and not bias:  # a bias-free LLaVA projector is bias = 0
+        connector_state |= {"fc1.bias": torch.zeros(p["linear_1.weight"].shape[0]), "fc2.bias": torch.zeros(p["linear_2.weight"].shape[0])}
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+
+    settings = _image_processor_settings(folder)
+    processor_cfg = _read_json(folder / "processor_config.json")
+    for key, default in _BREAKS.items():
+        if processor_cfg.get(key, default) != default:
+            raise ExportError(f"{folder}/processor_config.json: {key} {processor_cfg[key]!r}; vlmkit's pixtral family writes {default}")
+    patch = int(processor_cfg.get("patch_size") or settings.get("patch_size") or vision_cfg.patch_size)
+    if isinstance(settings.get("patch_size"), dict):
+        patch = int(settings["patch_size"].get("height", patch))
+    if patch != vision_cfg.patch_size:
+        raise ExportError(f"{folder}: the processor's patch size {patch} differs from the vision tower's {vision_cfg.patch_size}")
+    proc_merge = int(processor_cfg.get("spatial_merge_size", merge))
+    if proc_merge != merge:
+        raise ExportError(f"{folder}/processor_config.json: spatial_merge_size {proc_merge}, but config.json merges {merge}x{merge}")
+    longest = int((settings.get("size") or {}).get("longest_edge") or vision_cfg.image_size)
+    image_token = processor_cfg.get("image_token", "[IMG]")
+    tokenizer = _tokenizer(folder, image_token)
+    image_token_id = getattr(cfg, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = cfg.image_token_index
+
+    if mistral3:
+        connector = {"name": "patch-merger", "options": {"merge": merge, "norm_eps": float(text_cfg.rms_norm_eps),
+                                                         "hidden_size": p["linear_1.weight"].shape[0], "bias": bias}}
+    else:
+        connector = {"name": "mlp", "options": {"hidden_size": p["linear_1.weight"].shape[0]}}
+    tmp = _staging(out)
+    try:
+        staged_llm = tmp / "llm"
+        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
+        causal.save_pretrained(staged_llm, safe_serialization=True)
+        tokenizer.save_pretrained(staged_llm)
+        del causal
+        config = load_config({"model": {
+            "vision": {"name": "hf-random", "model_type": "pixtral", "config": _hf_config_dict(vision_cfg),
+                       "feature_layer": cfg.vision_feature_layer},
+            "connector": connector,
+            "llm": {"name": "hf", "path": str(staged_llm)},
+            "processor": {"name": "pixtral", "image_size": longest,
+                          "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+                          "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+                          "resample": _resample(settings),
+                          "options": {"longest_edge": longest, "patch_size": patch, "spatial_merge": merge, "sentinels": "never"}},
+            "image_token": image_token,
+        }})
+        model = VisionLanguageModel.build(config.model)
+        if model.image_token_id != image_token_id:
+            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {image_token_id}")
+        model.set_trainable(["vision", "connector"])
+        load_part(model.vision.model, parts["vision"], "vision tower", "vision_tower.")
+        load_part(model.connector, connector_state, "projector", "multi_modal_projector(mapped) ")
+        config.model.llm.path = str(out / "llm")
+        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 4096) or 4096)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_pixtral(folder: Path, out: Path) -> Path:
+    return _import(folder, out, mistral3=False)
+
+
+def import_mistral3(folder: Path, out: Path) -> Path:
+    return _import(folder, out, mistral3=True)
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+
+def _pixtral_tower(model) -> bool:
+    from vlmkit.model.vision import HFVisionTower
+
+    return isinstance(model.vision, HFVisionTower) and model.vision.model.config.model_type == "pixtral"
+
+
+def _owns_pixtral(model) -> bool:
+    from vlmkit.model.connectors.mlp import MLPConnector
+
+    return (model.config.processor.name == "pixtral" and model.config.fusion == "prefix" and _pixtral_tower(model)
+            and isinstance(model.connector, MLPConnector))
+
+
+def _owns_mistral3(model) -> bool:
+    from vlmkit.model.connectors.patch_merger import PatchMergerConnector
+
+    return (model.config.processor.name == "pixtral" and model.config.fusion == "prefix" and _pixtral_tower(model)
+            and isinstance(model.connector, PatchMergerConnector))
+
+
+@torch.no_grad()
+def _export(model, out: Path, mistral3: bool) -> Path:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from vlmkit.hf_import import _load_reference
+
+    if not (_owns_mistral3(model) if mistral3 else _owns_pixtral(model)):
+        raise ExportError(f"{'Mistral3' if mistral3 else 'Pixtral'} needs the pixtral processor, prefix fusion, a Pixtral tower "
+                          f"(hf-random, model_type pixtral) and the {'patch-merger' if mistral3 else 'mlp'} connector")
+    tower, conn, tok = model.vision, model.connector, model.tokenizer
+    p = model.config.processor
+    o = dict(p.options)
+    merge = int(o.get("spatial_merge", 1))
+    text = _hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
+    tied = bool(getattr(model.llm.config, "tie_word_embeddings", False))
+    common = {"vision_config": _hf_config_dict(tower.model.config) | {"model_type": "pixtral"}, "text_config": text, "image_token_index": model.image_token_id,
+              "vision_feature_layer": tower.feature_layer, "projector_hidden_act": "gelu", "tie_word_embeddings": tied}
+    cstate = conn.state_dict()
+    if mistral3:
+        if conn.options.merge != merge:
+            raise ExportError(f"the connector merges {conn.options.merge}x{conn.options.merge} patches but the processor's "
+                              f"spatial_merge is {merge}")
+        if abs(conn.options.norm_eps - float(getattr(model.llm.config, "rms_norm_eps", conn.options.norm_eps))) > 0:
+            raise ExportError(f"Mistral3's projector norm uses the text config's rms_norm_eps; the connector's norm_eps "
+                              f"{conn.options.norm_eps} differs from it ({model.llm.config.rms_norm_eps})")
+        if conn.fc1.out_features != model.llm.config.hidden_size:
+            raise ExportError("Mistral3's projector hidden width is the LLM width")
+        ref = Mistral3ForConditionalGeneration(Mistral3Config(**common, spatial_merge_size=merge,
+                                                              multimodal_projector_bias=conn.options.bias)).eval()
+        names = {"norm.weight": "norm.weight", "merging_layer.weight": "patch_merger.merging_layer.weight",
+                 "fc1.weight": "linear_1.weight", "fc2.weight": "linear_2.weight"}
+        if conn.options.bias:
+            names |= {"fc1.bias": "linear_1.bias", "fc2.bias": "linear_2.bias"}
+    else:
+        if merge != 1:
+            raise ExportError(f"Pixtral (LLaVA) has no spatial merge; the processor's spatial_merge is {merge}")
+        if conn.fc1.out_features != model.llm.config.hidden_size or not isinstance(conn.norm, torch.nn.Identity):
+            raise ExportError("LLaVA's projector is the plain 2-layer GELU MLP at the LLM width (mlp, no input_norm)")
+        ref = LlavaForConditionalGeneration(LlavaConfig(**common, vision_feature_select_strategy="full",
+                                                        multimodal_projector_bias=True)).eval()
+        names = {"fc1.weight": "linear_1.weight", "fc1.bias": "linear_1.bias", "fc2.weight": "linear_2.weight", "fc2.bias": "linear_2.bias"}
+    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
+    state |= {f"model.multi_modal_projector.{theirs}": cstate[ours] for ours, theirs in names.items()}
+    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
+    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    _load_reference(ref, state, "Mistral3" if mistral3 else "Pixtral (LLaVA)")
+    if tied:
+        ref.tie_weights()
+    ref.generation_config = _generation_config(tok)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": int(o.get("longest_edge", p.image_size))},
+                                               patch_size=int(o.get("patch_size", 16)), image_mean=list(p.mean),
+                                               image_std=list(p.std), resample=_RESAMPLE_IDS[p.resample])
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        image_processor.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        template = _plain_template(tok)
+        if template:
+            (tmp / "chat_template.jinja").write_text(template)
+        (tmp / "processor_config.json").write_text(json.dumps({
+            "processor_class": "PixtralProcessor", "patch_size": int(o.get("patch_size", 16)), "spatial_merge_size": merge,
+            "image_token": model.config.image_token, **_BREAKS}, indent=2))
+
+    return _atomic_folder(Path(out), write)
+
+
+def export_pixtral(model, out: Path) -> Path:
+    return _export(model, out, mistral3=False)
+
+
+def export_mistral3(model, out: Path) -> Path:
+    return _export(model, out, mistral3=True)
+
+
+def _reference(cls_name: str):
+    def reference(model, prompt, ids):
+        import transformers
+
+        images = prompt.images
+        pixels = [im.pixel_values[0] for im in images]
+        h, w = max(x.shape[-2] for x in pixels), max(x.shape[-1] for x in pixels)
+        batch = torch.zeros(len(pixels), 3, h, w)
+        for i, x in enumerate(pixels):  # transformers pads every image to the largest, bottom-right
+            batch[i, :, : x.shape[-2], : x.shape[-1]] = x
+        sizes = torch.tensor([list(x.shape[-2:]) for x in pixels])
+        return getattr(transformers, cls_name), {"pixel_values": batch, "image_sizes": sizes}
+
+    return reference
+
+
+register_family(HFFamily(("llava",), "Pixtral (LlavaForConditionalGeneration with a Pixtral vision tower)", import_pixtral,
+                         export_pixtral, _owns_pixtral, _reference("LlavaForConditionalGeneration"), accepts=_is_pixtral_llava))
+register_family(HFFamily(("mistral3",), "Mistral3 / Mistral-Small-3.1 (Mistral3ForConditionalGeneration)", import_mistral3,
+                         export_mistral3, _owns_mistral3, _reference("Mistral3ForConditionalGeneration")))

@@ -1,0 +1,104 @@
+"""Llama 3.2 Vision's own parts from transformers, as a vlmkit vision tower and LLM.
+
+* `mllama-vit`: `MllamaVisionModel`. It encodes an image's tiles together (a global
+  transformer runs across the tiles, with tile position embeddings chosen by the aspect-ratio id),
+  so it reads whole images: `encode_image` takes a `ProcessedImage` of the `mllama` processor
+  with every tile slot as a view (`options.pad_tiles: true`), its aspect-ratio id and tile mask,
+  and returns one feature block per view (class token + patches, plus the intermediate layers'
+  features concatenated on the channel axis: `vision_output_dim` wide).
+* `mllama-text`: `MllamaForCausalLM`, the Llama decoder with gated cross-attention layers at
+  `cross_attention_layers`; vlmkit's cross-attention fusion drives those layers with
+  `options.cross_attention.layers: llm` (`model/cross_attention.py`).
+
+Both are built from a config (the tower) or a folder (the LLM); import-hf writes both.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from vlmkit.config import LLMConfig, VisionConfig
+from vlmkit.model.vision import VisionTower
+from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
+
+
+class MllamaViTTower(VisionTower):
+    # Tiles are not independent: the tower needs the whole image (all its tile slots) at once.
+    encodes_whole_images = True
+    from_files = False  # built from a config; its weights travel with the checkpoint
+
+    def __init__(self, config: dict):
+        super().__init__()
+        from transformers import MllamaVisionConfig, MllamaVisionModel
+
+        self.model = MllamaVisionModel(MllamaVisionConfig(**config)).eval()
+        cfg = self.model.config
+        self.hidden_size = cfg.vision_output_dim
+        self.patch_size = cfg.patch_size
+        self.tile_size = cfg.image_size
+        self.max_tiles = cfg.max_num_tiles
+
+    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.patch_size, width // self.patch_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise ValueError("mllama-vit encodes whole images (all tile slots with their aspect-ratio id): "
+                         "pair it with the mllama processor (options.pad_tiles: true)")
+
+    def encode_image(self, image) -> list[torch.Tensor]:
+        """(1, states, vision_output_dim) per view of one mllama-processed image."""
+        ratio = image.extra.get("aspect_ratio_id")
+        mask = image.extra.get("aspect_ratio_mask")
+        pixels = image.pixel_values
+        if ratio is None or mask is None or pixels.shape[0] != self.max_tiles or len(image.views) != self.max_tiles:
+            raise ValueError(f"mllama-vit needs the mllama processor's {self.max_tiles} tile slots (options.pad_tiles: true, "
+                             f"max_tiles: {self.max_tiles}) with their aspect-ratio id and mask; got {pixels.shape[0]} tiles "
+                             f"and {len(image.views)} views")
+        param = next(self.model.parameters())
+        out = self.model(pixel_values=pixels[None, None].to(param.device, param.dtype),
+                         aspect_ratio_ids=torch.tensor([[int(ratio)]], device=param.device),
+                         aspect_ratio_mask=torch.as_tensor(mask, device=param.device)[None, None]).last_hidden_state
+        return list(out[0, 0].unsqueeze(1))  # max_tiles x (1, states, C)
+
+
+@VISION_TOWERS.register("mllama-vit")
+def build_mllama_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
+    return MllamaViTTower(dict(cfg.config or {}))
+
+
+@functools.cache
+def _causal_lm_class():
+    from transformers import MllamaForCausalLM
+
+    class MllamaTextCausalLM(MllamaForCausalLM):
+        """`MllamaForCausalLM` whose `base_model` is its decoder (transformers names the prefix
+        after the full model's `language_model`, so `base_model` would be the causal LM itself)."""
+
+        base_model_prefix = "model"
+
+    return MllamaTextCausalLM
+
+
+@LANGUAGE_MODELS.register("mllama-text")
+def build_mllama_text(cfg: LLMConfig, pretrained: bool = True):
+    """Llama 3.2 Vision's text decoder (self- and gated cross-attention layers) from a local folder
+    holding `MllamaForCausalLM.save_pretrained` output and the tokenizer: what import-hf writes."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vlmkit.paths import offline
+
+    if not cfg.path:
+        raise ValueError("model.llm.path is required for the 'mllama-text' language model")
+    offline()
+    folder = Path(cfg.path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json (an mllama-text folder, as vlmkit import-hf writes)")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type != "mllama_text_model":
+        raise ValueError(f"{folder}: model_type {config.model_type!r} is not Llama 3.2 Vision's text model (mllama_text_model)")
+    cls = _causal_lm_class()
+    model = (cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32) if pretrained else cls(config)).eval()
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
