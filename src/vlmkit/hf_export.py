@@ -388,10 +388,87 @@ _STRING_TO_PARTS_PREAMBLE = (
 )
 
 
+def _image_parts_template(template: str, image_token: str) -> str:
+    """`template` reading each string turn as content parts: a turn that starts with
+    IMAGE_PART_MARK (the chat processor writes it before a turn that opens with an image) as an
+    image part then its text, any other as one text part. The image part renders as
+    `image_token`; the text after it is tagged so the wrapper removes that rendering, leaving the
+    expanded image text in place."""
+    from vlmkit.processing.prompt import IMAGE_PART_MARK, IMAGE_PARTS_FLAG
+
+    tag, token, mark = (json.dumps(x, ensure_ascii=False) for x in ("\ue001", image_token, IMAGE_PART_MARK))
+    return (
+        "{#- " + IMAGE_PARTS_FLAG + " -#}"
+        "{%- set _ns = namespace(msgs=[]) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['content'] is string -%}"
+        "{%- set _p = namespace(items=[]) -%}"
+        "{%- for piece in m['content'].split(" + mark + ") -%}"
+        "{%- if not loop.first -%}{%- set _p.items = _p.items + [{'type': 'image'}, {'type': 'text', 'text': " + tag + " + piece}]"
+        " -%}{%- elif piece or loop.length == 1 -%}{%- set _p.items = _p.items + [{'type': 'text', 'text': piece}] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set _ns.msgs = _ns.msgs + [{'role': m['role'], 'content': _p.items}] -%}"
+        "{%- else -%}{%- set _ns.msgs = _ns.msgs + [m] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = _ns.msgs -%}"
+        "{% set _vlmkit_out %}" + template + "{% endset %}{{ _vlmkit_out | replace(" + token + " + " + tag + ", '') }}"
+    )
+
+
+def _plain_of_image_parts(template: str) -> str | None:
+    """The folder's template inside an `_image_parts_template` wrapper (None for any other)."""
+    from vlmkit.processing.prompt import IMAGE_PARTS_FLAG
+
+    head, tail = "{% set _vlmkit_out %}", "{% endset %}{{ _vlmkit_out | replace("
+    if not template.startswith("{#- " + IMAGE_PARTS_FLAG) or head not in template:
+        return None
+    return template.split(head, 1)[1].rsplit(tail, 1)[0]
+
+
+def _needs_image_parts(template: str, chosen: str | None, tokenizer, image_token: str) -> str | None:
+    """The image-parts wrapper, where the template renders a turn that starts with an image
+    differently from the same turn as one string (and the wrapper reproduces the parts exactly)."""
+    from vlmkit.processing.prompt import IMAGE_PART_MARK
+
+    def render(messages, candidate):
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=candidate, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that cannot render the input raises inside jinja
+            return None
+
+    listed = render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "B"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "C"}]},
+                     {"role": "user", "content": [{"type": "text", "text": "D"}, {"type": "image"}]}], template)
+    if listed is None or f"{image_token}B" not in listed:
+        return None
+    if chosen and render([{"role": "user", "content": f"{image_token}B"}, {"role": "assistant", "content": "C"},
+                          {"role": "user", "content": f"D{image_token}"}], chosen) == listed:
+        return None  # the string form already renders what the processor does
+    candidate = _image_parts_template(template, image_token)
+    marked = render([{"role": "user", "content": f"{IMAGE_PART_MARK}{image_token}B"}, {"role": "assistant", "content": "C"},
+                     {"role": "user", "content": f"D{image_token}"}], candidate)
+    return candidate if marked == listed else None
+
+
 def _usable_template(template: str | None, tokenizer, image_token: str) -> str | None:
-    """The template as is if it renders string contents, else wrapped so that it does."""
+    """The template as is if it renders string contents, else wrapped so that it does; wrapped to
+    read images as content parts where a turn's leading image changes the rendering."""
     if not template:
         return None
+    try:
+        chosen = _string_template(template, tokenizer, image_token)
+    except ExportError:
+        chosen = None
+    parts = _needs_image_parts(template, chosen, tokenizer, image_token)
+    if parts:
+        return parts
+    if chosen is None:
+        raise ExportError("the folder's chat template renders neither plain-string nor content-list messages with text intact")
+    return chosen
+
+
+def _string_template(template: str, tokenizer, image_token: str) -> str:
+    """The template as is if it renders string contents, else wrapped so that it does."""
     probe = [{"role": "user", "content": f"A{image_token}B"}]
     for candidate in (template, _STRING_TO_PARTS_PREAMBLE + template):
         try:

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _read_json,
-                              _usable_template, export_llava, import_llava)
+from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _plain_of_image_parts,
+                              _read_json, _usable_template, export_llava, import_llava)
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
 
@@ -76,7 +76,7 @@ class HFFamily:
 FAMILIES: list[HFFamily] = []
 
 # Modules under `vlmkit.hf_families` that register more families when imported.
-FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama", "paligemma", "gemma3")
+FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama", "paligemma", "gemma3", "smolvlm", "llava_onevision", "idefics2")
 
 
 def register_family(family: HFFamily) -> HFFamily:
@@ -401,7 +401,9 @@ def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
     return causal
 
 
-def import_llava_next(folder: Path, out: Path) -> Path:
+def import_llava_next(folder: Path, out: Path, processor: str = "anyres", processor_options: dict | None = None) -> Path:
+    """LLaVA-NeXT; with `processor="anyres-max"` and its options, LLaVA-OneVision (same weights
+    and layout, capped feature maps, base-view images in multi-image prompts)."""
     from transformers import AutoConfig
 
     from vlmkit.model.vlm import VisionLanguageModel
@@ -465,10 +467,10 @@ def import_llava_next(folder: Path, out: Path) -> Path:
                        "feature_layer": feature_layer},
             "connector": {"name": "mlp", "options": {"hidden_size": p["linear_1.weight"].shape[0]}},
             "llm": {"name": "hf", "path": str(staged_llm)},
-            "processor": {"name": "anyres", "image_size": tile, "mean": list(settings.get("image_mean", (0.5,) * 3)),
+            "processor": {"name": processor, "image_size": tile, "mean": list(settings.get("image_mean", (0.5,) * 3)),
                           "std": list(settings.get("image_std", (0.5,) * 3)), "resample": _resample(settings),
                           "options": {"patch_size": vision_cfg.patch_size, "grid_pinpoints": [list(x) for x in pinpoints],
-                                      "sentinels": "never"}},
+                                      "sentinels": "never", **(processor_options or {})}},
             "image_token": image_token,
         }})
         model = VisionLanguageModel.build(config.model)
@@ -484,10 +486,13 @@ def import_llava_next(folder: Path, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def import_idefics3(folder: Path, out: Path) -> Path:
+def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model", processor: str = "idefics3",
+                    processor_options: dict | None = None) -> Path:
     """Idefics3 / SmolVLM: its vision transformer is SigLIP's (same weights and, for the
     full-size crops its processor makes, the same position ids), its connector a pixel shuffle
-    plus one bias-free linear layer, its LLM a Llama."""
+    plus one bias-free linear layer, its LLM a Llama. `tower`: the transformers vision model the
+    weights load into (SmolVLM2 keeps its own, `smolvlm_vision`); `processor` and
+    `processor_options`: SmolVLM2's processor family (video) and its settings."""
     from transformers import AutoConfig
 
     from vlmkit.model.vlm import VisionLanguageModel
@@ -512,7 +517,7 @@ def import_idefics3(folder: Path, out: Path) -> Path:
     resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(settings.get("resample", 1), "lanczos")
     image_token = "<image>"
     tokenizer = _tokenizer(folder, image_token)
-    siglip = {k: v for k, v in _hf_config_dict(vision_cfg).items()} | {"vision_use_head": False}
+    siglip = _hf_config_dict(vision_cfg) | ({"vision_use_head": False} if tower == "siglip_vision_model" else {})
 
     tmp = _staging(out)
     try:
@@ -522,15 +527,15 @@ def import_idefics3(folder: Path, out: Path) -> Path:
         tokenizer.save_pretrained(staged_llm)
         del causal
         config = load_config({"model": {
-            "vision": {"name": "hf-random", "model_type": "siglip_vision_model", "config": siglip},
+            "vision": {"name": "hf-random", "model_type": tower, "config": siglip},
             "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / cfg.scale_factor, "norm": "none",
                                                                "projector": "linear", "bias": False}},
             "llm": {"name": "hf", "path": str(staged_llm)},
-            "processor": {"name": "idefics3", "image_size": crop, "mean": list(settings.get("image_mean", (0.5,) * 3)),
+            "processor": {"name": processor, "image_size": crop, "mean": list(settings.get("image_mean", (0.5,) * 3)),
                           "std": list(settings.get("image_std", (0.5,) * 3)),
                           "options": {"patch_size": vision_cfg.patch_size, "scale_factor": cfg.scale_factor, "longest_edge": longest,
                                       "do_image_splitting": bool(settings.get("do_image_splitting", True)), "resample": resample,
-                                      "sentinels": "never"}},
+                                      "sentinels": "never", **(processor_options or {})}},
             "image_token": image_token,
         }})
         model = VisionLanguageModel.build(config.model)
@@ -642,6 +647,8 @@ def _plain_template(tokenizer) -> str | None:
     template = tokenizer.chat_template
     if isinstance(template, str) and template.startswith(_STRING_TO_PARTS_PREAMBLE):
         return template[len(_STRING_TO_PARTS_PREAMBLE):]
+    if isinstance(template, str) and (inner := _plain_of_image_parts(template)) is not None:
+        return inner
     return template
 
 
@@ -768,31 +775,44 @@ def _save_with_processor(ref, processor, out: str | Path) -> Path:
 
 
 @torch.no_grad()
-def export_idefics3(model, out: str | Path) -> Path:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+def idefics3_reference(model, config_cls=None, model_cls=None, tower_type: str = "siglip_vision_model"):
+    """transformers' Idefics3 (or, given SmolVLM's classes and tower, SmolVLM) holding the vlmkit
+    model's weights, with its generation config."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
     from vlmkit.model.vision import HFVisionTower
 
+    config_cls, model_cls = config_cls or Idefics3Config, model_cls or Idefics3ForConditionalGeneration
+    family = config_cls.__name__.removesuffix("Config")
     conn, tower = model.connector, model.vision
-    o = model.config.processor.options
     if (not isinstance(conn, PixelShuffleConnector) or conn.options.norm != "none" or conn.options.projector != "linear"
-            or conn.options.bias or not isinstance(tower, HFVisionTower) or tower.model.config.model_type != "siglip_vision_model"
+            or conn.options.bias or not isinstance(tower, HFVisionTower) or tower.model.config.model_type != tower_type
             or tower.feature_layer != -1):
-        raise ExportError("Idefics3 needs a SigLIP tower (last layer) and a pixel-shuffle connector with no norm and one bias-free linear layer")
-    tok = model.tokenizer
+        raise ExportError(f"{family} needs a {tower_type} tower (last layer) and a pixel-shuffle connector with no norm and one "
+                          "bias-free linear layer")
     vision = {k: v for k, v in _hf_config_dict(tower.model.config).items() if k not in ("vision_use_head",)}
     text = _hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
-    config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=model.image_token_id,
-                            scale_factor=conn.factor, tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
-    ref = Idefics3ForConditionalGeneration(config).eval()
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=model.image_token_id,
+                        scale_factor=conn.factor, tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
+    ref = model_cls(config).eval()
     state = {f"model.vision_model.{k}": v for k, v in tower.model.state_dict().items() if "position_ids" not in k}
     state["model.connector.modality_projection.proj.weight"] = conn.proj.weight
     state |= {f"model.text_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
     state["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    _load_reference(ref, state, "Idefics3")
-    ref.generation_config = _generation_config(tok)
+    _load_reference(ref, state, family)
+    ref.generation_config = _generation_config(model.tokenizer)
+    return ref
+
+
+@torch.no_grad()
+def export_idefics3(model, out: str | Path) -> Path:
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    ref = idefics3_reference(model)
+    tok = model.tokenizer
+    o = model.config.processor.options
     p = model.config.processor
     resample = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}[o.get("resample", "lanczos")]
     image_processor = Idefics3ImageProcessorPil(size={"longest_edge": o.get("longest_edge", 4 * p.image_size)},

@@ -9,14 +9,20 @@ at build time that a processor family and a connector agree.
   Pixtral, Qwen2-VL, video groups).
 * `anyres`: LLaVA-NeXT. The base view first, then the tile features stitched into one feature
   map, cut back to the image's aspect ratio (`unpad`), with a learned newline embedding after
-  every row (`newline`). Rounding follows transformers' `unpad_image`.
+  every row (`newline`). Rounding follows transformers' `unpad_image`. With `max_tiles` N
+  (LLaVA-OneVision's anyres_max_N) a map larger than 1.1x the area of N tiles is first resized
+  (bilinear) to about that area, as transformers' `LlavaOnevisionModel.pack_image_features`.
+* `newline`: the views in order, then one newline embedding (LLaVA-OneVision's images in a
+  multi-image prompt: the base view only).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from vlmkit.processing.anyres import unpadded_grid
 from vlmkit.processing.base import Arrangement
@@ -59,6 +65,16 @@ def _anyres_map_size(rows, cols, h, w, arrangement: Arrangement, image_size) -> 
     return keep_h, keep_w, (big_h - keep_h) // 2, (big_w - keep_w) // 2
 
 
+def max_tiles_size(height: int, width: int, tile_h: int, max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of a feature map after the anyres_max_N limit (transformers' rounding)."""
+    if not max_tiles:
+        return height, width
+    ratio = math.sqrt(height * width / (max_tiles * tile_h**2))
+    if ratio > 1.1:
+        return int(height // ratio), int(width // ratio)
+    return height, width
+
+
 def _anyres(tokens, grids, arrangement: Arrangement, image_size, newline) -> torch.Tensor:
     rows, cols, h, w = _tile_map_grid(grids, arrangement)
     first = arrangement.first_tile
@@ -68,6 +84,10 @@ def _anyres(tokens, grids, arrangement: Arrangement, image_size, newline) -> tor
     fmap = tiles.view(rows, cols, h, w, d).permute(0, 2, 1, 3, 4).reshape(rows * h, cols * w, d)
     keep_h, keep_w, top, left = _anyres_map_size(rows, cols, h, w, arrangement, image_size)
     fmap = fmap[top : top + keep_h, left : left + keep_w]
+    size = max_tiles_size(keep_h, keep_w, h, arrangement.max_tiles)
+    if size != (keep_h, keep_w):
+        fmap = F.interpolate(fmap.permute(2, 0, 1)[None], size=list(size), mode="bilinear")[0].permute(1, 2, 0)
+        keep_h, keep_w = size
     if arrangement.newline:
         if newline is None:
             raise ValueError("AnyRes with newline tokens needs the model's image_newline embedding")
@@ -79,13 +99,25 @@ def _anyres(tokens, grids, arrangement: Arrangement, image_size, newline) -> tor
 def _anyres_count(counts, grids, arrangement: Arrangement, image_size) -> int:
     rows, cols, h, w = _tile_map_grid(grids, arrangement)
     keep_h, keep_w, _, _ = _anyres_map_size(rows, cols, h, w, arrangement, image_size)
+    keep_h, keep_w = max_tiles_size(keep_h, keep_w, h, arrangement.max_tiles)
     first = arrangement.first_tile
     others = sum(counts[:first]) + sum(counts[first + rows * cols :])
     return others + keep_h * (keep_w + int(arrangement.newline))
 
 
+def _newline(tokens, grids, arrangement: Arrangement, image_size, newline) -> torch.Tensor:
+    if newline is None:
+        raise ValueError("the newline arrangement needs the model's image_newline embedding")
+    return torch.cat([*tokens, newline.to(tokens[0].dtype)[None]])
+
+
+def _newline_count(counts, grids, arrangement: Arrangement, image_size) -> int:
+    return sum(counts) + 1
+
+
 ASSEMBLERS.register("concat")(lambda: (_concat, _concat_count))
 ASSEMBLERS.register("anyres")(lambda: (_anyres, _anyres_count))
+ASSEMBLERS.register("newline")(lambda: (_newline, _newline_count))
 
 
 def assembler(name: str) -> tuple[Callable, Callable]:

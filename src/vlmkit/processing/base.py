@@ -80,13 +80,16 @@ class Arrangement:
 
     `tiles` (rows, cols): views [first_tile, first_tile + rows*cols) are a row-major tile grid
     whose features are stitched into one feature map (AnyRes); `unpad`: crop that map to the
-    original aspect ratio; `newline`: a learned embedding after each feature row."""
+    original aspect ratio; `newline`: a learned embedding after each feature row; `max_tiles`
+    (LLaVA-OneVision's anyres_max_N, 0: no limit): a stitched map larger than 1.1x the area of
+    N tiles is resized (bilinear) down to about that area."""
 
     assembler: str = "concat"
     tiles: tuple[int, int] | None = None
     first_tile: int = 0
     unpad: bool = False
     newline: bool = False
+    max_tiles: int = 0
 
 
 @dataclass
@@ -110,7 +113,10 @@ class ProcessedImage:
                 out.append(self.pixel_values[at : at + n])
                 at += n
             return out
-        return list(self.pixel_values[: len(self.views)])
+        # Views of different sizes (Idefics2's quadrants and whole image) sit top-left in a stack
+        # of the largest size.
+        return [p if tuple(p.shape[-2:]) == tuple(v.size) else p[:, : v.size[0], : v.size[1]]
+                for p, v in zip(self.pixel_values, self.views)]
 
 
 def image_views(pixels: torch.Tensor, roles: list[str]) -> tuple[View, ...]:
@@ -129,6 +135,27 @@ class ImageProcessor(ABC):
     @abstractmethod
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         """Pixels for the vision tower, plus the layout (must equal `layout(w, h)`)."""
+
+    def for_sample(self, n_images: int) -> "ImageProcessor":
+        """The processor for each image of a sample that holds `n_images` images. Most families
+        read every image alike (self); LLaVA-OneVision reads the images of a multi-image sample
+        at base resolution only."""
+        return self
+
+    def for_video(self) -> "ImageProcessor":
+        """The processor each sampled video frame goes through (SmolVLM2 reads frames as single
+        square images, never split); self by default."""
+        return self
+
+    def video_text(self, groups: list[str], timestamps: list[float], duration: float) -> str:
+        """What a video placeholder becomes, from each token group's placeholder text, the sampled
+        frames' times and the video's duration (seconds): the groups in order by default."""
+        return "".join(groups)
+
+    def finish_text(self, text: str) -> str:
+        """A turn's text once its placeholders are expanded, as the family's own processor leaves
+        it (Idefics2 shares boundary tokens between adjacent images); as is by default."""
+        return text
 
     def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
         """What one `<image>` placeholder becomes, as typed segments: the slots the model fills and

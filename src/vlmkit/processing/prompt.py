@@ -22,12 +22,20 @@ from vlmkit.data.formats import BadRecordError, Message, Sample
 from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
 from vlmkit.processing.images import ImageLoadError, load_image
-from vlmkit.processing.video import ProcessedVideo, VideoInput, VideoLoadError, VideoOptions, load_video, video_key
+from vlmkit.processing.video import (ProcessedVideo, VideoInput, VideoLoadError, VideoOptions, load_video, placeholder_text,
+                                     video_key)
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 # `<image>` / `<video>` take the next input of their kind; `<image_k>` / `<video_k>` name the k-th.
 PLACEHOLDER_RE = re.compile(r"<(image|video)(?:_(\d+))?>")
+# Chat templates whose output depends on the types of a turn's content parts (SmolVLM / Idefics2
+# write "User:" before a leading image, "User: " before text) are wrapped at import so that a
+# string turn that starts with IMAGE_PART_MARK reads as an image part followed by the text; the
+# chat processor writes the mark before a turn that opens with an image when the template
+# carries IMAGE_PARTS_FLAG.
+IMAGE_PART_MARK = "\ue000"
+IMAGE_PARTS_FLAG = "vlmkit: image parts"
 
 
 @dataclass
@@ -66,6 +74,7 @@ class _Visual:
     keys: list[str]
     grid_thw: tuple[int, int, int] | None = None
     timestamps: list[float] = field(default_factory=list)
+    video: ProcessedVideo | None = None
 
 
 def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
@@ -111,6 +120,8 @@ class ChatProcessor:
             raise TypeError("ChatProcessor needs a fast tokenizer (character offsets map spans to labels)")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
+        template = tokenizer.chat_template
+        self.image_mark = IMAGE_PART_MARK if isinstance(template, str) and IMAGE_PARTS_FLAG in template else ""
 
     # ---- images and videos --------------------------------------------------------------
     def load_images(self, sample: Sample):
@@ -119,13 +130,13 @@ class ChatProcessor:
             processed.append(self._load_image(sample.id, path))
         return processed
 
-    def _load_image(self, sample_id: str, ref) -> ProcessedImage:
+    def _load_image(self, sample_id: str, ref, processor=None) -> ProcessedImage:
         try:
             image = load_image(ref, max_pixels=self.max_image_pixels, formats=self.image_formats)
         except (ImageLoadError, FileNotFoundError) as e:
             raise BadRecordError(sample_id, str(e)) from None
         try:
-            return self.image_processor.preprocess(image)
+            return (processor or self.image_processor).preprocess(image)
         except ValueError as e:  # e.g. Qwen2-VL's aspect-ratio limit
             raise BadRecordError(sample_id, f"{_image_key(ref)[:200]}: {e}") from None
 
@@ -173,9 +184,10 @@ class ChatProcessor:
 
     def _visuals(self, sample: Sample, plan: list[tuple[str, int]]) -> list[_Visual]:
         out = []
+        processor = self.image_processor.for_sample(len(sample.images))
         for kind, i in plan:
             if kind == "image":
-                p = self._load_image(sample.id, sample.images[i])
+                p = self._load_image(sample.id, sample.images[i], processor)
                 thw = p.layout.parts.get("grid_thw")
                 merge = p.layout.parts.get("merge", 1)
                 grid = (thw[0], thw[1] // merge, thw[2] // merge) if thw else None
@@ -184,7 +196,7 @@ class ChatProcessor:
                 path = Path(sample.videos[i])
                 v = self._load_video(sample.id, path)
                 keys = [video_key(path, self.video, g) for g in range(len(v.groups))]
-                out.append(_Visual("video", i + 1, v.groups, keys, v.grid_thw, v.timestamps))
+                out.append(_Visual("video", i + 1, v.groups, keys, v.grid_thw, v.timestamps, v))
         return out
 
     def _use_sentinels(self, n: int) -> bool:
@@ -197,10 +209,19 @@ class ChatProcessor:
         def expand(_match) -> str:
             v = next(it)
             token = self.video_token if v.kind == "video" and self.video_token else self.image_token
-            text = "".join(self.image_processor.placeholder_text(g.layout, token) for g in v.groups)
+            if v.kind == "video":
+                text = placeholder_text(self.image_processor, v.video, token)
+            else:
+                text = "".join(self.image_processor.placeholder_text(g.layout, token) for g in v.groups)
             return (f"<{v.kind}_{v.index}>" if sentinels else "") + text
 
-        return [Message(m.role, pattern.sub(expand, m.content)) for m in sample.messages]
+        def expanded(content: str) -> str:
+            text = self.image_processor.finish_text(pattern.sub(expand, content))
+            # A turn that opens with an image is, to a parts template, one whose first part is an image.
+            lead = pattern.match(content)
+            return (self.image_mark if lead and lead.group(1) == "image" and not sentinels else "") + text
+
+        return [Message(m.role, expanded(m.content) if pattern.search(m.content) else m.content) for m in sample.messages]
 
     def _prepare(self, sample: Sample, pattern: re.Pattern = PLACEHOLDER_RE) -> tuple[list[_Visual], list[Message]]:
         plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)}, pattern)

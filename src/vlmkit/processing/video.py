@@ -57,7 +57,9 @@ class VideoInput:
 
 @dataclass(frozen=True)
 class VideoOptions:
-    sampling: Literal["uniform", "fps"] = "uniform"
+    # smolvlm: SmolVLM2's sampler: round(fps x duration) frames, at most max_frames, from
+    # np.linspace over the frames (truncated), skipping skip_secs at both ends of long videos.
+    sampling: Literal["uniform", "fps", "smolvlm"] = "uniform"
     num_frames: int = 8  # uniform: exactly this many frames
     fps: float = 1.0  # fps: this many frames per second of video ...
     min_frames: int = 1  # ... but at least this many
@@ -65,10 +67,11 @@ class VideoOptions:
     compression: Literal["none", "pool", "temporal-patch"] = "none"
     pooled_frames: int = 4  # pool: the number of time windows (token groups) per video
     max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS  # a frame larger than this is refused before decoding
+    skip_secs: float = 1.0  # smolvlm sampling: seconds skipped at each end of a long video
 
     def __post_init__(self):
-        if self.sampling not in ("uniform", "fps"):
-            raise ValueError(f"video sampling must be 'uniform' or 'fps', got {self.sampling!r}")
+        if self.sampling not in ("uniform", "fps", "smolvlm"):
+            raise ValueError(f"video sampling must be 'uniform', 'fps' or 'smolvlm', got {self.sampling!r}")
         if self.compression not in ("none", "pool", "temporal-patch"):
             raise ValueError(f"video compression must be 'none', 'pool' or 'temporal-patch', got {self.compression!r}")
         if self.num_frames < 1 or self.min_frames < 1 or self.max_frames < self.min_frames or self.pooled_frames < 1:
@@ -181,6 +184,8 @@ def sample_indices(total: int, fps: float, options: VideoOptions, source: str = 
     way (fps). Asking for more frames than the video has is an error, not a repeated frame."""
     if total <= 0:
         raise VideoLoadError(f"{source}: the video has zero frames")
+    if options.sampling == "smolvlm":
+        return smolvlm_indices(total, fps, options)
     if options.sampling == "uniform":
         n = options.num_frames
         what = f"{n} frames requested (video.num_frames)"
@@ -194,6 +199,19 @@ def sample_indices(total: int, fps: float, options: VideoOptions, source: str = 
         return [(total - 1) // 2]
     # Evenly spaced including both ends: the first and last frames carry where motion starts and ends.
     return [int(round(i * (total - 1) / (n - 1))) for i in range(n)]
+
+
+def smolvlm_indices(total: int, fps: float, options: VideoOptions) -> list[int]:
+    """transformers' `SmolVLMVideoProcessor.sample_frames` (max_frames = its num_frames)."""
+    duration = total / fps if fps > 0 else 0.0
+    n = max(1, min(int(round(options.fps * duration)), options.max_frames))
+    start, end = 0, total - 1
+    if options.skip_secs > 0 and (duration - 2 * options.skip_secs) > options.max_frames * options.fps:
+        start, end = int(options.skip_secs * fps), int(total - options.skip_secs * fps)
+    start, end = max(0, start), min(end, total - 1)
+    if start >= end:
+        start, end = 0, total - 1
+    return sorted(set(np.linspace(start, end, n, dtype=int).tolist()))
 
 
 def load_clip(path: str | os.PathLike, options: VideoOptions = VideoOptions()) -> Clip:
@@ -263,6 +281,7 @@ def _is_qwen2vl(processor: ImageProcessor) -> bool:
 
 def video_layout(processor: ImageProcessor, width: int, height: int, frames: int, options: VideoOptions) -> TokenLayout:
     """Token layout of a video of `frames` sampled frames of this size, without touching pixels."""
+    processor = processor.for_video()
     if frames <= 0:
         raise ValueError("a video needs at least one sampled frame")
     if options.compression == "temporal-patch" and _is_qwen2vl(processor):
@@ -307,6 +326,7 @@ def _qwen2vl_video_pixels(processor, frames: list[Image.Image]) -> tuple[torch.T
 
 
 def process_clip(processor: ImageProcessor, clip: Clip, options: VideoOptions) -> ProcessedVideo:
+    processor = processor.for_video()
     frames = clip.frames
     sizes = {im.size for im in frames}
     if len(sizes) != 1:
@@ -335,11 +355,13 @@ def process_clip(processor: ImageProcessor, clip: Clip, options: VideoOptions) -
         _, gh, gw = per_frame[0].layout.parts["grid_thw"]
         merge = per_frame[0].layout.parts.get("merge", 1)
         grid = (len(groups), gh // merge, gw // merge)
-    return ProcessedVideo(groups, layout, times, spans, grid)
+    return ProcessedVideo(groups, layout, times, spans, grid, extra={"duration": clip.info.duration})
 
 
 def placeholder_text(processor: ImageProcessor, video: ProcessedVideo, image_token: str) -> str:
-    return "".join(processor.placeholder_text(g.layout, image_token) for g in video.groups)
+    frames = processor.for_video()
+    return processor.video_text([frames.placeholder_text(g.layout, image_token) for g in video.groups], video.timestamps,
+                                video.extra.get("duration", 0.0))
 
 
 def video_key(path: Path, options: VideoOptions, group: int) -> str:
