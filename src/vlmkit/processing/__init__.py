@@ -26,6 +26,10 @@ def build_chat_processor(model, max_length: int):
     cfg = model.config
     image_processor = getattr(model, "image_processor", None) or build_image_processor(cfg, tokens_per_image=model.tokens_per_image)
     options = cfg.processor.options
+    connector = getattr(model, "connector", None)
+    # A connector that reads the instruction (InstructBLIP's Q-Former) tokenizes it its own way.
+    image_text = connector.text_encoder(cfg) if getattr(connector, "reads_text", False) else None
     return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels,
                          video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"),
-                         mrope=getattr(model, "uses_mrope", False), image_formats=cfg.processor.image_formats)
+                         mrope=getattr(model, "uses_mrope", False), image_formats=cfg.processor.image_formats,
+                         image_text=image_text)

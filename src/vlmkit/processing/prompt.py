@@ -15,6 +15,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -92,8 +93,11 @@ class ChatProcessor:
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
                  max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
-                 mrope: bool = False, image_formats=None):
+                 mrope: bool = False, image_formats=None, image_text: Callable[[str], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
+        # For a connector that reads the instruction: the text of the message holding an image
+        # (its placeholders removed) -> the connector's token ids, stored on each of its groups.
+        self.image_text = image_text
         self.mrope = mrope
         self.image_processor = image_processor
         self.image_token = image_token
@@ -201,6 +205,14 @@ class ChatProcessor:
     def _prepare(self, sample: Sample, pattern: re.Pattern = PLACEHOLDER_RE) -> tuple[list[_Visual], list[Message]]:
         plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)}, pattern)
         visuals = self._visuals(sample, plan)
+        if self.image_text is not None:
+            # Placeholders are planned in order of appearance: the k-th visual sits in the k-th
+            # placeholder's message.
+            holders = [m for m in sample.messages for _ in pattern.finditer(m.content)]
+            for v, m in zip(visuals, holders):
+                ids = self.image_text(pattern.sub("", m.content))
+                for g in v.groups:
+                    g.text_ids = ids
         return visuals, self._expand_placeholders(sample, visuals, pattern)
 
     @staticmethod

@@ -15,3 +15,5 @@ from vlmkit.model.connectors.base import Connector, build_connector  # noqa: F40
 from vlmkit.model import rope_vit  # noqa: E402,F401
 # Qwen2-VL's own tower and M-RoPE decoder (registered here so every registry listing has them).
 from vlmkit.model import qwen2vl  # noqa: E402,F401
+# BLIP-2 / InstructBLIP's vision transformer (paired with the qformer connector).
+from vlmkit.model import blip  # noqa: E402,F401
