@@ -75,7 +75,7 @@ class HFFamily:
 FAMILIES: list[HFFamily] = []
 
 # Modules under `vlmkit.hf_families` that register more families when imported.
-FAMILY_MODULES: tuple[str, ...] = ("blip2",)
+FAMILY_MODULES: tuple[str, ...] = ("blip2", "fuyu")
 
 
 def register_family(family: HFFamily) -> HFFamily:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def import_families() -> None:
     """Importing a family module registers it in IMAGE_PROCESSORS."""
-    from vlmkit.processing import anyres, dynamic, fixed, idefics3, mllama, pixtral, qwen2vl  # noqa: F401
+    from vlmkit.processing import anyres, dynamic, fixed, fuyu, idefics3, mllama, pixtral, qwen2vl  # noqa: F401
 
 
 def build_image_processor(model_config, tokens_per_image: int | None = None):
