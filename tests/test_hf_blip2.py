@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from vlmkit.data.formats import Message, Sample
@@ -222,8 +223,22 @@ def test_instructblip_imports_and_chats_from_the_command_line(tmp_path):
 
     run(["import-hf", "hf", "imported"])
     noise(50, 30, seed=2).save(tmp_path / "odd.png")
-    answer = run(["chat", "--checkpoint", "imported", "--image", "odd.png", "What is it?", "--max-new-tokens", "4"])
-    assert "Traceback" not in answer.stderr
     # The checkpoint moves as a folder: its LLM and Q-Former tokenizer come with it.
     (tmp_path / "imported").rename(tmp_path / "moved")
-    run(["chat", "--checkpoint", "moved", "--image", "odd.png", "What is it?", "--max-new-tokens", "2"])
+    answer = run(["chat", "--checkpoint", "moved", "--image", "odd.png", "What is it?", "--max-new-tokens", "4"])
+    assert "Traceback" not in answer.stderr
+
+    # Fine-tuning: LoRA on the LLM and the Q-Former trained, on samples whose instructions reach
+    # the Q-Former through the data pipeline.
+    run(["data", "synth-train", "data/synth", "--n", "12", "--n-test", "2", "--n-video", "0"])
+    recipe = {"model": {"init_from": str(tmp_path / "moved")},
+              "train": {"output_dir": "runs/iblip", "max_length": 1024,
+                        "stages": {"lora": {"data": "data/synth/train.json", "trainable": ["llm", "connector"], "lr": 1e-3,
+                                            "batch_size": 4, "max_steps": 2,
+                                            "lora": {"parts": ["llm"], "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}}}}}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(recipe))
+    run(["train", "lora.yaml"])
+    trained = tmp_path / "runs" / "iblip" / "checkpoints" / "lora"
+    assert (trained / "adapters.safetensors").is_file()
+    answer = run(["chat", "--checkpoint", str(trained), "--image", "odd.png", "What colour?", "--max-new-tokens", "3"])
+    assert "Traceback" not in answer.stderr

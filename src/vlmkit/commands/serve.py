@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("import-hf")
     def import_hf(
-        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder: LLaVA-1.5, LLaVA-NeXT or Qwen2-VL (safetensors).")],
+        folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (safetensors) of a supported family: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, InternVL, BLIP-2, InstructBLIP, Fuyu.")],
         out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write.")],
     ) -> None:
         """Turn a Hugging Face model folder into a vlmkit checkpoint (for training, eval, serving).
