@@ -104,7 +104,7 @@ def test_blip_import_reads_processor_settings(blip):
     p = model.config.processor
     assert p.name == "fixed" and p.options["fit"] == "squash" and p.image_size == 28
     assert tuple(p.mean) == pytest.approx((0.5, 0.4, 0.3)) and tuple(p.std) == pytest.approx((0.25, 0.3, 0.35))
-    assert model.config.connector.name == "qformer" and model.config.vision.name == "blip-vit"
+    assert model.config.connector.name == "qformer" and model.config.vision.name == "hf-blip"
     assert model.connector.reads_text == instruct
     assert model.pretrained_parts == {"llm"} and (ckpt / "llm" / "model.safetensors").is_file()
     assert (ckpt / "llm" / "qformer_tokenizer").is_dir() == instruct

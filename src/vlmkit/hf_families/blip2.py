@@ -1,6 +1,6 @@
 """BLIP-2 and InstructBLIP folders <-> vlmkit checkpoints.
 
-* the vision transformer as the `blip-vit` tower (transformers' own `Blip2VisionModel` /
+* the vision transformer as the `hf-blip` tower (transformers' own `Blip2VisionModel` /
   `InstructBlipVisionModel`, every token of the last layer after the post-LayerNorm, CLS included);
 * the Q-Former plus `language_projection` as vlmkit's `qformer` connector, which has the same
   post-LayerNorm BERT layers (self-attention, cross-attention every `cross_attention_frequency`
@@ -168,7 +168,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
             options |= {"text_vocab": q_cfg.vocab_size, "max_text_positions": q_cfg.max_position_embeddings,
                         "text_input": True, "text_tokenizer": QFORMER_TOKENIZER}
         config = load_config({"model": {
-            "vision": {"name": "blip-vit", "model_type": vision_cfg.model_type, "config": vision},
+            "vision": {"name": "hf-blip", "model_type": vision_cfg.model_type, "config": vision},
             "connector": {"name": "qformer", "options": options},
             "llm": {"name": "hf", "path": str(staged_llm)},
             "processor": {"name": "fixed", "image_size": vision_cfg.image_size,
@@ -208,7 +208,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
 def _is_blip(model, instruct: bool) -> bool:
     from vlmkit.model.connectors.qformer import QFormerConnector
 
-    return (model.config.vision.name == "blip-vit" and isinstance(model.connector, QFormerConnector)
+    return (model.config.vision.name == "hf-blip" and isinstance(model.connector, QFormerConnector)
             and bool(model.connector.options.text_input) == instruct)
 
 

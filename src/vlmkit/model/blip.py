@@ -19,16 +19,16 @@ def _classes() -> dict[str, type]:
     return {"blip_2_vision_model": Blip2VisionModel, "instructblip_vision_model": InstructBlipVisionModel}
 
 
-@VISION_TOWERS.register("blip-vit")
+@VISION_TOWERS.register("hf-blip")
 def build_blip_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
     from transformers import AutoConfig
 
     model_type = cfg.model_type or "blip_2_vision_model"
     classes = _classes()
     if model_type not in classes:
-        raise ValueError(f"vision tower 'blip-vit': model_type {model_type!r} is not one of {sorted(classes)}")
+        raise ValueError(f"vision tower 'hf-blip': model_type {model_type!r} is not one of {sorted(classes)}")
     if cfg.feature_layer != -1:
-        raise ValueError("vision tower 'blip-vit' reads the last layer (after the post-LayerNorm): feature_layer must be -1")
+        raise ValueError("vision tower 'hf-blip' reads the last layer (after the post-LayerNorm): feature_layer must be -1")
     hf_cfg = AutoConfig.for_model(model_type, **(cfg.config or {}))
     tower = HFVisionTower(classes[model_type](hf_cfg).eval(), -1)
     # Built from a config, never from files: checkpoints carry its weights.
