@@ -135,6 +135,12 @@ def test_blip_prompt_layout_puts_images_first_and_bos_before_the_text(blip):
     image = noise(30, 30, seed=1)
     late = chat.encode_prompt([Message("user", "Look: <image>")], [image])
     assert late.input_ids.tolist() == hf(images=image, text="Look: ", return_tensors="pt")["input_ids"][0].tolist()
+    # vlmkit's chat / eval write "<image>\n" before the question: the newline is no part of the text.
+    chatty = chat.encode_prompt([Message("user", "<image>\nWhat is it?")], [image])
+    reference = hf(images=image, text="What is it?", return_tensors="pt")
+    assert chatty.input_ids.tolist() == reference["input_ids"][0].tolist()
+    if instruct:
+        assert chatty.images[0].text_ids.tolist() == reference["qformer_input_ids"][0].tolist()
     text_only = chat.encode_prompt([Message("user", "Hello")], [])
     assert text_only.input_ids.tolist() == hf.tokenizer("Hello")["input_ids"]
     path = folder / "img.png"

@@ -85,6 +85,9 @@ def test_fuyu_import_ids_patches_logits_and_greedy_match_transformers(fuyu, size
     ref_ids, ref_patches = _reference(folder, image, "What is shown?")
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What is shown?")], [image])
     assert prompt.input_ids.tolist() == ref_ids.tolist()
+    # vlmkit's chat / eval write "<image>\n" before the question: the newline is no part of the text.
+    chatty = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\nWhat is shown?")], [image])
+    assert chatty.input_ids.tolist() == ref_ids.tolist()
     assert model.count_image_tokens(prompt.images[0]) == int((ref_ids == model.image_token_id).sum()) == ref_patches.shape[0]
     ours_patches = model.vision(prompt.images[0].pixel_values)[0]
     std = torch.tensor(model.config.processor.std).repeat(ours_patches.shape[1] // 3)
@@ -128,6 +131,22 @@ def test_fuyu_export_then_import_returns_the_same_tensors(fuyu, tmp_path):
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
     assert again.config.processor == model.config.processor
+
+
+def test_fuyu_layout_matches_transformers_on_random_sizes(fuyu):
+    """The patch grid vlmkit promises (without touching pixels) is the one FuyuImageProcessorPil's
+    resize gives, on sizes below, across and above the 72x48 canvas."""
+    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
+
+    folder, _, model = fuyu
+    ip = FuyuImageProcessorPil.from_pretrained(folder, local_files_only=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        w, h = (int(x) for x in torch.randint(1, 400, (2,), generator=g))
+        out = ip([Image.new("RGB", (w, h))])
+        rows = math.ceil(out["image_unpadded_heights"][0][0] / 6)
+        cols = math.ceil(out["image_unpadded_widths"][0][0] / 6)
+        assert model.image_processor.layout(w, h).parts["grid"] == [rows, cols], (w, h)
 
 
 def test_fuyu_processor_layout_matches_its_pixels():

@@ -16,7 +16,8 @@ The prompt is what `Blip2Processor` / `InstructBlipProcessor` build: `num_query_
 tokens first (wherever the placeholder stood), then the tokenizer's BOS and the text. Folders
 ship no chat template, so import writes one that does exactly that (`BLIP_TEMPLATE`): the image
 tokens of a turn go before its text, BOS before the first turn's text, an assistant turn follows
-after a space and ends with EOS. These models take one image per prompt; InstructBLIP's Q-Former
+after a space and ends with EOS; the newline vlmkit's `chat` and eval write after a leading
+`<image>` is dropped, so "<image>\nWhat?" and "<image>What?" give the processor's ids for "What?". These models take one image per prompt; InstructBLIP's Q-Former
 reads the text of the message holding the image (its placeholders removed), as the processor's
 `qformer_input_ids` hold the whole prompt text.
 """
@@ -44,9 +45,13 @@ def blip_template(image_token: str) -> str:
         "{%- for m in messages -%}"
         "{%- if m['role'] == 'assistant' -%}{{ ' ' + m['content'] + eos_token }}"
         "{%- else -%}"
-        f"{{{{ '{t}' * m['content'].count('{t}') }}}}"
+        f"{{%- set n = m['content'].count('{t}') -%}}"
+        f"{{%- set text = m['content'].replace('{t}', '') -%}}"
+        # The newline vlmkit's chat / eval write after a leading <image> is no part of the text.
+        "{%- if n and m['content'].startswith('" + t + "') and text.startswith('\n') -%}{%- set text = text[1:] -%}{%- endif -%}"
+        f"{{{{ '{t}' * n }}}}"
         "{%- if loop.first -%}{{ bos_token }}{%- endif -%}"
-        f"{{{{ m['content'].replace('{t}', '') }}}}"
+        "{{ text }}"
         "{%- endif -%}"
         "{%- endfor -%}"
     )

@@ -11,7 +11,8 @@
 `FuyuProcessor` puts the image before the text and ends the prompt with `<0x04>` (beginning of
 answer). Folders ship no chat template; import writes one (`FUYU_TEMPLATE`) that ends each user
 turn with `<0x04>` and each assistant turn with EOS, so `<image>` followed by the question gives
-the processor's ids. Fuyu takes one image per prompt.
+the processor's ids (the newline vlmkit's `chat` and eval write after a leading `<image>` is
+dropped). Fuyu takes one image per prompt.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ BEGINNING_OF_ANSWER = "<0x04>"
 FUYU_TEMPLATE = (
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'assistant' -%}{{ m['content'] + eos_token }}"
-    "{%- else -%}{{ m['content'] + '" + BEGINNING_OF_ANSWER + "' }}{%- endif -%}"
+    "{%- else -%}{%- set c = m['content'] -%}"
+    # The newline vlmkit's chat / eval write after a leading <image> is no part of the text.
+    "{%- if c.startswith('|SPEAKER|') -%}{%- set c = c.replace('<s>\n', '<s>', 1) -%}{%- endif -%}"
+    "{{ c + '" + BEGINNING_OF_ANSWER + "' }}{%- endif -%}"
     "{%- endfor -%}"
 )
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}

@@ -96,7 +96,8 @@ class ChatProcessor:
                  mrope: bool = False, image_formats=None, image_text: Callable[[str], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         # For a connector that reads the instruction: the text of the message holding an image
-        # (its placeholders removed) -> the connector's token ids, stored on each of its groups.
+        # (its placeholders removed, and the newline after a leading one) -> the connector's
+        # token ids, stored on each of its groups.
         self.image_text = image_text
         self.mrope = mrope
         self.image_processor = image_processor
@@ -210,7 +211,10 @@ class ChatProcessor:
             # placeholder's message.
             holders = [m for m in sample.messages for _ in pattern.finditer(m.content)]
             for v, m in zip(visuals, holders):
-                ids = self.image_text(pattern.sub("", m.content))
+                text = pattern.sub("", m.content)
+                if pattern.match(m.content) and text.startswith("\n"):
+                    text = text[1:]  # the newline chat / eval write after a leading placeholder
+                ids = self.image_text(text)
                 for g in v.groups:
                     g.text_ids = ids
         return visuals, self._expand_placeholders(sample, visuals, pattern)
