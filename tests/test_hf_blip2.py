@@ -223,7 +223,7 @@ def test_instructblip_imports_and_chats_from_the_command_line(tmp_path):
 
     def run(args):
         out = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=600)
         assert out.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
         return out
 
