@@ -40,8 +40,9 @@ def _edit_config(folder: Path, edit) -> None:
 
 def test_unsupported_model_type_lists_the_supported_families(good, tmp_path):
     folder = _copy(good, tmp_path)
-    _edit_config(folder, lambda c: c.update(model_type="blip-2", architectures=["Blip2ForConditionalGeneration"]))
-    with pytest.raises(ExportError, match="'blip-2'.*not supported.*llava_next.*qwen2_vl"):
+    # (A made-up family: real ones keep getting supported.)
+    _edit_config(folder, lambda c: c.update(model_type="not_a_vlm", architectures=["NotAVlmForConditionalGeneration"]))
+    with pytest.raises(ExportError, match="'not_a_vlm'.*not supported.*llava_next.*qwen2_vl"):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -116,7 +117,7 @@ def test_cli_import_then_export_then_chat_ready(good, tmp_path):
     diff = float(result.output.split("difference| ")[1].split(")")[0])
     assert diff < 1e-4
     bad = _copy(good, tmp_path / "bad")
-    _edit_config(bad, lambda c: c.update(model_type="fuyu"))
+    _edit_config(bad, lambda c: c.update(model_type="not_a_vlm"))
     result = runner.invoke(app, ["import-hf", str(bad), str(tmp_path / "nope")])
     assert result.exit_code == 2 and "not supported" in result.output
 

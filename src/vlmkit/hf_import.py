@@ -76,7 +76,8 @@ class HFFamily:
 FAMILIES: list[HFFamily] = []
 
 # Modules under `vlmkit.hf_families` that register more families when imported.
-FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama", "paligemma", "gemma3", "smolvlm", "llava_onevision", "idefics2")
+FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama", "paligemma", "gemma3", "smolvlm", "llava_onevision", "idefics2",
+                                   "blip2", "fuyu")
 
 
 def register_family(family: HFFamily) -> HFFamily:

@@ -18,3 +18,5 @@ from vlmkit.model import rope_vit  # noqa: E402,F401
 from vlmkit.model import qwen2vl  # noqa: E402,F401
 # Llama 3.2 Vision's tower and cross-attention decoder (transformers' own modules).
 from vlmkit.model import mllama  # noqa: E402,F401
+# BLIP-2 / InstructBLIP's vision transformer (paired with the qformer connector).
+from vlmkit.model import blip  # noqa: E402,F401

@@ -8,7 +8,7 @@ grid fails at build time, not deep in a forward pass).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -26,6 +26,9 @@ class Connector(nn.Module):
     # "memory": output is read by gated cross-attention blocks; nothing enters the sequence.
     output_kind: ClassVar[Literal["tokens", "memory"]] = "tokens"
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
+    # True for a connector that also reads the instruction the image is asked about (InstructBLIP's
+    # Q-Former): `forward` then takes `texts`, one id tensor per feature row, made by `text_encoder`.
+    reads_text: bool = False
 
     def __init__(self, vision_dim: int, llm_dim: int, options: ConnectorOptions):
         super().__init__()
@@ -47,15 +50,20 @@ class Connector(nn.Module):
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
 
-    def tokens(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The connector's output as the model uses it: `forward`, then the output norm if one is
-        attached (`attach_output_norm`)."""
-        out = self(features, grid)
+    def tokens(self, features: torch.Tensor, grid: tuple[int, int], **inputs) -> torch.Tensor:
+        """The connector's output as the model uses it: `forward` (with any extra inputs it reads,
+        e.g. `texts`), then the output norm if one is attached (`attach_output_norm`)."""
+        out = self(features, grid, **inputs)
         norm = getattr(self, "output_norm", None)
         return out if norm is None else norm(out)
 
     def attach_output_norm(self, target_rms: float) -> None:
         self.output_norm = OutputNorm(self.llm_dim, target_rms)
+
+    def text_encoder(self, model_config) -> Callable[[str], torch.Tensor] | None:
+        """For a connector that reads text: str -> its own token ids (the chat processor stores them
+        in `ProcessedImage.text_ids`); None otherwise."""
+        return None
 
 
 class OutputNorm(nn.Module):

@@ -1,0 +1,288 @@
+"""BLIP-2 and InstructBLIP folders <-> vlmkit checkpoints.
+
+* the vision transformer as the `hf-blip` tower (transformers' own `Blip2VisionModel` /
+  `InstructBlipVisionModel`, every token of the last layer after the post-LayerNorm, CLS included);
+* the Q-Former plus `language_projection` as vlmkit's `qformer` connector, which has the same
+  post-LayerNorm BERT layers (self-attention, cross-attention every `cross_attention_frequency`
+  layers from layer 0, the query FFN; exact GELU), the learned queries and the LayerNorm on them;
+  InstructBLIP's Q-Former also reads the instruction (`text_input`: word + position embeddings,
+  the text FFN, its own tokenizer kept as `llm/qformer_tokenizer`);
+* any decoder-only causal LM (OPT, Llama, ...) as the `hf` LLM; an encoder-decoder (Flan-T5) LLM
+  is refused;
+* the `fixed` processor, `fit: squash` (BLIP's processor resizes to the square without keeping
+  the aspect ratio), with the folder's size, mean / std and resampling.
+
+The prompt is what `Blip2Processor` / `InstructBlipProcessor` build: `num_query_tokens` image
+tokens first (wherever the placeholder stood), then the tokenizer's BOS and the text. Folders
+ship no chat template, so import writes one that does exactly that (`BLIP_TEMPLATE`): the image
+tokens of a turn go before its text, BOS before the first turn's text, an assistant turn follows
+after a space and ends with EOS; the newline vlmkit's `chat` and eval write after a leading
+`<image>` is dropped, so "<image>\nWhat?" and "<image>What?" give the processor's ids for "What?". These models take one image per prompt; InstructBLIP's Q-Former
+reads the text of the message holding the image (its placeholders removed), as the processor's
+`qformer_input_ids` hold the whole prompt text.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlmkit.config import load_config
+from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _read_json, _usable_template
+from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
+                              _load_reference, _resample, _staging, _write_checkpoint, load_part, read_hf_config,
+                              read_weights, register_family, split_state)
+
+QFORMER_TOKENIZER = "qformer_tokenizer"
+
+
+def blip_template(image_token: str) -> str:
+    """The chat template of an imported BLIP-2 / InstructBLIP model: its processor's layout."""
+    t = image_token.replace("'", "\\'")
+    return (
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'assistant' -%}{{ ' ' + m['content'] + eos_token }}"
+        "{%- else -%}"
+        f"{{%- set n = m['content'].count('{t}') -%}}"
+        f"{{%- set text = m['content'].replace('{t}', '') -%}}"
+        # The newline vlmkit's chat / eval write after a leading <image> is no part of the text.
+        "{%- if n and m['content'].startswith('" + t + "') and text.startswith('\n') -%}{%- set text = text[1:] -%}{%- endif -%}"
+        f"{{{{ '{t}' * n }}}}"
+        "{%- if loop.first -%}{{ bos_token }}{%- endif -%}"
+        "{{ text }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+# (vlmkit qformer connector key, HF Q-Former key) per layer, for the parts every layer has.
+_ATTENTION = {"attn.q_proj": "attention.query", "attn.k_proj": "attention.key", "attn.v_proj": "attention.value",
+              "attn.o_proj": "output.dense", "norm": "output.LayerNorm"}
+
+
+def _layer_names(i: int, cross: bool, text: bool) -> dict[str, str]:
+    names = {}
+    for ours, theirs in _ATTENTION.items():
+        names[f"layers.{i}.self_attn.{ours}"] = f"encoder.layer.{i}.attention.{theirs}"
+        if cross:
+            names[f"layers.{i}.cross_attn.{ours}"] = f"encoder.layer.{i}.crossattention.{theirs}"
+    names[f"layers.{i}.ffn.fc1"] = f"encoder.layer.{i}.intermediate_query.dense"
+    names[f"layers.{i}.ffn.fc2"] = f"encoder.layer.{i}.output_query.dense"
+    names[f"layers.{i}.ffn.norm"] = f"encoder.layer.{i}.output_query.LayerNorm"
+    if text:
+        names[f"layers.{i}.text_ffn.fc1"] = f"encoder.layer.{i}.intermediate.dense"
+        names[f"layers.{i}.text_ffn.fc2"] = f"encoder.layer.{i}.output.dense"
+        names[f"layers.{i}.text_ffn.norm"] = f"encoder.layer.{i}.output.LayerNorm"
+    return names
+
+
+def qformer_names(layers: int, frequency: int, text: bool, instruct: bool) -> dict[str, str]:
+    """vlmkit `qformer` connector module -> the HF Q-Former module (inside `qformer.`), for
+    weights and biases alike; the query tokens and the projection are mapped by the caller."""
+    names = {"layernorm": "embeddings.layernorm" if instruct else "layernorm"}
+    if instruct:
+        names |= {"word_embeddings": "embeddings.word_embeddings", "position_embeddings": "embeddings.position_embeddings"}
+    for i in range(layers):
+        names |= _layer_names(i, i % frequency == 0, text)
+    return names
+
+
+def _expand(names: dict[str, str], state_keys) -> dict[str, str]:
+    """Module names -> parameter names (weight, bias) that exist in `state_keys` (ours)."""
+    out = {}
+    keys = set(state_keys)
+    for ours, theirs in names.items():
+        for leaf in ("weight", "bias"):
+            if f"{ours}.{leaf}" in keys:
+                out[f"{ours}.{leaf}"] = f"{theirs}.{leaf}"
+    return out
+
+
+def _import_blip(folder: Path, out: Path) -> Path:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    folder, out = Path(folder), Path(out).resolve()
+    model_type = read_hf_config(folder)["model_type"]
+    instruct = model_type == "instructblip"
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    vision_cfg, q_cfg, text_cfg = cfg.vision_config, cfg.qformer_config, cfg.text_config
+    if not cfg.use_decoder_only_language_model:
+        raise ExportError(f"{folder / 'config.json'}: the language model is {text_cfg.model_type!r}, an encoder-decoder; "
+                          "vlmkit imports BLIP-2 / InstructBLIP with a decoder-only LLM (OPT, Llama, Vicuna ...)")
+    if q_cfg.hidden_act != "gelu":
+        raise ExportError(f"{folder / 'config.json'}: Q-Former activation {q_cfg.hidden_act!r}; vlmkit's Q-Former uses exact GELU")
+    if q_cfg.encoder_hidden_size != vision_cfg.hidden_size:
+        raise ExportError(f"{folder / 'config.json'}: the Q-Former reads {q_cfg.encoder_hidden_size}-wide features but the "
+                          f"vision tower makes {vision_cfg.hidden_size}")
+    text_ffn = instruct or bool(getattr(q_cfg, "use_qformer_text_input", False))
+
+    state = read_weights(folder)
+    parts = split_state(state, {"vision_model.": "vision", "model.vision_model.": "vision", "qformer.": "qformer",
+                                "model.qformer.": "qformer", "query_tokens": "queries", "model.query_tokens": "queries",
+                                "language_projection.": "projection", "model.language_projection.": "projection",
+                                "language_model.model.": "llm", "model.language_model.": "llm",
+                                "language_model.lm_head.": "head", "lm_head.": "head"})
+    if "" not in parts["queries"]:
+        raise ExportError(f"{folder}: query_tokens is missing")
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+
+    settings = _image_processor_settings(folder)
+    size = settings.get("size") or {}
+    height, width = size.get("height", vision_cfg.image_size), size.get("width", vision_cfg.image_size)
+    if height != width or height != vision_cfg.image_size:
+        raise ExportError(f"{folder}: the image processor's size {width}x{height} differs from the vision tower's "
+                          f"square image_size {vision_cfg.image_size}")
+    processor_cfg = _read_json(folder / "processor_config.json")
+    num_queries = processor_cfg.get("num_query_tokens", cfg.num_query_tokens)
+    if num_queries != cfg.num_query_tokens:
+        raise ExportError(f"{folder / 'processor_config.json'}: num_query_tokens {num_queries} differs from config.json's "
+                          f"{cfg.num_query_tokens}")
+    image_token_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+    probe = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    image_token = probe.convert_ids_to_tokens(image_token_id) if image_token_id is not None else None
+    if not image_token:
+        raise ExportError(f"{folder}: config.json's image_token_id {image_token_id} is not a token of the tokenizer")
+    template = _chat_template(folder, probe)
+    tokenizer = probe
+    ours = blip_template(image_token)
+    # An exported model's folder carries vlmkit's own template back: it is used as it is.
+    tokenizer.chat_template = ours if not template or template == ours else _usable_template(template, tokenizer, image_token)
+    if instruct and not (folder / QFORMER_TOKENIZER).is_dir():
+        raise ExportError(f"{folder} has no {QFORMER_TOKENIZER}/ folder: InstructBLIP's Q-Former reads the instruction "
+                          "with its own tokenizer")
+
+    tmp = _staging(out)
+    try:
+        staged_llm = tmp / "llm"
+        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
+        causal.save_pretrained(staged_llm, safe_serialization=True)
+        tokenizer.save_pretrained(staged_llm)
+        del causal
+        if instruct:
+            AutoTokenizer.from_pretrained(folder / QFORMER_TOKENIZER, local_files_only=True).save_pretrained(staged_llm / QFORMER_TOKENIZER)
+        vision = _hf_config_dict(vision_cfg)
+        options = {"num_queries": cfg.num_query_tokens, "hidden_size": q_cfg.hidden_size, "layers": q_cfg.num_hidden_layers,
+                   "heads": q_cfg.num_attention_heads, "intermediate_size": q_cfg.intermediate_size,
+                   "cross_attention_frequency": q_cfg.cross_attention_frequency, "layer_norm_eps": q_cfg.layer_norm_eps,
+                   "text_ffn": text_ffn}
+        if instruct:
+            options |= {"text_vocab": q_cfg.vocab_size, "max_text_positions": q_cfg.max_position_embeddings,
+                        "text_input": True, "text_tokenizer": QFORMER_TOKENIZER}
+        config = load_config({"model": {
+            "vision": {"name": "hf-blip", "model_type": vision_cfg.model_type, "config": vision},
+            "connector": {"name": "qformer", "options": options},
+            "llm": {"name": "hf", "path": str(staged_llm)},
+            "processor": {"name": "fixed", "image_size": vision_cfg.image_size,
+                          "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+                          "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+                          "resample": _resample(settings), "options": {"fit": "squash", "sentinels": "never"}},
+            "image_token": image_token,
+        }})
+        model = VisionLanguageModel.build(config.model)
+        if model.image_token_id != image_token_id:
+            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {image_token_id}")
+        model.set_trainable(["vision", "connector"])
+        load_part(model.vision.model, parts["vision"], "vision tower", "vision_model.")
+        conn = model.connector
+        names = _expand(qformer_names(q_cfg.num_hidden_layers, q_cfg.cross_attention_frequency, text_ffn, instruct),
+                        conn.state_dict())
+        q = parts["qformer"]
+        absent = sorted(theirs for theirs in names.values() if theirs not in q)
+        if absent:
+            raise ExportError(f"{folder}: Q-Former tensors are missing: {['qformer.' + k for k in absent[:5]]}")
+        unused = sorted(set(q) - set(names.values()) - {"embeddings.position_ids"})
+        if unused:
+            raise ExportError(f"{folder}: Q-Former tensors the config has no place for: {['qformer.' + k for k in unused[:5]]}")
+        p = parts["projection"]
+        if "weight" not in p or "bias" not in p:
+            raise ExportError(f"{folder}: language_projection.weight / bias are missing")
+        connector_state = {ours: q[theirs] for ours, theirs in names.items()}
+        connector_state |= {"query_tokens": parts["queries"][""], "proj.weight": p["weight"], "proj.bias": p["bias"]}
+        load_part(conn, connector_state, "Q-Former", "qformer(mapped) ")
+        config.model.llm.path = str(out / "llm")
+        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_blip(model, instruct: bool) -> bool:
+    from vlmkit.model.connectors.qformer import QFormerConnector
+
+    return (model.config.vision.name == "hf-blip" and isinstance(model.connector, QFormerConnector)
+            and bool(model.connector.options.text_input) == instruct)
+
+
+@torch.no_grad()
+def _export_blip(model, out: Path, instruct: bool) -> Path:
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipProcessor)
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    conn, tower = model.connector, model.vision
+    o = conn.options
+    p = model.config.processor
+    if o.input_norm or p.name != "fixed" or p.options.get("fit") != "squash":
+        raise ExportError("BLIP-2 / InstructBLIP need the fixed processor with fit: squash and a Q-Former without input_norm")
+    tok = model.tokenizer
+    llm_cfg = model.llm.config
+    text = _hf_config_dict(llm_cfg) | {"model_type": llm_cfg.model_type}
+    qformer = {"hidden_size": o.hidden_size, "num_hidden_layers": o.layers, "num_attention_heads": o.heads,
+               "intermediate_size": o.intermediate_size, "cross_attention_frequency": o.cross_attention_frequency,
+               "layer_norm_eps": o.layer_norm_eps, "encoder_hidden_size": tower.hidden_size, "hidden_act": "gelu"}
+    if instruct:
+        qformer |= {"vocab_size": o.text_vocab, "max_position_embeddings": o.max_text_positions}
+    else:
+        qformer |= {"use_qformer_text_input": o.text_ffn}
+    config_cls, model_cls = (InstructBlipConfig, InstructBlipForConditionalGeneration) if instruct else (Blip2Config, Blip2ForConditionalGeneration)
+    config = config_cls(vision_config=_hf_config_dict(tower.model.config), qformer_config=qformer, text_config=text,
+                        num_query_tokens=o.num_queries, image_token_id=model.image_token_id,
+                        tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)))
+    ref = model_cls(config).eval()
+    cstate = conn.state_dict()
+    names = _expand(qformer_names(o.layers, o.cross_attention_frequency, o.text_ffn, instruct), cstate)
+    state = {f"vision_model.{k}": v for k, v in tower.model.state_dict().items()}
+    state |= {f"qformer.{theirs}": cstate[ours] for ours, theirs in names.items()}
+    state |= {"query_tokens": cstate["query_tokens"], "language_projection.weight": cstate["proj.weight"],
+              "language_projection.bias": cstate["proj.bias"]}
+    state |= {f"language_model.{k}": v for k, v in model.llm.state_dict().items()}
+    _load_reference(ref, state, "InstructBLIP" if instruct else "BLIP-2")
+    ref.generation_config = _generation_config(tok)
+    image_processor = BlipImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, image_mean=list(p.mean),
+                                            image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
+    if instruct:
+        processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tok,
+                                          qformer_tokenizer=conn.load_text_tokenizer(model.config),
+                                          num_query_tokens=o.num_queries)
+    else:
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=o.num_queries)
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return _atomic_folder(Path(out), write)
+
+
+def _reference(instruct: bool):
+    def reference(model, prompt, ids):
+        from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+
+        image = prompt.images[0]
+        if not instruct:
+            return Blip2ForConditionalGeneration, {"pixel_values": image.pixel_values}
+        return InstructBlipForConditionalGeneration, {"pixel_values": image.pixel_values, "qformer_input_ids": image.text_ids[None]}
+
+    return reference
+
+
+register_family(HFFamily(("blip-2",), "BLIP-2 (Blip2ForConditionalGeneration, decoder-only LLM)", _import_blip,
+                         lambda model, out: _export_blip(model, out, instruct=False), lambda model: _is_blip(model, False),
+                         _reference(False)))
+register_family(HFFamily(("instructblip",), "InstructBLIP (InstructBlipForConditionalGeneration, decoder-only LLM)", _import_blip,
+                         lambda model, out: _export_blip(model, out, instruct=True), lambda model: _is_blip(model, True),
+                         _reference(True)))
