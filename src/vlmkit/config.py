@@ -40,7 +40,8 @@ class VisionConfig(Strict):
     model_type: str = "siglip_vision_model"
     """Random-init towers: the Hugging Face model type of `config`."""
     feature_layer: int = -1
-    """Which hidden state of a transformer tower feeds the connector (-2: the penultimate, as LLaVA)."""
+    """Which hidden state of a transformer tower feeds the connector (-2: the penultimate, as LLaVA);
+    for EfficientNet-Lite, -1 is the 1280-channel head conv and -2 the 320-channel last block."""
 
 
 class ConnectorConfig(Strict):

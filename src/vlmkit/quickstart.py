@@ -1,8 +1,10 @@
 """`vlmkit quickstart`: a real small VLM from packaged pretrained parts, trained through stages
 1-2 on built-in synthetic data, then evaluated against a blind baseline.
 
-1. Generate the synthetic dataset (captions; chart, text and scene questions; held-out split).
-2. Train stage 1 (connector only) and stage 2 (connector + LLM, answer-only loss).
+1. Generate the synthetic dataset (captions; chart, text and scene questions; held-out split
+   whose images are never training images).
+2. Train stage 1 (captions) and stage 2 (answer-only loss), connector only, with held-out checks
+   every few steps (`train.eval`) plotted per question kind.
 3. Answer the held-out questions with the image, and again without it (the blind baseline:
    the same LLM, the image removed from the prompt), beside a prior baseline (the answer most
    often given to that question in training), and score each task with its official rule: ChartQA relaxed accuracy for charts, OCRBench's matching rule for text,
