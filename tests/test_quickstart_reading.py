@@ -134,3 +134,24 @@ def test_text_output_norm_starts_at_the_text_embedding_scale():
     plain = VisionLanguageModel.build(load_config({"model": {**TINY, "connector": {"name": "mlp"}}}).model, pretrained=False)
     assert getattr(plain.connector, "output_norm", None) is None
 
+
+
+def test_efficientnet_feature_layer_picks_the_block_before_the_head():
+    from vlmkit.model.vision import EfficientNetLiteTower
+
+    torch.set_num_threads(1)
+    head = EfficientNetLiteTower("efficientnet-lite0").eval()
+    block = EfficientNetLiteTower("efficientnet-lite0", feature_layer=-2).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        h, b = head(pixels), block(pixels)
+    assert h.shape == (1, 4, 1280) and b.shape == (1, 4, 320) and block.hidden_size == 320
+    # The same network up to the head: the head applied to the block output gives the head features.
+    with torch.no_grad():
+        net = head.net
+        x = b.transpose(1, 2).reshape(1, 320, 2, 2)
+        again = net._swish(net._bn1(net._conv_head(x))).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(again, h)
+    assert not hasattr(block.net, "_conv_head")  # unused weights are not kept
+    with pytest.raises(ValueError, match="feature_layer"):
+        EfficientNetLiteTower("efficientnet-lite0", feature_layer=-3)
