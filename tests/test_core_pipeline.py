@@ -75,7 +75,8 @@ def test_packaged_quickstart_recipe_validates():
     cfg = load_config(default_recipe())
     assert list(cfg.train.stages) == ["align", "instruct"]
     assert cfg.train.stages["align"].trainable == ["connector"]
-    assert cfg.model.llm.name == "smollm2-135m-instruct" and cfg.model.connector.name == "mlp"
+    assert cfg.model.llm.name == "smollm2-135m-instruct" and cfg.model.connector.name == "pixel-shuffle"
+    assert cfg.train.eval is not None and cfg.train.eval.benchmark == "synth-qa"
 
 
 # ---- processor ------------------------------------------------------------------------------
