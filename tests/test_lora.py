@@ -164,8 +164,79 @@ def test_lora_config_is_checked(imported, tmp_path):
         load_config(_recipe(imported, data, tmp_path / "r", lora={**LORA, "parts": ["decoder"]}))
 
 
-def test_qlora_is_refused_on_cpu_with_a_clear_message(imported, tmp_path):
+def test_qlora_trains_on_a_4bit_base_and_merges_into_the_full_precision_base(imported, tmp_path):
+    data = _colour_data(tmp_path / "data", 32, seed=0)
+    held_out = _colour_data(tmp_path / "held", 8, seed=1).parent
+    qlora = {**LORA, "quantize": "4bit"}
+    config = load_config(_recipe(imported, data, tmp_path / "q", lora=qlora))
+    model, (stage,) = run_training(config, progress=False)
+    # Every linear layer of the LLM is NF4 under its adapter; the LM head stays full precision.
+    quantized = [n for n, m in model.llm.named_modules() if lora.is_quantized(m)]
+    assert len(quantized) == 7 * 2 and all(n.endswith(".base_layer") for n in quantized)
+    assert not lora.is_quantized(model.llm.get_output_embeddings())
+    assert {p.dtype for n, p in model.llm.named_parameters() if "base_layer.weight" in n} == {torch.uint8}
+    assert all(lora.is_lora_key(n) for n, p in model.llm.named_parameters() if p.requires_grad)
+    assert sum(stage.losses[-5:]) / 5 < 0.2 * sum(stage.losses[:3]) / 3
+    proc = build_chat_processor(model, 512)
+    prompt = proc.encode_prompt([Message("user", "<image>Colour?")], [Image.new("RGB", (50, 30), COLOURS["blue"])])
+    args, kw = (prompt.input_ids[None],), {"images": prompt.images, "position_ids": prompt.position_ids[:, None]}
+    with torch.no_grad():
+        trained = model.eval()(*args, **kw).logits
+    assert _answers(model, held_out, 8) == 1.0
+    # An eval-mode pass leaves the 4-bit layers as training reads them (bitsandbytes would repack
+    # them for its CPU bf16 kernel, after which a training step computes garbage).
+    model.train()
+    out = model(*args, **kw, labels=prompt.input_ids[None])
+    out.loss.backward()
+    torch.testing.assert_close(out.logits.detach(), trained, atol=1e-5, rtol=0)
+    model.zero_grad()
+
+    saved = tmp_path / "q" / "checkpoints" / "lora"
+    meta = json.loads((saved / "meta.json").read_text())
+    assert meta["lora"]["quantize"] == "4bit" and "llm" not in meta["parts"]
+
+    # Resuming rebuilds the same 4-bit base (quantization is deterministic) under the saved adapters.
+    from vlmkit.model.vlm import VisionLanguageModel
+    from vlmkit.train.checkpoint import load_weights
+    from vlmkit.train.stages import apply_stage
+
+    resumed = VisionLanguageModel.build(config.model)
+    from vlmkit.train.checkpoint import init_from_checkpoint
+
+    init_from_checkpoint(resumed, config.model.init_from)
+    apply_stage(resumed, config.train.stages["lora"])
+    load_weights(resumed, saved)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.eval()(*args, **kw).logits, trained, atol=0, rtol=0)
+
+    # Inference loads the full-precision base with the adapters merged: no 4-bit layer is left,
+    # the answers hold, and the logits differ from training's only by the base's quantization error.
+    merged, _ = load_checkpoint(saved)
+    assert not lora.lora_layers(merged.llm) and not any(lora.is_quantized(m) for m in merged.llm.modules())
+    assert _answers(merged, held_out, 8) == 1.0
+    with torch.no_grad():
+        full = merged(*args, **kw).logits
+    assert torch.equal(full[0, -1].argmax(), trained[0, -1].argmax())
+    print("full-precision merge vs 4-bit training:", (full - trained).abs().max().item(), trained.abs().max().item())
+    assert (full - trained).abs().max() < 0.2 * trained.abs().max()
+
+    # Merging in memory folds each adapter into the dequantized weights it trained against.
+    lora.merge_adapters(model)
+    assert not any(lora.is_quantized(m) for m in model.llm.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args, **kw).logits, trained, atol=1e-4, rtol=0)
+
+
+def test_qlora_is_refused_where_bitsandbytes_cannot_quantize(imported, tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = {**LORA, "quantize": "4bit"}
+    with pytest.raises(ValueError, match=r"QLoRA.*cannot run: the training device is 'mps'; bitsandbytes quantizes on cuda and cpu only"):
+        lora.check_quantization(spec, "mps")
+    lora.check_quantization({**LORA, "quantize": None}, "mps")  # plain LoRA runs anywhere
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     data = _colour_data(tmp_path / "data", 4, seed=0)
-    config = load_config(_recipe(imported, data, tmp_path / "q", lora={**LORA, "quantize": "4bit"}))
-    with pytest.raises(ValueError, match=r"QLoRA.*needs bitsandbytes and a CUDA GPU.*'cpu'"):
+    config = load_config(_recipe(imported, data, tmp_path / "q", lora=spec))
+    with pytest.raises(ValueError, match=r"QLoRA.*bitsandbytes is not installed.*Drop `quantize` to train plain LoRA"):
         run_training(config, progress=False)

@@ -178,7 +178,9 @@ class LoraConfig(Strict):
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Layer names (suffixes) to adapt, e.g. `[q_proj, v_proj]`, or `[all-linear]`."""
     quantize: Literal["4bit"] | None = None
-    """QLoRA: 4-bit base weights (needs bitsandbytes and a CUDA GPU; refused elsewhere)."""
+    """QLoRA: the part's linear layers (not the LM head) are held as 4-bit NF4 while training
+    (bitsandbytes, on a CUDA GPU or the CPU; refused elsewhere). Inference and export use the
+    full-precision base with the adapters merged."""
 
     @field_validator("parts")
     @classmethod

@@ -337,7 +337,10 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"this model has no parts {sorted(unknown)}; it has {sorted(parts)}")
         self.frozen = set(parts) - set(trainable)
         for name, module in parts.items():
-            module.requires_grad_(name not in self.frozen)
+            for param in module.parameters():
+                # QLoRA's packed 4-bit weights are integers: they never train.
+                if param.is_floating_point():
+                    param.requires_grad_(name not in self.frozen)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "VisionLanguageModel":

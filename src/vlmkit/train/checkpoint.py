@@ -112,16 +112,16 @@ def read_config(directory: str | Path) -> Config:
     return load_config(tree, init_defaults=False)
 
 
-def load_weights(model, directory: str | Path) -> dict[str, Any]:
+def load_weights(model, directory: str | Path, quantize: bool = True) -> dict[str, Any]:
     """Load the saved parts; a checkpoint with LoRA adapters adds them (if the model has none
-    yet) and loads them too."""
+    yet) and loads them too. `quantize=False` puts QLoRA adapters on the full-precision base."""
     from vlmkit.train.lora import is_lora_key, load_adapters, to_module_keys
 
     directory = Path(directory)
     meta = json.loads((directory / META).read_text())
     state = load_file(str(directory / WEIGHTS))
     if meta.get("lora"):
-        load_adapters(model, directory, meta["lora"])
+        load_adapters(model, directory, meta["lora"], quantize=quantize)
     for name in meta["parts"]:
         prefix = f"{name}."
         module = model.parts()[name]
@@ -162,7 +162,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", merge: bool = Tr
     config = read_config(directory)
     model = VisionLanguageModel.build(config.model)
     _load_saved_tokenizer(model, Path(directory), config.model.image_token)
-    load_weights(model, directory)
+    # QLoRA's 4-bit base is a training device: inference puts the adapters on the full-precision base.
+    load_weights(model, directory, quantize=False)
     # Inference (eval, serve, chat, export) runs on merged weights: W + B A * alpha / r.
     from vlmkit.train.lora import merge_adapters
 
