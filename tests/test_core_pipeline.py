@@ -73,8 +73,9 @@ def test_packaged_quickstart_recipe_validates():
     from vlmkit.quickstart import default_recipe
 
     cfg = load_config(default_recipe())
-    assert list(cfg.train.stages) == ["align", "instruct"]
-    assert cfg.train.stages["align"].trainable == ["connector"]
+    assert list(cfg.train.stages) == ["embed", "instruct"]
+    assert cfg.train.stages["embed"].loss == "embed-align" and cfg.train.stages["embed"].trainable == ["connector"]
+    assert cfg.train.eval.stages == ["instruct"]
     assert cfg.model.llm.name == "smollm2-135m-instruct" and cfg.model.connector.name == "pixel-shuffle"
     assert cfg.train.eval is not None and cfg.train.eval.benchmark == "synth-qa"
 

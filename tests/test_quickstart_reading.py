@@ -38,7 +38,8 @@ def quickstart_data(tmp_path_factory) -> Path:
 
     defaults = {k: p.default for k, p in inspect.signature(run_quickstart).parameters.items()}
     out = tmp_path_factory.mktemp("qs")
-    generate(out, n_caption=defaults["n_caption"], n_instruct=defaults["n_instruct"], n_test=defaults["n_test"], seed=defaults["seed"])
+    generate(out, n_caption=defaults["n_caption"], n_instruct=defaults["n_instruct"], n_test=defaults["n_test"], seed=defaults["seed"],
+             n_instruct_more=defaults["n_instruct_more"])
     return out
 
 
@@ -55,6 +56,10 @@ def test_held_out_images_and_questions_are_never_trained_on(quickstart_data):
     overlap = {rid: trained[d] for rid, d in test.items() if d in trained}
     assert not overlap, f"held-out images also in training: {overlap}"
     assert len(set(test.values())) == len(test), "a held-out image appears twice"
+    # Nor are the README's chat examples (docs/examples, drawn by their own script).
+    examples = Path(__file__).resolve().parent.parent / "docs" / "examples"
+    shown = {p.name: image_digest(Image.open(p).convert("RGB")) for p in sorted(examples.glob("*.png"))}
+    assert len(shown) == 3 and not {n for n, d in shown.items() if d in trained or d in set(test.values())}
     # Every kind is asked in the held-out split.
     records = json.loads((quickstart_data / "test.json").read_text())
     assert {question_kind(r) for r in records} == set(KINDS)

@@ -161,8 +161,8 @@ def test_missing_data_names_the_stage_and_absolute_path(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(default_recipe())
-    expected = Path(default_recipe()).parent / "stage1.json"
-    with pytest.raises(DataError, match=f"stage 'align': data file not found: {expected}"):
+    expected = Path(default_recipe()).parent / "stage2.json"
+    with pytest.raises(DataError, match=f"stage 'embed': data file not found: {expected}"):
         run_training(cfg, progress=False)
 
 

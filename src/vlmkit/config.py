@@ -253,9 +253,12 @@ class StageConfig(Strict):
     """AdamW weight decay (biases and norms get none)."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping norm; null: no clipping."""
-    loss: Literal["sft", "dpo"] = "sft"
+    loss: Literal["sft", "dpo", "embed-align"] = "sft"
     """`sft`: next-token loss on the assistant turns; `dpo`: preference pairs (TRL, RLAIF-V or
-    LLaVA-RLHF records, detected per record)."""
+    LLaVA-RLHF records, detected per record); `embed-align`: no LLM pass, each assistant token's
+    input embedding is pulled toward its sample's most similar visual token (cosine), which
+    writes what an image shows into the visual tokens as the LLM's own word vectors, cheaply,
+    before an `sft` stage (prefix fusion, one process)."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     """DPO settings."""
     loss_reduction: Literal["token", "sample"] = "token"
@@ -310,6 +313,9 @@ class TrainEvalConfig(Strict):
     """Generation length; null: the benchmark's default."""
     batch_size: int = Field(default=16, gt=0)
     """Prompts generated together."""
+    stages: list[str] | None = None
+    """The stages that run the checks; null: every stage. (A stage that does not teach the
+    answer format, such as `embed-align`, scores nothing worth the time.)"""
 
 
 class TrainConfig(Strict):
@@ -363,6 +369,13 @@ class TrainConfig(Strict):
     peak_tflops: float | None = Field(default=None, gt=0)
     """Dense peak of the accelerator in TFLOP/s, for MFU; null: looked up for known GPUs (MFU is
     left out where unknown, e.g. CPUs)."""
+
+    @model_validator(mode="after")
+    def _eval_stages_exist(self) -> "TrainConfig":
+        unknown = [s for s in (self.eval.stages or []) if s not in self.stages] if self.eval else []
+        if unknown:
+            raise ValueError(f"train.eval.stages names {unknown}, but the stages are {list(self.stages)}")
+        return self
 
 
 class Config(Strict):

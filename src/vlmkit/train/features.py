@@ -40,11 +40,18 @@ def tower_digest(model) -> str:
 class FrozenFeatures:
     """`features(batch, keys)`: per image of the batch, its per-view tower features."""
 
-    def __init__(self, model, cache_dir: Path | None = None, max_bytes: int = 0, tower: str | None = None):
+    # Images per tower call: on a CPU a depthwise-conv tower runs slower per image at 32 than at 8
+    # (EfficientNet-Lite0 at 256 px, bf16: 23.6 against 10.8 ms).
+    CHUNK = 8
+
+    def __init__(self, model, cache_dir: Path | None = None, max_bytes: int = 0, tower: str | None = None, bf16: bool = False):
+        """`bf16`: run the tower under bf16 autocast, as the training forward would (`train.precision:
+        bf16`); such features are keyed apart from fp32 ones."""
         self.model = model
         self.dir = Path(cache_dir) if cache_dir else None
         self.max_bytes = max_bytes
-        self.tower = tower or (tower_digest(model) if self.dir else "")
+        self.bf16 = bf16
+        self.tower = (tower or (tower_digest(model) if self.dir else "")) + ("/bf16" if bf16 else "")
         self.hits = self.misses = self.corrupt = self.not_stored = 0
         self.size = 0
         if self.dir:
@@ -102,8 +109,12 @@ class FrozenFeatures:
                     self.hits += 1
         todo = [i for i in range(len(images)) if out[i] is None]
         if todo:
-            with D.unsharded(self.model):
-                computed = self.model.view_features([images[i] for i in todo])
+            computed = []
+            autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+            with D.unsharded(self.model), autocast:
+                for start in range(0, len(todo), self.CHUNK):
+                    chunk = self.model.view_features([images[i] for i in todo[start:start + self.CHUNK]])
+                    computed += [[v.float() for v in views] for views in chunk]
             for i, views in zip(todo, computed):
                 out[i] = views
                 if self.dir is not None and keys is not None:

@@ -36,7 +36,7 @@ from vlmkit.train import distributed as D
 from vlmkit.train.features import FrozenFeatures
 from vlmkit.model.vlm import lm_head
 from vlmkit.train.losses import decoder_hidden, sequence_logps
-from vlmkit.train.objectives import DPOObjective, SFTObjective
+from vlmkit.train.objectives import DPOObjective, EmbedAlignObjective, SFTObjective
 from vlmkit.train.preflight import StageData
 from vlmkit.train.stages import apply_stage, make_optimizer
 from vlmkit.train.telemetry import FlopModel, Telemetry, peak_flops
@@ -215,6 +215,11 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         dist.barrier()
         resume_dir = None
     lineage = {"after": after, "data_sha256": data_sha256}
+    if stage.loss == "embed-align" and (config.model.fusion != "prefix" or dist.enabled):
+        # The loss reads visual tokens from the input sequence and runs outside the model's
+        # forward, so neither cross-attention memory nor DDP's gradient hooks would see it.
+        raise ValueError(f"stage {name}: loss embed-align needs prefix fusion and one process "
+                         f"(fusion {config.model.fusion!r}, {dist.world_size} process(es))")
     if stage.packing and config.model.fusion != "prefix":
         raise ValueError(f"stage {name}: packing needs prefix fusion (cross-attention memory is per row, so packed samples would see each other's images)")
 
@@ -237,7 +242,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         cache_dir = None
         if tcfg.feature_cache:
             cache_dir = Path(tcfg.feature_cache_dir) if tcfg.feature_cache_dir else out_dir / "feature_cache"
-        features = FrozenFeatures(model, cache_dir, int(tcfg.feature_cache_gb * 1e9))
+        features = FrozenFeatures(model, cache_dir, int(tcfg.feature_cache_gb * 1e9), bf16=tcfg.precision == "bf16")
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     dataset = StageDataset(mixture, processor, dpo=dpo, pad_id=pad_id, packing=stage.packing, capacity=stage.pack_length or tcfg.max_length,
                            max_images=stage.max_images_per_pack, image_keys=features is not None and features.dir is not None)
@@ -267,7 +272,12 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
             reference_logps = state["reference_logps"]
         else:
             reference_logps = _score_pairs(model, dataset, on_device, stage.batch_size, tcfg.num_workers, pin)
-    objective = DPOObjective(stage, reference_model, reference_logps) if dpo else SFTObjective(stage)
+    if dpo:
+        objective = DPOObjective(stage, reference_model, reference_logps)
+    elif stage.loss == "embed-align":
+        objective = EmbedAlignObjective(model)
+    else:
+        objective = SFTObjective(stage)
 
     wrapped = dist.strategy.wrap(model, dist)
     optimizer, scheduler = make_optimizer(model, stage, total_steps)
@@ -307,7 +317,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         dist.barrier()
 
     heldout = None
-    if tcfg.eval is not None and dist.is_main and not dist.enabled:
+    if tcfg.eval is not None and dist.is_main and not dist.enabled and (tcfg.eval.stages is None or name in tcfg.eval.stages):
         from vlmkit.train.heldout import HeldOutEval
 
         heldout = HeldOutEval(tcfg.eval, bf16=tcfg.precision == "bf16")

@@ -1,12 +1,13 @@
-"""What a stage optimises: SFT or DPO. An objective knows its step normaliser and its loss; the
-loop around it (data, accumulation, clipping, checkpoints) is the same for both."""
+"""What a stage optimises: SFT, DPO or embedding alignment. An objective knows its step normaliser
+and its loss; the loop around it (data, accumulation, clipping, checkpoints) is the same for all."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vlmkit.data.pipeline import MicroBatch
-from vlmkit.model.vlm import lm_head
+from vlmkit.model.vlm import IGNORE_INDEX, lm_head
 from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps, sft_loss_sum, step_normaliser
 
 
@@ -62,3 +63,56 @@ class DPOObjective:
         stats["rejected_reward"] += float(terms.rejected_rewards.sum())
         stats["reward_accuracy"] += float((terms.chosen_rewards > terms.rejected_rewards).float().sum())
         return terms.losses.sum(), n_targets
+
+
+class EmbedAlignObjective:
+    """`loss: embed-align`: the connector learns to write what an image shows into its visual
+    tokens as the LLM's own input embeddings, with no LLM pass at all.
+
+    Each supervised token of a sample (an answer word, a caption word; not end-of-turn, other
+    special tokens or whitespace) is matched with the sample's visual token most similar to its input
+    embedding, and the loss is 1 - that cosine, averaged over the step's tokens. A word, colour
+    or count the image shows then sits among the visual tokens as the vector the LLM already
+    reads, so the `sft` stage after it teaches the LLM to copy rather than to decode. A step
+    costs only the connector (and the tower, unless its features are cached).
+    """
+
+    dpo = False
+
+    def __init__(self, model):
+        self.model = model
+        self.special = set(model.tokenizer.all_special_ids)
+        self._blank: dict[int, bool] = {}
+
+    def _skipped(self, ids: torch.Tensor) -> torch.Tensor:
+        """Special tokens and whitespace (the newline a chat template puts after end-of-turn)
+        carry nothing an image shows."""
+        for t in ids.unique().tolist():
+            if t not in self._blank:
+                self._blank[t] = t in self.special or not self.model.tokenizer.decode([t]).strip()
+        skip = [t for t, blank in self._blank.items() if blank]
+        return torch.isin(ids, torch.tensor(skip, dtype=ids.dtype, device=ids.device))
+
+    def targets(self, batch) -> torch.Tensor:
+        """(B, T) bool: the supervised tokens worth matching, of samples that have visual tokens."""
+        supervised = batch.targets != IGNORE_INDEX
+        keep = supervised & ~self._skipped(batch.targets.masked_fill(~supervised, 0))
+        slots = self.model.slot_mask(batch.input_ids)
+        with_image = torch.zeros(len(batch.ids) + 1, dtype=torch.bool, device=slots.device)
+        with_image[batch.segments[slots]] = True
+        return keep & with_image[batch.segments]
+
+    def local_normaliser(self, micro: list[MicroBatch]) -> float:
+        return float(sum(int(self.targets(mb.batch).sum()) for mb in micro if mb.batch is not None))
+
+    def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
+        embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features, None, cached=False)
+        slots = model.slot_mask(batch.input_ids)
+        keep = self.targets(batch)
+        visual = F.normalize(embeds[slots].float(), dim=-1)
+        table = model.llm.get_input_embeddings().weight
+        wanted = F.normalize(table[batch.targets[keep]].float(), dim=-1)
+        owner, visual_owner = batch.segments[keep], batch.segments[slots]
+        similarity = (wanted @ visual.T).masked_fill(owner[:, None] != visual_owner[None, :], -2.0)
+        per_token = 1.0 - similarity.max(dim=1).values
+        return per_token.sum(), torch.bincount(owner, minlength=len(batch.ids))

@@ -106,7 +106,7 @@ def image_digest(image) -> str:
 
 
 def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n_test: int = 150, seed: int = 0,
-             n_instruct_more: int = 0) -> dict[str, Path]:
+             n_instruct_more: int = 0, n_caption_more: int = 0, more_kinds: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write images/ and stage1.json (captions), stage2.json (QA), test.json (held-out QA).
 
     A held-out image is never one the training splits hold: a chart is fully determined by its
@@ -116,7 +116,10 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
 
     `n_instruct_more` adds stage-2 images drawn after the held-out split, from their own
     generator, so the held-out questions stay those of `n_caption` + `n_instruct` + `n_test`
-    alone; none of them repeats a held-out image either."""
+    alone; none of them repeats a held-out image either. `n_caption_more` does the same for
+    stage-1 captions, from a third generator. `more_kinds` is the cycle of image kinds those extra
+    images follow (default: scene, chart, text in turn), so a recipe can give a hard kind more
+    examples without touching the held-out split."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -150,16 +153,24 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
                     splits[split].append(_record(f"{split}-{i}", name, [(q.text, q.answer)], task=q.task, kind=q.kind, answer=q.answer))
                 bar.update()
     held_out = {image_digest(Image.open(out / r["image"]).convert("RGB")) for r in splits["test"]}
-    more = random.Random(f"{seed}-more-instruct")
-    for i in tqdm(range(n_instruct_more), desc="more stage-2 data", unit="img", disable=not n_instruct_more):
-        kind = kinds[i % len(kinds)]
-        item = MAKERS[kind](more)
-        while image_digest(item.image) in held_out:
+    for split, n in (("stage2", n_instruct_more), ("stage1", n_caption_more)):
+        more = random.Random(f"{seed}-more-{'instruct' if split == 'stage2' else 'captions'}")
+        cycle = list(more_kinds or kinds)
+        unknown = sorted(set(cycle) - set(MAKERS))
+        if unknown:
+            raise ValueError(f"more_kinds names {unknown}; the kinds are {sorted(MAKERS)}")
+        for i in tqdm(range(n), desc=f"more {split} data", unit="img", disable=not n):
+            kind = cycle[i % len(cycle)]
             item = MAKERS[kind](more)
-        name = f"images/stage2more_{i:05d}_{kind}.png"
-        item.image.save(out / name)
-        turns = [(q.text, q.answer) for q in more.sample(item.questions, len(item.questions))]
-        splits["stage2"].append(_record(f"stage2more-{i}", name, turns, task=kind))
+            while image_digest(item.image) in held_out:
+                item = MAKERS[kind](more)
+            name = f"images/{split}more_{i:05d}_{kind}.png"
+            item.image.save(out / name)
+            if split == "stage1":
+                splits[split].append(_record(f"{split}more-{i}", name, [("Describe the image briefly.", item.caption)]))
+            else:
+                turns = [(q.text, q.answer) for q in more.sample(item.questions, len(item.questions))]
+                splits[split].append(_record(f"{split}more-{i}", name, turns, task=kind))
     paths = {}
     for split, records in splits.items():
         paths[split] = out / f"{split}.json"
