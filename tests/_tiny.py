@@ -10,6 +10,15 @@ from vlmkit.model.vlm import IGNORE_INDEX, VisionLanguageModel
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 4, "vision_use_head": False}
 TINY_LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
+# Recipe `model` sections of a tiny random VLM with a 4x4 patch grid at 32 px (no connector set).
+TINY_SECTIONS = {
+    "vision": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
+    "llm": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                            "num_attention_heads": 2, "num_key_value_heads": 1}},
+    "processor": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+}
+
 # name -> (connector options, vision override, fusion). Grid is 8x8 = 64 patches.
 FAMILIES = {
     "linear": ({}, None, "prefix"),

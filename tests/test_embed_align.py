@@ -27,15 +27,10 @@ from vlmkit.train.checkpoint import load_checkpoint
 from vlmkit.train.objectives import EmbedAlignObjective
 from vlmkit.utils import read_jsonl
 
-TINY = {
-    "vision": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
-    "llm": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                            "num_attention_heads": 2, "num_key_value_heads": 1}},
-    "processor": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-    "connector": {"name": "mlp", "output_norm": "text"},
-    "system_prompt": "",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiny import TINY_SECTIONS  # noqa: E402
+
+TINY = {**TINY_SECTIONS, "connector": {"name": "mlp", "output_norm": "text"}, "system_prompt": ""}
 COLOURS = {"R": (220, 30, 30), "B": (30, 40, 220)}
 
 

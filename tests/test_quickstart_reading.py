@@ -22,13 +22,9 @@ from vlmkit.eval.benchmarks import get_benchmark
 from vlmkit.train.loop import run_training
 from vlmkit.utils import read_jsonl
 
-TINY = {
-    "vision": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
-    "llm": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                            "num_attention_heads": 2, "num_key_value_heads": 1}},
-    "processor": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiny import TINY_SECTIONS as TINY  # noqa: E402
+
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +66,19 @@ def test_generator_is_a_pure_function_of_its_seed(tmp_path):
     generate(a, n_caption=6, n_instruct=6, n_test=9, seed=1)
     generate(b, n_caption=6, n_instruct=6, n_test=9, seed=1)
     assert (a / "test.json").read_text() == (b / "test.json").read_text()
+
+
+def test_extra_images_follow_their_kind_cycle_and_leave_the_held_out_split_alone(tmp_path):
+    plain, more = tmp_path / "plain", tmp_path / "more"
+    generate(plain, n_caption=3, n_instruct=3, n_test=6, seed=2)
+    generate(more, n_caption=3, n_instruct=3, n_test=6, seed=2, n_instruct_more=6, n_caption_more=2, more_kinds=("chart", "chart", "text"))
+    assert (plain / "test.json").read_text() == (more / "test.json").read_text()
+    extra = [r for r in json.loads((more / "stage2.json").read_text()) if r["id"].startswith("stage2more")]
+    assert [r["task"] for r in extra] == ["chart", "chart", "text"] * 2
+    captions = [r for r in json.loads((more / "stage1.json").read_text()) if r["id"].startswith("stage1more")]
+    assert len(captions) == 2 and all(r["conversations"][1]["value"] for r in captions)
+    with pytest.raises(ValueError, match=r"more_kinds names \['table'\]"):
+        generate(tmp_path / "bad", n_caption=0, n_instruct=0, n_test=0, n_instruct_more=1, more_kinds=("table",))
 
 
 def test_synth_qa_scores_each_kind_by_its_rule(quickstart_data):
