@@ -223,7 +223,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
     if stage.packing and config.model.fusion != "prefix":
         raise ValueError(f"stage {name}: packing needs prefix fusion (cross-attention memory is per row, so packed samples would see each other's images)")
 
-    apply_stage(model, stage, tcfg.device)
+    apply_stage(model, stage)
     processor = build_chat_processor(model, tcfg.max_length)
     dpo = stage.loss == "dpo"
     data = data if data is not None and data.mixture is not None else check_stage_data(name, stage, tcfg.on_bad_record)

@@ -140,9 +140,9 @@ def add_adapters(model, spec: dict, quantize: bool = True) -> None:
         if name not in parts:
             raise ValueError(f"lora.parts names {name!r}, but the model's parts are {sorted(parts)}")
         if spec.get("quantize") and quantize:
+            check_quantization(spec, next(parts[name].parameters()).device)
             if name not in model.pretrained_parts:
                 raise ValueError(f"lora.quantize: part {name!r} is randomly initialised; QLoRA quantizes pretrained weights only")
-            check_quantization(spec, next(parts[name].parameters()).device)
             head = model.llm.get_output_embeddings() if name == "llm" else None
             quantize_linears(parts[name], keep=(head,) if head is not None else ())
         config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],

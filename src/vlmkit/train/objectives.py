@@ -93,22 +93,22 @@ class EmbedAlignObjective:
         skip = [t for t, blank in self._blank.items() if blank]
         return torch.isin(ids, torch.tensor(skip, dtype=ids.dtype, device=ids.device))
 
-    def targets(self, batch) -> torch.Tensor:
-        """(B, T) bool: the supervised tokens worth matching, of samples that have visual tokens."""
+    def selection(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) bool masks: the supervised tokens worth matching, of samples that have visual
+        tokens; and the visual-token slots."""
         supervised = batch.targets != IGNORE_INDEX
         keep = supervised & ~self._skipped(batch.targets.masked_fill(~supervised, 0))
         slots = self.model.slot_mask(batch.input_ids)
         with_image = torch.zeros(len(batch.ids) + 1, dtype=torch.bool, device=slots.device)
         with_image[batch.segments[slots]] = True
-        return keep & with_image[batch.segments]
+        return keep & with_image[batch.segments], slots
 
     def local_normaliser(self, micro: list[MicroBatch]) -> float:
-        return float(sum(int(self.targets(mb.batch).sum()) for mb in micro if mb.batch is not None))
+        return float(sum(int(self.selection(mb.batch)[0].sum()) for mb in micro if mb.batch is not None))
 
     def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
         embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features, None, cached=False)
-        slots = model.slot_mask(batch.input_ids)
-        keep = self.targets(batch)
+        keep, slots = self.selection(batch)
         visual = F.normalize(embeds[slots].float(), dim=-1)
         table = model.llm.get_input_embeddings().weight
         wanted = F.normalize(table[batch.targets[keep]].float(), dim=-1)

@@ -9,9 +9,10 @@ import torch
 from vlmkit.config import StageConfig
 
 
-def apply_stage(model, stage: StageConfig, device: str = "cpu") -> None:
+def apply_stage(model, stage: StageConfig) -> None:
     """Freeze per the stage; a LoRA stage adds its adapters (kept if the model already has the
-    same ones, e.g. from the previous stage); a stage without LoRA merges any adapters first."""
+    same ones, e.g. from the previous stage); a stage without LoRA merges any adapters first.
+    QLoRA is checked where it quantizes, against the device the part's weights are on."""
     from vlmkit.train import lora
 
     spec = stage.lora.model_dump() if stage.lora is not None else None
@@ -19,7 +20,6 @@ def apply_stage(model, stage: StageConfig, device: str = "cpu") -> None:
         lora.merge_adapters(model)
     model.set_trainable(stage.trainable)
     if spec is not None:
-        lora.check_quantization(spec, device)
         lora.add_adapters(model, spec)
 
 
