@@ -181,7 +181,7 @@ def test_vlmkit_train_command_runs_held_out_checks_and_eval_scores_by_kind(tmp_p
     # come out of the commands, not the Python API.
     generate(tmp_path / "data", n_caption=2, n_instruct=12, n_test=6, seed=0)
     recipe = {"model": {**TINY, "connector": {"name": "mlp", "output_norm": "text"}, "system_prompt": ""},
-              "train": {"output_dir": "run", "max_length": 256,
+              "train": {"output_dir": "run", "max_length": 256, "precision": "bf16",
                         "eval": {"benchmark": "synth-qa", "data": "data/test.json", "every": 2, "limit": 4, "max_new_tokens": 3},
                         "stages": {"sft": {"data": "data/stage2.json", "trainable": ["connector"], "lr": 1e-3,
                                            "batch_size": 4, "max_steps": 2}}}}
@@ -201,3 +201,7 @@ def test_vlmkit_train_command_runs_held_out_checks_and_eval_scores_by_kind(tmp_p
     results = json.loads(next((tmp_path / "scores").rglob("results.json")).read_text())
     text = json.dumps(results)
     assert "synth-qa" in text and "word" in text and "bar" in text
+    # `vlmkit eval run` answers in the precision the checkpoint trained in, as the quickstart does.
+    from vlmkit.eval.backends import VlmkitBackend
+
+    assert VlmkitBackend.from_checkpoint(str(tmp_path / "run" / "checkpoints" / "sft"), device="cpu").bf16

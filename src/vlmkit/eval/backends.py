@@ -265,7 +265,9 @@ class VlmkitBackend:
         except Exception as e:  # noqa: BLE001 - not a checkpoint, a torn one, weights of another model ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise EvalInputError(f"{path}: cannot load this vlmkit checkpoint ({type(e).__name__}: {first[:400]})") from e
-        return cls(model, config.train.max_length, name=f"vlmkit:{path}", compile_decode=compile_decode)
+        # Answer in the precision the model trained in, as the quickstart and held-out checks do.
+        return cls(model, config.train.max_length, name=f"vlmkit:{path}", compile_decode=compile_decode,
+                   bf16=config.train.precision == "bf16")
 
     def encode(self, prompt: str, images: Sequence[Image.Image]):
         from vlmkit.data.formats import Message
