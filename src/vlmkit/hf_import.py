@@ -243,9 +243,42 @@ def _tokenizer(folder: Path, image_token: str):
     return tokenizer
 
 
-def _write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, tmp: Path) -> Path:
+def max_positions(text_cfg, default: int, cap: int | None = None) -> int:
+    """The LLM's context length from its config (`default` where it gives none), for
+    `train.max_length`; `cap` bounds configs that claim more than a recipe should default to."""
+    n = int(getattr(text_cfg, "max_position_embeddings", default) or default)
+    return min(n, cap) if cap else n
+
+
+def stage_llm(tmp: Path, causal, tokenizer) -> Path:
+    """Write the converted LLM and its tokenizer into the staging folder; returns their folder."""
+    staged = tmp / "llm"
+    causal.save_pretrained(staged, safe_serialization=True)
+    tokenizer.save_pretrained(staged)
+    return staged
+
+
+def build_imported(config, image_token: str | None = None, expected_id: int | None = None):
+    """The vlmkit model an imported recipe describes, vision tower and connector left trainable so
+    `load_part` can fill and check them. The image token's id is checked against the one
+    config.json gives: a tokenizer that maps it elsewhere would put image features on the wrong
+    positions."""
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    model = VisionLanguageModel.build(config.model)
+    if expected_id is not None and model.image_token_id != expected_id:
+        raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {expected_id}")
+    model.set_trainable(["vision", "connector"])
+    return model
+
+
+def _write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, tmp: Path, max_length: int) -> Path:
+    """Save the imported model under `out` (atomically: staged, then renamed), its LLM folder
+    beside it, and the recipe pointing at that folder with `max_length` as `train.max_length`."""
     from vlmkit.train.checkpoint import save_checkpoint
 
+    config.model.llm.path = str(out / "llm")
+    config.train.max_length = max_length
     ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
     shutil.move(str(staged_llm), ckpt / "llm")
     respect_umask(ckpt)
@@ -276,7 +309,6 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     from transformers import AutoConfig
 
     from vlmkit.model.qwen2vl import MRopeCausalLM, save_mrope_llm
-    from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
     qwen25 = read_hf_config(folder)["model_type"] == "qwen2_5_vl"
@@ -348,15 +380,10 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
             "image_token": image_token,
             "video_token": video_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != cfg.image_token_id:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_id}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, vision_state, "vision tower", "visual.")
         load_part(model.connector, connector_state, "vision merger", "visual.merger(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 4096) or 4096)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -407,8 +434,6 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
     and layout, capped feature maps, base-view images in multi-image prompts)."""
     from transformers import AutoConfig
 
-    from vlmkit.model.vlm import VisionLanguageModel
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
     cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -458,11 +483,7 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
 
     tmp = _staging(out)
     try:
-        staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
-        causal.save_pretrained(staged_llm, safe_serialization=True)
-        tokenizer.save_pretrained(staged_llm)
-        del causal
+        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
             "vision": {"name": "hf-random", "model_type": vision_cfg.model_type, "config": _hf_config_dict(vision_cfg),
                        "feature_layer": feature_layer},
@@ -474,15 +495,10 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
                                       "sentinels": "never", **(processor_options or {})}},
             "image_token": image_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != cfg.image_token_index:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_index}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, cfg.image_token_index)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_tower.")
         load_part(model.connector, connector_state, "projector", "multi_modal_projector(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -495,8 +511,6 @@ def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model",
     weights load into (SmolVLM2 keeps its own, `smolvlm_vision`); `processor` and
     `processor_options`: SmolVLM2's processor family (video) and its settings."""
     from transformers import AutoConfig
-
-    from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
@@ -522,11 +536,7 @@ def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model",
 
     tmp = _staging(out)
     try:
-        staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
-        causal.save_pretrained(staged_llm, safe_serialization=True)
-        tokenizer.save_pretrained(staged_llm)
-        del causal
+        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
             "vision": {"name": "hf-random", "model_type": tower, "config": siglip},
             "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / cfg.scale_factor, "norm": "none",
@@ -539,15 +549,10 @@ def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model",
                                       "sentinels": "never", **(processor_options or {})}},
             "image_token": image_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != cfg.image_token_id:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_id}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "model.vision_model.")
         load_part(model.connector, {"proj.weight": proj}, "connector", "model.connector.modality_projection(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -557,8 +562,6 @@ def import_internvl(folder: Path, out: Path) -> Path:
     shuffle with a LayerNorm after the merge and a 2-layer GELU MLP (`pixel-shuffle`, `norm:
     post`), any causal LM, the `dynamic` tiling processor (min/max patches, thumbnail)."""
     from transformers import AutoConfig
-
-    from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
@@ -592,11 +595,7 @@ def import_internvl(folder: Path, out: Path) -> Path:
 
     tmp = _staging(out)
     try:
-        staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
-        causal.save_pretrained(staged_llm, safe_serialization=True)
-        tokenizer.save_pretrained(staged_llm)
-        del causal
+        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
             "vision": {"name": "hf-random", "model_type": "internvl_vision", "config": _hf_config_dict(vision_cfg),
                        "feature_layer": cfg.vision_feature_layer},
@@ -611,15 +610,10 @@ def import_internvl(folder: Path, out: Path) -> Path:
                                       "use_thumbnail": bool(settings.get("use_thumbnail", True)), "sentinels": "never"}},
             "image_token": image_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != cfg.image_token_id:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_id}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "model.vision_tower.")
         load_part(model.connector, connector_state, "projector", "model.multi_modal_projector(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,8 +32,8 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _read_json, _usable_template
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _load_reference, _resample, _staging, _write_checkpoint, load_part, read_hf_config,
-                              read_weights, register_family, split_state)
+                              _load_reference, _resample, _staging, _write_checkpoint, build_imported, load_part, max_positions,
+                              read_hf_config, read_weights, register_family, split_state, stage_llm)
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
 
@@ -103,8 +103,6 @@ def _expand(names: dict[str, str], state_keys) -> dict[str, str]:
 def _import_blip(folder: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
-    from vlmkit.model.vlm import VisionLanguageModel
-
     folder, out = Path(folder), Path(out).resolve()
     model_type = read_hf_config(folder)["model_type"]
     instruct = model_type == "instructblip"
@@ -157,11 +155,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
 
     tmp = _staging(out)
     try:
-        staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
-        causal.save_pretrained(staged_llm, safe_serialization=True)
-        tokenizer.save_pretrained(staged_llm)
-        del causal
+        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         if instruct:
             AutoTokenizer.from_pretrained(folder / QFORMER_TOKENIZER, local_files_only=True).save_pretrained(staged_llm / QFORMER_TOKENIZER)
         vision = _hf_config_dict(vision_cfg)
@@ -182,10 +176,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
                           "resample": _resample(settings), "options": {"fit": "squash", "sentinels": "never"}},
             "image_token": image_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != image_token_id:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {image_token_id}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_model.")
         conn = model.connector
         names = _expand(qformer_names(q_cfg.num_hidden_layers, q_cfg.cross_attention_frequency, text_ffn, instruct),
@@ -203,9 +194,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
         connector_state = {ours: q[theirs] for ours, theirs in names.items()}
         connector_state |= {"query_tokens": parts["queries"][""], "proj.weight": p["weight"], "proj.bias": p["bias"]}
         load_part(conn, connector_state, "Q-Former", "qformer(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,8 +26,8 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _usable_template
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _load_reference, _staging, _write_checkpoint, load_part, read_hf_config, read_weights,
-                              register_family, split_state)
+                              _load_reference, _staging, _write_checkpoint, build_imported, load_part, max_positions,
+                              read_hf_config, read_weights, register_family, split_state, stage_llm)
 
 BEGINNING_OF_ANSWER = "<0x04>"
 FUYU_TEMPLATE = (
@@ -49,8 +49,6 @@ def _mean_std(value, default: float) -> list[float]:
 
 def _import_fuyu(folder: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoTokenizer
-
-    from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
@@ -88,11 +86,7 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
 
     tmp = _staging(out)
     try:
-        staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
-        causal.save_pretrained(staged_llm, safe_serialization=True)
-        tokenizer.save_pretrained(staged_llm)
-        del causal
+        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
             "vision": {"name": "patchify", "config": {"patch_size": cfg.patch_size, "num_channels": cfg.num_channels}},
             "connector": {"name": "patch-embed", "options": {"bias": "bias" in patch}},
@@ -104,12 +98,9 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
                                       "pad_value": float(settings.get("padding_value", 1.0)), "sentinels": "never"}},
             "image_token": image_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config)
         load_part(model.connector, {f"proj.{k}": v for k, v in patch.items()}, "patch embedding", "vision_embed_tokens(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

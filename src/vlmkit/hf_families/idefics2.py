@@ -26,7 +26,8 @@ from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
 from vlmkit.hf_import import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
                               _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
-                              load_part, read_hf_config, read_weights, register_family, split_state)
+                              build_imported, load_part, max_positions, read_hf_config, read_weights, register_family, split_state,
+                              stage_llm)
 
 TOWER = "idefics2-vision"
 
@@ -61,8 +62,6 @@ def their_connector_key(ours: str) -> str:
 def import_idefics2(folder: Path, out: Path) -> Path:
     from transformers import AutoConfig
 
-    from vlmkit.model.vlm import VisionLanguageModel
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
     cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -88,11 +87,7 @@ def import_idefics2(folder: Path, out: Path) -> Path:
 
     tmp = _staging(out)
     try:
-        staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
-        causal.save_pretrained(staged_llm, safe_serialization=True)
-        tokenizer.save_pretrained(staged_llm)
-        del causal
+        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
             "vision": {"name": TOWER, "config": _hf_config_dict(vision_cfg)},
             "connector": {"name": "perceiver", "options": {
@@ -107,15 +102,10 @@ def import_idefics2(folder: Path, out: Path) -> Path:
                                       "do_image_splitting": bool(settings.get("do_image_splitting", False)), "sentinels": "never"}},
             "image_token": image_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != cfg.image_token_id:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_id}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "model.vision_model.")
         load_part(model.connector, connector_state, "connector", "model.connector(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -23,8 +23,8 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _generation_config, _image_processor_settings, _plain_template, _resample,
-                              _staging, _tokenizer, _write_checkpoint, load_part, read_hf_config, read_weights, register_family,
-                              split_state)
+                              _staging, _tokenizer, _write_checkpoint, build_imported, load_part, max_positions, read_hf_config,
+                              read_weights, register_family, split_state)
 
 IMAGE_TOKEN = "<|image|>"
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -34,7 +34,6 @@ def import_mllama(folder: Path, out: Path) -> Path:
     from transformers import AutoConfig
 
     from vlmkit.model.mllama import _causal_lm_class
-    from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
@@ -88,15 +87,10 @@ def import_mllama(folder: Path, out: Path) -> Path:
                                       "sentinels": "never"}},
             "image_token": IMAGE_TOKEN,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != cfg.image_token_index:
-            raise ExportError(f"the tokenizer maps {IMAGE_TOKEN!r} to {model.image_token_id}, config.json says {cfg.image_token_index}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, IMAGE_TOKEN, cfg.image_token_index)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_model.")
         load_part(model.connector, {"proj.weight": p["weight"], "proj.bias": p["bias"]}, "projector", "multi_modal_projector.")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(min(getattr(text_cfg, "max_position_embeddings", 4096) or 4096, 131072))
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=131072))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -22,9 +22,9 @@ import torch
 
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
-from vlmkit.hf_import import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _load_reference, _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint, load_part,
-                              read_hf_config, read_weights, register_family, split_state)
+from vlmkit.hf_import import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
+                              _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
+                              build_imported, load_part, max_positions, read_hf_config, read_weights, register_family, split_state)
 
 # PaliGemmaProcessor's layout as a chat template: the images, bos, the prompt and a newline; the
 # answer and eos. (Released PaliGemma folders have no chat template.)
@@ -57,8 +57,6 @@ def gemma_text_llm(text_cfg, llm_state: dict, outer, staged: Path, tokenizer) ->
 
 def import_paligemma(folder: Path, out: Path) -> Path:
     from transformers import AutoConfig
-
-    from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
@@ -105,15 +103,10 @@ def import_paligemma(folder: Path, out: Path) -> Path:
             "image_token": image_token,
             "attention": "prefix",
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != cfg.image_token_id:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {cfg.image_token_id}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, vision_state, "vision tower", "model.vision_tower.")
         load_part(model.connector, connector_state, "projector", "model.multi_modal_projector(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -28,8 +28,8 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _plain_template, _resample, _staging, _tokenizer, _write_checkpoint, load_part, read_hf_config,
-                              read_weights, register_family, split_state)
+                              _plain_template, _resample, _staging, _tokenizer, _write_checkpoint, build_imported, load_part,
+                              max_positions, read_hf_config, read_weights, register_family, split_state, stage_llm)
 
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 _BREAKS = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
@@ -41,8 +41,6 @@ def _is_pixtral_llava(cfg: dict) -> bool:
 
 def _import(folder: Path, out: Path, mistral3: bool) -> Path:
     from transformers import AutoConfig
-
-    from vlmkit.model.vlm import VisionLanguageModel
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
@@ -107,11 +105,7 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
         connector = {"name": "mlp", "options": {"hidden_size": p["linear_1.weight"].shape[0]}}
     tmp = _staging(out)
     try:
-        staged_llm = tmp / "llm"
-        causal = _causal_lm_from_state(text_cfg, llm_state, cfg)
-        causal.save_pretrained(staged_llm, safe_serialization=True)
-        tokenizer.save_pretrained(staged_llm)
-        del causal
+        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
             "vision": {"name": "hf-random", "model_type": "pixtral", "config": _hf_config_dict(vision_cfg),
                        "feature_layer": cfg.vision_feature_layer},
@@ -124,15 +118,10 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
                           "options": {"longest_edge": longest, "patch_size": patch, "spatial_merge": merge, "sentinels": "never"}},
             "image_token": image_token,
         }})
-        model = VisionLanguageModel.build(config.model)
-        if model.image_token_id != image_token_id:
-            raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {image_token_id}")
-        model.set_trainable(["vision", "connector"])
+        model = build_imported(config, image_token, image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_tower.")
         load_part(model.connector, connector_state, "projector", "multi_modal_projector(mapped) ")
-        config.model.llm.path = str(out / "llm")
-        config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 4096) or 4096)
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp)
+        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
