@@ -79,6 +79,7 @@ def test_extra_images_follow_their_kind_cycle_and_leave_the_held_out_split_alone
     assert len(captions) == 2 and all(r["conversations"][1]["value"] for r in captions)
     with pytest.raises(ValueError, match=r"more_kinds names \['table'\]"):
         generate(tmp_path / "bad", n_caption=0, n_instruct=0, n_test=0, n_instruct_more=1, more_kinds=("table",))
+    assert not (tmp_path / "bad").exists()  # refused before anything is drawn or written
 
 
 def test_synth_qa_scores_each_kind_by_its_rule(quickstart_data):

@@ -26,16 +26,11 @@ from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps
 from vlmkit.train.loop import run_training
 from vlmkit.utils import read_jsonl
 
+from _tiny import TINY_SECTIONS as MODEL  # noqa: E402  (tests/ is on sys.path under pytest)
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "_train_child.py"
 
-MODEL = {
-    "vision": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
-    "llm": {"name": "hf-random", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                            "num_attention_heads": 2, "num_key_value_heads": 1}},
-    "processor": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-}
 
 
 @pytest.fixture(scope="module")

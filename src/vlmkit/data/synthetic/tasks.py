@@ -120,10 +120,14 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
     stage-1 captions, from a third generator. `more_kinds` is the cycle of image kinds those extra
     images follow (default: scene, chart, text in turn), so a recipe can give a hard kind more
     examples without touching the held-out split."""
+    kinds = list(MAKERS)
+    more_cycle = list(more_kinds or kinds)
+    unknown = sorted(set(more_cycle) - set(MAKERS))
+    if unknown:
+        raise ValueError(f"more_kinds names {unknown}; the kinds are {sorted(MAKERS)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    kinds = list(MAKERS)
     splits: dict[str, list[dict]] = {"stage1": [], "stage2": [], "test": []}
     plan = [("stage1", n_caption), ("stage2", n_instruct), ("test", n_test)]
     total = sum(n for _, n in plan)
@@ -155,12 +159,8 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
     held_out = {image_digest(Image.open(out / r["image"]).convert("RGB")) for r in splits["test"]}
     for split, n in (("stage2", n_instruct_more), ("stage1", n_caption_more)):
         more = random.Random(f"{seed}-more-{'instruct' if split == 'stage2' else 'captions'}")
-        cycle = list(more_kinds or kinds)
-        unknown = sorted(set(cycle) - set(MAKERS))
-        if unknown:
-            raise ValueError(f"more_kinds names {unknown}; the kinds are {sorted(MAKERS)}")
         for i in tqdm(range(n), desc=f"more {split} data", unit="img", disable=not n):
-            kind = cycle[i % len(cycle)]
+            kind = more_cycle[i % len(more_cycle)]
             item = MAKERS[kind](more)
             while image_digest(item.image) in held_out:
                 item = MAKERS[kind](more)
