@@ -119,7 +119,7 @@ def test_cli_import_then_export_then_chat_ready(good, tmp_path):
     bad = _copy(good, tmp_path / "bad")
     _edit_config(bad, lambda c: c.update(model_type="not_a_vlm"))
     result = runner.invoke(app, ["import-hf", str(bad), str(tmp_path / "nope")])
-    assert result.exit_code == 2 and "not supported" in result.output
+    assert result.exit_code == 1 and "error: " in result.output and "not supported" in result.output
 
 
 def test_cli_export_check_for_idefics3(tmp_path):

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vlmkit.config import load_config
+from vlmkit.output_folder import publish, staging_folder
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
 
@@ -222,20 +222,15 @@ def export_llava(model, out: str | Path) -> Path:
         # The grown vocabulary rows are placeholders: never generate the image token.
         suppress_tokens=[model.image_token_id], do_sample=False,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_folder(out)
     try:
         llava.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "vlmkit_export.json").write_text(json.dumps({"vocab_size": vocab, "vlmkit_config": model.config.model_dump(mode="json")}, indent=2))
         respect_umask(tmp)  # mkdtemp made it 0700
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return publish(tmp, out, command="export-hf")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the previous export
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -311,7 +306,7 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     if template:
         tokenizer.chat_template = template
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent if out.parent.exists() else None))
+    tmp = staging_folder(out)
     try:
         llm_dir = out / "llm"
         staged_llm = tmp / "llm"
@@ -345,13 +340,9 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
         ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
         shutil.move(str(staged_llm), ckpt / "llm")
         respect_umask(ckpt)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.rename(out)
+        return publish(ckpt, out, command="import-hf", source=folder.resolve())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _causal_lm(llava, text_cfg):

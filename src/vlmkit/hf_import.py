@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,8 +51,12 @@ from torch import nn
 from vlmkit.config import load_config
 from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _plain_of_image_parts,
                               _read_json, _usable_template, export_llava, import_llava)
+from vlmkit.output_folder import claim_output, publish, staging_folder
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
+
+IMPORT_COMMAND, EXPORT_COMMAND = "import-hf", "export-hf"
+
 
 @dataclass(frozen=True)
 class HFFamily:
@@ -273,8 +276,9 @@ def build_imported(config, image_token: str | None = None, expected_id: int | No
 
 
 def _write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, tmp: Path, max_length: int) -> Path:
-    """Save the imported model under `out` (atomically: staged, then renamed), its LLM folder
-    beside it, and the recipe pointing at that folder with `max_length` as `train.max_length`."""
+    """Save the imported model under `out` (built in the staging folder `tmp`, then swapped in; see
+    `vlmkit.output_folder`), its LLM folder beside it, and the recipe pointing at that folder with
+    `max_length` as `train.max_length`."""
     from vlmkit.train.checkpoint import save_checkpoint
 
     config.model.llm.path = str(out / "llm")
@@ -282,27 +286,25 @@ def _write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, 
     ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
     shutil.move(str(staged_llm), ckpt / "llm")
     respect_umask(ckpt)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.rename(out)
-    return out
+    return publish(ckpt, out, command=IMPORT_COMMAND, source=folder.resolve())
 
 
 # ---- import ----------------------------------------------------------------------------------
 
 
-def import_hf(folder: str | Path, out: str | Path) -> Path:
-    """Any supported Hugging Face folder -> a vlmkit checkpoint at `out`."""
+def import_hf(folder: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Any supported Hugging Face folder -> a vlmkit checkpoint at `out`. An existing `out` is
+    replaced only when it is empty or an earlier import, or when `overwrite` is set; never when it
+    is or contains `folder` (`vlmkit.output_folder`)."""
     offline()
-    folder, out = Path(folder), Path(out).resolve()
+    folder = Path(folder)
+    out = claim_output(out, command=IMPORT_COMMAND, sources=(folder,), overwrite=overwrite)
     cfg = read_hf_config(folder)
     return family_for(cfg["model_type"], cfg).importer(folder, out)
 
 
 def _staging(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    return staging_folder(out)
 
 
 def import_qwen2_vl(folder: Path, out: Path) -> Path:
@@ -648,19 +650,14 @@ def _plain_template(tokenizer) -> str | None:
 
 
 def _atomic_folder(out: Path, write) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    """Have `write` fill a staging folder beside `out`, then swap it in (`vlmkit.output_folder`)."""
+    tmp = staging_folder(out)
     try:
         write(tmp)
         respect_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return publish(tmp, out, command=EXPORT_COMMAND)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the previous export
 
 
 def _generation_config(tokenizer, **kw):
@@ -870,9 +867,18 @@ def export_internvl(model, out: str | Path) -> Path:
     return _atomic_folder(Path(out), write)
 
 
-def export_hf(model, out: str | Path) -> Path:
-    """Write `model` in its family's transformers format."""
-    return _owner(model).exporter(model, Path(out))
+def export_hf(model, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` in its family's transformers format. An existing `out` is replaced only when
+    it is empty or an earlier export, or when `overwrite` is set; never when it holds the model's
+    own LLM folder (an imported checkpoint)."""
+    out = claim_output(out, command=EXPORT_COMMAND, sources=model_sources(model), overwrite=overwrite)
+    return _owner(model).exporter(model, out)
+
+
+def model_sources(model) -> tuple[Path, ...]:
+    """Local folders a loaded model still reads from (its LLM folder): an export may not replace them."""
+    path = getattr(model.config.llm, "path", None)
+    return (Path(path),) if path and Path(path).exists() else ()
 
 
 @torch.no_grad()

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vlmkit.hf_export import ExportError
+from vlmkit.output_folder import claim_output, publish, staging_folder
 
 ADAPTER_DIR = "adapter"
 
@@ -100,20 +100,19 @@ def module_map(model, ref: nn.Module) -> dict[tuple[str, str], str]:
 
 
 @torch.no_grad()
-def export_hf_peft(model, out: str | Path) -> Path:
+def export_hf_peft(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """Base model in its family's transformers format at `out`, the adapters as PEFT at `out/adapter`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from vlmkit.hf_import import export_hf, family_for, family_of
+    from vlmkit.hf_import import export_hf, family_for, family_of, model_sources
     from vlmkit.train.lora import ADAPTER_NAME
 
     if not getattr(model, "lora_spec", None):
         raise ExportError("the model carries no LoRA adapters (load the checkpoint with merge=False; "
                           "a checkpoint without adapters.safetensors has none)")
     spec = model.lora_spec
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.peft-", dir=out.parent))
+    out = claim_output(out, command="export-hf", sources=model_sources(model), overwrite=overwrite)
+    staging = staging_folder(out)
     try:
         with adapters_removed(model):
             base = export_hf(model, staging / "model")
@@ -136,12 +135,9 @@ def export_hf_peft(model, out: str | Path) -> Path:
         if unexpected:
             raise ExportError(f"PEFT did not take adapter tensors {unexpected[:3]}")
         peft_model.save_pretrained(base / ADAPTER_DIR, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        base.rename(out)
+        return publish(base, out, command="export-hf")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the previous export
 
 
 def _reference_class(model, family) -> type:

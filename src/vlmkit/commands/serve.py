@@ -88,30 +88,31 @@ def register(app: typer.Typer) -> None:
     @app.command("export-hf")
     def export_hf(
         checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.")],
-        out: Annotated[Path, typer.Argument(help="Folder to write (the family's transformers model + processor files).")],
+        out: Annotated[Path, typer.Argument(help="Folder to write (the family's transformers model + processor files). "
+                                                 "A non-empty folder is replaced only if it is an earlier export, or with --overwrite.")],
         check: Annotated[bool, typer.Option(help="Reload the export with transformers and compare logits.")] = True,
         adapters: Annotated[str, typer.Option(help="LoRA adapters of the checkpoint: 'merge' (into the base weights) or "
                                                    "'peft' (base model in OUT, a PEFT adapter folder in OUT/adapter).")] = "merge",
+        overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
     ) -> None:
         """Export a checkpoint in its family's Hugging Face format (see `vlmkit import-hf --help`
         for the families). LoRA adapters are merged, or written as a PEFT folder (`--adapters peft`)."""
         offline()
-        from vlmkit.hf_export import ExportError
         from vlmkit.hf_import import export_hf as export_family, family_of, verify_hf_export
+        from vlmkit.output_folder import claim_output
         from vlmkit.train.checkpoint import load_checkpoint
 
         if adapters not in ("merge", "peft"):
             raise typer.BadParameter(f"{adapters!r}: use 'merge' or 'peft'", param_hint="--adapters")
+        # Refused before the checkpoint loads: nothing is read or written for an OUT that may not be replaced.
+        claim_output(out, command="export-hf", sources=(checkpoint,), overwrite=overwrite)
         model, _ = load_checkpoint(checkpoint, merge=adapters == "merge")
-        try:
-            if adapters == "peft":
-                from vlmkit.hf_peft import export_hf_peft
+        if adapters == "peft":
+            from vlmkit.hf_peft import export_hf_peft
 
-                export_hf_peft(model, out)
-            else:
-                export_family(model, out)
-        except (ExportError, ValueError) as e:
-            raise typer.BadParameter(str(e), param_hint="--checkpoint") from None
+            export_hf_peft(model, out, overwrite=overwrite)
+        else:
+            export_family(model, out, overwrite=overwrite)
         typer.echo(f"wrote {out} ({family_of(model)})" + (f", adapters in {out / 'adapter'} (PEFT)" if adapters == "peft" else ""))
         if check:
             if adapters == "peft":
@@ -126,19 +127,19 @@ def register(app: typer.Typer) -> None:
     @app.command("import-hf")
     def import_hf(
         folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder of a supported family (safetensors); an unsupported one is refused with the list.")],
-        out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write.")],
+        out: Annotated[Path, typer.Argument(help="vlmkit checkpoint folder to write. A non-empty folder is replaced only if it "
+                                                 "is an earlier import, or with --overwrite; never the source or a folder holding it.")],
+        overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
     ) -> None:
         """Turn a Hugging Face model folder into a vlmkit checkpoint (for training, eval, serving).
-        The family comes from its config.json; models that need trust_remote_code are refused."""
+        The family comes from its config.json; models that need trust_remote_code are refused.
+        A refusal is one `error:` line naming the file and field, exit status 1."""
         offline()
-        from vlmkit.hf_export import ExportError
         from vlmkit.hf_import import import_hf
 
-        try:
-            import_hf(folder, out)
-        except ExportError as e:
-            raise typer.BadParameter(str(e), param_hint="FOLDER") from None
+        import_hf(folder, out, overwrite=overwrite)
         typer.echo(f"wrote {out}")
 
 
-
+OVERWRITE_HELP = ("Replace OUT even if it is a non-empty folder this command did not write (it is swapped out in one "
+                  "step once the new output is complete). Never allowed for the source or a folder holding it.")
