@@ -112,7 +112,7 @@ class FrozenFeatures:
         self._reports += 1
         if self._reports <= MAX_REPORTS:
             print(f"[vlmkit] feature cache: {message}")
-        if self._reports == MAX_REPORTS:
+        elif self._reports == MAX_REPORTS + 1:
             print(f"[vlmkit] feature cache: further bad entries in {self.dir} are recomputed without a message "
                   "(counted in feature_cache_corrupt)")
 
