@@ -171,3 +171,180 @@ def test_mathvista_option_labels_beat_choice_text(response, letter, choice):
 
 def test_mathvista_last_bracket_rule_unchanged_for_ordinary_choices():
     assert m.mathvista_rule_extract("(A) is wrong, so (B)", "multi_choice", "text", ["cat", "dog"]) == "B"
+
+
+# ---- Round 2: duplicate ids, empty answers, unreadable files ----------------------------------
+# Every benchmark file and predictions file is read through one place (base.read_json /
+# read_jsonl) and every loader's items pass one check (base.checked_items).
+
+from vlmkit.eval.runner import PredictionCache  # noqa: E402
+
+# Where each benchmark's synthetic files keep their items, and how to give two of them one id.
+DUPLICATE_ID = {
+    "docvqa": ("val_v1.0.json", lambda doc: doc["data"][1].update(questionId=doc["data"][0]["questionId"])),
+    "textvqa": ("TextVQA_0.5.1_val.json", lambda doc: doc["data"][1].update(question_id=doc["data"][0]["question_id"])),
+    "vqav2": ("v2_OpenEnded_mscoco_val2014_questions.json",
+              lambda doc: doc["questions"][1].update(question_id=doc["questions"][0]["question_id"])),
+    "mmmu": ("validation.json", lambda rows: rows[1].update(id=rows[0]["id"])),
+    "mathvista": ("testmini.json", lambda doc: list(doc.values())[1].update(pid=list(doc.values())[0]["pid"])),
+    "chair": ("instances_val2014.json", lambda doc: doc["images"][1].update(id=doc["images"][0]["id"])),
+}
+
+EMPTY_ANSWERS = {
+    "docvqa": ("val_v1.0.json", lambda doc: doc["data"][2].update(answers=[])),
+    "textvqa": ("TextVQA_0.5.1_val.json", lambda doc: doc["data"][2].update(answers=[])),
+    "vqav2": ("v2_mscoco_val2014_annotations.json", lambda doc: doc["annotations"][2].update(answers=[])),
+    "mmmu": ("validation.json", lambda rows: rows[2].update(answer=[])),
+    "ocrbench": ("OCRBench.json", lambda rows: rows[2].update(answers=[])),
+}
+
+
+def synth(tmp_path, name, n=3):
+    d = tmp_path / name
+    synth_bench(name, d, n=n, seed=0)
+    return d
+
+
+def rewrite(path, change):
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("name", sorted(DUPLICATE_ID))
+def test_duplicate_ids_in_a_benchmark_file_are_refused(tmp_path, name):
+    d = synth(tmp_path, name)
+    file, change = DUPLICATE_ID[name]
+    path = next(d.rglob(file))
+    rewrite(path, change)
+    with pytest.raises(EvalInputError, match=rf"{path}: 1 duplicate item id\(s\): '[^']+'.*each item needs its own id"):
+        get_benchmark(name).load(d)
+
+
+def test_duplicate_docvqa_question_id_no_longer_scores_gold_below_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    d = synth(tmp_path, "docvqa", n=6)
+    path = d / "val_v1.0.json"
+    doc = json.loads(path.read_text())
+    qid = doc["data"][0]["questionId"]
+    doc["data"][1]["questionId"] = qid  # gold predictions scored 0.8333 (5/6) before
+    path.write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["eval", "score", "-b", "docvqa", "-d", str(d), "-p", str(d / GOLD_NAME)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"error: {path}: 1 duplicate item id(s): '{qid}'; each item needs its own id"]
+
+
+def test_duplicate_keys_in_an_id_keyed_file_are_refused(tmp_path):
+    """JSON keeps the last of two equal keys: MMMU's answer dict would lose an item unnoticed."""
+    d = synth(tmp_path, "mmmu")
+    (d / "validation.json").unlink()
+    path = d / "answer_dict_val.json"
+    text = path.read_text()
+    first = text.index('"validation_')
+    entry = text[first : text.index("}", first) + 1]
+    path.write_text(text.replace(entry, entry + ", " + entry, 1))
+    with pytest.raises(EvalInputError, match=rf"{path}: key 'validation_\w+' appears twice in one object"):
+        get_benchmark("mmmu").load(d)
+
+
+def test_eval_run_refuses_duplicate_item_ids_before_generating(tmp_path):
+    d, bench, items, gold = dataset(tmp_path, "one", seed=1, n=2)
+    twin = type(items[1])(**{**items[1].__dict__, "id": items[0].id})
+    backend = GoldBackend(bench, items, gold)
+    with pytest.raises(EvalInputError, match=rf"1 duplicate item id\(s\) in the chartqa items, e\.g\. '{items[0].id}'"):
+        run_benchmark(bench, [items[0], twin], backend, tmp_path / "o", model_spec="m", progress=False)
+    assert backend.asked == 0 and not (tmp_path / "o").exists()
+
+
+def test_duplicate_prediction_ids_name_both_lines(tmp_path):
+    path = tmp_path / "preds.jsonl"
+    path.write_text('{"id": 7, "prediction": "a"}\n{"id": 8, "prediction": "b"}\n\n{"id": "7", "prediction": "c"}\n')
+    with pytest.raises(EvalInputError, match=rf"{path}:4: id '7' appears twice \(first on line 1\)"):
+        read_predictions(path)
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_ANSWERS))
+def test_empty_answers_list_is_refused(tmp_path, name):
+    d = synth(tmp_path, name)
+    file, change = EMPTY_ANSWERS[name]
+    path = next(d.rglob(file))
+    rewrite(path, change)
+    where = next(d.rglob(DUPLICATE_ID[name][0])) if name == "vqav2" else path  # items come from the questions
+    with pytest.raises(EvalInputError, match=rf"{where}: item '[^']+' has an empty answers list"):
+        get_benchmark(name).load(d)
+
+
+def test_chair_image_without_objects_is_still_a_question(tmp_path):
+    d = synth(tmp_path, "chair")
+    path = d / "instances_val2014.json"
+    doc = json.loads(path.read_text())
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] != doc["images"][0]["id"]]
+    path.write_text(json.dumps(doc))
+    items = get_benchmark("chair").load(d)
+    assert [it.answers for it in items if it.id == str(doc["images"][0]["id"])] == [[]]
+
+
+UNREADABLE = {
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "a binary file, not JSON text"),
+    "not UTF-8": ('{"data": [{"question": "caf\xe9"}]}'.encode("latin-1"), r"not UTF-8 text \(byte \d+ is b'\\xe9'\)"),
+    "100k-deep nesting": (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to read"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_unreadable_benchmark_file_names_the_file(tmp_path, kind):
+    data, message = UNREADABLE[kind]
+    for name, file in (("docvqa", "val_v1.0.json"), ("mmmu", "answer_dict_val.json"), ("chartqa", "test/test_human.json"),
+                       ("vqav2", "v2_mscoco_val2014_annotations.json"), ("mathvista", "testmini.json")):
+        d = synth(tmp_path, name)
+        if name == "mmmu":
+            (d / "validation.json").unlink()
+        path = d / file
+        path.write_bytes(data)
+        with pytest.raises(EvalInputError, match=rf"^{path}: {message}"):
+            get_benchmark(name).load(d)
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_unreadable_predictions_and_cache_files_name_the_file(tmp_path, kind):
+    data, _ = UNREADABLE[kind]
+    path = tmp_path / "preds.jsonl"
+    path.write_bytes(b'{"id": "1", "prediction": "a"}\n' + data + b"\n")
+    # A binary file splits into "lines" of its own; what matters is that the file and line are named.
+    with pytest.raises(EvalInputError, match=rf"^{path}:2: (not UTF-8 text|a binary file|JSON nested too deeply)"):
+        read_predictions(path)
+    with pytest.raises(EvalInputError, match=rf"^{path}:2: malformed cache line"):
+        PredictionCache(path).load()
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_unreadable_file_ends_eval_score_with_one_error_line(tmp_path, kind):
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    data, _ = UNREADABLE[kind]
+    d = synth(tmp_path, "docvqa")
+    for target in (d / "val_v1.0.json", d / GOLD_NAME):
+        original = target.read_bytes()
+        target.write_bytes(data)
+        result = CliRunner().invoke(app, ["eval", "score", "-b", "docvqa", "-d", str(d), "-p", str(d / GOLD_NAME)])
+        target.write_bytes(original)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {target}"), result.output
+
+
+def test_synth_qa_duplicate_ids_and_unreadable_file_are_refused(tmp_path):
+    rec = {"id": "q1", "image": "a.png", "task": "text", "answer": "cat",
+           "conversations": [{"from": "human", "value": "<image>\nWhat word is written?"}]}
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([rec, {**rec, "answer": "dog"}]))
+    with pytest.raises(EvalInputError, match=rf"{path}: 1 duplicate item id\(s\): 'q1'"):
+        get_benchmark("synth-qa").load(tmp_path)
+    path.write_bytes(b"[" * 100_000)
+    with pytest.raises(EvalInputError, match=rf"{path}: JSON nested too deeply"):
+        get_benchmark("synth-qa").load(tmp_path)

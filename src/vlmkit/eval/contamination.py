@@ -42,6 +42,12 @@ def llava_texts(path: str | Path) -> Iterator[str]:
         raise EvalInputError(f"{path}: training file not found") from None
     except json.JSONDecodeError as e:
         raise EvalInputError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise EvalInputError(f"{path}: JSON nested too deeply to read") from None
+    except OSError as e:
+        raise EvalInputError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, list):
         raise EvalInputError(f"{path}: expected a JSON list of LLaVA samples")
     for i, sample in enumerate(data):

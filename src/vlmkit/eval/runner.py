@@ -94,7 +94,7 @@ class PredictionCache:
                 key, pred = str(rec["id"]), rec["prediction"]
                 if not isinstance(pred, str):
                     raise TypeError("prediction is not a string")
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
                 raise EvalInputError(
                     f"{self.path}:{lineno}: malformed cache line ({type(e).__name__}: {e}); "
                     "the file is left untouched: fix or remove that line and rerun"
@@ -110,7 +110,7 @@ class PredictionCache:
                 self.fingerprints.setdefault(str(rec["id"]), rec.get("item"))
                 with open(self.path, "ab") as f:  # complete line, only its newline was lost
                     f.write(b"\n")
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
                 warnings.warn(f"{self.path}: dropping an incomplete last line left by an interrupted run", stacklevel=2)
                 with open(self.path, "r+b") as f:
                     f.truncate(len(raw) - len(torn))
@@ -145,8 +145,10 @@ def _check_meta(out_dir: Path, meta: dict[str, Any], write: bool = True) -> None
     path = out_dir / META_NAME
     if path.exists():
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            old = json.loads(path.read_bytes())
+            if not isinstance(old, dict):
+                raise TypeError("not an object")
+        except (OSError, ValueError, TypeError, RecursionError):  # ValueError: bad JSON or not UTF-8
             raise EvalInputError(f"{path}: unreadable run description; move the folder away to start afresh") from None
         diff = [k for k in META_KEYS if old.get(k) != meta.get(k)]
         if diff and (out_dir / CACHE_NAME).exists():
@@ -169,6 +171,13 @@ def run_benchmark(
     progress: bool = True,
 ) -> RunOutcome:
     out = Path(out_dir)
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        # Predictions are cached by id: the second item would be answered with the first's answer.
+        seen: set[str] = set()
+        dups = sorted({i for i in ids if i in seen or seen.add(i)})
+        raise EvalInputError(f"{len(dups)} duplicate item id(s) in the {benchmark.name} items, e.g. {dups[0]!r}; "
+                             "each item needs its own id")
     out.mkdir(parents=True, exist_ok=True)
     max_new = max_new_tokens or benchmark.default_max_new_tokens
     meta = {"benchmark": benchmark.name, "model": model_spec, "data": str(data_dir),

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Union
+from typing import Any, ClassVar, Iterable, Iterator, Union
 
 from PIL import Image
 
@@ -85,14 +85,82 @@ class Benchmark:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_json(path: Path) -> Any:
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # `json` keeps the last of two equal keys; in a file keyed by id that silently drops an item.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def parse_json(path: Path, raw: bytes) -> Any:
+    """The JSON document in `raw` (read from `path`); every failure names the file."""
+    if b"\x00" in raw[:4096]:
+        raise EvalInputError(f"{path}: a binary file, not JSON text")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EvalInputError(f"{path}: file not found") from None
+        return json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
     except json.JSONDecodeError as e:
         raise EvalInputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise EvalInputError(f"{path}: JSON nested too deeply to read") from None
+    except _DuplicateKey as e:
+        raise EvalInputError(f"{path}: key {e.args[0]!r} appears twice in one object") from None
+
+
+def read_json(path: Path) -> Any:
+    """A benchmark's JSON file; every failure is an EvalInputError naming the file."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise EvalInputError(f"{path}: file not found") from None
+    except OSError as e:
+        raise EvalInputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    return parse_json(path, raw)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a JSONL file; errors name the file and line."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise EvalInputError(f"{path}: file not found") from None
+    except OSError as e:
+        raise EvalInputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, parse_json(f"{path}:{lineno}", line)
+
+
+def checked_items(items: list[BenchItem], source: str | os.PathLike | list, *, answers_required: bool = True) -> list[BenchItem]:
+    """`items` as loaded from `source` (one file, or each item's own file), refusing what would
+    score silently wrong: an id given to two items (scores and `eval run`'s cached predictions are
+    keyed by id, so one would take the other's answer) and an item without any gold answer (it
+    could only count as wrong)."""
+    sources = source if isinstance(source, list) else [source] * len(items)
+    first: dict[str, Any] = {}
+    dups: list[str] = []
+    for it, src in zip(items, sources):
+        if answers_required and not it.answers:
+            raise EvalInputError(f"{src}: item {it.id!r} has an empty answers list; every item needs a gold answer")
+        if it.id in first:
+            where = "" if first[it.id] == src else f" (also in {first[it.id]})"
+            dups.append(f"{it.id!r}{where}")
+        else:
+            first[it.id] = src
+    if dups:
+        files = sorted({str(s) for s in sources}) if isinstance(source, list) else [str(source)]
+        raise EvalInputError(
+            f"{', '.join(files[:3])}: {len(dups)} duplicate item id(s): {', '.join(dups[:5])}"
+            f"{', ...' if len(dups) > 5 else ''}; each item needs its own id")
+    return items
 
 
 def find_first(data_dir: Path, names: Iterable[str], what: str) -> Path:
@@ -121,24 +189,20 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise EvalInputError(f"{path}: predictions file not found")
     preds: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "id" not in rec or "prediction" not in rec:
-                raise EvalInputError(f'{path}:{lineno}: expected an object with "id" and "prediction"')
-            if not isinstance(rec["prediction"], str):
-                raise EvalInputError(f'{path}:{lineno}: "prediction" must be a string, got {type(rec["prediction"]).__name__}')
-            if isinstance(rec["id"], (dict, list)) or rec["id"] is None:
-                raise EvalInputError(f'{path}:{lineno}: "id" must be a string or a number')
-            key = str(rec["id"])
-            if key in preds:
-                raise EvalInputError(f"{path}:{lineno}: id {key!r} appears twice")
-            preds[key] = rec["prediction"]
+    lines: dict[str, int] = {}
+    for lineno, rec in read_jsonl(path):
+        if not isinstance(rec, dict) or "id" not in rec or "prediction" not in rec:
+            raise EvalInputError(f'{path}:{lineno}: expected an object with "id" and "prediction"')
+        if not isinstance(rec["prediction"], str):
+            raise EvalInputError(f'{path}:{lineno}: "prediction" must be a string, got {type(rec["prediction"]).__name__}')
+        if isinstance(rec["id"], (dict, list)) or rec["id"] is None:
+            raise EvalInputError(f'{path}:{lineno}: "id" must be a string or a number')
+        key = str(rec["id"])
+        if key in preds:
+            raise EvalInputError(f"{path}:{lineno}: id {key!r} appears twice (first on line {lines[key]}); "
+                                 "which prediction counts would be a guess")
+        preds[key] = rec["prediction"]
+        lines[key] = lineno
     return preds
 
 

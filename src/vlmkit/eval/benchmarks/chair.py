@@ -5,7 +5,7 @@ from __future__ import annotations
 from vlmkit.eval.metrics import chair, chair_mentions
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, read_json, require_dir
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
 
 
 class Chair(Benchmark):
@@ -24,22 +24,37 @@ class Chair(Benchmark):
         inst = read_json(found[0])
         try:
             cats = {c["id"]: c["name"] for c in inst["categories"]}
-            gt: dict[int, set[str]] = {im["id"]: set() for im in inst["images"]}
-            for a in inst["annotations"]:
-                gt.setdefault(a["image_id"], set()).add(cats[a["category_id"]])
+            image_ids = [im["id"] for im in inst["images"]]
             files = {im["id"]: im["file_name"] for im in inst["images"]}
+            if len(files) != len(image_ids):
+                seen: set = set()
+                dup = next(i for i in image_ids if i in seen or seen.add(i))
+                raise EvalInputError(f'{found[0]}: 1 duplicate item id(s): {str(dup)!r} (an image listed twice under "images"); '
+                                     "each item needs its own id")
+            gt: dict[int, set[str]] = {iid: set() for iid in image_ids}
+            for i, a in enumerate(inst["annotations"]):
+                if a["image_id"] not in gt:
+                    raise EvalInputError(f'{found[0]}: annotations[{i}]: image_id {a["image_id"]!r} is not under "images"')
+                gt[a["image_id"]].add(cats[a["category_id"]])
         except (KeyError, TypeError) as e:
             raise EvalInputError(f"{found[0]}: not a COCO instances file (missing {e})") from None
         # As in CHAIR, objects named in the reference captions also count as present.
         caps = sorted(root.glob("captions_*.json"))
         if caps:
-            for a in read_json(caps[0]).get("annotations", []):
+            doc = read_json(caps[0])
+            anns = doc.get("annotations", []) if isinstance(doc, dict) else None
+            if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
+                raise EvalInputError(f'{caps[0]}: expected an object with an "annotations" list of objects')
+            for a in anns:
                 if a.get("image_id") in gt:
-                    gt[a["image_id"]].update(chair_mentions(a.get("caption", "")))
+                    gt[a["image_id"]].update(chair_mentions(str(a.get("caption", ""))))
         subset = found[0].stem.replace("instances_", "")
         image_dir = root / subset if (root / subset).is_dir() else root / "images"
-        return [BenchItem(id=str(iid), question=self.prompt_template, images=[image_dir / files[iid]],
-                          answers=sorted(objs), metadata={"image_id": iid}) for iid, objs in sorted(gt.items())]
+        items = [BenchItem(id=str(iid), question=self.prompt_template, images=[image_dir / files[iid]],
+                           answers=sorted(objs), metadata={"image_id": iid}) for iid, objs in sorted(gt.items())]
+        # An image without objects is a fair question (every mention is a hallucination); ids
+        # 1 and "1" would still collide once made strings.
+        return checked_items(items, found[0], answers_required=False)
 
     def prompt(self, item: BenchItem) -> str:
         return self.prompt_template

@@ -7,7 +7,7 @@ from pathlib import Path
 from vlmkit.eval.metrics import chartqa_score
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, read_json, require_dir
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
 
 SPLITS = ("test_human", "test_augmented")
 
@@ -27,7 +27,7 @@ class ChartQA(Benchmark):
 
     def load(self, data_dir) -> list[BenchItem]:
         test = self._test_dir(require_dir(data_dir))
-        items = []
+        items, sources = [], []
         for split in SPLITS:
             path = test / f"{split}.json"
             if not path.is_file():
@@ -39,9 +39,10 @@ class ChartQA(Benchmark):
                 try:
                     items.append(BenchItem(id=f"{split}/{i}", question=r["query"], images=[test / "png" / r["imgname"]],
                                            answers=[str(r["label"])], metadata={"split": split, "imgname": r["imgname"]}))
+                    sources.append(path)
                 except (KeyError, TypeError) as e:
                     raise EvalInputError(f"{path}: row {i}: missing or malformed field {e}") from None
-        return items
+        return checked_items(items, sources)
 
     def prompt(self, item: BenchItem) -> str:
         return f"{item.question}\nAnswer the question using a single word or phrase."

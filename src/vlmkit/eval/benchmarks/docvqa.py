@@ -7,7 +7,8 @@ from collections import defaultdict
 from vlmkit.eval.metrics import anls
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, find_first, read_json, require_dir
+from .base import (BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, find_first, read_json,
+                   require_dir)
 
 
 class DocVQA(Benchmark):
@@ -29,13 +30,15 @@ class DocVQA(Benchmark):
             try:
                 if "answers" not in r:
                     raise EvalInputError(f"{path}: data[{i}] has no answers (the test split is scored on the RRC server)")
+                if not isinstance(r["answers"], list):
+                    raise TypeError("'answers' (not a list)")
                 items.append(BenchItem(id=str(r["questionId"]), question=r["question"], images=[base / r["image"]],
                                        answers=[str(a) for a in r["answers"]],
                                        metadata={"question_types": list(r.get("question_types") or []),
                                                  "docId": r.get("docId")}))
             except (KeyError, TypeError) as e:
                 raise EvalInputError(f"{path}: data[{i}]: missing or malformed field {e}") from None
-        return items
+        return checked_items(items, path)
 
     def prompt(self, item: BenchItem) -> str:
         return f"{item.question}\nAnswer the question using a single word or phrase."

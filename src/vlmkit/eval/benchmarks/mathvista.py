@@ -8,7 +8,8 @@ from typing import Callable
 from vlmkit.eval.metrics import mathvista_normalize, mathvista_quick_extract, mathvista_rule_extract
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, find_first, read_json, require_dir
+from .base import (BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, find_first,
+                   read_json, require_dir)
 
 BREAKDOWN_KEYS = ("question_type", "answer_type", "language", "source", "category", "task", "context", "grade", "skills")
 
@@ -98,7 +99,7 @@ class MathVista(Benchmark):
                                        answers=[str(r["answer"])], metadata=md))
             except (KeyError, TypeError) as e:
                 raise EvalInputError(f"{path}: pid {pid}: missing or malformed field {e}") from None
-        return items
+        return checked_items(items, path)
 
     def prompt(self, item: BenchItem) -> str:
         return build_query(item)

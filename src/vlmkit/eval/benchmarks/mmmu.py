@@ -17,7 +17,7 @@ from vlmkit.eval.metrics import (
 )
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, read_json, require_dir
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
 
 QUESTION_FILES = ("validation.json", "mmmu_validation.json", "dev.json", "test.json")
 ANSWER_DICT_FILES = ("answer_dict_val.json", "mmmu_answer_dict_val.json")
@@ -101,18 +101,25 @@ class MMMU(Benchmark):
             raise EvalInputError(f"{path}: expected a JSON list of questions")
         items = []
         for i, r in enumerate(rows):
+            if not isinstance(r, dict):
+                raise EvalInputError(f"{path}: row {i} is not an object")
             imgs = [root / r[f"image_{k}"] for k in range(1, 8) if r.get(f"image_{k}")]
             items.append(self._item(r, imgs, f"{path}: row {i}"))
-        return items
+        return checked_items(items, path)
 
     def _load_parquet(self, root: Path, files: list[Path]) -> list[BenchItem]:
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise EvalInputError("reading MMMU parquet files needs pyarrow (pip install pyarrow)") from None
-        items = []
+        items, sources = [], []
         for path in files:
-            for i, r in enumerate(pq.read_table(path).to_pylist()):
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise EvalInputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+            for i, r in enumerate(rows):
                 imgs = []
                 for k in range(1, 8):
                     cell = r.get(f"image_{k}")
@@ -121,7 +128,8 @@ class MMMU(Benchmark):
                     elif isinstance(cell, dict) and cell.get("path"):
                         imgs.append(path.parent / cell["path"])
                 items.append(self._item(r, imgs, f"{path}: row {i}"))
-        return items
+                sources.append(path)
+        return checked_items(items, sources)
 
     def _load_answer_dict(self, path: Path) -> list[BenchItem]:
         data = read_json(path)
@@ -137,7 +145,7 @@ class MMMU(Benchmark):
                 ))
             except (KeyError, TypeError) as e:
                 raise EvalInputError(f"{path}: {key}: missing or malformed field {e}") from None
-        return items
+        return checked_items(items, path)
 
     # -- prompting ------------------------------------------------------------------------
     def prompt(self, item: BenchItem) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 from vlmkit.eval.metrics import OCRBENCH_CATEGORIES, ocrbench_correct
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, find_first, read_json, require_dir
+from .base import (BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, find_first,
+                   read_json, require_dir)
 
 IMAGE_DIRS = ("OCRBench_Images", "images", ".")
 
@@ -44,7 +45,7 @@ class OCRBench(Benchmark):
                 )
             except (KeyError, TypeError) as e:
                 raise EvalInputError(f"{path}: row {i}: missing or malformed field {e}") from None
-        return items
+        return checked_items(items, path)
 
     def prompt(self, item: BenchItem) -> str:
         return item.question

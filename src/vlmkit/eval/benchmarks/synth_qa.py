@@ -8,13 +8,12 @@ question kind (`word`, `bar`, `count`, `colour`, `shape`) and per task.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlmkit.eval.metrics import ocrbench_correct, relaxed_correctness, vqa_normalize
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, checked_items, read_json
 
 METRIC_NAMES = {
     "chart": "ChartQA relaxed accuracy",
@@ -45,10 +44,9 @@ class SyntheticQA(Benchmark):
 
         path = Path(data_dir)
         path = path / "test.json" if path.is_dir() else path
-        try:
-            records = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvalInputError(f"{path}: {e}") from None
+        records = read_json(path)
+        if not isinstance(records, list):
+            raise EvalInputError(f"{path}: expected a JSON list of records")
         items = []
         for i, rec in enumerate(records):
             try:
@@ -58,7 +56,7 @@ class SyntheticQA(Benchmark):
                                        metadata={"task": rec["task"], "kind": question_kind(rec)}))
             except (KeyError, IndexError, TypeError, AttributeError) as e:
                 raise EvalInputError(f"{path}: record {i}: missing or malformed field {e}") from None
-        return items
+        return checked_items(items, path)
 
     def prompt(self, item: BenchItem) -> str:
         return item.question

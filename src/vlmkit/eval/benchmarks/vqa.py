@@ -8,7 +8,7 @@ from pathlib import Path
 from vlmkit.eval.metrics import vqa_accuracy
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, read_json, require_dir
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
 
 PROMPT = "{question}\nAnswer the question using a single word or phrase."
 
@@ -32,14 +32,19 @@ def load_questions_annotations(root: Path, image_path) -> list[BenchItem]:
     anns = {}
     for i, a in enumerate(adoc["annotations"]):
         try:
-            anns[a["question_id"]] = a
+            qid = a["question_id"]
         except (KeyError, TypeError):
             raise EvalInputError(f"{apath}: annotations[{i}] has no question_id") from None
+        if qid in anns:
+            raise EvalInputError(f"{apath}: annotations[{i}]: question_id {qid!r} is annotated twice")
+        anns[qid] = a
     subtype = qdoc.get("data_subtype", "val2014")
     items = []
     for i, q in enumerate(qdoc["questions"]):
         try:
             a = anns[q["question_id"]]
+            if not isinstance(a["answers"], list):
+                raise EvalInputError(f"{apath}: question_id {q['question_id']!r}: \"answers\" must be a list")
             answers = [x["answer"] if isinstance(x, dict) else str(x) for x in a["answers"]]
             items.append(BenchItem(id=str(q["question_id"]), question=q["question"],
                                    images=[image_path(root, subtype, q["image_id"])], answers=answers,
@@ -47,7 +52,7 @@ def load_questions_annotations(root: Path, image_path) -> list[BenchItem]:
                                              "image_id": q["image_id"]}))
         except KeyError as e:
             raise EvalInputError(f"{qpath}: questions[{i}]: missing field or annotation {e}") from None
-    return items
+    return checked_items(items, qpath)
 
 
 class _VQABase(Benchmark):
@@ -105,13 +110,15 @@ class TextVQA(_VQABase):
         items = []
         for i, r in enumerate(doc["data"]):
             try:
+                if not isinstance(r["answers"], list):
+                    raise TypeError("'answers' (not a list)")
                 items.append(BenchItem(id=str(r["question_id"]), question=r["question"],
                                        images=[root / "train_images" / f"{r['image_id']}.jpg"],
                                        answers=[str(a) for a in r["answers"]],
                                        metadata={"image_id": r["image_id"], "image_classes": r.get("image_classes")}))
             except (KeyError, TypeError) as e:
                 raise EvalInputError(f"{path}: data[{i}]: missing or malformed field {e}") from None
-        return items
+        return checked_items(items, path)
 
 
 BENCHMARKS.register("vqav2")(VQAv2)
