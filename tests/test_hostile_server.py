@@ -158,7 +158,7 @@ ANSWERED = {
     "placeholders next to a real image": {**GOOD, "messages": user("Is this <image_1> or a <video>?", png_data_uri())},
     "assistant message first": {**GOOD, "messages": [{"role": "assistant", "content": "Hello!"}, *user("hi")]},
     "user content null then user": {**GOOD, "messages": [{"role": "user", "content": None}, *user("hi")]},
-    "unknown top-level fields": {**GOOD, "logprobs": True, "frequency_penalty": 0.5, "user": "x"},
+    "OpenAI fields at values that change nothing": {**GOOD, "logprobs": False, "frequency_penalty": 0, "user": "x", "n": 1},
     "emoji and astral text": {**GOOD, "messages": user("🦙 \U0001F600 \u0301 \u200b")},
     "body with a UTF-8 BOM": "\ufeff" + raw(GOOD),
 }
@@ -292,3 +292,141 @@ def test_host_check_also_guards_models_and_the_page_but_not_health(open_server):
 def test_server_with_key_does_not_need_host_checks(server):
     status, _, _ = request(server, "POST", "/v1/chat/completions", GOOD, {**AUTH, "Host": "anything.example", "Origin": "http://else.example"})
     assert status == 200
+
+
+# ---- round 2: request fields, echoed values, unfinished bodies -----------------------------------
+# Fields the server would ignore are refused by name (OpenAI's "Unrecognized request argument" or
+# "Unsupported parameter"); fields of OpenAI's API at values that change nothing are answered.
+
+FIELD_REFUSED = {
+    # name -> (extra fields, expected param, expected code or None for a type error)
+    "logprobs true": ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+    "top_logprobs": ({"logprobs": False, "top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "unsupported_parameter"),
+    "tool_choice required": ({"tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+    "response_format json_object": ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    "response_format json_schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "unsupported_parameter"),
+    "response_format 5": ({"response_format": 5}, "response_format", None),
+    "response_format of an unknown type": ({"response_format": {"type": "xml"}}, "response_format.type", None),
+    "logprobs a list": ({"logprobs": [1]}, "logprobs", None),
+    "tools a string": ({"tools": "all of them"}, "tools", None),
+    "frequency_penalty 0.5": ({"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter"),
+    "presence_penalty out of range": ({"presence_penalty": 9}, "presence_penalty", None),
+    "logit_bias": ({"logit_bias": {"50": 100}}, "logit_bias", "unsupported_parameter"),
+    "audio output": ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+    "store true": ({"store": True}, "store", "unsupported_parameter"),
+    "reasoning_effort": ({"reasoning_effort": "high"}, "reasoning_effort", "unsupported_parameter"),
+    "field not in the OpenAI API": ({"frobnicate": True}, "frobnicate", "unknown_parameter"),
+    "completions-only echo": ({"echo": True}, "echo", "unknown_parameter"),
+    "typo of max_tokens": ({"max_token": 5}, "max_token", "unknown_parameter"),
+    "unknown stream option": ({"stream": True, "stream_options": {"include_usage": True, "chunk_size": 3}}, "stream_options.chunk_size", "unknown_parameter"),
+    "unknown message field": ({"messages": [{"role": "user", "content": "hi", "mood": "happy"}]}, "messages.0.mood", "unknown_parameter"),
+    "message name": ({"messages": [{"role": "user", "content": "hi", "name": "alice"}]}, "messages.0.name", "unsupported_parameter"),
+    "assistant tool calls": ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+                                           *user("hi")]}, "messages.0.tool_calls", "unsupported_parameter"),
+}
+
+
+@pytest.mark.parametrize("name", list(FIELD_REFUSED))
+def test_unsupported_or_unknown_field_is_refused_by_name(server, name):
+    extra, param, code = FIELD_REFUSED[name]
+    status, payload, _ = request(server, "POST", "/v1/chat/completions", {**GOOD, **extra}, AUTH)
+    assert status == 400, (name, payload)
+    error = payload["error"]
+    assert error["param"] == param, error
+    assert param.rsplit(".", 1)[-1] in error["message"], error
+    if code is not None:
+        assert error["code"] == code, error
+    assert healthy(server)
+
+
+FIELD_ANSWERED = {
+    "defaults spelled out": {"logprobs": False, "n": 1, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+                             "tools": [], "tool_choice": "none", "parallel_tool_calls": True, "response_format": {"type": "text"},
+                             "modalities": ["text"], "store": False, "service_tier": "auto", "verbosity": "medium"},
+    "bookkeeping fields": {"user": "user-1", "metadata": {"run": "a"}, "safety_identifier": "h", "prompt_cache_key": "k"},
+    "nulls mean unset": {"logprobs": None, "tools": None, "response_format": None, "user": None, "stop": None, "seed": None},
+    "stream options without usage": {"stream_options": {"include_usage": False}},
+    "replayed assistant message": {"messages": [*user("hi"), {"role": "assistant", "content": "Hello", "refusal": None,
+                                                              "tool_calls": None, "function_call": None, "audio": None}, *user("and?")]},
+}
+
+
+@pytest.mark.parametrize("name", list(FIELD_ANSWERED))
+def test_openai_fields_at_values_that_change_nothing_are_answered(server, name):
+    status, payload, _ = request(server, "POST", "/v1/chat/completions", {**GOOD, **FIELD_ANSWERED[name]}, AUTH)
+    assert status == 200, (name, payload)
+    assert payload["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_openai_client_keeps_working_and_sees_refusals_by_name(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    resp = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2, temperature=0, logprobs=False,
+                                          user="u", response_format={"type": "text"}, n=1)
+    assert resp.choices[0].message.role == "assistant"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2, logprobs=True)
+    assert caught.value.body["param"] == "logprobs"
+
+
+ONE_MB = "m" * 1_000_000
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": ONE_MB, "messages": user("hi")}, 404),
+    ({"model": MODEL, "messages": user("hi"), ONE_MB: 1}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": ONE_MB}]}]}, 400),
+    ({"model": MODEL, "messages": user("hi", "data:" + ONE_MB + "/png;base64,AAAA")}, 400),
+], ids=["model name", "field name", "part type", "media type"])
+def test_error_messages_quote_at_most_a_clip_of_a_huge_value(open_server, body, status):
+    got, payload, _ = request(open_server, "POST", "/v1/chat/completions", body)
+    assert got == status, payload
+    assert len(json.dumps(payload)) < 1_000, len(json.dumps(payload))
+    assert "mmmm" in payload["error"]["message"] and "..." in payload["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def impatient_server(tiny):
+    model, processor = tiny
+    with running_server(create_app(model, processor, ServerSettings(model_name=MODEL, body_timeout_s=1.0))) as base:
+        yield base
+
+
+def _unfinished_request(base: str, framing: bytes, start: bytes) -> tuple[bytes, float]:
+    """Headers and the start of a body that never ends; what the server answers before closing
+    the connection, and how long that took."""
+    import socket
+    import time
+
+    host, port = base.split("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + framing + b"\r\n" + start)
+        began, answer = time.monotonic(), b""
+        while True:
+            data = sock.recv(65536)  # b"" once the server closed; socket.timeout if it never does
+            if not data:
+                return answer, time.monotonic() - began
+            answer += data
+
+
+@pytest.mark.parametrize("framing, start", [
+    (b"Transfer-Encoding: chunked\r\n", b"10\r\n" + b'{"model": "tiny"' + b"\r\n"),
+    (b"Content-Length: 500\r\n", b'{"model": "tiny", "mess'),
+], ids=["chunked without its last chunk", "content-length never reached"])
+def test_unfinished_body_gets_408_and_a_closed_connection(impatient_server, framing, start):
+    answer, took = _unfinished_request(impatient_server, framing, start)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_timeout" in answer
+    assert took < 8, took
+    assert healthy(impatient_server)
+
+
+def test_body_timeout_is_a_serve_option():
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert "--body-timeout" in result.output
