@@ -11,6 +11,7 @@ import re
 import struct
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -430,3 +431,86 @@ def test_body_timeout_is_a_serve_option():
 
     result = CliRunner().invoke(app, ["serve", "--help"])
     assert "--body-timeout" in result.output
+
+
+# ---- round 2: a model that emits its own image-placeholder token ---------------------------------
+# Generated tokens are text: an imported model whose head prefers its image token keeps decoding,
+# token for token as transformers' generate does (which embeds it as an ordinary token).
+
+
+def _prefer_image_token(model, ref, prompt) -> None:
+    """Make the image token outscore, by a little, a token the model emits early, in both models."""
+    from vlmkit.generate import GenerationConfig, generate
+
+    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0][-1]
+    with torch.no_grad():
+        for head in (model.llm.get_output_embeddings(), ref.get_output_embeddings()):
+            head.weight[model.image_token_id] = head.weight[early] * 1.05
+
+
+def _qwen2vl_case(root):
+    from _hf_folders import save_qwen2vl
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = save_qwen2vl(root / "hf")
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+
+    def inputs(model, prompt, image):
+        ids = prompt.input_ids[None]
+        return {"input_ids": ids, "pixel_values": torch.cat([im.pixel_values for im in prompt.images]),
+                "image_grid_thw": torch.tensor([im.views[0].grid for im in prompt.images]),
+                "mm_token_type_ids": (ids == model.image_token_id).int()}
+
+    return folder, ref, inputs
+
+
+def _llava_next_case(root):
+    from _hf_folders import save_llava_next
+    from transformers import AutoTokenizer, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    folder = save_llava_next(root / "hf")
+    ref = LlavaNextForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    processor = LlavaNextProcessor.from_pretrained(folder, local_files_only=True,
+                                                   image_processor=LlavaNextImageProcessorPil.from_pretrained(folder, local_files_only=True),
+                                                   tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+    def inputs(model, prompt, image):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+        got = processor(images=image, text=processor.apply_chat_template(conversation, add_generation_prompt=True),
+                        return_tensors="pt")
+        assert got["input_ids"][0].tolist() == prompt.input_ids.tolist()
+        return dict(got, pixel_values=prompt.images[0].pixel_values[None])
+
+    return folder, ref, inputs
+
+
+@pytest.mark.parametrize("family, lean", [("qwen2vl", None), ("llava-next", True), ("llava-next", False)],
+                         ids=["qwen2-vl (M-RoPE, cached forward)", "llava-next (fast decode)", "llava-next (cached forward)"])
+def test_generated_image_token_is_decoded_as_text_like_transformers(tmp_path, monkeypatch, family, lean):
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.hf_import import import_hf
+    from vlmkit.model import fast_decode
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.train.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    folder, ref, reference_inputs = (_qwen2vl_case if family == "qwen2vl" else _llava_next_case)(tmp_path)
+    model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
+    if lean is not None:
+        assert fast_decode.supports(model.llm)
+        if not lean:
+            monkeypatch.setattr(fast_decode, "supports", lambda llm: False)
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(45, 71, 3, generator=g) * 255).byte().numpy())  # the 71x45 of the report
+    text = "<image>Describe." if family == "qwen2vl" else "<image>\nDescribe."  # each family's template
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", text)], [image])
+    _prefer_image_token(model, ref, prompt)
+
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=10))[0]
+    assert model.image_token_id in ours  # the case under test: the model did emit it
+    inputs = reference_inputs(model, prompt, image)
+    theirs = ref.generate(**inputs, max_new_tokens=10, do_sample=False)[0, prompt.input_ids.shape[0]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    assert ours == theirs[: next((i for i, t in enumerate(theirs) if t in stops), len(theirs))]
