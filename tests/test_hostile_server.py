@@ -11,6 +11,7 @@ import re
 import struct
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -158,7 +159,7 @@ ANSWERED = {
     "placeholders next to a real image": {**GOOD, "messages": user("Is this <image_1> or a <video>?", png_data_uri())},
     "assistant message first": {**GOOD, "messages": [{"role": "assistant", "content": "Hello!"}, *user("hi")]},
     "user content null then user": {**GOOD, "messages": [{"role": "user", "content": None}, *user("hi")]},
-    "unknown top-level fields": {**GOOD, "logprobs": True, "frequency_penalty": 0.5, "user": "x"},
+    "OpenAI fields at values that change nothing": {**GOOD, "logprobs": False, "frequency_penalty": 0, "user": "x", "n": 1},
     "emoji and astral text": {**GOOD, "messages": user("🦙 \U0001F600 \u0301 \u200b")},
     "body with a UTF-8 BOM": "\ufeff" + raw(GOOD),
 }
@@ -292,3 +293,224 @@ def test_host_check_also_guards_models_and_the_page_but_not_health(open_server):
 def test_server_with_key_does_not_need_host_checks(server):
     status, _, _ = request(server, "POST", "/v1/chat/completions", GOOD, {**AUTH, "Host": "anything.example", "Origin": "http://else.example"})
     assert status == 200
+
+
+# ---- round 2: request fields, echoed values, unfinished bodies -----------------------------------
+# Fields the server would ignore are refused by name (OpenAI's "Unrecognized request argument" or
+# "Unsupported parameter"); fields of OpenAI's API at values that change nothing are answered.
+
+FIELD_REFUSED = {
+    # name -> (extra fields, expected param, expected code or None for a type error)
+    "logprobs true": ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+    "top_logprobs": ({"logprobs": False, "top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "unsupported_parameter"),
+    "tool_choice required": ({"tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+    "response_format json_object": ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    "response_format json_schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "unsupported_parameter"),
+    "response_format 5": ({"response_format": 5}, "response_format", None),
+    "response_format of an unknown type": ({"response_format": {"type": "xml"}}, "response_format.type", None),
+    "logprobs a list": ({"logprobs": [1]}, "logprobs", None),
+    "tools a string": ({"tools": "all of them"}, "tools", None),
+    "frequency_penalty 0.5": ({"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter"),
+    "presence_penalty out of range": ({"presence_penalty": 9}, "presence_penalty", None),
+    "logit_bias": ({"logit_bias": {"50": 100}}, "logit_bias", "unsupported_parameter"),
+    "audio output": ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+    "store true": ({"store": True}, "store", "unsupported_parameter"),
+    "reasoning_effort": ({"reasoning_effort": "high"}, "reasoning_effort", "unsupported_parameter"),
+    "field not in the OpenAI API": ({"frobnicate": True}, "frobnicate", "unknown_parameter"),
+    "completions-only echo": ({"echo": True}, "echo", "unknown_parameter"),
+    "typo of max_tokens": ({"max_token": 5}, "max_token", "unknown_parameter"),
+    "unknown stream option": ({"stream": True, "stream_options": {"include_usage": True, "chunk_size": 3}}, "stream_options.chunk_size", "unknown_parameter"),
+    "unknown message field": ({"messages": [{"role": "user", "content": "hi", "mood": "happy"}]}, "messages.0.mood", "unknown_parameter"),
+    "message name": ({"messages": [{"role": "user", "content": "hi", "name": "alice"}]}, "messages.0.name", "unsupported_parameter"),
+    "assistant tool calls": ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+                                           *user("hi")]}, "messages.0.tool_calls", "unsupported_parameter"),
+}
+
+
+@pytest.mark.parametrize("name", list(FIELD_REFUSED))
+def test_unsupported_or_unknown_field_is_refused_by_name(server, name):
+    extra, param, code = FIELD_REFUSED[name]
+    status, payload, _ = request(server, "POST", "/v1/chat/completions", {**GOOD, **extra}, AUTH)
+    assert status == 400, (name, payload)
+    error = payload["error"]
+    assert error["param"] == param, error
+    assert param.rsplit(".", 1)[-1] in error["message"], error
+    if code is not None:
+        assert error["code"] == code, error
+    assert healthy(server)
+
+
+FIELD_ANSWERED = {
+    "defaults spelled out": {"logprobs": False, "n": 1, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+                             "tools": [], "tool_choice": "none", "parallel_tool_calls": True, "response_format": {"type": "text"},
+                             "modalities": ["text"], "store": False, "service_tier": "auto", "verbosity": "medium"},
+    "bookkeeping fields": {"user": "user-1", "metadata": {"run": "a"}, "safety_identifier": "h", "prompt_cache_key": "k"},
+    "nulls mean unset": {"logprobs": None, "tools": None, "response_format": None, "user": None, "stop": None, "seed": None},
+    "stream options without usage": {"stream_options": {"include_usage": False}},
+    "replayed assistant message": {"messages": [*user("hi"), {"role": "assistant", "content": "Hello", "refusal": None,
+                                                              "tool_calls": None, "function_call": None, "audio": None}, *user("and?")]},
+}
+
+
+@pytest.mark.parametrize("name", list(FIELD_ANSWERED))
+def test_openai_fields_at_values_that_change_nothing_are_answered(server, name):
+    status, payload, _ = request(server, "POST", "/v1/chat/completions", {**GOOD, **FIELD_ANSWERED[name]}, AUTH)
+    assert status == 200, (name, payload)
+    assert payload["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_openai_client_keeps_working_and_sees_refusals_by_name(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    resp = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2, temperature=0, logprobs=False,
+                                          user="u", response_format={"type": "text"}, n=1)
+    assert resp.choices[0].message.role == "assistant"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2, logprobs=True)
+    assert caught.value.body["param"] == "logprobs"
+
+
+ONE_MB = "m" * 1_000_000
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": ONE_MB, "messages": user("hi")}, 404),
+    ({"model": MODEL, "messages": user("hi"), ONE_MB: 1}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": ONE_MB}]}]}, 400),
+    ({"model": MODEL, "messages": user("hi", "data:" + ONE_MB + "/png;base64,AAAA")}, 400),
+], ids=["model name", "field name", "part type", "media type"])
+def test_error_messages_quote_at_most_a_clip_of_a_huge_value(open_server, body, status):
+    got, payload, _ = request(open_server, "POST", "/v1/chat/completions", body)
+    assert got == status, payload
+    assert len(json.dumps(payload)) < 1_000, len(json.dumps(payload))
+    assert "mmmm" in payload["error"]["message"] and "..." in payload["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def impatient_server(tiny):
+    model, processor = tiny
+    with running_server(create_app(model, processor, ServerSettings(model_name=MODEL, body_timeout_s=1.0))) as base:
+        yield base
+
+
+def _unfinished_request(base: str, framing: bytes, start: bytes) -> tuple[bytes, float]:
+    """Headers and the start of a body that never ends; what the server answers before closing
+    the connection, and how long that took."""
+    import socket
+    import time
+
+    host, port = base.split("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + framing + b"\r\n" + start)
+        began, answer = time.monotonic(), b""
+        while True:
+            data = sock.recv(65536)  # b"" once the server closed; socket.timeout if it never does
+            if not data:
+                return answer, time.monotonic() - began
+            answer += data
+
+
+@pytest.mark.parametrize("framing, start", [
+    (b"Transfer-Encoding: chunked\r\n", b"10\r\n" + b'{"model": "tiny"' + b"\r\n"),
+    (b"Content-Length: 500\r\n", b'{"model": "tiny", "mess'),
+], ids=["chunked without its last chunk", "content-length never reached"])
+def test_unfinished_body_gets_408_and_a_closed_connection(impatient_server, framing, start):
+    answer, took = _unfinished_request(impatient_server, framing, start)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_timeout" in answer
+    assert took < 8, took
+    assert healthy(impatient_server)
+
+
+def test_body_timeout_is_a_serve_option():
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert "--body-timeout" in result.output
+
+
+# ---- round 2: a model that emits its own image-placeholder token ---------------------------------
+# Generated tokens are text: an imported model whose head prefers its image token keeps decoding,
+# token for token as transformers' generate does (which embeds it as an ordinary token).
+
+
+def _prefer_image_token(model, ref, prompt) -> None:
+    """Make the image token outscore, by a little, a token the model emits early, in both models."""
+    from vlmkit.generate import GenerationConfig, generate
+
+    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0][-1]
+    with torch.no_grad():
+        for head in (model.llm.get_output_embeddings(), ref.get_output_embeddings()):
+            head.weight[model.image_token_id] = head.weight[early] * 1.05
+
+
+def _qwen2vl_case(root):
+    from _hf_folders import save_qwen2vl
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = save_qwen2vl(root / "hf")
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+
+    def inputs(model, prompt, image):
+        ids = prompt.input_ids[None]
+        return {"input_ids": ids, "pixel_values": torch.cat([im.pixel_values for im in prompt.images]),
+                "image_grid_thw": torch.tensor([im.views[0].grid for im in prompt.images]),
+                "mm_token_type_ids": (ids == model.image_token_id).int()}
+
+    return folder, ref, inputs
+
+
+def _llava_next_case(root):
+    from _hf_folders import save_llava_next
+    from transformers import AutoTokenizer, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    folder = save_llava_next(root / "hf")
+    ref = LlavaNextForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    processor = LlavaNextProcessor.from_pretrained(folder, local_files_only=True,
+                                                   image_processor=LlavaNextImageProcessorPil.from_pretrained(folder, local_files_only=True),
+                                                   tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+    def inputs(model, prompt, image):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+        got = processor(images=image, text=processor.apply_chat_template(conversation, add_generation_prompt=True),
+                        return_tensors="pt")
+        assert got["input_ids"][0].tolist() == prompt.input_ids.tolist()
+        return dict(got, pixel_values=prompt.images[0].pixel_values[None])
+
+    return folder, ref, inputs
+
+
+@pytest.mark.parametrize("family, lean", [("qwen2vl", None), ("llava-next", True), ("llava-next", False)],
+                         ids=["qwen2-vl (M-RoPE, cached forward)", "llava-next (fast decode)", "llava-next (cached forward)"])
+def test_generated_image_token_is_decoded_as_text_like_transformers(tmp_path, monkeypatch, family, lean):
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.hf_import import import_hf
+    from vlmkit.model import fast_decode
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.train.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    folder, ref, reference_inputs = (_qwen2vl_case if family == "qwen2vl" else _llava_next_case)(tmp_path)
+    model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
+    if lean is not None:
+        assert fast_decode.supports(model.llm)
+        if not lean:
+            monkeypatch.setattr(fast_decode, "supports", lambda llm: False)
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(45, 71, 3, generator=g) * 255).byte().numpy())  # the 71x45 of the report
+    text = "<image>Describe." if family == "qwen2vl" else "<image>\nDescribe."  # each family's template
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", text)], [image])
+    _prefer_image_token(model, ref, prompt)
+
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=10))[0]
+    assert model.image_token_id in ours  # the case under test: the model did emit it
+    inputs = reference_inputs(model, prompt, image)
+    theirs = ref.generate(**inputs, max_new_tokens=10, do_sample=False)[0, prompt.input_ids.shape[0]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    assert ours == theirs[: next((i for i, t in enumerate(theirs) if t in stops), len(theirs))]

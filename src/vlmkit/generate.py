@@ -120,6 +120,10 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     from vlmkit.model.vlm import lm_head
 
     head = lm_head(model.llm)
+    # Generated tokens are text, whatever their ids: a model may emit its own image or video slot
+    # token, which is embedded from the LM's table like any other token (as transformers'
+    # generate does), never treated as a slot waiting for an image.
+    token_embedding = model.llm.get_input_embeddings()
     mask = batch.attention_mask
     positions = batch.position_ids
     steps = max(limits, default=0)
@@ -129,7 +133,6 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features)
         full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
         lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device, compile=cfg.compile)
-        token_embedding = model.llm.get_input_embeddings()
         logits = lean.step_logits(embeds, positions)
 
         def step_logits(token, step_positions):
@@ -137,9 +140,9 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
     else:
         state = {"mask": mask, "cache": DynamicCache()}
 
-        def forward_last(ids, step_positions, images=None, features=None):
-            out = model(ids, state["mask"], images=images, image_features=features, position_ids=step_positions,
-                        past_key_values=state["cache"], use_cache=True)
+        def forward_last(ids, step_positions):
+            out = model(ids, state["mask"], position_ids=step_positions, past_key_values=state["cache"], use_cache=True,
+                        inputs_embeds=token_embedding(ids))
             state["cache"] = out.past_key_values
             return head(out.hidden_states[:, -1])
 

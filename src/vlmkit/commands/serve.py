@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         max_request_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body.")] = 20 * 1024 * 1024,
         max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest decoded image, in pixels.")] = 16_000_000,
         max_images: Annotated[int, typer.Option(min=0, help="Most images in one request.")] = 8,
+        body_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a client has to send a request's whole body; an unfinished one gets a 408.")] = 30.0,
         max_length: Annotated[Optional[int], typer.Option(help="Prompt length limit in tokens (default: the checkpoint's train.max_length).")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
         compile_decode: Annotated[bool, typer.Option(help="Compile the decode step (CUDA graphs on a GPU; batches padded to powers of two). Each batch size compiles once, on first use.")] = False,
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         processor = build_chat_processor(model, max_length or config.train.max_length)
         settings = ServerSettings(
             model_name=model_name or checkpoint.resolve().name, api_key=api_key, allow_remote_images=allow_remote_images,
-            max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
+            max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels, max_images=max_images, body_timeout_s=body_timeout,
             max_tokens_limit=max_tokens, default_max_tokens=min(256, max_tokens), max_batch=max_batch, max_wait_ms=max_wait_ms,
             compile_decode=compile_decode, image_formats=formats, allowed_hosts=hosts, allowed_origins=list(allowed_origin or []),
         )

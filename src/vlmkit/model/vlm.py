@@ -468,11 +468,16 @@ class VisionLanguageModel(nn.Module):
         use_cache: bool = False,
         images: list | None = None,
         prefix_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> VLMOutput:
         """`prefix_mask` ((B, T) bool, the prompt of each sample: `Batch.prompt_mask`) is read by
-        the `prefix` attention rule; without it the whole uncached input is the prompt."""
+        the `prefix` attention rule; without it the whole uncached input is the prompt.
+        `inputs_embeds`: the caller's embeddings of `input_ids`, used as they are, with no fusion
+        step (generation embeds the tokens it produced as text, whatever their ids)."""
         cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
-        embeds = self.inputs_embeds(input_ids, images, image_features, pixel_values, cached=past_key_values is not None)
+        embeds = inputs_embeds
+        if embeds is None:
+            embeds = self.inputs_embeds(input_ids, images, image_features, pixel_values, cached=past_key_values is not None)
         if self.attention_rule.name != "causal" and not cached:
             from vlmkit.model.attention import decoder_mask
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -63,6 +63,9 @@ class ServerSettings:
     max_wait_ms: float = 10.0
     max_queue: int = 1024
     remote_timeout_s: float = 10.0
+    # Seconds a client has to send the whole request body once its headers arrived; a body left
+    # unfinished gets a 408 and the connection is closed.
+    body_timeout_s: float = 30.0
     # Compile the decode step (GenerationConfig.compile): a CUDA graph per power-of-two batch size.
     compile_decode: bool = False
     # Pillow formats a request's images may be in (None: images.DEFAULT_IMAGE_FORMATS).
@@ -86,12 +89,11 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 # ---- request schema ----------------------------------------------------------------------------
-# Unknown top-level fields are ignored (clients send options this server does not implement, and
-# OpenAI's own API tolerates that); everything that is read is typed.
-
-
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+# Every field of OpenAI's chat API is known and typed, and nothing else is accepted: a field this
+# server would silently ignore is refused by name, as OpenAI refuses an argument it does not know
+# (clients such as the `openai` package send only the fields their caller gave). Fields it does
+# not implement are accepted only with values that ask for nothing beyond what it does anyway
+# (UNSUPPORTED below).
 
 
 class _Strict(BaseModel):
@@ -113,16 +115,28 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-class ChatMessage(_Loose):
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    # OpenAI's other message fields; clients replaying an assistant message send them empty.
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict] | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
 
 
-class StreamOptions(_Loose):
-    include_usage: bool = False
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # no effect: this server adds no padding to chunks
 
 
-class ChatRequest(_Loose):
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
+class ChatRequest(_Strict):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -135,6 +149,81 @@ class ChatRequest(_Loose):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Not implemented: see UNSUPPORTED for the values accepted.
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None
+    function_call: Literal["none", "auto"] | dict | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Bookkeeping for the caller's side; they change nothing in the answer.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+def _never(value) -> bool:
+    return False
+
+
+# Field -> (does this value ask for nothing beyond what the server does?, the values accepted).
+# null always means "not set". Paths name message fields as `messages.K.<name>`.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "frequency_penalty": (lambda v: v == 0, "0"),
+    "presence_penalty": (lambda v: v == 0, "0"),
+    "logit_bias": (lambda v: not v, "{}"),
+    "logprobs": (lambda v: v is False, "false"),
+    "top_logprobs": (_never, "null"),
+    "response_format": (lambda v: v.type == "text", '{"type": "text"}'),
+    "tools": (lambda v: not v, "[]"),
+    "tool_choice": (lambda v: v in ("none", "auto"), '"none" or "auto" (there are no tools)'),
+    # Only meaningful with tools, which are refused.
+    "parallel_tool_calls": (lambda v: True, "true or false"),
+    "functions": (lambda v: not v, "[]"),
+    "function_call": (lambda v: v in ("none", "auto"), '"none" or "auto" (there are no functions)'),
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "audio": (_never, "null"),
+    "prediction": (_never, "null"),
+    "reasoning_effort": (_never, "null"),
+    "verbosity": (lambda v: v == "medium", '"medium"'),
+    "web_search_options": (_never, "null"),
+    "store": (lambda v: v is False, "false (nothing is stored)"),
+    "service_tier": (lambda v: v in ("auto", "default"), '"auto" or "default"'),
+}
+UNSUPPORTED_IN_MESSAGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (_never, "null"),
+    "refusal": (_never, "null"),
+    "tool_calls": (lambda v: not v, "[]"),
+    "function_call": (_never, "null"),
+    "audio": (_never, "null"),
+}
+
+
+def _unsupported(model: BaseModel, table: dict, prefix: str = "") -> None:
+    for name, (harmless, accepted) in table.items():
+        value = getattr(model, name)
+        if value is not None and not harmless(value):
+            raise APIError(400, f"Unsupported parameter: {prefix}{name} is not supported by this server; it accepts only "
+                           f"{accepted}, or leaving it out", prefix + name, "unsupported_parameter")
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    """A client's value as an error message may quote it: its first `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _where(loc: tuple) -> str:
@@ -162,7 +251,7 @@ def parse_data_uri(url: str, limit: int) -> bytes:
         raise APIError(400, "image data URIs must be base64-encoded (data:image/png;base64,...)", "messages", "invalid_image_url")
     mime = m.group("mime")
     if mime and not mime.startswith("image/"):
-        raise APIError(400, f"data URI has media type {mime!r}, not an image", "messages", "invalid_image_url")
+        raise APIError(400, f"data URI has media type {_clip(mime)!r}, not an image", "messages", "invalid_image_url")
     payload = re.sub(r"\s+", "", m.group("data"))
     if len(payload) * 3 // 4 > limit:
         raise APIError(413, f"image data is larger than the limit of {limit:,} bytes", "messages", "image_too_large")
@@ -280,7 +369,11 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif exc.status == 408:
+            headers = {"Connection": "close"}  # the rest of the body may still come: no keep-alive
         return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -323,11 +416,17 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
             raise APIError(413, f"request body is {int(declared):,} bytes, above the limit of {settings.max_request_bytes:,}", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_request_bytes:
-                raise APIError(413, f"request body is above the limit of {settings.max_request_bytes:,} bytes", code="request_too_large")
-            chunks.append(chunk)
+        try:
+            # Without a bound, a client that never finishes its body (a chunked body with no last
+            # chunk, a Content-Length never reached) holds its connection and handler forever.
+            async with asyncio.timeout(settings.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > settings.max_request_bytes:
+                        raise APIError(413, f"request body is above the limit of {settings.max_request_bytes:,} bytes", code="request_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"request body not received in full within {settings.body_timeout_s:g} s", code="request_timeout") from None
         try:
             body = json.loads(b"".join(chunks))
         except RecursionError:
@@ -351,12 +450,18 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             # A content list that fails also fails the plain-string branch of the union; the
             # error that went deepest names what is actually wrong.
             worst = max(e.errors(), key=lambda err: len(err["loc"]))
-            where = _where(worst["loc"])
-            raise APIError(400, f"invalid request: {where}: {worst['msg']}", where or None) from None
+            where = _clip(_where(worst["loc"]))
+            if worst["type"] == "extra_forbidden":
+                raise APIError(400, f"Unrecognized request argument supplied: {where}", where, "unknown_parameter") from None
+            raise APIError(400, f"invalid request: {where}: {_clip(worst['msg'], 300)}", where or None) from None
         if req.model != settings.model_name:
-            raise APIError(404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}", "model", "model_not_found")
+            raise APIError(404, f"model {_clip(req.model)!r} is not served here; this server serves {settings.model_name!r}",
+                           "model", "model_not_found")
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", "n")
+        _unsupported(req, UNSUPPORTED)
+        for k, message in enumerate(req.messages):
+            _unsupported(message, UNSUPPORTED_IN_MESSAGES, f"messages.{k}.")
         for name in ("max_completion_tokens", "max_tokens"):
             value = getattr(req, name)
             if value is not None and not 1 <= value <= settings.max_tokens_limit:
@@ -372,7 +477,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "vlmkit"}), timeout=settings.remote_timeout_s) as r:
                 data = r.read(limit + 1)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise APIError(400, f"could not fetch image {url!r}: {e}", "messages", "image_fetch_failed") from None
+            raise APIError(400, f"could not fetch image {_clip(url)!r}: {_clip(str(e), 200)}", "messages", "image_fetch_failed") from None
         if len(data) > limit:
             raise APIError(413, f"remote image is larger than {limit:,} bytes", "messages", "image_too_large")
         return data
