@@ -93,7 +93,7 @@ class ProcessorConfig(Strict):
     mean: tuple[float, float, float] = (127.0 / 255, 127.0 / 255, 127.0 / 255)
     """Per-channel mean subtracted from 0..1 pixels (the default is EfficientNet-Lite's (x - 127) / 128)."""
     std: tuple[float, float, float] = (128.0 / 255, 128.0 / 255, 128.0 / 255)
-    """Per-channel standard deviation the pixels are divided by."""
+    """Per-channel standard deviation the pixels are divided by (each > 0)."""
     resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     """Resize filter."""
     max_image_pixels: int = Field(default=64_000_000, gt=0)
@@ -254,7 +254,7 @@ class StageConfig(Strict):
     lr: float = Field(gt=0, le=MAX_LR)
     """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
     part_lr: dict[str, Annotated[float, Field(gt=0, le=MAX_LR)]] = Field(default_factory=dict)
-    """Per-part learning rates, e.g. `{llm: 2.0e-5}` while the other parts keep `lr`."""
+    """Per-part learning rates, e.g. `{llm: 2.0e-5}` while the other parts keep `lr` (each > 0, <= 1)."""
     epochs: float = Field(default=1.0, gt=0)
     """Passes over the data (fractions allowed), when `max_steps` is not set."""
     max_steps: int | None = Field(default=None, gt=0)
