@@ -283,3 +283,12 @@ def test_streamed_accumulation_trains_as_the_gathered_one(data_dir, tmp_path, mo
     assert len(streamed_grads) == len(grads)
     for a, b in zip(streamed_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_a_recipe_without_stages_is_refused_by_check_and_train(tmp_path):
+    path = tmp_path / "nostage.yaml"
+    path.write_text("train:\n  seed: 1\n")
+    for command in (["recipe", "--check"], ["train"]):
+        result = CliRunner().invoke(app, [*command, str(path)])
+        assert result.exit_code == 2, result.output
+        assert "error: the recipe has no train.stages: nothing to train" in result.output
