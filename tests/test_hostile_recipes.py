@@ -127,6 +127,10 @@ def test_non_utf8_and_malformed_recipes_name_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"override 'train\.seed=\[' is not valid YAML"):
         load_config(None, ["train.seed=["])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=r"recipe .*deep\.yaml: YAML nested too deeply"):
+        load_config(deep)
 
 
 # ---- numbers ---------------------------------------------------------------------------------

@@ -465,14 +465,13 @@ def read_yaml(text: str, source: str) -> Any:
     loader = yaml.SafeLoader(text)
     loader.name = source  # so YAML syntax errors name the file, not "<unicode string>"
     try:
-        try:
-            node = loader.get_single_node()
-        except RecursionError:
-            raise ConfigError(f"{source}: YAML nested too deeply") from None
+        node = loader.get_single_node()
         if node is None:
             return None
         _check_yaml_nodes(node, source)
         return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
     finally:
