@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+# AdamW steps each weight by about the learning rate; past 1 (or with weight decay past 1, where
+# lr * weight_decay > 1 flips the sign of every weight) no run learns anything.
+MAX_LR = 1.0
+# numpy's seeds are 32-bit (`seed_everything` seeds it with `train.seed`).
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -24,7 +31,9 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     # The docstring under each field is its description: `vlmkit recipe --schema` and
     # docs/recipes.md are generated from them, so the reference cannot drift from the code.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # Every float of every section must be finite: an `inf` learning rate or a `nan` clipping norm
+    # (`1e309` reads as inf) would otherwise train non-finite weights, or fail steps later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class VisionConfig(Strict):
@@ -79,12 +88,12 @@ class ProcessorConfig(Strict):
 
     name: str = "fixed"
     """Preprocessing family (`fixed`: one square image, as LLaVA-1.5; the others tile or keep the aspect ratio)."""
-    image_size: int = Field(default=224, gt=0)
+    image_size: int = Field(default=224, gt=0, le=16384)
     """Side of the square image (of each tile, for tiling families), in pixels."""
     mean: tuple[float, float, float] = (127.0 / 255, 127.0 / 255, 127.0 / 255)
     """Per-channel mean subtracted from 0..1 pixels (the default is EfficientNet-Lite's (x - 127) / 128)."""
     std: tuple[float, float, float] = (128.0 / 255, 128.0 / 255, 128.0 / 255)
-    """Per-channel standard deviation the pixels are divided by."""
+    """Per-channel standard deviation the pixels are divided by (each > 0)."""
     resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     """Resize filter."""
     max_image_pixels: int = Field(default=64_000_000, gt=0)
@@ -93,6 +102,13 @@ class ProcessorConfig(Strict):
     """Pillow formats decoded (None: PNG, JPEG, WEBP, GIF, BMP, TIFF); EPS is never allowed."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Family-specific settings, e.g. `fit: pad | squash | crop` for `fixed`."""
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v):
+        if any(s <= 0 for s in v):
+            raise ValueError(f"every std must be > 0 (pixels are divided by it), got {list(v)}")
+        return v
 
     @field_validator("image_formats")
     @classmethod
@@ -169,7 +185,7 @@ class LoraConfig(Strict):
 
     parts: list[str] = Field(default_factory=lambda: ["llm"])
     """Parts that get adapters (each must also be listed in the stage's `trainable`)."""
-    r: int = Field(default=16, gt=0)
+    r: int = Field(default=16, gt=0, le=16384)
     """Adapter rank."""
     alpha: float = Field(default=32.0, gt=0)
     """Scaling: the update is B A * alpha / r."""
@@ -235,23 +251,23 @@ class StageConfig(Strict):
         return self.data if isinstance(self.data, str) else ", ".join(f"{s.path} ({s.weight:g})" for s in self.data)
     trainable: list[str]
     """Parts that train in this stage; the rest are frozen: any of `vision`, `connector`, `llm`, `cross_attention`."""
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, le=MAX_LR)
     """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
-    part_lr: dict[str, float] = Field(default_factory=dict)
-    """Per-part learning rates, e.g. `{llm: 2.0e-5}` while the other parts keep `lr`."""
+    part_lr: dict[str, Annotated[float, Field(gt=0, le=MAX_LR)]] = Field(default_factory=dict)
+    """Per-part learning rates, e.g. `{llm: 2.0e-5}` while the other parts keep `lr` (each > 0, <= 1)."""
     epochs: float = Field(default=1.0, gt=0)
     """Passes over the data (fractions allowed), when `max_steps` is not set."""
     max_steps: int | None = Field(default=None, gt=0)
     """Optimizer steps; overrides `epochs`."""
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=8, gt=0, le=65536)
     """Samples per micro-batch (global: under torchrun each rank takes its share)."""
-    grad_accum: int = Field(default=1, gt=0)
-    """Micro-batches per optimizer step."""
+    grad_accum: int = Field(default=1, gt=0, le=65536)
+    """Micro-batches per optimizer step (each is read, run forward and backward in turn)."""
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     """Share of the steps spent warming the learning rate up."""
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
     """AdamW weight decay (biases and norms get none)."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Gradient clipping norm; null: no clipping."""
     loss: Literal["sft", "dpo", "embed-align"] = "sft"
     """`sft`: next-token loss on the assistant turns; `dpo`: preference pairs (TRL, RLAIF-V or
@@ -267,7 +283,7 @@ class StageConfig(Strict):
     packing: bool = False
     """Pack each micro-batch's samples into rows of at most `pack_length` tokens (samples in a
     row cannot attend to each other); the loss is the same as unpacked."""
-    pack_length: int | None = Field(default=None, gt=0)
+    pack_length: int | None = Field(default=None, gt=0, le=2**20)
     """Row length for packing (default: `train.max_length`)."""
     max_images_per_pack: int | None = Field(default=None, gt=0)
     """Most images in one packed row."""
@@ -311,7 +327,7 @@ class TrainEvalConfig(Strict):
     """Evaluate the first this many items (a fixed slice, the same every time); null: all."""
     max_new_tokens: int | None = Field(default=None, gt=0)
     """Generation length; null: the benchmark's default."""
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, le=65536)
     """Prompts generated together."""
     stages: list[str] | None = None
     """The stages that run the checks; null: every stage. (A stage that does not teach the
@@ -325,11 +341,11 @@ class TrainConfig(Strict):
     """The stages by name, run in the order they are written."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: autocast the forward pass to bfloat16 (weights and optimizer stay fp32)."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     """Seed of the model's random parts and of the data order."""
     device: str = "cpu"
     """Torch device: `cpu`, `cuda`, `cuda:1` ... (`vlmkit train --device` sets it)."""
-    max_length: int = Field(default=512, gt=0)
+    max_length: int = Field(default=512, gt=0, le=2**20)
     """Context length in tokens; a longer sample is an error naming it (image tokens are never truncated)."""
     output_dir: str = "runs/default"
     """Where checkpoints (`checkpoints/<stage>`) and `metrics.jsonl` go; relative to the working directory."""
@@ -346,8 +362,9 @@ class TrainConfig(Strict):
     """Save a resumable checkpoint every this many steps (null: only at the end of each stage)."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes that read and encode samples while the model trains (0: in the
-    training process). The batches, and so the run, are the same for any number."""
-    prefetch: int = Field(default=2, gt=0)
+    training process). The batches, and so the run, are the same for any number. More than the
+    CPUs this process may use is capped at that count, with a warning."""
+    prefetch: int = Field(default=2, gt=0, le=64)
     """Micro-batches each worker prepares ahead."""
     cache_frozen_vision: bool = True
     """Run a frozen vision tower outside the autograd graph, and keep its features in
@@ -434,6 +451,76 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# Nodes that YAML aliases (`*name`, `<<: *name`) may add to a recipe by repeating what they
+# name: ample for sharing settings between stages, far below an alias bomb ("billion laughs"),
+# where a few hundred bytes expand to billions of nodes.
+MAX_ALIAS_NODES = 10_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, but refusing what it lets through silently: a key given twice in one
+    mapping (the last would win, dropping the first's contents), aliases that expand past
+    MAX_ALIAS_NODES or refer to themselves. Errors are ConfigErrors naming `source` and the line."""
+    loader = yaml.SafeLoader(text)
+    loader.name = source  # so YAML syntax errors name the file, not "<unicode string>"
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_nodes(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_nodes(root: yaml.Node, source: str) -> None:
+    """Walk the composed document once (an aliased node is walked at its first use only) and
+    refuse duplicate keys, recursive aliases and alias expansion past the budget."""
+    sizes: dict[yaml.Node, int] = {}  # node -> nodes it expands to, once walked
+    open_nodes: set[yaml.Node] = set()
+    added = 0
+
+    def line(node: yaml.Node) -> int:
+        return node.start_mark.line + 1
+
+    def walk(node: yaml.Node, path: str) -> int:
+        nonlocal added
+        if node in sizes:  # an alias: it repeats everything under the node it names
+            added += sizes[node]
+            if added > MAX_ALIAS_NODES:
+                raise ConfigError(f"{source}: YAML aliases expand the recipe by more than {MAX_ALIAS_NODES} nodes "
+                                  f"(at {path or 'the top level'}, an alias of line {line(node)}); write the values out instead")
+            return sizes[node]
+        if node in open_nodes:
+            raise ConfigError(f"{source}: line {line(node)}: a YAML alias at {path or 'the top level'} refers to itself")
+        open_nodes.add(node)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                total += walk(child, f"{path}[{i}]")
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                dotted = f"{path}.{name}" if path else name
+                if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                    if name in first_line:
+                        raise ConfigError(f"{source}: line {line(key)}: duplicate key {dotted!r} "
+                                          f"(first given at line {first_line[name]}; YAML would silently keep only the last)")
+                    first_line[name] = line(key)
+                total += walk(key, path) + walk(value, dotted)
+        open_nodes.discard(node)
+        sizes[node] = total
+        return total
+
+    walk(root, "")
+
+
 def load_config(
     recipe: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -452,17 +539,23 @@ def load_config(
     if isinstance(recipe, (str, Path)):
         source = str(recipe)
         try:
-            base = yaml.safe_load(Path(recipe).read_text()) or {}
+            text = Path(recipe).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"recipe file not found: {Path(recipe).resolve()}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {recipe} is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {recipe} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        base = read_yaml(text, f"recipe {recipe}") or {}
         if not isinstance(base, dict):
             raise ConfigError(f"recipe {recipe} must be a mapping at the top level")
         recipe_dir = Path(recipe).resolve().parent
     elif isinstance(recipe, dict):
         source = "dict"
         base = recipe
+    for override in overrides:
+        # OmegaConf reads each value as YAML; checked here first, so that a bad one is a
+        # ConfigError naming it (and older OmegaConf releases do not bound aliases).
+        if "=" in override:
+            read_yaml(override.split("=", 1)[1], f"override {override!r}")
     try:
         override_tree = OmegaConf.from_dotlist(list(overrides))
         merged = OmegaConf.merge(OmegaConf.create(base), override_tree)

@@ -19,7 +19,9 @@ HEADER = """# Recipe reference
 
 A recipe is a YAML file with two sections, `model` and `train`. Every key below can also be
 given on the command line as `KEY=VALUE` (`vlmkit train my.yaml train.stages.sft.lr=1e-4`);
-a misspelt key is an error that suggests the closest real one. `vlmkit recipe --template`
+a misspelt key is an error that suggests the closest real one; so is a key given twice in one
+mapping. Every number must be finite and within the bounds below; YAML aliases may repeat at
+most 10000 nodes in all. `vlmkit recipe --template`
 writes a commented recipe for training on your own LLaVA-format data.
 
 This page is generated from the code (`vlmkit recipe --schema > docs/recipes.md`); a test

@@ -202,9 +202,25 @@ class SequentialSampler:
         return (self.n + self.batch_size - 1) // self.batch_size
 
 
+def usable_workers(requested: int) -> int:
+    """`train.num_workers`, capped at the CPUs this process may run on: each worker is a whole
+    process with its own copy of the data pipeline, so a mistyped 100000 would otherwise spawn
+    processes until memory ran out. The batches are the same for any number of workers."""
+    import os
+    import warnings
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cpus:
+        warnings.warn(f"train.num_workers={requested} is more than the {cpus} CPU(s) this process may use; "
+                      f"using {cpus} workers", stacklevel=3)
+        return cpus
+    return requested
+
+
 def make_loader(dataset: StageDataset, sampler, num_workers: int, pin_memory: bool, prefetch: int = 2):
     """A DataLoader over whole micro-batches. Its own generator, so creating it never draws from
     the global RNG (which a resumed run restores and must find untouched)."""
+    num_workers = usable_workers(num_workers)
     kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
     if num_workers > 0:
         # Forked workers must not use the tokenizer's thread pool (tokenizers warns, and could deadlock).

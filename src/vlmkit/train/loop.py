@@ -13,6 +13,7 @@ SIGTERM finishes the current step, saves, and exits with status 143.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import signal
@@ -41,6 +42,10 @@ from vlmkit.train.preflight import StageData
 from vlmkit.train.stages import apply_stage, make_optimizer
 from vlmkit.train.telemetry import FlopModel, Telemetry, peak_flops
 from vlmkit.utils import JsonlLogger, seed_everything
+
+# Micro-batches of one optimizer step read before its first forward (see the step loop); a
+# longer `grad_accum` streams its micro-batches instead of holding them all.
+GATHERED_MICRO_BATCHES = 32
 
 # Exit status after a SIGTERM-triggered save: the conventional 128 + SIGTERM.
 PREEMPTED_EXIT = 128 + signal.SIGTERM
@@ -333,12 +338,20 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         while step < total_steps:
             telemetry.reset()
             optimizer.zero_grad(set_to_none=True)
-            micro = [data_in.next() for _ in range(stage.grad_accum)]
-            # The whole step's count (all micro-batches, all ranks), known before any backward.
-            (normaliser,) = dist.all_sum([objective.local_normaliser(micro)])
+            # A step of up to GATHERED_MICRO_BATCHES micro-batches is read whole first, so its count
+            # (all micro-batches, all ranks) is known before any backward and scales each one. A
+            # longer accumulation streams: each micro-batch is read, run and let go in turn, and the
+            # summed gradients are divided by the count once it is known (the same up to rounding).
+            ahead = collections.deque(data_in.next() for _ in range(min(stage.grad_accum, GATHERED_MICRO_BATCHES)))
+            streamed = len(ahead) < stage.grad_accum
+            normaliser = 1.0 if streamed else dist.all_sum([objective.local_normaliser(list(ahead))])[0]
+            streamed_normaliser, loss_sums = 0.0, []
             stats = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "images": 0.0, "supervised": 0.0, "flops": 0.0,
                      "chosen_reward": 0.0, "rejected_reward": 0.0, "reward_accuracy": 0.0, "units": 0.0}
-            for m, mb in enumerate(micro):
+            for m in range(stage.grad_accum):
+                mb = ahead.popleft() if ahead else data_in.next()
+                if streamed:
+                    streamed_normaliser += objective.local_normaliser([mb])
                 if mb.batch is None:
                     if dist.enabled:
                         raise RuntimeError(f"stage {name} step {step + 1}: every record of this rank's share of a micro-batch was "
@@ -346,11 +359,11 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
                     continue
                 batch = on_device(mb)
                 telemetry.data_done()
-                with dist.strategy.no_sync(wrapped, last=m == len(micro) - 1), autocast:
+                with dist.strategy.no_sync(wrapped, last=m == stage.grad_accum - 1), autocast:
                     loss_sum, n_targets = objective.loss(wrapped, model, batch, mb, stats)
                 # DDP and FSDP average gradients over ranks; the world-size factor undoes that.
                 (loss_sum * (dist.world_size / max(1, normaliser))).backward()
-                stats["loss"] += float(loss_sum.detach()) / max(1, normaliser)
+                loss_sums.append(float(loss_sum.detach()))
                 lengths = [int(x) for x in torch.bincount(batch.segments[batch.segments >= 0], minlength=len(batch.ids))]
                 stats["tokens"] += sum(lengths)
                 stats["padded"] += batch.input_ids.numel() - sum(lengths)
@@ -359,6 +372,11 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
                 stats["units"] += len(mb.indices)
                 stats["flops"] += flop_model.step_flops(lengths, int(n_targets.sum()), batch.num_images)
                 telemetry.compute_done()
+            if streamed:
+                (normaliser,) = dist.all_sum([streamed_normaliser])
+                _divide_gradients(optimizer, max(1, normaliser))
+            for loss_sum in loss_sums:
+                stats["loss"] += loss_sum / max(1, normaliser)
             grad_norm = _clip(model, optimizer, stage.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"stage {name} step {step}: non-finite gradient norm ({grad_norm})")
@@ -445,6 +463,13 @@ def _load_weights(model, directory: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, load_file(str(directory / ckpt.WEIGHTS)), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _divide_gradients(optimizer, divisor: float) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.div_(divisor)
 
 
 def _clip(model, optimizer, max_norm: float | None) -> torch.Tensor:

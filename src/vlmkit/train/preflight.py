@@ -93,6 +93,9 @@ def check_model(config: Config) -> None:
 
 def check_data(config: Config) -> dict[str, StageData]:
     """Every stage's data, checked; raises `DataError` on the first stage that cannot be trained."""
+    if not config.train.stages:
+        # A run that trains nothing must not look like one that succeeded.
+        raise DataError("the recipe has no train.stages: nothing to train")
     return {name: check_stage_data(name, stage, config.train.on_bad_record) for name, stage in config.train.stages.items()}
 
 
