@@ -273,7 +273,7 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     """
     from transformers import LlavaForConditionalGeneration
 
-    from vlmkit.hf_import import auto_config, check_in_vocab, load_tokenizer, read_weights
+    from vlmkit.hf_import import auto_config, check_in_vocab, check_weight_files, load_tokenizer, warn_non_finite
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.train.checkpoint import save_checkpoint
 
@@ -306,15 +306,16 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(image_processor.get("resample", 3), "bicubic")
     image_token = processor_cfg.get("image_token", "<image>")
 
-    # The common reader checks the safetensors files first (inside the folder, float weights, as
-    # large as the config says, readable) and names a bad one; transformers then loads them,
+    # The safetensors files are checked from their headers first (inside the folder, float
+    # weights, as large as the config says) and a bad one is named; transformers then loads them,
     # safetensors only: it would otherwise fall back to unpickling pytorch_model.bin.
-    read_weights(folder)
+    check_weight_files(folder)
     try:
         llava = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
                                                               use_safetensors=True).eval()
-    except Exception as e:  # a shape or key mismatch transformers finds after the checks above
+    except Exception as e:  # a corrupt file, or a shape or key mismatch transformers finds
         raise ExportError(f"{folder}: the LLaVA weights do not load ({type(e).__name__}: {e})") from None
+    warn_non_finite(folder, llava.state_dict())
     tokenizer = load_tokenizer(folder)
     check_in_vocab(tokenizer, image_token, f"{folder} (processor_config.json image_token)")
     template = _usable_template(_chat_template(folder, tokenizer), tokenizer, image_token, _template_source(folder))

@@ -222,12 +222,30 @@ _INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors weights (single file or sharded index).
+    """Every tensor of the folder's safetensors weights (single file or sharded index), after
+    `check_weight_files`; weights holding NaN or infinities are imported with a warning naming
+    them."""
+    from safetensors import SafetensorError, safe_open
 
-    Before any tensor is read, the files' headers are checked: every file inside the folder,
-    float dtypes for weights, and enough weights for what config.json describes (a config that
-    claims a far larger model than the files hold is refused before anything that size is built).
-    Weights holding NaN or infinities are imported with a warning naming them."""
+    files = check_weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                loaded = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ExportError(f"weight file {path} cannot be read, truncated or corrupt? ({e})") from None
+        warn_non_finite(path, loaded)
+        state |= loaded
+    return state
+
+
+def check_weight_files(folder: Path) -> list[str]:
+    """The folder's safetensors files, checked from their headers before any tensor is read:
+    every file inside the folder, float dtypes for weights, every indexed tensor present, and
+    enough weights for what config.json describes (a config claiming a far larger model than
+    the files hold is refused before anything that size is built)."""
     from safetensors import SafetensorError, safe_open
 
     index, weight_map, files = _weight_files(folder)
@@ -252,21 +270,12 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if absent:
             raise ExportError(f"{index}: {len(absent)} tensors listed but absent from their files, e.g. {absent[:3]}")
     check_config_fits_weights(folder, shapes)
-
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = folder / name
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                loaded = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ExportError(f"weight file {path} cannot be read, truncated or corrupt? ({e})") from None
-        _warn_non_finite(path, loaded)
-        state |= loaded
-    return state
+    return files
 
 
-def _warn_non_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def warn_non_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A warning naming the tensors (of the file or folder `path`) holding NaN or infinities: a
+    model trained into NaN still imports, but should not pass unnoticed."""
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         import warnings
@@ -335,6 +344,18 @@ def load_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, sour
               optional: tuple[str, ...] = ("position_ids", "rotary", "inv_freq")) -> None:
     """Copy `state` into `module`; every missing, unexpected or mis-shaped tensor is an error
     naming it as the folder names it."""
+    check_part(module, state, what, source_prefix, optional)
+    target = module.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in target:
+                target[key].copy_(value.to(target[key].dtype))
+
+
+def check_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, source_prefix: str = "",
+               optional: tuple[str, ...] = ("position_ids", "rotary", "inv_freq")) -> None:
+    """`load_part`'s checks without the copy: works on a module built on the meta device, so a
+    config is compared with the weights before a model its size is allocated."""
     target = module.state_dict()
     missing = [k for k in target if k not in state and not any(o in k for o in optional)]
     unexpected = [k for k in state if k not in target and not any(o in k for o in optional)]
@@ -342,14 +363,12 @@ def load_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, sour
         raise ExportError(f"{what}: the folder lacks tensors the config needs: {[source_prefix + k for k in missing[:5]]}")
     if unexpected:
         raise ExportError(f"{what}: tensors the config has no place for: {[source_prefix + k for k in unexpected[:5]]}")
-    with torch.no_grad():
-        for key, value in state.items():
-            if key not in target:
-                continue
-            if tuple(target[key].shape) != tuple(value.shape):
-                raise ExportError(f"{what}: tensor {source_prefix + key} has shape {tuple(value.shape)}, "
-                                  f"but config.json implies {tuple(target[key].shape)}")
-            target[key].copy_(value.to(target[key].dtype))
+    for key, value in state.items():
+        if key in target and tuple(target[key].shape) != tuple(value.shape):
+            raise ExportError(f"{what}: tensor {source_prefix + key} has shape {tuple(value.shape)}, "
+                              f"but config.json implies {tuple(target[key].shape)}")
+        if key in target and target[key].is_floating_point() and not value.is_floating_point():
+            raise ExportError(f"{what}: tensor {source_prefix + key} is {value.dtype}, where a floating-point weight belongs")
 
 
 def _image_processor_settings(folder: Path) -> dict:
@@ -482,8 +501,11 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
         text_cfg.tie_word_embeddings = tied
         if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
             llm_state.pop("lm_head.weight", None)
+        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+            check_part(MRopeCausalLM(text_cfg), llm_state, "language model", optional=optional)
         llm = MRopeCausalLM(text_cfg)
-        load_part(llm, llm_state, "language model", optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
+        load_part(llm, llm_state, "language model", optional=optional)
         save_mrope_llm(llm, tokenizer, staged_llm)
         del llm
         vision_dict = _hf_config_dict(vision_cfg)
@@ -546,8 +568,11 @@ def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
     text_cfg.tie_word_embeddings = tied
     if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+    with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+        check_part(AutoModelForCausalLM.from_config(text_cfg), state, "language model", optional=optional)
     causal = AutoModelForCausalLM.from_config(text_cfg).eval()
-    load_part(causal, state, "language model", optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
+    load_part(causal, state, "language model", optional=optional)
     if tied:
         causal.tie_weights()
     return causal

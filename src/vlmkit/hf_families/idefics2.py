@@ -24,10 +24,10 @@ import torch
 
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
-from vlmkit.hf_import import (HFFamily, auto_config, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
+from vlmkit.hf_import import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
                               _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
-                              build_imported, load_part, max_positions, read_hf_config, read_weights, register_family, split_state,
-                              stage_llm)
+                              auto_config, build_imported, load_part, max_positions, read_hf_config, read_weights,
+                              register_family, split_state, stage_llm)
 
 TOWER = "idefics2-vision"
 

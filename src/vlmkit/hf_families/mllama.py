@@ -22,9 +22,9 @@ import torch
 
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict
-from vlmkit.hf_import import (HFFamily, auto_config, _atomic_folder, _generation_config, _image_processor_settings, _plain_template, _resample,
-                              _staging, _tokenizer, _write_checkpoint, build_imported, load_part, max_positions, read_hf_config,
-                              read_weights, register_family, split_state)
+from vlmkit.hf_import import (HFFamily, _atomic_folder, _generation_config, _image_processor_settings, _plain_template, _resample,
+                              _staging, _tokenizer, _write_checkpoint, auto_config, build_imported, load_part, max_positions,
+                              read_hf_config, read_weights, register_family, split_state)
 
 IMAGE_TOKEN = "<|image|>"
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
