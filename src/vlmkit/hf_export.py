@@ -266,14 +266,15 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     referenced by absolute path, so its tokenizer, and with it the image token id, come from
     there); the vision tower and projector are checkpoint weights.
     """
-    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
+    from vlmkit.hf_import import auto_config, check_in_vocab, check_weight_files, load_tokenizer, warn_non_finite
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.train.checkpoint import save_checkpoint
 
     offline()
     folder, out = Path(folder), Path(out).resolve()
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     if cfg.model_type != "llava":
         raise ExportError(f"{folder} holds a {cfg.model_type!r} model; import supports LLaVA (LlavaForConditionalGeneration)")
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
@@ -300,9 +301,19 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(image_processor.get("resample", 3), "bicubic")
     image_token = processor_cfg.get("image_token", "<image>")
 
-    llava = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    template = _usable_template(_chat_template(folder, tokenizer), tokenizer, image_token)
+    # The safetensors files are checked from their headers first (inside the folder, float
+    # weights, as large as the config says) and a bad one is named; transformers then loads them,
+    # safetensors only: it would otherwise fall back to unpickling pytorch_model.bin.
+    check_weight_files(folder)
+    try:
+        llava = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
+                                                              use_safetensors=True).eval()
+    except Exception as e:  # a corrupt file, or a shape or key mismatch transformers finds
+        raise ExportError(f"{folder}: the LLaVA weights do not load ({type(e).__name__}: {e})") from None
+    warn_non_finite(folder, llava.state_dict())
+    tokenizer = load_tokenizer(folder)
+    check_in_vocab(tokenizer, image_token, f"{folder} (processor_config.json image_token)")
+    template = _usable_template(_chat_template(folder, tokenizer), tokenizer, image_token, _template_source(folder))
     if template:
         tokenizer.chat_template = template
 
@@ -358,12 +369,63 @@ def _causal_lm(llava, text_cfg):
 
 def _chat_template(folder: Path, tokenizer) -> str | None:
     """The processor's chat template if the folder has one (LLaVA folders keep it there)."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        path = folder / name
-        if path.is_file():
-            text = path.read_text()
-            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    jinja, packed = folder / "chat_template.jinja", folder / "chat_template.json"
+    if jinja.is_file():
+        try:
+            return jinja.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ExportError(f"{jinja} is not UTF-8 text (byte {e.start})") from None
+    if packed.is_file():
+        template = _read_json(packed).get("chat_template")
+        if not isinstance(template, str):
+            raise ExportError(f"{packed}: chat_template must be a string, not {json.dumps(template)[:80]}")
+        return template
     return tokenizer.chat_template
+
+
+def _template_source(folder: Path) -> str:
+    """The file the folder's chat template comes from, for error messages."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return f"{folder / 'tokenizer_config.json'} (chat_template)"
+
+
+class TemplateTimeout(ExportError):
+    """A chat template that renders a two-turn probe for longer than any real one needs."""
+
+
+# Rendering a real chat template takes milliseconds; a template with nested huge loops would hold
+# import-hf forever.
+TEMPLATE_SECONDS = 5.0
+
+
+class _TemplateClock:
+    """A time budget shared by every probe render of one template. Rendering runs jinja's compiled
+    Python, so a trace function can stop it in any thread (a signal could not): each traced event
+    checks the deadline and raises TemplateTimeout inside the render."""
+
+    def __init__(self, source: str, seconds: float = TEMPLATE_SECONDS):
+        import time
+
+        self.source, self.seconds, self.deadline = source, seconds, time.monotonic() + seconds
+
+    def render(self, tokenizer, messages, template: str) -> str:
+        import sys
+        import time
+
+        def trace(frame, event, arg):
+            if time.monotonic() > self.deadline:
+                raise TemplateTimeout(f"{self.source}: the chat template did not render a two-turn probe in {self.seconds:g} s "
+                                      "(runaway loops?); fix or remove it")
+            return trace
+
+        previous = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        finally:
+            sys.settrace(previous)
 
 
 # LLaVA processor templates iterate over content parts; vlmkit renders plain-string contents
@@ -416,14 +478,16 @@ def _plain_of_image_parts(template: str) -> str | None:
     return template.split(head, 1)[1].rsplit(tail, 1)[0]
 
 
-def _needs_image_parts(template: str, chosen: str | None, tokenizer, image_token: str) -> str | None:
+def _needs_image_parts(template: str, chosen: str | None, tokenizer, image_token: str, clock: _TemplateClock) -> str | None:
     """The image-parts wrapper, where the template renders a turn that starts with an image
     differently from the same turn as one string (and the wrapper reproduces the parts exactly)."""
     from vlmkit.processing.prompt import IMAGE_PART_MARK
 
     def render(messages, candidate):
         try:
-            return tokenizer.apply_chat_template(messages, chat_template=candidate, tokenize=False, add_generation_prompt=True)
+            return clock.render(tokenizer, messages, candidate)
+        except TemplateTimeout:
+            raise
         except Exception:  # a template that cannot render the input raises inside jinja
             return None
 
@@ -441,35 +505,128 @@ def _needs_image_parts(template: str, chosen: str | None, tokenizer, image_token
     return candidate if marked == listed else None
 
 
-def _usable_template(template: str | None, tokenizer, image_token: str) -> str | None:
+def _usable_template(template: str | None, tokenizer, image_token: str, source: str = "the folder's chat template") -> str | None:
     """The template as is if it renders string contents, else wrapped so that it does; wrapped to
-    read images as content parts where a turn's leading image changes the rendering."""
+    read images as content parts where a turn's leading image changes the rendering. `source`
+    (the file it came from) names it in errors; rendering is bounded in time (TEMPLATE_SECONDS)."""
     if not template:
         return None
+    if not isinstance(template, str):
+        raise ExportError(f"{source}: several named chat templates; vlmkit imports one")
+    clock = _TemplateClock(source)
     try:
-        chosen = _string_template(template, tokenizer, image_token)
+        chosen = _string_template(template, tokenizer, image_token, clock)
+    except TemplateTimeout:
+        raise
     except ExportError:
         chosen = None
-    parts = _needs_image_parts(template, chosen, tokenizer, image_token)
+    parts = _needs_image_parts(template, chosen, tokenizer, image_token, clock)
     if parts:
         return parts
     if chosen is None:
-        raise ExportError("the folder's chat template renders neither plain-string nor content-list messages with text intact")
+        raise ExportError(f"{source}: the chat template renders neither plain-string nor content-list messages with text intact")
     return chosen
 
 
-def _string_template(template: str, tokenizer, image_token: str) -> str:
+def _string_template(template: str, tokenizer, image_token: str, clock: _TemplateClock | None = None) -> str:
     """The template as is if it renders string contents, else wrapped so that it does."""
+    clock = clock or _TemplateClock("the folder's chat template")
     probe = [{"role": "user", "content": f"A{image_token}B"}]
     for candidate in (template, _STRING_TO_PARTS_PREAMBLE + template):
         try:
-            text = tokenizer.apply_chat_template(probe, chat_template=candidate, tokenize=False, add_generation_prompt=True)
+            text = clock.render(tokenizer, probe, candidate)
+        except TemplateTimeout:
+            raise
         except Exception:  # a template that cannot render strings raises inside jinja
             continue
         if f"A{image_token}B" in text:
             return candidate
-    raise ExportError("the folder's chat template renders neither plain-string nor content-list messages with text intact")
+    raise ExportError(f"{clock.source}: the chat template renders neither plain-string nor content-list messages with text intact")
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_json(path: Path, required: bool = False) -> dict:
+    """A JSON object file of a model folder ({} when absent, unless `required`). Whatever is wrong
+    with it (not UTF-8, not JSON, nested past Python's recursion limit, not an object) is an
+    ExportError naming the file."""
+    if not path.is_file():
+        if required:
+            raise ExportError(f"{path} is missing")
+        return {}
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ExportError(f"{path} is not UTF-8 text (byte {e.start}): not a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ExportError(f"{path} nests too deeply to be a model's JSON file") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    if path.name in _PROCESSOR_FILES:
+        _check_processor_fields(path, value)
+    return value
+
+
+# Processor files and the types of the fields importers read from them (types checked where
+# read, so a hand-edited or hostile file fails naming its field, not with a TypeError later).
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+_INT_FIELDS = {"merge_size", "temporal_patch_size", "min_pixels", "max_pixels", "min_patches", "max_patches", "image_seq_length",
+               "image_seq_len", "resample", "max_image_tiles", "num_frames", "min_frames", "max_frames", "spatial_merge_size",
+               "num_query_tokens", "longest_edge", "shortest_edge", "height", "width"}
+_SIZE_FIELDS = {"size", "crop_size", "max_image_size", "video_size", "patch_size"}  # an int or {edge name: int}
+_NUMBER_FIELDS = {"fps", "padding_value"}
+_NUMBERS_FIELDS = {"image_mean", "image_std"}  # a number or a list of numbers
+_BOOL_FIELDS = {"do_image_splitting", "do_pad", "do_center_crop", "crop_to_patches", "use_thumbnail", "do_sample_frames",
+                "do_pan_and_scan"}
+_STR_FIELDS = {"image_token", "video_token", "padding_mode"}
+_OBJECT_FIELDS = {"image_processor", "video_processor", "video_sampling"}
+# No real processor comes near this many pixels (16384 x 16384) or pixels per edge; larger values
+# would have vlmkit allocate terabytes for one image.
+MAX_PROCESSOR_INT = 1 << 28
+
+
+def _check_processor_fields(path: Path, settings: dict, where: str = "") -> None:
+    import math
+
+    def bad(key, value, what):
+        shown = json.dumps(value)
+        raise ExportError(f"{path}: {where}{key} must be {what}, not {shown[:80]}{'...' if len(shown) > 80 else ''}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def check_int(key, value):
+        if not is_int(value) or not 0 <= value <= MAX_PROCESSOR_INT:
+            bad(key, value, f"an integer from 0 to {MAX_PROCESSOR_INT}")
+
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if key in _INT_FIELDS:
+            check_int(key, value)
+        elif key in _SIZE_FIELDS:
+            if isinstance(value, dict):
+                for edge, n in value.items():
+                    if n is not None:
+                        check_int(f"{key}.{edge}", n)
+            else:
+                check_int(key, value)
+        elif key in _NUMBER_FIELDS and not is_number(value):
+            bad(key, value, "a finite number")
+        elif key in _NUMBERS_FIELDS and not (is_number(value) or (isinstance(value, list) and value and all(map(is_number, value)))):
+            bad(key, value, "a number or a list of numbers")
+        elif key in _BOOL_FIELDS and not isinstance(value, bool):
+            bad(key, value, "true or false")
+        elif key in _STR_FIELDS and not (isinstance(value, str) and value):
+            bad(key, value, "a non-empty string")
+        elif key == "image_grid_pinpoints" and not (isinstance(value, list) and all(
+                isinstance(p, list) and len(p) == 2 and all(is_int(x) and 0 < x <= MAX_PROCESSOR_INT for x in p) for p in value)):
+            bad(key, value, "a list of [height, width] pairs")
+        elif key in _OBJECT_FIELDS:
+            if not isinstance(value, dict):
+                bad(key, value, "an object")
+            _check_processor_fields(path, value, f"{where}{key}.")
+

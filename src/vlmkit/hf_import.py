@@ -50,7 +50,7 @@ from torch import nn
 
 from vlmkit.config import load_config
 from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _plain_of_image_parts,
-                              _read_json, _usable_template, export_llava, import_llava)
+                              _read_json, _template_source, _usable_template, export_llava, import_llava)
 from vlmkit.output_folder import claim_output, publish, staging_folder
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
@@ -137,36 +137,122 @@ def read_hf_config(folder: Path) -> dict:
         raise ExportError(f"{folder} is not a folder")
     if not path.is_file():
         raise ExportError(f"{folder} has no config.json: not a Hugging Face model folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path} is not valid JSON ({e})") from None
+    cfg = _read_json(path)
     if "auto_map" in cfg:
         # auto_map points at Python files in the folder that transformers would import and run.
         raise ExportError(f"{path} has an auto_map: the model needs trust_remote_code (its own Python code), "
                           "which vlmkit never runs. Supported families: " + supported_families())
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED:
         raise ExportError(f"{path}: model_type {model_type!r} (architectures {cfg.get('architectures')}) is not supported; "
                           "vlmkit imports: " + supported_families())
     return cfg
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors weights (single file or sharded index)."""
-    from safetensors import SafetensorError, safe_open
+def auto_config(folder: Path):
+    """transformers' config object for the folder (read_hf_config has vetted the file); a field of
+    the wrong type is an ExportError naming config.json, not transformers' own exception."""
+    from transformers import AutoConfig
 
+    read_hf_config(folder)
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises TypeError, ValueError, AttributeError, KeyError ... for odd fields
+        raise ExportError(f"{folder / 'config.json'}: transformers cannot build the config ({type(e).__name__}: {e})") from None
+
+
+# The JSON files a tokenizer folder may hold; each is checked (readable, an object) before
+# transformers parses it, so a broken one is named.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer; a broken tokenizer file is an ExportError naming it."""
+    from transformers import AutoTokenizer
+
+    for name in _TOKENIZER_FILES:
+        _read_json(folder / name)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers / tokenizers raise several types for a missing or broken tokenizer
+        present = [n for n in _TOKENIZER_FILES if (folder / n).is_file()]
+        raise ExportError(f"{folder}: the tokenizer does not load from {present or 'its files'} ({type(e).__name__}: {e})") from None
+
+
+def check_in_vocab(tokenizer, token: str, source: str) -> None:
+    """An image / video token the tokenizer does not know would become the unknown token (or an
+    error deep in the model build): refuse it naming where it came from."""
+    if not isinstance(token, str) or token not in tokenizer.get_vocab():
+        raise ExportError(f"{source}: the image token {token!r} is not in the tokenizer's vocabulary")
+
+
+def _weight_files(folder: Path) -> tuple[Path | None, dict | None, list[str]]:
+    """(index file or None, its weight_map or None, the weight files), each file checked to stay
+    inside the folder."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").is_file():
-        weight_map, files = None, ["model.safetensors"]
-    else:
-        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-        hint = f" (it has {pickled}: pickled weights, which vlmkit never loads; convert them to safetensors)" if pickled else ""
-        raise ExportError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+            raise ExportError(f"{index}: weight_map must be an object of tensor name -> file name, not {json.dumps(weight_map)[:80]}")
+        for key, name in weight_map.items():
+            _inside(folder, name, f"{index}: weight_map entry {key!r} -> {name!r}")
+        return index, weight_map, sorted(set(weight_map.values()))
+    if (folder / "model.safetensors").is_file():
+        _inside(folder, "model.safetensors", f"{folder / 'model.safetensors'}")
+        return None, None, ["model.safetensors"]
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (it has {pickled}: pickled weights, which vlmkit never loads; convert them to safetensors)" if pickled else ""
+    raise ExportError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _inside(folder: Path, name: str, what: str) -> Path:
+    """`folder / name`, refused where it leads outside the folder: an absolute path, `..`, or a
+    symlink whose target lies elsewhere. A Hugging Face cache snapshot's files are links into the
+    same repository's `blobs/`, which is accepted."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ExportError(f"{what}: points outside {folder}; weight files must be inside the model folder")
+    root = folder.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    real = (folder / name).resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        raise ExportError(f"{what}: resolves to {real}, outside {folder}; weight files must be inside the model folder")
+    return folder / name
+
+
+# Integer tensors a float model may carry (index buffers); any other integer or bool tensor sits
+# where a float weight belongs.
+_INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors weights (single file or sharded index), after
+    `check_weight_files`; weights holding NaN or infinities are imported with a warning naming
+    them."""
+    from safetensors import SafetensorError, safe_open
+
+    files = check_weight_files(folder)
     state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                loaded = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ExportError(f"weight file {path} cannot be read, truncated or corrupt? ({e})") from None
+        warn_non_finite(path, loaded)
+        state |= loaded
+    return state
+
+
+def check_weight_files(folder: Path) -> list[str]:
+    """The folder's safetensors files, checked from their headers before any tensor is read:
+    every file inside the folder, float dtypes for weights, every indexed tensor present, and
+    enough weights for what config.json describes (a config claiming a far larger model than
+    the files hold is refused before anything that size is built)."""
+    from safetensors import SafetensorError, safe_open
+
+    index, weight_map, files = _weight_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
         path = folder / name
         if not path.is_file():
@@ -174,14 +260,69 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    state[key] = f.get_tensor(key)
+                    piece = f.get_slice(key)
+                    dtype = piece.get_dtype()
+                    if not dtype.startswith(("F", "BF")) and not key.endswith(_INTEGER_BUFFERS):
+                        raise ExportError(f"{path}: tensor {key} is stored as {dtype}; model weights are floating point "
+                                          "(a corrupt, mislabelled or quantised file)")
+                    shapes[key] = tuple(piece.get_shape())
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ExportError(f"weight file {path} cannot be read, truncated or corrupt? ({e})") from None
     if weight_map is not None:
-        absent = sorted(set(weight_map) - set(state))
+        absent = sorted(set(weight_map) - set(shapes))
         if absent:
             raise ExportError(f"{index}: {len(absent)} tensors listed but absent from their files, e.g. {absent[:3]}")
-    return state
+    check_config_fits_weights(folder, shapes)
+    return files
+
+
+def warn_non_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A warning naming the tensors (of the file or folder `path`) holding NaN or infinities: a
+    model trained into NaN still imports, but should not pass unnoticed."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        import warnings
+
+        warnings.warn(f"{path}: {len(bad)} tensors hold NaN or infinite values, e.g. {bad[:3]}; the imported model will "
+                      "compute NaN", stacklevel=3)
+
+
+_LAYER_FIELDS = ("num_hidden_layers", "depth", "num_layers", "n_layer")
+_WIDTH_FIELDS = ("hidden_size", "embed_dim", "d_model", "n_embd")
+
+
+def check_config_fits_weights(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config.json that describes far more parameters than the weight files hold, before
+    a model that size is built (a 300 KB folder claiming hidden_size 8192 or a million layers would
+    otherwise allocate gigabytes or run for minutes before the shapes are compared).
+
+    For each (sub)config giving a depth and a width, every layer holds at least a quarter of a
+    width x width attention matrix and one width x intermediate_size MLP matrix, so depth x
+    width x (width / 4 + intermediate_size) is a floor no real model goes below; the exact shapes
+    are still compared tensor by tensor later."""
+    import math
+
+    total = sum(math.prod(s) for s in shapes.values())
+    path = folder / "config.json"
+
+    def visit(cfg: dict, where: str) -> None:
+        ints = {k: v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool)}
+        layer_field = next((f for f in _LAYER_FIELDS if f in ints), None)
+        widths = {f: ints[f] for f in _WIDTH_FIELDS if f in ints}
+        if layer_field and widths:
+            width_field = min(widths, key=widths.get)
+            layers, width, inner = ints[layer_field], widths[width_field], max(ints.get("intermediate_size", 0), 0)
+            floor = max(layers, 0) * max(width, 0) * (max(width, 0) // 4 + inner)
+            if floor > total:
+                named = f"{where}{layer_field}={layers}, {where}{width_field}={width}" + (
+                    f", {where}intermediate_size={inner}" if inner else "")
+                raise ExportError(f"{path}: {named} describe at least {floor:,} parameters, but the weight files hold "
+                                  f"{total:,}: the config does not match the weights")
+        for key, value in cfg.items():
+            if isinstance(value, dict):
+                visit(value, f"{where}{key}.")
+
+    visit(_read_json(path), "")
 
 
 def split_state(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -206,6 +347,18 @@ def load_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, sour
               optional: tuple[str, ...] = ("position_ids", "rotary", "inv_freq")) -> None:
     """Copy `state` into `module`; every missing, unexpected or mis-shaped tensor is an error
     naming it as the folder names it."""
+    check_part(module, state, what, source_prefix, optional)
+    target = module.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in target:
+                target[key].copy_(value.to(target[key].dtype))
+
+
+def check_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, source_prefix: str = "",
+               optional: tuple[str, ...] = ("position_ids", "rotary", "inv_freq")) -> None:
+    """`load_part`'s checks without the copy: works on a module built on the meta device, so a
+    config is compared with the weights before a model its size is allocated."""
     target = module.state_dict()
     missing = [k for k in target if k not in state and not any(o in k for o in optional)]
     unexpected = [k for k in state if k not in target and not any(o in k for o in optional)]
@@ -213,14 +366,12 @@ def load_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, sour
         raise ExportError(f"{what}: the folder lacks tensors the config needs: {[source_prefix + k for k in missing[:5]]}")
     if unexpected:
         raise ExportError(f"{what}: tensors the config has no place for: {[source_prefix + k for k in unexpected[:5]]}")
-    with torch.no_grad():
-        for key, value in state.items():
-            if key not in target:
-                continue
-            if tuple(target[key].shape) != tuple(value.shape):
-                raise ExportError(f"{what}: tensor {source_prefix + key} has shape {tuple(value.shape)}, "
-                                  f"but config.json implies {tuple(target[key].shape)}")
-            target[key].copy_(value.to(target[key].dtype))
+    for key, value in state.items():
+        if key in target and tuple(target[key].shape) != tuple(value.shape):
+            raise ExportError(f"{what}: tensor {source_prefix + key} has shape {tuple(value.shape)}, "
+                              f"but config.json implies {tuple(target[key].shape)}")
+        if key in target and target[key].is_floating_point() and not value.is_floating_point():
+            raise ExportError(f"{what}: tensor {source_prefix + key} is {value.dtype}, where a floating-point weight belongs")
 
 
 def _image_processor_settings(folder: Path) -> dict:
@@ -234,13 +385,9 @@ def _resample(settings: dict) -> str:
 
 
 def _tokenizer(folder: Path, image_token: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # transformers raises several types for a missing / broken tokenizer
-        raise ExportError(f"{folder}: the tokenizer does not load ({type(e).__name__}: {e})") from None
-    template = _usable_template(_chat_template(folder, tokenizer), tokenizer, image_token)
+    tokenizer = load_tokenizer(folder)
+    check_in_vocab(tokenizer, image_token, f"{folder} (processor_config.json / config.json)")
+    template = _usable_template(_chat_template(folder, tokenizer), tokenizer, image_token, _template_source(folder))
     if template:
         tokenizer.chat_template = template
     return tokenizer
@@ -308,13 +455,11 @@ def _staging(out: Path) -> Path:
 
 
 def import_qwen2_vl(folder: Path, out: Path) -> Path:
-    from transformers import AutoConfig
-
     from vlmkit.model.qwen2vl import MRopeCausalLM, save_mrope_llm
 
     folder, out = Path(folder), Path(out).resolve()
     qwen25 = read_hf_config(folder)["model_type"] == "qwen2_5_vl"
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     state = read_weights(folder)
     # transformers 5 saves Qwen2-VL in the original layout (visual.*, model.*, lm_head.*); the
     # in-memory layout (model.visual.*, model.language_model.*) is accepted too.
@@ -345,9 +490,7 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
         raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {proc_merge}) differ from the vision "
                           f"config's ({vision_cfg.patch_size}, {merge})")
     processor_cfg = _read_json(folder / "processor_config.json")
-    from transformers import AutoTokenizer
-
-    probe = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    probe = load_tokenizer(folder)
     image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
     tokenizer = _tokenizer(folder, image_token)
     video_token, video_options = _qwen2_vl_video(folder, cfg, probe, processor_cfg)
@@ -360,8 +503,11 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
         text_cfg.tie_word_embeddings = tied
         if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
             llm_state.pop("lm_head.weight", None)
+        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+            check_part(MRopeCausalLM(text_cfg), llm_state, "language model", optional=optional)
         llm = MRopeCausalLM(text_cfg)
-        load_part(llm, llm_state, "language model", optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
+        load_part(llm, llm_state, "language model", optional=optional)
         save_mrope_llm(llm, tokenizer, staged_llm)
         del llm
         vision_dict = _hf_config_dict(vision_cfg)
@@ -424,8 +570,11 @@ def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
     text_cfg.tie_word_embeddings = tied
     if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+    with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+        check_part(AutoModelForCausalLM.from_config(text_cfg), state, "language model", optional=optional)
     causal = AutoModelForCausalLM.from_config(text_cfg).eval()
-    load_part(causal, state, "language model", optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
+    load_part(causal, state, "language model", optional=optional)
     if tied:
         causal.tie_weights()
     return causal
@@ -434,11 +583,9 @@ def _causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
 def import_llava_next(folder: Path, out: Path, processor: str = "anyres", processor_options: dict | None = None) -> Path:
     """LLaVA-NeXT; with `processor="anyres-max"` and its options, LLaVA-OneVision (same weights
     and layout, capped feature maps, base-view images in multi-image prompts)."""
-    from transformers import AutoConfig
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     if vision_cfg.model_type not in ("siglip_vision_model", "clip_vision_model"):
         raise ExportError(f"vision tower {vision_cfg.model_type!r}: import supports SigLIP and CLIP towers")
@@ -512,11 +659,9 @@ def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model",
     plus one bias-free linear layer, its LLM a Llama. `tower`: the transformers vision model the
     weights load into (SmolVLM2 keeps its own, `smolvlm_vision`); `processor` and
     `processor_options`: SmolVLM2's processor family (video) and its settings."""
-    from transformers import AutoConfig
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     state = read_weights(folder)
     parts = split_state(state, {"model.vision_model.": "vision", "vision_model.": "vision",
@@ -563,11 +708,9 @@ def import_internvl(folder: Path, out: Path) -> Path:
     """InternVL (transformers' port): its ViT (`hf-random`, internvl_vision, CLS dropped), pixel
     shuffle with a LayerNorm after the merge and a 2-layer GELU MLP (`pixel-shuffle`, `norm:
     post`), any causal LM, the `dynamic` tiling processor (min/max patches, thumbnail)."""
-    from transformers import AutoConfig
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     if cfg.vision_feature_select_strategy != "default":
         raise ExportError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: vlmkit drops InternVL's CLS token ('default')")

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _read_json, _usable_template
+from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _read_json, _template_source, _usable_template
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _load_reference, _resample, _staging, _write_checkpoint, build_imported, load_part, max_positions,
-                              read_hf_config, read_weights, register_family, split_state, stage_llm)
+                              _load_reference, _resample, _staging, _write_checkpoint, auto_config, build_imported, load_part,
+                              load_tokenizer, max_positions, read_hf_config, read_weights, register_family, split_state,
+                              stage_llm)
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
 
@@ -101,12 +102,12 @@ def _expand(names: dict[str, str], state_keys) -> dict[str, str]:
 
 
 def _import_blip(folder: Path, out: Path) -> Path:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder, out = Path(folder), Path(out).resolve()
     model_type = read_hf_config(folder)["model_type"]
     instruct = model_type == "instructblip"
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, q_cfg, text_cfg = cfg.vision_config, cfg.qformer_config, cfg.text_config
     if not cfg.use_decoder_only_language_model:
         raise ExportError(f"{folder / 'config.json'}: the language model is {text_cfg.model_type!r}, an encoder-decoder; "
@@ -140,7 +141,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
         raise ExportError(f"{folder / 'processor_config.json'}: num_query_tokens {num_queries} differs from config.json's "
                           f"{cfg.num_query_tokens}")
     image_token_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
-    probe = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    probe = load_tokenizer(folder)
     image_token = probe.convert_ids_to_tokens(image_token_id) if image_token_id is not None else None
     if not image_token:
         raise ExportError(f"{folder}: config.json's image_token_id {image_token_id} is not a token of the tokenizer")
@@ -148,7 +149,8 @@ def _import_blip(folder: Path, out: Path) -> Path:
     tokenizer = probe
     ours = blip_template(image_token)
     # An exported model's folder carries vlmkit's own template back: it is used as it is.
-    tokenizer.chat_template = ours if not template or template == ours else _usable_template(template, tokenizer, image_token)
+    tokenizer.chat_template = ours if not template or template == ours else _usable_template(template, tokenizer, image_token,
+                                                                                                         _template_source(folder))
     if instruct and not (folder / QFORMER_TOKENIZER).is_dir():
         raise ExportError(f"{folder} has no {QFORMER_TOKENIZER}/ folder: InstructBLIP's Q-Former reads the instruction "
                           "with its own tokenizer")

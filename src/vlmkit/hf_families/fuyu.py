@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _usable_template
+from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _template_source, _usable_template
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _load_reference, _staging, _write_checkpoint, build_imported, load_part, max_positions,
-                              read_hf_config, read_weights, register_family, split_state, stage_llm)
+                              _load_reference, _staging, _write_checkpoint, auto_config, build_imported, load_part,
+                              load_tokenizer, max_positions, read_hf_config, read_weights, register_family, split_state,
+                              stage_llm)
 
 BEGINNING_OF_ANSWER = "<0x04>"
 FUYU_TEMPLATE = (
@@ -48,11 +49,9 @@ def _mean_std(value, default: float) -> list[float]:
 
 
 def _import_fuyu(folder: Path, out: Path) -> Path:
-    from transformers import AutoConfig, AutoTokenizer
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     text_cfg = cfg.text_config
     state = read_weights(folder)
     parts = split_state(state, {"model.vision_embed_tokens.": "patch", "vision_embed_tokens.": "patch",
@@ -72,7 +71,7 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
     if settings.get("do_pad") is False or settings.get("padding_mode", "constant") != "constant":
         raise ExportError(f"{folder}: the image processor pads with mode {settings.get('padding_mode')!r} "
                           f"(do_pad={settings.get('do_pad')}); vlmkit's fuyu processor pads with a constant")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = load_tokenizer(folder)
     image_token = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
     vocab = tokenizer.get_vocab()
     for needed in ("|SPEAKER|", "|NEWLINE|", "<s>"):
@@ -82,7 +81,7 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
         raise ExportError(f"{folder}: config.json's image_token_id {cfg.image_token_id} is {image_token!r}, not '|SPEAKER|'")
     template = _chat_template(folder, tokenizer)
     tokenizer.chat_template = (FUYU_TEMPLATE if not template or template == FUYU_TEMPLATE
-                               else _usable_template(template, tokenizer, image_token))
+                               else _usable_template(template, tokenizer, image_token, _template_source(folder)))
 
     tmp = _staging(out)
     try:

@@ -24,19 +24,18 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict
 from vlmkit.hf_families.paligemma import gemma_text_llm, llm_state, siglip_tower_dict, text_dict
-from vlmkit.hf_import import (HFFamily, _generation_config, _image_processor_settings, _load_reference, _plain_template, _resample,
-                              _save_with_processor, _staging, _tokenizer, _write_checkpoint, build_imported, load_part,
-                              max_positions, read_hf_config, read_weights, register_family, split_state)
+from vlmkit.hf_import import (HFFamily, _generation_config, _image_processor_settings, _load_reference, _plain_template,
+                              _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint, auto_config,
+                              build_imported, load_part, load_tokenizer, max_positions, read_hf_config, read_weights,
+                              register_family, split_state)
 
 _RESAMPLE_IDS = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
 
 def import_gemma3(folder: Path, out: Path) -> Path:
-    from transformers import AutoConfig, AutoTokenizer
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     if vision_cfg.model_type != "siglip_vision_model":
         raise ExportError(f"{folder}: vision tower {vision_cfg.model_type!r}; Gemma 3 import supports its SigLIP tower")
@@ -64,7 +63,7 @@ def import_gemma3(folder: Path, out: Path) -> Path:
     size = (settings.get("size") or {}).get("height") or vision_cfg.image_size
     if size != vision_cfg.image_size:
         raise ExportError(f"{folder}: the image processor's size {size} differs from the vision tower's image_size {vision_cfg.image_size}")
-    probe = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    probe = load_tokenizer(folder)
     image_token = probe.convert_ids_to_tokens(cfg.image_token_id)
     boi, eoi = probe.convert_ids_to_tokens(cfg.boi_token_id), probe.convert_ids_to_tokens(cfg.eoi_token_id)
     tokenizer = _tokenizer(folder, image_token)

@@ -26,8 +26,8 @@ from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
 from vlmkit.hf_import import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
                               _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
-                              build_imported, load_part, max_positions, read_hf_config, read_weights, register_family, split_state,
-                              stage_llm)
+                              auto_config, build_imported, load_part, max_positions, read_hf_config, read_weights,
+                              register_family, split_state, stage_llm)
 
 TOWER = "idefics2-vision"
 
@@ -60,11 +60,9 @@ def their_connector_key(ours: str) -> str:
 
 
 def import_idefics2(folder: Path, out: Path) -> Path:
-    from transformers import AutoConfig
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg, perceiver = cfg.vision_config, cfg.text_config, cfg.perceiver_config
     for what, act in (("text_config.hidden_act", text_cfg.hidden_act), ("perceiver_config.hidden_act", perceiver.hidden_act)):
         if act != "silu":

@@ -23,21 +23,19 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _generation_config, _image_processor_settings, _plain_template, _resample,
-                              _staging, _tokenizer, _write_checkpoint, build_imported, load_part, max_positions, read_hf_config,
-                              read_weights, register_family, split_state)
+                              _staging, _tokenizer, _write_checkpoint, auto_config, build_imported, load_part, max_positions,
+                              read_hf_config, read_weights, register_family, split_state)
 
 IMAGE_TOKEN = "<|image|>"
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 
 def import_mllama(folder: Path, out: Path) -> Path:
-    from transformers import AutoConfig
-
     from vlmkit.model.mllama import _causal_lm_class
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     state = read_weights(folder)
     parts = split_state(state, {"vision_model.": "vision", "model.vision_model.": "vision",

@@ -24,7 +24,8 @@ from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
 from vlmkit.hf_import import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
                               _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
-                              build_imported, load_part, max_positions, read_hf_config, read_weights, register_family, split_state)
+                              auto_config, build_imported, load_part, max_positions, read_hf_config, read_weights,
+                              register_family, split_state)
 
 # PaliGemmaProcessor's layout as a chat template: the images, bos, the prompt and a newline; the
 # answer and eos. (Released PaliGemma folders have no chat template.)
@@ -56,11 +57,9 @@ def gemma_text_llm(text_cfg, llm_state: dict, outer, staged: Path, tokenizer) ->
 
 
 def import_paligemma(folder: Path, out: Path) -> Path:
-    from transformers import AutoConfig
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     if vision_cfg.model_type != "siglip_vision_model":
         raise ExportError(f"{folder}: vision tower {vision_cfg.model_type!r}; PaliGemma import supports its SigLIP tower")

@@ -28,8 +28,8 @@ import torch
 from vlmkit.config import load_config
 from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
 from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _plain_template, _resample, _staging, _tokenizer, _write_checkpoint, build_imported, load_part,
-                              max_positions, read_hf_config, read_weights, register_family, split_state, stage_llm)
+                              _plain_template, _resample, _staging, _tokenizer, _write_checkpoint, auto_config, build_imported,
+                              load_part, max_positions, read_hf_config, read_weights, register_family, split_state, stage_llm)
 
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 _BREAKS = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
@@ -40,11 +40,9 @@ def _is_pixtral_llava(cfg: dict) -> bool:
 
 
 def _import(folder: Path, out: Path, mistral3: bool) -> Path:
-    from transformers import AutoConfig
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = auto_config(folder)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     if vision_cfg.model_type != "pixtral":
         raise ExportError(f"{folder}/config.json: vision tower {vision_cfg.model_type!r}; this family needs a Pixtral tower")
