@@ -15,8 +15,9 @@ can be read again in a DataLoader worker when its micro-batch comes up.
   sequential streams (shard shuffle + shuffle buffer), so the batch order could not be a pure
   function of seed and step, and resuming mid-epoch would mean replaying the stream.
 
-Records ruled out while indexing (unparsable, missing image files) are left out of the index and
-reported in `bad`; the rest of the checks (images that do not decode, conversations the template
+Records ruled out while indexing (unparsable, over MAX_RECORD_BYTES, missing image files; in a
+WebDataset shard, a key twice, a member over its limit, and the shard's end when it is cut short)
+are left out of the index and reported in `bad`; the rest of the checks (images that do not decode, conversations the template
 refuses, too long) happen when a record is encoded.
 """
 
@@ -603,12 +604,13 @@ class StreamSource(Source):
         self.n = 0
         for shard in self.shards:
             try:
-                names = pq.read_schema(shard).names
+                schema = pq.read_schema(shard)
+                names = schema.names
                 self.n += pq.ParquetFile(shard).metadata.num_rows
             except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
                 raise DataSourceError(f"{shard}: not a readable parquet shard ({type(e).__name__}: {e})") from None
             ArrowSource._check_columns(shard, names)
-            _check_image_type(shard, pq.read_schema(shard))
+            _check_image_type(shard, schema)
         self.image_column = next(c for c in IMAGE_COLUMNS if c in names)
 
     def files(self) -> list[Path]:
