@@ -328,3 +328,25 @@ def test_duplicate_key_in_a_shard_is_refused_naming_shard_and_key(data_dir, tmp_
         train(tmp_path, str(shard), on_bad_record="error")
     source = open_source(shard)
     assert len(source) == 7 and [b.record_id for b in source.bad] == ["k002"]
+
+
+def test_train_command_on_a_stage_of_unusable_records_is_one_error_line(tmp_path):
+    """Through the CLI: records that only encoding can refuse (an assistant turn first), skip mode,
+    every skip allowed; the run stops with one `error:` line, saves no trained stage."""
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    bad = {"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "y"}]}
+    data = write_json(tmp_path / "data.json", [{"id": f"r{i}", **bad} for i in range(8)])
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps({
+        "model": tiny_config("mlp").model_dump(mode="json"),
+        "train": {"output_dir": str(tmp_path / "run"), "on_bad_record": "skip", "max_skip_fraction": 1.0, "feature_cache": False,
+                  "stages": {"s": {"data": str(data), "trainable": ["connector"], "lr": 1e-3, "batch_size": 4, "max_steps": 2}}},
+    }))
+    result = CliRunner().invoke(app, ["train", str(recipe_file)])
+    assert result.exit_code == 2, result.output
+    assert f"error: stage 's': none of the 8 record(s) of {data} is usable, e.g. {data}: record 'r" in result.output
+    assert "starts with an assistant turn" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "checkpoints" / "s" / "meta.json").exists()
