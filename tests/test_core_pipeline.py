@@ -131,6 +131,7 @@ def test_bad_records_skipped_and_counted_when_asked(data_dir, tmp_path):
     with pytest.raises(DataError, match=records[2]["id"] + ".*does-not-exist.png"):
         run_training(load_config(recipe), model=tiny_model(), progress=False)
     recipe["train"]["on_bad_record"] = "skip"
+    recipe["train"]["max_skip_fraction"] = 0.25  # 2 of 8 (the default, 0.1, refuses the stage)
     _, results = run_training(load_config(recipe), model=tiny_model(), progress=False)
     assert [rid for rid, _ in results[0].skipped] == [records[2]["id"], records[5]["id"]]
 

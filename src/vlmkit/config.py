@@ -356,6 +356,9 @@ class TrainConfig(Strict):
     on_bad_record: Literal["error", "skip"] = "error"
     """A record that cannot be used (missing image, no placeholder, too long): stop with an error
     naming it, or skip it and count it."""
+    max_skip_fraction: float = Field(default=0.1, ge=0, le=1)
+    """With `on_bad_record: skip`, the most a stage may leave out, as a fraction of its records;
+    more stops the stage with an error (a stage with no usable record always stops)."""
     log_every: int = Field(default=1, gt=0)
     """Write a `metrics.jsonl` line every this many steps."""
     save_every: int | None = Field(default=None, gt=0)

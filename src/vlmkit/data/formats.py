@@ -143,7 +143,16 @@ def _path_list(rid: str, value, key: str, source: str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise BadRecordError(rid, f"'{key}' must be a path or a list of paths", source)
+    for v in items:
+        check_path(rid, v, f"'{key}'", source)
     return list(items)
+
+
+def check_path(rid: str, ref: str, where: str, source: str) -> str:
+    # The OS refuses such a name with a ValueError that names nothing; it is this record's fault.
+    if "\x00" in ref:
+        raise BadRecordError(rid, f"{where} holds a path with a NUL byte ({_short(ref)})", source)
+    return ref
 
 
 def _image_ref(rid: str, ref: str, root: Path, source: str) -> Path | bytes:
@@ -157,7 +166,7 @@ def _image_ref(rid: str, ref: str, root: Path, source: str) -> Path | bytes:
             raise BadRecordError(rid, "image data URI is not valid base64", source) from None
     if ref.startswith(("http://", "https://")):
         raise BadRecordError(rid, f"remote image {ref[:80]!r}: vlmkit reads local files and data URIs only", source)
-    return root / ref.removeprefix("file://")
+    return root / check_path(rid, ref, "an image reference", source).removeprefix("file://")
 
 
 def content_parts_to_sample(record: dict, index: int, root: Path, source: str = "") -> Sample:
@@ -216,7 +225,7 @@ def content_parts_to_sample(record: dict, index: int, root: Path, source: str = 
                     ref = next_from_pool("video", t)
                 if not isinstance(ref, str):
                     raise BadRecordError(rid, f"message {t}: a video part's reference must be a string", source)
-                videos.append(root / ref.removeprefix("file://"))
+                videos.append(root / check_path(rid, ref, "a video reference", source).removeprefix("file://"))
                 text.append(VIDEO_PLACEHOLDER)
             else:
                 raise BadRecordError(rid, f"message {t} has a part of unknown type {kind!r}", source)

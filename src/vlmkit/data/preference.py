@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmkit.data.formats import (ROLE_NAMES, BadRecordError, Message, Sample, check_text, llava_turns, parse_each,
+from vlmkit.data.formats import (ROLE_NAMES, BadRecordError, Message, Sample, check_path, check_text, llava_turns, parse_each,
                                  read_json_records, record_id)
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
@@ -95,7 +95,7 @@ def _image_paths(value, root: Path, rid: str, source: str) -> list[Path]:
             item = item.get("path")
         if not isinstance(item, str):
             raise BadRecordError(rid, "images must be file paths (or {'path': ...}); decode embedded images to files first", source)
-        paths.append(root / item)
+        paths.append(root / check_path(rid, item, "an image path", source))
     return paths
 
 

@@ -15,8 +15,9 @@ can be read again in a DataLoader worker when its micro-batch comes up.
   sequential streams (shard shuffle + shuffle buffer), so the batch order could not be a pure
   function of seed and step, and resuming mid-epoch would mean replaying the stream.
 
-Records ruled out while indexing (unparsable, missing image files) are left out of the index and
-reported in `bad`; the rest of the checks (images that do not decode, conversations the template
+Records ruled out while indexing (unparsable, over MAX_RECORD_BYTES, missing image files; in a
+WebDataset shard, a key twice, a member over its limit, and the shard's end when it is cut short)
+are left out of the index and reported in `bad`; the rest of the checks (images that do not decode, conversations the template
 refuses, too long) happen when a record is encoded.
 """
 
@@ -34,10 +35,16 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.formats import BadRecordError, Message, Sample, record_to_sample
+from vlmkit.data.formats import BadRecordError, Message, Sample, record_id, record_to_sample
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 FORMATS = ("auto", "llava", "parquet", "arrow", "webdataset")
+
+# The most bytes one record's JSON may take (a JSONL line, a list item, a shard's KEY.json), and
+# one image member of a shard. Both are checked before anything is read, so a runaway line or
+# member costs nothing; real records and images are far below them (inline base64 images included).
+MAX_RECORD_BYTES = 64 << 20
+MAX_IMAGE_BYTES = 256 << 20
 
 
 class DataSourceError(ValueError):
@@ -131,17 +138,41 @@ def _json_spans(path: Path):
     with open(path, "rb") as f:
         if path.suffix.lower() == ".jsonl":
             offset = index = 0
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
+            for lineno, (line, size) in enumerate(_bounded_lines(f), 1):
+                if line is None:  # longer than a record may be: never read whole
+                    record = BadRecordError(f"line {lineno}", f"is {size} bytes long, more than the {MAX_RECORD_BYTES} "
+                                            "bytes a record may take", str(path))
+                    yield offset, size, index, record
+                    index += 1
+                elif line.strip():
                     try:
                         record = json.loads(line)
                     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
                         record = BadRecordError(f"line {lineno}", f"not valid JSON ({type(e).__name__})", str(path))
                     yield offset, len(line.rstrip(b"\r\n")), index, record
                     index += 1
-                offset += len(line)
+                offset += size
             return
         yield from _json_list_spans(_Chunks(f, path))
+
+
+def _bounded_lines(f):
+    """(line, its length in bytes) of a binary file; a line over MAX_RECORD_BYTES is (None, its
+    length), read through a block at a time and dropped."""
+    while True:
+        line = f.readline(MAX_RECORD_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_RECORD_BYTES or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = f.readline(1 << 20)
+            if not line:
+                break
+            size += len(line)
+        yield None, size
 
 
 def _nbytes(text: str) -> int:
@@ -196,12 +227,18 @@ def _json_list_spans(c: _Chunks):
                 if end < len(c.text) or c.eof:
                     break
             except (json.JSONDecodeError, RecursionError) as e:
+                if len(c.text) - pos > MAX_RECORD_BYTES:  # characters, at least as many bytes
+                    raise ValueError(f"{c.path}: record {index} is more than the {MAX_RECORD_BYTES} bytes a record may "
+                                     "take (or not valid JSON)") from None
                 if not c.more():  # a record cut by the chunk boundary reads whole after more()
                     raise ValueError(f"{c.path}: not valid JSON ({type(e).__name__}: {e})") from None
                 continue
             c.more()
         start = mark_bytes + _nbytes(c.text[mark:pos])
         length = _nbytes(c.text[pos:end])
+        if length > MAX_RECORD_BYTES:
+            record = BadRecordError(record_id(record, index), f"is {length} bytes long, more than the {MAX_RECORD_BYTES} "
+                                    "bytes a record may take", str(c.path))
         yield c.base + start, length, index, record
         index += 1
         mark, mark_bytes = end, start + length
@@ -312,6 +349,8 @@ class TarSource(Source):
     def _index_shard(self, s: int, shard: Path) -> None:
         size = shard.stat().st_size
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        problems: dict[str, str] = {}  # key -> why the record is refused (checked from the headers alone)
+        cut = None  # why the shard ends early, if it does
         try:
             with tarfile.open(shard, mode="r:") as tar:
                 for member in tar:
@@ -324,11 +363,27 @@ class TarSource(Source):
                     key, dot, ext = base.partition(".")
                     if not dot:
                         continue
-                    prefix = member.name[: len(member.name) - len(base)]
-                    groups.setdefault(prefix + key, {})[ext.lower()] = member
+                    key = member.name[: len(member.name) - len(base)] + key
+                    ext = ext.lower()
+                    members = groups.setdefault(key, {})
+                    if ext in members:
+                        problems.setdefault(key, f"two {key}.{ext} members; which one is the record's is unclear")
+                    limit = MAX_RECORD_BYTES if ext == "json" else MAX_IMAGE_BYTES
+                    if member.size > limit and (ext == "json" or ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS):
+                        problems.setdefault(key, f"member {member.name!r} is {member.size} bytes, more than the {limit} allowed")
+                    members[ext] = member
+                # tarfile ends its walk quietly at a missing or garbled header; a whole shard ends
+                # with a zero block (the end-of-archive marker) where the walk stopped.
+                cut = _missing_end_marker(tar, shard, size)
         except tarfile.TarError as e:
-            raise DataSourceError(f"{shard}: truncated or corrupt tar shard ({e})") from None
+            cut = f"truncated or corrupt tar shard ({e})"
+        if cut is not None and groups:
+            # The last record may have lost members to the cut: it is left out with the rest.
+            problems[next(reversed(groups))] = f"may be incomplete: the shard ends early ({cut})"
         for number, (key, members) in enumerate(groups.items()):
+            if key in problems:
+                self.bad.append(BadRecord(number, key, f"{shard}: record {key!r}: {problems[key]}"))
+                continue
             if "json" not in members:
                 self.bad.append(BadRecord(number, key, f"{shard}: record {key!r}: no {key}.json member"))
                 continue
@@ -341,6 +396,9 @@ class TarSource(Source):
                 self.image_len.append(m.size)
             self.image_start.append(len(self.image_at))
             self.keys.append(key)
+        if cut is not None:
+            # Whatever followed the cut is lost, and how many records that was is unknown.
+            self.bad.append(BadRecord(len(groups), shard.name, f"{shard}: {cut}; the records after it are lost"))
 
     def __len__(self) -> int:
         return len(self.json_at)
@@ -376,6 +434,19 @@ class TarSource(Source):
         return sample
 
 
+def _missing_end_marker(tar: tarfile.TarFile, shard: Path, size: int) -> str | None:
+    """Why the walk over `tar` ended before the end-of-archive marker, or None if it ended there."""
+    at = tar.offset  # where the header after the last member is, or would be
+    with open(shard, "rb") as f:
+        f.seek(at)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"truncated: ends at byte {size} without the tar end-of-archive marker"
+    return f"corrupt tar shard: no valid member header at byte {at}"
+
+
 # ---- Hugging Face parquet / arrow -----------------------------------------------------------------
 
 IMAGE_COLUMNS = ("images", "image")
@@ -401,6 +472,7 @@ class ArrowSource(Source):
                 except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
                     raise DataSourceError(f"{shard}: not a readable parquet shard ({type(e).__name__}: {e})") from None
                 self._check_columns(shard, schema.names)
+                _check_image_type(shard, schema)
             self.ds = datasets.Dataset.from_parquet([str(s) for s in self.shards], keep_in_memory=False)
             self.ends = list(torch.tensor(rows).cumsum(0).tolist())
         else:
@@ -409,6 +481,7 @@ class ArrowSource(Source):
             if isinstance(self.ds, datasets.DatasetDict):
                 raise DataSourceError(f"{path}: holds several splits ({', '.join(self.ds)}); point at one split's folder")
             self._check_columns(path, self.ds.column_names)
+            _check_image_type(path, self.ds.data.schema)
             self.ends = [len(self.ds)]
         self.image_column = next(c for c in IMAGE_COLUMNS if c in self.ds.column_names)
         # Undecoded: {"bytes", "path"} per image, decoded by the processor like any image file.
@@ -437,27 +510,55 @@ class ArrowSource(Source):
         return row_to_sample(self.ds[i], self.image_column, f"#{local}", shard, local)
 
 
+def _check_image_type(shard: Path, schema) -> None:
+    """The image column must hold images (a `datasets` Image feature: {bytes, path} structs), one
+    or a list; a plain binary or string column says nothing about what its values are."""
+    import pyarrow as pa
+
+    column = next(c for c in IMAGE_COLUMNS if c in schema.names)
+    kind = schema.field(column).type
+    inner = kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else kind
+    if pa.types.is_null(inner):  # no row has an image: text-only records
+        return
+    if not pa.types.is_struct(inner) or inner.get_field_index("bytes") < 0:
+        raise DataSourceError(f"{shard}: column {column!r} holds {kind} values, not images; expected a `datasets` Image "
+                              f"column (structs of {{bytes, path}}), one image or a list per row (to convert: "
+                              f"ds.cast_column({column!r}, datasets.Image()) or datasets.Sequence(datasets.Image()))")
+
+
+# Text columns that writers sometimes store as JSON strings rather than nested values.
+TEXT_COLUMNS = ("conversations", "messages", "texts")
+
+
 def row_to_sample(row: dict, image_column: str, default_id: str, source: str, index: int) -> Sample:
     """A parquet / arrow row: the_cauldron's `texts` or LLaVA `conversations` / `messages`
-    columns, images as embedded bytes."""
+    columns (nested values, or the same as JSON strings), images as embedded bytes."""
     rid = str(row["id"]) if row.get("id") is not None else default_id
+    row = dict(row)
+    for column in TEXT_COLUMNS:
+        if isinstance(row.get(column), str):
+            try:
+                row[column] = json.loads(row[column])
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise BadRecordError(rid, f"column {column!r} is a string but not JSON ({type(e).__name__})", source) from None
     value = row[image_column]
     images = value if isinstance(value, list) else [value] if value is not None else []
     blobs = []
     for image in images:
         data = image.get("bytes") if isinstance(image, dict) else None
         if not data:
-            raise BadRecordError(rid, "an image has no embedded bytes", source)
+            what = "has no embedded bytes" if isinstance(image, dict) else f"is a {type(image).__name__}, not an image {{bytes, path}}"
+            raise BadRecordError(rid, f"an image of column {image_column!r} {what}", source)
         blobs.append(data)
     if "texts" in row:  # the_cauldron: every image leads the first user turn
         from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
         turns = row["texts"] or []
-        if not turns:
-            raise BadRecordError(rid, "empty 'texts'", source)
+        if not isinstance(turns, list) or not turns:
+            raise BadRecordError(rid, "'texts' must be a non-empty list of {user, assistant} turns", source)
         messages = []
         for t, turn in enumerate(turns):
-            user, assistant = turn.get("user"), turn.get("assistant")
+            user, assistant = (turn.get("user"), turn.get("assistant")) if isinstance(turn, dict) else (None, None)
             if not isinstance(user, str) or not isinstance(assistant, str):
                 raise BadRecordError(rid, f"texts[{t}] needs string 'user' and 'assistant'", source)
             if t == 0:
@@ -503,11 +604,13 @@ class StreamSource(Source):
         self.n = 0
         for shard in self.shards:
             try:
-                names = pq.read_schema(shard).names
+                schema = pq.read_schema(shard)
+                names = schema.names
                 self.n += pq.ParquetFile(shard).metadata.num_rows
             except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
                 raise DataSourceError(f"{shard}: not a readable parquet shard ({type(e).__name__}: {e})") from None
             ArrowSource._check_columns(shard, names)
+            _check_image_type(shard, schema)
         self.image_column = next(c for c in IMAGE_COLUMNS if c in names)
 
     def files(self) -> list[Path]:

@@ -195,6 +195,20 @@ def _skipped_report(mixture: Mixture, encode_time: dict[int, tuple[str, str]]) -
     return [(rid, message) for _, rid, message in sorted(rows, key=lambda r: r[0])]
 
 
+def _encode_skips(dist: D.DistContext, data_in: StageInput, data: StageData, max_fraction: float) -> tuple[int, str | None]:
+    """How many distinct records were found unusable while encoding so far, over all ranks, and one
+    of their messages. Each rank counts its own; their exact union (over the epochs one record may
+    reach several ranks) is gathered only when the plain sum could be refused."""
+    (total,) = dist.all_sum([float(len(data_in.skipped))])
+    example = next(iter(data_in.skipped.values()))[1] if data_in.skipped else None
+    if not dist.enabled or total <= min(max_fraction * data.records, data.records - 1) - data.unusable:
+        return int(total), example
+    merged = {}
+    for part in dist.gather_objects(data_in.skipped):
+        merged.update(part)
+    return len(merged), next(iter(merged.values()))[1] if merged else None
+
+
 def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: Path, logger: JsonlLogger | None = None,
                 progress: bool = True, dist: D.DistContext | None = None, stop: _StopFlag | None = None,
                 *, data_sha256: str | None = None, after: str | None = None, discard_mismatched: bool = False,
@@ -203,7 +217,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
     checkpoint, kept in this stage's checkpoints so a later run can tell what changed.
     `discard_mismatched`: drop a periodic checkpoint written under other settings instead of refusing.
     `data`: the stage's indexed data from the preflight check (indexed here when not given)."""
-    from vlmkit.train.preflight import check_stage_data
+    from vlmkit.train.preflight import check_skip_rate, check_stage_data, nothing_trained
 
     dist = dist or D.DistContext()
     tcfg = config.train
@@ -231,7 +245,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
     apply_stage(model, stage)
     processor = build_chat_processor(model, tcfg.max_length)
     dpo = stage.loss == "dpo"
-    data = data if data is not None and data.mixture is not None else check_stage_data(name, stage, tcfg.on_bad_record)
+    data = data if data is not None and data.mixture is not None else check_stage_data(name, stage, tcfg.on_bad_record, tcfg.max_skip_fraction)
     mixture = data.mixture
     if dpo and stage.dpo.reference == "data":
         missing = sum(getattr(s, "missing_refs", 0) for s in mixture.sources)
@@ -328,6 +342,7 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
         heldout = HeldOutEval(tcfg.eval, bf16=tcfg.precision == "bf16")
     eval_seconds = 0.0
 
+    trained_units, skips_checked = 0, len(data_in.skipped)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
     flop_model = FlopModel.of(model, stage.trainable, vision_cached)
@@ -387,6 +402,10 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
             keys = list(stats)
             totals = dict(zip(keys, dist.all_sum([stats[k] for k in keys])))
             totals["ranks"] = dist.world_size
+            trained_units += totals["units"]
+            if dist.any(len(data_in.skipped) > skips_checked):
+                skips_checked = len(data_in.skipped)
+                check_skip_rate(name, data, tcfg.max_skip_fraction, *_encode_skips(dist, data_in, data, tcfg.max_skip_fraction))
             step_loss = totals["loss"]
             losses.append(step_loss)
             rates = telemetry.record(totals)
@@ -432,6 +451,8 @@ def train_stage(model, config: Config, name: str, stage: StageConfig, out_dir: P
     for part in dist.gather_objects(data_in.skipped):
         encode_time.update(part)
     skipped = _skipped_report(mixture, encode_time)
+    if not trained_units and state is None:
+        raise nothing_trained(name, data, step, skipped[0][1] if skipped else None)
     if skipped and dist.is_main:
         print(f"[vlmkit] stage {name}: skipped {len(skipped)} bad record(s), e.g. {skipped[0][1]}")
     if len(mixture.sources) > 1 and dist.is_main:

@@ -96,12 +96,14 @@ def check_data(config: Config) -> dict[str, StageData]:
     if not config.train.stages:
         # A run that trains nothing must not look like one that succeeded.
         raise DataError("the recipe has no train.stages: nothing to train")
-    return {name: check_stage_data(name, stage, config.train.on_bad_record) for name, stage in config.train.stages.items()}
+    return {name: check_stage_data(name, stage, config.train.on_bad_record, config.train.max_skip_fraction)
+            for name, stage in config.train.stages.items()}
 
 
-def check_stage_data(name: str, stage, on_bad_record: str = "error") -> StageData:
+def check_stage_data(name: str, stage, on_bad_record: str = "error", max_skip_fraction: float = 1.0) -> StageData:
     """Index every source of the stage (one pass over the records, no image decoded) and look up
-    every image file; records that cannot be used are listed (error) or counted (skip)."""
+    every image file; records that cannot be used are listed (error) or counted (skip: refused
+    when they are more than `max_skip_fraction` of the stage's records)."""
     from vlmkit.data.sources import DataSourceError, Mixture, open_source
 
     configured = stage.sources()
@@ -144,7 +146,33 @@ def check_stage_data(name: str, stage, on_bad_record: str = "error") -> StageDat
                 h.update(file_digest(f).encode())
         digest = h.hexdigest()
     path = Path(stage.data) if isinstance(stage.data, str) else stage.data_names()
-    return StageData(path, sum(len(s) + len(s.bad) for s in opened), digest, sum(len(s.bad) for s in opened), mixture)
+    data = StageData(path, sum(len(s) + len(s.bad) for s in opened), digest, sum(len(s.bad) for s in opened), mixture)
+    check_skip_rate(name, data, max_skip_fraction)
+    return data
+
+
+def check_skip_rate(name: str, data: StageData, max_skip_fraction: float, encode_skipped: int = 0,
+                    example: str | None = None) -> None:
+    """Refuse a stage that leaves out more than `max_skip_fraction` of its records: those ruled out
+    while indexing plus `encode_skipped` distinct records found unusable while encoding so far
+    (`example`: one of their messages). Training checks after every step that skipped, so a stage
+    of bad records stops at once, and one with no usable record always stops."""
+    left_out = data.unusable + encode_skipped
+    if not left_out or (left_out <= max_skip_fraction * data.records and left_out < data.records):
+        return
+    if example is None:
+        example = next(b.message for s in data.mixture.sources for b in s.bad)
+    if left_out >= data.records:
+        raise DataError(f"stage {name!r}: none of the {data.records} record(s) of {data.path} is usable, e.g. {example}")
+    raise DataError(f"stage {name!r}: {left_out} of the {data.records} records of {data.path} are unusable "
+                    f"({left_out / data.records:.1%}), more than train.max_skip_fraction={max_skip_fraction:g} allows, "
+                    f"e.g. {example}\n(fix the records, or raise train.max_skip_fraction to train without them)")
+
+
+def nothing_trained(name: str, data: StageData, steps: int, example: str | None) -> DataError:
+    """The error for a stage whose steps met no usable record: it trained nothing, and is not saved as trained."""
+    return DataError(f"stage {name!r}: every record drawn from {data.path} in {steps} step(s) was unusable, so nothing "
+                    f"was trained{f', e.g. {example}' if example else ''}")
 
 
 def _shard_folder(path: Path) -> bool:
