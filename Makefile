@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml setup.py src/vlmkit/processing/_pixels.c requirements-p
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmkit quickstart
 
-# Then the docs site, strict: a broken link, a page missing from the nav or an API entry that no
-# longer exists fails the build. It is written to site/ (git-ignored).
+# First the import layers (pyproject.toml's import-linter contract: nothing imports upward), then
+# the tests, then the docs site, strict: a broken link, a page missing from the nav or an API
+# entry that no longer exists fails the build. It is written to site/ (git-ignored).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests
 	$(MAKE) docs
 

@@ -61,8 +61,8 @@ def image(seed: int, size):
 def prepare(family: str, root: Path):
     from _hf_folders import save_llava_next, save_qwen2vl
 
-    from vlmkit.hf_import import import_hf
-    from vlmkit.train.checkpoint import load_checkpoint
+    from vlmkit.hf.importer import import_hf
+    from vlmkit.checkpoint import load_checkpoint
 
     if family == "qwen2-vl":
         folder = save_qwen2vl(root / "hf", text=QWEN["text"], vision=QWEN["vision"], min_pixels=56 * 56, max_pixels=QWEN["max_pixels"])
@@ -95,7 +95,7 @@ def prompts(model, batch: int):
 
 
 def hf_inputs(family: str, model, encoded) -> dict:
-    from vlmkit.model.reference import llava_next_inputs
+    from vlmkit.hf.reference import llava_next_inputs
 
     if family == "llava-next":
         return llava_next_inputs(encoded)
@@ -160,7 +160,7 @@ def lora_step(family: str, model, ref, batch: int, repeats: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from vlmkit.data.collate import collate
-    from vlmkit.train import lora
+    from vlmkit.model import lora
 
     encoded = encode(model, batch)
     b = collate(encoded, pad_id=model.tokenizer.pad_token_id)

@@ -3,7 +3,7 @@ run. `--family llava` (default) compares with `LlavaForConditionalGeneration`; `
 with `LlavaNextForConditionalGeneration` (AnyRes tiles, unpadding, newlines: four images of
 different sizes and aspect ratios in the batch); `--family qwen2-vl` with
 `Qwen2VLForConditionalGeneration` (native resolution, 2x2 merge, M-RoPE). For the last two the
-reference holds vlmkit's weights (`vlmkit.model.reference`) and the losses are checked equal first. Both train every parameter with AdamW (forward, backward,
+reference holds vlmkit's weights (`vlmkit.hf.reference`) and the losses are checked equal first. Both train every parameter with AdamW (forward, backward,
 optimizer step); both run the same SigLIP tower, 2-layer GELU projector and Llama decoder built
 from the same configs. HF computes logits for every position; vlmkit runs the LM head only at
 supervised positions, in chunks, through the training loop's own loss path.
@@ -126,7 +126,7 @@ def run_family(args) -> dict:
     from vlmkit.config import ModelConfig
     from vlmkit.data.collate import collate
     from vlmkit.data.formats import Message, Sample
-    from vlmkit.model import reference
+    from vlmkit.hf import reference
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.processing import build_chat_processor
     from vlmkit.train.losses import decoder_hidden, sequence_logps, sft_loss_sum

@@ -68,7 +68,7 @@ def save_gemma3(folder: Path, *, seed: int = 0, size: int = 32, patch: int = 4, 
     tok.add_special_tokens({"additional_special_tokens": ["<start_of_image>", "<end_of_image>", "<image_soft_token>",
                                                           "<start_of_turn>", "<end_of_turn>"]}, replace_extra_special_tokens=False)
     tok.chat_template = GEMMA3_TEMPLATE
-    from vlmkit.hf_families.gemma3 import with_named_tokens
+    from vlmkit.hf.families.gemma3 import with_named_tokens
 
     tok = with_named_tokens(tok, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
     vocab = tok.get_vocab()

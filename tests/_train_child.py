@@ -29,7 +29,7 @@ def main() -> None:
     recipe_paths, out_paths, *flags = sys.argv[1:]
     opts = dict(f.split("=") for f in flags)
     from vlmkit.config import load_config
-    from vlmkit.train import checkpoint as ckpt
+    from vlmkit import checkpoint as ckpt
     from vlmkit.train.loop import run_training
     from vlmkit.utils import JsonlLogger
 

@@ -110,3 +110,10 @@ def test_prefix_rule_keeps_the_samples_of_a_packed_row_apart():
     allowed = _allowed(decoder_mask(attention_rule("prefix"), _gemma_config(), torch.zeros(1, 7, dtype=torch.long),
                                     torch.zeros(1, 7, 16), None, positions, IMG, prefix))[0]
     assert allowed[0, 1] and allowed[3, 5] and not allowed[3, 1] and not allowed[1, 3] and not allowed[2, 3]
+
+
+def test_the_schema_names_every_implemented_rule():
+    from vlmkit.config import ATTENTION_RULE_NAMES
+    from vlmkit.model.attention import ATTENTION_RULES
+
+    assert sorted(ATTENTION_RULE_NAMES) == ATTENTION_RULES.names()

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vlmkit.cli import app
-from vlmkit.processing.budget import PRESETS, get_preset, image_budget, seed_table
+from vlmkit.presets.budget import PRESETS, get_preset, image_budget, seed_table
 
 runner = CliRunner()
 
@@ -115,7 +115,7 @@ def test_llm_shape_is_read_off_the_real_shape_llm(name):
 def test_llm_shape_follows_the_preset_data():
     # Change the catalog's LLM dict and the budget follows: there is no second copy of the shape.
     from vlmkit import presets
-    from vlmkit.processing.budget import llm_shape
+    from vlmkit.presets.budget import llm_shape
 
     data = copy.deepcopy(presets.get_preset("llava-1.5-7b").data)
     data["llm"]["config"].update(num_hidden_layers=16, num_key_value_heads=8, intermediate_size=8192)

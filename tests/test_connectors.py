@@ -10,7 +10,7 @@ from _tiny import FAMILIES, answer_accuracy, tiny_config, tiny_model, toy_batch
 from vlmkit.model.connectors import build_connector
 from vlmkit.model.connectors.pixel_shuffle import pixel_shuffle
 from vlmkit.model.vlm import VisionLanguageModel
-from vlmkit.train.checkpoint import model_state
+from vlmkit.checkpoint import model_state
 
 EXPECTED_TOKENS = {"linear": 64, "mlp": 64, "pixel-shuffle": 16, "pooling": 16, "qformer": 4, "perceiver": 4, "native": 64, "patch-embed": 64, "cross-attn": 1}
 PREFIX = [f for f in FAMILIES if f != "cross-attn"]

@@ -17,7 +17,7 @@ from vlmkit.data.formats import BadRecordError, Message, Sample, read_llava_json
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.model.vlm import IGNORE_INDEX, VisionLanguageModel
 from vlmkit.processing import build_chat_processor
-from vlmkit.train import checkpoint as ckpt
+from vlmkit import checkpoint as ckpt
 from vlmkit.train.loop import run_training
 from vlmkit.train.preflight import DataError
 

@@ -23,7 +23,7 @@ from vlmkit.data.collate import collate
 from vlmkit.data.formats import read_llava_json
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 from vlmkit.train.objectives import EmbedAlignObjective
 from vlmkit.utils import read_jsonl
 

@@ -20,10 +20,10 @@ from PIL import Image
 
 from vlmkit.data.formats import Message, Sample
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_export import ExportError
-from vlmkit.hf_import import export_hf, import_hf, verify_hf_export
+from vlmkit.hf.llava import ExportError
+from vlmkit.hf.importer import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))

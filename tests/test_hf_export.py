@@ -10,7 +10,7 @@ from PIL import Image
 from vlmkit.config import load_config
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_export import ExportError, check_exportable, export_llava, import_llava, verify_export
+from vlmkit.hf.llava import ExportError, check_exportable, export_llava, import_llava, verify_export
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
 
@@ -108,7 +108,7 @@ def test_every_export_blocker_is_named_at_once():
 
 
 def test_import_round_trip_trains_and_generates(tmp_path):
-    from vlmkit.train.checkpoint import load_checkpoint
+    from vlmkit.checkpoint import load_checkpoint
 
     model = siglip_model(seed=3)
     hf_dir = export_llava(model, tmp_path / "llava")
@@ -156,7 +156,7 @@ def test_cli_export_then_import(tmp_path):
 
     from vlmkit.cli import app
     from vlmkit.config import Config
-    from vlmkit.train.checkpoint import save_checkpoint
+    from vlmkit.checkpoint import save_checkpoint
 
     model = siglip_model()
     save_checkpoint(tmp_path / "ckpt", model, Config(model=model.config))

@@ -15,10 +15,10 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_import import export_hf, import_hf, verify_hf_export
+from vlmkit.hf.importer import export_hf, import_hf, verify_hf_export
 from vlmkit.model.attention import attention_rule
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders_gemma import save_gemma3  # noqa: E402
@@ -104,7 +104,7 @@ def test_gemma3_pan_and_scan_folder_is_refused(tmp_path):
     import json
     import shutil
 
-    from vlmkit.hf_export import ExportError
+    from vlmkit.hf.llava import ExportError
 
     folder = save_gemma3(tmp_path / "hf", seed=1)
     cfg_path = folder / "processor_config.json"

@@ -22,10 +22,10 @@ import torch
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_families.idefics2 import idefics2_inputs
-from vlmkit.hf_import import export_hf, family_of, import_hf, verify_hf_export
+from vlmkit.hf.families.idefics2 import idefics2_inputs
+from vlmkit.hf.importer import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders_idefics2 import idefics2_processor, save_idefics2  # noqa: E402
@@ -108,7 +108,7 @@ def test_perceiver_connector_is_idefics2_connector(idefics2):
     from transformers import Idefics2Config
     from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
 
-    from vlmkit.hf_families.idefics2 import their_connector_key
+    from vlmkit.hf.families.idefics2 import their_connector_key
 
     folder, model, _ = idefics2
     cfg = Idefics2Config.from_pretrained(folder)

@@ -77,11 +77,11 @@ def test_imported_qwen2vl_serves_openai_chat_completions(tmp_path):
 
     from vlmkit.data.formats import Message
     from vlmkit.generate import GenerationConfig, generate
-    from vlmkit.hf_import import import_hf
+    from vlmkit.hf.importer import import_hf
     from vlmkit.processing import build_chat_processor
     from vlmkit.processing.images import load_image
     from vlmkit.serve.app import ServerSettings, create_app
-    from vlmkit.train.checkpoint import load_checkpoint
+    from vlmkit.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(import_hf(save_qwen2vl(tmp_path / "hf"), tmp_path / "ckpt"))
     processor = build_chat_processor(model, 4096)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmkit.hf_export import ExportError
-from vlmkit.hf_import import import_hf
+from vlmkit.hf.llava import ExportError
+from vlmkit.hf.importer import import_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders import save_qwen2vl  # noqa: E402
@@ -141,7 +141,7 @@ def test_a_moved_import_still_loads_its_own_llm(good, tmp_path):
     import shutil as _shutil
 
     from vlmkit.config import load_config
-    from vlmkit.train.checkpoint import load_checkpoint
+    from vlmkit.checkpoint import load_checkpoint
 
     first = import_hf(good, tmp_path / "a" / "ckpt")
     moved = tmp_path / "b" / "ckpt"

@@ -17,9 +17,9 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_import import export_hf, family_of, import_hf, verify_hf_export
+from vlmkit.hf.importer import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders_mllama import save_mllama  # noqa: E402
@@ -67,7 +67,7 @@ CASES = {"wide": ([(72, 40)], None), "tall": ([(24, 90)], None), "square-big": (
 def test_import_ids_masks_pixels_logits_and_greedy_match_transformers(mllama, case):
     from transformers import MllamaForConditionalGeneration
 
-    from vlmkit.hf_families.mllama import reference_inputs
+    from vlmkit.hf.families.mllama import reference_inputs
 
     folder, _, model = mllama
     sizes, between = CASES[case]
@@ -149,7 +149,7 @@ def test_bad_folders_are_refused_naming_the_file_or_tensor(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from vlmkit.hf_export import ExportError
+    from vlmkit.hf.llava import ExportError
 
     folder = save_mllama(tmp_path / "hf", seed=1)
     state = load_file(str(folder / "model.safetensors"))

@@ -18,10 +18,10 @@ import torch
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_families.llava_onevision import onevision_inputs
-from vlmkit.hf_import import export_hf, family_of, import_hf, verify_hf_export
+from vlmkit.hf.families.llava_onevision import onevision_inputs
+from vlmkit.hf.importer import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders_onevision import onevision_reference_inputs, save_onevision  # noqa: E402

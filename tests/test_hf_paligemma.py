@@ -15,11 +15,11 @@ from PIL import Image
 
 from vlmkit.data.formats import Message, Sample
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_import import export_hf, import_hf, verify_hf_export
+from vlmkit.hf.importer import export_hf, import_hf, verify_hf_export
 from vlmkit.model.attention import attention_rule
 from vlmkit.model.vlm import lm_head
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders_gemma import save_paligemma  # noqa: E402

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from vlmkit.data.formats import Message
-from vlmkit.hf_import import import_hf
+from vlmkit.hf.importer import import_hf
 from vlmkit.processing import build_chat_processor
-from vlmkit.train import lora
-from vlmkit.train.checkpoint import load_checkpoint, save_checkpoint
+from vlmkit.model import lora
+from vlmkit.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -49,7 +49,7 @@ def test_peft_export_loads_in_peft_with_vlmkits_unmerged_logits(tmp_path, family
     from peft import PeftModel
     from safetensors import safe_open
 
-    from vlmkit.hf_import import family_for, family_of
+    from vlmkit.hf.importer import family_for, family_of
 
     ckpt = _adapted_checkpoint(tmp_path, family)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -95,8 +95,8 @@ def test_peft_export_loads_in_peft_with_vlmkits_unmerged_logits(tmp_path, family
 
 
 def test_peft_export_of_a_checkpoint_without_adapters_is_refused(tmp_path):
-    from vlmkit.hf_export import ExportError
-    from vlmkit.hf_peft import export_hf_peft
+    from vlmkit.hf.llava import ExportError
+    from vlmkit.hf.peft import export_hf_peft
 
     model, _ = load_checkpoint(import_hf(save_qwen2vl(tmp_path / "hf"), tmp_path / "vlmkit"), merge=False)
     with pytest.raises(ExportError, match="no LoRA adapters"):

@@ -23,10 +23,10 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_import import export_hf, import_hf
+from vlmkit.hf.importer import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.video import VideoInput, load_clip, write_video
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders import save_qwen2vl  # noqa: E402

@@ -21,9 +21,9 @@ import torch
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_import import export_hf, family_of, import_hf, verify_hf_export
+from vlmkit.hf.importer import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders_smolvlm import save_smolvlm, smolvlm_reference_inputs, smolvlm_video_reference  # noqa: E402

@@ -13,7 +13,7 @@ from _tiny import tiny_config
 
 from vlmkit.config import load_config
 from vlmkit.model.vlm import VisionLanguageModel
-from vlmkit.train import checkpoint as ckpt
+from vlmkit import checkpoint as ckpt
 from vlmkit.train.loop import run_training
 from vlmkit.utils import JsonlLogger, atomic_write_text, read_jsonl
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from vlmkit.cli import app
 from vlmkit.config import load_config
 from vlmkit.model.vlm import VisionLanguageModel
-from vlmkit.train import checkpoint as ckpt
+from vlmkit import checkpoint as ckpt
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 
@@ -119,7 +119,7 @@ def test_serve_user_errors(checkpoint, tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_with_a_hint(monkeypatch, tmp_path):
-    import vlmkit.train.checkpoint as module
+    import vlmkit.checkpoint as module
 
     def broken(*args, **kwargs):
         raise KeyError("weights")

@@ -20,8 +20,8 @@ import torch
 from typer.testing import CliRunner
 
 from vlmkit.cli import app
-from vlmkit.hf_import import import_hf
-from vlmkit.output_folder import MARKER, OutputFolderError, claim_output, remove_stale_staging
+from vlmkit.hf.importer import import_hf
+from vlmkit.hf.output_folder import MARKER, OutputFolderError, claim_output, remove_stale_staging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders import save_qwen2vl  # noqa: E402
@@ -149,7 +149,7 @@ def test_a_file_is_never_an_output_folder(hf_folder, tmp_path):
 
 def test_a_folder_that_appears_while_writing_is_not_replaced(hf_folder, tmp_path, monkeypatch):
     """--overwrite approves the folder it saw; one put in its place meanwhile is refused at the swap."""
-    from vlmkit import hf_import
+    from vlmkit.hf import importer as hf_import
 
     out = tmp_path / "ck"
     real = hf_import.staging_folder
@@ -188,9 +188,9 @@ def test_stale_staging_of_killed_runs_is_removed(tmp_path):
 _KILLED_RUN = textwrap.dedent("""
     import os, shutil, signal, sys
     sys.path.insert(0, {src!r})
-    from vlmkit import output_folder
-    from vlmkit.hf_import import import_hf, export_hf
-    from vlmkit.train.checkpoint import load_checkpoint
+    from vlmkit.hf import output_folder  # noqa: F401
+    from vlmkit.hf.importer import import_hf, export_hf
+    from vlmkit.checkpoint import load_checkpoint
 
     real_rmtree = shutil.rmtree
     def die_at_delete(path, *a, **k):
@@ -228,7 +228,7 @@ def test_sigkill_while_removing_the_previous_output_leaves_a_complete_one(hf_fol
     # OUT is the complete new output: every file of the old one, the marker, and it loads.
     assert json.loads((out / MARKER).read_text())["command"] == f"{command}-hf"
     if command == "import":
-        from vlmkit.train.checkpoint import load_checkpoint
+        from vlmkit.checkpoint import load_checkpoint
 
         load_checkpoint(out)
     else:
@@ -242,7 +242,7 @@ def test_sigkill_mid_import_leaves_the_previous_import_and_the_next_run_cleans_u
     out = tmp_path / "ck"
     import_hf(hf_folder, out)
     before = tree(out)
-    code = f"import sys; sys.path.insert(0, {str(SRC)!r}); from vlmkit.hf_import import import_hf; import_hf({str(hf_folder)!r}, {str(out)!r})"
+    code = f"import sys; sys.path.insert(0, {str(SRC)!r}); from vlmkit.hf.importer import import_hf; import_hf({str(hf_folder)!r}, {str(out)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".ck.vlmkit-staging-") for p in tmp_path.iterdir()):

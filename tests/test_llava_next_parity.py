@@ -13,7 +13,7 @@ from PIL import Image
 from vlmkit.config import load_config
 from vlmkit.data.collate import collate
 from vlmkit.data.formats import Message
-from vlmkit.model.reference import llava_next, llava_next_inputs
+from vlmkit.hf.reference import llava_next, llava_next_inputs
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
 

@@ -17,10 +17,10 @@ from PIL import Image
 from vlmkit.config import ConfigError, load_config
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf_import import export_hf, import_hf
+from vlmkit.hf.importer import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
-from vlmkit.train import lora
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.model import lora
+from vlmkit.checkpoint import load_checkpoint
 from vlmkit.train.loop import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -197,11 +197,11 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_the_full_precision_base(imp
 
     # Resuming rebuilds the same 4-bit base (quantization is deterministic) under the saved adapters.
     from vlmkit.model.vlm import VisionLanguageModel
-    from vlmkit.train.checkpoint import load_weights
+    from vlmkit.checkpoint import load_weights
     from vlmkit.train.stages import apply_stage
 
     resumed = VisionLanguageModel.build(config.model)
-    from vlmkit.train.checkpoint import init_from_checkpoint
+    from vlmkit.checkpoint import init_from_checkpoint
 
     init_from_checkpoint(resumed, config.model.init_from)
     apply_stage(resumed, config.train.stages["lora"])

@@ -40,7 +40,7 @@ def tiny_qwen2vl(seed: int = 0) -> VisionLanguageModel:
 
 
 def reference_model(model: VisionLanguageModel):
-    from vlmkit.model.reference import qwen2_vl
+    from vlmkit.hf.reference import qwen2_vl
 
     return qwen2_vl(model).eval()
 

@@ -14,7 +14,7 @@ import yaml
 from tests._tiny import tiny_config
 from vlmkit.config import ConfigError, load_config
 from vlmkit.model.vlm import VisionLanguageModel
-from vlmkit.train import checkpoint as ckpt
+from vlmkit import checkpoint as ckpt
 from vlmkit.train.loop import run_training
 from vlmkit.train.preflight import DataError
 

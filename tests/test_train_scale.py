@@ -21,7 +21,7 @@ from vlmkit.data.formats import BadRecordError, read_llava_json
 from vlmkit.data.preference import read_preference_file
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
-from vlmkit.train import checkpoint as ckpt
+from vlmkit import checkpoint as ckpt
 from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps
 from vlmkit.train.loop import run_training
 from vlmkit.utils import read_jsonl

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from vlmkit.config import Config
-from vlmkit.data.synthetic.multi_image import SyntheticMediaBench, write_media_dataset
+from vlmkit.data.synthetic.multi_image import write_media_dataset
+from vlmkit.eval.benchmarks.synth_media import SyntheticMediaBench
 from vlmkit.eval.backends import VlmkitBackend
 from vlmkit.eval.runner import run_benchmark
 from vlmkit.train.loop import run_training

@@ -30,7 +30,7 @@ def recipe_errors():
     """A problem with the recipe, its data or its checkpoints is the user's to fix, not a crash:
     one `error:` line that says what to change, exit status 2."""
     from vlmkit.config import ConfigError
-    from vlmkit.train.checkpoint import ResumeMismatchError
+    from vlmkit.checkpoint import ResumeMismatchError
     from vlmkit.train.preflight import DataError
 
     try:
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         from vlmkit.chat import ChatSession
         from vlmkit.generate import GenerationConfig
         from vlmkit.processing import build_chat_processor
-        from vlmkit.train.checkpoint import load_checkpoint
+        from vlmkit.checkpoint import load_checkpoint
 
         model, config = load_checkpoint(checkpoint, device=device)
         processor = build_chat_processor(model, config.train.max_length)

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         from vlmkit.processing import build_chat_processor
         from vlmkit.processing.images import image_formats
         from vlmkit.serve.app import ServerSettings, create_app, run_server
-        from vlmkit.train.checkpoint import load_checkpoint
+        from vlmkit.checkpoint import load_checkpoint
 
         _check_device(device)
         try:
@@ -99,9 +99,9 @@ def register(app: typer.Typer) -> None:
         """Export a checkpoint in its family's Hugging Face format (see `vlmkit import-hf --help`
         for the families). LoRA adapters are merged, or written as a PEFT folder (`--adapters peft`)."""
         offline()
-        from vlmkit.hf_import import export_hf as export_family, family_of, verify_hf_export
-        from vlmkit.output_folder import claim_output
-        from vlmkit.train.checkpoint import load_checkpoint
+        from vlmkit.hf.importer import export_hf as export_family, family_of, verify_hf_export
+        from vlmkit.hf.output_folder import claim_output
+        from vlmkit.checkpoint import load_checkpoint
 
         if adapters not in ("merge", "peft"):
             raise typer.BadParameter(f"{adapters!r}: use 'merge' or 'peft'", param_hint="--adapters")
@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         claim_output(out, command="export-hf", sources=(checkpoint,), overwrite=overwrite)
         model, _ = load_checkpoint(checkpoint, merge=adapters == "merge")
         if adapters == "peft":
-            from vlmkit.hf_peft import export_hf_peft
+            from vlmkit.hf.peft import export_hf_peft
 
             export_hf_peft(model, out, overwrite=overwrite)
         else:
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {out} ({family_of(model)})" + (f", adapters in {out / 'adapter'} (PEFT)" if adapters == "peft" else ""))
         if check:
             if adapters == "peft":
-                from vlmkit.hf_peft import verify_peft_export
+                from vlmkit.hf.peft import verify_peft_export
 
                 diff = verify_peft_export(model, out)
                 typer.echo(f"check: transformers + PEFT reload matches vlmkit's unmerged model (max |logit difference| {diff:.2e})")
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         The family comes from its config.json; models that need trust_remote_code are refused.
         A refusal is one `error:` line naming the file and field, exit status 1."""
         offline()
-        from vlmkit.hf_import import import_hf
+        from vlmkit.hf.importer import import_hf
 
         import_hf(folder, out, overwrite=overwrite)
         typer.echo(f"wrote {out}")

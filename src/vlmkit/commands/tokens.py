@@ -66,7 +66,7 @@ def _print_budget(b) -> None:
 
 
 def _print_table() -> None:
-    from vlmkit.processing.budget import seed_table
+    from vlmkit.presets.budget import seed_table
 
     rows = seed_table()
     typer.echo("The lecture's token-budget table vs the reference implementations")
@@ -90,7 +90,7 @@ def _plot(path: str, names: tuple[str, ...] | list[str] = PLOT_PRESETS, mark: tu
     """Tokens against image width (4:3 images); `mark`: a (width, height) image drawn as a point."""
     import matplotlib
 
-    from vlmkit.processing.budget import get_preset
+    from vlmkit.presets.budget import get_preset
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -135,7 +135,7 @@ def tokens(
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
     # Imported here, not at the top: it pulls in torch, which every other command's start-up
     # (and `vlmkit --help`) would otherwise pay for.
-    from vlmkit.processing.budget import PRESETS, get_preset, image_budget, seed_table
+    from vlmkit.presets.budget import PRESETS, get_preset, image_budget, seed_table
 
     if list_presets:
         for name in PRESETS:
@@ -164,7 +164,7 @@ def tokens(
         if preset:
             raise typer.BadParameter("give --preset or --recipe, not both")
         from vlmkit.config import ConfigError
-        from vlmkit.processing.budget import recipe_costing
+        from vlmkit.presets.budget import recipe_costing
 
         try:
             preset = recipe_costing(recipe)
@@ -196,7 +196,7 @@ def _checkpoint_tokens(directory: str, w: int, h: int, context: int | None, as_j
     """The image's layout under a checkpoint's own processor (its settings, not a preset's), read
     from the config alone: no weights are loaded."""
     from vlmkit.processing import build_image_processor
-    from vlmkit.train.checkpoint import read_config
+    from vlmkit.checkpoint import read_config
 
     try:
         config = read_config(directory)
@@ -226,7 +226,7 @@ def _checkpoint_tokens(directory: str, w: int, h: int, context: int | None, as_j
 
 
 def _video(preset, w: int, h: int, frames: int, compression: str, pooled_frames: int, as_json: bool) -> None:
-    from vlmkit.processing.budget import get_preset
+    from vlmkit.presets.budget import get_preset
     from vlmkit.processing.video import VideoOptions, video_layout
 
     if frames <= 0:

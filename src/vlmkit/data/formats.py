@@ -18,34 +18,11 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmkit.core.types import BadRecordError, Message, Sample  # noqa: F401  (the record types, re-exported)
+
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class BadRecordError(ValueError):
-    """A training or evaluation record that cannot be used; the message names it."""
-
-    def __init__(self, record_id: str, reason: str, source: str | None = None):
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}record {record_id!r}: {reason}")
-        self.record_id = record_id
-        self.reason = reason
-
-
-@dataclass
-class Message:
-    role: str  # "system" | "user" | "assistant"
-    content: str
-
-
-@dataclass
-class Sample:
-    id: str
-    messages: list[Message]
-    images: list[Path | bytes] = field(default_factory=list)  # bytes: an inline data URI's image
-    videos: list[Path] = field(default_factory=list)
 
 
 def read_json_records(path: Path, what: str = "data", lenient: bool = False) -> list:

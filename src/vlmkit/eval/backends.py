@@ -212,7 +212,7 @@ def _import_hint(path: str) -> str:
     to evaluate it through vlmkit's own processors instead."""
     import json
 
-    from vlmkit.hf_import import SUPPORTED
+    from vlmkit.hf.importer import SUPPORTED
 
     try:
         model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
@@ -255,7 +255,7 @@ class VlmkitBackend:
     def from_checkpoint(cls, path: str, device: str | None = None, compile_decode: bool = False) -> "VlmkitBackend":
         import torch
 
-        from vlmkit.train.checkpoint import load_checkpoint
+        from vlmkit.checkpoint import load_checkpoint
 
         if not Path(path).is_dir():
             raise EvalInputError(f"{path}: vlmkit checkpoint folder not found")

@@ -18,13 +18,12 @@ at build time that a processor family and a connector agree.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from vlmkit.processing.anyres import unpadded_grid
+from vlmkit.processing.anyres import max_tiles_size, unpadded_grid
 from vlmkit.processing.base import Arrangement
 from vlmkit.registry import Registry
 
@@ -63,16 +62,6 @@ def _anyres_map_size(rows, cols, h, w, arrangement: Arrangement, image_size) -> 
     orig_h, orig_w = image_size
     keep_h, keep_w = unpadded_grid(orig_h, orig_w, big_h, big_w)
     return keep_h, keep_w, (big_h - keep_h) // 2, (big_w - keep_w) // 2
-
-
-def max_tiles_size(height: int, width: int, tile_h: int, max_tiles: int) -> tuple[int, int]:
-    """(rows, cols) of a feature map after the anyres_max_N limit (transformers' rounding)."""
-    if not max_tiles:
-        return height, width
-    ratio = math.sqrt(height * width / (max_tiles * tile_h**2))
-    if ratio > 1.1:
-        return int(height // ratio), int(width // ratio)
-    return height, width
 
 
 def _anyres(tokens, grids, arrangement: Arrangement, image_size, newline) -> torch.Tensor:

@@ -31,13 +31,14 @@ import torch
 from torch import nn
 
 from vlmkit.config import ModelConfig
+from vlmkit.core.types import IGNORE_INDEX  # noqa: F401  (re-exported)
 from vlmkit.model.assembly import assembler
 from vlmkit.model.connectors import build_connector
 from vlmkit.model.language import build_language_model
+from vlmkit.model.loss import next_token_loss
 from vlmkit.model.vision import build_vision_tower
 from vlmkit.registry import Registry
 
-IGNORE_INDEX = -100
 PARTS = ("vision", "connector", "llm", "cross_attention")
 
 # Image sizes (as multiples of the processor's base size) on which a new model checks that its
@@ -197,7 +198,7 @@ class VisionLanguageModel(nn.Module):
         # Parts whose weights come from files the config names: a checkpoint need not repeat them.
         self.pretrained_parts = set(pretrained_parts)
         self.frozen: set[str] = set()
-        # The LoRA spec of the adapters injected into its parts (train/lora.py); None: none.
+        # The LoRA spec of the adapters injected into its parts (model/lora.py); None: none.
         self.lora_spec: dict | None = None
         self.image_token_id = ensure_image_token(tokenizer, config.image_token)
         video_token = getattr(config, "video_token", None)
@@ -491,8 +492,6 @@ class VisionLanguageModel(nn.Module):
         cache = (getattr(out, "past_key_values", None) or getattr(out, "cache", None)) if use_cache else None
         result = VLMOutput(out.last_hidden_state, cache, head=head)
         if labels is not None:
-            from vlmkit.train.losses import next_token_loss
-
             result.loss, result.num_supervised = next_token_loss(out.last_hidden_state, labels, head)
         return result
 

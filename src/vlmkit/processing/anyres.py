@@ -179,3 +179,13 @@ def build_anyres(config, tokens_per_image: int | None = None) -> AnyResProcessor
         base_size=o.get("base_size"),
         pixel_shuffle=o.get("pixel_shuffle", 1),
     )
+
+
+def max_tiles_size(height: int, width: int, tile_h: int, max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of a feature map after the anyres_max_N limit (transformers' rounding)."""
+    if not max_tiles:
+        return height, width
+    ratio = math.sqrt(height * width / (max_tiles * tile_h**2))
+    if ratio > 1.1:
+        return int(height // ratio), int(width // ratio)
+    return height, width

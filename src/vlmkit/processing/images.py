@@ -19,6 +19,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlmkit.core.image_formats import DEFAULT_IMAGE_FORMATS, EXTERNAL_DECODER_FORMATS, image_formats  # noqa: F401  (re-exported)
+
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_ASPECT_RATIO = 200.0
 
@@ -69,40 +71,12 @@ def check_size(width: int, height: int, source: str, max_pixels: int, max_aspect
         )
 
 
-# Formats decoded by default: the common photo and screenshot formats, each with a header that
-# states the size before any pixel is decoded. Pillow knows many more; some run external
-# programs (EPS goes to Ghostscript) or decode inside `Image.open` (ICO, ICNS), so they are
-# opt-in (`image_formats` in the processor config, `--image-format` for `vlmkit serve`).
-DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-# Never decoded, even when asked for: Pillow hands these to external programs.
-EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
-
 # `Image.MAX_IMAGE_PIXELS` is a process-wide setting and `warnings.catch_warnings` a
 # process-wide filter; opening (header parsing) is serialised so concurrent loads with
 # different limits cannot leave either in the wrong state. Pixel decoding is not serialised.
 _OPEN_LOCK = threading.Lock()
 # A repr such as "<_io.BytesIO object at 0x7f...>" in Pillow's messages tells a user nothing.
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
-
-
-def image_formats(formats) -> tuple[str, ...]:
-    """Validated, upper-case Pillow format names; the default allow-list when `formats` is None."""
-    if formats is None:
-        return DEFAULT_IMAGE_FORMATS
-    Image.init()
-    out = []
-    for f in formats:
-        name = str(f).upper()
-        if name == "JPG":
-            name = "JPEG"
-        if name in EXTERNAL_DECODER_FORMATS:
-            raise ValueError(f"image format {name!r} is decoded by an external program and is never allowed")
-        if name not in Image.OPEN:
-            raise ValueError(f"unknown image format {f!r}; Pillow can open: {', '.join(sorted(Image.OPEN))}")
-        out.append(name)
-    if not out:
-        raise ValueError("the list of allowed image formats is empty")
-    return tuple(dict.fromkeys(out))
 
 
 def _open_checked(data, name: str, formats: tuple[str, ...], max_pixels: int) -> Image.Image:

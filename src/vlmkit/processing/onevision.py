@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from PIL import Image
 
-from vlmkit.processing.anyres import AnyResProcessor, select_best_resolution, unpadded_grid
+from vlmkit.processing.anyres import AnyResProcessor, max_tiles_size, select_best_resolution, unpadded_grid
 from vlmkit.processing.base import Arrangement, ImageProcessor, ProcessedImage, TokenLayout, image_views
 from vlmkit.processing.images import Resizer, normalize_into
 from vlmkit.registry import IMAGE_PROCESSORS
 
 
 def max_tiles_grid(height: int, width: int, tile_grid: int, max_tiles: int) -> tuple[int, int]:
-    from vlmkit.model.assembly import max_tiles_size
-
     return max_tiles_size(height, width, tile_grid, max_tiles)
 
 

@@ -19,8 +19,7 @@ from typing import Callable
 
 import torch
 
-from vlmkit.data.formats import BadRecordError, Message, Sample
-from vlmkit.model.vlm import IGNORE_INDEX
+from vlmkit.core.types import IGNORE_INDEX, BadRecordError, Message, Sample
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
 from vlmkit.processing.images import ImageLoadError, load_image
 from vlmkit.processing.video import (ProcessedVideo, VideoInput, VideoLoadError, VideoOptions, load_video, placeholder_text,

@@ -32,7 +32,7 @@ from vlmkit.data.pipeline import MicroBatch, SequentialSampler, StageDataset, St
 from vlmkit.data.sources import Mixture
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
-from vlmkit.train import checkpoint as ckpt
+from vlmkit import checkpoint as ckpt
 from vlmkit.train import distributed as D
 from vlmkit.train.features import FrozenFeatures
 from vlmkit.model.vlm import lm_head

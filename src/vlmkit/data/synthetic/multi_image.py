@@ -5,23 +5,17 @@ depends on telling the two token groups apart: swap the images and the answer fl
 use the OpenAI / TRL content-parts style, so that reader is exercised end to end; the data
 module writes the video task in the LLaVA style, and a mixed file holds both.
 
-`SyntheticMediaBench` scores either task through the evaluation harness (exact match after
-normalisation, broken down by task).
+The `synth-media` benchmark (`vlmkit.eval.benchmarks.synth_media`) scores either task through the
+evaluation harness.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmkit.eval.benchmarks.base import Benchmark, BenchItem, EvalInputError, ScoreResult
-from vlmkit.registry import BENCHMARKS
-from vlmkit.processing.video import VideoInput
 
 MORE_QUESTION = "Which image holds more objects? Answer first or second."
 PAIRS = tuple((a, b) for a in range(1, 6) for b in range(a + 2, 6))
@@ -70,84 +64,6 @@ def multi_image_records(out_dir: str | Path, n: int, split: str, seed: int, size
             ],
         })
     return records
-
-
-# ---- evaluation -------------------------------------------------------------------------------
-
-@dataclass
-class MediaItem(BenchItem):
-    """A question over images and videos; `load_images` returns them in placeholder order
-    (videos as `VideoInput`), which is what the vlmkit backend's processor takes."""
-
-    media: list[tuple[str, Path]] = field(default_factory=list)
-
-    def load_images(self):
-        from vlmkit.processing.images import ImageLoadError, load_image
-
-        out = []
-        for kind, path in self.media:
-            if kind == "video":
-                out.append(VideoInput(path))
-                continue
-            try:
-                out.append(load_image(path))
-            except ImageLoadError as e:
-                raise EvalInputError(f"item {self.id}: {e}") from None
-        return out
-
-
-def _norm(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.strip().lower()).strip()
-
-
-@BENCHMARKS.register("synth-media")
-class SyntheticMediaBench(Benchmark):
-    """The synthetic multi-image and video tasks, read from a vlmkit training-style JSON file."""
-
-    name = "synth-media"
-    metric = "exact match (lower-cased, punctuation dropped), per task"
-    parser = "first word of the response"
-    prompt_template = "<image> per visual input, then the record's question"
-    default_max_new_tokens = 10  # byte-level tiny tokenizers spend one token per letter
-
-    def load(self, data_dir) -> list[BenchItem]:
-        from vlmkit.data.formats import record_to_sample
-
-        path = Path(data_dir)
-        path = path / "test.json" if path.is_dir() else path
-        try:
-            records = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvalInputError(f"{path}: {e}") from None
-        items = []
-        for i, rec in enumerate(records):
-            sample = record_to_sample(rec, i, path.parent, str(path))
-            question = sample.messages[0].content
-            kinds = [m.group(1) for m in re.finditer(r"<(image|video)>", question)]
-            it_img, it_vid = iter(sample.images), iter(sample.videos)
-            media = [(k, next(it_img) if k == "image" else next(it_vid)) for k in kinds]
-            # The backend's convention is one `<image>` per visual input; the input decides how it expands.
-            prompt = re.sub(r"<(image|video)>", "<image>", question)
-            items.append(MediaItem(id=str(rec["id"]), question=prompt, images=[p for _, p in media],
-                                   answers=[rec["answer"]], metadata={"task": rec.get("task", "")}, media=media))
-        return items
-
-    def prompt(self, item: BenchItem) -> str:
-        return item.question
-
-    def score(self, items: list[BenchItem], predictions: dict[str, str]) -> ScoreResult:
-        per_item, by_task = {}, {}
-        for it in items:
-            pred = predictions.get(it.id)
-            words = _norm(pred).split() if pred is not None else []
-            ok = float(bool(words) and words[0] == _norm(it.answers[0]))
-            per_item[it.id] = ok
-            by_task.setdefault(it.metadata.get("task", ""), []).append(ok)
-        overall = sum(per_item.values()) / len(items) if items else 0.0
-        breakdown = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
-        n_pred = sum(it.id in predictions for it in items)
-        return ScoreResult(self.name, overall, f"{100 * overall:.1f}", breakdown, self.metric, self.parser,
-                           len(items), n_pred, len(items) - n_pred, per_item=per_item)
 
 
 def write_media_dataset(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, video_tasks=("direction",),

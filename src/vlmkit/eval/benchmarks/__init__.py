@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from vlmkit.registry import BENCHMARKS
 
-from . import chair, chartqa, docvqa, mathvista, mmmu, ocrbench, synth_qa, vqa  # noqa: F401  (registration)
+from . import chair, chartqa, docvqa, mathvista, mmmu, ocrbench, synth_media, synth_qa, vqa  # noqa: F401  (registration)
 from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, read_predictions
-
-from vlmkit.data.synthetic import multi_image  # noqa: E402,F401  (registers synth-media, the synthetic image/video tasks)
 
 
 def get_benchmark(name: str, **kwargs) -> Benchmark:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmkit.hf_export import ExportError
-from vlmkit.output_folder import claim_output, publish, staging_folder
+from vlmkit.hf.llava import ExportError
+from vlmkit.hf.output_folder import claim_output, publish, staging_folder
 
 ADAPTER_DIR = "adapter"
 
@@ -34,7 +34,7 @@ ADAPTER_DIR = "adapter"
 @contextlib.contextmanager
 def adapters_removed(model):
     """The model with each LoRA layer swapped for its base layer (nothing merged); put back after."""
-    from vlmkit.train.lora import lora_layers
+    from vlmkit.model.lora import lora_layers
 
     swapped, spec = [], model.lora_spec
     try:
@@ -54,7 +54,7 @@ def adapters_removed(model):
 
 
 def _adapted_layers(model) -> dict[str, list[tuple[str, nn.Module]]]:
-    from vlmkit.train.lora import lora_layers
+    from vlmkit.model.lora import lora_layers
 
     return {part: lora_layers(model.parts()[part]) for part in model.lora_spec["parts"]}
 
@@ -104,8 +104,8 @@ def export_hf_peft(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """Base model in its family's transformers format at `out`, the adapters as PEFT at `out/adapter`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from vlmkit.hf_import import export_hf, family_for, family_of, model_sources
-    from vlmkit.train.lora import ADAPTER_NAME
+    from vlmkit.hf.importer import export_hf, family_for, family_of, model_sources
+    from vlmkit.model.lora import ADAPTER_NAME
 
     if not getattr(model, "lora_spec", None):
         raise ExportError("the model carries no LoRA adapters (load the checkpoint with merge=False; "
@@ -167,7 +167,7 @@ def verify_peft_export(model, folder: str | Path) -> float:
     from PIL import Image
 
     from vlmkit.data.formats import Message
-    from vlmkit.hf_import import family_for, family_of
+    from vlmkit.hf.importer import family_for, family_of
     from vlmkit.processing import build_chat_processor
 
     folder = Path(folder)

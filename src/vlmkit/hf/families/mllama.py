@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import ExportError, _hf_config_dict
-from vlmkit.hf_import import (HFFamily, _atomic_folder, _generation_config, _image_processor_settings, _plain_template, _resample,
+from vlmkit.hf.llava import ExportError, _hf_config_dict
+from vlmkit.hf.importer import (HFFamily, _atomic_folder, _generation_config, _image_processor_settings, _plain_template, _resample,
                               _staging, _tokenizer, _write_checkpoint, auto_config, build_imported, load_part, max_positions,
                               read_hf_config, read_weights, register_family, split_state)
 
@@ -104,7 +104,7 @@ def export_mllama(model, out: Path) -> Path:
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    from vlmkit.hf_import import _load_reference
+    from vlmkit.hf.importer import _load_reference
     from vlmkit.model.connectors.mlp import LinearConnector
 
     tower, conn, tok = model.vision, model.connector, model.tokenizer

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import ExportError, _chat_template, _hf_config_dict, _read_json, _template_source, _usable_template
-from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
+from vlmkit.hf.llava import ExportError, _chat_template, _hf_config_dict, _read_json, _template_source, _usable_template
+from vlmkit.hf.importer import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
                               _load_reference, _resample, _staging, _write_checkpoint, auto_config, build_imported, load_part,
                               load_tokenizer, max_positions, read_hf_config, read_weights, register_family, split_state,
                               stage_llm)

@@ -32,7 +32,7 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def parts_to_save(model) -> list[str]:
-    from vlmkit.train.lora import is_lora_key
+    from vlmkit.model.lora import is_lora_key
 
     # Adapter parameters go to their own file: a part that trains only through them is not saved.
     trainable = [n for n, m in model.parts().items() if any(p.requires_grad and not is_lora_key(k) for k, p in m.named_parameters())]
@@ -41,7 +41,7 @@ def parts_to_save(model) -> list[str]:
 
 
 def model_state(model, parts: list[str]) -> dict[str, torch.Tensor]:
-    from vlmkit.train.lora import base_state
+    from vlmkit.model.lora import base_state
 
     state = {}
     for name in parts:
@@ -72,7 +72,7 @@ def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str
         (tmp / CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
         lora_spec = getattr(model, "lora_spec", None)
         if lora_spec:
-            from vlmkit.train.lora import save_adapters
+            from vlmkit.model.lora import save_adapters
 
             save_adapters(model, tmp)
         (tmp / META).write_text(json.dumps({"parts": parts, **(meta or {}), **({"lora": lora_spec} if lora_spec else {})}, indent=2))
@@ -115,7 +115,7 @@ def read_config(directory: str | Path) -> Config:
 def load_weights(model, directory: str | Path, quantize: bool = True) -> dict[str, Any]:
     """Load the saved parts; a checkpoint with LoRA adapters adds them (if the model has none
     yet) and loads them too. `quantize=False` puts QLoRA adapters on the full-precision base."""
-    from vlmkit.train.lora import is_lora_key, load_adapters, to_module_keys
+    from vlmkit.model.lora import is_lora_key, load_adapters, to_module_keys
 
     directory = Path(directory)
     meta = json.loads((directory / META).read_text())
@@ -165,7 +165,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", merge: bool = Tr
     # QLoRA's 4-bit base is a training device: inference puts the adapters on the full-precision base.
     load_weights(model, directory, quantize=False)
     # Inference (eval, serve, chat, export) runs on merged weights: W + B A * alpha / r.
-    from vlmkit.train.lora import merge_adapters
+    from vlmkit.model.lora import merge_adapters
 
     if merge:
         merge_adapters(model)

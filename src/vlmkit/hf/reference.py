@@ -100,7 +100,7 @@ def llava_next(model) -> nn.Module:
     conn = model.connector
     if model.config.processor.name != "anyres" or not getattr(conn, "image_newline", None) is not None:
         raise ValueError("LLaVA-NeXT needs the anyres processor with unpadding and newlines")
-    from vlmkit.hf_export import _vision_feature_settings
+    from vlmkit.hf.llava import _vision_feature_settings
 
     layer, strategy, tie_last = _vision_feature_settings(model)
     text, text_state = _text(model)

@@ -23,7 +23,7 @@ Families:
 * `idefics3` (Idefics3, SmolVLM v1): its vision transformer as a SigLIP tower (`hf-random` +
   weights), pixel shuffle + one bias-free linear (`pixel-shuffle`, `norm: none`), any causal LM,
   the `idefics3` processor (crop size, longest edge, splitting, mean/std).
-* `llava`: LLaVA-1.5 (`hf_export.import_llava`).
+* `llava`: LLaVA-1.5 (`llava.import_llava`).
 
 Imported models never write vlmkit's `<image_k>` sentinels before the images of a multi-image
 prompt (`processor.options.sentinels: never`): the released checkpoints were not trained with
@@ -49,9 +49,9 @@ import torch
 from torch import nn
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _plain_of_image_parts,
+from vlmkit.hf.llava import (_STRING_TO_PARTS_PREAMBLE, ExportError, _chat_template, _hf_config_dict, _plain_of_image_parts,
                               _read_json, _template_source, _usable_template, export_llava, import_llava)
-from vlmkit.output_folder import claim_output, publish, staging_folder
+from vlmkit.hf.output_folder import claim_output, publish, staging_folder
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
 
@@ -78,7 +78,7 @@ class HFFamily:
 
 FAMILIES: list[HFFamily] = []
 
-# Modules under `vlmkit.hf_families` that register more families when imported.
+# Modules under `vlmkit.hf.families` that register more families when imported.
 FAMILY_MODULES: tuple[str, ...] = ("pixtral", "mllama", "paligemma", "gemma3", "smolvlm", "llava_onevision", "idefics2",
                                    "blip2", "fuyu")
 
@@ -92,7 +92,7 @@ def _families() -> list[HFFamily]:
     import importlib
 
     for name in FAMILY_MODULES:
-        importlib.import_module(f"vlmkit.hf_families.{name}")
+        importlib.import_module(f"vlmkit.hf.families.{name}")
     return FAMILIES
 
 
@@ -424,9 +424,9 @@ def build_imported(config, image_token: str | None = None, expected_id: int | No
 
 def _write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, tmp: Path, max_length: int) -> Path:
     """Save the imported model under `out` (built in the staging folder `tmp`, then swapped in; see
-    `vlmkit.output_folder`), its LLM folder beside it, and the recipe pointing at that folder with
+    `vlmkit.hf.output_folder`), its LLM folder beside it, and the recipe pointing at that folder with
     `max_length` as `train.max_length`."""
-    from vlmkit.train.checkpoint import save_checkpoint
+    from vlmkit.checkpoint import save_checkpoint
 
     config.model.llm.path = str(out / "llm")
     config.train.max_length = max_length
@@ -442,7 +442,7 @@ def _write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, 
 def import_hf(folder: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Any supported Hugging Face folder -> a vlmkit checkpoint at `out`. An existing `out` is
     replaced only when it is empty or an earlier import, or when `overwrite` is set; never when it
-    is or contains `folder` (`vlmkit.output_folder`)."""
+    is or contains `folder` (`vlmkit.hf.output_folder`)."""
     offline()
     folder = Path(folder)
     out = claim_output(out, command=IMPORT_COMMAND, sources=(folder,), overwrite=overwrite)
@@ -793,7 +793,7 @@ def _plain_template(tokenizer) -> str | None:
 
 
 def _atomic_folder(out: Path, write) -> Path:
-    """Have `write` fill a staging folder beside `out`, then swap it in (`vlmkit.output_folder`)."""
+    """Have `write` fill a staging folder beside `out`, then swap it in (`vlmkit.hf.output_folder`)."""
     tmp = staging_folder(out)
     try:
         write(tmp)
@@ -806,7 +806,7 @@ def _atomic_folder(out: Path, write) -> Path:
 def _generation_config(tokenizer, **kw):
     from transformers import GenerationConfig
 
-    from vlmkit.hf_export import _stop_ids
+    from vlmkit.hf.llava import _stop_ids
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return GenerationConfig(eos_token_id=_stop_ids(tokenizer), pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id,
@@ -817,7 +817,7 @@ def _generation_config(tokenizer, **kw):
 def export_qwen2_vl(model, out: str | Path) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlmkit.model.reference import qwen2_5_vl, qwen2_vl
+    from vlmkit.hf.reference import qwen2_5_vl, qwen2_vl
 
     ref = (qwen2_5_vl if family_of(model) == "qwen2_5_vl" else qwen2_vl)(model).eval()
     tok = model.tokenizer
@@ -874,7 +874,7 @@ def export_llava_next(model, out: str | Path) -> Path:
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from vlmkit.model.reference import llava_next
+    from vlmkit.hf.reference import llava_next
 
     ref = llava_next(model).eval()
     tok = model.tokenizer
@@ -1031,7 +1031,7 @@ def verify_hf_export(model, folder: str | Path) -> float:
     from PIL import Image
 
     from vlmkit.data.formats import Message
-    from vlmkit.hf_export import verify_export
+    from vlmkit.hf.llava import verify_export
     from vlmkit.processing import build_chat_processor
 
     family = _owner(model)

@@ -4,7 +4,7 @@ SmolVLM is Idefics3's architecture under its own classes: the same vision transf
 kept here as transformers' own `smolvlm_vision` model, which also marks the export format), the
 same pixel shuffle plus one bias-free linear layer, any causal LM, and the same image splitting
 and prompt layout. The import and the weight mapping are therefore Idefics3's
-(`hf_import.import_idefics3` / `idefics3_reference`), with the `idefics3` processor family.
+(`importer.import_idefics3` / `idefics3_reference`), with the `idefics3` processor family.
 
 Export writes SmolVLM's files: config and weights, `SmolVLMImageProcessorPil`'s
 `preprocessor_config.json`, the tokenizer, the chat template and a `processor_config.json`
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.hf_export import _read_json
-from vlmkit.hf_import import (HFFamily, _atomic_folder, _image_processor_settings, _plain_template, idefics3_reference,
+from vlmkit.hf.llava import _read_json
+from vlmkit.hf.importer import (HFFamily, _atomic_folder, _image_processor_settings, _plain_template, idefics3_reference,
                               import_idefics3, register_family)
 
 TOWER = "smolvlm_vision"

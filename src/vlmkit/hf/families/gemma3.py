@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import ExportError, _hf_config_dict
-from vlmkit.hf_families.paligemma import gemma_text_llm, llm_state, siglip_tower_dict, text_dict
-from vlmkit.hf_import import (HFFamily, _generation_config, _image_processor_settings, _load_reference, _plain_template,
+from vlmkit.hf.llava import ExportError, _hf_config_dict
+from vlmkit.hf.families.paligemma import gemma_text_llm, llm_state, siglip_tower_dict, text_dict
+from vlmkit.hf.importer import (HFFamily, _generation_config, _image_processor_settings, _load_reference, _plain_template,
                               _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint, auto_config,
                               build_imported, load_part, load_tokenizer, max_positions, read_hf_config, read_weights,
                               register_family, split_state)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.output_folder import publish, staging_folder
+from vlmkit.hf.output_folder import publish, staging_folder
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
 
@@ -268,9 +268,9 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     """
     from transformers import LlavaForConditionalGeneration
 
-    from vlmkit.hf_import import auto_config, check_in_vocab, check_weight_files, load_tokenizer, warn_non_finite
+    from vlmkit.hf.importer import auto_config, check_in_vocab, check_weight_files, load_tokenizer, warn_non_finite
     from vlmkit.model.vlm import VisionLanguageModel
-    from vlmkit.train.checkpoint import save_checkpoint
+    from vlmkit.checkpoint import save_checkpoint
 
     offline()
     folder, out = Path(folder), Path(out).resolve()

@@ -1,7 +1,7 @@
 """LLaVA-OneVision (`llava_onevision`, transformers' `LlavaOnevisionForConditionalGeneration`).
 
 Its weights and layout are LLaVA-NeXT's (SigLIP tower, 2-layer GELU projector, `image_newline`,
-any causal LM), so the import is `hf_import.import_llava_next` with the `anyres-max` processor
+any causal LM), so the import is `importer.import_llava_next` with the `anyres-max` processor
 (`processing/onevision.py`): AnyRes whose feature map is capped at anyres_max_N tiles (the
 model's assembler resizes it, as `pack_image_features` does), and, in a prompt with several
 images, each image padded to a square and read at base resolution plus one newline.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.hf_export import ExportError, _read_json
-from vlmkit.hf_import import (HFFamily, _atomic_folder, _generation_config, _plain_template, import_llava_next, read_hf_config,
+from vlmkit.hf.llava import ExportError, _read_json
+from vlmkit.hf.importer import (HFFamily, _atomic_folder, _generation_config, _plain_template, import_llava_next, read_hf_config,
                               register_family)
 
 
@@ -50,9 +50,9 @@ def onevision_reference(model):
     """transformers' LlavaOnevisionForConditionalGeneration holding the vlmkit model's weights."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from vlmkit.hf_export import _vision_feature_settings
+    from vlmkit.hf.llava import _vision_feature_settings
     from vlmkit.model.connectors.mlp import MLPConnector
-    from vlmkit.model.reference import _language_state, _load, _text
+    from vlmkit.hf.reference import _language_state, _load, _text
     from vlmkit.model.vision import HFVisionTower
 
     conn, tower, proc = model.connector, model.vision, model.image_processor

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
-from vlmkit.hf_import import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
+from vlmkit.hf.llava import ExportError, _hf_config_dict, _read_json
+from vlmkit.hf.importer import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
                               _plain_template, _resample, _staging, _tokenizer, _write_checkpoint, auto_config, build_imported,
                               load_part, max_positions, read_hf_config, read_weights, register_family, split_state, stage_llm)
 
@@ -160,7 +160,7 @@ def _export(model, out: Path, mistral3: bool) -> Path:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    from vlmkit.hf_import import _load_reference
+    from vlmkit.hf.importer import _load_reference
 
     if not (_owns_mistral3(model) if mistral3 else _owns_pixtral(model)):
         raise ExportError(f"{'Mistral3' if mistral3 else 'Pixtral'} needs the pixtral processor, prefix fusion, a Pixtral tower "

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf_export import ExportError, _hf_config_dict, _read_json
-from vlmkit.hf_import import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
+from vlmkit.hf.llava import ExportError, _hf_config_dict, _read_json
+from vlmkit.hf.importer import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
                               _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
                               auto_config, build_imported, load_part, max_positions, read_hf_config, read_weights,
                               register_family, split_state, stage_llm)
