@@ -61,7 +61,7 @@ def image(seed: int, size):
 def prepare(family: str, root: Path):
     from _hf_folders import save_llava_next, save_qwen2vl
 
-    from vlmkit.hf.importer import import_hf
+    from vlmkit.hf.registry import import_hf
     from vlmkit.checkpoint import load_checkpoint
 
     if family == "qwen2-vl":

@@ -20,8 +20,8 @@ from PIL import Image
 
 from vlmkit.data.formats import Message, Sample
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.llava import ExportError
-from vlmkit.hf.importer import export_hf, import_hf, verify_hf_export
+from vlmkit.hf.folder import ExportError
+from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
 from vlmkit.checkpoint import load_checkpoint
 

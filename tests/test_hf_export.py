@@ -10,7 +10,8 @@ from PIL import Image
 from vlmkit.config import load_config
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.llava import ExportError, check_exportable, export_llava, import_llava, verify_export
+from vlmkit.hf.families.llava import check_exportable, export_llava, import_llava, verify_export
+from vlmkit.hf.folder import ExportError
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
 

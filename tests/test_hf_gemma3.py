@@ -15,7 +15,7 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.importer import export_hf, import_hf, verify_hf_export
+from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.model.attention import attention_rule
 from vlmkit.processing import build_chat_processor
 from vlmkit.checkpoint import load_checkpoint
@@ -104,7 +104,7 @@ def test_gemma3_pan_and_scan_folder_is_refused(tmp_path):
     import json
     import shutil
 
-    from vlmkit.hf.llava import ExportError
+    from vlmkit.hf.folder import ExportError
 
     folder = save_gemma3(tmp_path / "hf", seed=1)
     cfg_path = folder / "processor_config.json"

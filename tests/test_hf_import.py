@@ -14,7 +14,7 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.importer import export_hf, import_hf
+from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.checkpoint import load_checkpoint
 
@@ -263,7 +263,7 @@ def test_idefics3_import_ids_pixels_logits_and_greedy_match_transformers(idefics
 
 
 def test_internvl_export_then_import_returns_the_same_tensors(internvl, tmp_path):
-    from vlmkit.hf.importer import verify_hf_export
+    from vlmkit.hf.registry import verify_hf_export
 
     _, model = internvl
     exported = export_hf(model, tmp_path / "hf")

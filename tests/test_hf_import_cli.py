@@ -77,7 +77,7 @@ def test_imported_qwen2vl_serves_openai_chat_completions(tmp_path):
 
     from vlmkit.data.formats import Message
     from vlmkit.generate import GenerationConfig, generate
-    from vlmkit.hf.importer import import_hf
+    from vlmkit.hf.registry import import_hf
     from vlmkit.processing import build_chat_processor
     from vlmkit.processing.images import load_image
     from vlmkit.serve.app import ServerSettings, create_app

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmkit.hf.llava import ExportError
-from vlmkit.hf.importer import import_hf
+from vlmkit.hf.folder import ExportError
+from vlmkit.hf.registry import import_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders import save_qwen2vl  # noqa: E402

@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.importer import export_hf, family_of, import_hf, verify_hf_export
+from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
 from vlmkit.checkpoint import load_checkpoint
 
@@ -149,7 +149,7 @@ def test_bad_folders_are_refused_naming_the_file_or_tensor(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from vlmkit.hf.llava import ExportError
+    from vlmkit.hf.folder import ExportError
 
     folder = save_mllama(tmp_path / "hf", seed=1)
     state = load_file(str(folder / "model.safetensors"))

@@ -19,7 +19,7 @@ import torch
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.families.llava_onevision import onevision_inputs
-from vlmkit.hf.importer import export_hf, family_of, import_hf, verify_hf_export
+from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
 from vlmkit.checkpoint import load_checkpoint
 

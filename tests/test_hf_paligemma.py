@@ -15,7 +15,7 @@ from PIL import Image
 
 from vlmkit.data.formats import Message, Sample
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.importer import export_hf, import_hf, verify_hf_export
+from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.model.attention import attention_rule
 from vlmkit.model.vlm import lm_head
 from vlmkit.processing import build_chat_processor

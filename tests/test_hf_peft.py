@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmkit.data.formats import Message
-from vlmkit.hf.importer import import_hf
+from vlmkit.hf.registry import import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.model import lora
 from vlmkit.checkpoint import load_checkpoint, save_checkpoint
@@ -49,7 +49,7 @@ def test_peft_export_loads_in_peft_with_vlmkits_unmerged_logits(tmp_path, family
     from peft import PeftModel
     from safetensors import safe_open
 
-    from vlmkit.hf.importer import family_for, family_of
+    from vlmkit.hf.registry import family_for, family_of
 
     ckpt = _adapted_checkpoint(tmp_path, family)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -95,7 +95,7 @@ def test_peft_export_loads_in_peft_with_vlmkits_unmerged_logits(tmp_path, family
 
 
 def test_peft_export_of_a_checkpoint_without_adapters_is_refused(tmp_path):
-    from vlmkit.hf.llava import ExportError
+    from vlmkit.hf.folder import ExportError
     from vlmkit.hf.peft import export_hf_peft
 
     model, _ = load_checkpoint(import_hf(save_qwen2vl(tmp_path / "hf"), tmp_path / "vlmkit"), merge=False)

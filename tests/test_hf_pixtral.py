@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.importer import export_hf, family_for, family_of, import_hf, verify_hf_export
+from vlmkit.hf.registry import export_hf, family_for, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
 from vlmkit.checkpoint import load_checkpoint
 
@@ -168,7 +168,7 @@ def test_a_llava_folder_without_a_pixtral_tower_stays_with_llava_1_5():
 def test_a_pixtral_folder_that_drops_the_first_patch_is_refused(tmp_path):
     import json
 
-    from vlmkit.hf.llava import ExportError
+    from vlmkit.hf.folder import ExportError
 
     folder = save_pixtral(tmp_path / "hf", seed=1)
     cfg = json.loads((folder / "config.json").read_text())

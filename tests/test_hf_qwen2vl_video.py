@@ -23,7 +23,7 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.importer import export_hf, import_hf
+from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.video import VideoInput, load_clip, write_video
 from vlmkit.checkpoint import load_checkpoint

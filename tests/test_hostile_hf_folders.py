@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmkit.hf.llava import ExportError
-from vlmkit.hf.importer import import_hf
+from vlmkit.hf.folder import ExportError
+from vlmkit.hf.registry import import_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hf_folders import save_qwen2vl  # noqa: E402
@@ -38,7 +38,7 @@ def llava(tmp_path_factory):
     """A LLaVA-1.5 folder (vlmkit's tiny MLP model exported)."""
     from _tiny import tiny_model
 
-    from vlmkit.hf.llava import export_llava
+    from vlmkit.hf.families.llava import export_llava
 
     return export_llava(tiny_model("mlp"), tmp_path_factory.mktemp("llava") / "hf")
 
@@ -136,8 +136,8 @@ def test_llava_corrupt_safetensors_names_the_file(llava, tmp_path):
 
 _CHILD = textwrap.dedent("""
     import json, sys, time
-    from vlmkit.hf.llava import ExportError
-    from vlmkit.hf.importer import import_hf
+    from vlmkit.hf.folder import ExportError
+    from vlmkit.hf.registry import import_hf
     start = time.monotonic()
     try:
         import_hf(sys.argv[1], sys.argv[2])

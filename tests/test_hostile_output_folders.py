@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from vlmkit.cli import app
-from vlmkit.hf.importer import import_hf
+from vlmkit.hf.registry import import_hf
 from vlmkit.hf.output_folder import MARKER, OutputFolderError, claim_output, remove_stale_staging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,17 +149,17 @@ def test_a_file_is_never_an_output_folder(hf_folder, tmp_path):
 
 def test_a_folder_that_appears_while_writing_is_not_replaced(hf_folder, tmp_path, monkeypatch):
     """--overwrite approves the folder it saw; one put in its place meanwhile is refused at the swap."""
-    from vlmkit.hf import importer as hf_import
+    from vlmkit.hf.families import qwen2_vl  # the folder's family: it stages the import
 
     out = tmp_path / "ck"
-    real = hf_import.staging_folder
+    real = qwen2_vl.staging_folder
 
     def staging_then_someone_writes(target):
         (out / "report.txt").parent.mkdir(exist_ok=True)
         (out / "report.txt").write_text("written meanwhile")
         return real(target)
 
-    monkeypatch.setattr(hf_import, "staging_folder", staging_then_someone_writes)
+    monkeypatch.setattr(qwen2_vl, "staging_folder", staging_then_someone_writes)
     with pytest.raises(OutputFolderError, match="changed while the output was written"):
         import_hf(hf_folder, out)
     assert (out / "report.txt").read_text() == "written meanwhile"
@@ -189,7 +189,7 @@ _KILLED_RUN = textwrap.dedent("""
     import os, shutil, signal, sys
     sys.path.insert(0, {src!r})
     from vlmkit.hf import output_folder  # noqa: F401
-    from vlmkit.hf.importer import import_hf, export_hf
+    from vlmkit.hf.registry import export_hf, import_hf
     from vlmkit.checkpoint import load_checkpoint
 
     real_rmtree = shutil.rmtree
@@ -242,7 +242,7 @@ def test_sigkill_mid_import_leaves_the_previous_import_and_the_next_run_cleans_u
     out = tmp_path / "ck"
     import_hf(hf_folder, out)
     before = tree(out)
-    code = f"import sys; sys.path.insert(0, {str(SRC)!r}); from vlmkit.hf.importer import import_hf; import_hf({str(hf_folder)!r}, {str(out)!r})"
+    code = f"import sys; sys.path.insert(0, {str(SRC)!r}); from vlmkit.hf.registry import import_hf; import_hf({str(hf_folder)!r}, {str(out)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".ck.vlmkit-staging-") for p in tmp_path.iterdir()):

@@ -489,7 +489,7 @@ def _llava_next_case(root):
                          ids=["qwen2-vl (M-RoPE, cached forward)", "llava-next (fast decode)", "llava-next (cached forward)"])
 def test_generated_image_token_is_decoded_as_text_like_transformers(tmp_path, monkeypatch, family, lean):
     from vlmkit.generate import GenerationConfig, generate
-    from vlmkit.hf.importer import import_hf
+    from vlmkit.hf.registry import import_hf
     from vlmkit.model import fast_decode
     from vlmkit.processing import build_chat_processor
     from vlmkit.checkpoint import load_checkpoint

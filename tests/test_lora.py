@@ -17,7 +17,7 @@ from PIL import Image
 from vlmkit.config import ConfigError, load_config
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.importer import export_hf, import_hf
+from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.model import lora
 from vlmkit.checkpoint import load_checkpoint

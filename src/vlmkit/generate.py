@@ -93,7 +93,7 @@ def generate_steps(
 def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> Iterator[Step]:
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stop_ids = sorted({i for i in [tok.eos_token_id, *_extra_stop_ids(tok)] if i is not None})
+    stop_ids = sorted({i for i in [tok.eos_token_id, *extra_stop_ids(tok)] if i is not None})
     B = len(prompts)
     limits = list(limits) if limits is not None else [cfg.max_new_tokens] * B
     if len(limits) != B:
@@ -190,7 +190,7 @@ def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> I
         next_pos = next_pos + 1
 
 
-def _extra_stop_ids(tok) -> list[int]:
+def extra_stop_ids(tok) -> list[int]:
     # ChatML models end a turn with <|im_end|>, which is not always their eos token.
     ids = []
     for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):

@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         """Export a checkpoint in its family's Hugging Face format (see `vlmkit import-hf --help`
         for the families). LoRA adapters are merged, or written as a PEFT folder (`--adapters peft`)."""
         offline()
-        from vlmkit.hf.importer import export_hf as export_family, family_of, verify_hf_export
+        from vlmkit.hf.registry import export_hf as export_family, family_of, verify_hf_export
         from vlmkit.hf.output_folder import claim_output
         from vlmkit.checkpoint import load_checkpoint
 
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         The family comes from its config.json; models that need trust_remote_code are refused.
         A refusal is one `error:` line naming the file and field, exit status 1."""
         offline()
-        from vlmkit.hf.importer import import_hf
+        from vlmkit.hf.registry import import_hf
 
         import_hf(folder, out, overwrite=overwrite)
         typer.echo(f"wrote {out}")

@@ -212,7 +212,7 @@ def _import_hint(path: str) -> str:
     to evaluate it through vlmkit's own processors instead."""
     import json
 
-    from vlmkit.hf.importer import SUPPORTED
+    from vlmkit.hf.registry import SUPPORTED
 
     try:
         model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")

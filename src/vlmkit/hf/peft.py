@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmkit.hf.llava import ExportError
+from vlmkit.hf.folder import ExportError
 from vlmkit.hf.output_folder import claim_output, publish, staging_folder
 
 ADAPTER_DIR = "adapter"
@@ -104,7 +104,8 @@ def export_hf_peft(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """Base model in its family's transformers format at `out`, the adapters as PEFT at `out/adapter`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from vlmkit.hf.importer import export_hf, family_for, family_of, model_sources
+    from vlmkit.hf.registry import export_hf, family_for, family_of
+    from vlmkit.hf.writing import model_sources
     from vlmkit.model.lora import ADAPTER_NAME
 
     if not getattr(model, "lora_spec", None):
@@ -167,7 +168,7 @@ def verify_peft_export(model, folder: str | Path) -> float:
     from PIL import Image
 
     from vlmkit.data.formats import Message
-    from vlmkit.hf.importer import family_for, family_of
+    from vlmkit.hf.registry import family_for, family_of
     from vlmkit.processing import build_chat_processor
 
     folder = Path(folder)

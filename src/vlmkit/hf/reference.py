@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 
-def _load(ref: nn.Module, state: dict[str, torch.Tensor], allowed_missing=("rotary", "inv_freq")) -> nn.Module:
+def load_strict(ref: nn.Module, state: dict[str, torch.Tensor], allowed_missing=("rotary", "inv_freq")) -> nn.Module:
     missing, unexpected = ref.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
     missing = [m for m in missing if not any(a in m for a in allowed_missing)]
     if missing or unexpected:
@@ -24,7 +24,7 @@ def _load(ref: nn.Module, state: dict[str, torch.Tensor], allowed_missing=("rota
     return ref
 
 
-def _text(model) -> tuple[dict, dict[str, torch.Tensor]]:
+def text_part(model) -> tuple[dict, dict[str, torch.Tensor]]:
     """The LLM's config and weights, with the vocabulary grown to hold the image token: the
     reference looks every input id up before replacing image slots, while vlmkit never looks
     image ids up (their rows are zero here and never read). Compare logits over the first
@@ -51,7 +51,7 @@ def qwen2_vl(model) -> nn.Module:
     vision = {k: v for k, v in tower.config.to_dict().items() if k in (
         "depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size", "temporal_patch_size", "spatial_merge_size",
         "in_channels", "hidden_act")}
-    text, text_state = _text(model)
+    text, text_state = text_part(model)
     config = Qwen2VLConfig(text_config=text, vision_config={**vision, "hidden_size": conn.llm_dim},
                            image_token_id=model.image_token_id, video_token_id=model.image_token_id)
     ref = Qwen2VLForConditionalGeneration(config)
@@ -59,11 +59,11 @@ def qwen2_vl(model) -> nn.Module:
     state |= {"model.visual.merger.ln_q.weight": conn.norm.weight, "model.visual.merger.ln_q.bias": conn.norm.bias,
               "model.visual.merger.mlp.0.weight": conn.proj[0].weight, "model.visual.merger.mlp.0.bias": conn.proj[0].bias,
               "model.visual.merger.mlp.2.weight": conn.proj[2].weight, "model.visual.merger.mlp.2.bias": conn.proj[2].bias}
-    state |= _language_state(text_state)
-    return _load(ref.to(next(model.parameters()).dtype), state).to(model.device)
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
 
 
-def _language_state(text_state: dict) -> dict:
+def language_model_state(text_state: dict) -> dict:
     head = text_state.pop("__head__")
     return {f"model.language_model.{k}": v for k, v in text_state.items()} | {"lm_head.weight": head}
 
@@ -80,7 +80,7 @@ def qwen2_5_vl(model) -> nn.Module:
     vision = {k: v for k, v in tower.config.to_dict().items() if k in (
         "depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels", "patch_size", "spatial_merge_size",
         "temporal_patch_size", "tokens_per_second", "window_size", "fullatt_block_indexes", "rope_parameters")}
-    text, text_state = _text(model)
+    text, text_state = text_part(model)
     config = Qwen2_5_VLConfig(text_config=text, vision_config={**vision, "out_hidden_size": conn.llm_dim},
                               image_token_id=model.image_token_id, video_token_id=model.image_token_id)
     ref = Qwen2_5_VLForConditionalGeneration(config)
@@ -88,8 +88,8 @@ def qwen2_5_vl(model) -> nn.Module:
     state |= {"model.visual.merger.ln_q.weight": conn.norm.weight,
               "model.visual.merger.mlp.0.weight": conn.proj[0].weight, "model.visual.merger.mlp.0.bias": conn.proj[0].bias,
               "model.visual.merger.mlp.2.weight": conn.proj[2].weight, "model.visual.merger.mlp.2.bias": conn.proj[2].bias}
-    state |= _language_state(text_state)
-    return _load(ref.to(next(model.parameters()).dtype), state).to(model.device)
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
 
 
 def llava_next(model) -> nn.Module:
@@ -100,10 +100,10 @@ def llava_next(model) -> nn.Module:
     conn = model.connector
     if model.config.processor.name != "anyres" or not getattr(conn, "image_newline", None) is not None:
         raise ValueError("LLaVA-NeXT needs the anyres processor with unpadding and newlines")
-    from vlmkit.hf.llava import _vision_feature_settings
+    from vlmkit.hf.families.llava import vision_feature_settings
 
-    layer, strategy, tie_last = _vision_feature_settings(model)
-    text, text_state = _text(model)
+    layer, strategy, tie_last = vision_feature_settings(model)
+    text, text_state = text_part(model)
     config = LlavaNextConfig(
         vision_config={**tower.config.to_dict(), "tie_last_hidden_states": tie_last},
         text_config=text,
@@ -117,13 +117,8 @@ def llava_next(model) -> nn.Module:
     state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
               "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
               "model.image_newline": conn.image_newline}
-    state |= _language_state(text_state)
-    return _load(ref.to(next(model.parameters()).dtype), state).to(model.device)
-
-
-def _language_state(text_state: dict) -> dict:
-    head = text_state.pop("__head__")
-    return {f"model.language_model.{k}": v for k, v in text_state.items()} | {"lm_head.weight": head}
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
 
 
 def llava_next_inputs(encoded: list, pad_id: int = 0) -> dict[str, torch.Tensor]:

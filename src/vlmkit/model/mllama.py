@@ -70,7 +70,7 @@ def build_mllama_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower
 
 
 @functools.cache
-def _causal_lm_class():
+def causal_lm_class():
     from transformers import MllamaForCausalLM
 
     class MllamaTextCausalLM(MllamaForCausalLM):
@@ -99,6 +99,6 @@ def build_mllama_text(cfg: LLMConfig, pretrained: bool = True):
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type != "mllama_text_model":
         raise ValueError(f"{folder}: model_type {config.model_type!r} is not Llama 3.2 Vision's text model (mllama_text_model)")
-    cls = _causal_lm_class()
+    cls = causal_lm_class()
     model = (cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32) if pretrained else cls(config)).eval()
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)

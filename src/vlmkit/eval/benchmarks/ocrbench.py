@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from vlmkit.eval.metrics import OCRBENCH_CATEGORIES, ocrbench_correct
 from vlmkit.registry import BENCHMARKS

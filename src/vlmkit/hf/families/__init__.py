@@ -1,2 +1,4 @@
-"""Hugging Face families beyond the first ones: each module registers its `HFFamily` with
-`vlmkit.hf.importer.register_family` and is listed in `importer.FAMILY_MODULES`."""
+"""One module per Hugging Face family: its import (folder -> vlmkit checkpoint), its export (vlmkit
+model -> the family's transformers folder) and its reference class for the export check. Each
+module registers its `HFFamily` with `vlmkit.hf.registry.register_family`; the registry finds
+the modules by walking this package."""

@@ -30,11 +30,24 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.llava import ExportError, _chat_template, _hf_config_dict, _read_json, _template_source, _usable_template
-from vlmkit.hf.importer import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _load_reference, _resample, _staging, _write_checkpoint, auto_config, build_imported, load_part,
-                              load_tokenizer, max_positions, read_hf_config, read_weights, register_family, split_state,
-                              stage_llm)
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    causal_lm_from_state,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    load_tokenizer,
+    max_positions,
+    read_json,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import chat_template, template_source, usable_template
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
 
@@ -129,13 +142,13 @@ def _import_blip(folder: Path, out: Path) -> Path:
         raise ExportError(f"{folder}: query_tokens is missing")
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
 
-    settings = _image_processor_settings(folder)
+    settings = image_processor_settings(folder)
     size = settings.get("size") or {}
     height, width = size.get("height", vision_cfg.image_size), size.get("width", vision_cfg.image_size)
     if height != width or height != vision_cfg.image_size:
         raise ExportError(f"{folder}: the image processor's size {width}x{height} differs from the vision tower's "
                           f"square image_size {vision_cfg.image_size}")
-    processor_cfg = _read_json(folder / "processor_config.json")
+    processor_cfg = read_json(folder / "processor_config.json")
     num_queries = processor_cfg.get("num_query_tokens", cfg.num_query_tokens)
     if num_queries != cfg.num_query_tokens:
         raise ExportError(f"{folder / 'processor_config.json'}: num_query_tokens {num_queries} differs from config.json's "
@@ -145,22 +158,22 @@ def _import_blip(folder: Path, out: Path) -> Path:
     image_token = probe.convert_ids_to_tokens(image_token_id) if image_token_id is not None else None
     if not image_token:
         raise ExportError(f"{folder}: config.json's image_token_id {image_token_id} is not a token of the tokenizer")
-    template = _chat_template(folder, probe)
+    template = chat_template(folder, probe)
     tokenizer = probe
     ours = blip_template(image_token)
     # An exported model's folder carries vlmkit's own template back: it is used as it is.
-    tokenizer.chat_template = ours if not template or template == ours else _usable_template(template, tokenizer, image_token,
-                                                                                                         _template_source(folder))
+    tokenizer.chat_template = ours if not template or template == ours else usable_template(template, tokenizer, image_token,
+                                                                                                         template_source(folder))
     if instruct and not (folder / QFORMER_TOKENIZER).is_dir():
         raise ExportError(f"{folder} has no {QFORMER_TOKENIZER}/ folder: InstructBLIP's Q-Former reads the instruction "
                           "with its own tokenizer")
 
-    tmp = _staging(out)
+    tmp = staging_folder(out)
     try:
-        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
+        staged_llm = stage_llm(tmp, causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         if instruct:
             AutoTokenizer.from_pretrained(folder / QFORMER_TOKENIZER, local_files_only=True).save_pretrained(staged_llm / QFORMER_TOKENIZER)
-        vision = _hf_config_dict(vision_cfg)
+        vision = hf_config_dict(vision_cfg)
         options = {"num_queries": cfg.num_query_tokens, "hidden_size": q_cfg.hidden_size, "layers": q_cfg.num_hidden_layers,
                    "heads": q_cfg.num_attention_heads, "intermediate_size": q_cfg.intermediate_size,
                    "cross_attention_frequency": q_cfg.cross_attention_frequency, "layer_norm_eps": q_cfg.layer_norm_eps,
@@ -175,7 +188,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
             "processor": {"name": "fixed", "image_size": vision_cfg.image_size,
                           "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
                           "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-                          "resample": _resample(settings), "options": {"fit": "squash", "sentinels": "never"}},
+                          "resample": resample_name(settings), "options": {"fit": "squash", "sentinels": "never"}},
             "image_token": image_token,
         }})
         model = build_imported(config, image_token, image_token_id)
@@ -196,7 +209,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
         connector_state = {ours: q[theirs] for ours, theirs in names.items()}
         connector_state |= {"query_tokens": parts["queries"][""], "proj.weight": p["weight"], "proj.bias": p["bias"]}
         load_part(conn, connector_state, "Q-Former", "qformer(mapped) ")
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -210,8 +223,14 @@ def _is_blip(model, instruct: bool) -> bool:
 
 @torch.no_grad()
 def _export_blip(model, out: Path, instruct: bool) -> Path:
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, InstructBlipConfig,
-                              InstructBlipForConditionalGeneration, InstructBlipProcessor)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     conn, tower = model.connector, model.vision
@@ -221,7 +240,7 @@ def _export_blip(model, out: Path, instruct: bool) -> Path:
         raise ExportError("BLIP-2 / InstructBLIP need the fixed processor with fit: squash and a Q-Former without input_norm")
     tok = model.tokenizer
     llm_cfg = model.llm.config
-    text = _hf_config_dict(llm_cfg) | {"model_type": llm_cfg.model_type}
+    text = hf_config_dict(llm_cfg) | {"model_type": llm_cfg.model_type}
     qformer = {"hidden_size": o.hidden_size, "num_hidden_layers": o.layers, "num_attention_heads": o.heads,
                "intermediate_size": o.intermediate_size, "cross_attention_frequency": o.cross_attention_frequency,
                "layer_norm_eps": o.layer_norm_eps, "encoder_hidden_size": tower.hidden_size, "hidden_act": "gelu"}
@@ -230,7 +249,7 @@ def _export_blip(model, out: Path, instruct: bool) -> Path:
     else:
         qformer |= {"use_qformer_text_input": o.text_ffn}
     config_cls, model_cls = (InstructBlipConfig, InstructBlipForConditionalGeneration) if instruct else (Blip2Config, Blip2ForConditionalGeneration)
-    config = config_cls(vision_config=_hf_config_dict(tower.model.config), qformer_config=qformer, text_config=text,
+    config = config_cls(vision_config=hf_config_dict(tower.model.config), qformer_config=qformer, text_config=text,
                         num_query_tokens=o.num_queries, image_token_id=model.image_token_id,
                         tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)))
     ref = model_cls(config).eval()
@@ -241,8 +260,8 @@ def _export_blip(model, out: Path, instruct: bool) -> Path:
     state |= {"query_tokens": cstate["query_tokens"], "language_projection.weight": cstate["proj.weight"],
               "language_projection.bias": cstate["proj.bias"]}
     state |= {f"language_model.{k}": v for k, v in model.llm.state_dict().items()}
-    _load_reference(ref, state, "InstructBLIP" if instruct else "BLIP-2")
-    ref.generation_config = _generation_config(tok)
+    load_reference(ref, state, "InstructBLIP" if instruct else "BLIP-2")
+    ref.generation_config = hf_generation_config(tok)
     image_processor = BlipImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, image_mean=list(p.mean),
                                             image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
     if instruct:
@@ -256,7 +275,7 @@ def _export_blip(model, out: Path, instruct: bool) -> Path:
         ref.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
 
-    return _atomic_folder(Path(out), write)
+    return atomic_folder(Path(out), write)
 
 
 def _reference(instruct: bool):
@@ -273,7 +292,7 @@ def _reference(instruct: bool):
 
 register_family(HFFamily(("blip-2",), "BLIP-2 (Blip2ForConditionalGeneration, decoder-only LLM)", _import_blip,
                          lambda model, out: _export_blip(model, out, instruct=False), lambda model: _is_blip(model, False),
-                         _reference(False)))
+                         _reference(False), specificity=12))
 register_family(HFFamily(("instructblip",), "InstructBLIP (InstructBlipForConditionalGeneration, decoder-only LLM)", _import_blip,
                          lambda model, out: _export_blip(model, out, instruct=True), lambda model: _is_blip(model, True),
-                         _reference(True)))
+                         _reference(True), specificity=12))

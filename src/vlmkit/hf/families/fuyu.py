@@ -24,11 +24,22 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.llava import ExportError, _chat_template, _hf_config_dict, _template_source, _usable_template
-from vlmkit.hf.importer import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _load_reference, _staging, _write_checkpoint, auto_config, build_imported, load_part,
-                              load_tokenizer, max_positions, read_hf_config, read_weights, register_family, split_state,
-                              stage_llm)
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    causal_lm_from_state,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    load_tokenizer,
+    max_positions,
+    read_weights,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import chat_template, template_source, usable_template
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
 
 BEGINNING_OF_ANSWER = "<0x04>"
 FUYU_TEMPLATE = (
@@ -62,7 +73,7 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
         raise ExportError(f"{folder}: vision_embed_tokens.weight is missing")
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
 
-    settings = _image_processor_settings(folder)
+    settings = image_processor_settings(folder)
     size = settings.get("size") or {"height": 1080, "width": 1920}
     patch_size = (settings.get("patch_size") or {}).get("height", cfg.patch_size)
     if patch_size != cfg.patch_size or (settings.get("patch_size") or {}).get("width", patch_size) != patch_size:
@@ -79,13 +90,13 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
             raise ExportError(f"{folder}: the tokenizer has no {needed!r} token, which Fuyu's prompt layout needs")
     if image_token != "|SPEAKER|":
         raise ExportError(f"{folder}: config.json's image_token_id {cfg.image_token_id} is {image_token!r}, not '|SPEAKER|'")
-    template = _chat_template(folder, tokenizer)
+    template = chat_template(folder, tokenizer)
     tokenizer.chat_template = (FUYU_TEMPLATE if not template or template == FUYU_TEMPLATE
-                               else _usable_template(template, tokenizer, image_token, _template_source(folder)))
+                               else usable_template(template, tokenizer, image_token, template_source(folder)))
 
-    tmp = _staging(out)
+    tmp = staging_folder(out)
     try:
-        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
+        staged_llm = stage_llm(tmp, causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
             "vision": {"name": "patchify", "config": {"patch_size": cfg.patch_size, "num_channels": cfg.num_channels}},
             "connector": {"name": "patch-embed", "options": {"bias": "bias" in patch}},
@@ -99,7 +110,7 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
         }})
         model = build_imported(config)
         load_part(model.connector, {f"proj.{k}": v for k, v in patch.items()}, "patch embedding", "vision_embed_tokens(mapped) ")
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -126,7 +137,7 @@ def _export_fuyu(model, out: Path) -> Path:
     else:
         mean, std = p.mean[0], p.std[0]
     llm_cfg = model.llm.config
-    text = _hf_config_dict(llm_cfg) | {"model_type": llm_cfg.model_type}
+    text = hf_config_dict(llm_cfg) | {"model_type": llm_cfg.model_type}
     config = FuyuConfig(text_config=text, patch_size=tower.patch_size, num_channels=tower.hidden_size // tower.patch_size**2,
                         image_token_id=model.image_token_id, image_size=proc.max_height,
                         tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)))
@@ -136,8 +147,8 @@ def _export_fuyu(model, out: Path) -> Path:
     state["lm_head.weight"] = model.llm.get_output_embeddings().weight
     if not conn.options.bias:
         raise ExportError("Fuyu's vision_embed_tokens has a bias: export needs patch-embed with bias: true")
-    _load_reference(ref, state, "Fuyu")
-    ref.generation_config = _generation_config(tok)
+    load_reference(ref, state, "Fuyu")
+    ref.generation_config = hf_generation_config(tok)
     image_processor = FuyuImageProcessorPil(size={"height": proc.max_height, "width": proc.max_width},
                                             patch_size={"height": proc.patch_size, "width": proc.patch_size},
                                             image_mean=mean, image_std=std, padding_value=proc.pad_value,
@@ -149,7 +160,7 @@ def _export_fuyu(model, out: Path) -> Path:
         ref.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
 
-    return _atomic_folder(Path(out), write)
+    return atomic_folder(Path(out), write)
 
 
 def _reference(model, prompt, ids):
@@ -159,4 +170,4 @@ def _reference(model, prompt, ids):
     return FuyuForCausalLM, {"pixel_values": model.vision(image.pixel_values)[0]}
 
 
-register_family(HFFamily(("fuyu",), "Fuyu (FuyuForCausalLM, encoder-free)", _import_fuyu, _export_fuyu, _is_fuyu, _reference))
+register_family(HFFamily(("fuyu",), "Fuyu (FuyuForCausalLM, encoder-free)", _import_fuyu, _export_fuyu, _is_fuyu, _reference, specificity=13))

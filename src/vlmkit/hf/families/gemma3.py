@@ -22,12 +22,23 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.llava import ExportError, _hf_config_dict
 from vlmkit.hf.families.paligemma import gemma_text_llm, llm_state, siglip_tower_dict, text_dict
-from vlmkit.hf.importer import (HFFamily, _generation_config, _image_processor_settings, _load_reference, _plain_template,
-                              _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint, auto_config,
-                              build_imported, load_part, load_tokenizer, max_positions, read_hf_config, read_weights,
-                              register_family, split_state)
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    load_tokenizer,
+    max_positions,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import build_imported, hf_generation_config, load_reference, save_with_processor, write_checkpoint
 
 _RESAMPLE_IDS = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
@@ -57,7 +68,7 @@ def import_gemma3(folder: Path, out: Path) -> Path:
     connector_state = {"proj.weight": p["mm_input_projection_weight"].t().contiguous(),
                        "pooled_norm.weight": p["mm_soft_emb_norm.weight"]}
     llm_state_ = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
-    settings = _image_processor_settings(folder)
+    settings = image_processor_settings(folder)
     if settings.get("do_pan_and_scan"):
         raise ExportError(f"{folder}: the image processor turns pan-and-scan on; vlmkit's Gemma 3 import supports it off")
     size = (settings.get("size") or {}).get("height") or vision_cfg.image_size
@@ -66,9 +77,9 @@ def import_gemma3(folder: Path, out: Path) -> Path:
     probe = load_tokenizer(folder)
     image_token = probe.convert_ids_to_tokens(cfg.image_token_id)
     boi, eoi = probe.convert_ids_to_tokens(cfg.boi_token_id), probe.convert_ids_to_tokens(cfg.eoi_token_id)
-    tokenizer = _tokenizer(folder, image_token)
+    tokenizer = folder_tokenizer(folder, image_token)
 
-    tmp = _staging(out)
+    tmp = staging_folder(out)
     try:
         staged_llm = tmp / "llm"
         gemma_text_llm(text_cfg, llm_state_, cfg, staged_llm, tokenizer)
@@ -78,7 +89,7 @@ def import_gemma3(folder: Path, out: Path) -> Path:
                                                          "pooled_norm": "gemma-rmsnorm", "norm_eps": vision_cfg.layer_norm_eps}},
             "llm": {"name": "hf", "path": str(staged_llm)},
             "processor": {"name": "fixed", "image_size": size, "mean": list(settings.get("image_mean", (0.5,) * 3)),
-                          "std": list(settings.get("image_std", (0.5,) * 3)), "resample": _resample(settings | {"resample": settings.get("resample", 2)}),
+                          "std": list(settings.get("image_std", (0.5,) * 3)), "resample": resample_name(settings | {"resample": settings.get("resample", 2)}),
                           "options": {"fit": "squash", "sentinels": "never", "before": f"\n\n{boi}", "after": f"{eoi}\n\n"}},
             "image_token": image_token,
             "attention": "image",
@@ -86,7 +97,7 @@ def import_gemma3(folder: Path, out: Path) -> Path:
         model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, vision_state, "vision tower", "model.vision_tower.")
         load_part(model.connector, connector_state, "projector", "model.multi_modal_projector(mapped) ")
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -134,7 +145,7 @@ def export_gemma3(model, out: str | Path) -> Path:
     p = model.config.processor
     grid = tower.grid(p.image_size)
     tokens = conn.num_tokens(grid)
-    vision = _hf_config_dict(tower.model.config) | {"vision_use_head": False}
+    vision = hf_config_dict(tower.model.config) | {"vision_use_head": False}
     vocab = tok.get_vocab()
     config = Gemma3Config(vision_config=vision, text_config=text_dict(model), mm_tokens_per_image=tokens,
                           boi_token_index=vocab[boi], eoi_token_index=vocab[eoi], image_token_index=model.image_token_id,
@@ -144,8 +155,8 @@ def export_gemma3(model, out: str | Path) -> Path:
     state["model.multi_modal_projector.mm_input_projection_weight"] = conn.proj.weight.t().contiguous()
     state["model.multi_modal_projector.mm_soft_emb_norm.weight"] = conn.pooled_norm.weight
     state |= llm_state(model, "model.language_model.")
-    _load_reference(ref, state, "Gemma3")
-    ref.generation_config = _generation_config(tok)
+    load_reference(ref, state, "Gemma3")
+    ref.generation_config = hf_generation_config(tok)
     image_processor = Gemma3ImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, image_mean=list(p.mean),
                                               image_std=list(p.std), resample=_RESAMPLE_IDS[p.resample])
     # Gemma3Processor reads the tokenizer's named special tokens (tokenizer.boi_token ...).
@@ -153,8 +164,8 @@ def export_gemma3(model, out: str | Path) -> Path:
     if any(getattr(tok, k, None) != v for k, v in named.items()):
         tok = with_named_tokens(tok, named)
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=tokens,
-                                chat_template=_plain_template(tok))
-    return _save_with_processor(ref, processor, out)
+                                chat_template=plain_template(tok))
+    return save_with_processor(ref, processor, out)
 
 
 def _gemma3_reference(model, prompt, ids):
@@ -165,4 +176,4 @@ def _gemma3_reference(model, prompt, ids):
 
 
 register_family(HFFamily(("gemma3",), "Gemma 3 (Gemma3ForConditionalGeneration)", import_gemma3, export_gemma3, _is_gemma3,
-                         _gemma3_reference))
+                         _gemma3_reference, specificity=8))

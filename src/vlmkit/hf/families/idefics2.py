@@ -23,11 +23,30 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.llava import ExportError, _hf_config_dict, _read_json
-from vlmkit.hf.importer import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
-                              _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
-                              auto_config, build_imported, load_part, max_positions, read_hf_config, read_weights,
-                              register_family, split_state, stage_llm)
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    causal_lm_from_state,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    max_positions,
+    read_json,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import (
+    build_imported,
+    hf_generation_config,
+    load_reference,
+    save_with_processor,
+    stage_llm,
+    write_checkpoint,
+)
 
 TOWER = "idefics2-vision"
 
@@ -72,22 +91,22 @@ def import_idefics2(folder: Path, out: Path) -> Path:
                                 "connector.": "connector", "model.text_model.": "llm", "text_model.": "llm", "lm_head.": "head"})
     connector_state = {connector_key(k): v for k, v in parts["connector"].items()}
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
-    settings = _image_processor_settings(folder)
+    settings = image_processor_settings(folder)
     size = settings.get("size") or {}
     shortest, longest = size.get("shortest_edge", 378), size.get("longest_edge", 980)
-    processor_cfg = _read_json(folder / "processor_config.json")
+    processor_cfg = read_json(folder / "processor_config.json")
     seq = int(processor_cfg.get("image_seq_len", perceiver.resampler_n_latents))
     if seq != perceiver.resampler_n_latents:
         raise ExportError(f"{folder}: processor_config.json's image_seq_len {seq} differs from the resampler's "
                           f"{perceiver.resampler_n_latents} latents")
     image_token = "<image>"
-    tokenizer = _tokenizer(folder, image_token)
+    tokenizer = folder_tokenizer(folder, image_token)
 
-    tmp = _staging(out)
+    tmp = staging_folder(out)
     try:
-        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
+        staged_llm = stage_llm(tmp, causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
-            "vision": {"name": TOWER, "config": _hf_config_dict(vision_cfg)},
+            "vision": {"name": TOWER, "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "perceiver", "options": {
                 "latents": perceiver.resampler_n_latents, "layers": perceiver.resampler_depth, "heads": perceiver.resampler_n_heads,
                 "head_dim": perceiver.resampler_head_dim, "kv_heads": perceiver.num_key_value_heads, "width": text_cfg.hidden_size,
@@ -95,7 +114,7 @@ def import_idefics2(folder: Path, out: Path) -> Path:
                 "input_proj_hidden": text_cfg.intermediate_size, "project_output": False}},
             "llm": {"name": "hf", "path": str(staged_llm)},
             "processor": {"name": "idefics2", "image_size": shortest, "mean": list(settings.get("image_mean", (0.5,) * 3)),
-                          "std": list(settings.get("image_std", (0.5,) * 3)), "resample": _resample({"resample": settings.get("resample", 2)}),
+                          "std": list(settings.get("image_std", (0.5,) * 3)), "resample": resample_name({"resample": settings.get("resample", 2)}),
                           "options": {"longest_edge": longest, "patch_size": vision_cfg.patch_size, "image_seq_len": seq,
                                       "do_image_splitting": bool(settings.get("do_image_splitting", False)), "sentinels": "never"}},
             "image_token": image_token,
@@ -103,7 +122,7 @@ def import_idefics2(folder: Path, out: Path) -> Path:
         model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "model.vision_model.")
         load_part(model.connector, connector_state, "connector", "model.connector(mapped) ")
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -126,7 +145,7 @@ def idefics2_reference(model):
 
     _check_exportable(model)
     conn, o = model.connector, model.connector.options
-    text = _hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
+    text = hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
     if text.get("hidden_act", "silu") != "silu":
         raise ExportError(f"Idefics2's modality projection uses the LLM's activation; vlmkit's is SwiGLU (silu), the LLM's {text['hidden_act']!r}")
     intermediate = conn.input_proj.up_proj.out_features
@@ -136,7 +155,7 @@ def idefics2_reference(model):
     perceiver = {"hidden_size": conn.llm_dim, "hidden_act": "silu", "resampler_n_latents": o.latents, "resampler_depth": o.layers,
                  "resampler_n_heads": o.heads, "resampler_head_dim": conn.layers[0].attn.head_dim,
                  "num_key_value_heads": conn.layers[0].attn.kv_heads, "rms_norm_eps": o.norm_eps}
-    config = Idefics2Config(vision_config=_hf_config_dict(model.vision.model.config), perceiver_config=perceiver, text_config=text,
+    config = Idefics2Config(vision_config=hf_config_dict(model.vision.model.config), perceiver_config=perceiver, text_config=text,
                             image_token_id=model.image_token_id,
                             tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
     config.perceiver_config.rms_norm_eps = o.norm_eps  # Idefics2Config copies the LLM's eps over a mismatched perceiver's
@@ -145,8 +164,8 @@ def idefics2_reference(model):
     state |= {f"model.connector.{their_connector_key(k)}": v for k, v in conn.state_dict().items()}
     state |= {f"model.text_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
     state["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    _load_reference(ref, state, "Idefics2")
-    ref.generation_config = _generation_config(model.tokenizer)
+    load_reference(ref, state, "Idefics2")
+    ref.generation_config = hf_generation_config(model.tokenizer)
     return ref
 
 
@@ -161,8 +180,8 @@ def export_idefics2(model, out: str | Path) -> Path:
         size={"shortest_edge": proc.shortest_edge, "longest_edge": proc.longest_edge}, do_image_splitting=proc.do_image_splitting,
         image_mean=list(p.mean), image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
     processor = Idefics2Processor(image_processor=image_processor, tokenizer=model.tokenizer, image_seq_len=proc.image_seq_len,
-                                  chat_template=_plain_template(model.tokenizer))
-    return _save_with_processor(ref, processor, out)
+                                  chat_template=plain_template(model.tokenizer))
+    return save_with_processor(ref, processor, out)
 
 
 def _reference(model, prompt, ids):
@@ -185,4 +204,4 @@ def idefics2_inputs(images) -> dict:
 
 
 register_family(HFFamily(("idefics2",), "Idefics2 (Idefics2ForConditionalGeneration)", import_idefics2, export_idefics2,
-                         lambda model: model.config.processor.name == "idefics2", _reference))
+                         lambda model: model.config.processor.name == "idefics2", _reference, specificity=11))

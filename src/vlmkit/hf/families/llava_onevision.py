@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.hf.llava import ExportError, _read_json
-from vlmkit.hf.importer import (HFFamily, _atomic_folder, _generation_config, _plain_template, import_llava_next, read_hf_config,
-                              register_family)
+from vlmkit.hf.families.llava_next import import_llava_next
+from vlmkit.hf.folder import ExportError, read_json
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import plain_template
+from vlmkit.hf.writing import atomic_folder, hf_generation_config
 
 
 def _max_tiles(aspect: str | None, where: str) -> int:
@@ -38,7 +40,7 @@ def import_llava_onevision(folder: Path, out: Path) -> Path:
     folder = Path(folder)
     cfg = read_hf_config(folder)
     max_tiles = _max_tiles(cfg.get("vision_aspect_ratio"), str(folder / "config.json"))
-    processor_cfg = _read_json(folder / "processor_config.json")
+    processor_cfg = read_json(folder / "processor_config.json")
     if "vision_aspect_ratio" in processor_cfg and _max_tiles(processor_cfg["vision_aspect_ratio"], "") != max_tiles:
         raise ExportError(f"{folder}: processor_config.json's vision_aspect_ratio {processor_cfg['vision_aspect_ratio']!r} "
                           f"differs from config.json's {cfg.get('vision_aspect_ratio')!r}")
@@ -50,17 +52,17 @@ def onevision_reference(model):
     """transformers' LlavaOnevisionForConditionalGeneration holding the vlmkit model's weights."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from vlmkit.hf.llava import _vision_feature_settings
+    from vlmkit.hf.families.llava import vision_feature_settings
+    from vlmkit.hf.reference import language_model_state, load_strict, text_part
     from vlmkit.model.connectors.mlp import MLPConnector
-    from vlmkit.hf.reference import _language_state, _load, _text
     from vlmkit.model.vision import HFVisionTower
 
     conn, tower, proc = model.connector, model.vision, model.image_processor
     if (model.config.processor.name != "anyres-max" or not isinstance(conn, MLPConnector) or not isinstance(tower, HFVisionTower)
             or getattr(conn, "image_newline", None) is None):
         raise ExportError("LLaVA-OneVision needs a SigLIP / CLIP tower, the mlp connector and the anyres-max processor")
-    layer, strategy, tie_last = _vision_feature_settings(model)
-    text, text_state = _text(model)
+    layer, strategy, tie_last = vision_feature_settings(model)
+    text, text_state = text_part(model)
     vocab = model.tokenizer.get_vocab()
     config = LlavaOnevisionConfig(
         vision_config={**tower.model.config.to_dict(), "tie_last_hidden_states": tie_last}, text_config=text,
@@ -73,9 +75,9 @@ def onevision_reference(model):
     state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
               "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
               "model.image_newline": conn.image_newline}
-    state |= _language_state(text_state)
-    ref = _load(ref.to(next(model.parameters()).dtype), state).to(model.device).eval()
-    ref.generation_config = _generation_config(model.tokenizer)
+    state |= language_model_state(text_state)
+    ref = load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device).eval()
+    ref.generation_config = hf_generation_config(model.tokenizer)
     return ref
 
 
@@ -96,7 +98,7 @@ def export_llava_onevision(model, out: str | Path) -> Path:
         ref.save_pretrained(tmp, safe_serialization=True)
         image_processor.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        template = _plain_template(tok)
+        template = plain_template(tok)
         if template:
             (tmp / "chat_template.jinja").write_text(template)
         (tmp / "processor_config.json").write_text(json.dumps({
@@ -105,7 +107,7 @@ def export_llava_onevision(model, out: str | Path) -> Path:
             "vision_aspect_ratio": f"anyres_max_{proc.max_tiles}", "image_token": model.config.image_token,
             "video_token": "<video>"}, indent=2))
 
-    return _atomic_folder(Path(out), write)
+    return atomic_folder(Path(out), write)
 
 
 def _reference(model, prompt, ids):
@@ -128,4 +130,4 @@ def onevision_inputs(prompt) -> dict:
 
 
 register_family(HFFamily(("llava_onevision",), "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)", import_llava_onevision,
-                         export_llava_onevision, lambda model: model.config.processor.name == "anyres-max", _reference))
+                         export_llava_onevision, lambda model: model.config.processor.name == "anyres-max", _reference, specificity=10))

@@ -21,17 +21,28 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.llava import ExportError, _hf_config_dict
-from vlmkit.hf.importer import (HFFamily, _atomic_folder, _generation_config, _image_processor_settings, _plain_template, _resample,
-                              _staging, _tokenizer, _write_checkpoint, auto_config, build_imported, load_part, max_positions,
-                              read_hf_config, read_weights, register_family, split_state)
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    max_positions,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
 
 IMAGE_TOKEN = "<|image|>"
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 
 def import_mllama(folder: Path, out: Path) -> Path:
-    from vlmkit.model.mllama import _causal_lm_class
+    from vlmkit.model.mllama import causal_lm_class
 
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
@@ -47,7 +58,7 @@ def import_mllama(folder: Path, out: Path) -> Path:
         raise ExportError(f"{folder}: multi_modal_projector.weight / .bias are missing")
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
 
-    settings = _image_processor_settings(folder)
+    settings = image_processor_settings(folder)
     size = settings.get("size") or {}
     tile = int(size.get("height") or vision_cfg.image_size)
     if tile != vision_cfg.image_size or int(size.get("width", tile)) != tile:
@@ -56,16 +67,16 @@ def import_mllama(folder: Path, out: Path) -> Path:
     if max_tiles != vision_cfg.max_num_tiles:
         raise ExportError(f"{folder}: the image processor's max_image_tiles {max_tiles} differs from the vision tower's "
                           f"max_num_tiles {vision_cfg.max_num_tiles}")
-    tokenizer = _tokenizer(folder, IMAGE_TOKEN)
+    tokenizer = folder_tokenizer(folder, IMAGE_TOKEN)
 
-    tmp = _staging(out)
+    tmp = staging_folder(out)
     try:
         staged_llm = tmp / "llm"
         tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False))
         text_cfg.tie_word_embeddings = tied
         if tied:
             llm_state.pop("lm_head.weight", None)
-        causal = _causal_lm_class()(text_cfg).eval()
+        causal = causal_lm_class()(text_cfg).eval()
         load_part(causal, llm_state, "language model", "language_model.",
                   optional=("rotary", "inv_freq") + (("lm_head.weight",) if tied else ()))
         if tied:
@@ -74,13 +85,13 @@ def import_mllama(folder: Path, out: Path) -> Path:
         tokenizer.save_pretrained(staged_llm)
         del causal
         config = load_config({"model": {
-            "vision": {"name": "mllama-vit", "config": _hf_config_dict(vision_cfg)},
+            "vision": {"name": "mllama-vit", "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "linear", "options": {"bias": True, "cross_attention": {"layers": "llm"}}},
             "llm": {"name": "mllama-text", "path": str(staged_llm)},
             "fusion": "cross-attention",
             "processor": {"name": "mllama", "image_size": tile, "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
                           "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-                          "resample": _resample(dict(settings, resample=settings.get("resample", 2))),
+                          "resample": resample_name(dict(settings, resample=settings.get("resample", 2))),
                           "options": {"patch_size": vision_cfg.patch_size, "max_tiles": max_tiles, "pad_tiles": True,
                                       "sentinels": "never"}},
             "image_token": IMAGE_TOKEN,
@@ -88,7 +99,7 @@ def import_mllama(folder: Path, out: Path) -> Path:
         model = build_imported(config, IMAGE_TOKEN, cfg.image_token_index)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_model.")
         load_part(model.connector, {"proj.weight": p["weight"], "proj.bias": p["bias"]}, "projector", "multi_modal_projector.")
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=131072))
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=131072))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -104,7 +115,7 @@ def export_mllama(model, out: Path) -> Path:
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    from vlmkit.hf.importer import _load_reference
+    from vlmkit.hf.writing import load_reference
     from vlmkit.model.connectors.mlp import LinearConnector
 
     tower, conn, tok = model.vision, model.connector, model.tokenizer
@@ -112,8 +123,8 @@ def export_mllama(model, out: Path) -> Path:
             or model.llm.config.model_type != "mllama_text_model":
         raise ExportError("Llama 3.2 Vision needs the mllama-vit tower, a linear connector with bias, the mllama-text LLM "
                           "and cross-attention fusion with layers: llm")
-    text = _hf_config_dict(model.llm.config)
-    vision = _hf_config_dict(tower.model.config)
+    text = hf_config_dict(model.llm.config)
+    vision = hf_config_dict(tower.model.config)
     tied = bool(getattr(model.llm.config, "tie_word_embeddings", False))
     ref = MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text, image_token_index=model.image_token_id,
                                                       tie_word_embeddings=tied)).eval()
@@ -121,18 +132,18 @@ def export_mllama(model, out: Path) -> Path:
     state |= {"model.multi_modal_projector.weight": conn.proj.weight, "model.multi_modal_projector.bias": conn.proj.bias}
     state |= {f"model.language_model.{k}": v for k, v in model.llm.model.state_dict().items()}
     state["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    _load_reference(ref, state, "Llama 3.2 Vision")
-    ref.generation_config = _generation_config(tok)
+    load_reference(ref, state, "Llama 3.2 Vision")
+    ref.generation_config = hf_generation_config(tok)
     p, proc = model.config.processor, model.image_processor
     image_processor = MllamaImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, max_image_tiles=proc.max_tiles,
                                               image_mean=list(p.mean), image_std=list(p.std), resample=_RESAMPLE_IDS[p.resample])
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=_plain_template(tok))
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=plain_template(tok))
 
     def write(tmp: Path) -> None:
         ref.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
 
-    return _atomic_folder(Path(out), write)
+    return atomic_folder(Path(out), write)
 
 
 def reference_inputs(model, images: list, ids: torch.Tensor) -> dict:
@@ -158,4 +169,4 @@ def _reference(model, prompt, ids):
 
 
 register_family(HFFamily(("mllama",), "Llama 3.2 Vision (MllamaForConditionalGeneration)", import_mllama, export_mllama,
-                         _owns_mllama, _reference))
+                         _owns_mllama, _reference, specificity=6))

@@ -21,11 +21,23 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.llava import ExportError, _hf_config_dict, _read_json
-from vlmkit.hf.importer import (HFFamily, _causal_lm_from_state, _generation_config, _image_processor_settings, _load_reference,
-                              _plain_template, _resample, _save_with_processor, _staging, _tokenizer, _write_checkpoint,
-                              auto_config, build_imported, load_part, max_positions, read_hf_config, read_weights,
-                              register_family, split_state)
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    causal_lm_from_state,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    max_positions,
+    read_json,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import build_imported, hf_generation_config, load_reference, save_with_processor, write_checkpoint
 
 # PaliGemmaProcessor's layout as a chat template: the images, bos, the prompt and a newline; the
 # answer and eos. (Released PaliGemma folders have no chat template.)
@@ -43,7 +55,7 @@ _RESAMPLE_IDS = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
 
 def siglip_tower_dict(vision_cfg) -> dict:
-    return _hf_config_dict(vision_cfg) | {"vision_use_head": False}
+    return hf_config_dict(vision_cfg) | {"vision_use_head": False}
 
 
 def gemma_text_llm(text_cfg, llm_state: dict, outer, staged: Path, tokenizer) -> None:
@@ -51,7 +63,7 @@ def gemma_text_llm(text_cfg, llm_state: dict, outer, staged: Path, tokenizer) ->
     the decoder's config, makes the prompt bidirectional."""
     if getattr(text_cfg, "use_bidirectional_attention", None):
         text_cfg.use_bidirectional_attention = False
-    causal = _causal_lm_from_state(text_cfg, llm_state, outer)
+    causal = causal_lm_from_state(text_cfg, llm_state, outer)
     causal.save_pretrained(staged, safe_serialization=True)
     tokenizer.save_pretrained(staged)
 
@@ -75,20 +87,20 @@ def import_paligemma(folder: Path, out: Path) -> Path:
         raise ExportError(f"{folder}: multi_modal_projector.linear.weight is missing")
     connector_state = {"proj.weight": p["linear.weight"], "proj.bias": p.get("linear.bias", torch.zeros(p["linear.weight"].shape[0]))}
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
-    settings = _image_processor_settings(folder)
+    settings = image_processor_settings(folder)
     size = (settings.get("size") or {}).get("height") or vision_cfg.image_size
     if size != vision_cfg.image_size:
         raise ExportError(f"{folder}: the image processor's size {size} differs from the vision tower's image_size {vision_cfg.image_size}")
     tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
-    seq = settings.get("image_seq_length") or _read_json(folder / "processor_config.json").get("image_seq_length") or tokens
+    seq = settings.get("image_seq_length") or read_json(folder / "processor_config.json").get("image_seq_length") or tokens
     if seq != tokens:
         raise ExportError(f"{folder}: image_seq_length {seq} differs from the tower's {tokens} patches")
     image_token = "<image>"
-    tokenizer = _tokenizer(folder, image_token)
+    tokenizer = folder_tokenizer(folder, image_token)
     if not tokenizer.chat_template:
         tokenizer.chat_template = PALIGEMMA_TEMPLATE
 
-    tmp = _staging(out)
+    tmp = staging_folder(out)
     try:
         staged_llm = tmp / "llm"
         gemma_text_llm(text_cfg, llm_state, cfg, staged_llm, tokenizer)
@@ -97,7 +109,7 @@ def import_paligemma(folder: Path, out: Path) -> Path:
             "connector": {"name": "linear", "options": {"bias": True}},
             "llm": {"name": "hf", "path": str(staged_llm)},
             "processor": {"name": "fixed", "image_size": size, "mean": list(settings.get("image_mean", (0.5,) * 3)),
-                          "std": list(settings.get("image_std", (0.5,) * 3)), "resample": _resample(settings),
+                          "std": list(settings.get("image_std", (0.5,) * 3)), "resample": resample_name(settings),
                           "options": {"fit": "squash", "sentinels": "never"}},
             "image_token": image_token,
             "attention": "prefix",
@@ -105,7 +117,7 @@ def import_paligemma(folder: Path, out: Path) -> Path:
         model = build_imported(config, image_token, cfg.image_token_id)
         load_part(model.vision.model, vision_state, "vision tower", "model.vision_tower.")
         load_part(model.connector, connector_state, "projector", "model.multi_modal_projector(mapped) ")
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -118,7 +130,7 @@ def _is_paligemma(model) -> bool:
 
 
 def text_dict(model) -> dict:
-    d = _hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
+    d = hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
     d.pop("use_bidirectional_attention", None)
     return d
 
@@ -142,7 +154,7 @@ def export_paligemma(model, out: str | Path) -> Path:
         raise ExportError("PaliGemma needs a SigLIP tower (last layer), a linear connector, a squash-resizing fixed processor "
                           "and a Gemma / Gemma 2 LLM")
     tok = model.tokenizer
-    vision = _hf_config_dict(tower.model.config) | {"vision_use_head": False}
+    vision = hf_config_dict(tower.model.config) | {"vision_use_head": False}
     llm_dim = model.llm.get_input_embeddings().embedding_dim
     config = PaliGemmaConfig(vision_config=vision, text_config=text_dict(model), image_token_index=model.image_token_id,
                              projection_dim=llm_dim, hidden_size=llm_dim, vocab_size=model.llm.config.vocab_size,
@@ -152,19 +164,19 @@ def export_paligemma(model, out: str | Path) -> Path:
     state["model.multi_modal_projector.linear.weight"] = conn.proj.weight
     state["model.multi_modal_projector.linear.bias"] = conn.proj.bias if conn.proj.bias is not None else torch.zeros(llm_dim)
     state |= llm_state(model, "model.language_model.")
-    _load_reference(ref, state, "PaliGemma")
-    ref.generation_config = _generation_config(tok)
+    load_reference(ref, state, "PaliGemma")
+    ref.generation_config = hf_generation_config(tok)
     p = model.config.processor
     tokens = conn.num_tokens(tower.grid(p.image_size))
     image_processor = SiglipImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, image_mean=list(p.mean),
                                               image_std=list(p.std), resample=_RESAMPLE_IDS[p.resample], image_seq_length=tokens)
-    template = _plain_template(tok)
+    template = plain_template(tok)
     template = template if template != PALIGEMMA_TEMPLATE else None  # vlmkit's restatement of the processor's layout
     # The processor adds its location / segmentation tokens to the tokenizer it is given: a copy.
     tok = copy.deepcopy(tok)
     tok.chat_template = template
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template)
-    return _save_with_processor(ref, processor, out)
+    return save_with_processor(ref, processor, out)
 
 
 def _paligemma_reference(model, prompt, ids):
@@ -175,4 +187,4 @@ def _paligemma_reference(model, prompt, ids):
 
 
 register_family(HFFamily(("paligemma",), "PaliGemma / PaliGemma 2 (PaliGemmaForConditionalGeneration)", import_paligemma,
-                         export_paligemma, _is_paligemma, _paligemma_reference))
+                         export_paligemma, _is_paligemma, _paligemma_reference, specificity=7))

@@ -26,10 +26,23 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.llava import ExportError, _hf_config_dict, _read_json
-from vlmkit.hf.importer import (HFFamily, _atomic_folder, _causal_lm_from_state, _generation_config, _image_processor_settings,
-                              _plain_template, _resample, _staging, _tokenizer, _write_checkpoint, auto_config, build_imported,
-                              load_part, max_positions, read_hf_config, read_weights, register_family, split_state, stage_llm)
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    causal_lm_from_state,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    max_positions,
+    read_json,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, stage_llm, write_checkpoint
 
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 _BREAKS = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
@@ -76,8 +89,8 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
         connector_state |= {"fc1.bias": torch.zeros(p["linear_1.weight"].shape[0]), "fc2.bias": torch.zeros(p["linear_2.weight"].shape[0])}
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
 
-    settings = _image_processor_settings(folder)
-    processor_cfg = _read_json(folder / "processor_config.json")
+    settings = image_processor_settings(folder)
+    processor_cfg = read_json(folder / "processor_config.json")
     for key, default in _BREAKS.items():
         if processor_cfg.get(key, default) != default:
             raise ExportError(f"{folder}/processor_config.json: {key} {processor_cfg[key]!r}; vlmkit's pixtral family writes {default}")
@@ -91,7 +104,7 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
         raise ExportError(f"{folder}/processor_config.json: spatial_merge_size {proc_merge}, but config.json merges {merge}x{merge}")
     longest = int((settings.get("size") or {}).get("longest_edge") or vision_cfg.image_size)
     image_token = processor_cfg.get("image_token", "[IMG]")
-    tokenizer = _tokenizer(folder, image_token)
+    tokenizer = folder_tokenizer(folder, image_token)
     image_token_id = getattr(cfg, "image_token_id", None)
     if image_token_id is None:
         image_token_id = cfg.image_token_index
@@ -101,25 +114,25 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
                                                          "hidden_size": p["linear_1.weight"].shape[0], "bias": bias}}
     else:
         connector = {"name": "mlp", "options": {"hidden_size": p["linear_1.weight"].shape[0]}}
-    tmp = _staging(out)
+    tmp = staging_folder(out)
     try:
-        staged_llm = stage_llm(tmp, _causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
+        staged_llm = stage_llm(tmp, causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         config = load_config({"model": {
-            "vision": {"name": "hf-random", "model_type": "pixtral", "config": _hf_config_dict(vision_cfg),
+            "vision": {"name": "hf-random", "model_type": "pixtral", "config": hf_config_dict(vision_cfg),
                        "feature_layer": cfg.vision_feature_layer},
             "connector": connector,
             "llm": {"name": "hf", "path": str(staged_llm)},
             "processor": {"name": "pixtral", "image_size": longest,
                           "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
                           "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-                          "resample": _resample(settings),
+                          "resample": resample_name(settings),
                           "options": {"longest_edge": longest, "patch_size": patch, "spatial_merge": merge, "sentinels": "never"}},
             "image_token": image_token,
         }})
         model = build_imported(config, image_token, image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_tower.")
         load_part(model.connector, connector_state, "projector", "multi_modal_projector(mapped) ")
-        return _write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096))
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -160,7 +173,7 @@ def _export(model, out: Path, mistral3: bool) -> Path:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    from vlmkit.hf.importer import _load_reference
+    from vlmkit.hf.writing import load_reference
 
     if not (_owns_mistral3(model) if mistral3 else _owns_pixtral(model)):
         raise ExportError(f"{'Mistral3' if mistral3 else 'Pixtral'} needs the pixtral processor, prefix fusion, a Pixtral tower "
@@ -169,9 +182,9 @@ def _export(model, out: Path, mistral3: bool) -> Path:
     p = model.config.processor
     o = dict(p.options)
     merge = int(o.get("spatial_merge", 1))
-    text = _hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
+    text = hf_config_dict(model.llm.config) | {"model_type": model.llm.config.model_type}
     tied = bool(getattr(model.llm.config, "tie_word_embeddings", False))
-    common = {"vision_config": _hf_config_dict(tower.model.config) | {"model_type": "pixtral"}, "text_config": text, "image_token_index": model.image_token_id,
+    common = {"vision_config": hf_config_dict(tower.model.config) | {"model_type": "pixtral"}, "text_config": text, "image_token_index": model.image_token_id,
               "vision_feature_layer": tower.feature_layer, "projector_hidden_act": "gelu", "tie_word_embeddings": tied}
     cstate = conn.state_dict()
     if mistral3:
@@ -201,10 +214,10 @@ def _export(model, out: Path, mistral3: bool) -> Path:
     state |= {f"model.multi_modal_projector.{theirs}": cstate[ours] for ours, theirs in names.items()}
     state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
     state["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    _load_reference(ref, state, "Mistral3" if mistral3 else "Pixtral (LLaVA)")
+    load_reference(ref, state, "Mistral3" if mistral3 else "Pixtral (LLaVA)")
     if tied:
         ref.tie_weights()
-    ref.generation_config = _generation_config(tok)
+    ref.generation_config = hf_generation_config(tok)
     image_processor = PixtralImageProcessorPil(size={"longest_edge": int(o.get("longest_edge", p.image_size))},
                                                patch_size=int(o.get("patch_size", 16)), image_mean=list(p.mean),
                                                image_std=list(p.std), resample=_RESAMPLE_IDS[p.resample])
@@ -213,14 +226,14 @@ def _export(model, out: Path, mistral3: bool) -> Path:
         ref.save_pretrained(tmp, safe_serialization=True)
         image_processor.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        template = _plain_template(tok)
+        template = plain_template(tok)
         if template:
             (tmp / "chat_template.jinja").write_text(template)
         (tmp / "processor_config.json").write_text(json.dumps({
             "processor_class": "PixtralProcessor", "patch_size": int(o.get("patch_size", 16)), "spatial_merge_size": merge,
             "image_token": model.config.image_token, **_BREAKS}, indent=2))
 
-    return _atomic_folder(Path(out), write)
+    return atomic_folder(Path(out), write)
 
 
 def export_pixtral(model, out: Path) -> Path:
@@ -248,6 +261,6 @@ def _reference(cls_name: str):
 
 
 register_family(HFFamily(("llava",), "Pixtral (LlavaForConditionalGeneration with a Pixtral vision tower)", import_pixtral,
-                         export_pixtral, _owns_pixtral, _reference("LlavaForConditionalGeneration"), accepts=_is_pixtral_llava))
+                         export_pixtral, _owns_pixtral, _reference("LlavaForConditionalGeneration"), accepts=_is_pixtral_llava, specificity=5))
 register_family(HFFamily(("mistral3",), "Mistral3 / Mistral-Small-3.1 (Mistral3ForConditionalGeneration)", import_mistral3,
-                         export_mistral3, _owns_mistral3, _reference("Mistral3ForConditionalGeneration")))
+                         export_mistral3, _owns_mistral3, _reference("Mistral3ForConditionalGeneration"), specificity=5))

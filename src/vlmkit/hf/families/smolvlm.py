@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.hf.llava import _read_json
-from vlmkit.hf.importer import (HFFamily, _atomic_folder, _image_processor_settings, _plain_template, idefics3_reference,
-                              import_idefics3, register_family)
+from vlmkit.hf.families.idefics3 import idefics3_reference, import_idefics3
+from vlmkit.hf.folder import image_processor_settings, read_json
+from vlmkit.hf.registry import HFFamily, register_family
+from vlmkit.hf.templates import plain_template
+from vlmkit.hf.writing import atomic_folder
 
 TOWER = "smolvlm_vision"
 
@@ -38,11 +40,11 @@ def video_settings(folder: Path) -> dict:
     keeps it: the image processor's `video_sampling`, `video_preprocessor_config.json`, or the
     processor's nested `video_processor`; {} when it has none."""
     folder = Path(folder)
-    sampling = _image_processor_settings(folder).get("video_sampling")
+    sampling = image_processor_settings(folder).get("video_sampling")
     if sampling:
         return {"fps": sampling.get("fps"), "max_frames": sampling.get("max_frames"),
                 "longest_edge": (sampling.get("video_size") or {}).get("longest_edge")}
-    video = _read_json(folder / "video_preprocessor_config.json") or _read_json(folder / "processor_config.json").get("video_processor") or {}
+    video = read_json(folder / "video_preprocessor_config.json") or read_json(folder / "processor_config.json").get("video_processor") or {}
     if not video:
         return {}
     sampling = video.get("video_sampling") or {}
@@ -88,13 +90,13 @@ def export_smolvlm(model, out: str | Path) -> Path:
         settings = json.loads((tmp / "preprocessor_config.json").read_text())
         (tmp / "preprocessor_config.json").write_text(json.dumps(settings | {"video_sampling": sampling}, indent=2))
         tok.save_pretrained(tmp)
-        template = _plain_template(tok)
+        template = plain_template(tok)
         if template:
             (tmp / "chat_template.jinja").write_text(template)
         (tmp / "processor_config.json").write_text(json.dumps(
             {"processor_class": "SmolVLMProcessor", "image_seq_len": model.image_processor.image_seq_len}, indent=2))
 
-    return _atomic_folder(Path(out), write)
+    return atomic_folder(Path(out), write)
 
 
 def _owns(model) -> bool:
@@ -111,4 +113,4 @@ def _reference(model, prompt, ids):
 
 
 register_family(HFFamily(("smolvlm",), "SmolVLM / SmolVLM2 (SmolVLMForConditionalGeneration)", import_smolvlm, export_smolvlm,
-                         _owns, _reference))
+                         _owns, _reference, specificity=9))

@@ -1,0 +1,228 @@
+"""Qwen2-VL and Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`): import and export.
+
+The `qwen2-vit` tower (Qwen2.5-VL: `qwen2.5-vit`, windowed attention, RMSNorm, SwiGLU), the
+PatchMerger as a pre-norm 2x2 `pixel-shuffle` connector (Qwen2.5-VL: an RMSNorm before the
+merge), the M-RoPE decoder (`qwen2-vl-text`), and the `qwen2vl` processor (smart_resize with
+the folder's min/max pixels, patch, merge, mean/std; the video processor's frame settings).
+Imported models never write vlmkit's `<image_k>` sentinels (`sentinels: never`): the released
+checkpoints were not trained with them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlmkit.config import load_config
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    check_part,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    load_tokenizer,
+    max_positions,
+    read_json,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.registry import HFFamily, family_of, read_hf_config, register_family
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+
+
+def import_qwen2_vl(folder: Path, out: Path) -> Path:
+    from vlmkit.model.qwen2vl import MRopeCausalLM, save_mrope_llm
+
+    folder, out = Path(folder), Path(out).resolve()
+    qwen25 = read_hf_config(folder)["model_type"] == "qwen2_5_vl"
+    cfg = auto_config(folder)
+    state = read_weights(folder)
+    # transformers 5 saves Qwen2-VL in the original layout (visual.*, model.*, lm_head.*); the
+    # in-memory layout (model.visual.*, model.language_model.*) is accepted too.
+    parts = split_state(state, {"visual.": "vision", "model.visual.": "vision", "model.language_model.": "llm",
+                                "model.": "llm", "lm_head.": "head"})
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    merge = vision_cfg.spatial_merge_size
+    vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith("merger.")}
+    merger = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
+    connector_state = {"norm.weight": merger.get("ln_q.weight"), "norm.bias": merger.get("ln_q.bias"),
+                       "proj.0.weight": merger.get("mlp.0.weight"), "proj.0.bias": merger.get("mlp.0.bias"),
+                       "proj.2.weight": merger.get("mlp.2.weight"), "proj.2.bias": merger.get("mlp.2.bias")}
+    if qwen25:  # Qwen2.5-VL's merger norm is an RMSNorm: no bias
+        del connector_state["norm.bias"]
+    # Qwen2-VL's tower width is embed_dim (hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
+    width = vision_cfg.hidden_size if qwen25 else vision_cfg.embed_dim
+    if any(v is None for v in connector_state.values()):
+        raise ExportError(f"{folder}: the vision merger's weights (visual.merger.ln_q / mlp.0 / mlp.2) are incomplete")
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+
+    settings = image_processor_settings(folder)
+    patch = settings.get("patch_size", vision_cfg.patch_size)
+    proc_merge = settings.get("merge_size", merge)
+    size = settings.get("size") or {}
+    min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or 56 * 56
+    max_pixels = settings.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
+    if patch != vision_cfg.patch_size or proc_merge != merge:
+        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {proc_merge}) differ from the vision "
+                          f"config's ({vision_cfg.patch_size}, {merge})")
+    processor_cfg = read_json(folder / "processor_config.json")
+    probe = load_tokenizer(folder)
+    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
+    tokenizer = folder_tokenizer(folder, image_token)
+    video_token, video_options = _qwen2_vl_video(folder, cfg, probe, processor_cfg)
+
+    tmp = staging_folder(out)
+    try:
+        staged_llm = tmp / "llm"
+        # Qwen2-VL keeps tie_word_embeddings on the outer config; the decoder folder carries it.
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        text_cfg.tie_word_embeddings = tied
+        if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
+            llm_state.pop("lm_head.weight", None)
+        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+            check_part(MRopeCausalLM(text_cfg), llm_state, "language model", optional=optional)
+        llm = MRopeCausalLM(text_cfg)
+        load_part(llm, llm_state, "language model", optional=optional)
+        save_mrope_llm(llm, tokenizer, staged_llm)
+        del llm
+        vision_dict = hf_config_dict(vision_cfg)
+        config = load_config({"model": {
+            "vision": {"name": "qwen2.5-vit" if qwen25 else "qwen2-vit", "config": vision_dict},
+            "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / merge, "norm": "pre", "norm_eps": 1e-6,
+                                                               "norm_kind": "rmsnorm" if qwen25 else "layernorm",
+                                                               "hidden_size": width * merge**2}},
+            "llm": {"name": "qwen2-vl-text", "path": str(staged_llm)},
+            "processor": {"name": "qwen2vl", "image_size": patch * merge * 8,
+                          "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+                          "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+                          "resample": resample_name(settings),
+                          "options": {"patch_size": patch, "merge_size": merge,
+                                      "temporal_patch_size": settings.get("temporal_patch_size", vision_cfg.temporal_patch_size),
+                                      "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
+                                      "sentinels": "never", **video_options}},
+            "image_token": image_token,
+            "video_token": video_token,
+        }})
+        model = build_imported(config, image_token, cfg.image_token_id)
+        load_part(model.vision.model, vision_state, "vision tower", "visual.")
+        load_part(model.connector, connector_state, "vision merger", "visual.merger(mapped) ")
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _qwen2_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[str | None, dict]:
+    """Qwen2-VL's video side: its own slot token (<|video_pad|>) and the video processor's
+    settings (`video_preprocessor_config.json`): frames in temporal patches, the frames'
+    smart_resize bounds, and frame sampling when the folder turns it on."""
+    video_id = getattr(cfg, "video_token_id", None)
+    token = processor_cfg.get("video_token") or (tokenizer.convert_ids_to_tokens(video_id) if video_id is not None else None)
+    if not token or token not in tokenizer.get_vocab():
+        return None, {}
+    settings = read_json(folder / "video_preprocessor_config.json") or processor_cfg.get("video_processor") or {}
+    options: dict = {"video": {"compression": "temporal-patch"}}
+    size = settings.get("size") or {}
+    low, high = settings.get("min_pixels") or size.get("shortest_edge"), settings.get("max_pixels") or size.get("longest_edge")
+    if low:
+        options["video_min_pixels"] = int(low)
+    if high:
+        options["video_max_pixels"] = int(high)
+    if settings.get("do_sample_frames"):
+        if settings.get("num_frames"):
+            options["video"] |= {"sampling": "uniform", "num_frames": int(settings["num_frames"])}
+        else:
+            options["video"] |= {"sampling": "fps", "fps": float(settings.get("fps") or 2.0),
+                                 "min_frames": int(settings.get("min_frames") or 4), "max_frames": int(settings.get("max_frames") or 768)}
+    return token, options
+
+
+def _is_qwen25(model) -> bool:
+    from vlmkit.model.qwen2vl import Qwen25ViTTower
+
+    return isinstance(model.vision, Qwen25ViTTower)
+
+
+@torch.no_grad()
+def export_qwen2_vl(model, out: str | Path) -> Path:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlmkit.hf.reference import qwen2_5_vl, qwen2_vl
+
+    ref = (qwen2_5_vl if family_of(model) == "qwen2_5_vl" else qwen2_vl)(model).eval()
+    tok = model.tokenizer
+    vocab = tok.get_vocab()
+    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+                        ("video_token_id", "<|video_pad|>")):
+        if token in vocab:
+            setattr(ref.config, name, vocab[token])
+    ref.config.tie_word_embeddings = bool(getattr(model.llm.config, "tie_word_embeddings", False))
+    ref.generation_config = hf_generation_config(tok)
+    p = model.config.processor
+    o = p.options
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": o.get("min_pixels", 56 * 56), "longest_edge": o.get("max_pixels", 28 * 28 * 1280)},
+        patch_size=o.get("patch_size", 14), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
+        image_mean=list(p.mean), image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        image_processor.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        template = plain_template(tok)
+        if template:
+            (tmp / "chat_template.jinja").write_text(template)
+        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor" if family_of(model) == "qwen2_5_vl" else "Qwen2VLProcessor",
+                                                               "image_token": model.config.image_token}, indent=2))
+        if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
+            (tmp / "video_preprocessor_config.json").write_text(json.dumps(_qwen2_vl_video_settings(model), indent=2))
+
+    return atomic_folder(Path(out), write)
+
+
+def _qwen2_vl_video_settings(model) -> dict:
+    """Qwen2VLVideoProcessor's settings for the model's video side (written as JSON: the class
+    itself needs torchvision)."""
+    p = model.config.processor
+    o, video = p.options, dict(p.options.get("video") or {})
+    settings = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": o.get("patch_size", 14),
+                "merge_size": o.get("merge_size", 2), "temporal_patch_size": o.get("temporal_patch_size", 2),
+                "size": {"shortest_edge": o.get("video_min_pixels") or o.get("min_pixels", 56 * 56),
+                         "longest_edge": o.get("video_max_pixels") or o.get("max_pixels", 28 * 28 * 1280)},
+                "image_mean": list(p.mean), "image_std": list(p.std), "do_rescale": True, "do_normalize": True,
+                "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample], "do_sample_frames": False}
+    if video.get("sampling") == "fps":
+        settings |= {"do_sample_frames": True, "fps": video.get("fps", 2.0), "min_frames": video.get("min_frames", 4),
+                     "max_frames": video.get("max_frames", 768)}
+    elif "num_frames" in video:
+        settings |= {"do_sample_frames": True, "num_frames": video["num_frames"]}
+    return settings
+
+
+def _qwen2_vl_reference(model, prompt, ids):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration if _is_qwen25(model) else Qwen2VLForConditionalGeneration
+    return cls, {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+                 "mm_token_type_ids": (ids == model.image_token_id).int()}
+
+
+def _is_qwen2_vl(model) -> bool:
+    from vlmkit.model.qwen2vl import Qwen2ViTTower
+
+    return isinstance(model.vision, Qwen2ViTTower)
+
+
+def _model_type_of(model) -> str:
+    return "qwen2_5_vl" if _is_qwen25(model) else "qwen2_vl"
+
+
+register_family(HFFamily(("qwen2_vl", "qwen2_5_vl"), "Qwen2-VL / Qwen2.5-VL (Qwen2VLForConditionalGeneration, "
+                         "Qwen2_5_VLForConditionalGeneration)", import_qwen2_vl, export_qwen2_vl, _is_qwen2_vl, _qwen2_vl_reference, specificity=2, model_type_of=_model_type_of))
