@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from vlmkit.data.collate import collate
 from vlmkit.model import fast_decode
