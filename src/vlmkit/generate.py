@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from vlmkit.data.collate import collate
 from vlmkit.model import fast_decode
+from vlmkit.model.vlm import lm_head
 from vlmkit.processing.prompt import EncodedSample
 
 
@@ -91,103 +91,144 @@ def generate_steps(
 
 
 def _generate_steps(model, prompts, cfg, image_features, limits, cancelled) -> Iterator[Step]:
+    """Prefill the left-padded batch, then one decode step per token until every row has ended."""
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop_ids = sorted({i for i in [tok.eos_token_id, *extra_stop_ids(tok)] if i is not None})
-    B = len(prompts)
-    limits = list(limits) if limits is not None else [cfg.max_new_tokens] * B
-    if len(limits) != B:
-        raise ValueError(f"{len(limits)} limits for {B} prompts")
+    real_B = len(prompts)
+    limits = list(limits) if limits is not None else [cfg.max_new_tokens] * real_B
+    if len(limits) != real_B:
+        raise ValueError(f"{len(limits)} limits for {real_B} prompts")
     device = model.device  # a property that walks the parameters: read it once
-    real_B = B
-    # The lean path decodes causally from the start; a bidirectional prompt rule needs the model's prefill.
-    causal = getattr(getattr(model, "attention_rule", None), "name", "causal") == "causal"
-    lean_path = causal and fast_decode.supports(model.llm)  # walks every module: once per call
+    lean_path = _can_decode_lean(model)
     if cfg.compile and device.type in PAD_BATCH_FOR_GRAPHS and lean_path:
-        # A compiled step (a CUDA graph) exists per batch size; rounding batches up to a power of
-        # two bounds the graphs to log2(max_batch). The extra rows repeat the first prompt with no
-        # tokens to produce, so they are done from the start and never reported.
-        B = 1 << (real_B - 1).bit_length()
-        prompts = list(prompts) + [prompts[0]] * (B - real_B)
-        limits = limits + [0] * (B - real_B)
-        if image_features is not None:
-            image_features = list(image_features) + [image_features[0]] * (B - real_B)
+        prompts, limits, image_features = _pad_batch_for_graphs(prompts, limits, image_features)
     batch = collate(prompts, pad_id, left_pad=True, features=image_features).to(device)
     generator = None
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    from vlmkit.model.vlm import lm_head
-
-    head = lm_head(model.llm)
-    # Generated tokens are text, whatever their ids: a model may emit its own image or video slot
-    # token, which is embedded from the LM's table like any other token (as transformers'
-    # generate does), never treated as a slot waiting for an image.
-    token_embedding = model.llm.get_input_embeddings()
-    mask = batch.attention_mask
-    positions = batch.position_ids
     steps = max(limits, default=0)
-    if lean_path:
-        # Llama-family decoders run on decode-layout weights; the images are fused by the model's
-        # own strategy, exactly as in `forward`.
-        embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features)
-        full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
-        lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device, compile=cfg.compile)
-        logits = lean.step_logits(embeds, positions)
+    prefill = _prefill_lean if lean_path else _prefill_with_model
+    logits, step_logits = prefill(model, batch, steps, cfg)
 
-        def step_logits(token, step_positions):
-            return lean.step_logits(token_embedding(token.unsqueeze(-1)), step_positions)
-    else:
-        state = {"mask": mask, "cache": DynamicCache()}
-
-        def forward_last(ids, step_positions):
-            out = model(ids, state["mask"], position_ids=step_positions, past_key_values=state["cache"], use_cache=True,
-                        inputs_embeds=token_embedding(ids))
-            state["cache"] = out.past_key_values
-            return head(out.hidden_states[:, -1])
-
-        # The cache object is empty before the prompt: the fusion strategy sees a fresh prompt.
-        logits = model(batch.input_ids, mask, images=batch.images, image_features=batch.image_features,
-                       position_ids=positions, past_key_values=None, use_cache=True)
-        state["cache"] = logits.past_key_values
-        logits = head(logits.hidden_states[:, -1])
-
-        def step_logits(token, step_positions):
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((B, 1))], dim=1)
-            return forward_last(token.unsqueeze(-1), step_positions)
-
-    done = [limit <= 0 for limit in limits]
-    counts = [0] * B
+    rows = _Rows(limits, stop_ids, pad_id, real_B)
     # The prompt ends in text, whose M-RoPE positions are equal on all axes: the next position is
     # the last one plus 1 on each (this is the decode delta of Qwen2-VL's get_rope_index).
-    next_pos = positions[..., -1:] + 1
+    next_pos = batch.position_ids[..., -1:] + 1
     for _ in range(steps):
         if cancelled is not None:
-            for i in range(real_B):
-                done[i] = done[i] or cancelled(i)
-        if all(done):
+            rows.cancel(cancelled)
+        if rows.all_done():
             return
-        token = _pick(logits, cfg, generator)
         # One host transfer per step; per-element tensor reads cost a sync each.
-        picked = token.tolist()
-        tokens: list[int | None] = [None] * B
-        finished: list[str | None] = [None] * B
+        step, fed_back = rows.advance(_pick(logits, cfg, generator).tolist())
+        yield step
+        if rows.all_done():
+            return
+        logits = step_logits(torch.tensor(fed_back, device=device), next_pos)
+        next_pos = next_pos + 1
+
+
+# Logits (B, V) for the next position, given the token (B,) each row takes there and its positions.
+StepLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _can_decode_lean(model) -> bool:
+    """Whether `fast_decode` can run this model's decoder. It decodes causally from the start; a
+    bidirectional prompt rule needs the model's own prefill."""
+    causal = getattr(getattr(model, "attention_rule", None), "name", "causal") == "causal"
+    return causal and fast_decode.supports(model.llm)  # walks every module: once per call
+
+
+def _pad_batch_for_graphs(prompts, limits, image_features):
+    """A compiled step (a CUDA graph) exists per batch size; rounding batches up to a power of two
+    bounds the graphs to log2(max_batch). The extra rows repeat the first prompt with no tokens to
+    produce, so they are done from the start and never reported."""
+    real_B = len(prompts)
+    extra = (1 << (real_B - 1).bit_length()) - real_B
+    prompts = list(prompts) + [prompts[0]] * extra
+    limits = limits + [0] * extra
+    if image_features is not None:
+        image_features = list(image_features) + [image_features[0]] * extra
+    return prompts, limits, image_features
+
+
+# Generated tokens are text, whatever their ids: a model may emit its own image or video slot
+# token, which is embedded from the LM's table like any other token (as transformers' generate
+# does), never treated as a slot waiting for an image. Both paths below embed them so.
+
+def _prefill_lean(model, batch, steps: int, cfg: GenerationConfig) -> tuple[torch.Tensor, StepLogits]:
+    """Run the prompt on `fast_decode`'s decoder: Llama-family decoders on decode-layout weights,
+    with the images fused by the model's own strategy, exactly as in `forward`."""
+    token_embedding = model.llm.get_input_embeddings()
+    embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features)
+    mask = batch.attention_mask
+    B = mask.shape[0]
+    full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
+    lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device, compile=cfg.compile)
+    logits = lean.step_logits(embeds, batch.position_ids)
+
+    def step_logits(token, positions):
+        return lean.step_logits(token_embedding(token.unsqueeze(-1)), positions)
+
+    return logits, step_logits
+
+
+def _prefill_with_model(model, batch, steps: int, cfg: GenerationConfig) -> tuple[torch.Tensor, StepLogits]:
+    """Run the prompt through the model's own forward (any fusion, any attention rule) and decode
+    on transformers' dynamic KV cache."""
+    head = lm_head(model.llm)
+    token_embedding = model.llm.get_input_embeddings()
+    # The cache object is empty before the prompt: the fusion strategy sees a fresh prompt.
+    out = model(batch.input_ids, batch.attention_mask, images=batch.images, image_features=batch.image_features,
+                position_ids=batch.position_ids, past_key_values=None, use_cache=True)
+    state = {"mask": batch.attention_mask, "cache": out.past_key_values}
+
+    def step_logits(token, positions):
+        mask = state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((token.shape[0], 1))], dim=1)
+        ids = token.unsqueeze(-1)
+        out = model(ids, mask, position_ids=positions, past_key_values=state["cache"], use_cache=True,
+                    inputs_embeds=token_embedding(ids))
+        state["cache"] = out.past_key_values
+        return head(out.hidden_states[:, -1])
+
+    return head(out.hidden_states[:, -1]), step_logits
+
+
+class _Rows:
+    """Per-row bookkeeping of one decoding call: which rows have ended and how many tokens each
+    has produced. Only the first `reported` rows are the caller's (the rest pad the batch)."""
+
+    def __init__(self, limits: list[int], stop_ids: list[int], pad_id: int, reported: int):
+        self.limits, self.stop_ids, self.pad_id, self.reported = limits, stop_ids, pad_id, reported
+        self.done = [limit <= 0 for limit in limits]
+        self.counts = [0] * len(limits)
+
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def cancel(self, cancelled: Callable[[int], bool]) -> None:
+        """Poll `cancelled` for the caller's rows still running."""
+        for i in range(self.reported):
+            self.done[i] = self.done[i] or cancelled(i)
+
+    def advance(self, picked: list[int]) -> tuple[Step, list[int]]:
+        """Record the tokens picked for one step: the step to report, and the tokens to feed
+        back (the pad token for rows that have ended, whose outputs are never used)."""
+        fed_back = list(picked)
+        tokens: list[int | None] = [None] * len(picked)
+        finished: list[str | None] = [None] * len(picked)
         for i, t in enumerate(picked):
-            if done[i]:
-                picked[i] = pad_id
-            elif t in stop_ids:
-                done[i], finished[i], picked[i] = True, "stop", pad_id
+            if self.done[i]:
+                fed_back[i] = self.pad_id
+            elif t in self.stop_ids:
+                self.done[i], finished[i], fed_back[i] = True, "stop", self.pad_id
             else:
                 tokens[i] = t
-                counts[i] += 1
-                if counts[i] >= limits[i]:
-                    done[i], finished[i] = True, "length"
-        yield Step(tokens[:real_B], finished[:real_B])
-        if all(done):
-            return
-        token = torch.tensor(picked, device=device)
-        logits = step_logits(token, next_pos)
-        next_pos = next_pos + 1
+                self.counts[i] += 1
+                if self.counts[i] >= self.limits[i]:
+                    self.done[i], finished[i] = True, "length"
+        return Step(tokens[: self.reported], finished[: self.reported]), fed_back
 
 
 def extra_stop_ids(tok) -> list[int]:

@@ -21,9 +21,12 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
 
 from vlmkit.eval.backends import Backend
 from vlmkit.eval.benchmarks.base import BenchItem, Benchmark, EvalInputError, ScoreResult
@@ -171,84 +174,123 @@ def run_benchmark(
     progress: bool = True,
 ) -> RunOutcome:
     out = Path(out_dir)
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        # Predictions are cached by id: the second item would be answered with the first's answer.
-        seen: set[str] = set()
-        dups = sorted({i for i in ids if i in seen or seen.add(i)})
-        raise EvalInputError(f"{len(dups)} duplicate item id(s) in the {benchmark.name} items, e.g. {dups[0]!r}; "
-                             "each item needs its own id")
+    _check_unique_ids(benchmark, items)
     out.mkdir(parents=True, exist_ok=True)
     max_new = max_new_tokens or benchmark.default_max_new_tokens
     meta = {"benchmark": benchmark.name, "model": model_spec, "data": str(data_dir),
             "prompt_template": benchmark.prompt_template, "parser": benchmark.parser, "metric": benchmark.metric,
             "max_new_tokens": max_new, "batch_size": batch_size}
-    # Everything is checked before run.json is rewritten: a refused run changes nothing.
     world = _EvalWorld()
     try:
-        _check_meta(out, meta, write=False)
-        cache = PredictionCache(out / CACHE_NAME)
-        cached = cache.load()
-        # Rank caches left by an interrupted data-parallel run count as cached too.
-        rank_caches = sorted(out.glob(RANK_CACHE_GLOB))
-        for path in rank_caches:
-            extra = PredictionCache(path)
-            for key, pred in extra.load().items():
-                if key not in cached:
-                    cached[key] = pred
-                    cache.fingerprints.setdefault(key, extra.fingerprints.get(key))
-        fingerprints = {it.id: item_fingerprint(benchmark, it) for it in items}
-        _check_cached_items(out, cache, cached, fingerprints)
+        # Everything is checked before run.json is rewritten: a refused run changes nothing.
+        state = _load_cached_predictions(out, benchmark, items, meta)
         if world.rank == 0:
             _check_meta(out, meta)
         world.barrier()
-        known = {it.id for it in items}
-        todo = [it for it in items if it.id not in cached]
+        todo = [it for it in items if it.id not in state.cached]
+        writer = state.cache if world.size == 1 else PredictionCache(out / RANK_CACHE.format(rank=world.rank))
         reused = len(items) - len(todo)
-        # Each rank takes a contiguous share, so its batches are the ones one process would form
-        # (when the batch size divides the share) and it appends to a cache of its own.
-        base, extra_items = divmod(len(todo), world.size)
-        start = world.rank * base + min(world.rank, extra_items)
-        mine = todo[start : start + base + (world.rank < extra_items)]
-        writer = cache if world.size == 1 else PredictionCache(out / RANK_CACHE.format(rank=world.rank))
-
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(items), initial=reused, desc=f"eval {benchmark.name}", unit="item",
                    disable=not progress or world.rank != 0)
         t0 = time.perf_counter()
         try:
-            for at in range(0, len(mine), batch_size):
-                chunk = mine[at : at + batch_size]
-                requests = [(benchmark.prompt(it), it.load_images()) for it in chunk]
-                answers = backend.generate(requests, max_new)
-                if len(answers) != len(chunk):
-                    raise RuntimeError(f"backend {backend.name} returned {len(answers)} answers for {len(chunk)} requests")
-                if not all(isinstance(a, str) for a in answers):
-                    raise RuntimeError(f"backend {backend.name} returned a non-string answer")
-                answers = [a.strip() for a in answers]  # every backend alike (see the module docstring)
-                writer.append([(it.id, a, fingerprints[it.id]) for it, a in zip(chunk, answers)])
-                cached.update((it.id, a) for it, a in zip(chunk, answers))
-                bar.update(len(chunk) * world.size)
+            # The bar counts every rank's items: the others answer batches of the same size.
+            _answer_items(benchmark, backend, _share_of_rank(todo, world), state, writer, max_new, batch_size,
+                          advance=lambda n: bar.update(n * world.size))
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
-        world.barrier()
-        if world.size > 1 or rank_caches:
-            if world.rank == 0:
-                _merge_rank_caches(out, cache)
-            world.barrier()
-            cached = cache.load()
+        _gather_rank_caches(out, state, world)
     finally:
         world.close()
 
-    predictions = {k: v for k, v in cached.items() if k in known}
-    result = benchmark.score(items, predictions)
+    known = {it.id for it in items}
+    result = benchmark.score(items, {k: v for k, v in state.cached.items() if k in known})
     generated = len(todo)
-    outcome = RunOutcome(result, out, generated, reused, seconds, generated / seconds if seconds > 0 and generated else 0.0)
+    outcome = RunOutcome(result, out, generated, reused, seconds,
+                         generated / seconds if seconds > 0 and generated else 0.0)
     if world.rank == 0:
         write_results(outcome, meta)
     return outcome
+
+
+def _check_unique_ids(benchmark: Benchmark, items: list[BenchItem]) -> None:
+    # Predictions are cached by id: the second item would be answered with the first's answer.
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dups = sorted({i for i in ids if i in seen or seen.add(i)})
+        raise EvalInputError(f"{len(dups)} duplicate item id(s) in the {benchmark.name} items, e.g. {dups[0]!r}; "
+                             "each item needs its own id")
+
+
+@dataclass
+class _CacheState:
+    cache: PredictionCache  # the main cache
+    cached: dict[str, str]  # predictions by item id: the main cache's and any rank cache's
+    fingerprints: dict[str, str]  # item id -> `item_fingerprint` of this run's items
+    rank_caches: list[Path]  # rank caches found at the start (left by an interrupted run)
+
+
+def _load_cached_predictions(out: Path, benchmark: Benchmark, items: list[BenchItem], meta: dict[str, Any]) -> _CacheState:
+    """The predictions a rerun may reuse, after checking that they were made by the same run
+    settings for the same data (writes nothing)."""
+    _check_meta(out, meta, write=False)
+    cache = PredictionCache(out / CACHE_NAME)
+    cached = cache.load()
+    # Rank caches left by an interrupted data-parallel run count as cached too.
+    rank_caches = sorted(out.glob(RANK_CACHE_GLOB))
+    for path in rank_caches:
+        extra = PredictionCache(path)
+        for key, pred in extra.load().items():
+            if key not in cached:
+                cached[key] = pred
+                cache.fingerprints.setdefault(key, extra.fingerprints.get(key))
+    fingerprints = {it.id: item_fingerprint(benchmark, it) for it in items}
+    _check_cached_items(out, cache, cached, fingerprints)
+    return _CacheState(cache, cached, fingerprints, rank_caches)
+
+
+def _share_of_rank(todo: list[BenchItem], world: _EvalWorld) -> list[BenchItem]:
+    """Each rank takes a contiguous share, so its batches are the ones one process would form
+    (when the batch size divides the share) and it appends to a cache of its own."""
+    base, extra_items = divmod(len(todo), world.size)
+    start = world.rank * base + min(world.rank, extra_items)
+    return todo[start : start + base + (world.rank < extra_items)]
+
+
+def _answer_items(benchmark: Benchmark, backend: Backend, mine: list[BenchItem], state: _CacheState,
+                  writer: PredictionCache, max_new: int, batch_size: int, advance: Callable[[int], None]) -> None:
+    """Answer `mine` in batches; each batch is appended to `writer` (and to `state.cached`) as
+    soon as it is answered, then reported to `advance`."""
+    for at in range(0, len(mine), batch_size):
+        chunk = mine[at : at + batch_size]
+        answers = _ask(backend, [(benchmark.prompt(it), it.load_images()) for it in chunk], max_new)
+        writer.append([(it.id, a, state.fingerprints[it.id]) for it, a in zip(chunk, answers)])
+        state.cached.update((it.id, a) for it, a in zip(chunk, answers))
+        advance(len(chunk))
+
+
+def _gather_rank_caches(out: Path, state: _CacheState, world: _EvalWorld) -> None:
+    """Once every rank has answered its share, rank 0 merges the rank caches (this run's, or
+    those an interrupted run left) into the main cache, and every rank reads the merged cache."""
+    world.barrier()
+    if world.size > 1 or state.rank_caches:
+        if world.rank == 0:
+            _merge_rank_caches(out, state.cache)
+        world.barrier()
+        state.cached = state.cache.load()
+
+
+def _ask(backend: Backend, requests: list, max_new: int) -> list[str]:
+    """The backend's answers to one batch, checked and stripped (every backend alike: see the
+    module docstring)."""
+    answers = backend.generate(requests, max_new)
+    if len(answers) != len(requests):
+        raise RuntimeError(f"backend {backend.name} returned {len(answers)} answers for {len(requests)} requests")
+    if not all(isinstance(a, str) for a in answers):
+        raise RuntimeError(f"backend {backend.name} returned a non-string answer")
+    return [a.strip() for a in answers]
 
 
 RANK_CACHE = "predictions.rank{rank}.jsonl"
