@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmkit.config import Config, ConfigError, load_config
+from vlmkit.config import Config, ConfigError, load_config, relocated_llm
+from vlmkit.model.lora import base_state, is_lora_key, load_adapters, merge_adapters, to_module_keys
+from vlmkit.model.vlm import VisionLanguageModel, ensure_image_token
 from vlmkit.utils import respect_umask
 
 WEIGHTS = "model.safetensors"
@@ -32,8 +34,6 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def parts_to_save(model) -> list[str]:
-    from vlmkit.model.lora import is_lora_key
-
     # Adapter parameters go to their own file: a part that trains only through them is not saved.
     trainable = [n for n, m in model.parts().items() if any(p.requires_grad and not is_lora_key(k) for k, p in m.named_parameters())]
     random_init = [n for n in model.parts() if n not in model.pretrained_parts]
@@ -41,8 +41,6 @@ def parts_to_save(model) -> list[str]:
 
 
 def model_state(model, parts: list[str]) -> dict[str, torch.Tensor]:
-    from vlmkit.model.lora import base_state
-
     state = {}
     for name in parts:
         for key, value in base_state(model.parts()[name].state_dict()).items():
@@ -104,8 +102,6 @@ def read_config(directory: str | Path) -> Config:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vlmkit checkpoint (no {CONFIG})")
-    from vlmkit.config import relocated_llm
-
     tree = json.loads(path.read_text())
     if isinstance(tree.get("model"), dict):
         tree["model"] = relocated_llm(tree["model"], Path(directory))
@@ -115,8 +111,6 @@ def read_config(directory: str | Path) -> Config:
 def load_weights(model, directory: str | Path, quantize: bool = True) -> dict[str, Any]:
     """Load the saved parts; a checkpoint with LoRA adapters adds them (if the model has none
     yet) and loads them too. `quantize=False` puts QLoRA adapters on the full-precision base."""
-    from vlmkit.model.lora import is_lora_key, load_adapters, to_module_keys
-
     directory = Path(directory)
     meta = json.loads((directory / META).read_text())
     state = load_file(str(directory / WEIGHTS))
@@ -140,8 +134,6 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def _load_saved_tokenizer(model, directory: Path, image_token: str) -> None:
-    from vlmkit.model.vlm import ensure_image_token
-
     tok_dir = directory / TOKENIZER_DIR
     if tok_dir.is_dir():
         from transformers import AutoTokenizer
@@ -157,16 +149,12 @@ def _load_saved_tokenizer(model, directory: Path, image_token: str) -> None:
 def load_checkpoint(directory: str | Path, device: str = "cpu", merge: bool = True):
     """Rebuild the model from the checkpoint's config and load its saved parts. `merge=False`
     keeps LoRA adapters as separate layers (`export-hf --adapters peft`)."""
-    from vlmkit.model.vlm import VisionLanguageModel
-
     config = read_config(directory)
     model = VisionLanguageModel.build(config.model)
     _load_saved_tokenizer(model, Path(directory), config.model.image_token)
     # QLoRA's 4-bit base is a training device: inference puts the adapters on the full-precision base.
     load_weights(model, directory, quantize=False)
     # Inference (eval, serve, chat, export) runs on merged weights: W + B A * alpha / r.
-    from vlmkit.model.lora import merge_adapters
-
     if merge:
         merge_adapters(model)
     model.to(device).eval()

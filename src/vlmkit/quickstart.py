@@ -25,7 +25,11 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import Config, load_config
 from vlmkit.data.synthetic.tasks import KINDS, question_kind
+from vlmkit.data.synthetic.tasks import generate as generate_data
+from vlmkit.eval.backends import VlmkitBackend
 from vlmkit.eval.benchmarks.synth_qa import METRIC_NAMES, score_answer
+from vlmkit.processing.images import load_image
+from vlmkit.train.loop import run_training
 from vlmkit.utils import JsonlLogger, atomic_write_text, read_jsonl
 
 
@@ -46,9 +50,6 @@ class EvalRow:
 def answer_questions(model, records: list[dict], image_root: Path, with_image: bool, batch_size: int = 16, max_new_tokens: int = 8,
                      desc: str = "", bf16: bool = False) -> list[EvalRow]:
     """Greedy answers through the same backend `vlmkit eval run` uses; blind runs drop the image."""
-    from vlmkit.eval.backends import VlmkitBackend
-    from vlmkit.processing.images import load_image
-
     backend = VlmkitBackend(model, bf16=bf16)
     rows: list[EvalRow] = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
@@ -178,9 +179,6 @@ def plot_heldout(metrics_path: Path, out_png: Path) -> bool:
 def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu", overrides: list[str] | tuple[str, ...] = (),
                    n_caption: int = 400, n_instruct: int = 600, n_test: int = 150, seed: int = 0, on_change: str = "refuse",
                    n_instruct_more: int = 1400, more_kinds: tuple[str, ...] = ("chart", "text", "chart", "scene")) -> dict:
-    from vlmkit.data.synthetic.tasks import generate as generate_data
-    from vlmkit.train.loop import run_training
-
     started = time.perf_counter()
     out = Path(out_dir)
     data_dir = out / "data"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from vlmkit.model.attention import prompt_mask
 from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing.base import ProcessedImage
 from vlmkit.processing.prompt import EncodedSample
@@ -51,8 +52,6 @@ class Batch:
     @property
     def prompt_mask(self) -> torch.Tensor:
         """(B, T) True on each sample's tokens before its first supervised one (its prompt)."""
-        from vlmkit.model.attention import prompt_mask
-
         return prompt_mask(self.labels, self.segments)
 
     @property

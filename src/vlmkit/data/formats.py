@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 
 from vlmkit.core.types import BadRecordError, Message, Sample  # noqa: F401  (the record types, re-exported)
+from vlmkit.processing.prompt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from vlmkit.utils import atomic_write_text
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -148,8 +150,6 @@ def _image_ref(rid: str, ref: str, root: Path, source: str) -> Path | bytes:
 
 def content_parts_to_sample(record: dict, index: int, root: Path, source: str = "") -> Sample:
     """An OpenAI / TRL `messages` record: parts become `<image>` / `<video>` placeholders in place."""
-    from vlmkit.processing.prompt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-
     rid = record_id(record, index)
     turns = record.get("messages")
     if not isinstance(turns, list) or not turns:
@@ -249,6 +249,4 @@ def llava_record_to_sample(record: dict, index: int, image_root: Path, source: s
 
 
 def write_llava_json(path: str | Path, records: list[dict]) -> None:
-    from vlmkit.utils import atomic_write_text
-
     atomic_write_text(Path(path), json.dumps(records, indent=1, ensure_ascii=False))

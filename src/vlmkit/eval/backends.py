@@ -18,7 +18,12 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
 
+from vlmkit.checkpoint import load_checkpoint
+from vlmkit.data.formats import Message
 from vlmkit.eval.benchmarks.base import EvalInputError
+from vlmkit.generate import GenerationConfig, decode, generate
+from vlmkit.hf.registry import SUPPORTED
+from vlmkit.processing import build_chat_processor
 
 Request = tuple[str, list[Image.Image]]
 
@@ -212,8 +217,6 @@ def _import_hint(path: str) -> str:
     to evaluate it through vlmkit's own processors instead."""
     import json
 
-    from vlmkit.hf.registry import SUPPORTED
-
     try:
         model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
@@ -241,8 +244,6 @@ class VlmkitBackend:
 
     def __init__(self, model, max_length: int | None = None, name: str = "vlmkit", compile_decode: bool = False,
                  bf16: bool = False):
-        from vlmkit.processing import build_chat_processor
-
         self.model = model
         self.name = name
         # Autocast to bfloat16, as a model trained with `precision: bf16` ran in training.
@@ -254,8 +255,6 @@ class VlmkitBackend:
     @classmethod
     def from_checkpoint(cls, path: str, device: str | None = None, compile_decode: bool = False) -> "VlmkitBackend":
         import torch
-
-        from vlmkit.checkpoint import load_checkpoint
 
         if not Path(path).is_dir():
             raise EvalInputError(f"{path}: vlmkit checkpoint folder not found")
@@ -270,14 +269,10 @@ class VlmkitBackend:
                    bf16=config.train.precision == "bf16")
 
     def encode(self, prompt: str, images: Sequence[Image.Image]):
-        from vlmkit.data.formats import Message
-
         text = prompt if "<image>" in prompt or not images else "<image>\n" * len(images) + prompt
         return self.processor.encode_prompt([Message("user", text)], list(images))
 
     def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:
-        from vlmkit.generate import GenerationConfig, decode, generate
-
         import torch
 
         prompts = [self.encode(p, ims) for p, ims in batch]

@@ -25,8 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlmkit.data.formats import Message
 from vlmkit.hf.folder import ExportError
 from vlmkit.hf.output_folder import claim_output, publish, staging_folder
+from vlmkit.hf.registry import export_hf, family_for, family_of
+from vlmkit.hf.writing import model_sources
+from vlmkit.model.lora import ADAPTER_NAME, lora_layers
+from vlmkit.processing import build_chat_processor
 
 ADAPTER_DIR = "adapter"
 
@@ -34,8 +39,6 @@ ADAPTER_DIR = "adapter"
 @contextlib.contextmanager
 def adapters_removed(model):
     """The model with each LoRA layer swapped for its base layer (nothing merged); put back after."""
-    from vlmkit.model.lora import lora_layers
-
     swapped, spec = [], model.lora_spec
     try:
         for part in spec["parts"]:
@@ -54,8 +57,6 @@ def adapters_removed(model):
 
 
 def _adapted_layers(model) -> dict[str, list[tuple[str, nn.Module]]]:
-    from vlmkit.model.lora import lora_layers
-
     return {part: lora_layers(model.parts()[part]) for part in model.lora_spec["parts"]}
 
 
@@ -104,10 +105,6 @@ def export_hf_peft(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """Base model in its family's transformers format at `out`, the adapters as PEFT at `out/adapter`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from vlmkit.hf.registry import export_hf, family_for, family_of
-    from vlmkit.hf.writing import model_sources
-    from vlmkit.model.lora import ADAPTER_NAME
-
     if not getattr(model, "lora_spec", None):
         raise ExportError("the model carries no LoRA adapters (load the checkpoint with merge=False; "
                           "a checkpoint without adapters.safetensors has none)")
@@ -149,9 +146,6 @@ def _reference_class(model, family) -> type:
         return LlavaForConditionalGeneration
     from PIL import Image
 
-    from vlmkit.data.formats import Message
-    from vlmkit.processing import build_chat_processor
-
     size = model.config.processor.image_size
     prompt = build_chat_processor(model, 1 << 20).encode_prompt([Message("user", "<image>\nDescribe the image.")],
                                                                 [Image.new("RGB", (size, size), (120, 90, 60))])
@@ -166,10 +160,6 @@ def verify_peft_export(model, folder: str | Path) -> float:
     prompt of the family's layout."""
     from peft import PeftModel
     from PIL import Image
-
-    from vlmkit.data.formats import Message
-    from vlmkit.hf.registry import family_for, family_of
-    from vlmkit.processing import build_chat_processor
 
     folder = Path(folder)
     family = family_for(family_of(model))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmkit.hf.families.llava import vision_feature_settings
+
 
 def load_strict(ref: nn.Module, state: dict[str, torch.Tensor], allowed_missing=("rotary", "inv_freq")) -> nn.Module:
     missing, unexpected = ref.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
@@ -100,8 +102,6 @@ def llava_next(model) -> nn.Module:
     conn = model.connector
     if model.config.processor.name != "anyres" or not getattr(conn, "image_newline", None) is not None:
         raise ValueError("LLaVA-NeXT needs the anyres processor with unpadding and newlines")
-    from vlmkit.hf.families.llava import vision_feature_settings
-
     layer, strategy, tie_last = vision_feature_settings(model)
     text, text_state = text_part(model)
     config = LlavaNextConfig(

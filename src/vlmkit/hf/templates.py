@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from vlmkit.hf.folder import ExportError, check_in_vocab, load_tokenizer, read_json
+from vlmkit.processing.prompt import IMAGE_PART_MARK, IMAGE_PARTS_FLAG
 
 # Chat template prefix: turns OpenAI / processor-style content lists into the plain strings the
 # LM's own template expects, with "<image>" where each image goes (vlmkit's prompt layout).
@@ -107,8 +108,6 @@ def image_parts_template(template: str, image_token: str) -> str:
     image part then its text, any other as one text part. The image part renders as
     `image_token`; the text after it is tagged so the wrapper removes that rendering, leaving the
     expanded image text in place."""
-    from vlmkit.processing.prompt import IMAGE_PART_MARK, IMAGE_PARTS_FLAG
-
     tag, token, mark = (json.dumps(x, ensure_ascii=False) for x in ("\ue001", image_token, IMAGE_PART_MARK))
     return (
         "{#- " + IMAGE_PARTS_FLAG + " -#}"
@@ -130,8 +129,6 @@ def image_parts_template(template: str, image_token: str) -> str:
 
 def plain_of_image_parts(template: str) -> str | None:
     """The folder's template inside an `image_parts_template` wrapper (None for any other)."""
-    from vlmkit.processing.prompt import IMAGE_PARTS_FLAG
-
     head, tail = "{% set _vlmkit_out %}", "{% endset %}{{ _vlmkit_out | replace("
     if not template.startswith("{#- " + IMAGE_PARTS_FLAG) or head not in template:
         return None
@@ -141,8 +138,6 @@ def plain_of_image_parts(template: str) -> str | None:
 def _needs_image_parts(template: str, chosen: str | None, tokenizer, image_token: str, clock: _TemplateClock) -> str | None:
     """The image-parts wrapper, where the template renders a turn that starts with an image
     differently from the same turn as one string (and the wrapper reproduces the parts exactly)."""
-    from vlmkit.processing.prompt import IMAGE_PART_MARK
-
     def render(messages, candidate):
         try:
             return clock.render(tokenizer, messages, candidate)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from vlmkit.checkpoint import save_checkpoint
+from vlmkit.generate import extra_stop_ids
 from vlmkit.hf.folder import ExportError
 from vlmkit.hf.output_folder import publish, staging_folder
+from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.utils import respect_umask
 
 IMPORT_COMMAND, EXPORT_COMMAND = "import-hf", "export-hf"
@@ -27,8 +30,6 @@ def build_imported(config, image_token: str | None = None, expected_id: int | No
     `load_part` can fill and check them. The image token's id is checked against the one
     config.json gives: a tokenizer that maps it elsewhere would put image features on the wrong
     positions."""
-    from vlmkit.model.vlm import VisionLanguageModel
-
     model = VisionLanguageModel.build(config.model)
     if expected_id is not None and model.image_token_id != expected_id:
         raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, config.json says {expected_id}")
@@ -40,8 +41,6 @@ def write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, t
     """Save the imported model under `out` (built in the staging folder `tmp`, then swapped in; see
     `vlmkit.hf.output_folder`), its LLM folder beside it, and the recipe pointing at that folder with
     `max_length` as `train.max_length`."""
-    from vlmkit.checkpoint import save_checkpoint
-
     config.model.llm.path = str(out / "llm")
     config.train.max_length = max_length
     ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
@@ -72,8 +71,6 @@ def hf_generation_config(tokenizer, **kw):
 
 
 def stop_ids(tokenizer) -> list[int]:
-    from vlmkit.generate import extra_stop_ids
-
     return sorted({i for i in [tokenizer.eos_token_id, *extra_stop_ids(tokenizer)] if i is not None})
 
 

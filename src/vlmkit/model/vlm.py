@@ -21,22 +21,33 @@ generation (`generate.py`) read those, so training, evaluation and serving share
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
-
 import functools
 import inspect
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from vlmkit.config import ModelConfig
 from vlmkit.core.types import IGNORE_INDEX  # noqa: F401  (re-exported)
+from vlmkit.model import qwen2vl  # noqa: F401  (registers its tower and LLM)
 from vlmkit.model.assembly import assembler
+from vlmkit.model.attention import attention_rule
 from vlmkit.model.connectors import build_connector
+from vlmkit.model.cross_attention import (
+    CrossAttentionFusion,
+    LLMCrossAttention,
+    group_memory,
+    mllama_memory,
+    parse_cross_attention_options,
+)
 from vlmkit.model.language import build_language_model
 from vlmkit.model.loss import next_token_loss
+from vlmkit.model.qwen2vl import uses_mrope
 from vlmkit.model.vision import build_vision_tower
+from vlmkit.processing import build_image_processor
+from vlmkit.processing.base import ProcessedImage, TokenLayout, image_views
 from vlmkit.registry import Registry
 
 PARTS = ("vision", "connector", "llm", "cross_attention")
@@ -110,8 +121,6 @@ class CrossAttentionFusionStrategy:
         self.module = module
 
     def inputs_embeds(self, model, input_ids, image_tokens, cached: bool, images=None):
-        from vlmkit.model.cross_attention import group_memory
-
         markers = int((input_ids == model.image_token_id).sum())
         if image_tokens:
             grouped, mask, _ = group_memory(image_tokens, input_ids, model.image_token_id)
@@ -139,8 +148,6 @@ class LLMCrossAttentionStrategy:
         self.module = module
 
     def inputs_embeds(self, model, input_ids, image_tokens, cached: bool, images=None):
-        from vlmkit.model.cross_attention import mllama_memory
-
         markers = int((input_ids == model.image_token_id).sum())
         if image_tokens:
             self.module.set_memory(*mllama_memory(image_tokens, images, input_ids, model.image_token_id))
@@ -170,8 +177,6 @@ def _prefix(config: ModelConfig, llm, connector, options: dict) -> PrefixFusion:
 
 @FUSIONS.register("cross-attention")
 def _cross_attention(config: ModelConfig, llm, connector, options: dict) -> CrossAttentionFusionStrategy:
-    from vlmkit.model.cross_attention import CrossAttentionFusion, LLMCrossAttention, parse_cross_attention_options
-
     parsed = parse_cross_attention_options(options)
     if parsed.layers == "llm":
         return LLMCrossAttentionStrategy(LLMCrossAttention(llm, parsed))
@@ -185,8 +190,6 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, vision: nn.Module, connector: nn.Module, llm: nn.Module, tokenizer,
                  pretrained_parts: set[str], fusion=None, image_processor=None):
         super().__init__()
-        from vlmkit.model.qwen2vl import uses_mrope
-
         self.config = config
         self.vision = vision
         self.connector = connector
@@ -207,8 +210,6 @@ class VisionLanguageModel(nn.Module):
         self.vocab_size = llm.get_input_embeddings().num_embeddings
         self.uses_mrope = uses_mrope(llm)
         self.image_processor = image_processor
-        from vlmkit.model.attention import attention_rule
-
         self.attention_rule = attention_rule(getattr(config, "attention", "causal"))
         if self.attention_rule.name != "causal" and self.fusion.name != "prefix":
             raise ValueError(f"attention rule {self.attention_rule.name!r} needs prefix fusion (the images in the sequence)")
@@ -221,9 +222,6 @@ class VisionLanguageModel(nn.Module):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def build(cls, config: ModelConfig, pretrained: bool = True) -> "VisionLanguageModel":
-        from vlmkit.model import qwen2vl  # noqa: F401  (registers its tower and LLM)
-        from vlmkit.processing import build_image_processor
-
         vision = build_vision_tower(config.vision, pretrained=pretrained)
         llm, tokenizer = build_language_model(config.llm, pretrained=pretrained)
         grid = vision.grid(config.processor.image_size)
@@ -452,8 +450,6 @@ class VisionLanguageModel(nn.Module):
 
     def _legacy_images(self, pixel_values: torch.Tensor) -> list:
         """Stacked (images, 3, H, W) pixels as single-view images (the fixed-resolution case)."""
-        from vlmkit.processing.base import ProcessedImage, TokenLayout, image_views
-
         return [ProcessedImage(p.unsqueeze(0), TokenLayout(0), views=image_views(p, ["image"])) for p in pixel_values]
 
     # ---- forward --------------------------------------------------------------------------

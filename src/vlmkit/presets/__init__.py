@@ -19,8 +19,12 @@ import torch
 from torch import nn
 
 from vlmkit.config import ModelConfig, ProcessorConfig
+from vlmkit.model.connectors import build_connector
+from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
+from vlmkit.model.language import decoder_layers
 from vlmkit.presets.catalog import ALIASES, PRESET_DATA, SEED_FIGURES
-from vlmkit.registry import PRESETS
+from vlmkit.processing import import_families
+from vlmkit.registry import IMAGE_PROCESSORS, PRESETS
 
 PART_ORDER = ("vision", "connector", "cross_attention", "llm")
 
@@ -134,9 +138,6 @@ def _build_llm(spec: dict) -> nn.Module:
 
 def build_meta(preset: str | Preset) -> MetaModel:
     """Every part at its released shape, on the meta device (a name, an alias or a Preset)."""
-    from vlmkit.model.connectors import build_connector
-    from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
-
     if isinstance(preset, str):
         preset = get_preset(preset)
     d = preset.data
@@ -162,9 +163,6 @@ def image_processor(meta: MetaModel):
     themselves; for the fixed-resolution family the count is whatever the connector makes of
     the feature grid (576 for LLaVA-1.5's MLP over 24x24, 32 for BLIP-2's Q-Former queries).
     """
-    from vlmkit.processing import import_families
-    from vlmkit.registry import IMAGE_PROCESSORS
-
     import_families()
     config = meta.preset.processor_config()
     tokens = meta.parts["connector"].num_tokens(meta.preset.feature_grid)
@@ -184,8 +182,6 @@ def _matmul_params(module: nn.Module, skip: tuple[type, ...] = (nn.Embedding,)) 
 
 
 def decoder_layer_list(llm: nn.Module) -> nn.ModuleList:
-    from vlmkit.model.language import decoder_layers
-
     # OPT and MPT keep their layers under names the generic lookup does not try.
     for path in (None, "model.decoder.layers", "transformer.blocks"):
         try:

@@ -34,6 +34,8 @@ from typing import Any
 from torch import nn
 
 from vlmkit import presets
+from vlmkit.config import Config, load_config
+from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing.base import ImageProcessor, TokenLayout
 
 
@@ -149,9 +151,6 @@ def recipe_costing(recipe) -> Costing:
     built on the meta device (no weights are allocated or read), so its processor and its LLM
     shape are the ones training would use."""
     import torch
-
-    from vlmkit.config import Config, load_config
-    from vlmkit.model.vlm import VisionLanguageModel
 
     config = recipe if isinstance(recipe, Config) else load_config(recipe)
     with torch.device("meta"):

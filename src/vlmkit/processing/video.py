@@ -36,6 +36,8 @@ import torch
 from PIL import Image
 
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, View
+from vlmkit.processing.images import Resizer
+from vlmkit.processing.qwen2vl import Qwen2VLProcessor, patches_into
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
@@ -274,8 +276,6 @@ def group_plan(frames: int, options: VideoOptions) -> list[range]:
 
 
 def _is_qwen2vl(processor: ImageProcessor) -> bool:
-    from vlmkit.processing.qwen2vl import Qwen2VLProcessor
-
     return isinstance(processor, Qwen2VLProcessor)
 
 
@@ -306,9 +306,6 @@ def video_layout(processor: ImageProcessor, width: int, height: int, frames: int
 
 def _qwen2vl_video_pixels(processor, frames: list[Image.Image]) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Qwen2-VL video patches: two consecutive frames fill the temporal axis of each patch."""
-    from vlmkit.processing.images import Resizer
-    from vlmkit.processing.qwen2vl import patches_into
-
     w, h = frames[0].size
     rh, rw = processor.resized_size(w, h)
     p, m, tp = processor.patch_size, processor.merge_size, processor.temporal_patch_size

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from vlmkit.data.formats import write_llava_json
+from vlmkit.processing.video import write_video
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40)}
 IMAGE_QUESTION = "What colour is the image? Answer with one word."
@@ -68,8 +69,6 @@ def _image_records(out: Path, n: int, split: str, rng: random.Random) -> list[di
 
 
 def _video_records(out: Path, n: int, split: str, rng: random.Random, frames: int = 4) -> list[dict]:
-    from vlmkit.processing.video import write_video
-
     records = []
     for i in range(n):
         colour = rng.choice(list(COLOURS))

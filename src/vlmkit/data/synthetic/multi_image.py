@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlmkit.data.formats import write_llava_json
+from vlmkit.data.synthetic.video import video_records
 
 MORE_QUESTION = "Which image holds more objects? Answer first or second."
 PAIRS = tuple((a, b) for a in range(1, 6) for b in range(a + 2, 6))
@@ -69,9 +71,6 @@ def multi_image_records(out_dir: str | Path, n: int, split: str, seed: int, size
 def write_media_dataset(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, video_tasks=("direction",),
                         size: int = 32, frames: int = 8) -> dict[str, Path]:
     """train.json / test.json mixing the multi-image task (content parts) and the video tasks (LLaVA)."""
-    from vlmkit.data.formats import write_llava_json
-    from vlmkit.data.synthetic.video import video_records
-
     out = Path(out_dir)
     paths = {}
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Union
 
 from PIL import Image
 
+from vlmkit.processing.images import ImageLoadError, load_image
 
 ImageRef = Union[Path, bytes]
 
@@ -29,8 +30,6 @@ class BenchItem:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def load_images(self) -> list[Image.Image]:
-        from vlmkit.processing.images import ImageLoadError, load_image
-
         out = []
         for ref in self.images:
             try:

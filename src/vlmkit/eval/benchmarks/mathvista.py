@@ -8,8 +8,17 @@ from typing import Callable
 from vlmkit.eval.metrics import mathvista_normalize, mathvista_quick_extract, mathvista_rule_extract
 from vlmkit.registry import BENCHMARKS
 
-from .base import (BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, find_first,
-                   read_json, require_dir)
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    find_first,
+    read_json,
+    require_dir,
+)
 
 BREAKDOWN_KEYS = ("question_type", "answer_type", "language", "source", "category", "task", "context", "grade", "skills")
 
@@ -60,7 +69,7 @@ def llm_judge_extractor(model: str, base_url: str | None = None) -> Extractor:
     The official script asks GPT-4 with few-shot demos; this sends the same kind of prompt to
     any chat model. Only used when the quick rules do not settle the answer.
     """
-    from vlmkit.eval.backends import OpenAIChatBackend
+    from vlmkit.eval.backends import OpenAIChatBackend  # optional judge; eval.backends imports the benchmarks
 
     judge = OpenAIChatBackend(model, base_url=base_url, concurrency=1)
 

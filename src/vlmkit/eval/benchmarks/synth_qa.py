@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmkit.data.synthetic.tasks import question_kind
 from vlmkit.eval.metrics import ocrbench_correct, relaxed_correctness, vqa_normalize
 from vlmkit.registry import BENCHMARKS
 
@@ -40,8 +41,6 @@ class SyntheticQA(Benchmark):
     default_max_new_tokens = 8
 
     def load(self, data_dir) -> list[BenchItem]:
-        from vlmkit.data.synthetic.tasks import question_kind
-
         path = Path(data_dir)
         path = path / "test.json" if path.is_dir() else path
         records = read_json(path)

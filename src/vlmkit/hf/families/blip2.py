@@ -48,6 +48,7 @@ from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
 from vlmkit.hf.templates import chat_template, template_source, usable_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
+from vlmkit.model.connectors.qformer import QFormerConnector
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
 
@@ -215,8 +216,6 @@ def _import_blip(folder: Path, out: Path) -> Path:
 
 
 def _is_blip(model, instruct: bool) -> bool:
-    from vlmkit.model.connectors.qformer import QFormerConnector
-
     return (model.config.vision.name == "hf-blip" and isinstance(model.connector, QFormerConnector)
             and bool(model.connector.options.text_input) == instruct)
 

@@ -40,6 +40,7 @@ from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
 from vlmkit.hf.templates import chat_template, template_source, usable_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
+from vlmkit.model.connectors.patch_embed import PatchEmbedConnector, PatchifyTower
 
 BEGINNING_OF_ANSWER = "<0x04>"
 FUYU_TEMPLATE = (
@@ -123,8 +124,6 @@ def _is_fuyu(model) -> bool:
 def _export_fuyu(model, out: Path) -> Path:
     from transformers import FuyuConfig, FuyuForCausalLM, FuyuProcessor
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
-
-    from vlmkit.model.connectors.patch_embed import PatchEmbedConnector, PatchifyTower
 
     conn, tower = model.connector, model.vision
     if not isinstance(conn, PatchEmbedConnector) or not isinstance(tower, PatchifyTower):

@@ -39,6 +39,8 @@ from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, load_reference, save_with_processor, write_checkpoint
+from vlmkit.model.connectors.pooling import GemmaRMSNorm, PoolingConnector
+from vlmkit.model.vision import HFVisionTower
 
 _RESAMPLE_IDS = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
@@ -119,8 +121,6 @@ def with_named_tokens(tok, named: dict):
 
 
 def _is_gemma3(model) -> bool:
-    from vlmkit.model.connectors.pooling import GemmaRMSNorm, PoolingConnector
-
     return (getattr(model.config, "attention", "causal") == "image" and isinstance(model.connector, PoolingConnector)
             and isinstance(model.connector.pooled_norm, GemmaRMSNorm))
 
@@ -129,8 +129,6 @@ def _is_gemma3(model) -> bool:
 def export_gemma3(model, out: str | Path) -> Path:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-    from vlmkit.model.vision import HFVisionTower
 
     tower, conn = model.vision, model.connector
     o = model.config.processor.options

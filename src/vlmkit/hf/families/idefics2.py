@@ -47,6 +47,7 @@ from vlmkit.hf.writing import (
     stage_llm,
     write_checkpoint,
 )
+from vlmkit.model.connectors.perceiver import PerceiverConnector
 
 TOWER = "idefics2-vision"
 
@@ -128,8 +129,6 @@ def import_idefics2(folder: Path, out: Path) -> Path:
 
 
 def _check_exportable(model) -> None:
-    from vlmkit.model.connectors.perceiver import PerceiverConnector
-
     conn, o = model.connector, getattr(model.connector, "options", None)
     if (model.config.processor.name != "idefics2" or model.config.vision.name != TOWER or not isinstance(conn, PerceiverConnector)
             or o.input_proj != "swiglu" or o.ffn != "swiglu" or o.ffn_mult != 4 or o.norm != "rmsnorm" or o.project_output

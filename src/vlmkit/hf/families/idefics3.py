@@ -35,6 +35,8 @@ from vlmkit.hf.writing import (
     stage_llm,
     write_checkpoint,
 )
+from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
+from vlmkit.model.vision import HFVisionTower
 
 
 def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model", processor: str = "idefics3",
@@ -94,9 +96,6 @@ def idefics3_reference(model, config_cls=None, model_cls=None, tower_type: str =
     """transformers' Idefics3 (or, given SmolVLM's classes and tower, SmolVLM) holding the vlmkit
     model's weights, with its generation config."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-
-    from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
-    from vlmkit.model.vision import HFVisionTower
 
     config_cls, model_cls = config_cls or Idefics3Config, model_cls or Idefics3ForConditionalGeneration
     family = config_cls.__name__.removesuffix("Config")

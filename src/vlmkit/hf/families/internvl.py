@@ -31,6 +31,8 @@ from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config, register_family
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
+from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
+from vlmkit.model.vision import HFVisionTower
 
 
 def import_internvl(folder: Path, out: Path) -> Path:
@@ -96,9 +98,6 @@ def import_internvl(folder: Path, out: Path) -> Path:
 def export_internvl(model, out: str | Path) -> Path:
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
-    from vlmkit.model.vision import HFVisionTower
 
     conn, tower = model.connector, model.vision
     if (not isinstance(conn, PixelShuffleConnector) or conn.options.norm != "post" or conn.options.projector != "mlp"

@@ -31,12 +31,26 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.checkpoint import save_checkpoint
 from vlmkit.config import load_config
-from vlmkit.hf.folder import ExportError, hf_config_dict, load_exact, read_json
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    check_in_vocab,
+    check_weight_files,
+    hf_config_dict,
+    load_exact,
+    load_tokenizer,
+    read_json,
+    warn_non_finite,
+)
 from vlmkit.hf.output_folder import publish, staging_folder
 from vlmkit.hf.registry import HFFamily, register_family
 from vlmkit.hf.templates import CONTENT_LIST_PREAMBLE, chat_template, template_source, usable_template
 from vlmkit.hf.writing import stop_ids
+from vlmkit.model.connectors.mlp import MLPConnector
+from vlmkit.model.vision import HFVisionTower
+from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.paths import offline
 from vlmkit.utils import respect_umask
 
@@ -52,9 +66,6 @@ def vision_feature_settings(model) -> tuple[int, str, bool]:
 
 def export_blockers(model) -> list[str]:
     """Every reason the model cannot become a LLaVA folder (empty: it can), so one run names them all."""
-    from vlmkit.model.connectors.mlp import MLPConnector
-    from vlmkit.model.vision import HFVisionTower
-
     cfg = model.config
     blockers = []
     if cfg.fusion != "prefix":
@@ -219,10 +230,6 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     there); the vision tower and projector are checkpoint weights.
     """
     from transformers import LlavaForConditionalGeneration
-
-    from vlmkit.checkpoint import save_checkpoint
-    from vlmkit.hf.folder import auto_config, check_in_vocab, check_weight_files, load_tokenizer, warn_non_finite
-    from vlmkit.model.vlm import VisionLanguageModel
 
     offline()
     folder, out = Path(folder), Path(out).resolve()

@@ -27,6 +27,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import llava_next
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config, register_family
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, save_with_processor, stage_llm, write_checkpoint
@@ -108,8 +109,6 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
 def export_llava_next(model, out: str | Path) -> Path:
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    from vlmkit.hf.reference import llava_next
 
     ref = llava_next(model).eval()
     tok = model.tokenizer

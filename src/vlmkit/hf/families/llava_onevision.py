@@ -22,11 +22,15 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.hf.families.llava import vision_feature_settings
 from vlmkit.hf.families.llava_next import import_llava_next
 from vlmkit.hf.folder import ExportError, read_json
+from vlmkit.hf.reference import language_model_state, load_strict, text_part
 from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
 from vlmkit.hf.templates import plain_template
 from vlmkit.hf.writing import atomic_folder, hf_generation_config
+from vlmkit.model.connectors.mlp import MLPConnector
+from vlmkit.model.vision import HFVisionTower
 
 
 def _max_tiles(aspect: str | None, where: str) -> int:
@@ -51,11 +55,6 @@ def import_llava_onevision(folder: Path, out: Path) -> Path:
 def onevision_reference(model):
     """transformers' LlavaOnevisionForConditionalGeneration holding the vlmkit model's weights."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-    from vlmkit.hf.families.llava import vision_feature_settings
-    from vlmkit.hf.reference import language_model_state, load_strict, text_part
-    from vlmkit.model.connectors.mlp import MLPConnector
-    from vlmkit.model.vision import HFVisionTower
 
     conn, tower, proc = model.connector, model.vision, model.image_processor
     if (model.config.processor.name != "anyres-max" or not isinstance(conn, MLPConnector) or not isinstance(tower, HFVisionTower)

@@ -35,15 +35,16 @@ from vlmkit.hf.folder import (
 from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
 from vlmkit.hf.templates import folder_tokenizer, plain_template
-from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, write_checkpoint
+from vlmkit.model.connectors.mlp import LinearConnector
+from vlmkit.model.cross_attention import mllama_image_ranges
+from vlmkit.model.mllama import MllamaViTTower, causal_lm_class
 
 IMAGE_TOKEN = "<|image|>"
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 
 def import_mllama(folder: Path, out: Path) -> Path:
-    from vlmkit.model.mllama import causal_lm_class
-
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
     cfg = auto_config(folder)
@@ -105,8 +106,6 @@ def import_mllama(folder: Path, out: Path) -> Path:
 
 
 def _owns_mllama(model) -> bool:
-    from vlmkit.model.mllama import MllamaViTTower
-
     return model.config.fusion == "cross-attention" and isinstance(model.vision, MllamaViTTower)
 
 
@@ -114,9 +113,6 @@ def _owns_mllama(model) -> bool:
 def export_mllama(model, out: Path) -> Path:
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    from vlmkit.hf.writing import load_reference
-    from vlmkit.model.connectors.mlp import LinearConnector
 
     tower, conn, tok = model.vision, model.connector, model.tokenizer
     if not _owns_mllama(model) or not isinstance(conn, LinearConnector) or conn.proj.bias is None \
@@ -149,8 +145,6 @@ def export_mllama(model, out: Path) -> Path:
 def reference_inputs(model, images: list, ids: torch.Tensor) -> dict:
     """transformers' inputs for a prompt's images: every tile slot, aspect-ratio ids and masks,
     and the (1, L, images, max_tiles) cross_attention_mask its processor builds."""
-    from vlmkit.model.cross_attention import mllama_image_ranges
-
     markers = [j for j, t in enumerate(ids[0].tolist()) if t == model.image_token_id]
     max_tiles = images[0].pixel_values.shape[0]
     mask = torch.zeros(1, ids.shape[1], len(images), max_tiles, dtype=torch.long)

@@ -38,6 +38,8 @@ from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, load_reference, save_with_processor, write_checkpoint
+from vlmkit.model.connectors.mlp import LinearConnector
+from vlmkit.model.vision import HFVisionTower
 
 # PaliGemmaProcessor's layout as a chat template: the images, bos, the prompt and a newline; the
 # answer and eos. (Released PaliGemma folders have no chat template.)
@@ -123,8 +125,6 @@ def import_paligemma(folder: Path, out: Path) -> Path:
 
 
 def _is_paligemma(model) -> bool:
-    from vlmkit.model.connectors.mlp import LinearConnector
-
     return (getattr(model.config, "attention", "causal") == "prefix" and model.config.processor.name == "fixed"
             and isinstance(model.connector, LinearConnector))
 
@@ -145,8 +145,6 @@ def llm_state(model, prefix: str) -> dict:
 def export_paligemma(model, out: str | Path) -> Path:
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    from vlmkit.model.vision import HFVisionTower
 
     tower, conn = model.vision, model.connector
     if (not isinstance(tower, HFVisionTower) or tower.model.config.model_type != "siglip_vision_model" or tower.feature_layer != -1

@@ -42,7 +42,10 @@ from vlmkit.hf.folder import (
 from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
 from vlmkit.hf.templates import folder_tokenizer, plain_template
-from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, stage_llm, write_checkpoint
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
+from vlmkit.model.connectors.mlp import MLPConnector
+from vlmkit.model.connectors.patch_merger import PatchMergerConnector
+from vlmkit.model.vision import HFVisionTower
 
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 _BREAKS = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
@@ -149,21 +152,15 @@ def import_mistral3(folder: Path, out: Path) -> Path:
 
 
 def _pixtral_tower(model) -> bool:
-    from vlmkit.model.vision import HFVisionTower
-
     return isinstance(model.vision, HFVisionTower) and model.vision.model.config.model_type == "pixtral"
 
 
 def _owns_pixtral(model) -> bool:
-    from vlmkit.model.connectors.mlp import MLPConnector
-
     return (model.config.processor.name == "pixtral" and model.config.fusion == "prefix" and _pixtral_tower(model)
             and isinstance(model.connector, MLPConnector))
 
 
 def _owns_mistral3(model) -> bool:
-    from vlmkit.model.connectors.patch_merger import PatchMergerConnector
-
     return (model.config.processor.name == "pixtral" and model.config.fusion == "prefix" and _pixtral_tower(model)
             and isinstance(model.connector, PatchMergerConnector))
 
@@ -172,8 +169,6 @@ def _owns_mistral3(model) -> bool:
 def _export(model, out: Path, mistral3: bool) -> Path:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
-
-    from vlmkit.hf.writing import load_reference
 
     if not (_owns_mistral3(model) if mistral3 else _owns_pixtral(model)):
         raise ExportError(f"{'Mistral3' if mistral3 else 'Pixtral'} needs the pixtral processor, prefix fusion, a Pixtral tower "

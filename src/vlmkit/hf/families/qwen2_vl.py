@@ -32,14 +32,14 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import qwen2_5_vl, qwen2_vl
 from vlmkit.hf.registry import HFFamily, family_of, read_hf_config, register_family
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+from vlmkit.model.qwen2vl import MRopeCausalLM, Qwen2ViTTower, Qwen25ViTTower, save_mrope_llm
 
 
 def import_qwen2_vl(folder: Path, out: Path) -> Path:
-    from vlmkit.model.qwen2vl import MRopeCausalLM, save_mrope_llm
-
     folder, out = Path(folder), Path(out).resolve()
     qwen25 = read_hf_config(folder)["model_type"] == "qwen2_5_vl"
     cfg = auto_config(folder)
@@ -145,16 +145,12 @@ def _qwen2_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[
 
 
 def _is_qwen25(model) -> bool:
-    from vlmkit.model.qwen2vl import Qwen25ViTTower
-
     return isinstance(model.vision, Qwen25ViTTower)
 
 
 @torch.no_grad()
 def export_qwen2_vl(model, out: str | Path) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from vlmkit.hf.reference import qwen2_5_vl, qwen2_vl
 
     ref = (qwen2_5_vl if family_of(model) == "qwen2_5_vl" else qwen2_vl)(model).eval()
     tok = model.tokenizer
@@ -215,8 +211,6 @@ def _qwen2_vl_reference(model, prompt, ids):
 
 
 def _is_qwen2_vl(model) -> bool:
-    from vlmkit.model.qwen2vl import Qwen2ViTTower
-
     return isinstance(model.vision, Qwen2ViTTower)
 
 

@@ -31,6 +31,7 @@ from vlmkit.hf.folder import image_processor_settings, read_json
 from vlmkit.hf.registry import HFFamily, register_family
 from vlmkit.hf.templates import plain_template
 from vlmkit.hf.writing import atomic_folder
+from vlmkit.model.vision import HFVisionTower
 
 TOWER = "smolvlm_vision"
 
@@ -100,8 +101,6 @@ def export_smolvlm(model, out: str | Path) -> Path:
 
 
 def _owns(model) -> bool:
-    from vlmkit.model.vision import HFVisionTower
-
     return (model.config.processor.name in ("idefics3", "smolvlm") and isinstance(model.vision, HFVisionTower)
             and getattr(model.vision.model.config, "model_type", "") == TOWER)
 
