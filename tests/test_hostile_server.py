@@ -20,7 +20,7 @@ from _serve_util import png_data_uri, request, running_server, tiny_model  # noq
 from PIL import Image  # noqa: E402
 
 from vlmkit.data.formats import Message  # noqa: E402
-from vlmkit.serve import app as app_module  # noqa: E402
+from vlmkit.serve import parsing  # noqa: E402  (image decoding lives there)
 from vlmkit.serve.app import ServerSettings, create_app  # noqa: E402
 
 KEY = "hostile-key"
@@ -192,7 +192,7 @@ def test_user_text_with_placeholders_is_tokenised_as_literal_text(tiny, server):
 
 def test_images_are_decoded_off_the_event_loop(server, monkeypatch):
     threads = []
-    real = app_module.load_image
+    real = parsing.load_image
 
     def spy(*args, **kwargs):
         try:
@@ -202,7 +202,7 @@ def test_images_are_decoded_off_the_event_loop(server, monkeypatch):
             threads.append("worker")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "load_image", spy)
+    monkeypatch.setattr(parsing, "load_image", spy)
     status, payload, _ = request(server, "POST", "/v1/chat/completions", {**GOOD, "messages": user("hi", png_data_uri())}, AUTH)
     assert status == 200, payload
     assert threads == ["worker"]

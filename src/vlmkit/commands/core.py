@@ -51,98 +51,102 @@ EXTEND_HELP = "Train a stage whose settings or data changed on from its trained 
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def quickstart(
-        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE")] = None,
-        out: Annotated[Path, typer.Option(help="Output folder (data, checkpoints, metrics, plots).")] = Path("runs/quickstart"),
-        device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
-        restart: Annotated[bool, typer.Option("--restart", help=RESTART_HELP)] = False,
-        extend: Annotated[bool, typer.Option("--extend", help=EXTEND_HELP)] = False,
-    ) -> None:
-        """Build a VLM from packaged pretrained parts, train stages 1-2 on synthetic data, evaluate it."""
-        overrides = overrides_argument(overrides)
-        mode = on_change(restart, extend)
-        offline()
-        _check_device(device)
-        from vlmkit.quickstart import run_quickstart
+    app.command("quickstart")(quickstart_command)
+    app.command("train")(train_command)
+    app.command("chat")(chat_command)
 
-        with recipe_errors():
-            run_quickstart(out, device=device, overrides=overrides, on_change=mode)
 
-    @app.command()
-    def train(
-        recipe: Annotated[Path, typer.Argument(help="YAML recipe (`vlmkit recipe --template` writes one).", metavar="RECIPE")],
-        overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE")] = None,
-        device: Annotated[Optional[str], typer.Option(help="Torch device (cpu, cuda, cuda:1 ...); default: the recipe's train.device.")] = None,
-        restart: Annotated[bool, typer.Option("--restart", help=RESTART_HELP)] = False,
-        extend: Annotated[bool, typer.Option("--extend", help=EXTEND_HELP)] = False,
-    ) -> None:
-        """Train every stage of a recipe. A finished stage is loaded, not redone; a stopped one resumes.
+def quickstart_command(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (data, checkpoints, metrics, plots).")] = Path("runs/quickstart"),
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+    restart: Annotated[bool, typer.Option("--restart", help=RESTART_HELP)] = False,
+    extend: Annotated[bool, typer.Option("--extend", help=EXTEND_HELP)] = False,
+) -> None:
+    """Build a VLM from packaged pretrained parts, train stages 1-2 on synthetic data, evaluate it."""
+    overrides = overrides_argument(overrides)
+    mode = on_change(restart, extend)
+    offline()
+    check_device(device)
+    from vlmkit.quickstart import run_quickstart
 
-        A stage whose settings or data changed since its checkpoint is refused, listing what
-        changed, unless --restart or --extend says what to do (stages after it are trained again).
-        """
-        overrides = overrides_argument(overrides)
-        mode = on_change(restart, extend)
-        offline()
-        from vlmkit.config import load_config
-        from vlmkit.train.loop import run_training
+    with recipe_errors():
+        run_quickstart(out, device=device, overrides=overrides, on_change=mode)
 
-        if device is not None:
-            overrides = [*overrides, f"train.device={device}"]
-        with recipe_errors():
-            config = load_config(recipe, overrides)
-            _check_device(config.train.device)
-            _, results = run_training(config, on_change=mode)
-        for r in results:
-            if r.loaded:
-                typer.echo(f"stage {r.name}: already trained with these settings; loaded {r.checkpoint}")
-            else:
-                how = " (extended from its earlier checkpoint)" if r.extended else ""
-                typer.echo(f"stage {r.name}: {r.steps} steps{how}, final loss {r.losses[-1]:.4f}, checkpoint {r.checkpoint}")
 
-    @app.command()
-    def chat(
-        question: Annotated[Optional[str], typer.Argument(help="The question; without one, an interactive conversation starts.", show_default=False, metavar="QUESTION")] = None,
-        checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.", exists=True, file_okay=False)] = ...,
-        image: Annotated[Optional[list[Path]], typer.Option(help="Image file (repeatable); each gets an <image> placeholder before the (first) question.",
-                                                            show_default=False, metavar="PATH", exists=True, dir_okay=False)] = None,
-        video: Annotated[Optional[list[Path]], typer.Option(help="Video file (repeatable), after the images; each gets a placeholder before the (first) question.",
-                                                            show_default=False, metavar="PATH", exists=True, dir_okay=False)] = None,
-        max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 64,
-        temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy.")] = 0.0,
-        top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
-        seed: Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1, help="Random seed for sampling (same seed, same answer).")] = 0,
-        device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
-    ) -> None:
-        """Answer a question about images or videos; without a question, hold a conversation.
+def train_command(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (`vlmkit recipe --template` writes one).", metavar="RECIPE")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (cpu, cuda, cuda:1 ...); default: the recipe's train.device.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help=RESTART_HELP)] = False,
+    extend: Annotated[bool, typer.Option("--extend", help=EXTEND_HELP)] = False,
+) -> None:
+    """Train every stage of a recipe. A finished stage is loaded, not redone; a stopped one resumes.
 
-        In a conversation the model is loaded once and keeps every turn:
-        /image PATH attaches an image to the next message, /reset starts over, /quit ends.
-        """
-        offline()
-        if top_p <= 0:
-            raise typer.BadParameter("must be above 0", param_hint="--top-p")
-        _check_device(device)
-        from vlmkit.chat import ChatSession
-        from vlmkit.generate import GenerationConfig
-        from vlmkit.processing import build_chat_processor
-        from vlmkit.checkpoint import load_checkpoint
+    A stage whose settings or data changed since its checkpoint is refused, listing what
+    changed, unless --restart or --extend says what to do (stages after it are trained again).
+    """
+    overrides = overrides_argument(overrides)
+    mode = on_change(restart, extend)
+    offline()
+    from vlmkit.config import load_config
+    from vlmkit.train.loop import run_training
 
-        model, config = load_checkpoint(checkpoint, device=device)
-        processor = build_chat_processor(model, config.train.max_length)
-        # Below 1e-6 the nucleus is the top token alone either way; far smaller values round to 0 in
-        # float32 and would leave no token at all.
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                               top_p=max(top_p, 1e-6), seed=seed)
-        session = ChatSession(model, processor, gen)
-        from vlmkit.processing.video import VideoInput
+    if device is not None:
+        overrides = [*overrides, f"train.device={device}"]
+    with recipe_errors():
+        config = load_config(recipe, overrides)
+        check_device(config.train.device)
+        _, results = run_training(config, on_change=mode)
+    for r in results:
+        if r.loaded:
+            typer.echo(f"stage {r.name}: already trained with these settings; loaded {r.checkpoint}")
+        else:
+            how = " (extended from its earlier checkpoint)" if r.extended else ""
+            typer.echo(f"stage {r.name}: {r.steps} steps{how}, final loss {r.losses[-1]:.4f}, checkpoint {r.checkpoint}")
 
-        session.pending.extend([*(image or []), *(VideoInput(v) for v in video or [])])
-        if question is not None:
-            typer.echo(session.ask(question))
-            return
-        _converse(session, checkpoint)
+
+def chat_command(
+    question: Annotated[Optional[str], typer.Argument(help="The question; without one, an interactive conversation starts.", show_default=False, metavar="QUESTION")] = None,
+    checkpoint: Annotated[Path, typer.Option(help="A vlmkit checkpoint folder.", exists=True, file_okay=False)] = ...,
+    image: Annotated[Optional[list[Path]], typer.Option(help="Image file (repeatable); each gets an <image> placeholder before the (first) question.",
+                                                        show_default=False, metavar="PATH", exists=True, dir_okay=False)] = None,
+    video: Annotated[Optional[list[Path]], typer.Option(help="Video file (repeatable), after the images; each gets a placeholder before the (first) question.",
+                                                        show_default=False, metavar="PATH", exists=True, dir_okay=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1, help="Random seed for sampling (same seed, same answer).")] = 0,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+) -> None:
+    """Answer a question about images or videos; without a question, hold a conversation.
+
+    In a conversation the model is loaded once and keeps every turn:
+    /image PATH attaches an image to the next message, /reset starts over, /quit ends.
+    """
+    offline()
+    if top_p <= 0:
+        raise typer.BadParameter("must be above 0", param_hint="--top-p")
+    check_device(device)
+    from vlmkit.chat import ChatSession
+    from vlmkit.generate import GenerationConfig
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(checkpoint, device=device)
+    processor = build_chat_processor(model, config.train.max_length)
+    # Below 1e-6 the nucleus is the top token alone either way; far smaller values round to 0 in
+    # float32 and would leave no token at all.
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                           top_p=max(top_p, 1e-6), seed=seed)
+    session = ChatSession(model, processor, gen)
+    from vlmkit.processing.video import VideoInput
+
+    session.pending.extend([*(image or []), *(VideoInput(v) for v in video or [])])
+    if question is not None:
+        typer.echo(session.ask(question))
+        return
+    _converse(session, checkpoint)
 
 
 def _converse(session, checkpoint: Path) -> None:
@@ -184,7 +188,7 @@ def _converse(session, checkpoint: Path) -> None:
                 typer.echo(f"error: {e.reason} (that message was dropped; the conversation goes on)", err=True)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
