@@ -25,9 +25,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -114,64 +114,6 @@ class StageRun:
     @property
     def mixture(self) -> Mixture:
         return self.data.mixture
-
-
-def encode_all(processor: ChatProcessor, samples: list[Sample | BadRecordError], on_bad: str, desc: str
-               ) -> tuple[list[EncodedSample], list[tuple[str, str]]]:
-    """Encode every sample up front, so a bad record surfaces before any step is taken. Items that
-    are already `BadRecordError`s (records that could not be read) count as bad records."""
-    encoded, skipped = [], []
-    for sample in tqdm(samples, desc=f"encode {desc}", unit="sample", leave=False):
-        try:
-            if isinstance(sample, BadRecordError):
-                raise sample
-            encoded.append(encode_record(processor, sample))
-        except BadRecordError as e:
-            if on_bad == "error":
-                raise
-            skipped.append((e.record_id, str(e)))
-    if not encoded:
-        raise ValueError(f"stage {desc}: no usable records ({len(skipped)} skipped)")
-    return encoded, skipped
-
-
-def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
-    """(chosen, rejected) encodings of every preference record, plus reference log-probs when the
-    data carries them; a record with a missing side stops the run here, before any step."""
-    units, refs, skipped = [], [], []
-    for item in tqdm(read_preference_file(path), desc=f"encode {desc}", unit="pair", leave=False):
-        try:
-            if isinstance(item, BadRecordError):
-                raise item
-            units.append([last_turn_only(encode_record(processor, item.sample(side))) for side in ("chosen", "rejected")])
-            refs.append((item.ref_chosen_logp, item.ref_rejected_logp))
-        except BadRecordError as e:
-            if on_bad == "error":
-                raise
-            skipped.append((e.record_id, str(e)))
-    if not units:
-        raise ValueError(f"stage {desc}: no usable preference pairs ({len(skipped)} skipped)")
-    return units, refs, skipped
-
-
-class _StopFlag:
-    """Set by SIGTERM; the loop checks it between steps (a signal handler must not save)."""
-
-    def __init__(self):
-        self.set = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 # ---- the recipe -------------------------------------------------------------------------------
@@ -611,3 +553,67 @@ def _encode_skips(dist: D.DistContext, data_in: StageInput, data: StageData, max
     for part in dist.gather_objects(data_in.skipped):
         merged.update(part)
     return len(merged), next(iter(merged.values()))[1] if merged else None
+
+
+# ---- SIGTERM ----------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Set by SIGTERM; the loop checks it between steps (a signal handler must not save)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---- up-front encoding ------------------------------------------------------------------------
+# The loop encodes on demand (`StageInput`); these encode a whole file at once, so every bad record
+# surfaces together.
+
+def encode_all(processor: ChatProcessor, samples: list[Sample | BadRecordError], on_bad: str, desc: str
+               ) -> tuple[list[EncodedSample], list[tuple[str, str]]]:
+    """Encode every sample up front, so a bad record surfaces before any step is taken. Items that
+    are already `BadRecordError`s (records that could not be read) count as bad records."""
+    encoded, skipped = [], []
+    for sample in tqdm(samples, desc=f"encode {desc}", unit="sample", leave=False):
+        try:
+            if isinstance(sample, BadRecordError):
+                raise sample
+            encoded.append(encode_record(processor, sample))
+        except BadRecordError as e:
+            if on_bad == "error":
+                raise
+            skipped.append((e.record_id, str(e)))
+    if not encoded:
+        raise ValueError(f"stage {desc}: no usable records ({len(skipped)} skipped)")
+    return encoded, skipped
+
+
+def encode_pairs(processor: ChatProcessor, path: str, on_bad: str, desc: str):
+    """(chosen, rejected) encodings of every preference record, plus reference log-probs when the
+    data carries them; a record with a missing side stops the run here, before any step."""
+    units, refs, skipped = [], [], []
+    for item in tqdm(read_preference_file(path), desc=f"encode {desc}", unit="pair", leave=False):
+        try:
+            if isinstance(item, BadRecordError):
+                raise item
+            units.append([last_turn_only(encode_record(processor, item.sample(side))) for side in ("chosen", "rejected")])
+            refs.append((item.ref_chosen_logp, item.ref_rejected_logp))
+        except BadRecordError as e:
+            if on_bad == "error":
+                raise
+            skipped.append((e.record_id, str(e)))
+    if not units:
+        raise ValueError(f"stage {desc}: no usable preference pairs ({len(skipped)} skipped)")
+    return units, refs, skipped

@@ -5,7 +5,7 @@ clipping, checkpoints) is the same for all."""
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ class Objective:
         pass
 
     @classmethod
-    def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> "Objective":
+    def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> Objective:
         return cls(stage)
 
     def start(self, model, state: dict | None, in_order: InOrder) -> None:
@@ -96,7 +96,7 @@ class DPOObjective(Objective):
         self.records = records
 
     @classmethod
-    def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> "DPOObjective":
+    def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> DPOObjective:
         if stage.dpo.reference == "data":
             missing = sum(getattr(s, "missing_refs", 0) for s in mixture.sources)
             if missing:
@@ -190,7 +190,7 @@ class EmbedAlignObjective(Objective):
                              f"(fusion {config.model.fusion!r}, {dist.world_size} process(es))")
 
     @classmethod
-    def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> "EmbedAlignObjective":
+    def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> EmbedAlignObjective:
         return cls(model)
 
     def _skipped(self, ids: torch.Tensor) -> torch.Tensor:

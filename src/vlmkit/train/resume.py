@@ -127,6 +127,9 @@ def load_weights(model, directory: Path) -> None:
         return
     # A sharded model takes whole tensors through the distributed state-dict API.
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
 
     set_model_state_dict(model, load_file(str(directory / ckpt.WEIGHTS)), options=StateDictOptions(full_state_dict=True, strict=False))
