@@ -1,5 +1,5 @@
 """A tiny random Fuyu folder, saved with `save_pretrained` and an offline tokenizer (vlmkit's
-byte-level one with Fuyu's `|SPEAKER|`, `|NEWLINE|`, `<s>` and `<0x04>`), for tests/test_hf_fuyu.py."""
+byte-level one with Fuyu's `|SPEAKER|`, `|NEWLINE|`, `<s>` and `<0x04>`), for tests/hf/test_hf_fuyu.py."""
 
 from __future__ import annotations
 

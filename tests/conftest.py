@@ -1,4 +1,15 @@
+"""Tests are grouped by subject (processing/, model/, hf/, train/, eval/, serve/, cli/, hostile/);
+the builders they share (`_tiny.py`, `_hf_folders*.py`, `_serve_util.py`, the child scripts) and
+`data/` stay here, importable from every group."""
+
+import sys
+from pathlib import Path
+
 import torch
+
+TESTS = Path(__file__).resolve().parent
+# Some groups reuse another's builders (the scale tests' recipe and data, the HF parity helpers).
+sys.path[:0] = [str(TESTS)] + sorted(str(d) for d in TESTS.iterdir() if any(d.glob("test_*.py")))
 
 # Tests are timed on small machines; intra-op threads only add contention there.
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """The three images of the README's `vlmkit chat` examples, drawn as a user would draw their own:
 vlmkit's renderers with values picked by hand and a seed of this script's own (so they are not
-any image of the quickstart's data; `tests/test_quickstart_reading.py` checks that).
+any image of the quickstart's data; `tests/train/test_quickstart_reading.py` checks that).
 
     .venv/bin/python docs/examples/make_images.py
 """

@@ -1,6 +1,6 @@
 """mkdocs hook: the recipe reference page is vlmkit's own generated reference, rendered at build
 time, so the site cannot show a stale copy (docs/recipes.md is the same text, kept current by
-tests/test_recipe_reference.py for readers of the repository)."""
+tests/cli/test_recipe_reference.py for readers of the repository)."""
 
 from __future__ import annotations
 

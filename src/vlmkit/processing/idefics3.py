@@ -16,7 +16,7 @@ SmolVLM-Instruct, 64 for SmolVLM-256M/500M).
 
 transformers' `get_number_of_image_patches` (used by vLLM and the processor's token accounting)
 derives the short side from the *old* long side while the pixel path uses the new one; the
-ceilings make both agree on every size we swept (tests/test_processing_parity.py), and vlmkit
+ceilings make both agree on every size we swept (tests/processing/test_processing_parity.py), and vlmkit
 counts what the pixel path produces.
 
 Resampling is Lanczos, which torch has no kernel for, so this family always resizes with PIL.

@@ -1,0 +1,236 @@
+"""Pixtral (LLaVA with a Pixtral tower) and Mistral3 through `vlmkit import-hf` against
+transformers on tiny random folders saved with `save_pretrained`: the input ids and [IMG] counts
+transformers' PixtralProcessor builds (one and two images per prompt, several sizes), pixel values
+within docs/preprocessing.md's tolerance, logits within 1e-4 (fp32), the same greedy tokens;
+export back returns the same tensors and transformers' reload of the export matches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.data.formats import Message
+from vlmkit.generate import GenerationConfig, generate
+from vlmkit.hf.registry import export_hf, family_for, family_of, import_hf, verify_hf_export
+from vlmkit.processing import build_chat_processor
+from vlmkit.checkpoint import load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _hf_folders_pixtral import save_mistral3, save_pixtral  # noqa: E402
+
+torch.set_num_threads(1)
+PIXEL_TOLERANCE = 3 / 255  # docs/preprocessing.md (torch backend)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def noise(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    small = (torch.rand(max(1, h // 4), max(1, w // 4), 3, generator=g) * 255).byte().numpy()
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+@pytest.fixture(scope="module", params=["pixtral", "mistral3"])
+def family(tmp_path_factory, request):
+    root = tmp_path_factory.mktemp(request.param)
+    folder = (save_pixtral if request.param == "pixtral" else save_mistral3)(root / "hf")
+    ckpt = import_hf(folder, root / "vlmkit")
+    model, _ = load_checkpoint(ckpt)
+    return request.param, folder, ckpt, model
+
+
+def _expansion(height: int, width: int, unit: int) -> str:
+    """transformers' `PixtralProcessor.replace_image_token` (its module needs torchvision, so it
+    is restated): per row of `unit`-px blocks, one [IMG] per block and [IMG_BREAK]; the last
+    break becomes [IMG_END]."""
+    tokens = (["[IMG]"] * (width // unit) + ["[IMG_BREAK]"]) * (height // unit)
+    tokens[-1] = "[IMG_END]"
+    return "".join(tokens)
+
+
+def _reference(folder, images, text):
+    """What transformers' PixtralProcessor produces (it needs torchvision, so it is not built
+    here): the chat template over a content list, each [IMG] expanded from the PIL image
+    processor's resized sizes, at patch * merge as the processor calls it."""
+    import json
+
+    from transformers import AutoTokenizer
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    settings = json.loads((Path(folder) / "processor_config.json").read_text())
+    unit = settings["patch_size"] * settings["spatial_merge_size"]
+    out = PixtralImageProcessorPil.from_pretrained(folder, local_files_only=True)(images=images, patch_size=unit, return_tensors="pt")
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    rendered = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    parts = rendered.split("[IMG]")
+    assert len(parts) == len(images) + 1
+    expanded = parts[0] + "".join(_expansion(*out["image_sizes"][i].tolist(), unit) + rest for i, rest in enumerate(parts[1:]))
+    return tok(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"][0], out
+
+
+def _first_stop(tokens, eos):
+    stops = set(eos if isinstance(eos, list) else [eos])
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
+@pytest.mark.parametrize("sizes", [[(72, 40)], [(24, 90)], [(100, 100)], [(60, 30), (30, 90)]],
+                         ids=["wide", "tall", "downscaled", "two-images"])
+def test_import_ids_pixels_logits_and_greedy_match_transformers(family, sizes):
+    from transformers import AutoModelForImageTextToText
+
+    name, folder, _, model = family
+    images = [noise(w, h, seed=i + 3) for i, (w, h) in enumerate(sizes)]
+    ref_ids, ref_px = _reference(folder, images, "Describe the picture.")
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>" * len(images) + "Describe the picture.")], images)
+    assert prompt.input_ids.tolist() == ref_ids.tolist()
+    assert sum(model.count_image_tokens(im) for im in prompt.images) == int((ref_ids == model.image_token_id).sum())
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    for im, theirs, (h, w) in zip(prompt.images, ref_px["pixel_values"], ref_px["image_sizes"].tolist()):
+        ours = im.pixel_values[0]
+        assert ours.shape[-2:] == (h, w)
+        assert ((ours - theirs[:, :h, :w]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+
+    ref = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    assert type(ref).__name__ == {"pixtral": "LlavaForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration"}[name]
+    ids = prompt.input_ids[None]
+    pixels = torch.zeros_like(ref_px["pixel_values"])  # ours, padded as transformers pads
+    for i, im in enumerate(prompt.images):
+        pixels[i, :, : im.pixel_values.shape[-2], : im.pixel_values.shape[-1]] = im.pixel_values[0]
+    inputs = {"input_ids": ids, "pixel_values": pixels, "image_sizes": ref_px["image_sizes"]}
+    with torch.no_grad():
+        ours = model(ids, images=prompt.images).logits
+        theirs = ref(**inputs).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert _first_stop(out, ref.generation_config.eos_token_id) == expected
+
+
+def test_import_reads_the_folder_settings(family):
+    name, _, ckpt, model = family
+    p = model.config.processor
+    assert p.name == "pixtral" and p.options["patch_size"] == 4 and p.options["longest_edge"] == 64
+    assert p.options["spatial_merge"] == (2 if name == "mistral3" else 1)
+    assert tuple(p.mean) == pytest.approx((0.5, 0.4, 0.3)) and tuple(p.std) == pytest.approx((0.25, 0.3, 0.35))
+    assert model.config.connector.name == ("patch-merger" if name == "mistral3" else "mlp")
+    assert model.config.image_token == "[IMG]"
+    assert model.pretrained_parts == {"llm"} and (ckpt / "llm" / "model.safetensors").is_file()
+    assert family_of(model) == ("mistral3" if name == "mistral3" else "llava")
+
+
+def test_export_then_import_returns_the_same_tensors(family, tmp_path):
+    _, _, _, model = family
+    exported = export_hf(model, tmp_path / "hf")
+    assert (exported / "preprocessor_config.json").is_file() and (exported / "chat_template.jinja").is_file()
+    assert verify_hf_export(model, exported) < 1e-4
+    again, _ = load_checkpoint(import_hf(exported, tmp_path / "again"))
+    sa, sb = model.state_dict(), again.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert again.config.processor == model.config.processor
+    assert again.config.connector == model.config.connector
+
+
+def test_a_tied_head_and_projector_biases_import_with_equal_logits(tmp_path):
+    """Mistral3Config ties the head to the embeddings by default (the file then holds no
+    lm_head.weight); a projector with biases maps too."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    folder = save_mistral3(tmp_path / "hf", seed=2, tied=True, bias=True)
+    model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
+    assert model.llm.config.tie_word_embeddings and model.config.connector.options["bias"]
+    image = noise(50, 30, seed=4)
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [image])
+    ref = Mistral3ForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    pixels = prompt.images[0].pixel_values
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        theirs = ref(input_ids=prompt.input_ids[None], pixel_values=pixels, image_sizes=torch.tensor([list(pixels.shape[-2:])])).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    exported = export_hf(model, tmp_path / "export")
+    assert verify_hf_export(model, exported) < 1e-4
+
+
+def test_a_llava_folder_without_a_pixtral_tower_stays_with_llava_1_5():
+    assert family_for("llava", {"vision_config": {"model_type": "clip_vision_model"}}).description.startswith("LLaVA-1.5")
+    assert family_for("llava", {"vision_config": {"model_type": "pixtral"}}).description.startswith("Pixtral")
+
+
+def test_a_pixtral_folder_that_drops_the_first_patch_is_refused(tmp_path):
+    import json
+
+    from vlmkit.hf.folder import ExportError
+
+    folder = save_pixtral(tmp_path / "hf", seed=1)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "default"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="vision_feature_select_strategy"):
+        import_hf(folder, tmp_path / "out")
+
+
+def test_patch_merger_connector_matches_mistral3s_projector():
+    from transformers import Mistral3Config
+    from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+
+    from vlmkit.model.connectors import build_connector
+
+    torch.manual_seed(0)
+    cfg = Mistral3Config(vision_config={"model_type": "pixtral", "hidden_size": 16, "patch_size": 4, "num_attention_heads": 2},
+                         text_config={"model_type": "mistral", "hidden_size": 24, "rms_norm_eps": 1e-5}, spatial_merge_size=2,
+                         multimodal_projector_bias=True)
+    theirs = Mistral3MultiModalProjector(cfg).eval()
+    with torch.no_grad():
+        theirs.norm.weight.uniform_(0.5, 1.5)
+    ours = build_connector("patch-merger", 16, 24, {"merge": 2, "norm_eps": 1e-5})
+    names = {"norm.weight": "norm.weight", "merging_layer.weight": "patch_merger.merging_layer.weight", "fc1.weight": "linear_1.weight",
+             "fc1.bias": "linear_1.bias", "fc2.weight": "linear_2.weight", "fc2.bias": "linear_2.bias"}
+    ours.load_state_dict({k: theirs.state_dict()[v] for k, v in names.items()})
+    feats = torch.randn(2, 6 * 4, 16)  # two images of a 6x4 patch grid (24x16 px)
+    with torch.no_grad():
+        got = ours(feats, (6, 4))
+        want = theirs(feats.reshape(-1, 16), torch.tensor([[24, 16], [24, 16]]))
+    assert got.shape == (2, 6, 24) and ours.num_tokens((6, 4)) == 6 and ours.output_grid((6, 4)) == (3, 2)
+    torch.testing.assert_close(got.reshape(-1, 24), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="merges 2x2"):
+        ours.check_grid((5, 4))
+
+
+def test_pixtral_processor_resizes_to_whole_merge_blocks():
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from vlmkit.processing.pixtral import PixtralProcessor
+
+    ours = PixtralProcessor(longest_edge=64, patch_size=4, spatial_merge=2, backend="pil")
+    ref = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
+    for w, h in [(37, 11), (100, 30), (9, 9), (64, 64)]:
+        image = noise(w, h, seed=w)
+        layout = ours.layout(w, h)
+        want = ref(images=[image], return_tensors="pt")["image_sizes"][0].tolist()
+        assert layout.parts["resized"] == want[::-1]
+        assert layout.visual_tokens == (want[0] // 8) * (want[1] // 8)
+
+
+def test_imported_mistral3_chats_through_the_cli(tmp_path):
+    save_mistral3(tmp_path / "hf", seed=5)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+        return out
+
+    run("import-hf", "hf", "ckpt")
+    Image.new("RGB", (37, 111), (200, 40, 40)).save(tmp_path / "odd.png")
+    answer = run("chat", "--checkpoint", "ckpt", "--image", "odd.png", "What colour is the image?", "--max-new-tokens", "4")
+    assert answer.stdout.endswith("\n") and "Traceback" not in answer.stderr
