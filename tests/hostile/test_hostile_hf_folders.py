@@ -256,8 +256,8 @@ def _weight_index(folder: Path, value) -> None:
 
 MALFORMED = {
     "config-list": (lambda f: (f / "config.json").write_text("[1, 2]"), r"config\.json must hold a JSON object, not a list"),
-    "config-not-utf8": (lambda f: (f / "config.json").write_bytes(b'{"model_type": "\xff\xfe"}'), r"config\.json is not UTF-8"),
-    "config-deep": (lambda f: _deep(f / "config.json"), r"config\.json nests too deeply"),
+    "config-not-utf8": (lambda f: (f / "config.json").write_bytes(b'{"model_type": "\xff\xfe"}'), r"config\.json: not UTF-8"),
+    "config-deep": (lambda f: _deep(f / "config.json"), r"config\.json: JSON nested too deeply"),
     "config-field-type": (lambda f: _edit_json(f / "config.json", lambda c: c.update(vision_config=[1])),
                           r"config\.json: transformers cannot build the config"),
     "index-list": (lambda f: _weight_index(f, ["model.safetensors"]), r"model\.safetensors\.index\.json must hold a JSON object"),
@@ -265,7 +265,7 @@ MALFORMED = {
                         r"model\.safetensors\.index\.json: weight_map must be an object"),
     "weight-map-value": (lambda f: _weight_index(f, {"weight_map": {"lm_head.weight": 7}}),
                          r"model\.safetensors\.index\.json: weight_map must be an object"),
-    "tokenizer-truncated": (lambda f: _truncate(f / "tokenizer.json"), r"tokenizer\.json is not valid JSON"),
+    "tokenizer-truncated": (lambda f: _truncate(f / "tokenizer.json"), r"tokenizer\.json: not valid JSON"),
     "tokenizer-config-list": (lambda f: (f / "tokenizer_config.json").write_text("[]"), r"tokenizer_config\.json must hold a JSON object"),
     "preprocessor-list": (lambda f: (f / "preprocessor_config.json").write_text("[]"), r"preprocessor_config\.json must hold a JSON object"),
     "processor-list": (lambda f: (f / "processor_config.json").write_text('["x"]'), r"processor_config\.json must hold a JSON object"),

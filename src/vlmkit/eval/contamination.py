@@ -9,12 +9,12 @@ questions that appear verbatim are still caught.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from vlmkit.core.json_text import parse_json_bytes
 from vlmkit.eval.benchmarks.base import BenchItem, EvalInputError
 
 _PLACEHOLDER = re.compile(r"<image(?:[ _]?\d+)?>", re.IGNORECASE)
@@ -37,17 +37,12 @@ def llava_texts(path: str | Path) -> Iterator[str]:
     """Every conversation turn of a LLaVA-format JSON (list of {"id","image","conversations"})."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise EvalInputError(f"{path}: training file not found") from None
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except RecursionError:
-        raise EvalInputError(f"{path}: JSON nested too deeply to read") from None
     except OSError as e:
         raise EvalInputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    data = parse_json_bytes(raw, str(path), EvalInputError)
     if not isinstance(data, list):
         raise EvalInputError(f"{path}: expected a JSON list of LLaVA samples")
     for i, sample in enumerate(data):

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vlmkit.core.json_text import parse_json_bytes
+
 
 class ExportError(ValueError):
     """A model that cannot be expressed as the other side's architecture; says why."""
@@ -35,14 +37,7 @@ def read_json(path: Path, required: bool = False) -> dict:
         if required:
             raise ExportError(f"{path} is missing")
         return {}
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ExportError(f"{path} is not UTF-8 text (byte {e.start}): not a JSON file") from None
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ExportError(f"{path} nests too deeply to be a model's JSON file") from None
+    value = parse_json_bytes(path.read_bytes(), str(path), ExportError)
     if not isinstance(value, dict):
         raise ExportError(f"{path} must hold a JSON object, not a {type(value).__name__}")
     if path.name in _PROCESSOR_FILES:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Union
 
 from PIL import Image
 
+from vlmkit.core.json_text import parse_json_bytes
 from vlmkit.processing.images import ImageLoadError, load_image
 
 ImageRef = Union[Path, bytes]
@@ -84,33 +84,10 @@ class Benchmark:
 # ---------------------------------------------------------------------------------------------
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # `json` keeps the last of two equal keys; in a file keyed by id that silently drops an item.
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return obj
-
-
 def parse_json(path: Path, raw: bytes) -> Any:
-    """The JSON document in `raw` (read from `path`); every failure names the file."""
-    if b"\x00" in raw[:4096]:
-        raise EvalInputError(f"{path}: a binary file, not JSON text")
-    try:
-        return json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except RecursionError:
-        raise EvalInputError(f"{path}: JSON nested too deeply to read") from None
-    except _DuplicateKey as e:
-        raise EvalInputError(f"{path}: key {e.args[0]!r} appears twice in one object") from None
+    """The JSON document in `raw` (read from `path`); every failure names the file, and a key given
+    twice in one object is refused (in a file keyed by id it would drop an item)."""
+    return parse_json_bytes(raw, str(path), EvalInputError, unique_keys=True)
 
 
 def read_json(path: Path) -> Any:
