@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmkit.core.image_formats import image_formats
+from vlmkit.core.precision import resolve_precision
 
 
 # AdamW steps each weight by about the learning rate; past 1 (or with weight decay past 1, where
@@ -341,8 +342,11 @@ class TrainConfig(Strict):
 
     stages: dict[str, StageConfig] = Field(default_factory=dict)
     """The stages by name, run in the order they are written."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16`: autocast the forward pass to bfloat16 (weights and optimizer stay fp32)."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """`bf16`: autocast the forward pass to bfloat16 (weights and optimizer stay fp32). `auto`:
+    bf16 where `device` computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX),
+    fp32 elsewhere, where bf16 is emulated and 30-56x slower; the recipe is saved with the
+    precision it resolved to."""
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     """Seed of the model's random parts and of the data order."""
     device: str = "cpu"
@@ -391,6 +395,14 @@ class TrainConfig(Strict):
     peak_tflops: float | None = Field(default=None, gt=0)
     """Dense peak of the accelerator in TFLOP/s, for MFU; null: looked up for known GPUs (MFU is
     left out where unknown, e.g. CPUs)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_precision(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("precision") == "auto":
+            device = data.get("device", "cpu")
+            data = {**data, "precision": resolve_precision("auto", device if isinstance(device, str) else "cpu")}
+        return data
 
     @model_validator(mode="after")
     def _eval_stages_exist(self) -> "TrainConfig":
