@@ -216,7 +216,8 @@ def _connector_state(folder: Path, parts: dict, conn, q_cfg, text_ffn: bool, ins
 
 
 def _import_blip(folder: Path, out: Path) -> Path:
-    from transformers import AutoTokenizer  # heavy dependency: loaded only when a folder is imported
+    # transformers is heavy: loaded only when a folder is imported
+    from transformers import AutoTokenizer
 
     folder, out = Path(folder), Path(out).resolve()
     instruct = read_hf_config(folder)["model_type"] == "instructblip"

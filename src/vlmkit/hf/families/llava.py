@@ -266,7 +266,8 @@ def _llava_processor_settings(folder: Path) -> _FolderProcessor:
 
 def _load_llava(folder: Path):
     """The folder's LlavaForConditionalGeneration in float32, from checked safetensors only."""
-    from transformers import LlavaForConditionalGeneration  # heavy dependency: loaded only on import
+    # transformers is heavy: loaded only when a folder is imported
+    from transformers import LlavaForConditionalGeneration
 
     # The safetensors files are checked from their headers first (inside the folder, float
     # weights, as large as the config says) and a bad one is named; transformers then loads them,
