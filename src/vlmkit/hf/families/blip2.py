@@ -115,13 +115,9 @@ def _expand(names: dict[str, str], state_keys) -> dict[str, str]:
     return out
 
 
-def _import_blip(folder: Path, out: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    folder, out = Path(folder), Path(out).resolve()
-    model_type = read_hf_config(folder)["model_type"]
-    instruct = model_type == "instructblip"
-    cfg = auto_config(folder)
+def _check_blip_config(folder: Path, cfg) -> None:
+    """Refuse what vlmkit's Q-Former and LLM cannot hold: an encoder-decoder LLM, a non-GELU
+    Q-Former, a Q-Former that reads features of another width than the tower's."""
     vision_cfg, q_cfg, text_cfg = cfg.vision_config, cfg.qformer_config, cfg.text_config
     if not cfg.use_decoder_only_language_model:
         raise ExportError(f"{folder / 'config.json'}: the language model is {text_cfg.model_type!r}, an encoder-decoder; "
@@ -131,8 +127,11 @@ def _import_blip(folder: Path, out: Path) -> Path:
     if q_cfg.encoder_hidden_size != vision_cfg.hidden_size:
         raise ExportError(f"{folder / 'config.json'}: the Q-Former reads {q_cfg.encoder_hidden_size}-wide features but the "
                           f"vision tower makes {vision_cfg.hidden_size}")
-    text_ffn = instruct or bool(getattr(q_cfg, "use_qformer_text_input", False))
 
+
+def _blip_parts(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The folder's weights split into vision / qformer / queries / projection / llm / head,
+    from either of transformers' layouts."""
     state = read_weights(folder)
     parts = split_state(state, {"vision_model.": "vision", "model.vision_model.": "vision", "qformer.": "qformer",
                                 "model.qformer.": "qformer", "query_tokens": "queries", "model.query_tokens": "queries",
@@ -141,9 +140,12 @@ def _import_blip(folder: Path, out: Path) -> Path:
                                 "language_model.lm_head.": "head", "lm_head.": "head"})
     if "" not in parts["queries"]:
         raise ExportError(f"{folder}: query_tokens is missing")
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    return parts
 
-    settings = image_processor_settings(folder)
+
+def _check_blip_processor(folder: Path, cfg, settings: dict) -> None:
+    """The processor must resize to the tower's square and make as many queries as the model."""
+    vision_cfg = cfg.vision_config
     size = settings.get("size") or {}
     height, width = size.get("height", vision_cfg.image_size), size.get("width", vision_cfg.image_size)
     if height != width or height != vision_cfg.image_size:
@@ -154,17 +156,80 @@ def _import_blip(folder: Path, out: Path) -> Path:
     if num_queries != cfg.num_query_tokens:
         raise ExportError(f"{folder / 'processor_config.json'}: num_query_tokens {num_queries} differs from config.json's "
                           f"{cfg.num_query_tokens}")
+
+
+def _blip_tokenizer(folder: Path, cfg):
+    """(image token, its id, the folder's tokenizer with the chat template vlmkit will use)."""
     image_token_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
-    probe = load_tokenizer(folder)
-    image_token = probe.convert_ids_to_tokens(image_token_id) if image_token_id is not None else None
+    tokenizer = load_tokenizer(folder)
+    image_token = tokenizer.convert_ids_to_tokens(image_token_id) if image_token_id is not None else None
     if not image_token:
         raise ExportError(f"{folder}: config.json's image_token_id {image_token_id} is not a token of the tokenizer")
-    template = chat_template(folder, probe)
-    tokenizer = probe
+    template = chat_template(folder, tokenizer)
     ours = blip_template(image_token)
     # An exported model's folder carries vlmkit's own template back: it is used as it is.
     tokenizer.chat_template = ours if not template or template == ours else usable_template(template, tokenizer, image_token,
                                                                                                          template_source(folder))
+    return image_token, image_token_id, tokenizer
+
+
+def _blip_recipe(cfg, settings: dict, staged_llm: Path, image_token: str, text_ffn: bool, instruct: bool) -> dict:
+    """The vlmkit recipe of the imported model: the hf-blip tower, the qformer connector, the
+    staged LLM and the fixed (squash) processor with the folder's settings."""
+    vision_cfg, q_cfg = cfg.vision_config, cfg.qformer_config
+    options = {"num_queries": cfg.num_query_tokens, "hidden_size": q_cfg.hidden_size, "layers": q_cfg.num_hidden_layers,
+               "heads": q_cfg.num_attention_heads, "intermediate_size": q_cfg.intermediate_size,
+               "cross_attention_frequency": q_cfg.cross_attention_frequency, "layer_norm_eps": q_cfg.layer_norm_eps,
+               "text_ffn": text_ffn}
+    if instruct:
+        options |= {"text_vocab": q_cfg.vocab_size, "max_text_positions": q_cfg.max_position_embeddings,
+                    "text_input": True, "text_tokenizer": QFORMER_TOKENIZER}
+    return {"model": {
+        "vision": {"name": "hf-blip", "model_type": vision_cfg.model_type, "config": hf_config_dict(vision_cfg)},
+        "connector": {"name": "qformer", "options": options},
+        "llm": {"name": "hf", "path": str(staged_llm)},
+        "processor": {"name": "fixed", "image_size": vision_cfg.image_size,
+                      "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+                      "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+                      "resample": resample_name(settings), "options": {"fit": "squash", "sentinels": "never"}},
+        "image_token": image_token,
+    }}
+
+
+def _connector_state(folder: Path, parts: dict, conn, q_cfg, text_ffn: bool, instruct: bool) -> dict[str, torch.Tensor]:
+    """The Q-Former, query tokens and language projection as the qformer connector's state; every
+    tensor the connector has must be in the folder, and every Q-Former tensor must have a place."""
+    names = _expand(qformer_names(q_cfg.num_hidden_layers, q_cfg.cross_attention_frequency, text_ffn, instruct),
+                    conn.state_dict())
+    q = parts["qformer"]
+    absent = sorted(theirs for theirs in names.values() if theirs not in q)
+    if absent:
+        raise ExportError(f"{folder}: Q-Former tensors are missing: {['qformer.' + k for k in absent[:5]]}")
+    unused = sorted(set(q) - set(names.values()) - {"embeddings.position_ids"})
+    if unused:
+        raise ExportError(f"{folder}: Q-Former tensors the config has no place for: {['qformer.' + k for k in unused[:5]]}")
+    p = parts["projection"]
+    if "weight" not in p or "bias" not in p:
+        raise ExportError(f"{folder}: language_projection.weight / bias are missing")
+    state = {ours: q[theirs] for ours, theirs in names.items()}
+    return state | {"query_tokens": parts["queries"][""], "proj.weight": p["weight"], "proj.bias": p["bias"]}
+
+
+def _import_blip(folder: Path, out: Path) -> Path:
+    # transformers is heavy: loaded only when a folder is imported
+    from transformers import AutoTokenizer
+
+    folder, out = Path(folder), Path(out).resolve()
+    instruct = read_hf_config(folder)["model_type"] == "instructblip"
+    cfg = auto_config(folder)
+    _check_blip_config(folder, cfg)
+    q_cfg, text_cfg = cfg.qformer_config, cfg.text_config
+    text_ffn = instruct or bool(getattr(q_cfg, "use_qformer_text_input", False))
+    parts = _blip_parts(folder)
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    settings = image_processor_settings(folder)
+    _check_blip_processor(folder, cfg, settings)
+    image_token, image_token_id, tokenizer = _blip_tokenizer(folder, cfg)
     if instruct and not (folder / QFORMER_TOKENIZER).is_dir():
         raise ExportError(f"{folder} has no {QFORMER_TOKENIZER}/ folder: InstructBLIP's Q-Former reads the instruction "
                           "with its own tokenizer")
@@ -174,42 +239,11 @@ def _import_blip(folder: Path, out: Path) -> Path:
         staged_llm = stage_llm(tmp, causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
         if instruct:
             AutoTokenizer.from_pretrained(folder / QFORMER_TOKENIZER, local_files_only=True).save_pretrained(staged_llm / QFORMER_TOKENIZER)
-        vision = hf_config_dict(vision_cfg)
-        options = {"num_queries": cfg.num_query_tokens, "hidden_size": q_cfg.hidden_size, "layers": q_cfg.num_hidden_layers,
-                   "heads": q_cfg.num_attention_heads, "intermediate_size": q_cfg.intermediate_size,
-                   "cross_attention_frequency": q_cfg.cross_attention_frequency, "layer_norm_eps": q_cfg.layer_norm_eps,
-                   "text_ffn": text_ffn}
-        if instruct:
-            options |= {"text_vocab": q_cfg.vocab_size, "max_text_positions": q_cfg.max_position_embeddings,
-                        "text_input": True, "text_tokenizer": QFORMER_TOKENIZER}
-        config = load_config({"model": {
-            "vision": {"name": "hf-blip", "model_type": vision_cfg.model_type, "config": vision},
-            "connector": {"name": "qformer", "options": options},
-            "llm": {"name": "hf", "path": str(staged_llm)},
-            "processor": {"name": "fixed", "image_size": vision_cfg.image_size,
-                          "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-                          "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-                          "resample": resample_name(settings), "options": {"fit": "squash", "sentinels": "never"}},
-            "image_token": image_token,
-        }})
+        config = load_config(_blip_recipe(cfg, settings, staged_llm, image_token, text_ffn, instruct))
         model = build_imported(config, image_token, image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_model.")
-        conn = model.connector
-        names = _expand(qformer_names(q_cfg.num_hidden_layers, q_cfg.cross_attention_frequency, text_ffn, instruct),
-                        conn.state_dict())
-        q = parts["qformer"]
-        absent = sorted(theirs for theirs in names.values() if theirs not in q)
-        if absent:
-            raise ExportError(f"{folder}: Q-Former tensors are missing: {['qformer.' + k for k in absent[:5]]}")
-        unused = sorted(set(q) - set(names.values()) - {"embeddings.position_ids"})
-        if unused:
-            raise ExportError(f"{folder}: Q-Former tensors the config has no place for: {['qformer.' + k for k in unused[:5]]}")
-        p = parts["projection"]
-        if "weight" not in p or "bias" not in p:
-            raise ExportError(f"{folder}: language_projection.weight / bias are missing")
-        connector_state = {ours: q[theirs] for ours, theirs in names.items()}
-        connector_state |= {"query_tokens": parts["queries"][""], "proj.weight": p["weight"], "proj.bias": p["bias"]}
-        load_part(conn, connector_state, "Q-Former", "qformer(mapped) ")
+        load_part(model.connector, _connector_state(folder, parts, model.connector, q_cfg, text_ffn, instruct),
+                  "Q-Former", "qformer(mapped) ")
         return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -222,21 +223,11 @@ def verify_export(model, folder: str | Path, seed: int = 0) -> float:
     return float((ours - theirs).abs().max())
 
 
-def import_llava(folder: str | Path, out: str | Path) -> Path:
-    """A LLaVA(-1.5)-style transformers folder -> a vlmkit checkpoint.
-
-    The language model is written as a plain transformers folder inside the checkpoint (`llm/`,
-    referenced by absolute path, so its tokenizer, and with it the image token id, come from
-    there); the vision tower and projector are checkpoint weights.
-    """
-    from transformers import LlavaForConditionalGeneration
-
-    offline()
-    folder, out = Path(folder), Path(out).resolve()
-    cfg = auto_config(folder)
+def _check_llava_config(folder: Path, cfg) -> int:
+    """Refuse what vlmkit cannot reproduce; the vision feature layer in vlmkit's numbering."""
     if cfg.model_type != "llava":
         raise ExportError(f"{folder} holds a {cfg.model_type!r} model; import supports LLaVA (LlavaForConditionalGeneration)")
-    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    vision_cfg = cfg.vision_config
     if vision_cfg.model_type not in ("siglip_vision_model", "clip_vision_model"):
         raise ExportError(f"vision tower {vision_cfg.model_type!r}: import supports SigLIP and CLIP towers")
     if not isinstance(cfg.vision_feature_layer, int):
@@ -252,13 +243,31 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
         # LLaVA reads hidden_states[-1], the last layer's output before any final norm; vlmkit's
         # -1 means the tower's final output. A positive index picks the same tensor as LLaVA.
         feature_layer = vision_cfg.num_hidden_layers
+    return feature_layer
+
+
+class _FolderProcessor(NamedTuple):
+    settings: dict  # the image processor's
+    fit: str
+    resample: str
+    image_token: str
+
+
+def _llava_processor_settings(folder: Path) -> _FolderProcessor:
+    """The image processor settings and the image token from the folder's processor files."""
     processor_cfg = read_json(folder / "processor_config.json")
     # transformers 5 nests the image processor inside processor_config.json; older folders keep
     # it in preprocessor_config.json.
     image_processor = processor_cfg.get("image_processor") or read_json(folder / "preprocessor_config.json")
     fit = "pad" if image_processor.get("do_pad") else ("crop" if image_processor.get("do_center_crop") else "squash")
     resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(image_processor.get("resample", 3), "bicubic")
-    image_token = processor_cfg.get("image_token", "<image>")
+    return _FolderProcessor(image_processor, fit, resample, processor_cfg.get("image_token", "<image>"))
+
+
+def _load_llava(folder: Path):
+    """The folder's LlavaForConditionalGeneration in float32, from checked safetensors only."""
+    # transformers is heavy: loaded only when a folder is imported
+    from transformers import LlavaForConditionalGeneration
 
     # The safetensors files are checked from their headers first (inside the folder, float
     # weights, as large as the config says) and a bad one is named; transformers then loads them,
@@ -270,6 +279,51 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     except Exception as e:  # a corrupt file, or a shape or key mismatch transformers finds
         raise ExportError(f"{folder}: the LLaVA weights do not load ({type(e).__name__}: {e})") from None
     warn_non_finite(folder, llava.state_dict())
+    return llava
+
+
+def _llava_recipe(llava, vision_cfg, feature_layer: int, processor: _FolderProcessor, staged_llm: Path) -> dict:
+    """The vlmkit recipe of the imported model: the HF tower, the MLP connector, the staged LLM
+    and the fixed processor with the folder's settings."""
+    image_processor = processor.settings
+    # The vision tower config goes in whole; it is rebuilt from it, weights from the checkpoint.
+    vision_dict = hf_config_dict(vision_cfg)
+    return {"model": {
+        "vision": {"name": "hf-random", "model_type": vision_cfg.model_type, "config": vision_dict, "feature_layer": feature_layer},
+        "connector": {"name": "mlp", "options": {"hidden_size": llava.model.multi_modal_projector.linear_1.out_features}},
+        "llm": {"name": "hf", "path": str(staged_llm)},
+        "processor": {"name": "fixed", "image_size": vision_cfg.image_size, "mean": image_processor.get("image_mean", [0.5] * 3),
+                      "std": image_processor.get("image_std", [0.5] * 3), "resample": processor.resample,
+                      "options": {"fit": processor.fit}},
+        "image_token": processor.image_token,
+    }}
+
+
+def _load_vision_and_projector(model, llava) -> None:
+    load_exact(model.vision.model, llava.model.vision_tower.state_dict(), "vision tower")
+    p = llava.model.multi_modal_projector
+    zeros = lambda n: torch.zeros(n)  # noqa: E731  (bias-free projectors are bias = 0)
+    load_exact(model.connector, {
+        "fc1.weight": p.linear_1.weight, "fc1.bias": p.linear_1.bias if p.linear_1.bias is not None else zeros(p.linear_1.out_features),
+        "fc2.weight": p.linear_2.weight, "fc2.bias": p.linear_2.bias if p.linear_2.bias is not None else zeros(p.linear_2.out_features),
+    }, "projector")
+
+
+def import_llava(folder: str | Path, out: str | Path) -> Path:
+    """A LLaVA(-1.5)-style transformers folder -> a vlmkit checkpoint.
+
+    The language model is written as a plain transformers folder inside the checkpoint (`llm/`,
+    referenced by absolute path, so its tokenizer, and with it the image token id, come from
+    there); the vision tower and projector are checkpoint weights.
+    """
+    offline()
+    folder, out = Path(folder), Path(out).resolve()
+    cfg = auto_config(folder)
+    feature_layer = _check_llava_config(folder, cfg)
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    processor = _llava_processor_settings(folder)
+    image_token = processor.image_token
+    llava = _load_llava(folder)
     tokenizer = load_tokenizer(folder)
     check_in_vocab(tokenizer, image_token, f"{folder} (processor_config.json image_token)")
     template = usable_template(chat_template(folder, tokenizer), tokenizer, image_token, template_source(folder))
@@ -278,34 +332,18 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
 
     tmp = staging_folder(out)
     try:
-        llm_dir = out / "llm"
         staged_llm = tmp / "llm"
         causal = _causal_lm(llava, text_cfg)
         causal.save_pretrained(staged_llm, safe_serialization=True)
         tokenizer.save_pretrained(staged_llm)
-        # The vision tower config goes in whole; it is rebuilt from it, weights from the checkpoint.
-        vision_dict = hf_config_dict(vision_cfg)
-        config = load_config({"model": {
-            "vision": {"name": "hf-random", "model_type": vision_cfg.model_type, "config": vision_dict, "feature_layer": feature_layer},
-            "connector": {"name": "mlp", "options": {"hidden_size": llava.model.multi_modal_projector.linear_1.out_features}},
-            "llm": {"name": "hf", "path": str(staged_llm)},
-            "processor": {"name": "fixed", "image_size": vision_cfg.image_size, "mean": image_processor.get("image_mean", [0.5] * 3),
-                          "std": image_processor.get("image_std", [0.5] * 3), "resample": resample, "options": {"fit": fit}},
-            "image_token": image_token,
-        }})
+        config = load_config(_llava_recipe(llava, vision_cfg, feature_layer, processor, staged_llm))
         model = VisionLanguageModel.build(config.model)
         # The LM weights live in llm/; only the vision tower and projector go in the weights file.
         model.set_trainable(["vision", "connector"])
         if model.image_token_id != cfg.image_token_index:
             raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, the config says {cfg.image_token_index}")
-        load_exact(model.vision.model, llava.model.vision_tower.state_dict(), "vision tower")
-        p = llava.model.multi_modal_projector
-        zeros = lambda n: torch.zeros(n)  # noqa: E731  (bias-free projectors are bias = 0)
-        load_exact(model.connector, {
-            "fc1.weight": p.linear_1.weight, "fc1.bias": p.linear_1.bias if p.linear_1.bias is not None else zeros(p.linear_1.out_features),
-            "fc2.weight": p.linear_2.weight, "fc2.bias": p.linear_2.bias if p.linear_2.bias is not None else zeros(p.linear_2.out_features),
-        }, "projector")
-        config.model.llm.path = str(llm_dir)
+        _load_vision_and_projector(model, llava)
+        config.model.llm.path = str(out / "llm")
         config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
         ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
         shutil.move(str(staged_llm), ckpt / "llm")

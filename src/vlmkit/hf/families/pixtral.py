@@ -55,11 +55,10 @@ def _is_pixtral_llava(cfg: dict) -> bool:
     return (cfg.get("vision_config") or {}).get("model_type") == "pixtral"
 
 
-def _import(folder: Path, out: Path, mistral3: bool) -> Path:
-    folder, out = Path(folder), Path(out).resolve()
-    read_hf_config(folder)
-    cfg = auto_config(folder)
-    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+def _check_config(folder: Path, cfg, mistral3: bool) -> None:
+    """Refuse what vlmkit cannot reproduce: another tower, several feature layers, a dropped first
+    patch, a projector that is not exact GELU."""
+    vision_cfg = cfg.vision_config
     if vision_cfg.model_type != "pixtral":
         raise ExportError(f"{folder}/config.json: vision tower {vision_cfg.model_type!r}; this family needs a Pixtral tower")
     if not isinstance(cfg.vision_feature_layer, int):
@@ -70,18 +69,14 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
                           "the first patch of a Pixtral tower (it has no CLS token); vlmkit keeps every patch ('full')")
     if cfg.projector_hidden_act != "gelu":
         raise ExportError(f"{folder}/config.json: projector activation {cfg.projector_hidden_act!r}; vlmkit's projector uses exact GELU")
-    merge = int(cfg.spatial_merge_size) if mistral3 else 1
 
-    state = read_weights(folder)
-    parts = split_state(state, {"vision_tower.": "vision", "model.vision_tower.": "vision",
-                                "multi_modal_projector.": "projector", "model.multi_modal_projector.": "projector",
-                                "language_model.model.": "llm", "model.language_model.": "llm",
-                                "language_model.lm_head.": "head", "lm_head.": "head"})
-    p = parts["projector"]
+
+def _connector_state(folder: Path, projector: dict[str, torch.Tensor], mistral3: bool, bias: bool) -> dict[str, torch.Tensor]:
+    """The folder's multi_modal_projector as the mlp / patch-merger connector's state."""
+    p = projector
     names = {"fc1.weight": "linear_1.weight", "fc2.weight": "linear_2.weight"}
     if mistral3:
         names |= {"norm.weight": "norm.weight", "merging_layer.weight": "patch_merger.merging_layer.weight"}
-    bias = bool(getattr(cfg, "multimodal_projector_bias", True))
     if bias:
         names |= {"fc1.bias": "linear_1.bias", "fc2.bias": "linear_2.bias"}
     absent = [v for v in names.values() if v not in p]
@@ -90,9 +85,12 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
     connector_state = {ours: p[theirs] for ours, theirs in names.items()}
     if not mistral3 and not bias:  # a bias-free LLaVA projector is bias = 0
         connector_state |= {"fc1.bias": torch.zeros(p["linear_1.weight"].shape[0]), "fc2.bias": torch.zeros(p["linear_2.weight"].shape[0])}
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    return connector_state
 
-    settings = image_processor_settings(folder)
+
+def _processor_geometry(folder: Path, settings: dict, vision_cfg, merge: int) -> tuple[int, int, str]:
+    """(patch size, longest edge, image token) from the processor files, checked against the
+    model's config and against the break tokens vlmkit's pixtral processor writes."""
     processor_cfg = read_json(folder / "processor_config.json")
     for key, default in _BREAKS.items():
         if processor_cfg.get(key, default) != default:
@@ -106,32 +104,63 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
     if proc_merge != merge:
         raise ExportError(f"{folder}/processor_config.json: spatial_merge_size {proc_merge}, but config.json merges {merge}x{merge}")
     longest = int((settings.get("size") or {}).get("longest_edge") or vision_cfg.image_size)
-    image_token = processor_cfg.get("image_token", "[IMG]")
+    return patch, longest, processor_cfg.get("image_token", "[IMG]")
+
+
+def _recipe(cfg, connector: dict, settings: dict, staged_llm: Path, *, patch: int, longest: int, merge: int,
+            image_token: str) -> dict:
+    """The vlmkit recipe of the imported model: the Pixtral tower, the connector, the staged LLM
+    and the pixtral processor with the folder's settings."""
+    vision_cfg = cfg.vision_config
+    return {"model": {
+        "vision": {"name": "hf-random", "model_type": "pixtral", "config": hf_config_dict(vision_cfg),
+                   "feature_layer": cfg.vision_feature_layer},
+        "connector": connector,
+        "llm": {"name": "hf", "path": str(staged_llm)},
+        "processor": {"name": "pixtral", "image_size": longest,
+                      "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+                      "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+                      "resample": resample_name(settings),
+                      "options": {"longest_edge": longest, "patch_size": patch, "spatial_merge": merge, "sentinels": "never"}},
+        "image_token": image_token,
+    }}
+
+
+def _import(folder: Path, out: Path, mistral3: bool) -> Path:
+    folder, out = Path(folder), Path(out).resolve()
+    read_hf_config(folder)
+    cfg = auto_config(folder)
+    _check_config(folder, cfg, mistral3)
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    merge = int(cfg.spatial_merge_size) if mistral3 else 1
+
+    state = read_weights(folder)
+    parts = split_state(state, {"vision_tower.": "vision", "model.vision_tower.": "vision",
+                                "multi_modal_projector.": "projector", "model.multi_modal_projector.": "projector",
+                                "language_model.model.": "llm", "model.language_model.": "llm",
+                                "language_model.lm_head.": "head", "lm_head.": "head"})
+    bias = bool(getattr(cfg, "multimodal_projector_bias", True))
+    connector_state = _connector_state(folder, parts["projector"], mistral3, bias)
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+
+    settings = image_processor_settings(folder)
+    patch, longest, image_token = _processor_geometry(folder, settings, vision_cfg, merge)
     tokenizer = folder_tokenizer(folder, image_token)
     image_token_id = getattr(cfg, "image_token_id", None)
     if image_token_id is None:
         image_token_id = cfg.image_token_index
 
+    width = parts["projector"]["linear_1.weight"].shape[0]
     if mistral3:
         connector = {"name": "patch-merger", "options": {"merge": merge, "norm_eps": float(text_cfg.rms_norm_eps),
-                                                         "hidden_size": p["linear_1.weight"].shape[0], "bias": bias}}
+                                                         "hidden_size": width, "bias": bias}}
     else:
-        connector = {"name": "mlp", "options": {"hidden_size": p["linear_1.weight"].shape[0]}}
+        connector = {"name": "mlp", "options": {"hidden_size": width}}
     tmp = staging_folder(out)
     try:
         staged_llm = stage_llm(tmp, causal_lm_from_state(text_cfg, llm_state, cfg), tokenizer)
-        config = load_config({"model": {
-            "vision": {"name": "hf-random", "model_type": "pixtral", "config": hf_config_dict(vision_cfg),
-                       "feature_layer": cfg.vision_feature_layer},
-            "connector": connector,
-            "llm": {"name": "hf", "path": str(staged_llm)},
-            "processor": {"name": "pixtral", "image_size": longest,
-                          "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-                          "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-                          "resample": resample_name(settings),
-                          "options": {"longest_edge": longest, "patch_size": patch, "spatial_merge": merge, "sentinels": "never"}},
-            "image_token": image_token,
-        }})
+        config = load_config(_recipe(cfg, connector, settings, staged_llm, patch=patch, longest=longest, merge=merge,
+                                     image_token=image_token))
         model = build_imported(config, image_token, image_token_id)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_tower.")
         load_part(model.connector, connector_state, "projector", "multi_modal_projector(mapped) ")
