@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from vlmkit.data.formats import BadRecordError, Message
 from vlmkit.generate import GenerationConfig, decode, generate
 
@@ -15,8 +17,10 @@ HELP = "/image PATH attaches an image to your next message, /reset starts over, 
 
 
 class ChatSession:
-    def __init__(self, model, processor, gen: GenerationConfig):
+    def __init__(self, model, processor, gen: GenerationConfig, bf16: bool = False):
         self.model, self.processor, self.gen = model, processor, gen
+        # Answer under bf16 autocast when the checkpoint trained in bf16 (`train.precision`).
+        self.bf16 = bf16
         self.messages: list[Message] = []
         self.images: list[Path] = []  # every image of the conversation, in placeholder order
         self.pending: list[Path] = []  # attached, waiting for the next message
@@ -43,7 +47,9 @@ class ChatSession:
         except BadRecordError:
             self.pending = []
             raise
-        answer = decode(self.model, generate(self.model, [prompt], self.gen))[0]
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            ids = generate(self.model, [prompt], self.gen)
+        answer = decode(self.model, ids)[0]
         self.messages = [*messages, Message("assistant", answer)]
         self.images = [*self.images, *images]
         self.pending = []

@@ -139,7 +139,8 @@ def chat_command(
     # float32 and would leave no token at all.
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                            top_p=max(top_p, 1e-6), seed=seed)
-    session = ChatSession(model, processor, gen)
+    # Answer in the precision the checkpoint trained in, as `eval run` does.
+    session = ChatSession(model, processor, gen, bf16=config.train.precision == "bf16")
     from vlmkit.processing.video import VideoInput
 
     session.pending.extend([*(image or []), *(VideoInput(v) for v in video or [])])

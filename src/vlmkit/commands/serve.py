@@ -89,6 +89,7 @@ def serve_command(
         max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels, max_images=max_images, body_timeout_s=body_timeout,
         max_tokens_limit=max_tokens, default_max_tokens=min(256, max_tokens), max_batch=max_batch, max_wait_ms=max_wait_ms,
         compile_decode=compile_decode, image_formats=formats, allowed_hosts=hosts, allowed_origins=list(allowed_origin or []),
+        bf16=config.train.precision == "bf16",  # answer in the precision the checkpoint trained in
     )
     port = sock.getsockname()[1]
     typer.echo(f"serving {settings.model_name!r} on http://{host}:{port}/ (API at /v1, health at /health)")

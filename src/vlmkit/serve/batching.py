@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from vlmkit.generate import GenerationConfig, generate_steps
 from vlmkit.processing.prompt import EncodedSample
 
@@ -66,7 +68,10 @@ class QueueFull(Exception):
 
 
 class DynamicBatcher:
-    def __init__(self, model, max_batch: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024):
+    def __init__(self, model, max_batch: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024, bf16: bool = False):
+        # Decode under bf16 autocast when the checkpoint trained in bf16. Autocast is per thread:
+        # it is entered in the worker thread, around the whole decode of a batch.
+        self.bf16 = bf16
         self.model = model
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -156,24 +161,28 @@ class DynamicBatcher:
                 if job is not None:
                     job.emit(Event("error", reason="the server is shutting down"))
 
+    def _emit_steps(self, batch: list[Job]) -> None:
+        steps = generate_steps(
+            self.model,
+            [j.prompt for j in batch],
+            batch[0].gen,
+            max_new_tokens=[j.max_new_tokens for j in batch],
+            cancelled=lambda i: batch[i].cancelled,
+        )
+        for step in steps:
+            for job, token, finished in zip(batch, step.tokens, step.finished):
+                if token is not None:
+                    self.stats["tokens"] += 1
+                    job.emit(Event("token", token=token))
+                if finished is not None:
+                    job.emit(Event("done", reason=finished))
+
     def _decode(self, batch: list[Job]) -> None:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
         try:
-            steps = generate_steps(
-                self.model,
-                [j.prompt for j in batch],
-                batch[0].gen,
-                max_new_tokens=[j.max_new_tokens for j in batch],
-                cancelled=lambda i: batch[i].cancelled,
-            )
-            for step in steps:
-                for job, token, finished in zip(batch, step.tokens, step.finished):
-                    if token is not None:
-                        self.stats["tokens"] += 1
-                        job.emit(Event("token", token=token))
-                    if finished is not None:
-                        job.emit(Event("done", reason=finished))
+            with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                self._emit_steps(batch)
         except Exception as e:
             # A failure inside one batch (out of memory, a bad input that got through) answers
             # that batch with an error; the worker goes on serving.

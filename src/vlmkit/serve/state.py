@@ -33,6 +33,8 @@ class ServerSettings:
     body_timeout_s: float = 30.0
     # Compile the decode step (GenerationConfig.compile): a CUDA graph per power-of-two batch size.
     compile_decode: bool = False
+    # Decode under bf16 autocast: the precision the checkpoint trained in (`train.precision`).
+    bf16: bool = False
     # Pillow formats a request's images may be in (None: images.DEFAULT_IMAGE_FORMATS).
     image_formats: list[str] | None = None
     # Threads that decode request images, off the event loop.
@@ -63,7 +65,8 @@ class ServerState:
             settings=settings,
             model=model,
             processor=processor,
-            batcher=DynamicBatcher(model, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue),
+            batcher=DynamicBatcher(model, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
+                                  bf16=settings.bf16),
             encoder=ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-encode"),
             decoder=ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="vlmkit-decode"),
             image_formats=image_formats(settings.image_formats),
