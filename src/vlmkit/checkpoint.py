@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from vlmkit.config import Config, ConfigError, load_config, relocated_llm
 from vlmkit.model.lora import base_state, is_lora_key, load_adapters, merge_adapters, to_module_keys
 from vlmkit.model.vlm import VisionLanguageModel, ensure_image_token
-from vlmkit.utils import respect_umask
+from vlmkit.utils import replace_folder, respect_umask
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -79,23 +79,11 @@ def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str
             torch.save(trainer_state, tmp / TRAINER_STATE)
         # mkdtemp made the folder 0700; a checkpoint is shared like any other output.
         respect_umask(tmp)
-        _replace_dir(tmp, directory)
+        replace_folder(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` into place; at every moment either the old or the new checkpoint is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def read_config(directory: str | Path) -> Config:

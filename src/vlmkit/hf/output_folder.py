@@ -9,15 +9,14 @@ Rules, checked before any work starts and again at the moment the folder is swap
   place meanwhile;
 * the new folder is built beside OUT (same file system) and swapped in atomically with
   `renameat2(RENAME_EXCHANGE)`, so at every moment OUT holds either the complete old output or the
-  complete new one; where the kernel or file system cannot exchange, two renames a moment apart;
+  complete new one; where the kernel or file system cannot exchange, two renames a moment apart
+  (`utils.replace_folder`, which training checkpoints use too);
 * staging folders carry the writer's pid; those of processes that are gone (killed mid-way) are
   removed by the next run.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vlmkit.utils import current_umask
+from vlmkit.utils import current_umask, replace_folder
 
 MARKER = "vlmkit-output.json"
 # Outputs of earlier vlmkit versions, recognised as our own: an imported checkpoint's meta names
@@ -92,7 +91,7 @@ def claim_output(out: str | Path, *, command: str, sources: tuple[str | Path, ..
     cwd = Path.cwd().resolve()
     if _within(cwd, out):
         raise OutputFolderError(f"{out} is or contains the current folder: write the output to a new folder")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.exists() and not out.is_dir():  # a file is never replaced, --overwrite or not
         raise OutputFolderError(f"{out} exists and is not a folder")
     reason = _refusal(out, command)
     if reason:
@@ -119,14 +118,16 @@ def remove_stale_staging(out: Path) -> list[Path]:
     `.OUT.import-*` / `.OUT.tmp-*` / `.OUT.peft-*` folders earlier versions left the same way."""
     if not out.parent.is_dir():
         return []
-    ours = re.compile(rf"^\.{re.escape(out.name)}\.{_STAGING}-(\d+)-[A-Za-z0-9_]+(\.old)?$")
+    ours = re.compile(rf"^\.{re.escape(out.name)}\.{_STAGING}-(\d+)-[A-Za-z0-9_]+$")
     legacy = re.compile(rf"^\.{re.escape(out.name)}\.(import|tmp|peft)-[a-z0-9_]{{8}}$")
     removed = []
     for entry in out.parent.iterdir():
         if not entry.is_dir() or entry.is_symlink():
             continue
         m = ours.match(entry.name)
-        if (m and not _pid_alive(int(m.group(1)))) or legacy.match(entry.name):
+        # `.OUT.old`: the old output of a swap made by two renames (`replace_folder`), once OUT is whole again.
+        swapped_out = entry.name == f".{out.name}.old" and out.is_dir()
+        if (m and not _pid_alive(int(m.group(1)))) or legacy.match(entry.name) or swapped_out:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -139,41 +140,15 @@ def staging_folder(out: str | Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.{_STAGING}-{os.getpid()}-", dir=out.parent))
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
 def publish(new: Path, out: str | Path, *, command: str, source: str | Path | None = None) -> Path:
     """Put the finished folder `new` at OUT with the command's marker. An existing OUT is checked
-    again (empty, ours, or approved by --overwrite) and swapped out in one step; the old content
-    ends up where `new` was, for the caller's clean-up of its staging folder."""
+    again (empty, ours, or approved by --overwrite), then swapped out in one step and removed."""
     new, out = Path(new), Path(out)
     (new / MARKER).write_text(json.dumps({"command": command, **({"source": str(source)} if source else {})}, indent=2) + "\n")
     os.chmod(new / MARKER, 0o666 & ~current_umask())
     reason = _refusal(out, command)
     if reason and _identity(out) not in _approved:
         raise OutputFolderError(f"{reason}; refusing to replace it (it changed while the output was written)")
-    if not out.exists():
-        os.replace(new, out)
-    elif not _exchange(new, out):
-        old = new.with_name(new.name + ".old")
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(new, out)
     _approved.discard(_identity(out))
     return out
