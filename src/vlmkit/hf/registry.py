@@ -9,6 +9,7 @@ folder to its family; `export_hf(model, out)` writes the model in its family's f
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -60,10 +61,16 @@ def register_family(family: HFFamily) -> HFFamily:
     return family
 
 
-def _families() -> list[HFFamily]:
-    """Every family: importing each module of `vlmkit.hf.families` registers its own."""
+@functools.cache
+def _discover() -> None:
+    """Import each module of `vlmkit.hf.families` once; each registers its own family."""
     for info in pkgutil.iter_modules(family_modules.__path__):
         importlib.import_module(f"{family_modules.__name__}.{info.name}")
+
+
+def _families() -> list[HFFamily]:
+    """Every family, most specific first."""
+    _discover()
     return FAMILIES
 
 
