@@ -14,7 +14,6 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from vlmkit.config import Config
-from vlmkit.processing import import_families
 from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS
 
 HEADER = """# Recipe reference
@@ -37,7 +36,6 @@ def _registered() -> dict[str, list[str]]:
     import vlmkit.model.language  # noqa: F401
     import vlmkit.model.qwen2vl  # noqa: F401  (qwen2-vit, qwen2.5-vit, qwen2-vl-text*)
     import vlmkit.model.vision  # noqa: F401
-    import_families()
     return {"model.vision.name": VISION_TOWERS.names(), "model.connector.name": CONNECTORS.names(),
             "model.llm.name": LANGUAGE_MODELS.names(), "model.processor.name": IMAGE_PROCESSORS.names()}
 

@@ -145,10 +145,8 @@ def test_processor_and_connector_agree_on_one_view(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_tiny_variant_is_the_same_family_at_toy_size(name):
-    from vlmkit.processing import import_families
     from vlmkit.registry import IMAGE_PROCESSORS
 
-    import_families()
     preset = presets.get_preset(name)
     tiny, real = preset.tiny_config(), preset.processor_config()
     assert isinstance(tiny, ModelConfig)

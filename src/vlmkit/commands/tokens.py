@@ -135,10 +135,11 @@ def tokens(
     """Visual tokens, prefill FLOPs, KV-cache bytes and context share of one image under a preset."""
     # Imported here, not at the top: it pulls in torch, which every other command's start-up
     # (and `vlmkit --help`) would otherwise pay for.
-    from vlmkit.presets.budget import PRESETS, get_preset, image_budget, seed_table
+    from vlmkit.presets import names as preset_names
+    from vlmkit.presets.budget import get_preset, image_budget, seed_table
 
     if list_presets:
-        for name in PRESETS:
+        for name in preset_names():
             p = get_preset(name)
             typer.echo(f"{name:<24} {p.family:<9} {p.llm.name:<40} {p.note}")
         return

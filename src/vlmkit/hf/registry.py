@@ -25,6 +25,7 @@ from vlmkit.hf.output_folder import claim_output
 from vlmkit.hf.writing import EXPORT_COMMAND, IMPORT_COMMAND, model_sources
 from vlmkit.paths import offline
 from vlmkit.processing import build_chat_processor
+from vlmkit.registry import load_plugins
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ def register_family(family: HFFamily) -> HFFamily:
 
 @functools.cache
 def _discover() -> None:
-    """Import each module of `vlmkit.hf.families` once; each registers its own family."""
+    """Import each module of `vlmkit.hf.families` once; each registers its own family. The
+    family folders (`vlmkit.families`) register theirs through the registries' discovery."""
+    load_plugins()
     for info in pkgutil.iter_modules(family_modules.__path__):
         importlib.import_module(f"{family_modules.__name__}.{info.name}")
 

@@ -23,7 +23,6 @@ from vlmkit.model.connectors import build_connector
 from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
 from vlmkit.model.language import decoder_layers
 from vlmkit.presets.catalog import ALIASES, PRESET_DATA, SEED_FIGURES
-from vlmkit.processing import import_families
 from vlmkit.registry import IMAGE_PROCESSORS, PRESETS
 
 PART_ORDER = ("vision", "connector", "cross_attention", "llm")
@@ -59,13 +58,27 @@ class Preset:
         return ProcessorConfig.model_validate(self.data["processor"])
 
 
-for _entry in PRESET_DATA:
-    PRESETS.register(_entry["name"])(lambda entry=_entry: Preset(entry["name"], entry))
+def register_presets(entries) -> None:
+    """Register preset entries (a family's, from its folder): each under its name, its
+    `aliases` (the release names people type) pointing at it, and its `lecture_figures` (the
+    lecture's per-part figures, {part: (name, params)}) kept for `vlmkit inspect`."""
+    for entry in entries:
+        PRESETS.register(entry["name"])(lambda entry=entry: Preset(entry["name"], entry))
+        for alias in entry.get("aliases", ()):
+            if alias in ALIASES:
+                raise ValueError(f"preset alias {alias!r} is registered twice")
+            ALIASES[alias] = entry["name"]
+        if "lecture_figures" in entry:
+            SEED_FIGURES[entry["name"]] = entry["lecture_figures"]
+
+
+register_presets(PRESET_DATA)
 
 
 def names() -> list[str]:
-    """Canonical preset names, in catalog order (aliases are accepted but not listed)."""
-    return [e["name"] for e in PRESET_DATA]
+    """Canonical preset names, family by family, each family's in its own order (aliases are
+    accepted but not listed)."""
+    return PRESETS.in_order()
 
 
 def resolve(name: str) -> str:
@@ -163,7 +176,6 @@ def image_processor(meta: MetaModel):
     themselves; for the fixed-resolution family the count is whatever the connector makes of
     the feature grid (576 for LLaVA-1.5's MLP over 24x24, 32 for BLIP-2's Q-Former queries).
     """
-    import_families()
     config = meta.preset.processor_config()
     tokens = meta.parts["connector"].num_tokens(meta.preset.feature_grid)
     return IMAGE_PROCESSORS.build(config.name, config, tokens_per_image=tokens)

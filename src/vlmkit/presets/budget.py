@@ -112,8 +112,6 @@ class Costing:
 # A fixed-query connector sets the count whatever the processor does, so it names the family.
 _QUERY_CONNECTORS = {"qformer": "Q-Former", "perceiver": "Perceiver"}
 
-PRESETS: list[str] = presets.names()
-
 
 @lru_cache(maxsize=None)
 def get_preset(name: str) -> Costing:

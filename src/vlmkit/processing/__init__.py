@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 
-def import_families() -> None:
-    """Importing a family module registers it in IMAGE_PROCESSORS."""
-    from vlmkit.processing import anyres, dynamic, fixed, fuyu, idefics2, idefics3, mllama, onevision, pixtral, qwen2vl, smolvlm  # noqa: F401
-
-
 def build_image_processor(model_config, tokens_per_image: int | None = None):
-    """The model's image processor, from the registry (importing registers the families)."""
+    """The model's image processor, from the registry (the first lookup finds every family's)."""
     from vlmkit.registry import IMAGE_PROCESSORS
 
-    import_families()
     cfg = model_config.processor
     return IMAGE_PROCESSORS.build(cfg.name, cfg, tokens_per_image=tokens_per_image)
 

@@ -49,14 +49,8 @@ def check_model(config: Config) -> None:
     loaded (they are otherwise checked only as each part is built, after the vision tower)."""
     import difflib
 
-    import vlmkit.model.connectors  # noqa: F401  (importing registers the builders)
-    import vlmkit.model.language  # noqa: F401
-    import vlmkit.model.qwen2vl  # noqa: F401  (qwen2-vit, qwen2-vl-text*)
-    import vlmkit.model.vision  # noqa: F401
-    from vlmkit.processing import import_families
     from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS
 
-    import_families()
     m = config.model
     for key, registry, name in (("model.vision.name", VISION_TOWERS, m.vision.name), ("model.connector.name", CONNECTORS, m.connector.name),
                                 ("model.llm.name", LANGUAGE_MODELS, m.llm.name), ("model.processor.name", IMAGE_PROCESSORS, m.processor.name)):

@@ -37,7 +37,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import chat_template, template_source, usable_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
 from vlmkit.model.connectors.patch_embed import PatchEmbedConnector, PatchifyTower
@@ -169,4 +169,4 @@ def _reference(model, prompt, ids):
     return FuyuForCausalLM, {"pixel_values": model.vision(image.pixel_values)[0]}
 
 
-register_family(HFFamily(("fuyu",), "Fuyu (FuyuForCausalLM, encoder-free)", _import_fuyu, _export_fuyu, _is_fuyu, _reference, specificity=13))
+FUYU = HFFamily(("fuyu",), "Fuyu (FuyuForCausalLM, encoder-free)", _import_fuyu, _export_fuyu, _is_fuyu, _reference, specificity=13)

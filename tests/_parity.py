@@ -1,0 +1,53 @@
+"""What a family declares to the one Hugging Face parity harness (tests/families/test_hf_parity.py).
+
+Each family folder's `<family>_folder.py` builds a tiny random transformers folder and declares
+`PARITY`: one `ParityCase` (or a tuple of them, for families with several model types). The
+harness imports the folder with `vlmkit import-hf`, and for each image size checks, against
+transformers' own processor and model:
+  * the prompt's input ids;
+  * what the case's `reference` checks itself (pixels, patches, grids: it may assert);
+  * the logits, within `atol` (fp32);
+  * the greedy continuation, up to the first stop token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """`save(folder)` writes the tiny transformers folder. `reference(folder, image, question,
+    prompt, model)` returns transformers' input ids for the prompt (1-D) and the keyword inputs
+    (besides `input_ids`) that feed transformers' model the same images; it may hand transformers
+    vlmkit's pixels once it has checked them against transformers' processor (a resize that
+    differs by a grey level would otherwise dominate the logits). `name` is the family folder's
+    name, or `<family>/<variant>` where a family declares several cases."""
+
+    name: str
+    save: Callable[[Path], Path]
+    model_class: str
+    reference: Callable[[Path, Image.Image, str, Any, Any], tuple[torch.Tensor, dict]]
+    sizes: tuple[tuple[int, int], ...]
+    question: str = "What is shown?"
+    # How vlmkit's chat and eval put the image before the question.
+    image_text: str = "<image>\n"
+    atol: float = 1e-4
+    greedy_tokens: int = 8
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    """A smooth random image: bilinear-upscaled noise, so resampling differences stay small."""
+    g = torch.Generator().manual_seed(seed)
+    small = (torch.rand(max(1, height // 4), max(1, width // 4), 3, generator=g) * 255).byte().numpy()
+    return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+def first_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
