@@ -74,6 +74,7 @@ def _grow_vocab(model, vocab: int) -> None:
 
 
 def prompts_for(model, batch: int, text_tokens: int, seed: int):
+    from vlmkit.processing.base import VisualBatch
     from vlmkit.processing.prompt import EncodedSample
 
     g = torch.Generator().manual_seed(seed)
@@ -84,7 +85,8 @@ def prompts_for(model, batch: int, text_tokens: int, seed: int):
         n_text = max(4, text_tokens - (i % 5))
         text = torch.randint(0, 250, (n_text,), generator=g)
         ids = torch.cat([torch.full((model.tokens_per_image,), model.image_token_id), text])
-        out.append(EncodedSample(f"p{i}", ids, torch.full_like(ids, -100), torch.randn(1, 3, size, size, generator=g)))
+        pixels = torch.randn(1, 3, size, size, generator=g)
+        out.append(EncodedSample(f"p{i}", ids, torch.full_like(ids, -100), images=list(VisualBatch.of_pixels(pixels).images)))
     return out
 
 
@@ -95,7 +97,7 @@ def left_pad(prompts, pad_id: int):
     for i, p in enumerate(prompts):
         ids[i, T - len(p.input_ids):] = p.input_ids
         mask[i, T - len(p.input_ids):] = 1
-    return ids, mask, torch.cat([p.pixel_values for p in prompts])
+    return ids, mask, torch.cat([p.images[0].pixel_values for p in prompts])
 
 
 def sync(device: str) -> None:

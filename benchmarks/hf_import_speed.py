@@ -170,7 +170,7 @@ def lora_step(family: str, model, ref, batch: int, repeats: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def ours():
-        out = model(b.input_ids, b.attention_mask, images=b.images, position_ids=b.position_ids, labels=b.labels)
+        out = model(b.input_ids, b.visuals, attention_mask=b.attention_mask, position_ids=b.position_ids, labels=b.labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

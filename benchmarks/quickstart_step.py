@@ -66,8 +66,7 @@ def main(argv=None) -> int:
         def step(b) -> float:
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = model(b.input_ids, images=b.images, attention_mask=b.attention_mask, labels=b.labels,
-                            image_features=b.image_features)
+                out = model(b.input_ids, b.visuals, attention_mask=b.attention_mask, labels=b.labels)
             out.loss.backward()
             return time.perf_counter() - start
 

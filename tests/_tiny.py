@@ -6,6 +6,7 @@ import torch
 
 from vlmkit.config import ModelConfig
 from vlmkit.model.vlm import IGNORE_INDEX, VisionLanguageModel
+from vlmkit.processing.base import VisualBatch
 
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 4, "vision_use_head": False}
 TINY_LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -72,6 +73,6 @@ def toy_batch(model: VisionLanguageModel, n_classes: int = 3, seed: int = 0):
 
 def answer_accuracy(model: VisionLanguageModel, ids, labels, pixels) -> float:
     with torch.no_grad():
-        logits = model(ids, pixel_values=pixels).logits
+        logits = model(ids, visuals=VisualBatch.of_pixels(pixels)).logits
     pred = logits[:, -2].argmax(-1)
     return float((pred == labels[:, -1]).float().mean())

@@ -161,7 +161,7 @@ def _prefill_lean(model, batch, steps: int, cfg: GenerationConfig) -> tuple[torc
     """Run the prompt on `fast_decode`'s decoder: Llama-family decoders on decode-layout weights,
     with the images fused by the model's own strategy, exactly as in `forward`."""
     token_embedding = model.llm.get_input_embeddings()
-    embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features)
+    embeds = model.inputs_embeds(batch.input_ids, batch.visuals)
     mask = batch.attention_mask
     B = mask.shape[0]
     full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
@@ -180,14 +180,14 @@ def _prefill_with_model(model, batch, steps: int, cfg: GenerationConfig) -> tupl
     head = lm_head(model.llm)
     token_embedding = model.llm.get_input_embeddings()
     # The cache object is empty before the prompt: the fusion strategy sees a fresh prompt.
-    out = model(batch.input_ids, batch.attention_mask, images=batch.images, image_features=batch.image_features,
-                position_ids=batch.position_ids, past_key_values=None, use_cache=True)
+    out = model(batch.input_ids, batch.visuals, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                past_key_values=None, use_cache=True)
     state = {"mask": batch.attention_mask, "cache": out.past_key_values}
 
     def step_logits(token, positions):
         mask = state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((token.shape[0], 1))], dim=1)
         ids = token.unsqueeze(-1)
-        out = model(ids, mask, position_ids=positions, past_key_values=state["cache"], use_cache=True,
+        out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=state["cache"], use_cache=True,
                     inputs_embeds=token_embedding(ids))
         state["cache"] = out.past_key_values
         return head(out.hidden_states[:, -1])

@@ -21,6 +21,7 @@ from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import import_hf
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,7 +69,7 @@ def test_import_matches_transformers(imported, case: ParityCase, size):
     ids = prompt.input_ids[None]
     extra = {"position_ids": prompt.position_ids[:, None]} if prompt.position_ids is not None else {}
     with torch.no_grad():
-        ours = model(ids, images=prompt.images, **extra).logits
+        ours = model(ids, VisualBatch(prompt.images), **extra).logits
         theirs = ref(input_ids=ids, **kwargs).logits
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=case.atol, rtol=0)

@@ -11,6 +11,7 @@ from vlmkit.model.connectors import build_connector
 from vlmkit.model.connectors.pixel_shuffle import pixel_shuffle
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.checkpoint import model_state
+from vlmkit.processing.base import VisualBatch
 
 EXPECTED_TOKENS = {"linear": 64, "mlp": 64, "pixel-shuffle": 16, "pooling": 16, "qformer": 4, "perceiver": 4, "native": 64, "patch-embed": 64, "cross-attn": 1}
 PREFIX = [f for f in FAMILIES if f != "cross-attn"]
@@ -21,7 +22,7 @@ def test_shapes_and_token_count(family):
     model = tiny_model(family)
     feats = model.vision_features(torch.randn(3, 3, 32, 32))
     assert feats.shape[:2] == (3, 64)
-    out = model.project(feats)
+    out = model.connector.tokens(feats, model.image_grid)
     assert out.shape == (3, EXPECTED_TOKENS[family], 32)
     assert model.tokens_per_image == EXPECTED_TOKENS[family] == model.connector.num_tokens(model.image_grid)
 
@@ -37,7 +38,7 @@ def test_gradients_reach_exactly_the_trained_parts(family, stage):
     model.set_trainable(trainable)
     model.train()
     ids, labels, pixels = toy_batch(model)
-    model(ids, pixel_values=pixels, labels=labels).loss.backward()
+    model(ids, visuals=VisualBatch.of_pixels(pixels), labels=labels).loss.backward()
     for part, module in model.parts().items():
         for name, p in module.named_parameters():
             if p.numel() == 0:  # the parameter-free patchify tower's dtype anchor
@@ -61,7 +62,7 @@ def test_tiny_model_learns_toy_task(family):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = None
     for _ in range(300):
-        loss = model(ids, pixel_values=pixels, labels=labels).loss
+        loss = model(ids, visuals=VisualBatch.of_pixels(pixels), labels=labels).loss
         first = first if first is not None else loss.item()
         if loss.item() < 0.03:
             break
@@ -91,8 +92,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(family, tmp_path):
         sub = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
         module.load_state_dict(sub, strict=True)
     with torch.no_grad():
-        a = model(ids, pixel_values=pixels).logits
-        b = other(ids, pixel_values=pixels).logits
+        a = model(ids, visuals=VisualBatch.of_pixels(pixels)).logits
+        b = other(ids, visuals=VisualBatch.of_pixels(pixels)).logits
     assert torch.equal(a, b)
 
 

@@ -9,6 +9,7 @@ import torch
 from _tiny import TINY_LLM, tiny_config, toy_batch
 from vlmkit.model.cross_attention import GatedCrossAttentionBlock, CrossAttentionOptions, insertion_points
 from vlmkit.model.vlm import VisionLanguageModel
+from vlmkit.processing.base import VisualBatch
 
 LLMS = {
     "llama": TINY_LLM,
@@ -39,14 +40,14 @@ def test_llm_outputs_exactly_unchanged_at_init(model_type):
     assert model.fusion.name == "cross-attention" and "cross_attention" in model.parts()
     ids, _, pixels = toy_batch(model)
     with torch.no_grad():
-        fused = model(ids, pixel_values=pixels).logits
+        fused = model(ids, visuals=VisualBatch.of_pixels(pixels)).logits
         marker = model.cross_attention.image_marker.expand(ids.shape[0], 1, -1)
         plain = model.llm(inputs_embeds=model.fill_slots(ids, marker)).logits
     assert torch.equal(fused, plain)
     # ... and the blocks really ran: with open gates the same call differs.
     open_gates(model)
     with torch.no_grad():
-        assert not torch.allclose(model(ids, pixel_values=pixels).logits, plain)
+        assert not torch.allclose(model(ids, visuals=VisualBatch.of_pixels(pixels)).logits, plain)
 
 
 def test_blocks_sit_before_every_kth_layer_found_by_path():
@@ -71,7 +72,7 @@ def test_image_features_never_enter_the_self_attention_stack():
     layer0 = model.llm.model.layers[0]
     handle = layer0.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape), with_kwargs=True)
     with torch.no_grad():
-        model(ids, pixel_values=pixels)
+        model(ids, visuals=VisualBatch.of_pixels(pixels))
     handle.remove()
     # One marker slot per image; the connector's 64 memory tokens are only keys/values.
     assert model.tokens_per_image == 1 and model.memory_tokens_per_image == 64
@@ -86,7 +87,7 @@ def test_text_before_the_image_marker_does_not_see_the_image():
     ids = torch.tensor([text + [model.image_token_id] + text])
     a, b = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        la, lb = model(ids, pixel_values=a).logits, model(ids, pixel_values=b).logits
+        la, lb = model(ids, visuals=VisualBatch.of_pixels(a)).logits, model(ids, visuals=VisualBatch.of_pixels(b)).logits
     torch.testing.assert_close(la[:, :2], lb[:, :2], atol=0, rtol=0)
     assert not torch.allclose(la[:, 3:], lb[:, 3:])
 
@@ -98,12 +99,12 @@ def test_two_images_in_one_sample_and_a_text_only_sample():
     ids = torch.tensor([[m, 40, m, 41], [42, 43, 44, 45]])
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        out = model(ids, pixel_values=pixels).logits
-        alone = model(ids[1:], pixel_values=None).logits
+        out = model(ids, visuals=VisualBatch.of_pixels(pixels)).logits
+        alone = model(ids[1:]).logits
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[1:], alone, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="2 image markers but 1 images"):
-        model(ids, pixel_values=pixels[:1])
+        model(ids, visuals=VisualBatch.of_pixels(pixels[:1]))
 
 
 def test_kv_cache_decoding_matches_full_forward():
@@ -111,8 +112,8 @@ def test_kv_cache_decoding_matches_full_forward():
     open_gates(model)
     ids, _, pixels = toy_batch(model)
     with torch.no_grad():
-        full = model(ids, pixel_values=pixels).logits
-        pre = model(ids[:, :-1], pixel_values=pixels, use_cache=True)
+        full = model(ids, visuals=VisualBatch.of_pixels(pixels)).logits
+        pre = model(ids[:, :-1], visuals=VisualBatch.of_pixels(pixels), use_cache=True)
         step = model(ids[:, -1:], past_key_values=pre.past_key_values, use_cache=True).logits
     torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
 
@@ -126,7 +127,7 @@ def test_gates_start_closed_and_learn():
     assert all(float(g.detach()) == 0.0 for g in gates)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
-        loss = model(ids, pixel_values=pixels, labels=labels).loss
+        loss = model(ids, visuals=VisualBatch.of_pixels(pixels), labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -146,8 +147,8 @@ def test_block_matches_mllama_cross_attention_layer_param_count():
     assert count(ours) == count(hf)
 
 
-def test_project_embed_path_used_by_generation_matches_forward():
-    """generate() calls vision_features -> project -> embed and then runs the decoder itself."""
+def test_inputs_embeds_path_used_by_generation_matches_forward():
+    """generate()'s lean path calls inputs_embeds and then runs the decoder itself."""
     from transformers import DynamicCache
 
     from vlmkit.model.vlm import run_decoder
@@ -156,15 +157,15 @@ def test_project_embed_path_used_by_generation_matches_forward():
     open_gates(model)
     ids, _, pixels = toy_batch(model)
     with torch.no_grad():
-        full = model(ids, pixel_values=pixels).logits
-        embeds = model.embed(ids[:, :-1], model.project(model.vision_features(pixels)))
+        full = model(ids, visuals=VisualBatch.of_pixels(pixels)).logits
+        embeds = model.inputs_embeds(ids[:, :-1], VisualBatch.of_pixels(pixels))
         cache = DynamicCache()
         run_decoder(model.llm.base_model, embeds, None, None, cache, use_cache=True)
         step = model.llm.get_input_embeddings()(ids[:, -1:])
         pos = torch.full((ids.shape[0], 1), ids.shape[1] - 1)
         out = run_decoder(model.llm.base_model, step, None, pos, cache, use_cache=True)
         last = model.llm.get_output_embeddings()(out.last_hidden_state[:, -1])
-        # A text-only embed afterwards clears the image memory.
-        model.embed(ids[:, 4:], None)
+        # A text-only prompt afterwards clears the image memory.
+        model.inputs_embeds(ids[:, 4:], None)
         assert model.cross_attention._memory is None
     torch.testing.assert_close(last, full[:, -1], atol=1e-5, rtol=1e-5)

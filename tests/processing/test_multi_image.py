@@ -56,9 +56,9 @@ def test_llava_and_content_parts_records_encode_identically(proc, media):
     assert isinstance(b.images[1], bytes) and b.videos == [media / "clip.webm"]
     ea, eb = proc.encode(a), proc.encode(b)
     assert torch.equal(ea.input_ids, eb.input_ids) and torch.equal(ea.labels, eb.labels)
-    assert torch.equal(ea.pixel_values, eb.pixel_values)
+    assert len(ea.images) == len(eb.images) and all(torch.equal(x.pixel_values, y.pixel_values) for x, y in zip(ea.images, eb.images))
     # 2 images + 3 frames = 5 token groups, each with its own pixel row, layout and cache key
-    assert ea.pixel_values.shape[0] == len(ea.layouts) == len(ea.image_keys) == 5
+    assert sum(im.pixel_values.shape[0] for im in ea.images) == len(ea.layouts) == len(ea.image_keys) == 5
     assert len(set(ea.image_keys)) == 5
     assert [(v.kind, v.index, v.groups) for v in ea.visuals] == [("image", 1, 1), ("image", 2, 1), ("video", 1, 3)]
     assert ea.visuals[2].timestamps == pytest.approx([0.0, 2 / 6, 5 / 6], abs=2e-3)  # frames 0, 2, 5 (WebM: ms)
@@ -73,7 +73,7 @@ def test_group_order_follows_the_text(proc, media):
                              [media / "a.png", media / "b.png"]))
     rev = proc.encode(Sample("r", [Message("user", "<image_2> <image_1>"), Message("assistant", "x")],
                              [media / "a.png", media / "b.png"]))
-    assert torch.equal(fwd.pixel_values, rev.pixel_values.flip(0))
+    assert torch.equal(torch.cat([im.pixel_values for im in fwd.images]), torch.cat([im.pixel_values for im in rev.images]).flip(0))
     assert decoded(proc, rev).index("<image_2>") < decoded(proc, rev).index("<image_1>")
     assert [v.index for v in rev.visuals] == [2, 1]
 
@@ -92,7 +92,7 @@ def test_encode_prompt_takes_videos_and_matches_training(proc, media):
     prompt = proc.encode_prompt([Message("user", "<image><image>Q")], [media / "c.png", VideoInput(media / "clip.webm")])
     n = len(prompt.input_ids)
     assert torch.equal(train.input_ids[:n], prompt.input_ids)
-    assert torch.equal(train.pixel_values, prompt.pixel_values)
+    assert torch.equal(torch.cat([im.pixel_values for im in train.images]), torch.cat([im.pixel_values for im in prompt.images]))
 
 
 @pytest.mark.parametrize("text,images,videos,match", [

@@ -20,6 +20,7 @@ from vlmkit.processing import build_chat_processor
 from vlmkit import checkpoint as ckpt
 from vlmkit.train.loop import run_training
 from vlmkit.train.preflight import DataError
+from vlmkit.processing.base import VisualBatch
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +143,15 @@ def test_prefix_fusion_fills_image_slots_in_order():
     model = tiny_model().eval()
     n = model.tokens_per_image
     ids = torch.tensor([[5, *[model.image_token_id] * n, 6, *[model.image_token_id] * n, 7]])
-    feats = torch.randn(2, n, model.vision.hidden_size)
+    pixels = torch.randn(2, 3, model.config.processor.image_size, model.config.processor.image_size)
     with torch.no_grad():
-        embeds = model.embed(ids, model.project(feats))
-        projected = model.project(feats)
+        embeds = model.inputs_embeds(ids, VisualBatch.of_pixels(pixels))
+        projected = model.connector.tokens(model.vision_features(pixels), model.image_grid)
     slots = (ids[0] == model.image_token_id).nonzero().flatten()
     assert torch.equal(embeds[0, slots[:n]], projected[0]) and torch.equal(embeds[0, slots[n:]], projected[1])
     assert torch.equal(embeds[0, 0], model.llm.get_input_embeddings().weight[5])
     with pytest.raises(ValueError, match="image-token slots"):
-        model.embed(ids, model.project(feats[:1]))
+        model.inputs_embeds(ids, VisualBatch.of_pixels(pixels[:1]))
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_kv_cache_decoding_matches_full_recompute(data_dir):
     ids = prompt.input_ids.clone()
     with torch.no_grad():
         for expected in produced:
-            logits = model(ids[None], pixel_values=prompt.pixel_values).logits[0, -1]
+            logits = model(ids[None], visuals=VisualBatch(prompt.images)).logits[0, -1]
             assert int(logits.argmax()) == expected
             ids = torch.cat([ids, torch.tensor([expected])])
 
@@ -201,7 +202,7 @@ def test_stage_freeze_spec_decides_which_parts_get_gradients(data_dir):
     proc = build_chat_processor(model, 512)
     batch = collate([proc.encode(s) for s in read_llava_json(data_dir / "stage2.json")[:3]], model.tokenizer.pad_token_id)
     model.train()
-    out = model(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values, labels=batch.labels, position_ids=batch.position_ids)
+    out = model(batch.input_ids, batch.visuals, attention_mask=batch.attention_mask, labels=batch.labels, position_ids=batch.position_ids)
     out.loss.backward()
     for name, module in model.parts().items():
         grads = [p.grad for p in module.parameters()]
@@ -228,8 +229,8 @@ def test_two_stage_training_learns_and_checkpoints_round_trip(data_dir, tmp_path
     cfg_gen = GenerationConfig(max_new_tokens=6)
     assert generate(loaded, prompts, cfg_gen) == generate(model, prompts, cfg_gen)
     with torch.no_grad():
-        a = model(prompts[0].input_ids[None], pixel_values=prompts[0].pixel_values).logits
-        b = loaded(prompts[0].input_ids[None], pixel_values=prompts[0].pixel_values).logits
+        a = model(prompts[0].input_ids[None], visuals=VisualBatch(prompts[0].images)).logits
+        b = loaded(prompts[0].input_ids[None], visuals=VisualBatch(prompts[0].images)).logits
     assert torch.equal(a, b)
     # Checkpoints are safetensors + JSON, nothing pickled but the optional trainer state.
     names = {p.name for p in instruct.checkpoint.iterdir()}

@@ -25,6 +25,7 @@ from vlmkit import checkpoint as ckpt
 from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps
 from vlmkit.train.loop import run_training
 from vlmkit.utils import read_jsonl
+from vlmkit.processing.base import VisualBatch
 
 from _tiny import TINY_SECTIONS as MODEL  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -88,7 +89,7 @@ def test_sequence_logps_equal_full_log_softmax(data_dir):
     batch = collate(samples, model.tokenizer.pad_token_id)
     with torch.no_grad():
         logps, counts = sequence_logps(decoder_hidden(model, batch), batch, model.llm.get_output_embeddings(), chunk=7)
-        logits = model(batch.input_ids, batch.attention_mask, pixel_values=batch.pixel_values, position_ids=batch.position_ids).logits
+        logits = model(batch.input_ids, batch.visuals, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
     full = torch.log_softmax(logits.float(), -1)
     for i, s in enumerate(samples):
         n = len(s.input_ids)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from vlmkit.model.attention import prompt_mask
-from vlmkit.model.vlm import IGNORE_INDEX
-from vlmkit.processing.base import ProcessedImage
+from vlmkit.core.types import IGNORE_INDEX
+from vlmkit.processing.base import ProcessedImage, VisualBatch
 from vlmkit.processing.prompt import EncodedSample
 
 
@@ -42,12 +42,9 @@ class Batch:
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @property
-    def pixel_values(self) -> torch.Tensor | None:
-        """The views' pixels stacked, when they all have one shape (fixed-resolution batches)."""
-        views = [p for im in self.images for p in im.view_pixels()]
-        if not views or len({tuple(p.shape) for p in views}) != 1:
-            return None
-        return torch.stack(views)
+    def visuals(self) -> VisualBatch:
+        """What the model reads of the batch's images (with the cached features, where set)."""
+        return VisualBatch(self.images, self.image_features)
 
     @property
     def prompt_mask(self) -> torch.Tensor:

@@ -32,6 +32,7 @@ from vlmkit.hf.registry import export_hf, family_for, family_of
 from vlmkit.hf.writing import model_sources
 from vlmkit.model.lora import ADAPTER_NAME, lora_layers
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 ADAPTER_DIR = "adapter"
 
@@ -169,7 +170,7 @@ def verify_peft_export(model, folder: str | Path) -> float:
     prompt = build_chat_processor(model, 1 << 20).encode_prompt([Message("user", "<image>\nDescribe the image.")], [image])
     ids = prompt.input_ids[None]
     extra = {"position_ids": prompt.position_ids[:, None].to(model.device)} if prompt.position_ids is not None else {}
-    ours = model(ids.to(model.device), images=prompt.images, **extra).logits.float().cpu()
+    ours = model(ids.to(model.device), VisualBatch(prompt.images), **extra).logits.float().cpu()
     if family.reference is None:
         from transformers import LlavaForConditionalGeneration
 

@@ -25,6 +25,7 @@ from vlmkit.hf.output_folder import claim_output
 from vlmkit.hf.writing import EXPORT_COMMAND, IMPORT_COMMAND, model_sources
 from vlmkit.paths import offline
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 from vlmkit.registry import load_plugins
 
 
@@ -168,7 +169,7 @@ def verify_hf_export(model, folder: str | Path) -> float:
     ids = prompt.input_ids[None]
     cls, kwargs = family.reference(model, prompt, ids)
     extra = {"position_ids": prompt.position_ids[:, None].to(model.device)} if prompt.position_ids is not None else {}
-    ours = model(ids.to(model.device), images=prompt.images, **extra)
+    ours = model(ids.to(model.device), VisualBatch(prompt.images), **extra)
     ref = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     theirs = ref(input_ids=ids, **kwargs).logits.float()
     ours = ours.logits.float().cpu()

@@ -47,7 +47,7 @@ from vlmkit.model.loss import next_token_loss
 from vlmkit.model.qwen2vl import uses_mrope
 from vlmkit.model.vision import build_vision_tower
 from vlmkit.processing import build_image_processor
-from vlmkit.processing.base import ProcessedImage, TokenLayout, image_views
+from vlmkit.processing.base import VisualBatch
 from vlmkit.registry import Registry
 
 PARTS = ("vision", "connector", "llm", "cross_attention")
@@ -404,10 +404,6 @@ class VisionLanguageModel(nn.Module):
             out.append(assemble(tokens, grids, image.arrangement, image.image_size, newline))
         return out
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Connector output for stacked base-size features (images, N, C)."""
-        return self.connector.tokens(features, self.image_grid)
-
     def slot_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Where visual tokens go: image-token slots, and video-token slots where the family has its own."""
         mask = input_ids == self.image_token_id
@@ -431,50 +427,35 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), flat)
         return embeds
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Input embeddings from stacked connector outputs (images, N, D) (or None)."""
-        tokens = list(image_embeds) if image_embeds is not None else None
-        return self.fusion.inputs_embeds(self, input_ids, tokens, cached=False)
-
-    def inputs_embeds(self, input_ids, images=None, image_features=None, pixel_values=None, cached: bool = False):
+    def inputs_embeds(self, input_ids, visuals: VisualBatch | None = None, cached: bool = False):
         """What the decoder reads: the text's embeddings with the images fused in by the strategy."""
-        if images is None and pixel_values is not None and pixel_values.numel():
-            images = self._legacy_images(pixel_values)
-        tokens = None
-        if image_features is not None and not isinstance(image_features, list):
-            # Stacked base-size features, one single-view image each.
-            tokens = list(self.project(image_features.to(self.device)))
-        elif images:
-            tokens = self.image_tokens(images, image_features)
+        images = list(visuals.images) if visuals else None
+        tokens = self.image_tokens(images, list(visuals.features) if visuals.features else None) if images else None
         return self.fusion.inputs_embeds(self, input_ids, tokens, cached, images=images)
-
-    def _legacy_images(self, pixel_values: torch.Tensor) -> list:
-        """Stacked (images, 3, H, W) pixels as single-view images (the fixed-resolution case)."""
-        return [ProcessedImage(p.unsqueeze(0), TokenLayout(0), views=image_views(p, ["image"])) for p in pixel_values]
 
     # ---- forward --------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor,
+        visuals: VisualBatch | None = None,
+        *,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_features=None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
-        images: list | None = None,
         prefix_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """`prefix_mask` ((B, T) bool, the prompt of each sample: `Batch.prompt_mask`) is read by
+        """`visuals`: every image of the batch in token order (`processing.base.VisualBatch`),
+        with cached tower features where there are some. `prefix_mask` ((B, T) bool, the prompt of each sample: `Batch.prompt_mask`) is read by
         the `prefix` attention rule; without it the whole uncached input is the prompt.
         `inputs_embeds`: the caller's embeddings of `input_ids`, used as they are, with no fusion
         step (generation embeds the tokens it produced as text, whatever their ids)."""
         cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
         embeds = inputs_embeds
         if embeds is None:
-            embeds = self.inputs_embeds(input_ids, images, image_features, pixel_values, cached=past_key_values is not None)
+            embeds = self.inputs_embeds(input_ids, visuals, cached=past_key_values is not None)
         if self.attention_rule.name != "causal" and not cached:
             from vlmkit.model.attention import decoder_mask
 

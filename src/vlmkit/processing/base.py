@@ -122,6 +122,36 @@ class ProcessedImage:
                 for p, v in zip(self.pixel_values, self.views)]
 
 
+@dataclass(frozen=True)
+class VisualBatch:
+    """What the model reads of a batch's images and videos, and the one form it takes them in:
+    each token group (an image, a video's temporal chunk) with its views, pixels, grids, original
+    size and arrangement, in the order its tokens appear in the text; and, where a frozen tower's
+    features were cached, those features instead of a tower pass: per image, one (t, h*w, C)
+    tensor per view."""
+
+    images: tuple[ProcessedImage, ...] = ()
+    features: tuple[tuple[torch.Tensor, ...], ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "images", tuple(self.images))
+        if self.features is not None:
+            if len(self.features) != len(self.images):
+                raise ValueError(f"{len(self.features)} cached feature sets for {len(self.images)} images")
+            object.__setattr__(self, "features", tuple(tuple(f) for f in self.features))
+
+    @classmethod
+    def of_pixels(cls, pixels: torch.Tensor) -> "VisualBatch":
+        """Stacked (images, 3, H, W) pixels, each one single-view image (fixed resolution)."""
+        return cls(tuple(ProcessedImage(p[None], TokenLayout(0), views=image_views(p[None], ["image"])) for p in pixels))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __bool__(self) -> bool:
+        return bool(self.images)
+
+
 def image_views(pixels: torch.Tensor, roles: list[str]) -> tuple[View, ...]:
     """Views of a stacked (views, 3, H, W) tensor, one role per view."""
     size = (int(pixels.shape[-2]), int(pixels.shape[-1]))

@@ -55,8 +55,6 @@ class EncodedSample:
     id: str
     input_ids: torch.Tensor  # (T,)
     labels: torch.Tensor  # (T,), IGNORE_INDEX outside assistant spans
-    pixel_values: torch.Tensor  # (views, 3, H, W) in token order when all views share a shape; else (0,)
-    layouts: list[TokenLayout] = field(default_factory=list)  # one per pixel row / token group
     image_keys: list[str] = field(default_factory=list)  # for caching frozen-tower features, one per row
     visuals: list[VisualSpan] = field(default_factory=list)
     # Each token group's views, grids and arrangement, in token order (what the model encodes).
@@ -64,6 +62,11 @@ class EncodedSample:
     # (3, T) M-RoPE positions (Qwen2-VL family), and what generation adds to the step counter.
     position_ids: torch.Tensor | None = None
     rope_delta: int = 0
+
+    @property
+    def layouts(self) -> list[TokenLayout]:
+        """Each token group's layout, in token order (read from `images`, where it is carried)."""
+        return [image.layout for image in self.images]
 
 
 @dataclass
@@ -248,14 +251,10 @@ class ChatProcessor:
     def _outputs(visuals: list[_Visual]):
         groups = [g for v in visuals for g in v.groups]
         layouts = [g.layout for g in groups]
-        shapes = {tuple(g.pixel_values.shape[1:]) for g in groups}
-        # Stacked pixels only where every view has one shape (fixed resolution); `images` is the
-        # source of truth the model reads, whatever the sizes.
-        pixels = torch.cat([g.pixel_values for g in groups]) if len(shapes) == 1 else torch.zeros(0)
         keys = [k for v in visuals for k in v.keys]
         spans = [VisualSpan(v.kind, v.index, len(v.groups), sum(g.layout.slots for g in v.groups), v.grid_thw,
                             list(v.timestamps)) for v in visuals]
-        return layouts, pixels, keys, spans, groups
+        return layouts, keys, spans, groups
 
     def _with_positions(self, sample: EncodedSample) -> EncodedSample:
         if self.mrope:
@@ -292,7 +291,7 @@ class ChatProcessor:
 
     def encode(self, sample: Sample, train: bool = True) -> EncodedSample:
         visuals, messages = self._prepare(sample)
-        layouts, pixels, keys, visual_spans, groups = self._outputs(visuals)
+        layouts, keys, visual_spans, groups = self._outputs(visuals)
         if train and not any(m.role == "assistant" for m in messages):
             raise BadRecordError(sample.id, "has no assistant turn to learn from")
         text, spans = self.assistant_spans(sample.id, messages)
@@ -316,8 +315,6 @@ class ChatProcessor:
             id=sample.id,
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
-            pixel_values=pixels,
-            layouts=layouts,
             image_keys=keys,
             visuals=visual_spans,
             images=groups,
@@ -350,14 +347,14 @@ class ChatProcessor:
                         images=[x for x in images if not isinstance(x, VideoInput)],
                         videos=[x.path for x in images if isinstance(x, VideoInput)])
         visuals, expanded = self._prepare(sample, pattern)
-        layouts, pixels, keys, spans, groups = self._outputs(visuals)
+        layouts, keys, spans, groups = self._outputs(visuals)
         text = self._render(expanded, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_length:
             raise BadRecordError("prompt", f"is {len(ids)} tokens long, longer than the context of {self.max_length}")
         self._check_image_tokens("prompt", ids, layouts)
         return self._with_positions(EncodedSample("prompt", torch.tensor(ids), torch.full((len(ids),), IGNORE_INDEX),
-                                                  pixels, layouts, keys, spans, groups))
+                                                  keys, spans, groups))
 
     def _slot_ids(self) -> set[int]:
         """Token ids of visual slots: the image token, and the video token where the family has one."""

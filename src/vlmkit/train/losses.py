@@ -26,9 +26,8 @@ def decoder_hidden(model, batch: Batch) -> torch.Tensor:
     """Final hidden states of the LLM for `batch`, through the model's own forward (so DDP /
     FSDP wrappers and both fusion strategies stay on their normal path)."""
     return model(
-        batch.input_ids, batch.attention_mask,
-        images=batch.images,
-        image_features=batch.image_features,
+        batch.input_ids, batch.visuals,
+        attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         **_prefix(model, batch),
     ).hidden_states

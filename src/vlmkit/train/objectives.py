@@ -217,7 +217,7 @@ class EmbedAlignObjective(Objective):
         return float(sum(int(self.selection(mb.batch)[0].sum()) for mb in micro if mb.batch is not None))
 
     def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
-        embeds = model.inputs_embeds(batch.input_ids, batch.images, batch.image_features, None, cached=False)
+        embeds = model.inputs_embeds(batch.input_ids, batch.visuals, cached=False)
         keep, slots = self.selection(batch)
         visual = F.normalize(embeds[slots].float(), dim=-1)
         table = model.llm.get_input_embeddings().weight

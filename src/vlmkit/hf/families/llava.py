@@ -53,6 +53,7 @@ from vlmkit.model.connectors.mlp import MLPConnector
 from vlmkit.model.vision import HFVisionTower
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.paths import offline
+from vlmkit.processing.base import VisualBatch
 from vlmkit.utils import respect_umask
 
 
@@ -218,7 +219,7 @@ def verify_export(model, folder: str | Path, seed: int = 0) -> float:
     pixels = torch.randn(1, 3, size, size, generator=g)
     text = model.tokenizer.encode("Describe the image.", add_special_tokens=False)
     ids = torch.tensor([[model.image_token_id] * model.tokens_per_image + text])
-    ours = model(ids.to(model.device), pixel_values=pixels).logits.float().cpu()
+    ours = model(ids.to(model.device), VisualBatch.of_pixels(pixels)).logits.float().cpu()
     theirs = llava(input_ids=ids, pixel_values=pixels).logits.float()[..., : ours.shape[-1]]
     return float((ours - theirs).abs().max())
 
