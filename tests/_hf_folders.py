@@ -126,36 +126,6 @@ def save_llava_next(folder: Path, *, seed: int = 0, tower: str = "clip", text: d
     return Path(folder)
 
 
-IDEFICS3_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-def save_idefics3(folder: Path, *, seed: int = 0, crop: int = 32, patch: int = 4, longest_edge: int = 96) -> Path:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    torch.manual_seed(seed)
-    tok = byte_level_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]},
-                           replace_extra_special_tokens=False)
-    text = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 4096, "vocab_size": len(tok),
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    vision = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": crop, "patch_size": patch}
-    config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    _sharpen(model)
-    model.save_pretrained(folder, safe_serialization=True)
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": crop},
-                                                image_mean=[0.5, 0.4, 0.3], image_std=[0.25, 0.3, 0.35])
-    Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=(crop // patch) ** 2 // 4,
-                      chat_template=IDEFICS3_TEMPLATE).save_pretrained(folder)
-    return Path(folder)
-
-
 INTERNVL_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n"

@@ -125,7 +125,7 @@ def test_cli_import_then_export_then_chat_ready(good, tmp_path):
 def test_cli_export_check_for_idefics3(tmp_path):
     from typer.testing import CliRunner
 
-    from _hf_folders import save_idefics3
+    from idefics3_folder import save_idefics3
     from vlmkit.cli import app
 
     runner = CliRunner()

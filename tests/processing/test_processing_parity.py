@@ -27,9 +27,9 @@ from transformers.models.mllama.image_processing_pil_mllama import MllamaImagePr
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from vlmkit.families.idefics3.processor import Idefics3Processor
 from vlmkit.processing.anyres import LLAVA_NEXT_PINPOINTS, AnyResProcessor
 from vlmkit.processing.dynamic import DynamicTileProcessor
-from vlmkit.processing.idefics3 import Idefics3Processor
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
 from vlmkit.processing.mllama import MllamaProcessor
 from vlmkit.processing.pixtral import PixtralProcessor

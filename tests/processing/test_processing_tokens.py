@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from vlmkit.families.idefics3.processor import Idefics3Processor
 from vlmkit.processing.anyres import AnyResProcessor, unpadded_grid
 from vlmkit.processing.dynamic import DynamicTileProcessor
-from vlmkit.processing.idefics3 import Idefics3Processor
 from vlmkit.processing.mllama import MllamaProcessor
 from vlmkit.processing.pixtral import PixtralProcessor
 from vlmkit.processing.qwen2vl import Qwen2VLProcessor, smart_resize

@@ -180,18 +180,5 @@ def build_random_tower(cfg: VisionConfig, pretrained: bool = False) -> VisionTow
     return HFVisionTower(AutoModel.from_config(hf_cfg), cfg.feature_layer)
 
 
-@VISION_TOWERS.register("idefics2-vision")
-def build_idefics2_tower(cfg: VisionConfig, pretrained: bool = False) -> VisionTower:
-    """Idefics2's vision transformer, built from `cfg.config` (an `Idefics2VisionConfig`): SigLIP's
-    layers with fractional position ids, so any image size (whole patches) keeps positions
-    spread over the learned grid. Its weights are saved with the checkpoint."""
-    from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
-    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
-
-    tower = HFVisionTower(Idefics2VisionTransformer(Idefics2VisionConfig(**(cfg.config or {}))), cfg.feature_layer)
-    tower.from_files = False
-    return tower
-
-
 def build_vision_tower(cfg: VisionConfig, pretrained: bool = True) -> VisionTower:
     return VISION_TOWERS.build(cfg.name, cfg, pretrained=pretrained)

@@ -142,18 +142,6 @@ INTERNVL2_76B = {
 INTERNVL2_76B["tiny"] = tiny("pixel-shuffle", INTERNVL_SHUFFLE, processor=toy(INTERNVL2_76B["processor"], 32, patch_size=4))
 
 
-def idefics3_like(scale: int, crop: int, patch: int, longest_edge: int, tiny_size: int) -> tuple[dict, dict, dict]:
-    """Connector options, processor and tiny processor of an Idefics3-style model: the
-    processor's scale factor is the connector's pixel-shuffle factor, stated once."""
-    connector = {"ratio": 1 / scale, "norm": "none", "projector": "linear", "bias": False}
-    real = processor("idefics3", crop, HALF_MEAN, HALF_STD, longest_edge=longest_edge, patch_size=patch, scale_factor=scale)
-    return connector, real, toy(real, tiny_size, longest_edge=4 * tiny_size, patch_size=4)
-
-
-IDEFICS3_SHUFFLE, IDEFICS3_PROC, IDEFICS3_TINY = idefics3_like(2, 364, 14, 4 * 364, 32)
-SMOLVLM_SHUFFLE, SMOLVLM_PROC, SMOLVLM_TINY = idefics3_like(3, 384, 14, 1536, 24)
-SMOLVLM_256M_SHUFFLE, SMOLVLM_256M_PROC, SMOLVLM_256M_TINY = idefics3_like(4, 512, 16, 2048, 32)
-
 # The seed deck's AnyRes example: 448 px tiles on the LLaVA-NeXT recipe, a 224 px global view,
 # no unpadding or row newlines; the "-shuffle" variant adds InternVL's 2x2 pixel shuffle.
 SEED_PINPOINTS = [[448, 896], [896, 448], [896, 896], [1344, 448], [448, 1344], [896, 1344], [1344, 896]]
@@ -264,24 +252,6 @@ PRESET_DATA: list[dict[str, Any]] = [
                                     "cross_attention": {"every": 1, "heads": 4}}, fusion="cross-attention", vision="clip",
                      processor=processor("fixed", 32, CLIP_MEAN, CLIP_STD, fit="crop")),
     },
-    {
-        "name": "idefics2", "family": "Idefics2-8B", "release": "HuggingFaceM4/idefics2-8b",
-        "published": {"total": 8.40e9, "source": "Hugging Face model page HuggingFaceM4/idefics2-8b (safetensors: 8.4B params)"},
-        "vision": siglip_so400m(980),
-        "connector": {"name": "perceiver", "options": {"latents": 64, "layers": 3, "heads": 16, "head_dim": 96, "kv_heads": 4, "width": 4096,
-                                                        "ffn": "swiglu", "norm": "rmsnorm", "norm_eps": 1e-6, "input_proj": "swiglu",
-                                                        "input_proj_hidden": 14336, "project_output": False}},
-        "llm": llama(32003, 4096, 14336, 32, 32, 8, cls="MistralConfig", label="Mistral-7B-v0.1", max_position_embeddings=32768),
-        "image": {"size": 980, "grid": [70, 70], "tiles": 1},
-        # Idefics2 keeps the aspect ratio (longest edge 980) and pads; image splitting is off by
-        # default. The count is the Perceiver's, whatever the size.
-        "processor": processor("fixed", 980, HALF_MEAN, HALF_STD),
-        "tokens_note": "64 Perceiver latents per image (image splitting off, the released default)",
-        "stages": {"stage1-align": ["connector"], "stage2-instruct": ["vision", "connector", "llm"]},
-        "tiny": tiny("perceiver", {"latents": 8, "layers": 1, "heads": 4, "head_dim": 16, "kv_heads": 2, "width": 64, "ffn": "swiglu",
-                                    "norm": "rmsnorm", "input_proj": "swiglu", "project_output": False}, llm="mistral",
-                     processor=processor("fixed", 32, HALF_MEAN, HALF_STD)),
-    },
     INTERNVL2_76B,
     {
         **INTERNVL2_76B, "name": "internvl2-76b-40tiles", "family": "InternVL2-Llama3-76B (max_num 40)",
@@ -340,53 +310,6 @@ PRESET_DATA: list[dict[str, Any]] = [
             ("90b", 88.6e9, LLAMA3_70B, {**MLLAMA_XATTN, "heads": 64, "ffn_hidden": 28672}),
         )
     ],
-    {
-        "name": "paligemma", "family": "PaliGemma-3B (224)", "release": "google/paligemma-3b-pt-224",
-        "published": {"total": 2.92e9, "source": "Hugging Face model page google/paligemma-3b-pt-224 (safetensors: 2.92B params)"},
-        "vision": siglip_so400m(224), "connector": {"name": "linear", "options": {}},
-        "llm": llama(257216, 2048, 16384, 18, 8, 1, tie=True, cls="GemmaConfig", label="Gemma-2B", head_dim=256),
-        "image": {"size": 224, "grid": [16, 16], "tiles": 1},
-        # PaliGemma resizes to 224x224 without keeping the aspect ratio.
-        "processor": processor("fixed", 224, HALF_MEAN, HALF_STD, fit="squash"), "tokens_note": "224 px, 16x16 patches",
-        "stages": {"stage1-pretrain": ["vision", "connector", "llm"]},
-        "tiny": tiny("linear", llm="gemma", processor=processor("fixed", 32, HALF_MEAN, HALF_STD, fit="squash")),
-    },
-    {
-        "name": "idefics3-8b", "family": "Idefics3-8B-Llama3", "release": "HuggingFaceM4/Idefics3-8B-Llama3",
-        "published": {"total": 8.46e9, "source": "Hugging Face model page HuggingFaceM4/Idefics3-8B-Llama3 (safetensors: 8.46B params)"},
-        "vision": siglip_so400m(364),
-        "connector": {"name": "pixel-shuffle", "options": IDEFICS3_SHUFFLE},
-        "llm": llama(128259, 4096, 14336, 32, 32, 8, label="Llama-3.1-8B", max_position_embeddings=131072),
-        "image": {"size": 364, "grid": [26, 26], "tiles": 1, "note": "per 364 px split; image splitting adds splits + a global view"},
-        "processor": IDEFICS3_PROC, "tokens_note": "364 px crops, 169 tokens each",
-        "stages": {"stage1-align": ["connector"], "stage2-instruct": ["vision", "connector", "llm"]},
-        "tiny": tiny("pixel-shuffle", IDEFICS3_SHUFFLE, processor=IDEFICS3_TINY),
-    },
-    {
-        "name": "smolvlm", "family": "SmolVLM-Instruct (2B)", "release": "HuggingFaceTB/SmolVLM-Instruct",
-        "published": {"total": 2.25e9, "source": "Hugging Face model page HuggingFaceTB/SmolVLM-Instruct (safetensors: 2.25B params)"},
-        "vision": siglip_so400m(384),
-        "connector": {"name": "pixel-shuffle", "options": SMOLVLM_SHUFFLE},
-        "llm": llama(49155, 2048, 8192, 24, 32, 32, tie=False, label="SmolLM2-1.7B", max_position_embeddings=16384),
-        "image": {"size": 384, "grid": [27, 27], "tiles": 1, "note": "per 384 px split; image splitting adds splits + a global view"},
-        "processor": SMOLVLM_PROC, "tokens_note": "SmolVLM-Instruct: 384 px crops, 81 tokens each",
-        "stages": {"stage1-align": ["connector"], "stage2-instruct": ["vision", "connector", "llm"]},
-        "tiny": tiny("pixel-shuffle", SMOLVLM_SHUFFLE, processor=SMOLVLM_TINY),
-    },
-    {
-        "name": "smolvlm-256m", "family": "SmolVLM-256M-Instruct", "release": "HuggingFaceTB/SmolVLM-256M-Instruct",
-        "published": {"total": 256e6, "source": "Hugging Face blog 'SmolVLM Grows Smaller' (256M parameters); safetensors total not checked from this offline machine"},
-        "vision": {"model_class": "SiglipVisionModel", "config_class": "SiglipVisionConfig",
-                   "config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                              "image_size": 512, "patch_size": 16, "vision_use_head": False}},
-        "connector": {"name": "pixel-shuffle", "options": SMOLVLM_256M_SHUFFLE},
-        # The LM head is stored apart from the embeddings here (tied, the count would be 228M, not 256M).
-        "llm": llama(49280, 576, 1536, 30, 9, 3, tie=False, label="SmolLM2-135M", max_position_embeddings=8192),
-        "image": {"size": 512, "grid": [32, 32], "tiles": 1, "note": "per 512 px split; image splitting adds splits + a global view"},
-        "processor": SMOLVLM_256M_PROC, "tokens_note": "512 px crops, 64 tokens each",
-        "stages": {"stage1-align": ["connector"], "stage2-instruct": ["vision", "connector", "llm"]},
-        "tiny": tiny("pixel-shuffle", SMOLVLM_256M_SHUFFLE, processor=SMOLVLM_256M_TINY),
-    },
 ]
 
 # Other names for the same preset (the release names people type).
@@ -395,11 +318,8 @@ ALIASES: dict[str, str] = {
     "llava-v1.6-vicuna-7b": "llava-next-7b",
     "llava-next-mistral-7b": "llava-next",
     "llava-next-vicuna-7b": "llava-next-7b",
-    "smolvlm-instruct": "smolvlm",
-    "smolvlm-2b": "smolvlm",
     "internvl2-llama3-76b": "internvl2-76b",
     "blip2-opt-2.7b": "blip2",
-    "paligemma-3b": "paligemma",
 }
 
 # The seed's per-part figures, for the docs table and `vlmkit inspect`.

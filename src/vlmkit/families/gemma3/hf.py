@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.hf.families.paligemma import gemma_text_llm, llm_state, siglip_tower_dict, text_dict
+from vlmkit.families.paligemma.hf import gemma_text_llm, llm_state, siglip_tower_dict, text_dict
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
@@ -36,7 +36,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, load_reference, save_with_processor, write_checkpoint
 from vlmkit.model.connectors.pooling import GemmaRMSNorm, PoolingConnector
@@ -121,7 +121,7 @@ def with_named_tokens(tok, named: dict):
 
 
 def _is_gemma3(model) -> bool:
-    return (getattr(model.config, "attention", "causal") == "image" and isinstance(model.connector, PoolingConnector)
+    return (model.config.attention == "image" and isinstance(model.connector, PoolingConnector)
             and isinstance(model.connector.pooled_norm, GemmaRMSNorm))
 
 
@@ -173,5 +173,5 @@ def _gemma3_reference(model, prompt, ids):
                                             "token_type_ids": (ids == model.image_token_id).long()}
 
 
-register_family(HFFamily(("gemma3",), "Gemma 3 (Gemma3ForConditionalGeneration)", import_gemma3, export_gemma3, _is_gemma3,
-                         _gemma3_reference, specificity=8))
+GEMMA3 = HFFamily(("gemma3",), "Gemma 3 (Gemma3ForConditionalGeneration)", import_gemma3, export_gemma3, _is_gemma3,
+                  _gemma3_reference, specificity=8)

@@ -4,7 +4,7 @@ SmolVLM is Idefics3's architecture under its own classes: the same vision transf
 kept here as transformers' own `smolvlm_vision` model, which also marks the export format), the
 same pixel shuffle plus one bias-free linear layer, any causal LM, and the same image splitting
 and prompt layout. The import and the weight mapping are therefore Idefics3's
-(`importer.import_idefics3` / `idefics3_reference`), with the `idefics3` processor family.
+(`vlmkit.families.idefics3.hf`: `import_idefics3` / `idefics3_reference`), with the `idefics3` processor family.
 
 Export writes SmolVLM's files: config and weights, `SmolVLMImageProcessorPil`'s
 `preprocessor_config.json`, the tokenizer, the chat template and a `processor_config.json`
@@ -12,7 +12,7 @@ naming `SmolVLMProcessor` with its `image_seq_len`. (`SmolVLMProcessor` itself c
 without torchvision, which its video processor needs, and num2words, so its files are written
 directly.)
 
-Video: the `smolvlm` processor family (`processing/smolvlm.py`) reads `<video>` prompts in
+Video: the `smolvlm` processor family (`processor.py` beside this module) reads `<video>` prompts in
 SmolVLM2's layout (spelled-out frame count, duration, a timestamp per frame, each frame one global
 image), with SmolVLM2's frame sampler (`video.sampling: smolvlm`) and the folder's fps, max frames
 and frame size (`video_sampling`). transformers' video processor resizes frames with torchvision,
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.hf.families.idefics3 import idefics3_reference, import_idefics3
+from vlmkit.families.idefics3.hf import idefics3_reference, import_idefics3
+from vlmkit.families.smolvlm.processor import SmolVLMProcessor
 from vlmkit.hf.folder import image_processor_settings, read_json
-from vlmkit.hf.registry import HFFamily, register_family
+from vlmkit.hf.registry import HFFamily
 from vlmkit.hf.templates import plain_template
 from vlmkit.hf.writing import atomic_folder
 from vlmkit.model.vision import HFVisionTower
@@ -83,7 +84,8 @@ def export_smolvlm(model, out: str | Path) -> Path:
 
     video = o.get("video") or {}
     sampling = {"fps": video.get("fps", 1.0), "max_frames": video.get("max_frames", 32),
-                "video_size": {"longest_edge": getattr(model.image_processor, "video_longest_edge", p.image_size)}}
+                "video_size": {"longest_edge": (model.image_processor.video_longest_edge if isinstance(model.image_processor, SmolVLMProcessor)
+                                                else p.image_size)}}
 
     def write(tmp: Path) -> None:
         ref.save_pretrained(tmp, safe_serialization=True)
@@ -111,5 +113,5 @@ def _reference(model, prompt, ids):
     return SmolVLMForConditionalGeneration, {"pixel_values": torch.cat([im.pixel_values for im in prompt.images])[None]}
 
 
-register_family(HFFamily(("smolvlm",), "SmolVLM / SmolVLM2 (SmolVLMForConditionalGeneration)", import_smolvlm, export_smolvlm,
-                         _owns, _reference, specificity=9))
+SMOLVLM = HFFamily(("smolvlm",), "SmolVLM / SmolVLM2 (SmolVLMForConditionalGeneration)", import_smolvlm, export_smolvlm,
+                   _owns, _reference, specificity=9)

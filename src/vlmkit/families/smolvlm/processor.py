@@ -1,4 +1,4 @@
-"""SmolVLM2: Idefics3's image processing (`idefics3.py`), plus video in SmolVLM2's layout.
+"""SmolVLM2: Idefics3's image processing (`vlmkit.families.idefics3.processor`), plus video in SmolVLM2's layout.
 
 Follows transformers' `SmolVLMVideoProcessor` / `SmolVLMProcessor`:
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from vlmkit.families.idefics3.processor import Idefics3Processor
 from vlmkit.processing.base import ImageProcessor
-from vlmkit.processing.idefics3 import Idefics3Processor
 from vlmkit.registry import IMAGE_PROCESSORS
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "

@@ -25,7 +25,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import (
     build_imported,
@@ -145,5 +145,5 @@ def _idefics3_reference(model, prompt, ids):
     return Idefics3ForConditionalGeneration, {"pixel_values": prompt.images[0].pixel_values[None]}
 
 
-register_family(HFFamily(("idefics3",), "Idefics3 / SmolVLM (Idefics3ForConditionalGeneration)", import_idefics3,
-                         export_idefics3, processor_is("idefics3"), _idefics3_reference, specificity=3))
+IDEFICS3 = HFFamily(("idefics3",), "Idefics3 / SmolVLM (Idefics3ForConditionalGeneration)", import_idefics3, export_idefics3,
+                    processor_is("idefics3"), _idefics3_reference, specificity=3)

@@ -2,7 +2,9 @@
 `SmolVLMImageProcessorPil`'s preprocessor_config.json, an offline tokenizer with SmolVLM's special
 tokens, SmolVLM2's chat template and processor_config.json. (`SmolVLMProcessor` cannot be built
 here: its video processor needs torchvision, and it needs num2words; its image prompt layout is
-reproduced with transformers' own `get_image_prompt_string`.)"""
+reproduced with transformers' own `get_image_prompt_string`.) Its parity case: the same input ids
+and visual-token counts as SmolVLM's processor layout over `SmolVLMImageProcessorPil`, pixels
+within docs/preprocessing.md's tolerance, then logits and greedy tokens."""
 
 from __future__ import annotations
 
@@ -11,8 +13,13 @@ from pathlib import Path
 
 import torch
 from _hf_folders import _sharpen
+from _parity import ParityCase
 
+from vlmkit.hf.registry import family_of
 from vlmkit.tokenizer import byte_level_tokenizer
+
+# docs/preprocessing.md: resized pixels within 3 of 255 intensity levels of the reference.
+PIXEL_TOLERANCE = 3 / 255
 
 
 def smolvlm_template() -> str:
@@ -126,3 +133,18 @@ def smolvlm_video_reference(folder: Path, video: Path, text: str):
                                        chat_template=processing_smolvlm.DEFAULT_CHAT_TEMPLATE)
     ids = tok(rendered.replace("<video>", video_text), add_special_tokens=False, return_tensors="pt")["input_ids"]
     return ids, pixel_values
+
+
+def _parity_reference(folder, image, question, prompt, model):
+    assert family_of(model) == "smolvlm"
+    ids, pixels = smolvlm_reference_inputs(folder, [image], [{"type": "image"}, {"type": "text", "text": question}])
+    assert model.count_image_tokens(prompt.images[0]) == int((ids == model.image_token_id).sum())
+    ours_pixels = prompt.images[0].pixel_values
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    assert ours_pixels.shape == pixels[0].shape
+    assert ((ours_pixels - pixels[0]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    return ids[0], {"pixel_values": ours_pixels[None]}
+
+
+PARITY = ParityCase("smolvlm", save_smolvlm, "SmolVLMForConditionalGeneration", _parity_reference,
+                    sizes=((20, 20), (72, 40), (24, 90), (100, 100)), image_text="<image>")

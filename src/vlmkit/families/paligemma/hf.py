@@ -35,7 +35,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, load_reference, save_with_processor, write_checkpoint
 from vlmkit.model.connectors.mlp import LinearConnector
@@ -125,7 +125,7 @@ def import_paligemma(folder: Path, out: Path) -> Path:
 
 
 def _is_paligemma(model) -> bool:
-    return (getattr(model.config, "attention", "causal") == "prefix" and model.config.processor.name == "fixed"
+    return (model.config.attention == "prefix" and model.config.processor.name == "fixed"
             and isinstance(model.connector, LinearConnector))
 
 
@@ -184,5 +184,5 @@ def _paligemma_reference(model, prompt, ids):
                                                "token_type_ids": torch.zeros_like(ids)}
 
 
-register_family(HFFamily(("paligemma",), "PaliGemma / PaliGemma 2 (PaliGemmaForConditionalGeneration)", import_paligemma,
-                         export_paligemma, _is_paligemma, _paligemma_reference, specificity=7))
+PALIGEMMA = HFFamily(("paligemma",), "PaliGemma / PaliGemma 2 (PaliGemmaForConditionalGeneration)", import_paligemma,
+                     export_paligemma, _is_paligemma, _paligemma_reference, specificity=7)

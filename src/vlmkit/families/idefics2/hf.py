@@ -8,7 +8,7 @@
   (grouped-query, no biases) plus a SwiGLU FFN of 4x width, a final RMSNorm, no output
   projection. (transformers masks padded patches; vlmkit's views have none.)
 * LLM: any causal LM (Mistral in the released models) from the folder's weights;
-* processor: the `idefics2` family (`processing/idefics2.py`) with the folder's shortest /
+* processor: the `idefics2` family (`processor.py` beside this module) with the folder's shortest /
   longest edge, splitting, mean / std, resample and `image_seq_len`.
 
 Export writes transformers' folder: config and weights, `Idefics2ImageProcessorPil`'s
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
+from vlmkit.families.idefics2.vision import TOWER
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
@@ -37,7 +38,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import (
     build_imported,
@@ -48,8 +49,6 @@ from vlmkit.hf.writing import (
     write_checkpoint,
 )
 from vlmkit.model.connectors.perceiver import PerceiverConnector
-
-TOWER = "idefics2-vision"
 
 # Idefics2Connector's tensors (under model.connector.) -> vlmkit's perceiver's.
 _LAYER_NAMES = {"input_latents_norm": "latent_norm", "input_context_norm": "context_norm", "self_attn": "attn",
@@ -129,8 +128,9 @@ def import_idefics2(folder: Path, out: Path) -> Path:
 
 
 def _check_exportable(model) -> None:
-    conn, o = model.connector, getattr(model.connector, "options", None)
-    if (model.config.processor.name != "idefics2" or model.config.vision.name != TOWER or not isinstance(conn, PerceiverConnector)
+    conn = model.connector
+    o = conn.options if isinstance(conn, PerceiverConnector) else None
+    if (model.config.processor.name != "idefics2" or model.config.vision.name != TOWER or o is None
             or o.input_proj != "swiglu" or o.ffn != "swiglu" or o.ffn_mult != 4 or o.norm != "rmsnorm" or o.project_output
             or o.output != "tokens" or (o.width or conn.vision_dim) != conn.llm_dim or model.vision.feature_layer != -1):
         raise ExportError("Idefics2 needs the idefics2-vision tower (last layer), the idefics2 processor and a perceiver connector "
@@ -202,5 +202,5 @@ def idefics2_inputs(images) -> dict:
     return {"pixel_values": pixels, "pixel_attention_mask": mask}
 
 
-register_family(HFFamily(("idefics2",), "Idefics2 (Idefics2ForConditionalGeneration)", import_idefics2, export_idefics2,
-                         lambda model: model.config.processor.name == "idefics2", _reference, specificity=11))
+IDEFICS2 = HFFamily(("idefics2",), "Idefics2 (Idefics2ForConditionalGeneration)", import_idefics2, export_idefics2,
+                    lambda model: model.config.processor.name == "idefics2", _reference, specificity=11)

@@ -1,13 +1,13 @@
-"""SmolVLM2 (`smolvlm`) import / export against transformers on a tiny random folder: the same
-input ids and visual-token counts as SmolVLM's processor layout over `SmolVLMImageProcessorPil`,
-pixels within docs/preprocessing.md's tolerance, logits within 1e-4 (fp32), the same greedy
-tokens, two images in one prompt; export back gives the same tensors and transformers' reload
-matches; the `vlmkit` command imports, chats and exports it.
+"""SmolVLM2 (`smolvlm`) import / export against transformers on a tiny random folder: two images
+in one prompt (starting with the images and with text), a video prompt, SmolVLM2's frame sampler
+and number words; export back gives the same tensors and transformers' reload matches; the
+`vlmkit` command imports, chats and exports it. One image (ids, pixels, logits, greedy tokens):
+tests/families/test_hf_parity.py (`smolvlm_folder.PARITY`).
 
 SmolVLM's chat template writes "User:" before a turn whose first part is an image and "User: "
-otherwise; the prompts here start with the image and with text. Video: SmolVLM2's video processor needs
-torchvision, so the reference frames are built as images the way it builds them (its own frame
-sampler and prompt writer, PIL resizes; see `_hf_folders_smolvlm.smolvlm_video_reference`)."""
+otherwise. Video: SmolVLM2's video processor needs torchvision, so the reference frames are built
+as images the way it builds them (its own frame sampler and prompt writer, PIL resizes; see
+`smolvlm_folder.smolvlm_video_reference`)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _parity import first_stop, noise
+from smolvlm_folder import PIXEL_TOLERANCE, save_smolvlm, smolvlm_reference_inputs, smolvlm_video_reference
 
-from vlmkit.data.formats import Message
+from vlmkit.checkpoint import load_checkpoint
+from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.checkpoint import load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders_smolvlm import save_smolvlm, smolvlm_reference_inputs, smolvlm_video_reference  # noqa: E402
-from test_hf_import import PIXEL_TOLERANCE, _assert_same_tensors, _first_stop, noise  # noqa: E402
+REPO = Path(__file__).resolve().parents[3]
 
 torch.set_num_threads(1)
 
@@ -41,31 +41,6 @@ def smolvlm(tmp_path_factory):
     model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
     ref = SmolVLMForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     return folder, model, ref
-
-
-@pytest.mark.parametrize("size", [(20, 20), (72, 40), (24, 90), (100, 100)])
-def test_smolvlm_import_ids_pixels_logits_and_greedy_match_transformers(smolvlm, size):
-    folder, model, ref = smolvlm
-    assert family_of(model) == "smolvlm"
-    image = noise(*size, seed=5)
-    ids, pixels = smolvlm_reference_inputs(folder, [image], [{"type": "image"}, {"type": "text", "text": "What is shown?"}])
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What is shown?")], [image])
-    assert prompt.input_ids.tolist() == ids[0].tolist()
-    assert model.count_image_tokens(prompt.images[0]) == int((ids == model.image_token_id).sum())
-    ours_pixels = prompt.images[0].pixel_values
-    std = torch.tensor(model.config.processor.std)[:, None, None]
-    assert ours_pixels.shape == pixels[0].shape
-    assert ((ours_pixels - pixels[0]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
-
-    inputs = {"input_ids": ids, "pixel_values": ours_pixels[None]}
-    with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
-        theirs = ref(**inputs).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
 
 
 @pytest.mark.parametrize("leading", [True, False], ids=["images-first", "text-first"])
@@ -106,7 +81,7 @@ def test_smolvlm_video_prompt_matches_transformers(smolvlm, tmp_path):
     expected = generate(model, [prompt], GenerationConfig(max_new_tokens=6))[0]
     out = ref.generate(input_ids=ids, pixel_values=ours[None], max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
     eos = ref.generation_config.eos_token_id
-    assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
 
 
 def test_smolvlm_frame_sampler_and_number_words_follow_transformers():
@@ -115,7 +90,7 @@ def test_smolvlm_frame_sampler_and_number_words_follow_transformers():
     from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
     from transformers.video_utils import VideoMetadata
 
-    from vlmkit.processing.smolvlm import number_words
+    from vlmkit.families.smolvlm.processor import number_words
     from vlmkit.processing.video import VideoOptions, sample_indices
 
     for total, fps, max_frames, rate in [(20, 4, 6, 2), (300, 30, 8, 1), (1000, 25, 64, 1), (7, 8, 64, 1), (90, 30, 2, 0.5)]:
@@ -138,7 +113,10 @@ def test_smolvlm_export_then_import_returns_the_same_tensors(smolvlm, tmp_path):
     assert json.loads((exported / "processor_config.json").read_text())["processor_class"] == "SmolVLMProcessor"
     assert verify_hf_export(model, exported) < 1e-4
     again, _ = load_checkpoint(import_hf(exported, tmp_path / "again"))
-    _assert_same_tensors(model, again)
+    sa, sb = model.state_dict(), again.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
     assert again.config.processor == model.config.processor
     assert family_of(again) == "smolvlm"
     assert json.loads((exported / "preprocessor_config.json").read_text())["video_sampling"]["video_size"] == {"longest_edge": 48}
@@ -147,9 +125,8 @@ def test_smolvlm_export_then_import_returns_the_same_tensors(smolvlm, tmp_path):
 def test_smolvlm_import_chat_and_export_from_the_command_line(tmp_path):
     from PIL import Image
 
-    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(repo / "src"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     save_smolvlm(tmp_path / "hf", seed=3)
     Image.new("RGB", (37, 111), (200, 40, 40)).save(tmp_path / "odd.png")
     for args in (["import-hf", "hf", "ck"], ["chat", "--checkpoint", "ck", "--image", "odd.png", "What colour?", "--max-new-tokens", "3"],

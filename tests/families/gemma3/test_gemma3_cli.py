@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from gemma3_folder import save_gemma3
+from paligemma_folder import save_paligemma
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-from _hf_folders_gemma import save_gemma3, save_paligemma  # noqa: E402
+REPO = Path(__file__).resolve().parents[3]
 
 VLMKIT = [sys.executable, "-m", "vlmkit.cli"]
 torch.set_num_threads(1)
