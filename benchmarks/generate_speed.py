@@ -132,8 +132,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from vlmkit.generate import GenerationConfig, _extra_stop_ids, generate
     from vlmkit.families.llava.hf import to_llava
+    from vlmkit.generate import GenerationConfig, _extra_stop_ids, generate
 
     dtype = getattr(torch, args.dtype)
     model = build(args.shape)
