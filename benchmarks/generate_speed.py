@@ -1,6 +1,6 @@
 """Generation speed: vlmkit `generate` against Hugging Face `generate`, same model, greedy.
 
-The vlmkit model is exported in memory to `LlavaForConditionalGeneration` (vlmkit.hf.families.llava), so
+The vlmkit model is exported in memory to `LlavaForConditionalGeneration` (vlmkit.families.llava.hf), so
 both sides run identical weights on identical inputs (token ids + pixels, left-padded batches).
 Each side is timed end to end (vision tower, prefill and decode) and reports new tokens per
 second; their greedy outputs are compared token by token. Random weights: speed does not depend
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from vlmkit.families.llava.hf import to_llava
     from vlmkit.generate import GenerationConfig, _extra_stop_ids, generate
-    from vlmkit.hf.families.llava import to_llava
 
     dtype = getattr(torch, args.dtype)
     model = build(args.shape)

@@ -3,7 +3,7 @@ run. `--family llava` (default) compares with `LlavaForConditionalGeneration`; `
 with `LlavaNextForConditionalGeneration` (AnyRes tiles, unpadding, newlines: four images of
 different sizes and aspect ratios in the batch); `--family qwen2-vl` with
 `Qwen2VLForConditionalGeneration` (native resolution, 2x2 merge, M-RoPE). For the last two the
-reference holds vlmkit's weights (`vlmkit.hf.reference`) and the losses are checked equal first. Both train every parameter with AdamW (forward, backward,
+reference holds vlmkit's weights (`vlmkit.hf.reference`, `vlmkit.families.llava_next.hf`) and the losses are checked equal first. Both train every parameter with AdamW (forward, backward,
 optimizer step); both run the same SigLIP tower, 2-layer GELU projector and Llama decoder built
 from the same configs. HF computes logits for every position; vlmkit runs the LM head only at
 supervised positions, in chunks, through the training loop's own loss path.
@@ -126,6 +126,7 @@ def run_family(args) -> dict:
     from vlmkit.config import ModelConfig
     from vlmkit.data.collate import collate
     from vlmkit.data.formats import Message, Sample
+    from vlmkit.families.llava_next import hf as llava_next_hf
     from vlmkit.hf import reference
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.processing import build_chat_processor
@@ -147,9 +148,9 @@ def run_family(args) -> dict:
     batch = collate(encoded, pad_id=0).to(device)
     head = ours.llm.get_output_embeddings()
 
-    ref = (reference.llava_next if args.family == "anyres" else reference.qwen2_vl)(ours).train()
+    ref = (llava_next_hf.llava_next if args.family == "anyres" else reference.qwen2_vl)(ours).train()
     if args.family == "anyres":
-        ref_inputs = {k: v.to(device) for k, v in reference.llava_next_inputs(encoded).items()}
+        ref_inputs = {k: v.to(device) for k, v in llava_next_hf.llava_next_inputs(encoded).items()}
     else:
         ref_inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                       "pixel_values": torch.cat([im.pixel_values for im in batch.images]).to(device),

@@ -38,7 +38,7 @@ def llava(tmp_path_factory):
     """A LLaVA-1.5 folder (vlmkit's tiny MLP model exported)."""
     from _tiny import tiny_model
 
-    from vlmkit.hf.families.llava import export_llava
+    from vlmkit.families.llava.hf import export_llava
 
     return export_llava(tiny_model("mlp"), tmp_path_factory.mktemp("llava") / "hf")
 

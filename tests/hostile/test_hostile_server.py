@@ -465,7 +465,7 @@ def _qwen2vl_case(root):
 
 
 def _llava_next_case(root):
-    from _hf_folders import save_llava_next
+    from llava_next_folder import save_llava_next
     from transformers import AutoTokenizer, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 

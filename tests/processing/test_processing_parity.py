@@ -29,10 +29,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from vlmkit.families.idefics3.processor import Idefics3Processor
 from vlmkit.processing.anyres import LLAVA_NEXT_PINPOINTS, AnyResProcessor
-from vlmkit.processing.dynamic import DynamicTileProcessor
+from vlmkit.families.internvl.processor import DynamicTileProcessor
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
 from vlmkit.processing.mllama import MllamaProcessor
-from vlmkit.processing.pixtral import PixtralProcessor
+from vlmkit.families.pixtral.processor import PixtralProcessor
 from vlmkit.processing.qwen2vl import Qwen2VLProcessor
 
 # (width, height)

@@ -15,9 +15,9 @@ from PIL import Image
 
 from vlmkit.families.idefics3.processor import Idefics3Processor
 from vlmkit.processing.anyres import AnyResProcessor, unpadded_grid
-from vlmkit.processing.dynamic import DynamicTileProcessor
+from vlmkit.families.internvl.processor import DynamicTileProcessor
 from vlmkit.processing.mllama import MllamaProcessor
-from vlmkit.processing.pixtral import PixtralProcessor
+from vlmkit.families.pixtral.processor import PixtralProcessor
 from vlmkit.processing.qwen2vl import Qwen2VLProcessor, smart_resize
 from vlmkit.registry import IMAGE_PROCESSORS
 

@@ -4,10 +4,12 @@ Used to check parity (same logits, same positions, same greedy tokens) and to ti
 the reference at identical shapes (`benchmarks/train_step.py`). Each builder takes a built vlmkit
 model and returns the transformers model holding its weights:
 
-* `llava_next`: `LlavaNextForConditionalGeneration` (SigLIP/CLIP tower, 2-layer GELU projector,
-  `image_newline`, AnyRes pinpoints and unpadding) for a model with the `anyres` processor;
 * `qwen2_vl`: `Qwen2VLForConditionalGeneration` (its ViT, PatchMerger = our pre-norm pixel
   shuffle, M-RoPE decoder) for a model with the `qwen2-vit` tower.
+
+The pieces every family's builder shares live here too: `vision_feature_settings` (a Hugging Face
+tower's feature layer and CLS handling in LLaVA's terms), `text_part`, `load_strict`,
+`language_model_state`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmkit.hf.families.llava import vision_feature_settings
+
+def vision_feature_settings(model) -> tuple[int, str, bool]:
+    """(vision_feature_layer, vision_feature_select_strategy, tie_last_hidden_states) of a model's
+    Hugging Face tower, as LLaVA-style configs (LLaVA, LLaVA-NeXT, LLaVA-OneVision) state them."""
+    tower = model.vision
+    strategy = "default" if tower.has_cls else "full"
+    if tower.feature_layer == -1:
+        return -1, strategy, True
+    return tower.feature_layer, strategy, False
 
 
 def load_strict(ref: nn.Module, state: dict[str, torch.Tensor], allowed_missing=("rotary", "inv_freq")) -> nn.Module:
@@ -92,49 +102,3 @@ def qwen2_5_vl(model) -> nn.Module:
               "model.visual.merger.mlp.2.weight": conn.proj[2].weight, "model.visual.merger.mlp.2.bias": conn.proj[2].bias}
     state |= language_model_state(text_state)
     return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
-
-
-def llava_next(model) -> nn.Module:
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    proc = model.image_processor
-    tower = model.vision.model
-    conn = model.connector
-    if model.config.processor.name != "anyres" or not getattr(conn, "image_newline", None) is not None:
-        raise ValueError("LLaVA-NeXT needs the anyres processor with unpadding and newlines")
-    layer, strategy, tie_last = vision_feature_settings(model)
-    text, text_state = text_part(model)
-    config = LlavaNextConfig(
-        vision_config={**tower.config.to_dict(), "tie_last_hidden_states": tie_last},
-        text_config=text,
-        image_token_index=model.image_token_id, vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
-        image_grid_pinpoints=[list(p) for p in proc.grid_pinpoints],
-        tie_word_embeddings=model.llm.config.tie_word_embeddings,
-    )
-    ref = LlavaNextForConditionalGeneration(config)
-    state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
-    state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
-              "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
-              "model.image_newline": conn.image_newline}
-    state |= language_model_state(text_state)
-    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
-
-
-def llava_next_inputs(encoded: list, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """`input_ids`, `attention_mask`, `pixel_values` (B, max views, 3, S, S) and `image_sizes`
-    for LlavaNext from vlmkit-encoded samples with one image each (right-padded)."""
-    longest = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e.input_ids)] = e.input_ids
-        mask[i, : len(e.input_ids)] = 1
-    views = max(e.images[0].pixel_values.shape[0] for e in encoded)
-    first = encoded[0].images[0].pixel_values
-    pixels = first.new_zeros((len(encoded), views, *first.shape[1:]))
-    for i, e in enumerate(encoded):
-        pv = e.images[0].pixel_values
-        pixels[i, : pv.shape[0]] = pv
-    sizes = torch.tensor([list(e.images[0].image_size) for e in encoded])
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}

@@ -232,7 +232,7 @@ class VisionLanguageModel(nn.Module):
                                     grid=None if config.processor.name in NATIVE_FAMILIES else grid)
         fusion = FUSIONS.build(config.fusion, config, llm, connector, fusion_options)
         processor = build_image_processor(config, tokens_per_image=_fixed_tokens(connector, grid, config))
-        if getattr(processor, "newline", False) and getattr(processor, "unpad", None) is not None:
+        if processor.learned_newline:
             # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
             connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
         if config.connector.output_norm == "text":

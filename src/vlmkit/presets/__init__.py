@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.config import ModelConfig, ProcessorConfig
+from vlmkit.config import ModelConfig, ProcessorConfig, VisionConfig
 from vlmkit.model.connectors import build_connector
 from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
 from vlmkit.model.language import decoder_layers
 from vlmkit.presets.catalog import ALIASES, PRESET_DATA, SEED_FIGURES
-from vlmkit.registry import IMAGE_PROCESSORS, PRESETS
+from vlmkit.registry import IMAGE_PROCESSORS, PRESETS, VISION_TOWERS
 
 PART_ORDER = ("vision", "connector", "cross_attention", "llm")
 
@@ -124,15 +124,9 @@ class MetaModel:
 
 def _build_vision(spec: dict) -> tuple[nn.Module, int]:
     kind = spec.get("kind", "hf")
-    if kind == "rope-vit":
-        from vlmkit.model.rope_vit import RopeViTConfig, RopeViTTower
-
-        tower = RopeViTTower(RopeViTConfig.model_validate(spec["config"]))
-        return tower, tower.hidden_size
-    if kind == "patchify":
-        from vlmkit.model.connectors.patch_embed import PatchifyConfig, PatchifyTower
-
-        tower = PatchifyTower(PatchifyConfig.model_validate(spec["config"]))
+    if kind != "hf":
+        # vlmkit's own tower, registered by name (Pixtral's rope-vit, Fuyu's patchify).
+        tower = VISION_TOWERS.build(kind, VisionConfig(name=kind, config=spec["config"]), pretrained=False)
         return tower, tower.hidden_size
     cfg = _resolve(spec["config_class"])(**spec["config"])
     model = _resolve(spec["model_class"])._from_config(cfg) if hasattr(_resolve(spec["model_class"]), "_from_config") else _resolve(spec["model_class"])(cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
+from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD
 
 # ---- shared real-shape pieces --------------------------------------------------------------
 
@@ -65,14 +65,11 @@ def toy(real: dict[str, Any], image_size: int, **options) -> dict[str, Any]:
     return {**real, "image_size": image_size, "options": {**real["options"], **options}}
 
 
-CLIP_336 = processor("fixed", 336, CLIP_MEAN, CLIP_STD)
 BLIP_224 = processor("fixed", 224, CLIP_MEAN, CLIP_STD)
-LLAVA_NEXT = processor("anyres", 336, CLIP_MEAN, CLIP_STD)
 QWEN2_VL = processor("qwen2vl", 448, CLIP_MEAN, CLIP_STD, min_pixels=3136, max_pixels=12845056)
 MLLAMA = processor("mllama", 560, HALF_MEAN, HALF_STD, resample="bilinear", max_tiles=4)
 
 # Toy sizes: 32 px images, 4 px patches (an 8x8 feature grid), so every family trains on CPU.
-TINY_ANYRES = {"patch_size": 4, "grid_pinpoints": [[32, 64], [64, 32], [64, 64]]}
 TINY_QWEN2_VL = {"patch_size": 4, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
 # Qwen2-VL's own tower (3D patch embedding over pre-flattened patches) and M-RoPE text decoder, at
 # toy width; its 2x2 PatchMerger is the pixel-shuffle connector with a pre-norm.
@@ -123,94 +120,9 @@ TINY_QFORMER = {"num_queries": 8, "hidden_size": 32, "layers": 2, "heads": 4, "i
 
 TINY_QWEN2_VL_MODEL = {**TINY_QWEN2_VL_PARTS, "processor": toy(QWEN2_VL, 32, **TINY_QWEN2_VL)}
 
-LLAVA_STAGES = {"stage1-align": ["connector"], "stage2-instruct": ["connector", "llm"]}
-INTERNVL_SHUFFLE = {"ratio": 0.5, "norm": "post"}
-INTERNVL2_76B = {
-    "name": "internvl2-76b", "family": "InternVL2-Llama3-76B", "release": "OpenGVLab/InternVL2-Llama3-76B",
-    "published": {"total": 76.26e9, "source": "Hugging Face model page OpenGVLab/InternVL2-Llama3-76B (safetensors: 76.3B params)"},
-    "vision": {"model_class": "InternVLVisionModel", "config_class": "InternVLVisionConfig",
-               "config": {"hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 45, "num_attention_heads": 25,
-                          "image_size": 448, "patch_size": 14, "use_qk_norm": True, "norm_type": "rms_norm", "use_mean_pooling": False,
-                          "attention_bias": True}},
-    "connector": {"name": "pixel-shuffle", "options": INTERNVL_SHUFFLE},
-    "llm": llama(128265, 8192, 28672, 80, 64, 8, label="Hermes-2-Theta-Llama-3-70B", max_position_embeddings=8192),
-    "image": {"size": 448, "grid": [32, 32], "tiles": 1, "note": "per 448 px tile; dynamic tiling uses 1..40 tiles + thumbnail"},
-    "processor": processor("dynamic", 448, IMAGENET_MEAN, IMAGENET_STD, max_num=12, downsample_ratio=INTERNVL_SHUFFLE["ratio"]),
-    "tokens_note": "max_dynamic_patch 12 (the released config)",
-    "stages": {"stage1-align": ["connector"], "stage2-instruct": ["vision", "connector", "llm"]},
-}
-INTERNVL2_76B["tiny"] = tiny("pixel-shuffle", INTERNVL_SHUFFLE, processor=toy(INTERNVL2_76B["processor"], 32, patch_size=4))
-
-
-# The seed deck's AnyRes example: 448 px tiles on the LLaVA-NeXT recipe, a 224 px global view,
-# no unpadding or row newlines; the "-shuffle" variant adds InternVL's 2x2 pixel shuffle.
-SEED_PINPOINTS = [[448, 896], [896, 448], [896, 896], [1344, 448], [448, 1344], [896, 1344], [1344, 896]]
-SEED_SHUFFLE = {"ratio": 0.5, "norm": "post"}
-
-
-def anyres_seed(name: str, connector: dict, pixel_shuffle: int, note: str) -> dict[str, Any]:
-    real = processor("anyres", 448, CLIP_MEAN, CLIP_STD, grid_pinpoints=SEED_PINPOINTS, unpad=False, newline=False,
-                     base_size=224, pixel_shuffle=pixel_shuffle)
-    return {
-        "name": name, "family": "AnyRes (the seed deck's example)", "release": "none (an illustration, not a released model)",
-        "published": {"total": None, "source": "not a released model: CLIP ViT-L/14 at 448 px + Vicuna-7B, the seed deck's AnyRes example"},
-        "vision": {**CLIP_L_336, "config": {**CLIP_L_336["config"], "image_size": 448}},
-        "connector": connector, "llm": VICUNA_7B,
-        "image": {"size": 448, "grid": [32, 32], "tiles": 1, "note": "per 448 px tile; AnyRes adds tiles + a 224 px global view (vlmkit tokens)"},
-        "processor": real, "tokens_note": note,
-        "stages": LLAVA_STAGES,
-        # The anyres family makes pixels only with the global view at tile size (a smaller global
-        # view is token-only there), so the tiny variant, which trains, keeps base_size = tile size.
-        "tiny": tiny(connector["name"], connector["options"], vision="clip",
-                     processor=toy(real, 32, patch_size=4, base_size=None, grid_pinpoints=TINY_ANYRES["grid_pinpoints"])),
-    }
 
 
 PRESET_DATA: list[dict[str, Any]] = [
-    {
-        "name": "llava-1.5-7b", "family": "LLaVA-1.5", "release": "llava-hf/llava-1.5-7b-hf",
-        "published": {"total": 7.06e9, "source": "Hugging Face model page llava-hf/llava-1.5-7b-hf (safetensors: 7.06B params)"},
-        "vision": CLIP_L_336, "connector": {"name": "mlp", "options": {}},
-        "llm": VICUNA_7B,
-        "image": {"size": 336, "grid": [24, 24], "tiles": 1},
-        "processor": CLIP_336, "tokens_note": "336 px, 24x24 patches",
-        "stages": LLAVA_STAGES, "tiny": tiny("mlp", vision="clip", processor=toy(CLIP_336, 32)),
-    },
-    {
-        "name": "llava-1.5-13b", "family": "LLaVA-1.5", "release": "llava-hf/llava-1.5-13b-hf",
-        "published": {"total": 13.35e9, "source": "Hugging Face model page llava-hf/llava-1.5-13b-hf (safetensors: 13.4B params)"},
-        "vision": CLIP_L_336, "connector": {"name": "mlp", "options": {}},
-        "llm": llama(32064, 5120, 13824, 40, 40, 40, label="Vicuna-13B (Llama-2-13B)", max_position_embeddings=4096),
-        "image": {"size": 336, "grid": [24, 24], "tiles": 1},
-        "processor": CLIP_336, "tokens_note": "336 px, 24x24 patches",
-        "stages": LLAVA_STAGES, "tiny": tiny("mlp", vision="clip", processor=toy(CLIP_336, 32)),
-    },
-    {
-        "name": "llava-next", "family": "LLaVA-NeXT (v1.6, Mistral-7B)", "release": "llava-hf/llava-v1.6-mistral-7b-hf",
-        "published": {"total": 7.57e9, "source": "Hugging Face model page llava-hf/llava-v1.6-mistral-7b-hf (safetensors: 7.57B params)"},
-        "vision": CLIP_L_336, "connector": {"name": "mlp", "options": {}},
-        "llm": llama(32064, 4096, 14336, 32, 32, 8, cls="MistralConfig", label="Mistral-7B-Instruct-v0.2", max_position_embeddings=32768),
-        # The learned row-newline embedding appended after each unpadded feature row.
-        "extra_params": {"connector": 4096},
-        "image": {"size": 336, "grid": [24, 24], "tiles": 1, "note": "per 336 px tile; AnyRes adds tiles + newline tokens (vlmkit tokens)"},
-        "processor": LLAVA_NEXT, "tokens_note": "llava-v1.6 pinpoints, 336 px tiles",
-        "stages": LLAVA_STAGES, "tiny": tiny("mlp", vision="clip", llm="mistral", processor=toy(LLAVA_NEXT, 32, **TINY_ANYRES)),
-    },
-    {
-        # The same image path as llava-next with the Vicuna-7B language model (`vlmkit tokens`' first LLaVA-NeXT).
-        "name": "llava-next-7b", "family": "LLaVA-NeXT (v1.6, Vicuna-7B)", "release": "llava-hf/llava-v1.6-vicuna-7b-hf",
-        "published": {"total": None, "source": "llava-hf/llava-v1.6-vicuna-7b-hf: no total written down (not checked from this offline machine)"},
-        "vision": CLIP_L_336, "connector": {"name": "mlp", "options": {}},
-        "llm": VICUNA_7B,
-        "extra_params": {"connector": 4096},
-        "image": {"size": 336, "grid": [24, 24], "tiles": 1, "note": "per 336 px tile; AnyRes adds tiles + newline tokens (vlmkit tokens)"},
-        "processor": LLAVA_NEXT, "tokens_note": "llava-v1.6 pinpoints, 336 px tiles",
-        "stages": LLAVA_STAGES, "tiny": tiny("mlp", vision="clip", processor=toy(LLAVA_NEXT, 32, **TINY_ANYRES)),
-    },
-    anyres_seed("anyres-seed", {"name": "mlp", "options": {}}, 1,
-                "the seed deck's AnyRes example: 448 px tiles (1024 tokens) + 224 px global (256)"),
-    anyres_seed("anyres-seed-shuffle", {"name": "pixel-shuffle", "options": SEED_SHUFFLE}, round(1 / SEED_SHUFFLE["ratio"]),
-                "the same with a 2x2 pixel shuffle (InternVL-style, 1/4 of the tokens)"),
     {
         "name": "blip2", "family": "BLIP-2 (OPT-2.7B)", "release": "Salesforce/blip2-opt-2.7b",
         "published": {"total": 3.74e9, "source": "Hugging Face model page Salesforce/blip2-opt-2.7b (safetensors: 3.74B params)"},
@@ -252,14 +164,6 @@ PRESET_DATA: list[dict[str, Any]] = [
                                     "cross_attention": {"every": 1, "heads": 4}}, fusion="cross-attention", vision="clip",
                      processor=processor("fixed", 32, CLIP_MEAN, CLIP_STD, fit="crop")),
     },
-    INTERNVL2_76B,
-    {
-        **INTERNVL2_76B, "name": "internvl2-76b-40tiles", "family": "InternVL2-Llama3-76B (max_num 40)",
-        "image": {**INTERNVL2_76B["image"], "note": "per 448 px tile; dynamic tiling uses 1..40 tiles + thumbnail (here up to 40)"},
-        "processor": {**INTERNVL2_76B["processor"], "options": {**INTERNVL2_76B["processor"]["options"], "max_num": 40}},
-        "tokens_note": "max_num 40, the seed's tile cap",
-        "tiny": {**INTERNVL2_76B["tiny"], "processor": toy(INTERNVL2_76B["tiny"]["processor"], 32, max_num=40)},
-    },
     *[
         {
             "name": f"qwen2-vl-{size}", "family": f"Qwen2-VL-{size.upper()}", "release": f"Qwen/Qwen2-VL-{size.upper()}-Instruct",
@@ -279,18 +183,6 @@ PRESET_DATA: list[dict[str, Any]] = [
             ("72b", 73.4e9, llama(152064, 8192, 29568, 80, 64, 8, cls="Qwen2Config", label="Qwen2-72B")),
         )
     ],
-    {
-        "name": "pixtral-12b", "family": "Pixtral-12B", "release": "mistral-community/pixtral-12b",
-        "published": {"total": 12.7e9, "source": "Hugging Face model page mistral-community/pixtral-12b (safetensors: 12.7B params)"},
-        "vision": {"kind": "rope-vit", "config": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096, "patch_size": 16}},
-        "connector": {"name": "native", "options": {"projector": "mlp"}},
-        "llm": llama(131072, 5120, 14336, 40, 32, 8, cls="MistralConfig", label="Mistral-NeMo-12B", head_dim=128),
-        "image": {"size": 1024, "grid": [64, 64], "tiles": 1, "note": "1024x1024 input; any size up to 1024 per side, plus one [IMG_BREAK] per row"},
-        "processor": processor("pixtral", 1024, CLIP_MEAN, CLIP_STD, patch_size=16), "tokens_note": "longest edge 1024, patch 16",
-        "stages": {"stage1-align": ["connector"], "stage2-instruct": ["vision", "connector", "llm"]},
-        "tiny": tiny("native", {"projector": "mlp"}, vision="rope-vit", llm="mistral",
-                     processor=processor("pixtral", 32, CLIP_MEAN, CLIP_STD, patch_size=4)),
-    },
     *[
         {
             "name": f"llama-3.2-vision-{size}", "family": f"Llama 3.2 Vision {size.upper()}", "release": f"meta-llama/Llama-3.2-{size.upper()}-Vision",
@@ -314,24 +206,14 @@ PRESET_DATA: list[dict[str, Any]] = [
 
 # Other names for the same preset (the release names people type).
 ALIASES: dict[str, str] = {
-    "llava-v1.6-mistral-7b": "llava-next",
-    "llava-v1.6-vicuna-7b": "llava-next-7b",
-    "llava-next-mistral-7b": "llava-next",
-    "llava-next-vicuna-7b": "llava-next-7b",
-    "internvl2-llama3-76b": "internvl2-76b",
     "blip2-opt-2.7b": "blip2",
 }
 
 # The seed's per-part figures, for the docs table and `vlmkit inspect`.
 SEED_FIGURES: dict[str, dict[str, tuple[str, float]]] = {
-    "internvl2-76b": {"vision": ("InternViT-6B", 6.0e9)},
-    "internvl2-76b-40tiles": {"vision": ("InternViT-6B", 6.0e9)},
     "qwen2-vl-72b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
     "qwen2-vl-7b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
     "qwen2-vl-2b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
-    "pixtral-12b": {"vision": ("Pixtral-ViT-400M", 400e6)},
     "llama-3.2-vision-11b": {"vision": ("ViT-H (630M)", 630e6)},
     "llama-3.2-vision-90b": {"vision": ("ViT-H (630M)", 630e6)},
-    "llava-1.5-7b": {"vision": ("frozen CLIP ViT-L (307M)", 307e6)},
-    "llava-1.5-13b": {"vision": ("frozen CLIP ViT-L (307M)", 307e6)},
 }

@@ -96,6 +96,8 @@ class AnyResProcessor(ImageProcessor):
         self.mean, self.std = tuple(mean), tuple(std)
         self.resample, self.backend = resample, backend
         self.unpad, self.newline = unpad, newline
+        # Row newlines are the model's learned `image_newline` embedding.
+        self.learned_newline = bool(newline)
         self.base_size = base_size or image_size
         if self.base_size % patch_size:
             raise ValueError(f"base_size {self.base_size} is not a multiple of patch_size {patch_size}")

@@ -161,6 +161,11 @@ def image_views(pixels: torch.Tensor, roles: list[str]) -> tuple[View, ...]:
 class ImageProcessor(ABC):
     """One preprocessing family."""
 
+    # The model needs a learned row-separator embedding (`image_newline`, trained and saved with
+    # the connector) that the processor's arrangement places after feature rows or images
+    # (LLaVA-NeXT's AnyRes with unpadding, LLaVA-OneVision). Off by default.
+    learned_newline: bool = False
+
     @abstractmethod
     def layout(self, width: int, height: int) -> TokenLayout:
         """Token layout for an image of this size, without touching pixels."""

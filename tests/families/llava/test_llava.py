@@ -1,5 +1,7 @@
-"""Hugging Face LLaVA export/import: transformers loads the export as LlavaForConditionalGeneration
-with the same logits, preprocessing, prompt and greedy output; an import is trainable in vlmkit."""
+"""Hugging Face LLaVA-1.5 export/import: transformers loads the export as LlavaForConditionalGeneration
+with the same logits, preprocessing, prompt and greedy output; an import is trainable in vlmkit.
+Import of a transformers-saved folder against transformers (ids, pixels, logits, greedy tokens):
+tests/families/test_hf_parity.py."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from PIL import Image
 
 from vlmkit.config import load_config
 from vlmkit.data.formats import Message
+from vlmkit.families.llava.hf import check_exportable, export_llava, import_llava, verify_export
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.families.llava import check_exportable, export_llava, import_llava, verify_export
 from vlmkit.hf.folder import ExportError
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
@@ -155,9 +157,9 @@ def test_import_refuses_non_llava_folder(tmp_path):
 def test_cli_export_then_import(tmp_path):
     from typer.testing import CliRunner
 
+    from vlmkit.checkpoint import save_checkpoint
     from vlmkit.cli import app
     from vlmkit.config import Config
-    from vlmkit.checkpoint import save_checkpoint
 
     model = siglip_model()
     save_checkpoint(tmp_path / "ckpt", model, Config(model=model.config))

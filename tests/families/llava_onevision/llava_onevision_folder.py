@@ -1,7 +1,10 @@
 """A tiny random LLaVA-OneVision folder, saved with `save_pretrained` (model, PIL image processor,
-tokenizer, chat template, processor_config.json), the way a downloaded one looks. Its processor
-class cannot be built here from the folder (the video processor needs torchvision), so the tests
-build `LlavaOnevisionProcessor` with `video_processor=None` around the PIL image processor."""
+tokenizer, chat template, processor_config.json), the way a downloaded one looks, and its parity
+case: the same input ids and visual-token counts as `LlavaOnevisionProcessor`, pixels within
+docs/preprocessing.md's tolerance and the same image sizes, on sizes below and above the
+anyres_max cap. Its processor class cannot be built here from the folder (the video processor
+needs torchvision), so the reference runs its `replace_image_token` around the PIL image
+processor."""
 
 from __future__ import annotations
 
@@ -9,9 +12,16 @@ import json
 from pathlib import Path
 
 import torch
-from _hf_folders import LLAVA_NEXT_TEMPLATE, _sharpen
+from _hf_folders import _sharpen
+from _parity import ParityCase
+from llava_next_folder import LLAVA_NEXT_TEMPLATE
 
+from vlmkit.families.llava_onevision.hf import onevision_inputs
+from vlmkit.hf.registry import family_of
 from vlmkit.tokenizer import byte_level_tokenizer
+
+# docs/preprocessing.md: resized pixels within 3 of 255 intensity levels of the reference.
+PIXEL_TOLERANCE = 3 / 255
 
 
 def save_onevision(folder: Path, *, seed: int = 0, tile: int = 32, patch: int = 8, max_tiles: int = 4, tower: str = "siglip") -> Path:
@@ -71,3 +81,27 @@ def onevision_reference_inputs(folder: Path, images, content: list[dict]):
     parts = rendered.split("<image>")
     expanded = parts[0] + "".join(proc.replace_image_token(out, i) + rest for i, rest in enumerate(parts[1:]))
     return tok(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"], out
+
+
+def check_inputs(folder, images, content, prompt, model) -> tuple[torch.Tensor, dict]:
+    """transformers' input ids for the prompt, and its model inputs fed vlmkit's pixels once they
+    are checked against the PIL image processor's (counts, pixels, image sizes)."""
+    ids, hf = onevision_reference_inputs(folder, images, content)
+    assert sum(model.count_image_tokens(im) for im in prompt.images) == int((ids == model.image_token_id).sum())
+    inputs = onevision_inputs(prompt)
+    views = inputs["pixel_values"].shape[1]
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    assert ((inputs["pixel_values"] - hf["pixel_values"][:, :views]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    assert inputs["image_sizes"].tolist() == hf["image_sizes"].tolist()
+    return ids, inputs
+
+
+def _parity_reference(folder, image, question, prompt, model):
+    assert family_of(model) == "llava_onevision"
+    ids, inputs = check_inputs(folder, [image], [{"type": "image"}, {"type": "text", "text": question}], prompt, model)
+    return ids[0], inputs
+
+
+# (20, 20): one tile; (72, 40), (24, 90): below the anyres_max_4 cap; (100, 100), (130, 60): above it.
+PARITY = ParityCase("llava_onevision", save_onevision, "LlavaOnevisionForConditionalGeneration", _parity_reference,
+                    sizes=((20, 20), (72, 40), (24, 90), (100, 100), (130, 60)))

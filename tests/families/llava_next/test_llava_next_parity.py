@@ -13,12 +13,12 @@ from PIL import Image
 from vlmkit.config import load_config
 from vlmkit.data.collate import collate
 from vlmkit.data.formats import Message
-from vlmkit.hf.reference import llava_next, llava_next_inputs
+from vlmkit.families.llava_next.hf import llava_next, llava_next_inputs
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
 
 torch.set_num_threads(1)
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "families" / "anyres.yaml"
+RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "families" / "anyres.yaml"
 
 
 @pytest.mark.parametrize("sizes", [[(72, 40), (24, 90)], [(64, 64), (100, 30)]])

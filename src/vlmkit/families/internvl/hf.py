@@ -28,7 +28,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
 from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector
@@ -147,5 +147,5 @@ def _internvl_reference(model, prompt, ids):
     return InternVLForConditionalGeneration, {"pixel_values": prompt.images[0].pixel_values}
 
 
-register_family(HFFamily(("internvl",), "InternVL (transformers' InternVLForConditionalGeneration)", import_internvl,
-                         export_internvl, processor_is("dynamic"), _internvl_reference, specificity=4))
+INTERNVL = HFFamily(("internvl",), "InternVL (transformers' InternVLForConditionalGeneration)", import_internvl,
+                    export_internvl, processor_is("dynamic"), _internvl_reference, specificity=4)

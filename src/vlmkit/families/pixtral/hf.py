@@ -40,7 +40,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
 from vlmkit.model.connectors.mlp import MLPConnector
@@ -284,7 +284,7 @@ def _reference(cls_name: str):
     return reference
 
 
-register_family(HFFamily(("llava",), "Pixtral (LlavaForConditionalGeneration with a Pixtral vision tower)", import_pixtral,
-                         export_pixtral, _owns_pixtral, _reference("LlavaForConditionalGeneration"), accepts=_is_pixtral_llava, specificity=5))
-register_family(HFFamily(("mistral3",), "Mistral3 / Mistral-Small-3.1 (Mistral3ForConditionalGeneration)", import_mistral3,
-                         export_mistral3, _owns_mistral3, _reference("Mistral3ForConditionalGeneration"), specificity=5))
+PIXTRAL = HFFamily(("llava",), "Pixtral (LlavaForConditionalGeneration with a Pixtral vision tower)", import_pixtral,
+                   export_pixtral, _owns_pixtral, _reference("LlavaForConditionalGeneration"), accepts=_is_pixtral_llava, specificity=5)
+MISTRAL3 = HFFamily(("mistral3",), "Mistral3 / Mistral-Small-3.1 (Mistral3ForConditionalGeneration)", import_mistral3,
+                    export_mistral3, _owns_mistral3, _reference("Mistral3ForConditionalGeneration"), specificity=5)

@@ -2,7 +2,11 @@
 `save_pretrained` and an offline tokenizer, as a downloaded folder looks. transformers'
 `PixtralProcessor` needs torchvision, so its settings are written to processor_config.json by
 hand (the keys `PixtralProcessor.save_pretrained` writes) next to the PIL image processor's
-preprocessor_config.json."""
+preprocessor_config.json.
+
+Their parity cases: the input ids and [IMG] counts transformers' PixtralProcessor builds
+(restated: it needs torchvision), the resized sizes, pixels within docs/preprocessing.md's
+tolerance, on wide, tall and downscaled images."""
 
 from __future__ import annotations
 
@@ -10,9 +14,13 @@ import json
 from pathlib import Path
 
 import torch
-
 from _hf_folders import _sharpen
+from _parity import ParityCase
+
+from vlmkit.hf.registry import family_of
 from vlmkit.tokenizer import byte_level_tokenizer
+
+PIXEL_TOLERANCE = 3 / 255  # docs/preprocessing.md (torch backend)
 
 # Mistral's [INST] format over content lists (image parts -> [IMG]); plain strings pass through.
 PIXTRAL_TEMPLATE = (
@@ -87,3 +95,64 @@ def save_mistral3(folder: Path, *, seed: int = 0, patch: int = 4, longest: int =
     with torch.no_grad():
         model.model.multi_modal_projector.norm.weight.uniform_(0.5, 1.5)
     return _save(model, tok, folder, patch, 2, longest)
+
+
+def _expansion(height: int, width: int, unit: int) -> str:
+    """transformers' `PixtralProcessor.replace_image_token` (its module needs torchvision, so it
+    is restated): per row of `unit`-px blocks, one [IMG] per block and [IMG_BREAK]; the last
+    break becomes [IMG_END]."""
+    tokens = (["[IMG]"] * (width // unit) + ["[IMG_BREAK]"]) * (height // unit)
+    tokens[-1] = "[IMG_END]"
+    return "".join(tokens)
+
+
+def pixtral_reference(folder, images, text):
+    """What transformers' PixtralProcessor produces (it needs torchvision, so it is not built
+    here): the chat template over a content list, each [IMG] expanded from the PIL image
+    processor's resized sizes, at patch * merge as the processor calls it."""
+    from transformers import AutoTokenizer
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    settings = json.loads((Path(folder) / "processor_config.json").read_text())
+    unit = settings["patch_size"] * settings["spatial_merge_size"]
+    out = PixtralImageProcessorPil.from_pretrained(folder, local_files_only=True)(images=images, patch_size=unit, return_tensors="pt")
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    rendered = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    parts = rendered.split("[IMG]")
+    assert len(parts) == len(images) + 1
+    expanded = parts[0] + "".join(_expansion(*out["image_sizes"][i].tolist(), unit) + rest for i, rest in enumerate(parts[1:]))
+    return tok(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"][0], out
+
+
+def check_pixels(prompt, ref_px, model) -> torch.Tensor:
+    """vlmkit's pixels at transformers' resized sizes and within tolerance of its pixels; returned
+    padded as transformers pads a batch (bottom-right, to the largest)."""
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    for im, theirs, (h, w) in zip(prompt.images, ref_px["pixel_values"], ref_px["image_sizes"].tolist()):
+        ours = im.pixel_values[0]
+        assert ours.shape[-2:] == (h, w)
+        assert ((ours - theirs[:, :h, :w]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    pixels = torch.zeros_like(ref_px["pixel_values"])
+    for i, im in enumerate(prompt.images):
+        pixels[i, :, : im.pixel_values.shape[-2], : im.pixel_values.shape[-1]] = im.pixel_values[0]
+    return pixels
+
+
+def _parity_reference(name: str):
+    def reference(folder, image, question, prompt, model):
+        ref_ids, ref_px = pixtral_reference(folder, [image], question)
+        assert sum(model.count_image_tokens(im) for im in prompt.images) == int((ref_ids == model.image_token_id).sum())
+        assert family_of(model) == name
+        return ref_ids, {"pixel_values": check_pixels(prompt, ref_px, model), "image_sizes": ref_px["image_sizes"]}
+
+    return reference
+
+
+_SIZES = ((72, 40), (24, 90), (100, 100))  # wide, tall, downscaled
+PARITY = (
+    ParityCase("pixtral", save_pixtral, "LlavaForConditionalGeneration", _parity_reference("llava"), sizes=_SIZES,
+               question="Describe the picture.", image_text="<image>"),
+    ParityCase("pixtral/mistral3", save_mistral3, "Mistral3ForConditionalGeneration", _parity_reference("mistral3"), sizes=_SIZES,
+               question="Describe the picture.", image_text="<image>"),
+)

@@ -3,6 +3,10 @@
 A SigLIP / CLIP tower (`hf-random` + the folder's weights), the 2-layer GELU projector (`mlp`)
 plus `image_newline`, any transformers causal LM, and the `anyres` processor with the folder's
 pinpoints. LLaVA-OneVision (`llava_onevision`) reuses the import with its `anyres-max` processor.
+
+`llava_next(model)` is transformers' `LlavaNextForConditionalGeneration` holding a vlmkit model's
+weights (parity checks and `benchmarks/train_step.py`); `llava_next_inputs` batches vlmkit-encoded
+samples the way it takes them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vlmkit.config import load_config
 from vlmkit.hf.folder import (
@@ -27,8 +32,8 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.reference import llava_next
-from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config, register_family
+from vlmkit.hf.reference import language_model_state, load_strict, text_part, vision_feature_settings
+from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, save_with_processor, stage_llm, write_checkpoint
 
@@ -105,6 +110,52 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def llava_next(model) -> nn.Module:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    proc = model.image_processor
+    tower = model.vision.model
+    conn = model.connector
+    if model.config.processor.name != "anyres" or not proc.learned_newline:
+        raise ValueError("LLaVA-NeXT needs the anyres processor with unpadding and newlines")
+    layer, strategy, tie_last = vision_feature_settings(model)
+    text, text_state = text_part(model)
+    config = LlavaNextConfig(
+        vision_config={**tower.config.to_dict(), "tie_last_hidden_states": tie_last},
+        text_config=text,
+        image_token_index=model.image_token_id, vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+        image_grid_pinpoints=[list(p) for p in proc.grid_pinpoints],
+        tie_word_embeddings=model.llm.config.tie_word_embeddings,
+    )
+    ref = LlavaNextForConditionalGeneration(config)
+    state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
+    state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
+              "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
+              "model.image_newline": conn.image_newline}
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
+
+
+def llava_next_inputs(encoded: list, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `pixel_values` (B, max views, 3, S, S) and `image_sizes`
+    for LlavaNext from vlmkit-encoded samples with one image each (right-padded)."""
+    longest = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e.input_ids)] = e.input_ids
+        mask[i, : len(e.input_ids)] = 1
+    views = max(e.images[0].pixel_values.shape[0] for e in encoded)
+    first = encoded[0].images[0].pixel_values
+    pixels = first.new_zeros((len(encoded), views, *first.shape[1:]))
+    for i, e in enumerate(encoded):
+        pv = e.images[0].pixel_values
+        pixels[i, : pv.shape[0]] = pv
+    sizes = torch.tensor([list(e.images[0].image_size) for e in encoded])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
+
+
 @torch.no_grad()
 def export_llava_next(model, out: str | Path) -> Path:
     from transformers import LlavaNextProcessor
@@ -133,5 +184,5 @@ def _llava_next_reference(model, prompt, ids):
                                                "image_sizes": torch.tensor([list(prompt.images[0].image_size)])}
 
 
-register_family(HFFamily(("llava_next",), "LLaVA-NeXT (LlavaNextForConditionalGeneration)", import_llava_next,
-                         export_llava_next, processor_is("anyres"), _llava_next_reference, specificity=1))
+LLAVA_NEXT = HFFamily(("llava_next",), "LLaVA-NeXT (LlavaNextForConditionalGeneration)", import_llava_next,
+                      export_llava_next, processor_is("anyres"), _llava_next_reference, specificity=1)

@@ -1,10 +1,10 @@
 """LLaVA-OneVision (`llava_onevision`) import / export against transformers on a tiny random
-folder: the same input ids and visual-token counts as `LlavaOnevisionProcessor` over
-`LlavaOnevisionImageProcessorPil`, pixels within docs/preprocessing.md's tolerance, logits within
-1e-4 (fp32), the same greedy tokens, on sizes below and above the anyres_max cap and on two images
-in one prompt (base views, one newline each); export back gives the same tensors and
-transformers' reload matches; the `vlmkit` command imports, chats and exports it. Video is not
-imported (transformers' video processor needs torchvision)."""
+folder: two images in one prompt (base views, one newline each) give the same input ids,
+visual-token counts, pixels (docs/preprocessing.md's tolerance), logits (1e-4, fp32) and greedy
+tokens as `LlavaOnevisionProcessor` over `LlavaOnevisionImageProcessorPil`; export back gives the
+same tensors and transformers' reload matches; the `vlmkit` command imports, chats and exports it.
+One image, on sizes below and above the anyres_max cap: tests/families/test_hf_parity.py. Video
+is not imported (transformers' video processor needs torchvision)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _parity import first_stop, noise
+from llava_onevision_folder import check_inputs, save_onevision
 
+from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.families.llava_onevision import onevision_inputs
 from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.checkpoint import load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders_onevision import onevision_reference_inputs, save_onevision  # noqa: E402
-from test_hf_import import PIXEL_TOLERANCE, _assert_same_tensors, _first_stop, noise  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -41,45 +38,34 @@ def onevision(tmp_path_factory):
     return folder, model, ref
 
 
-def _check(folder, model, ref, images, greedy: bool):
+def _assert_same_tensors(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_onevision_two_images_in_one_prompt_match_transformers(onevision):
+    folder, model, ref = onevision
+    images = [noise(72, 40, seed=11), noise(30, 80, seed=12)]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What is shown?"}]
-    ids, hf = onevision_reference_inputs(folder, images, content)
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\n" * len(images) + "What is shown?")], images)
+    ids, inputs = check_inputs(folder, images, content, prompt, model)
     assert prompt.input_ids.tolist() == ids[0].tolist()
-    assert sum(model.count_image_tokens(im) for im in prompt.images) == int((ids == model.image_token_id).sum())
-    inputs = onevision_inputs(prompt)
-    views = inputs["pixel_values"].shape[1]
-    std = torch.tensor(model.config.processor.std)[:, None, None]
-    assert ((inputs["pixel_values"] - hf["pixel_values"][:, :views]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
-    assert inputs["image_sizes"].tolist() == hf["image_sizes"].tolist()
     inputs["input_ids"] = ids
     with torch.no_grad():
         ours = model(prompt.input_ids[None], images=prompt.images).logits
         theirs = ref(**inputs).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    if greedy:
-        expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-        out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-        eos = ref.generation_config.eos_token_id
-        assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
-
-
-# (20, 20): one tile; (72, 40), (24, 90): below the anyres_max_4 cap; (100, 100), (130, 60): above it.
-@pytest.mark.parametrize("size", [(20, 20), (72, 40), (24, 90), (100, 100), (130, 60)])
-def test_onevision_import_ids_pixels_logits_and_greedy_match_transformers(onevision, size):
-    folder, model, ref = onevision
-    assert family_of(model) == "llava_onevision"
-    _check(folder, model, ref, [noise(*size, seed=5)], greedy=True)
-
-
-def test_onevision_two_images_in_one_prompt_match_transformers(onevision):
-    folder, model, ref = onevision
-    _check(folder, model, ref, [noise(72, 40, seed=11), noise(30, 80, seed=12)], greedy=True)
+    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
+    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
 
 
 def test_onevision_cap_resizes_the_feature_map():
     """anyres_max_N: the layout shrinks exactly when the unpadded map exceeds 1.1x N tiles."""
-    from vlmkit.processing.onevision import AnyResMaxProcessor
+    from vlmkit.families.llava_onevision.processor import AnyResMaxProcessor
 
     pinpoints = [[32 * i, 32 * j] for i in range(1, 5) for j in range(1, 5)]
     capped = AnyResMaxProcessor(image_size=32, patch_size=8, grid_pinpoints=pinpoints, max_tiles=4)
@@ -106,7 +92,7 @@ def test_onevision_export_then_import_returns_the_same_tensors(onevision, tmp_pa
 def test_onevision_import_chat_and_export_from_the_command_line(tmp_path):
     from PIL import Image
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(repo / "src"), os.environ.get("PYTHONPATH", "")])}
     save_onevision(tmp_path / "hf", seed=3)

@@ -1,8 +1,8 @@
 """LLaVA-OneVision (`llava_onevision`, transformers' `LlavaOnevisionForConditionalGeneration`).
 
 Its weights and layout are LLaVA-NeXT's (SigLIP tower, 2-layer GELU projector, `image_newline`,
-any causal LM), so the import is `importer.import_llava_next` with the `anyres-max` processor
-(`processing/onevision.py`): AnyRes whose feature map is capped at anyres_max_N tiles (the
+any causal LM), so the import is LLaVA-NeXT's (`families/llava_next/hf.py`) with the `anyres-max` processor
+(`families/llava_onevision/processor.py`): AnyRes whose feature map is capped at anyres_max_N tiles (the
 model's assembler resizes it, as `pack_image_features` does), and, in a prompt with several
 images, each image padded to a square and read at base resolution plus one newline.
 
@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.hf.families.llava import vision_feature_settings
-from vlmkit.hf.families.llava_next import import_llava_next
+from vlmkit.families.llava_next.hf import import_llava_next
 from vlmkit.hf.folder import ExportError, read_json
-from vlmkit.hf.reference import language_model_state, load_strict, text_part
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.reference import language_model_state, load_strict, text_part, vision_feature_settings
+from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import plain_template
 from vlmkit.hf.writing import atomic_folder, hf_generation_config
 from vlmkit.model.connectors.mlp import MLPConnector
@@ -58,7 +57,7 @@ def onevision_reference(model):
 
     conn, tower, proc = model.connector, model.vision, model.image_processor
     if (model.config.processor.name != "anyres-max" or not isinstance(conn, MLPConnector) or not isinstance(tower, HFVisionTower)
-            or getattr(conn, "image_newline", None) is None):
+            or not proc.learned_newline):
         raise ExportError("LLaVA-OneVision needs a SigLIP / CLIP tower, the mlp connector and the anyres-max processor")
     layer, strategy, tie_last = vision_feature_settings(model)
     text, text_state = text_part(model)
@@ -128,5 +127,5 @@ def onevision_inputs(prompt) -> dict:
             "batch_num_images": torch.tensor([len(images)])}
 
 
-register_family(HFFamily(("llava_onevision",), "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)", import_llava_onevision,
-                         export_llava_onevision, lambda model: model.config.processor.name == "anyres-max", _reference, specificity=10))
+LLAVA_ONEVISION = HFFamily(("llava_onevision",), "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)", import_llava_onevision,
+                           export_llava_onevision, processor_is("anyres-max"), _reference, specificity=10)

@@ -4,7 +4,7 @@ images in multi-image prompts.
 Follows transformers' `LlavaOnevisionImageProcessor` / `LlavaOnevisionProcessor` and the model's
 `pack_image_features`:
 
-* one image in the sample: LLaVA-NeXT's AnyRes (`anyres.py`: pinpoint, centred tiles, squashed
+* one image in the sample: LLaVA-NeXT's AnyRes (`processing/anyres.py`: pinpoint, centred tiles, squashed
   base view first, unpadding, a newline per feature row), except that an unpadded feature map
   whose area exceeds 1.1x that of `max_tiles` tiles is resized (bilinear, on the projected
   features) to `int(rows // r) x int(cols // r)`, `r = sqrt(rows * cols / (max_tiles * p * p))`,
@@ -16,6 +16,7 @@ Follows transformers' `LlavaOnevisionImageProcessor` / `LlavaOnevisionProcessor`
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
 from vlmkit.processing.anyres import AnyResProcessor, max_tiles_size, select_best_resolution, unpadded_grid
@@ -76,8 +77,6 @@ class BaseViewProcessor(ImageProcessor):
                                                           "newline_tokens": 1, "multi_image": True})
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
-        import torch
-
         par = self.parent
         w, h = image.size
         if image.mode != "RGB":

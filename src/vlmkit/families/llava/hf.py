@@ -46,7 +46,8 @@ from vlmkit.hf.folder import (
     warn_non_finite,
 )
 from vlmkit.hf.output_folder import publish, staging_folder
-from vlmkit.hf.registry import HFFamily, register_family
+from vlmkit.hf.reference import vision_feature_settings
+from vlmkit.hf.registry import HFFamily
 from vlmkit.hf.templates import CONTENT_LIST_PREAMBLE, chat_template, template_source, usable_template
 from vlmkit.hf.writing import stop_ids
 from vlmkit.model.connectors.mlp import MLPConnector
@@ -55,15 +56,6 @@ from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.paths import offline
 from vlmkit.processing.base import VisualBatch
 from vlmkit.utils import respect_umask
-
-
-def vision_feature_settings(model) -> tuple[int, str, bool]:
-    """(vision_feature_layer, vision_feature_select_strategy, tie_last_hidden_states)."""
-    tower = model.vision
-    strategy = "default" if tower.has_cls else "full"
-    if tower.feature_layer == -1:
-        return -1, strategy, True
-    return tower.feature_layer, strategy, False
 
 
 def export_blockers(model) -> list[str]:
@@ -365,6 +357,6 @@ def _causal_lm(llava, text_cfg):
     return causal
 
 
-# Registered least specific first: `family_of` asks the newest registration first.
-register_family(HFFamily(("llava",), "LLaVA-1.5 (LlavaForConditionalGeneration)", import_llava,
-                         lambda model, out: export_llava(model, out), lambda model: True, specificity=0, verify=verify_export))
+# Specificity 0: every other family that exports a `model_type: llava` folder (Pixtral) is asked first.
+LLAVA = HFFamily(("llava",), "LLaVA-1.5 (LlavaForConditionalGeneration)", import_llava,
+                 lambda model, out: export_llava(model, out), lambda model: True, specificity=0, verify=verify_export)

@@ -1,8 +1,9 @@
 """Pixtral (LLaVA with a Pixtral tower) and Mistral3 through `vlmkit import-hf` against
-transformers on tiny random folders saved with `save_pretrained`: the input ids and [IMG] counts
-transformers' PixtralProcessor builds (one and two images per prompt, several sizes), pixel values
-within docs/preprocessing.md's tolerance, logits within 1e-4 (fp32), the same greedy tokens;
-export back returns the same tensors and transformers' reload of the export matches."""
+transformers on tiny random folders saved with `save_pretrained`: two images in one prompt give
+the input ids and [IMG] counts transformers' PixtralProcessor builds, pixel values within
+docs/preprocessing.md's tolerance, logits within 1e-4 (fp32), the same greedy tokens; export back
+returns the same tensors and transformers' reload of the export matches; vlmkit's own Pixtral
+tower (`rope-vit`). One image per prompt: tests/families/test_hf_parity.py."""
 
 from __future__ import annotations
 
@@ -13,26 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from _parity import first_stop, noise
+from _tiny import tiny_config
 from PIL import Image
+from pixtral_folder import check_pixels, pixtral_reference, save_mistral3, save_pixtral
 
+from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, family_for, family_of, import_hf, verify_hf_export
+from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
-from vlmkit.checkpoint import load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders_pixtral import save_mistral3, save_pixtral  # noqa: E402
 
 torch.set_num_threads(1)
-PIXEL_TOLERANCE = 3 / 255  # docs/preprocessing.md (torch backend)
-REPO = Path(__file__).resolve().parents[2]
-
-
-def noise(w: int, h: int, seed: int) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    small = (torch.rand(max(1, h // 4), max(1, w // 4), 3, generator=g) * 255).byte().numpy()
-    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module", params=["pixtral", "mistral3"])
@@ -44,64 +39,21 @@ def family(tmp_path_factory, request):
     return request.param, folder, ckpt, model
 
 
-def _expansion(height: int, width: int, unit: int) -> str:
-    """transformers' `PixtralProcessor.replace_image_token` (its module needs torchvision, so it
-    is restated): per row of `unit`-px blocks, one [IMG] per block and [IMG_BREAK]; the last
-    break becomes [IMG_END]."""
-    tokens = (["[IMG]"] * (width // unit) + ["[IMG_BREAK]"]) * (height // unit)
-    tokens[-1] = "[IMG_END]"
-    return "".join(tokens)
-
-
-def _reference(folder, images, text):
-    """What transformers' PixtralProcessor produces (it needs torchvision, so it is not built
-    here): the chat template over a content list, each [IMG] expanded from the PIL image
-    processor's resized sizes, at patch * merge as the processor calls it."""
-    import json
-
-    from transformers import AutoTokenizer
-    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    settings = json.loads((Path(folder) / "processor_config.json").read_text())
-    unit = settings["patch_size"] * settings["spatial_merge_size"]
-    out = PixtralImageProcessorPil.from_pretrained(folder, local_files_only=True)(images=images, patch_size=unit, return_tensors="pt")
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    rendered = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-    parts = rendered.split("[IMG]")
-    assert len(parts) == len(images) + 1
-    expanded = parts[0] + "".join(_expansion(*out["image_sizes"][i].tolist(), unit) + rest for i, rest in enumerate(parts[1:]))
-    return tok(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"][0], out
-
-
-def _first_stop(tokens, eos):
-    stops = set(eos if isinstance(eos, list) else [eos])
-    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
-
-
-@pytest.mark.parametrize("sizes", [[(72, 40)], [(24, 90)], [(100, 100)], [(60, 30), (30, 90)]],
-                         ids=["wide", "tall", "downscaled", "two-images"])
-def test_import_ids_pixels_logits_and_greedy_match_transformers(family, sizes):
+def test_two_images_in_one_prompt_match_transformers(family):
     from transformers import AutoModelForImageTextToText
 
     name, folder, _, model = family
+    sizes = [(60, 30), (30, 90)]
     images = [noise(w, h, seed=i + 3) for i, (w, h) in enumerate(sizes)]
-    ref_ids, ref_px = _reference(folder, images, "Describe the picture.")
+    ref_ids, ref_px = pixtral_reference(folder, images, "Describe the picture.")
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>" * len(images) + "Describe the picture.")], images)
     assert prompt.input_ids.tolist() == ref_ids.tolist()
     assert sum(model.count_image_tokens(im) for im in prompt.images) == int((ref_ids == model.image_token_id).sum())
-    std = torch.tensor(model.config.processor.std)[:, None, None]
-    for im, theirs, (h, w) in zip(prompt.images, ref_px["pixel_values"], ref_px["image_sizes"].tolist()):
-        ours = im.pixel_values[0]
-        assert ours.shape[-2:] == (h, w)
-        assert ((ours - theirs[:, :h, :w]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    pixels = check_pixels(prompt, ref_px, model)
 
     ref = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     assert type(ref).__name__ == {"pixtral": "LlavaForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration"}[name]
     ids = prompt.input_ids[None]
-    pixels = torch.zeros_like(ref_px["pixel_values"])  # ours, padded as transformers pads
-    for i, im in enumerate(prompt.images):
-        pixels[i, :, : im.pixel_values.shape[-2], : im.pixel_values.shape[-1]] = im.pixel_values[0]
     inputs = {"input_ids": ids, "pixel_values": pixels, "image_sizes": ref_px["image_sizes"]}
     with torch.no_grad():
         ours = model(ids, images=prompt.images).logits
@@ -111,7 +63,8 @@ def test_import_ids_pixels_logits_and_greedy_match_transformers(family, sizes):
 
     expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert _first_stop(out, ref.generation_config.eos_token_id) == expected
+    eos = ref.generation_config.eos_token_id
+    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
 
 
 def test_import_reads_the_folder_settings(family):
@@ -208,7 +161,7 @@ def test_patch_merger_connector_matches_mistral3s_projector():
 def test_pixtral_processor_resizes_to_whole_merge_blocks():
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    from vlmkit.processing.pixtral import PixtralProcessor
+    from vlmkit.families.pixtral.processor import PixtralProcessor
 
     ours = PixtralProcessor(longest_edge=64, patch_size=4, spatial_merge=2, backend="pil")
     ref = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
@@ -234,3 +187,39 @@ def test_imported_mistral3_chats_through_the_cli(tmp_path):
     Image.new("RGB", (37, 111), (200, 40, 40)).save(tmp_path / "odd.png")
     answer = run("chat", "--checkpoint", "ckpt", "--image", "odd.png", "What colour is the image?", "--max-new-tokens", "4")
     assert answer.stdout.endswith("\n") and "Traceback" not in answer.stderr
+
+
+# ---- vlmkit's own Pixtral tower (rope-vit) ------------------------------------------------------
+
+
+def test_rope_vit_head_dim_must_split_into_rows_and_columns():
+    cfg = tiny_config("native")
+    cfg.vision.config = {**cfg.vision.config, "hidden_size": 12, "num_attention_heads": 2}
+    with pytest.raises(ValueError, match="multiple of 4"):
+        VisionLanguageModel.build(cfg, pretrained=False)
+
+
+def test_rope_vit_matches_pixtral_vision_param_count():
+    from transformers import PixtralVisionConfig, PixtralVisionModel
+
+    from vlmkit.families.pixtral.rope_vit import RopeViTConfig, RopeViTTower
+
+    hf = PixtralVisionModel(PixtralVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=8, image_size=64))
+    ours = RopeViTTower(RopeViTConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=8))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(hf)
+
+
+def test_rope_2d_scores_depend_only_on_relative_offsets():
+    from vlmkit.families.pixtral.rope_vit import apply_rope, rope_2d_angles
+
+    torch.manual_seed(0)
+    q, k = torch.randn(16), torch.randn(16)
+    angles = rope_2d_angles(6, 6, 16, 100.0).view(6, 6, 8)
+
+    def score(a, b):
+        return apply_rope(q[None], angles[a][None]) @ apply_rope(k[None], angles[b][None]).T
+
+    base = score((1, 2), (3, 1))
+    torch.testing.assert_close(score((2, 4), (4, 3)), base)  # both shifted by (1, 2)
+    assert not torch.allclose(score((1, 2), (1, 3)), base)
