@@ -45,7 +45,14 @@ from vlmkit.hf.folder import (
 from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import STRING_TO_PARTS_PREAMBLE, chat_template, template_source, usable_template
-from vlmkit.hf.writing import build_imported, hf_generation_config, load_reference, save_with_processor, stage_llm, write_checkpoint
+from vlmkit.hf.writing import (
+    build_imported,
+    hf_generation_config,
+    load_reference,
+    save_with_processor,
+    stage_llm,
+    write_checkpoint,
+)
 from vlmkit.model.vision import HFVisionTower
 
 IMAGE_TOKEN = "<|IMG_PATCH|>"
