@@ -388,11 +388,11 @@ class VisionLanguageModel(nn.Module):
             for j, (view, f) in enumerate(zip(image.views, feats)):
                 by_grid[self.view_grid(view)[1:]].append((i, j, f))
         projected: dict[tuple[int, int], torch.Tensor] = {}
-        reads_text = getattr(self.connector, "reads_text", False)
         for grid, items in by_grid.items():
             stacked = torch.cat([f.to(self.device) for _, _, f in items])
-            # A connector that reads the instruction gets each row's image's text ids.
-            extra = {"texts": [images[i].text_ids for i, _, f in items for _ in range(f.shape[0])]} if reads_text else {}
+            # A connector that reads the instruction gets each row's image's instruction ids.
+            extra = ({"texts": [images[i].instruction_ids for i, _, f in items for _ in range(f.shape[0])]}
+                     if self.connector.reads_instruction else {})
             rows = self.connector.tokens(stacked, grid, **extra).split([f.shape[0] for _, _, f in items])
             for (i, j, _), r in zip(items, rows):
                 projected[i, j] = r.reshape(-1, r.shape[-1])

@@ -18,8 +18,6 @@ from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, I
 
 CLIP_L_336 = {"model_class": "CLIPVisionModel", "config_class": "CLIPVisionConfig",
               "config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14}}
-EVA_G = {"model_class": "Blip2VisionModel", "config_class": "Blip2VisionConfig",
-         "config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16, "image_size": 224, "patch_size": 14}}
 
 
 def siglip_so400m(image_size: int) -> dict:
@@ -65,7 +63,6 @@ def toy(real: dict[str, Any], image_size: int, **options) -> dict[str, Any]:
 
 
 CLIP_336 = processor("fixed", 336, CLIP_MEAN, CLIP_STD)
-BLIP_224 = processor("fixed", 224, CLIP_MEAN, CLIP_STD)
 LLAVA_NEXT = processor("anyres", 336, CLIP_MEAN, CLIP_STD)
 QWEN2_VL = processor("qwen2vl", 448, CLIP_MEAN, CLIP_STD, min_pixels=3136, max_pixels=12845056)
 MLLAMA = processor("mllama", 560, HALF_MEAN, HALF_STD, resample="bilinear", max_tiles=4)
@@ -109,8 +106,6 @@ def tiny(connector: str, options: dict | None = None, *, processor: dict[str, An
             "llm": {"name": "hf-random", "model_type": llm, "config": llm_cfg},
             "processor": processor, "fusion": fusion}
 
-
-TINY_QFORMER = {"num_queries": 8, "hidden_size": 32, "layers": 2, "heads": 4, "intermediate_size": 64}
 
 # ---- the presets ---------------------------------------------------------------------------
 
@@ -222,29 +217,6 @@ PRESET_DATA: list[dict[str, Any]] = [
                 "the seed deck's AnyRes example: 448 px tiles (1024 tokens) + 224 px global (256)"),
     anyres_seed("anyres-seed-shuffle", {"name": "pixel-shuffle", "options": SEED_SHUFFLE}, round(1 / SEED_SHUFFLE["ratio"]),
                 "the same with a 2x2 pixel shuffle (InternVL-style, 1/4 of the tokens)"),
-    {
-        "name": "blip2", "family": "BLIP-2 (OPT-2.7B)", "release": "Salesforce/blip2-opt-2.7b",
-        "published": {"total": 3.74e9, "source": "Hugging Face model page Salesforce/blip2-opt-2.7b (safetensors: 3.74B params)"},
-        "vision": EVA_G, "connector": {"name": "qformer", "options": {"num_queries": 32}},
-        "llm": {"config_class": "OPTConfig", "label": "OPT-2.7B",
-                "config": {"vocab_size": 50304, "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
-                           "num_attention_heads": 32, "word_embed_proj_dim": 2560, "max_position_embeddings": 2048}},
-        "image": {"size": 224, "grid": [16, 16], "tiles": 1},
-        "processor": BLIP_224, "tokens_note": "32 learned queries, whatever the image",
-        "stages": {"stage1-align": ["connector"], "stage2-instruct": ["connector"]},
-        "tiny": tiny("qformer", TINY_QFORMER, processor=toy(BLIP_224, 32)),
-    },
-    {
-        "name": "instructblip", "family": "InstructBLIP (Vicuna-7B)", "release": "Salesforce/instructblip-vicuna-7b",
-        "published": {"total": 7.91e9, "source": "Hugging Face model page Salesforce/instructblip-vicuna-7b (safetensors: 7.91B params)"},
-        "vision": EVA_G, "connector": {"name": "qformer", "options": {"num_queries": 32, "text_vocab": 30523, "max_text_positions": 512, "text_ffn": True}},
-        # Vicuna v1.1 is LLaMA-1 based: a 2048-token context (LlamaConfig's default).
-        "llm": llama(32001, 4096, 11008, 32, 32, 32, label="Vicuna-7B v1.1 (LLaMA-7B)"),
-        "image": {"size": 224, "grid": [16, 16], "tiles": 1},
-        "processor": BLIP_224, "tokens_note": "32 learned queries, whatever the image",
-        "stages": {"stage1-instruct": ["connector"]},
-        "tiny": tiny("qformer", TINY_QFORMER, processor=toy(BLIP_224, 32)),
-    },
     {
         "name": "idefics2", "family": "Idefics2-8B", "release": "HuggingFaceM4/idefics2-8b",
         "published": {"total": 8.40e9, "source": "Hugging Face model page HuggingFaceM4/idefics2-8b (safetensors: 8.4B params)"},
@@ -379,7 +351,6 @@ ALIASES: dict[str, str] = {
     "smolvlm-instruct": "smolvlm",
     "smolvlm-2b": "smolvlm",
     "internvl2-llama3-76b": "internvl2-76b",
-    "blip2-opt-2.7b": "blip2",
     "paligemma-3b": "paligemma",
 }
 

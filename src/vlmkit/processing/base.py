@@ -102,9 +102,10 @@ class ProcessedImage:
     views: tuple[View, ...] = ()
     image_size: tuple[int, int] | None = None  # original (height, width)
     arrangement: Arrangement = Arrangement()
-    # The instruction this image is asked about, in the connector's own tokenizer, for a connector
-    # that reads text (InstructBLIP's Q-Former); the chat processor fills it.
-    text_ids: torch.Tensor | None = None
+    # The instruction this image is asked about (the text of the message holding it), in the
+    # connector's own tokenizer, for a connector that reads it (`Connector.reads_instruction`);
+    # the chat processor fills it.
+    instruction_ids: torch.Tensor | None = None
 
     def view_pixels(self) -> list[torch.Tensor]:
         """Each view's pixels: (3, H, W), or (patches, dim) for flattened patches."""
