@@ -31,7 +31,7 @@ from vlmkit.processing.anyres import LLAVA_NEXT_PINPOINTS, AnyResProcessor
 from vlmkit.processing.dynamic import DynamicTileProcessor
 from vlmkit.processing.idefics3 import Idefics3Processor
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
-from vlmkit.processing.mllama import MllamaProcessor
+from vlmkit.families.mllama.processor import MllamaProcessor
 from vlmkit.processing.pixtral import PixtralProcessor
 from vlmkit.processing.qwen2vl import Qwen2VLProcessor
 

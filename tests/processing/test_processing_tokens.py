@@ -16,7 +16,7 @@ from PIL import Image
 from vlmkit.processing.anyres import AnyResProcessor, unpadded_grid
 from vlmkit.processing.dynamic import DynamicTileProcessor
 from vlmkit.processing.idefics3 import Idefics3Processor
-from vlmkit.processing.mllama import MllamaProcessor
+from vlmkit.families.mllama.processor import MllamaProcessor
 from vlmkit.processing.pixtral import PixtralProcessor
 from vlmkit.processing.qwen2vl import Qwen2VLProcessor, smart_resize
 from vlmkit.registry import IMAGE_PROCESSORS

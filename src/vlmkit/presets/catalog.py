@@ -31,9 +31,6 @@ QWEN2_VL_VIT = {"model_class": "transformers.models.qwen2_vl.modeling_qwen2_vl:Q
                 "config": {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
                 # Its PatchMerger is our pixel-shuffle connector (norm "pre"), counted as the connector.
                 "drop": ["merger"], "output_dim": 1280}
-MLLAMA_VIT = {"model_class": "MllamaVisionModel", "config_class": "MllamaVisionConfig", "config": {},
-              # Final layer + 4 intermediate layers, concatenated: 5 x 1280.
-              "output_dim": 7680}
 
 
 def llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, tie: bool = False, cls: str = "LlamaConfig",
@@ -46,9 +43,6 @@ def llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int,
 
 
 VICUNA_7B = llama(32064, 4096, 11008, 32, 32, 32, label="Vicuna-7B (Llama-2-7B)", max_position_embeddings=4096)
-LLAMA31_8B = llama(128256, 4096, 14336, 32, 32, 8, label="Llama-3.1-8B", max_position_embeddings=131072)
-LLAMA3_70B = llama(128256, 8192, 28672, 80, 64, 8, label="Llama-3.1-70B", max_position_embeddings=131072)
-MLLAMA_XATTN = {"heads": 32, "kv_heads": 8, "ffn": "swiglu", "ffn_hidden": 14336, "norm": "rmsnorm", "qk_norm": True, "every": 4}
 
 # ---- image processors ------------------------------------------------------------------------
 
@@ -65,7 +59,6 @@ def toy(real: dict[str, Any], image_size: int, **options) -> dict[str, Any]:
 CLIP_336 = processor("fixed", 336, CLIP_MEAN, CLIP_STD)
 LLAVA_NEXT = processor("anyres", 336, CLIP_MEAN, CLIP_STD)
 QWEN2_VL = processor("qwen2vl", 448, CLIP_MEAN, CLIP_STD, min_pixels=3136, max_pixels=12845056)
-MLLAMA = processor("mllama", 560, HALF_MEAN, HALF_STD, resample="bilinear", max_tiles=4)
 
 # Toy sizes: 32 px images, 4 px patches (an 8x8 feature grid), so every family trains on CPU.
 TINY_ANYRES = {"patch_size": 4, "grid_pinpoints": [[32, 64], [64, 32], [64, 64]]}
@@ -274,25 +267,6 @@ PRESET_DATA: list[dict[str, Any]] = [
         "tiny": tiny("native", {"projector": "mlp"}, vision="rope-vit", llm="mistral",
                      processor=processor("pixtral", 32, CLIP_MEAN, CLIP_STD, patch_size=4)),
     },
-    *[
-        {
-            "name": f"llama-3.2-vision-{size}", "family": f"Llama 3.2 Vision {size.upper()}", "release": f"meta-llama/Llama-3.2-{size.upper()}-Vision",
-            "published": {"total": total, "source": f"Meta model card Llama-3.2-{size.upper()}-Vision ({total / 1e9:.2f}B params)"},
-            "vision": MLLAMA_VIT, "connector": {"name": "linear", "options": {}},
-            "cross_attention": xattn, "fusion": "cross-attention",
-            "llm": llm,
-            # 4 tiles of 560 px, 40x40 patches + CLS each (the CLS is not a grid token; noted below).
-            "image": {"size": 560, "grid": [40, 40], "tiles": 4, "extra_tokens": 4, "note": "4 tiles x (1600 patches + CLS) of cross-attention memory"},
-            "processor": MLLAMA, "tokens_note": "cross-attention: 1 sequence token per image",
-            "stages": {"stage1-align": ["vision", "connector", "cross_attention"], "stage2-instruct": ["vision", "connector", "cross_attention", "llm"]},
-            "tiny": tiny("linear", {"cross_attention": {"every": 1, "heads": 4, "kv_heads": 2, "ffn": "swiglu", "norm": "rmsnorm", "qk_norm": True}},
-                         fusion="cross-attention", processor=toy(MLLAMA, 32, patch_size=4)),
-        }
-        for size, total, llm, xattn in (
-            ("11b", 10.67e9, LLAMA31_8B, MLLAMA_XATTN),
-            ("90b", 88.6e9, LLAMA3_70B, {**MLLAMA_XATTN, "heads": 64, "ffn_hidden": 28672}),
-        )
-    ],
     {
         "name": "paligemma", "family": "PaliGemma-3B (224)", "release": "google/paligemma-3b-pt-224",
         "published": {"total": 2.92e9, "source": "Hugging Face model page google/paligemma-3b-pt-224 (safetensors: 2.92B params)"},
@@ -362,8 +336,6 @@ SEED_FIGURES: dict[str, dict[str, tuple[str, float]]] = {
     "qwen2-vl-7b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
     "qwen2-vl-2b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
     "pixtral-12b": {"vision": ("Pixtral-ViT-400M", 400e6)},
-    "llama-3.2-vision-11b": {"vision": ("ViT-H (630M)", 630e6)},
-    "llama-3.2-vision-90b": {"vision": ("ViT-H (630M)", 630e6)},
     "llava-1.5-7b": {"vision": ("frozen CLIP ViT-L (307M)", 307e6)},
     "llava-1.5-13b": {"vision": ("frozen CLIP ViT-L (307M)", 307e6)},
 }
