@@ -137,6 +137,14 @@ def test_instructblip_image_tokens_depend_on_the_instruction(blip):
     torch.testing.assert_close(both[1], tb, atol=1e-5, rtol=0)
 
 
+def test_release_name_resolves_to_the_blip2_preset():
+    """The family's preset alias (in its entry) is known before any other registry lookup."""
+    code = "from vlmkit import presets; print(presets.resolve('blip2-opt-2.7b'))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "blip2", out.stderr[-2000:]
+
+
 # ---- the Q-Former connector's instruction input ---------------------------------------------
 
 
