@@ -38,7 +38,7 @@ def families():
     from vlmkit.processing.anyres import LLAVA_NEXT_PINPOINTS, AnyResProcessor
     from vlmkit.families.internvl.processor import DynamicTileProcessor
     from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
-    from vlmkit.processing.mllama import MllamaProcessor
+    from vlmkit.families.mllama.processor import MllamaProcessor
     from vlmkit.families.pixtral.processor import PixtralProcessor
     from vlmkit.processing.qwen2vl import Qwen2VLProcessor
 

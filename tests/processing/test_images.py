@@ -276,8 +276,8 @@ def test_every_family_gives_the_same_bits_with_and_without_the_c_kernel(monkeypa
     from vlmkit.families.idefics3.processor import Idefics3Processor
     from vlmkit.processing.anyres import AnyResProcessor
     from vlmkit.families.internvl.processor import DynamicTileProcessor
-    from vlmkit.processing.mllama import MllamaProcessor
     from vlmkit.families.pixtral.processor import PixtralProcessor
+    from vlmkit.families.mllama.processor import MllamaProcessor
     from vlmkit.processing.qwen2vl import Qwen2VLProcessor
 
     require_native_kernel()

@@ -16,8 +16,8 @@ from PIL import Image
 from vlmkit.families.idefics3.processor import Idefics3Processor
 from vlmkit.processing.anyres import AnyResProcessor, unpadded_grid
 from vlmkit.families.internvl.processor import DynamicTileProcessor
-from vlmkit.processing.mllama import MllamaProcessor
 from vlmkit.families.pixtral.processor import PixtralProcessor
+from vlmkit.families.mllama.processor import MllamaProcessor
 from vlmkit.processing.qwen2vl import Qwen2VLProcessor, smart_resize
 from vlmkit.registry import IMAGE_PROCESSORS
 

@@ -14,13 +14,10 @@ Every block is `x + tanh(g_attn) * attn(x, memory)` then `x + tanh(g_ffn) * ffn(
 gates initialised at 0, so at initialisation the LLM computes exactly what it computed before.
 
 `layers: llm` uses the LLM's own gated cross-attention layers instead of added blocks (Llama 3.2
-Vision's decoder, `mllama-text`): the memory and mask go into its forward
-(`cross_attention_states`, `cross_attention_mask`, `full_text_row_masked_out_mask`) through a
-pre-hook on the decoder, with Llama 3.2 Vision's visibility rule (`mllama_image_ranges`): an image
-is read from its marker up to the next image's marker (a run of adjacent markers shares one range
-to the end), and a token that sees no image reads the whole memory but skips the layer's FFN, as
-transformers computes it. The decoder caches the image keys/values itself: decoding steps pass no
-memory, only the last prompt token's mask row.
+Vision's decoder, `mllama-text`). Such an LLM declares `OwnCrossAttentionLayers`: which memory
+each token reads (its own visibility rule) and the decoder inputs that carry memory and mask; a
+pre-hook on the decoder passes them. The decoder caches the image keys/values itself: decoding
+steps pass no memory, only the last prompt token's mask row.
 """
 
 from __future__ import annotations
@@ -191,86 +188,52 @@ def group_memory(memory: list[torch.Tensor] | torch.Tensor, input_ids: torch.Ten
     return grouped.reshape(b, k * m, d), mask.reshape(b, length, k * m), total
 
 
-# ---- the LLM's own cross-attention layers (Llama 3.2 Vision) ----------------------------------
+# ---- the LLM's own cross-attention layers ----------------------------------------------------
 
 
-def mllama_image_ranges(markers: list[int], length: int) -> list[tuple[int, int]]:
-    """[start, end) of the tokens that read each image, as transformers' Llama 3.2 Vision
-    processor sets them (`get_cross_attention_token_mask`): from the image's marker to the next
-    marker (the last one: to the end); a marker directly followed by another shares that one's end."""
-    if not markers:
-        return []
-    ranges = [[a, b] for a, b in zip(markers[:-1], markers[1:])] + [[markers[-1], length]]
-    last = ranges[-1][1]
-    for r in reversed(ranges):
-        if r[0] == r[1] - 1:
-            r[1] = last
-        last = r[1]
-    return [(a, b) for a, b in ranges]
+class OwnCrossAttentionLayers:
+    """What an LLM whose decoder has its own cross-attention layers declares, for `layers: llm`
+    fusion (its family mixes it into the causal-LM class it builds; Llama 3.2 Vision's
+    `mllama-text`): which memory each token reads, and the decoder's keyword inputs that carry
+    the memory and that visibility."""
 
+    def cross_attention_memory(self, tokens: list[torch.Tensor], images: list | None, input_ids: torch.Tensor,
+                               image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M, D) memory and (B, L, M) visibility (True where a token reads a memory row) from
+        each image's tokens (in marker order), its processed image, and the prompt's markers."""
+        raise NotImplementedError
 
-def mllama_memory(tokens: list[torch.Tensor], images: list | None, input_ids: torch.Tensor, image_token_id: int):
-    """(B, K*M, D) memory and (B, L, K*M) visibility for the LLM's own cross-attention layers:
-    image j of a sample is read over its `mllama_image_ranges` range, except its `pad` views
-    (empty tile slots, encoded but never read)."""
-    b, length = input_ids.shape
-    markers = [[j for j, t in enumerate(row) if t == image_token_id] for row in input_ids.tolist()]
-    if sum(map(len, markers)) != len(tokens):
-        raise ValueError(f"the text has {sum(map(len, markers))} image markers but {len(tokens)} images were given")
-    m = max(t.shape[0] for t in tokens)
-    k = max(max(map(len, markers)), 1)
-    memory = tokens[0].new_zeros(b, k, m, tokens[0].shape[-1])
-    mask = torch.zeros(b, length, k, m, dtype=torch.bool, device=tokens[0].device)
-    at = 0
-    for i in range(b):
-        for j, (start, end) in enumerate(mllama_image_ranges(markers[i], length)):
-            t = tokens[at]
-            n = t.shape[0]
-            valid = torch.ones(n, dtype=torch.bool, device=t.device)
-            views = images[at].views if images is not None else ()
-            if views and n % len(views) == 0:
-                valid = torch.tensor([v.role != "pad" for v in views], device=t.device).repeat_interleave(n // len(views))
-            memory[i, j, :n] = t
-            mask[i, start:end, j, :n] = valid
-            at += 1
-    return memory.reshape(b, k * m, -1), mask.reshape(b, length, k * m)
-
-
-def mllama_masks(visible: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' Llama 3.2 Vision masks from (B, L, N) visibility: the additive
-    (B, 1, L, N) attention mask, zero on rows that see nothing, and the (B, 1, L, 1) row mask
-    that zeroes those rows' FFN."""
-    inverted = (~visible).to(dtype)
-    additive = inverted.masked_fill(inverted.bool(), torch.finfo(dtype).min)
-    rows = (additive != torch.finfo(dtype).min).any(dim=-1).to(dtype)[..., None]
-    return (additive * rows)[:, None], rows[:, None]
-
-
-_LLM_LAYER_ARGS = ("cross_attention_states", "cross_attention_mask", "full_text_row_masked_out_mask")
+    def cross_attention_inputs(self, memory: torch.Tensor | None, visible: torch.Tensor, dtype: torch.dtype) -> dict:
+        """The decoder's keyword inputs for `memory` (None while decoding: the layers cached its
+        keys/values) and (B, L, M) `visible`."""
+        raise NotImplementedError
 
 
 class LLMCrossAttention(nn.Module):
-    """Feeds the image memory to an LLM whose decoder has its own cross-attention layers. Holds
-    no weights: those layers belong to the LLM (and train, adapt and save with it)."""
+    """Feeds the image memory to an LLM whose decoder has its own cross-attention layers
+    (`OwnCrossAttentionLayers`), through a pre-hook on the decoder. Holds no weights: those layers
+    belong to the LLM (and train, adapt and save with it)."""
 
     def __init__(self, llm: nn.Module, options: CrossAttentionOptions):
         super().__init__()
-        import inspect
-
         set_options = sorted(k for k in options.model_fields_set if k != "layers")
         if set_options:
             raise ValueError(f"cross-attention fusion with layers: llm uses the LLM's own layers; {set_options} only "
                              "apply to added blocks (layers: added)")
-        decoder = llm.base_model
-        accepted = inspect.signature(decoder.forward).parameters
-        if not all(a in accepted for a in _LLM_LAYER_ARGS):
+        if not isinstance(llm, OwnCrossAttentionLayers):
             raise ValueError(f"cross-attention fusion with layers: llm needs an LLM with its own cross-attention layers "
                              f"(Llama 3.2 Vision's mllama-text); {type(llm).__name__} has none: use layers: added")
         self.options = options
+        # The LLM's methods, not the LLM: a module attribute would make it a submodule of this one.
+        self._layout, self._inputs = llm.cross_attention_memory, llm.cross_attention_inputs
         self._memory: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._fresh = False
-        self._handles = [decoder.register_forward_pre_hook(self._hook, with_kwargs=True)]
+        self._handles = [llm.base_model.register_forward_pre_hook(self._hook, with_kwargs=True)]
+
+    def read_images(self, tokens: list[torch.Tensor], images: list | None, input_ids: torch.Tensor, image_token_id: int) -> None:
+        """Set the memory and visibility the LLM lays out for these images and this prompt."""
+        self.set_memory(*self._layout(tokens, images, input_ids, image_token_id))
 
     def set_memory(self, memory: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         self._memory, self._mask, self._fresh = memory, mask, memory is not None
@@ -290,9 +253,7 @@ class LLMCrossAttention(nn.Module):
                 raise ValueError(f"cross-attention mask covers {visible.shape[1]} tokens, the decoder reads {n}")
         else:  # decoding: new tokens read what the prompt's last token read, from the cached keys/values
             states, visible = None, self._mask[:, -1:].expand(-1, n, -1)
-        additive, rows = mllama_masks(visible, hidden.dtype)
-        kwargs = dict(kwargs, cross_attention_states=states, cross_attention_mask=additive, full_text_row_masked_out_mask=rows)
-        return args, kwargs
+        return args, dict(kwargs, **self._inputs(states, visible, hidden.dtype))
 
     def detach_hooks(self) -> None:
         for h in self._handles:

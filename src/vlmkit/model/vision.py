@@ -22,6 +22,10 @@ class VisionTower(nn.Module):
     # True for towers that read pre-flattened patches with a (t, h, w) grid (Qwen2-VL's ViT), which
     # take no image tensors; every other tower reads (views, 3, H, W) images.
     reads_patches: bool = False
+    # True for towers whose views are not independent (Llama 3.2 Vision's tiles, joined by a global
+    # transformer and tile embeddings chosen by the aspect ratio): the model hands each processed
+    # image to `encode_image` whole instead of batching its views with other images' views.
+    encodes_whole_images: bool = False
     # Whether the connector may assume BatchNorm statistics etc. stay fixed: towers are put in
     # eval mode whenever they are frozen, so a frozen tower gives the same features every time.
 
@@ -36,6 +40,10 @@ class VisionTower(nn.Module):
         """Features (t, h*w, C), row-major per frame, of pre-flattened patches (Qwen2-VL's layout)."""
         raise ValueError(f"{type(self).__name__} takes images, not pre-flattened patches; "
                          "pair the qwen2vl processor with the qwen2-vit tower")
+
+    def encode_image(self, image) -> list[torch.Tensor]:
+        """Features (1, h*w, C) per view of one processed image, for a tower that encodes whole images."""
+        raise NotImplementedError(f"{type(self).__name__} encodes views, not whole images")
 
     def num_tokens(self, image_size: int) -> int:
         h, w = self.grid(image_size)

@@ -39,7 +39,6 @@ from vlmkit.model.cross_attention import (
     CrossAttentionFusion,
     LLMCrossAttention,
     group_memory,
-    mllama_memory,
     parse_cross_attention_options,
 )
 from vlmkit.model.language import build_language_model
@@ -139,8 +138,10 @@ class CrossAttentionFusionStrategy:
 
 
 class LLMCrossAttentionStrategy:
-    """Visual tokens are the memory of the LLM's own cross-attention layers (Llama 3.2 Vision);
-    the text holds one image token per image, an ordinary token of the LLM's vocabulary."""
+    """Visual tokens are the memory of the LLM's own cross-attention layers (Llama 3.2 Vision's),
+    laid out and made visible by the LLM's own rule (`OwnCrossAttentionLayers`, which may read the
+    processed images); the text holds one image token per image, an ordinary token of the LLM's
+    vocabulary."""
 
     name = "cross-attention"
 
@@ -150,7 +151,7 @@ class LLMCrossAttentionStrategy:
     def inputs_embeds(self, model, input_ids, image_tokens, cached: bool, images=None):
         markers = int((input_ids == model.image_token_id).sum())
         if image_tokens:
-            self.module.set_memory(*mllama_memory(image_tokens, images, input_ids, model.image_token_id))
+            self.module.read_images(image_tokens, images, input_ids, model.image_token_id)
         elif not cached:
             self.module.set_memory(None)
         if markers and not image_tokens:
@@ -359,7 +360,7 @@ class VisionLanguageModel(nn.Module):
     def view_features(self, images: list) -> list[list[torch.Tensor]]:
         """Tower features of every view of every image: (t, h*w, C) each. Image-shaped views of
         one size run through the tower together, whatever image they belong to."""
-        if getattr(self.vision, "encodes_whole_images", False):
+        if self.vision.encodes_whole_images:
             # A tower whose views are not independent (Llama 3.2 Vision's tiles) reads each image whole.
             return [self.vision.encode_image(im) for im in images]
         out: list[list[torch.Tensor | None]] = [[None] * len(im.views) for im in images]
@@ -388,11 +389,11 @@ class VisionLanguageModel(nn.Module):
             for j, (view, f) in enumerate(zip(image.views, feats)):
                 by_grid[self.view_grid(view)[1:]].append((i, j, f))
         projected: dict[tuple[int, int], torch.Tensor] = {}
-        reads_text = getattr(self.connector, "reads_text", False)
         for grid, items in by_grid.items():
             stacked = torch.cat([f.to(self.device) for _, _, f in items])
-            # A connector that reads the instruction gets each row's image's text ids.
-            extra = {"texts": [images[i].text_ids for i, _, f in items for _ in range(f.shape[0])]} if reads_text else {}
+            # A connector that reads the instruction gets each row's image's instruction ids.
+            extra = ({"texts": [images[i].instruction_ids for i, _, f in items for _ in range(f.shape[0])]}
+                     if self.connector.reads_instruction else {})
             rows = self.connector.tokens(stacked, grid, **extra).split([f.shape[0] for _, _, f in items])
             for (i, j, _), r in zip(items, rows):
                 projected[i, j] = r.reshape(-1, r.shape[-1])

@@ -23,7 +23,7 @@ from vlmkit.model.connectors import build_connector
 from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
 from vlmkit.model.language import decoder_layers
 from vlmkit.presets.catalog import ALIASES, PRESET_DATA, SEED_FIGURES
-from vlmkit.registry import IMAGE_PROCESSORS, PRESETS, VISION_TOWERS
+from vlmkit.registry import IMAGE_PROCESSORS, PRESETS, VISION_TOWERS, load_plugins
 
 PART_ORDER = ("vision", "connector", "cross_attention", "llm")
 
@@ -83,6 +83,7 @@ def names() -> list[str]:
 
 def resolve(name: str) -> str:
     """The canonical name for a preset name or alias; KeyError (listing the names) if unknown."""
+    load_plugins()  # the family folders register their presets, and their aliases, on discovery
     name = ALIASES.get(name, name)
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(names())}")

@@ -18,9 +18,6 @@ from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD
 
 CLIP_L_336 = {"model_class": "CLIPVisionModel", "config_class": "CLIPVisionConfig",
               "config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14}}
-CLIP_L_224 = {**CLIP_L_336, "config": {**CLIP_L_336["config"], "image_size": 224}}
-EVA_G = {"model_class": "Blip2VisionModel", "config_class": "Blip2VisionConfig",
-         "config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16, "image_size": 224, "patch_size": 14}}
 
 
 def siglip_so400m(image_size: int) -> dict:
@@ -34,9 +31,6 @@ QWEN2_VL_VIT = {"model_class": "transformers.models.qwen2_vl.modeling_qwen2_vl:Q
                 "config": {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
                 # Its PatchMerger is our pixel-shuffle connector (norm "pre"), counted as the connector.
                 "drop": ["merger"], "output_dim": 1280}
-MLLAMA_VIT = {"model_class": "MllamaVisionModel", "config_class": "MllamaVisionConfig", "config": {},
-              # Final layer + 4 intermediate layers, concatenated: 5 x 1280.
-              "output_dim": 7680}
 
 
 def llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, tie: bool = False, cls: str = "LlamaConfig",
@@ -49,9 +43,6 @@ def llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int,
 
 
 VICUNA_7B = llama(32064, 4096, 11008, 32, 32, 32, label="Vicuna-7B (Llama-2-7B)", max_position_embeddings=4096)
-LLAMA31_8B = llama(128256, 4096, 14336, 32, 32, 8, label="Llama-3.1-8B", max_position_embeddings=131072)
-LLAMA3_70B = llama(128256, 8192, 28672, 80, 64, 8, label="Llama-3.1-70B", max_position_embeddings=131072)
-MLLAMA_XATTN = {"heads": 32, "kv_heads": 8, "ffn": "swiglu", "ffn_hidden": 14336, "norm": "rmsnorm", "qk_norm": True, "every": 4}
 
 # ---- image processors ------------------------------------------------------------------------
 
@@ -65,9 +56,7 @@ def toy(real: dict[str, Any], image_size: int, **options) -> dict[str, Any]:
     return {**real, "image_size": image_size, "options": {**real["options"], **options}}
 
 
-BLIP_224 = processor("fixed", 224, CLIP_MEAN, CLIP_STD)
 QWEN2_VL = processor("qwen2vl", 448, CLIP_MEAN, CLIP_STD, min_pixels=3136, max_pixels=12845056)
-MLLAMA = processor("mllama", 560, HALF_MEAN, HALF_STD, resample="bilinear", max_tiles=4)
 
 # Toy sizes: 32 px images, 4 px patches (an 8x8 feature grid), so every family trains on CPU.
 TINY_QWEN2_VL = {"patch_size": 4, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
@@ -108,8 +97,6 @@ def tiny(connector: str, options: dict | None = None, *, processor: dict[str, An
             "processor": processor, "fusion": fusion}
 
 
-TINY_QFORMER = {"num_queries": 8, "hidden_size": 32, "layers": 2, "heads": 4, "intermediate_size": 64}
-
 # ---- the presets ---------------------------------------------------------------------------
 
 # `processor`: the image processor of the release (a ProcessorConfig). Where the token count is
@@ -124,45 +111,6 @@ TINY_QWEN2_VL_MODEL = {**TINY_QWEN2_VL_PARTS, "processor": toy(QWEN2_VL, 32, **T
 
 PRESET_DATA: list[dict[str, Any]] = [
     {
-        "name": "blip2", "family": "BLIP-2 (OPT-2.7B)", "release": "Salesforce/blip2-opt-2.7b",
-        "published": {"total": 3.74e9, "source": "Hugging Face model page Salesforce/blip2-opt-2.7b (safetensors: 3.74B params)"},
-        "vision": EVA_G, "connector": {"name": "qformer", "options": {"num_queries": 32}},
-        "llm": {"config_class": "OPTConfig", "label": "OPT-2.7B",
-                "config": {"vocab_size": 50304, "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
-                           "num_attention_heads": 32, "word_embed_proj_dim": 2560, "max_position_embeddings": 2048}},
-        "image": {"size": 224, "grid": [16, 16], "tiles": 1},
-        "processor": BLIP_224, "tokens_note": "32 learned queries, whatever the image",
-        "stages": {"stage1-align": ["connector"], "stage2-instruct": ["connector"]},
-        "tiny": tiny("qformer", TINY_QFORMER, processor=toy(BLIP_224, 32)),
-    },
-    {
-        "name": "instructblip", "family": "InstructBLIP (Vicuna-7B)", "release": "Salesforce/instructblip-vicuna-7b",
-        "published": {"total": 7.91e9, "source": "Hugging Face model page Salesforce/instructblip-vicuna-7b (safetensors: 7.91B params)"},
-        "vision": EVA_G, "connector": {"name": "qformer", "options": {"num_queries": 32, "text_vocab": 30523, "max_text_positions": 512, "text_ffn": True}},
-        # Vicuna v1.1 is LLaMA-1 based: a 2048-token context (LlamaConfig's default).
-        "llm": llama(32001, 4096, 11008, 32, 32, 32, label="Vicuna-7B v1.1 (LLaMA-7B)"),
-        "image": {"size": 224, "grid": [16, 16], "tiles": 1},
-        "processor": BLIP_224, "tokens_note": "32 learned queries, whatever the image",
-        "stages": {"stage1-instruct": ["connector"]},
-        "tiny": tiny("qformer", TINY_QFORMER, processor=toy(BLIP_224, 32)),
-    },
-    {
-        "name": "openflamingo", "family": "OpenFlamingo-9B (MPT-7B)", "release": "openflamingo/OpenFlamingo-9B-vitl-mpt7b",
-        "published": {"total": None, "source": "no parameter total is published (the '9B' is a name); see docs/presets.md"},
-        "vision": CLIP_L_224,
-        "connector": {"name": "perceiver", "options": {"latents": 64, "layers": 6, "heads": 8, "head_dim": 64, "project_output": False, "output": "memory"}},
-        "cross_attention": {"every": 4, "heads": 8, "head_dim": 64, "ffn": "gelu", "norm": "layernorm", "layers_path": "transformer.blocks"},
-        "fusion": "cross-attention",
-        "llm": {"config_class": "MptConfig", "label": "MPT-7B",
-                "config": {"d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "vocab_size": 50432, "max_seq_len": 2048}},
-        "image": {"size": 224, "grid": [16, 16], "tiles": 1},
-        # CLIP's own preprocessing: short side to 224, centre crop.
-        "processor": processor("fixed", 224, CLIP_MEAN, CLIP_STD, fit="crop"),
-        "tokens_note": "cross-attention: 64 Perceiver latents per image, 1 sequence token",
-        "stages": {"stage1-align": ["connector", "cross_attention"]},
-        "tiny": tiny("perceiver", {"latents": 8, "layers": 1, "heads": 4, "head_dim": 12, "project_output": False, "output": "memory",
-                                    "cross_attention": {"every": 1, "heads": 4}}, fusion="cross-attention", vision="clip",
-                     processor=processor("fixed", 32, CLIP_MEAN, CLIP_STD, fit="crop")),
     },
     *[
         {
@@ -183,30 +131,10 @@ PRESET_DATA: list[dict[str, Any]] = [
             ("72b", 73.4e9, llama(152064, 8192, 29568, 80, 64, 8, cls="Qwen2Config", label="Qwen2-72B")),
         )
     ],
-    *[
-        {
-            "name": f"llama-3.2-vision-{size}", "family": f"Llama 3.2 Vision {size.upper()}", "release": f"meta-llama/Llama-3.2-{size.upper()}-Vision",
-            "published": {"total": total, "source": f"Meta model card Llama-3.2-{size.upper()}-Vision ({total / 1e9:.2f}B params)"},
-            "vision": MLLAMA_VIT, "connector": {"name": "linear", "options": {}},
-            "cross_attention": xattn, "fusion": "cross-attention",
-            "llm": llm,
-            # 4 tiles of 560 px, 40x40 patches + CLS each (the CLS is not a grid token; noted below).
-            "image": {"size": 560, "grid": [40, 40], "tiles": 4, "extra_tokens": 4, "note": "4 tiles x (1600 patches + CLS) of cross-attention memory"},
-            "processor": MLLAMA, "tokens_note": "cross-attention: 1 sequence token per image",
-            "stages": {"stage1-align": ["vision", "connector", "cross_attention"], "stage2-instruct": ["vision", "connector", "cross_attention", "llm"]},
-            "tiny": tiny("linear", {"cross_attention": {"every": 1, "heads": 4, "kv_heads": 2, "ffn": "swiglu", "norm": "rmsnorm", "qk_norm": True}},
-                         fusion="cross-attention", processor=toy(MLLAMA, 32, patch_size=4)),
-        }
-        for size, total, llm, xattn in (
-            ("11b", 10.67e9, LLAMA31_8B, MLLAMA_XATTN),
-            ("90b", 88.6e9, LLAMA3_70B, {**MLLAMA_XATTN, "heads": 64, "ffn_hidden": 28672}),
-        )
-    ],
 ]
 
 # Other names for the same preset (the release names people type).
 ALIASES: dict[str, str] = {
-    "blip2-opt-2.7b": "blip2",
 }
 
 # The seed's per-part figures, for the docs table and `vlmkit inspect`.
@@ -214,6 +142,4 @@ SEED_FIGURES: dict[str, dict[str, tuple[str, float]]] = {
     "qwen2-vl-72b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
     "qwen2-vl-7b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
     "qwen2-vl-2b": {"vision": ("ViT 675M (2D-RoPE)", 675e6)},
-    "llama-3.2-vision-11b": {"vision": ("ViT-H (630M)", 630e6)},
-    "llama-3.2-vision-90b": {"vision": ("ViT-H (630M)", 630e6)},
 }

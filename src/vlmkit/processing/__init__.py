@@ -20,10 +20,10 @@ def build_chat_processor(model, max_length: int):
     cfg = model.config
     image_processor = getattr(model, "image_processor", None) or build_image_processor(cfg, tokens_per_image=model.tokens_per_image)
     options = cfg.processor.options
-    connector = getattr(model, "connector", None)
-    # A connector that reads the instruction (InstructBLIP's Q-Former) tokenizes it its own way.
-    image_text = connector.text_encoder(cfg) if getattr(connector, "reads_text", False) else None
+    # A connector that reads the instruction tokenizes it its own way (None for the others).
+    instructions = model.connector.instruction_encoder(cfg)
     return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels,
                          video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"),
                          mrope=getattr(model, "uses_mrope", False), image_formats=cfg.processor.image_formats,
-                         system_prompt=cfg.system_prompt, video_token=getattr(cfg, "video_token", None), image_text=image_text)
+                         system_prompt=cfg.system_prompt, video_token=getattr(cfg, "video_token", None),
+                         instruction_encoder=instructions)

@@ -66,10 +66,9 @@ class View:
     """One input of the vision tower: a tile, a thumbnail, a whole image at native resolution,
     or a video's temporal patches. `size` is its (height, width) in pixels; the encoder grid
     follows from it and the tower's patch size, except for pre-flattened patches, whose
-    (t, h, w) patch grid the processor states in `grid`. A `pad` view is an empty tile slot that
-    is encoded (Llama 3.2 Vision's encoder reads every slot) but that no text token attends to."""
+    (t, h, w) patch grid the processor states in `grid`."""
 
-    role: Literal["image", "tile", "thumbnail", "patches", "pad"]
+    role: Literal["image", "tile", "thumbnail", "patches"]
     size: tuple[int, int]
     grid: tuple[int, int, int] | None = None
 
@@ -102,9 +101,10 @@ class ProcessedImage:
     views: tuple[View, ...] = ()
     image_size: tuple[int, int] | None = None  # original (height, width)
     arrangement: Arrangement = Arrangement()
-    # The instruction this image is asked about, in the connector's own tokenizer, for a connector
-    # that reads text (InstructBLIP's Q-Former); the chat processor fills it.
-    text_ids: torch.Tensor | None = None
+    # The instruction this image is asked about (the text of the message holding it), in the
+    # connector's own tokenizer, for a connector that reads it (`Connector.reads_instruction`);
+    # the chat processor fills it.
+    instruction_ids: torch.Tensor | None = None
 
     def view_pixels(self) -> list[torch.Tensor]:
         """Each view's pixels: (3, H, W), or (patches, dim) for flattened patches."""

@@ -105,15 +105,15 @@ class ChatProcessor:
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
                  max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
                  mrope: bool = False, image_formats=None, system_prompt: str | None = None, video_token: str | None = None,
-                 image_text: Callable[[str], torch.Tensor] | None = None):
+                 instruction_encoder: Callable[[str], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         # A video's slots: the family's own video token (Qwen2-VL's <|video_pad|>), else the image token.
         self.video_token = video_token
         # For a connector that reads the instruction: the text of the message holding an image
         # (its placeholders removed, and the newline after a leading one) -> the connector's
-        # token ids, stored on each of its groups.
-        self.image_text = image_text
+        # token ids, stored on each of its groups (`ProcessedImage.instruction_ids`).
+        self.instruction_encoder = instruction_encoder
         self.mrope = mrope
         self.image_processor = image_processor
         self.image_token = image_token
@@ -234,18 +234,23 @@ class ChatProcessor:
     def _prepare(self, sample: Sample, pattern: re.Pattern = PLACEHOLDER_RE) -> tuple[list[_Visual], list[Message]]:
         plan = self._plan(sample.id, sample.messages, {"image": len(sample.images), "video": len(sample.videos)}, pattern)
         visuals = self._visuals(sample, plan)
-        if self.image_text is not None:
-            # Placeholders are planned in order of appearance: the k-th visual sits in the k-th
-            # placeholder's message.
-            holders = [m for m in sample.messages for _ in pattern.finditer(m.content)]
-            for v, m in zip(visuals, holders):
-                text = pattern.sub("", m.content)
-                if pattern.match(m.content) and text.startswith("\n"):
-                    text = text[1:]  # the newline chat / eval write after a leading placeholder
-                ids = self.image_text(text)
-                for g in v.groups:
-                    g.text_ids = ids
+        if self.instruction_encoder is not None:
+            self._attach_instructions(sample, visuals, pattern)
         return visuals, self._expand_placeholders(sample, visuals, pattern)
+
+    def _attach_instructions(self, sample: Sample, visuals: list[_Visual], pattern: re.Pattern) -> None:
+        """Each visual's instruction (the text of the message holding it, its placeholders removed,
+        and the newline after a leading one) in the connector's own ids, on each of its groups."""
+        # Placeholders are planned in order of appearance: the k-th visual sits in the k-th
+        # placeholder's message.
+        holders = [m for m in sample.messages for _ in pattern.finditer(m.content)]
+        for v, m in zip(visuals, holders):
+            text = pattern.sub("", m.content)
+            if pattern.match(m.content) and text.startswith("\n"):
+                text = text[1:]  # the newline chat / eval write after a leading placeholder
+            ids = self.instruction_encoder(text)
+            for g in v.groups:
+                g.instruction_ids = ids
 
     @staticmethod
     def _outputs(visuals: list[_Visual]):

@@ -145,7 +145,7 @@ class FrozenFeatures:
                 raise BadEntry(f"holds tensors {sorted(f.keys())}, its record says {names}")
             # The tower makes one feature tensor per view of the image; the key covers the views,
             # so a count that differs means a file made up under this name.
-            whole = getattr(getattr(self.model, "vision", None), "encodes_whole_images", False)
+            whole = self.model.vision.encodes_whole_images
             n_views = len(getattr(image, "views", None) or ())
             if not whole and n_views and n_views != len(shapes):
                 raise BadEntry(f"holds {len(shapes)} view(s) for an image of {n_views}")

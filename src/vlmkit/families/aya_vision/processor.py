@@ -5,7 +5,7 @@ One image becomes `<|START_OF_IMG|>`, then `TILE_1` .. `TILE_n` each followed by
 tokens (only when there are several tiles), then `TILE_GLOBAL` and the thumbnail's (or the single
 tile's) tokens, then `<|END_OF_IMG|>`: `AyaVisionProcessor.replace_image_token`'s string.
 
-The tiling is InternVL's (`vlmkit.processing.dynamic`) with the candidate grids in the order
+The tiling is InternVL's (`vlmkit.families.internvl.processor`) with the candidate grids in the order
 transformers' `get_all_supported_aspect_ratios` lists them (width-major, then stably sorted by
 tile count): on a tie in aspect ratio that order picks the grid, so vlmkit takes GotOcr2's
 rather than the original InternVL set order (they differ only when `min_patches` > 1).
@@ -14,7 +14,7 @@ rather than the original InternVL set order (they differ only when `min_patches`
 from __future__ import annotations
 
 from vlmkit.processing.base import Segment, Slots, Text, TokenLayout
-from vlmkit.processing.dynamic import DynamicTileProcessor
+from vlmkit.families.internvl.processor import DynamicTileProcessor
 from vlmkit.processing.images import HALF_MEAN, HALF_STD
 from vlmkit.registry import IMAGE_PROCESSORS
 

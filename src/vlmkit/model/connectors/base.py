@@ -26,9 +26,10 @@ class Connector(nn.Module):
     # "memory": output is read by gated cross-attention blocks; nothing enters the sequence.
     output_kind: ClassVar[Literal["tokens", "memory"]] = "tokens"
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
-    # True for a connector that also reads the instruction the image is asked about (InstructBLIP's
-    # Q-Former): `forward` then takes `texts`, one id tensor per feature row, made by `text_encoder`.
-    reads_text: bool = False
+    # True for a connector that also reads the instruction the image is asked about (a Q-Former
+    # with text input, as InstructBLIP's): `forward` then takes `texts`, one id tensor per feature
+    # row (each image's `ProcessedImage.instruction_ids`, made by `instruction_encoder`).
+    reads_instruction: bool = False
 
     def __init__(self, vision_dim: int, llm_dim: int, options: ConnectorOptions):
         super().__init__()
@@ -60,9 +61,9 @@ class Connector(nn.Module):
     def attach_output_norm(self, target_rms: float) -> None:
         self.output_norm = OutputNorm(self.llm_dim, target_rms)
 
-    def text_encoder(self, model_config) -> Callable[[str], torch.Tensor] | None:
-        """For a connector that reads text: str -> its own token ids (the chat processor stores them
-        in `ProcessedImage.text_ids`); None otherwise."""
+    def instruction_encoder(self, model_config) -> Callable[[str], torch.Tensor] | None:
+        """For a connector that reads the instruction: str -> its own token ids (the chat processor
+        stores them in `ProcessedImage.instruction_ids`); None otherwise."""
         return None
 
 

@@ -9,8 +9,8 @@ With `text_input: true` (InstructBLIP) the instruction is read too: its tokens (
 own tokenizer, `text_tokenizer`) are embedded (word + position) after the queries, the
 self-attention spans queries and text, cross-attention and the query FFN act on the queries, the
 text FFN on the text, and only the queries leave. The chat processor tokenizes the text of the
-message that holds each image (`text_encoder`) into `ProcessedImage.text_ids`; the model hands
-those to the connector (`reads_text`).
+message that holds each image (`instruction_encoder`) into `ProcessedImage.instruction_ids`; the
+model hands those to the connector (`Connector.reads_instruction`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class QFormerConnector(Connector):
         resolve_heads(o.hidden_size, o.heads, None, None, "qformer")
         if o.text_input and not (o.text_vocab and o.text_ffn):
             raise ValueError("qformer: text_input needs the instruction embeddings and text FFN (text_vocab > 0, text_ffn: true)")
-        self.reads_text = o.text_input
+        self.reads_instruction = o.text_input
         self._text_tokenizer = None
         self.query_tokens = nn.Parameter(torch.randn(1, o.num_queries, o.hidden_size) * 0.02)
         if o.text_vocab:
@@ -137,7 +137,7 @@ class QFormerConnector(Connector):
         b, n = features.shape[0], self.options.num_queries
         x = self.query_tokens.expand(b, -1, -1)
         mask = None
-        if texts is not None and self.reads_text:
+        if texts is not None and self.reads_instruction:
             if len(texts) != b:
                 raise ValueError(f"qformer: {len(texts)} instructions for {b} feature rows")
             lengths = [0 if t is None else int(t.numel()) for t in texts]
@@ -176,10 +176,10 @@ class QFormerConnector(Connector):
             self._text_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return self._text_tokenizer
 
-    def text_encoder(self, model_config) -> Callable[[str], torch.Tensor] | None:
+    def instruction_encoder(self, model_config) -> Callable[[str], torch.Tensor] | None:
         """str -> the Q-Former tokenizer's ids (with its special tokens), for the chat processor;
         None when this Q-Former reads no text."""
-        if not self.reads_text:
+        if not self.reads_instruction:
             return None
         tokenizer = self.load_text_tokenizer(model_config)
         return lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)

@@ -1,15 +1,22 @@
 """A tiny random Llama 3.2 Vision folder (`MllamaForConditionalGeneration`), saved with
 `save_pretrained`, its processor (`MllamaProcessor` with the PIL image processor) and an offline
 tokenizer whose `<|image|>` lies just past the LM head's vocabulary, as in the released models
-(the embedding table has 8 extra rows for it)."""
+(the embedding table has 8 extra rows for it); and its parity case: the input ids, aspect-ratio
+ids / masks and cross_attention_mask transformers' MllamaProcessor builds, and pixel values within
+docs/preprocessing.md's tolerance, on wide, tall, large and small images (two and interleaved
+images: tests/families/mllama/test_mllama.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from _parity import ParityCase
 
+from vlmkit.families.mllama.hf import reference_inputs
 from vlmkit.tokenizer import byte_level_tokenizer
+
+PIXEL_TOLERANCE = 3 / 255  # docs/preprocessing.md (torch backend)
 
 MLLAMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
@@ -56,3 +63,36 @@ def save_mllama(folder: Path, *, seed: int = 0, tile: int = 16, patch: int = 4, 
                                               image_mean=[0.5, 0.4, 0.3], image_std=[0.25, 0.3, 0.35])
     MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=MLLAMA_TEMPLATE).save_pretrained(folder)
     return Path(folder)
+
+
+def hf_processor(folder):
+    from transformers import AutoTokenizer, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    return MllamaProcessor.from_pretrained(folder, local_files_only=True,
+                                           image_processor=MllamaImageProcessorPil.from_pretrained(folder, local_files_only=True),
+                                           tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def check_inputs(folder, images, content, prompt, model) -> tuple[torch.Tensor, dict]:
+    """Asserts vlmkit's prompt matches what MllamaProcessor builds for the user turn `content`
+    (ids, aspect-ratio ids and masks, cross_attention_mask, pixels); returns transformers' ids and
+    its inputs for the prompt (besides `input_ids`), with vlmkit's pixels."""
+    hf_proc = hf_processor(folder)
+    text = hf_proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    hf = hf_proc(images=[images], text=text, return_tensors="pt")
+    assert prompt.input_ids.tolist() == hf["input_ids"][0].tolist()
+    inputs = reference_inputs(model, prompt.images, prompt.input_ids[None])
+    for key in ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"):
+        assert torch.equal(inputs[key], hf[key]), key
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    assert ((inputs["pixel_values"] - hf["pixel_values"]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    return hf["input_ids"][0], inputs
+
+
+def _parity_reference(folder, image, question, prompt, model):
+    return check_inputs(folder, [image], [{"type": "image"}, {"type": "text", "text": question}], prompt, model)
+
+
+PARITY = ParityCase("mllama", save_mllama, "MllamaForConditionalGeneration", _parity_reference,
+                    sizes=((72, 40), (24, 90), (100, 100), (10, 12)), image_text="<image>")

@@ -3,7 +3,7 @@ export to its Hugging Face folders.
 
 * the tower is transformers' `MllamaVisionModel` (`mllama-vit`): it encodes all tile slots of an
   image together, with the aspect-ratio id's tile embeddings, so the `mllama` processor hands it
-  every slot (`options.pad_tiles: true`; empty slots are `pad` views nobody attends to);
+  every slot (`options.pad_tiles: true`; the empty slots past the image's tiles are never read);
 * the projector is one linear layer (`linear`, with bias) into the LLM width;
 * the LLM is `MllamaForCausalLM` (`mllama-text`): Llama with gated cross-attention decoder layers,
   written as `llm/`; vlmkit's cross-attention fusion drives those layers
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
+from vlmkit.families.mllama.model import MllamaViTTower, causal_lm_class, image_ranges
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
@@ -33,12 +34,10 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, write_checkpoint
 from vlmkit.model.connectors.mlp import LinearConnector
-from vlmkit.model.cross_attention import mllama_image_ranges
-from vlmkit.model.mllama import MllamaViTTower, causal_lm_class
 
 IMAGE_TOKEN = "<|image|>"
 _RESAMPLE_IDS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -148,7 +147,7 @@ def reference_inputs(model, images: list, ids: torch.Tensor) -> dict:
     markers = [j for j, t in enumerate(ids[0].tolist()) if t == model.image_token_id]
     max_tiles = images[0].pixel_values.shape[0]
     mask = torch.zeros(1, ids.shape[1], len(images), max_tiles, dtype=torch.long)
-    for j, ((start, end), im) in enumerate(zip(mllama_image_ranges(markers, ids.shape[1]), images)):
+    for j, ((start, end), im) in enumerate(zip(image_ranges(markers, ids.shape[1]), images)):
         mask[0, start:end, j, : im.extra["num_tiles"]] = 1
     return {"pixel_values": torch.stack([im.pixel_values for im in images])[None],
             "aspect_ratio_ids": torch.tensor([[im.extra["aspect_ratio_id"] for im in images]]),
@@ -162,5 +161,5 @@ def _reference(model, prompt, ids):
     return MllamaForConditionalGeneration, reference_inputs(model, prompt.images, ids)
 
 
-register_family(HFFamily(("mllama",), "Llama 3.2 Vision (MllamaForConditionalGeneration)", import_mllama, export_mllama,
-                         _owns_mllama, _reference, specificity=6))
+MLLAMA = HFFamily(("mllama",), "Llama 3.2 Vision (MllamaForConditionalGeneration)", import_mllama, export_mllama,
+                  _owns_mllama, _reference, specificity=6)

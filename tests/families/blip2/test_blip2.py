@@ -1,9 +1,10 @@
-"""`vlmkit import-hf` for BLIP-2 (OPT LLM) and InstructBLIP (Llama LLM) against transformers on
-tiny random folders saved with `save_pretrained`: the same input ids (and, for InstructBLIP, the
-same Q-Former instruction ids) as the HF processor built with the PIL image processor, pixel values
-within docs/preprocessing.md's tolerance, logits within 1e-4 (fp32), the same greedy tokens; export
-back returns the same tensors and transformers' reload of the export matches. The Q-Former's
-instruction input is a general connector mechanism, tested on its own too."""
+"""`vlmkit import-hf` for BLIP-2 (OPT LLM) and InstructBLIP (Llama LLM) on tiny random folders
+saved with `save_pretrained`: the processor settings it reads, export back returning the same
+tensors (transformers' reload of the export matches), the prompt layout, the instruction reaching
+the Q-Former, and the command line. Ids, Q-Former ids, pixels, logits within 1e-4 (fp32) and greedy
+tokens against transformers: tests/families/test_hf_parity.py (the `blip2` and
+`blip2/instructblip` cases), and below for the instructions the parity cases do not ask. The
+Q-Former's instruction input is a general connector mechanism, tested on its own too."""
 
 from __future__ import annotations
 
@@ -16,29 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
+from _parity import first_stop, noise
+from blip2_folder import check_inputs, hf_processor, save_blip
 
-from vlmkit.data.formats import Message, Sample
+from vlmkit.checkpoint import load_checkpoint
+from vlmkit.core.types import Message, Sample
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.folder import ExportError
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-from _hf_folders_blip2 import save_blip  # noqa: E402
+REPO = Path(__file__).resolve().parents[3]
 
 torch.set_num_threads(1)
-
-# docs/preprocessing.md: resized pixels within 3 of 255 intensity levels of the reference.
-PIXEL_TOLERANCE = 3 / 255
-
-
-def noise(w: int, h: int, seed: int) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    small = (torch.rand(max(1, h // 4), max(1, w // 4), 3, generator=g) * 255).byte().numpy()
-    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
 
 
 @pytest.fixture(scope="module", params=["blip-2", "instructblip"])
@@ -51,41 +42,19 @@ def blip(tmp_path_factory, request):
     return instruct, folder, ckpt, model
 
 
-def _hf_processor(folder, instruct: bool):
-    from transformers import AutoTokenizer, Blip2Processor, InstructBlipProcessor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
-    kw = {"image_processor": BlipImageProcessorPil.from_pretrained(folder, local_files_only=True),
-          "tokenizer": AutoTokenizer.from_pretrained(folder, local_files_only=True)}
-    if instruct:
-        kw["qformer_tokenizer"] = AutoTokenizer.from_pretrained(folder / "qformer_tokenizer", local_files_only=True)
-    return (InstructBlipProcessor if instruct else Blip2Processor).from_pretrained(folder, local_files_only=True, **kw)
-
-
-def _first_stop(tokens: list[int], stops: set[int]) -> list[int]:
-    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
-
-
-@pytest.mark.parametrize("size,text", [((60, 40), "What is shown?"), ((28, 28), "Question: what colour? Answer:"),
-                                       ((20, 90), "Describe it.")])
-def test_blip_import_ids_pixels_logits_and_greedy_match_transformers(blip, size, text):
+@pytest.mark.parametrize("size,text", [((28, 28), "Question: what colour? Answer:"), ((20, 90), "Describe it.")])
+def test_blip_logits_and_greedy_match_transformers_for_other_instructions(blip, size, text):
+    """The parity cases ask "What is shown?"; the Q-Former of InstructBLIP reads the instruction,
+    so two more instructions (of other lengths) go through logits and greedy decoding here."""
     from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
     instruct, folder, _, model = blip
     image = noise(*size, seed=sum(size))
-    hf_inputs = _hf_processor(folder, instruct)(images=image, text=text, return_tensors="pt")
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>" + text)], [image])
-    assert prompt.input_ids.tolist() == hf_inputs["input_ids"][0].tolist()
-    assert model.count_image_tokens(prompt.images[0]) == int((hf_inputs["input_ids"] == model.image_token_id).sum()) == 6
-    if instruct:
-        assert prompt.images[0].text_ids.tolist() == hf_inputs["qformer_input_ids"][0].tolist()
-    ours_pixels = prompt.images[0].pixel_values
-    std = torch.tensor(model.config.processor.std)[:, None, None]
-    assert ((ours_pixels - hf_inputs["pixel_values"]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    inputs = check_inputs(folder, image, text, prompt, model, instruct)
 
     cls = InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration
     ref = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    inputs = dict(hf_inputs, pixel_values=ours_pixels)
     with torch.no_grad():
         ours = model(prompt.input_ids[None], images=prompt.images).logits
         theirs = ref(**inputs).logits
@@ -96,7 +65,7 @@ def test_blip_import_ids_pixels_logits_and_greedy_match_transformers(blip, size,
     out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist()
     out = out[len(prompt.input_ids):] if out[: len(prompt.input_ids)] == prompt.input_ids.tolist() else out
     eos = ref.generation_config.eos_token_id
-    assert _first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
 
 
 def test_blip_import_reads_processor_settings(blip):
@@ -105,7 +74,7 @@ def test_blip_import_reads_processor_settings(blip):
     assert p.name == "fixed" and p.options["fit"] == "squash" and p.image_size == 28
     assert tuple(p.mean) == pytest.approx((0.5, 0.4, 0.3)) and tuple(p.std) == pytest.approx((0.25, 0.3, 0.35))
     assert model.config.connector.name == "qformer" and model.config.vision.name == "hf-blip"
-    assert model.connector.reads_text == instruct
+    assert model.connector.reads_instruction == instruct
     assert model.pretrained_parts == {"llm"} and (ckpt / "llm" / "model.safetensors").is_file()
     assert (ckpt / "llm" / "qformer_tokenizer").is_dir() == instruct
 
@@ -130,7 +99,7 @@ def test_blip_prompt_layout_puts_images_first_and_bos_before_the_text(blip):
     """Blip2Processor's layout for any placement of the placeholder, a text-only prompt (BOS
     first) and a training sample (assistant answer supervised, after a space, ending in EOS)."""
     instruct, folder, _, model = blip
-    hf = _hf_processor(folder, instruct)
+    hf = hf_processor(folder, instruct)
     chat = build_chat_processor(model, 4096)
     image = noise(30, 30, seed=1)
     late = chat.encode_prompt([Message("user", "Look: <image>")], [image])
@@ -140,7 +109,7 @@ def test_blip_prompt_layout_puts_images_first_and_bos_before_the_text(blip):
     reference = hf(images=image, text="What is it?", return_tensors="pt")
     assert chatty.input_ids.tolist() == reference["input_ids"][0].tolist()
     if instruct:
-        assert chatty.images[0].text_ids.tolist() == reference["qformer_input_ids"][0].tolist()
+        assert chatty.images[0].instruction_ids.tolist() == reference["qformer_input_ids"][0].tolist()
     text_only = chat.encode_prompt([Message("user", "Hello")], [])
     assert text_only.input_ids.tolist() == hf.tokenizer("Hello")["input_ids"]
     path = folder / "img.png"
@@ -166,6 +135,14 @@ def test_instructblip_image_tokens_depend_on_the_instruction(blip):
     assert (ta - tb).abs().max() > 1e-3
     torch.testing.assert_close(both[0], ta, atol=1e-5, rtol=0)
     torch.testing.assert_close(both[1], tb, atol=1e-5, rtol=0)
+
+
+def test_release_name_resolves_to_the_blip2_preset():
+    """The family's preset alias (in its entry) is known before any other registry lookup."""
+    code = "from vlmkit import presets; print(presets.resolve('blip2-opt-2.7b'))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "blip2", out.stderr[-2000:]
 
 
 # ---- the Q-Former connector's instruction input ---------------------------------------------

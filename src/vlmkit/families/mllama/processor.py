@@ -74,8 +74,9 @@ class MllamaProcessor(ImageProcessor):
         pad_tiles: bool = False,
     ):
         self.tile_size, self.max_tiles, self.patch_size = tile_size, max_tiles, patch_size
-        # Also hand the empty tile slots to the model (as `pad` views): Llama 3.2 Vision's own
-        # encoder (`mllama-vit`) reads all `max_tiles` slots of an image together.
+        # Also hand the empty tile slots to the model (as tile views past `num_tiles`, which its
+        # cross-attention never reads): Llama 3.2 Vision's own encoder (`mllama-vit`) reads all
+        # `max_tiles` slots of an image together.
         self.pad_tiles = pad_tiles
         self.states_per_tile = (tile_size // patch_size) ** 2 + 1
         self.mean, self.std = tuple(mean), tuple(std)
@@ -130,7 +131,7 @@ class MllamaProcessor(ImageProcessor):
             extra={"aspect_ratio_id": self.aspect_ratio_id(rows, cols), "aspect_ratio_mask": mask,
                    "num_tiles": rows * cols},
             # Only the real tiles are encoded (unless pad_tiles); the zero slots exist for the reference layout.
-            views=image_views(pixels, ["tile"] * (rows * cols) + ["pad"] * ((self.max_tiles - rows * cols) if self.pad_tiles else 0)),
+            views=image_views(pixels, ["tile"] * (self.max_tiles if self.pad_tiles else rows * cols)),
             image_size=(image.size[1], image.size[0]),
         )
 

@@ -1,8 +1,9 @@
 """Llama 3.2 Vision (`mllama`) through `vlmkit import-hf` against transformers on a tiny random
-folder saved with `save_pretrained`: the input ids, aspect-ratio ids / masks and
-cross_attention_mask transformers' MllamaProcessor builds (one, two and interleaved images, several
-sizes), pixel values within docs/preprocessing.md's tolerance, logits within 1e-4 (fp32) and the
-same greedy tokens through vlmkit's generation; export back returns the same tensors."""
+folder saved with `save_pretrained`: two and interleaved images (ids, aspect-ratio ids / masks and
+the cross_attention_mask transformers' MllamaProcessor builds, pixels within docs/preprocessing.md's
+tolerance, logits within 1e-4 (fp32) and the same greedy tokens; one image on several sizes:
+tests/families/test_hf_parity.py), the folder settings it reads, export back returning the same
+tensors, the visibility rule, and the command line."""
 
 from __future__ import annotations
 
@@ -13,26 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _parity import first_stop, noise
+from mllama_folder import check_inputs, save_mllama
 from PIL import Image
 
-from vlmkit.data.formats import Message
+from vlmkit.checkpoint import load_checkpoint
+from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
-from vlmkit.checkpoint import load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders_mllama import save_mllama  # noqa: E402
 
 torch.set_num_threads(1)
-PIXEL_TOLERANCE = 3 / 255  # docs/preprocessing.md (torch backend)
-REPO = Path(__file__).resolve().parents[2]
-
-
-def noise(w: int, h: int, seed: int) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    small = (torch.rand(max(1, h // 4), max(1, w // 4), 3, generator=g) * 255).byte().numpy()
-    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +37,13 @@ def mllama(tmp_path_factory):
     return folder, ckpt, model
 
 
-def _hf_processor(folder):
-    from transformers import AutoTokenizer, MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    return MllamaProcessor.from_pretrained(folder, local_files_only=True,
-                                           image_processor=MllamaImageProcessorPil.from_pretrained(folder, local_files_only=True),
-                                           tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True))
-
-
-def _first_stop(tokens, eos):
-    stops = set(eos if isinstance(eos, list) else [eos])
-    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
-
-
-# (image sizes, text between the images or None: adjacent images)
-CASES = {"wide": ([(72, 40)], None), "tall": ([(24, 90)], None), "square-big": ([(100, 100)], None), "small": ([(10, 12)], None),
-         "two-images": ([(60, 30), (30, 90)], None), "interleaved": ([(40, 40), (50, 20)], "then")}
+# (image sizes, text between the images or None: adjacent images); one image: the parity case.
+CASES = {"two-images": ([(60, 30), (30, 90)], None), "interleaved": ([(40, 40), (50, 20)], "then")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_ids_masks_pixels_logits_and_greedy_match_transformers(mllama, case):
     from transformers import MllamaForConditionalGeneration
-
-    from vlmkit.hf.families.mllama import reference_inputs
 
     folder, _, model = mllama
     sizes, between = CASES[case]
@@ -81,17 +57,9 @@ def test_import_ids_masks_pixels_logits_and_greedy_match_transformers(mllama, ca
         content.append({"type": "image"})
         ours_text += "<image>"
     content.append({"type": "text", "text": "What is shown?"})
-    hf_proc = _hf_processor(folder)
-    text = hf_proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    hf = hf_proc(images=[images], text=text, return_tensors="pt")
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", ours_text + "What is shown?")], images)
-    assert prompt.input_ids.tolist() == hf["input_ids"][0].tolist()
+    _, inputs = check_inputs(folder, images, content, prompt, model)
     ids = prompt.input_ids[None]
-    inputs = reference_inputs(model, prompt.images, ids)
-    for key in ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"):
-        assert torch.equal(inputs[key], hf[key]), key
-    std = torch.tensor(model.config.processor.std)[:, None, None]
-    assert ((inputs["pixel_values"] - hf["pixel_values"]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
 
     ref = MllamaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -102,7 +70,8 @@ def test_import_ids_masks_pixels_logits_and_greedy_match_transformers(mllama, ca
 
     expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
     out = ref.generate(input_ids=ids, **inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert _first_stop(out, ref.generation_config.eos_token_id) == expected
+    eos = ref.generation_config.eos_token_id
+    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
 
 
 def test_the_image_reaches_the_logits(mllama):
@@ -171,10 +140,10 @@ def test_bad_folders_are_refused_naming_the_file_or_tensor(tmp_path):
 def test_image_ranges_follow_transformers(ids):
     from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
 
-    from vlmkit.model.cross_attention import mllama_image_ranges
+    from vlmkit.families.mllama.model import image_ranges
 
     theirs = [(a, len(ids) if b == -1 else b) for a, b in get_cross_attention_token_mask(ids, 9)]
-    assert mllama_image_ranges([i for i, t in enumerate(ids) if t == 9], len(ids)) == theirs
+    assert image_ranges([i for i, t in enumerate(ids) if t == 9], len(ids)) == theirs
 
 
 def test_llm_cross_attention_layers_need_an_llm_that_has_them():

@@ -1,14 +1,25 @@
-"""Tiny random BLIP-2 / InstructBLIP / Fuyu folders, saved with `save_pretrained` and an offline
-tokenizer (vlmkit's byte-level one plus the family's special tokens), for tests/test_hf_blip_fuyu.py."""
+"""Tiny random BLIP-2 (OPT LLM) / InstructBLIP (Llama LLM) folders, saved with `save_pretrained`
+and an offline tokenizer (vlmkit's byte-level one plus the family's special tokens), and their
+parity cases: the same input ids (and, for InstructBLIP, the same Q-Former instruction ids) as the
+HF processor built with the PIL image processor, for several instructions, and pixel values within
+docs/preprocessing.md's tolerance."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from _parity import ParityCase
 from tokenizers import processors
 
+from vlmkit.core.types import Message
+from vlmkit.processing import build_chat_processor
 from vlmkit.tokenizer import byte_level_tokenizer
+
+# docs/preprocessing.md: resized pixels within 3 of 255 intensity levels of the reference.
+PIXEL_TOLERANCE = 3 / 255
+# The instructions whose ids are checked against the HF processor on every parity image.
+INSTRUCTIONS = ("What is shown?", "Question: what colour? Answer:", "Describe it.")
 
 
 def _sharpen(model) -> None:
@@ -53,8 +64,14 @@ def qformer_tokenizer():
 
 def save_blip(folder: Path, *, instruct: bool = False, seed: int = 0, image: int = 28, patch: int = 7, queries: int = 6,
               llm: str = "opt") -> Path:
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, InstructBlipConfig, \
-        InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     torch.manual_seed(seed)
@@ -87,3 +104,52 @@ def save_blip(folder: Path, *, instruct: bool = False, seed: int = 0, image: int
     else:
         Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=queries).save_pretrained(folder)
     return Path(folder)
+
+
+def hf_processor(folder, instruct: bool):
+    from transformers import AutoTokenizer, Blip2Processor, InstructBlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    kw = {"image_processor": BlipImageProcessorPil.from_pretrained(folder, local_files_only=True),
+          "tokenizer": AutoTokenizer.from_pretrained(folder, local_files_only=True)}
+    if instruct:
+        kw["qformer_tokenizer"] = AutoTokenizer.from_pretrained(folder / "qformer_tokenizer", local_files_only=True)
+    return (InstructBlipProcessor if instruct else Blip2Processor).from_pretrained(folder, local_files_only=True, **kw)
+
+
+def check_inputs(folder, image, text, prompt, model, instruct: bool) -> dict:
+    """Asserts vlmkit's prompt matches the HF processor's (ids, Q-Former ids, six image tokens,
+    pixels); returns the HF processor's inputs with vlmkit's pixels."""
+    hf_inputs = hf_processor(folder, instruct)(images=image, text=text, return_tensors="pt")
+    assert prompt.input_ids.tolist() == hf_inputs["input_ids"][0].tolist()
+    assert model.count_image_tokens(prompt.images[0]) == int((hf_inputs["input_ids"] == model.image_token_id).sum()) == 6
+    if instruct:
+        assert prompt.images[0].instruction_ids.tolist() == hf_inputs["qformer_input_ids"][0].tolist()
+    ours_pixels = prompt.images[0].pixel_values
+    std = torch.tensor(model.config.processor.std)[:, None, None]
+    assert ((ours_pixels - hf_inputs["pixel_values"]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
+    return dict(hf_inputs, pixel_values=ours_pixels)
+
+
+def _parity_reference(instruct: bool):
+    def reference(folder, image, question, prompt, model):
+        chat = build_chat_processor(model, 4096)
+        for text in INSTRUCTIONS:
+            if text != question:
+                check_inputs(folder, image, text, chat.encode_prompt([Message("user", "<image>" + text)], [image]), model, instruct)
+        inputs = check_inputs(folder, image, question, prompt, model, instruct)
+        return inputs.pop("input_ids")[0], inputs
+
+    return reference
+
+
+def _save(instruct: bool):
+    return lambda folder: save_blip(folder, instruct=instruct, llm="llama" if instruct else "opt")
+
+
+SIZES = ((60, 40), (28, 28), (20, 90))
+PARITY = (
+    ParityCase("blip2", _save(False), "Blip2ForConditionalGeneration", _parity_reference(False), sizes=SIZES, image_text="<image>"),
+    ParityCase("blip2/instructblip", _save(True), "InstructBlipForConditionalGeneration", _parity_reference(True), sizes=SIZES,
+               image_text="<image>"),
+)

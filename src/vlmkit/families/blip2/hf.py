@@ -45,7 +45,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.registry import HFFamily, read_hf_config, register_family
+from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import chat_template, template_source, usable_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
 from vlmkit.model.connectors.qformer import QFormerConnector
@@ -318,14 +318,14 @@ def _reference(instruct: bool):
         image = prompt.images[0]
         if not instruct:
             return Blip2ForConditionalGeneration, {"pixel_values": image.pixel_values}
-        return InstructBlipForConditionalGeneration, {"pixel_values": image.pixel_values, "qformer_input_ids": image.text_ids[None]}
+        return InstructBlipForConditionalGeneration, {"pixel_values": image.pixel_values, "qformer_input_ids": image.instruction_ids[None]}
 
     return reference
 
 
-register_family(HFFamily(("blip-2",), "BLIP-2 (Blip2ForConditionalGeneration, decoder-only LLM)", _import_blip,
-                         lambda model, out: _export_blip(model, out, instruct=False), lambda model: _is_blip(model, False),
-                         _reference(False), specificity=12))
-register_family(HFFamily(("instructblip",), "InstructBLIP (InstructBlipForConditionalGeneration, decoder-only LLM)", _import_blip,
-                         lambda model, out: _export_blip(model, out, instruct=True), lambda model: _is_blip(model, True),
-                         _reference(True), specificity=12))
+BLIP2 = HFFamily(("blip-2",), "BLIP-2 (Blip2ForConditionalGeneration, decoder-only LLM)", _import_blip,
+                 lambda model, out: _export_blip(model, out, instruct=False), lambda model: _is_blip(model, False),
+                 _reference(False), specificity=12)
+INSTRUCTBLIP = HFFamily(("instructblip",), "InstructBLIP (InstructBlipForConditionalGeneration, decoder-only LLM)", _import_blip,
+                        lambda model, out: _export_blip(model, out, instruct=True), lambda model: _is_blip(model, True),
+                        _reference(True), specificity=12)
