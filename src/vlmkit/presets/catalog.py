@@ -110,8 +110,6 @@ TINY_QWEN2_VL_MODEL = {**TINY_QWEN2_VL_PARTS, "processor": toy(QWEN2_VL, 32, **T
 
 
 PRESET_DATA: list[dict[str, Any]] = [
-    {
-    },
     *[
         {
             "name": f"qwen2-vl-{size}", "family": f"Qwen2-VL-{size.upper()}", "release": f"Qwen/Qwen2-VL-{size.upper()}-Instruct",
