@@ -20,6 +20,7 @@ from vlmkit.hf.registry import import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.model import lora
 from vlmkit.checkpoint import load_checkpoint, save_checkpoint
+from vlmkit.processing.base import VisualBatch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
@@ -83,9 +84,9 @@ def test_peft_export_loads_in_peft_with_vlmkits_unmerged_logits(tmp_path, family
         base_logits = ref(input_ids=ids, **kwargs).logits
         peft_model = PeftModel.from_pretrained(ref, adapter).eval()
         theirs = peft_model(input_ids=ids, **kwargs).logits
-        ours = model(ids, images=prompt.images, **extra).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images), **extra).logits
         merged, _ = load_checkpoint(ckpt)
-        ours_merged = merged(ids, images=prompt.images, **extra).logits
+        ours_merged = merged(ids, visuals=VisualBatch(prompt.images), **extra).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
     torch.testing.assert_close(ours_merged, ours, atol=1e-4, rtol=0)
     assert (base_logits - ours).abs().max() > 1e-2  # the adapters change the model

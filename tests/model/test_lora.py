@@ -22,6 +22,7 @@ from vlmkit.processing import build_chat_processor
 from vlmkit.model import lora
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.train.loop import run_training
+from vlmkit.processing.base import VisualBatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _hf_folders import save_qwen2vl  # noqa: E402
@@ -80,7 +81,7 @@ def test_only_adapters_get_gradients(imported):
     model.train()
     proc = build_chat_processor(model, 512)
     sample = proc.encode_prompt([Message("user", "<image>Colour?")], [Image.new("RGB", (40, 30), COLOURS["red"])])
-    out = model(sample.input_ids[None], images=sample.images, position_ids=sample.position_ids[:, None],
+    out = model(sample.input_ids[None], visuals=VisualBatch(sample.images), position_ids=sample.position_ids[:, None],
                 labels=sample.input_ids[None])
     out.loss.backward()
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]

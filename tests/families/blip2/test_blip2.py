@@ -26,6 +26,7 @@ from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.folder import ExportError
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -56,7 +57,7 @@ def test_blip_logits_and_greedy_match_transformers_for_other_instructions(blip, 
     cls = InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration
     ref = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**inputs).logits
     assert ours.shape == theirs.shape  # no vocabulary growth on import
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -15,6 +15,7 @@ from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,7 @@ def _check(model, folder, images, question):
     inputs = gemma3_inputs(model, folder, prompt, images, question)
     ref = Gemma3ForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**inputs).logits
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

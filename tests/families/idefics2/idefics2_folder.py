@@ -25,6 +25,7 @@ from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import family_of
 from vlmkit.processing import build_chat_processor
 from vlmkit.tokenizer import byte_level_tokenizer
+from vlmkit.processing.base import VisualBatch
 
 # docs/preprocessing.md: resized pixels within 3 of 255 intensity levels of the reference.
 PIXEL_TOLERANCE = 3 / 255
@@ -110,7 +111,7 @@ def check_against_transformers(folder, model, ref, images, greedy: bool = True, 
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", ours)], images)
     check_ids_and_pixels(model, prompt, hf_inputs)
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**hf_inputs).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     if greedy:

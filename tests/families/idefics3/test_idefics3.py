@@ -13,6 +13,7 @@ from vlmkit.checkpoint import load_checkpoint
 from vlmkit.core.types import Message
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -49,6 +50,6 @@ def test_idefics3_two_images_in_one_prompt_match_transformers(idefics3):
     assert pixels.shape == hf_inputs["pixel_values"].shape
     ref = Idefics3ForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**dict(hf_inputs, pixel_values=pixels)).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

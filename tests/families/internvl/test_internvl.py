@@ -17,6 +17,7 @@ from vlmkit.checkpoint import load_checkpoint
 from vlmkit.core.types import Message
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -59,6 +60,6 @@ def test_internvl_two_images_in_one_prompt_match_transformers(internvl):
     assert prompt.input_ids.tolist() == ref_ids
     ref = InternVLForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(input_ids=prompt.input_ids[None], pixel_values=torch.cat([im.pixel_values for im in prompt.images])).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

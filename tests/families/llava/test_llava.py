@@ -16,6 +16,7 @@ from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.folder import ExportError
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
 SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
@@ -59,11 +60,11 @@ def test_export_loads_as_llava_with_equal_logits_prompt_pixels_and_greedy_output
 
     ours = build_chat_processor(model, 256).encode_prompt([Message("user", "<image>\nWhat is shown?")], [image])
     assert hf_inputs["input_ids"][0].tolist() == ours.input_ids.tolist()
-    torch.testing.assert_close(hf_inputs["pixel_values"], ours.pixel_values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf_inputs["pixel_values"], ours.images[0].pixel_values, atol=1e-5, rtol=0)
 
     with torch.no_grad():
         theirs = llava(**hf_inputs).logits[0, :, : model.vocab_size]
-        mine = model(ours.input_ids[None], pixel_values=ours.pixel_values).logits[0]
+        mine = model(ours.input_ids[None], visuals=VisualBatch(ours.images)).logits[0]
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
 
     expected = generate(model, [ours], GenerationConfig(max_new_tokens=10))[0]
@@ -125,10 +126,10 @@ def test_import_round_trip_trains_and_generates(tmp_path):
     a = proc_a.encode_prompt([Message("user", "<image>\nColour?")], [image])
     b = proc_b.encode_prompt([Message("user", "<image>\nColour?")], [image])
     assert a.input_ids.tolist() == b.input_ids.tolist()
-    torch.testing.assert_close(a.pixel_values, b.pixel_values)
+    torch.testing.assert_close(a.images[0].pixel_values, b.images[0].pixel_values)
     with torch.no_grad():
-        la = model(a.input_ids[None], pixel_values=a.pixel_values).logits
-        lb = loaded(b.input_ids[None], pixel_values=b.pixel_values).logits[..., : la.shape[-1]]
+        la = model(a.input_ids[None], visuals=VisualBatch(a.images)).logits
+        lb = loaded(b.input_ids[None], visuals=VisualBatch(b.images)).logits[..., : la.shape[-1]]
     torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
     assert generate(loaded, [b], GenerationConfig(max_new_tokens=6)) == generate(model, [a], GenerationConfig(max_new_tokens=6))
 
@@ -139,10 +140,10 @@ def test_import_round_trip_trains_and_generates(tmp_path):
     labels = ids.clone()
     labels[ids == loaded.image_token_id] = -100
     opt = torch.optim.SGD([p for p in loaded.parameters() if p.requires_grad], lr=0.05)
-    first = loaded(ids, pixel_values=b.pixel_values, labels=labels).loss
+    first = loaded(ids, visuals=VisualBatch(b.images), labels=labels).loss
     first.backward()
     opt.step()
-    second = loaded(ids, pixel_values=b.pixel_values, labels=labels).loss
+    second = loaded(ids, visuals=VisualBatch(b.images), labels=labels).loss
     assert torch.isfinite(first.detach()) and second.item() < first.item()
 
 

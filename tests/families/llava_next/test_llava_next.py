@@ -18,6 +18,7 @@ from vlmkit.cli import app
 from vlmkit.core.types import Message
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -47,7 +48,7 @@ def test_llava_next_siglip_tower_imports_with_equal_logits(tmp_path):
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\nWhat?")], [image])
     ref = LlavaNextForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(input_ids=prompt.input_ids[None], pixel_values=prompt.images[0].pixel_values[None],
                      image_sizes=torch.tensor([[90, 50]])).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
@@ -89,6 +90,6 @@ def test_llava_next_two_images_in_one_prompt_match_transformers(llava_next):
     assert views == max(im.pixel_values.shape[0] for im in prompt.images)
     ref = LlavaNextForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**dict(hf_inputs, pixel_values=pixels)).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -33,7 +33,7 @@ def test_logits_match_transformers_llava_next(sizes):
     inputs = llava_next_inputs(encoded)
     batch = collate(encoded, pad_id=0)
     with torch.no_grad():
-        ours = model(batch.input_ids, batch.attention_mask, images=batch.images, position_ids=batch.position_ids).logits
+        ours = model(batch.input_ids, batch.visuals, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
         theirs = ref(**inputs).logits[..., : model.vocab_size]
     # Left (ours, generation layout) vs right padding (theirs): compare each row's real tokens.
     for i, e in enumerate(encoded):

@@ -23,6 +23,7 @@ from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -54,7 +55,7 @@ def test_onevision_two_images_in_one_prompt_match_transformers(onevision):
     assert prompt.input_ids.tolist() == ids[0].tolist()
     inputs["input_ids"] = ids
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**inputs).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]

@@ -23,6 +23,7 @@ from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[3]
@@ -63,7 +64,7 @@ def test_import_ids_masks_pixels_logits_and_greedy_match_transformers(mllama, ca
 
     ref = MllamaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        ours = model(ids, images=prompt.images).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images)).logits
         theirs = ref(input_ids=ids, **inputs).logits
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
@@ -81,8 +82,8 @@ def test_the_image_reaches_the_logits(mllama):
     a = proc.encode_prompt([Message("user", "<image>What?")], [noise(40, 40, seed=1)])
     b = proc.encode_prompt([Message("user", "<image>What?")], [noise(40, 40, seed=2)])
     with torch.no_grad():
-        la = model(a.input_ids[None], images=a.images).logits
-        lb = model(b.input_ids[None], images=b.images).logits
+        la = model(a.input_ids[None], visuals=VisualBatch(a.images)).logits
+        lb = model(b.input_ids[None], visuals=VisualBatch(b.images)).logits
     assert (la - lb).abs().max() > 1e-2
 
 

@@ -13,6 +13,7 @@ from _parity import ParityCase
 
 from vlmkit.model.attention import attention_rule
 from vlmkit.tokenizer import byte_level_tokenizer
+from vlmkit.processing.base import VisualBatch
 
 # docs/preprocessing.md: resized pixels within 3 of 255 intensity levels of the reference.
 PIXEL_TOLERANCE = 3 / 255
@@ -88,10 +89,10 @@ def check_against_processor(model, prompt, hf_inputs, rule: str) -> dict:
     std = torch.tensor(model.config.processor.std)[:, None, None]
     assert ((ours_pixels - hf_inputs["pixel_values"]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         model.attention_rule = attention_rule("causal")
         try:
-            causal = model(prompt.input_ids[None], images=prompt.images).logits
+            causal = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         finally:
             model.attention_rule = attention_rule(rule)
     assert (ours - causal).abs().max() > 1e-3  # the attention rule matters: a causal reading differs

@@ -16,6 +16,7 @@ from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.model.vlm import lm_head
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -35,7 +36,7 @@ def _check(model, folder, images, text, ours_text):
     inputs = check_inputs_and_rule(model, folder, prompt, images, text, "prefix")
     ref = PaliGemmaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**inputs).logits
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -25,6 +25,7 @@ from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, family_for, family_of, import_hf, verify_hf_export
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[3]
@@ -56,7 +57,7 @@ def test_two_images_in_one_prompt_match_transformers(family):
     ids = prompt.input_ids[None]
     inputs = {"input_ids": ids, "pixel_values": pixels, "image_sizes": ref_px["image_sizes"]}
     with torch.no_grad():
-        ours = model(ids, images=prompt.images).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images)).logits
         theirs = ref(**inputs).logits
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
@@ -106,7 +107,7 @@ def test_a_tied_head_and_projector_biases_import_with_equal_logits(tmp_path):
     ref = Mistral3ForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
     pixels = prompt.images[0].pixel_values
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(input_ids=prompt.input_ids[None], pixel_values=pixels, image_sizes=torch.tensor([list(pixels.shape[-2:])])).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     exported = export_hf(model, tmp_path / "export")

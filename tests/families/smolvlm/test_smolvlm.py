@@ -26,6 +26,7 @@ from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, family_of, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -55,7 +56,7 @@ def test_smolvlm_two_images_in_one_prompt_match_transformers(smolvlm, leading):
     ours_pixels = torch.cat([im.pixel_values for im in prompt.images])[None]
     assert ours_pixels.shape == pixels.shape
     with torch.no_grad():
-        ours = model(prompt.input_ids[None], images=prompt.images).logits
+        ours = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
         theirs = ref(input_ids=ids, pixel_values=ours_pixels).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
@@ -76,7 +77,7 @@ def test_smolvlm_video_prompt_matches_transformers(smolvlm, tmp_path):
     assert ((ours - pixels[0]).abs() * std).max() <= PIXEL_TOLERANCE + 1e-6
     with torch.no_grad():
         theirs = ref(input_ids=ids, pixel_values=ours[None]).logits
-        got = model(prompt.input_ids[None], images=prompt.images).logits
+        got = model(prompt.input_ids[None], visuals=VisualBatch(prompt.images)).logits
     torch.testing.assert_close(got, theirs, atol=1e-4, rtol=0)
     expected = generate(model, [prompt], GenerationConfig(max_new_tokens=6))[0]
     out = ref.generate(input_ids=ids, pixel_values=ours[None], max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
