@@ -70,26 +70,34 @@ class VLMOutput:
         return self.head(self.hidden_states)
 
 
-class SoftcappedHead:
-    """An LM head whose logits are soft-capped, cap * tanh(logits / cap), as Gemma 2's
-    `final_logit_softcapping` does inside its causal LM's forward (which vlmkit does not call)."""
+class TransformedHead:
+    """An LM head with the output transform its causal LM's forward applies after it: the logits
+    times `scale` (Cohere's `logit_scale`; 1 / Granite's `logits_scaling`), then soft-capped,
+    cap * tanh(logits / cap) (Gemma 2's `final_logit_softcapping`). vlmkit runs the decoder and
+    applies the head itself, never the causal LM's forward, so the transform is applied here."""
 
-    def __init__(self, head: nn.Module, cap: float):
-        self.head, self.cap = head, float(cap)
+    def __init__(self, head: nn.Module, scale: float = 1.0, cap: float | None = None):
+        self.head, self.scale, self.cap = head, float(scale), float(cap) if cap else None
 
     @property
     def weight(self) -> torch.Tensor:
         return self.head.weight
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.head(hidden) / self.cap) * self.cap
+        logits = self.head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
 
 
 def lm_head(llm: nn.Module):
-    """The LLM's output layer as its own forward applies it (with any final logit soft-capping)."""
+    """The LLM's output layer as its own forward applies it: the bare head, or a
+    `TransformedHead` where the LLM's config declares a logit scale or soft-capping."""
     head = llm.get_output_embeddings()
-    cap = getattr(getattr(llm, "config", None), "final_logit_softcapping", None)
-    return SoftcappedHead(head, cap) if cap else head
+    config = getattr(llm, "config", None)  # a transformers config; vlmkit's own LLMs have one too
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return TransformedHead(head, scale, cap) if scale != 1.0 or cap else head
 
 
 # ---- fusion strategies ------------------------------------------------------------------------

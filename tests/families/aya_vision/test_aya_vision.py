@@ -44,21 +44,25 @@ def test_aya_import_reads_the_folder_settings(aya):
     assert model.config.connector.options == {"ratio": 0.5, "norm_eps": 1e-6, "hidden_size": 96}
     # transformers reads hidden_states[-1] (before SigLIP's post-layernorm): index 2 of 3 here.
     assert model.config.vision.feature_layer == 2
-    assert model.config.llm.name == "cohere-hf" and model.config.image_token == "<|IMG_PATCH|>"
+    assert model.config.llm.name == "hf" and model.config.image_token == "<|IMG_PATCH|>"
     assert "llm" in model.pretrained_parts and (ckpt / "llm" / "model.safetensors").is_file()
 
 
 def test_aya_head_applies_cohere_logit_scale(aya):
     """Cohere's causal LM multiplies its head's output by logit_scale; vlmkit applies the head
-    itself, so the scale lives in the head, and the causal LM's own forward is unchanged."""
+    itself (`lm_head`), with the scale the LLM's config declares, and gives the causal LM's logits."""
+    from vlmkit.model.vlm import TransformedHead, lm_head
+
     _, ckpt, model = aya
     llm = model.llm
-    assert llm.config.logit_scale == 0.25 and llm.get_output_embeddings().scale == 0.25
+    head = lm_head(llm)
+    assert llm.config.logit_scale == 0.25 and isinstance(head, TransformedHead) and head.scale == 0.25
     assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight  # still tied
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         hidden = llm.base_model(input_ids=ids).last_hidden_state
         expected = torch.nn.functional.linear(hidden, llm.get_input_embeddings().weight) * 0.25
+        torch.testing.assert_close(head(hidden), expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(llm(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
     assert json.loads((ckpt / "llm" / "config.json").read_text())["logit_scale"] == 0.25
 

@@ -1,9 +1,9 @@
 """Aya Vision: a SigLIP tower, a 2x2 pixel shuffle into a SwiGLU projector (`pixel-shuffle-swiglu`),
-a Cohere / Cohere2 decoder (`cohere-hf`, its logit scale in the output layer), and GotOcr2's
+a Cohere / Cohere2 decoder (the `hf` LLM), and GotOcr2's
 tiling with Aya's tile tags (the `aya_vision` processor)."""
 
 from vlmkit.families import FamilySpec, register_family_spec
-from vlmkit.families.aya_vision import connector, language, processor  # noqa: F401  (register their builders)
+from vlmkit.families.aya_vision import connector, processor  # noqa: F401  (register their builders)
 from vlmkit.families.aya_vision.hf import AYA_VISION
 from vlmkit.families.aya_vision.presets import PRESETS
 

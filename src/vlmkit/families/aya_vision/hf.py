@@ -5,7 +5,8 @@
   the same index counted from the front (`layers + 1 + index`), which vlmkit's tower reads from
   `hidden_states` too (its -1 means the post-normed output);
 * `multi_modal_projector` as the family's `pixel-shuffle-swiglu` connector (same tensor names);
-* the Cohere / Cohere2 decoder as `cohere-hf` (its logit scale in the output layer);
+* the Cohere / Cohere2 decoder as the `hf` LLM (its logit scale applied after the head, as for any
+  LLM whose config declares one: `vlmkit.model.vlm.lm_head`);
 * GotOcr2's image processor settings (tile size, min / max patches, crop_to_patches, mean / std,
   resample) and `AyaVisionProcessor`'s tags and `img_patch_token` (the image token) as the
   `aya_vision` processor.
@@ -57,7 +58,6 @@ from vlmkit.model.vision import HFVisionTower
 
 IMAGE_TOKEN = "<|IMG_PATCH|>"
 TOWERS = ("siglip_vision_model",)
-COHERE = ("cohere", "cohere2")
 # String turns that open with an image block: the newline after it is no part of the prompt.
 LEADING_IMAGE_PREAMBLE = (
     "{%- set _aya = namespace(msgs=[]) -%}"
@@ -161,7 +161,7 @@ def _import_aya_vision(folder: Path, out: Path) -> Path:
             "connector": {"name": "pixel-shuffle-swiglu", "options": {
                 "ratio": 1 / cfg.downsample_factor, "norm_eps": cfg.adapter_layer_norm_eps,
                 "hidden_size": getattr(cfg, "alignment_intermediate_size", text_cfg.hidden_size)}},
-            "llm": {"name": "cohere-hf" if text_cfg.model_type in COHERE else "hf", "path": str(staged_llm)},
+            "llm": {"name": "hf", "path": str(staged_llm)},
             "processor": processor,
             "image_token": IMAGE_TOKEN,
         }})
