@@ -203,7 +203,7 @@ def test_rope_vit_head_dim_must_split_into_rows_and_columns():
 def test_rope_vit_matches_pixtral_vision_param_count():
     from transformers import PixtralVisionConfig, PixtralVisionModel
 
-    from vlmkit.families.pixtral.rope_vit import RopeViTConfig, RopeViTTower
+    from vlmkit.families.pixtral.model import RopeViTConfig, RopeViTTower
 
     hf = PixtralVisionModel(PixtralVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=8, image_size=64))
     ours = RopeViTTower(RopeViTConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=8))
@@ -212,7 +212,7 @@ def test_rope_vit_matches_pixtral_vision_param_count():
 
 
 def test_rope_2d_scores_depend_only_on_relative_offsets():
-    from vlmkit.families.pixtral.rope_vit import apply_rope, rope_2d_angles
+    from vlmkit.families.pixtral.model import apply_rope, rope_2d_angles
 
     torch.manual_seed(0)
     q, k = torch.randn(16), torch.randn(16)

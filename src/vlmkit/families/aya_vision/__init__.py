@@ -3,7 +3,7 @@ a Cohere / Cohere2 decoder (the `hf` LLM), and GotOcr2's
 tiling with Aya's tile tags (the `aya_vision` processor)."""
 
 from vlmkit.families import FamilySpec, register_family_spec
-from vlmkit.families.aya_vision import connector, processor  # noqa: F401  (register their builders)
+from vlmkit.families.aya_vision import model, processor  # noqa: F401  (register their builders)
 from vlmkit.families.aya_vision.hf import AYA_VISION
 from vlmkit.families.aya_vision.presets import PRESETS
 

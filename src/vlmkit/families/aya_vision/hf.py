@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.families.aya_vision.connector import SwiGLUShuffleConnector
+from vlmkit.families.aya_vision.model import SwiGLUShuffleConnector
 from vlmkit.families.aya_vision.processor import END, START, TILE, TILE_GLOBAL
 from vlmkit.hf.folder import (
     ExportError,

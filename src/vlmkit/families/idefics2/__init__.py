@@ -5,7 +5,7 @@ width) into a fixed number of tokens per view, between `<fake_token_around_image
 (the `idefics2` processor)."""
 
 from vlmkit.families import FamilySpec, register_family_spec
-from vlmkit.families.idefics2 import processor, vision  # noqa: F401  (register the `idefics2` processor and tower)
+from vlmkit.families.idefics2 import model, processor  # noqa: F401  (register the `idefics2` processor and tower)
 from vlmkit.families.idefics2.hf import IDEFICS2
 from vlmkit.families.idefics2.presets import PRESETS
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.families.idefics2.vision import TOWER
+from vlmkit.families.idefics2.model import TOWER
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,

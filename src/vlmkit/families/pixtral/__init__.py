@@ -3,7 +3,7 @@ capped), every patch is one token, `[IMG_BREAK]` after each patch row and `[IMG_
 `pixtral` processor); vlmkit's own tower for it is a 2D-RoPE ViT (`rope-vit`)."""
 
 from vlmkit.families import FamilySpec, register_family_spec
-from vlmkit.families.pixtral import processor, rope_vit  # noqa: F401  (register the `pixtral` processor and `rope-vit` tower)
+from vlmkit.families.pixtral import model, processor  # noqa: F401  (register the `rope-vit` tower and `pixtral` processor)
 from vlmkit.families.pixtral.hf import MISTRAL3, PIXTRAL
 from vlmkit.families.pixtral.presets import PRESETS
 
