@@ -1,7 +1,7 @@
 """Imported Hugging Face models: vlmkit against transformers at identical shapes, one run.
 
 For a tiny-but-not-trivial Qwen2-VL and LLaVA-NeXT folder (random weights, saved with
-`save_pretrained` as `tests/_hf_folders.py` does, then `vlmkit import-hf`):
+`save_pretrained` as `tests/_hf_folders.py` and `tests/families/qwen2_vl/qwen2_vl_folder.py` do, then `vlmkit import-hf`):
 
 * generation tokens/s, vlmkit's `generate` vs transformers' `generate` on the folder itself, at
   batch 1 and 8 (greedy, a fixed number of new tokens on both sides: stop tokens are ignored, so
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "families" / "qwen2_vl")]
 
 QWEN = dict(text={"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
                   "num_key_value_heads": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
@@ -59,10 +59,11 @@ def image(seed: int, size):
 
 
 def prepare(family: str, root: Path):
-    from _hf_folders import save_llava_next, save_qwen2vl
+    from _hf_folders import save_llava_next
+    from qwen2_vl_folder import save_qwen2vl
 
-    from vlmkit.hf.registry import import_hf
     from vlmkit.checkpoint import load_checkpoint
+    from vlmkit.hf.registry import import_hf
 
     if family == "qwen2-vl":
         folder = save_qwen2vl(root / "hf", text=QWEN["text"], vision=QWEN["vision"], min_pixels=56 * 56, max_pixels=QWEN["max_pixels"])

@@ -126,6 +126,7 @@ def run_family(args) -> dict:
     from vlmkit.config import ModelConfig
     from vlmkit.data.collate import collate
     from vlmkit.data.formats import Message, Sample
+    from vlmkit.families.qwen2_vl.hf import qwen2_vl_reference
     from vlmkit.hf import reference
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.processing import build_chat_processor
@@ -147,7 +148,7 @@ def run_family(args) -> dict:
     batch = collate(encoded, pad_id=0).to(device)
     head = ours.llm.get_output_embeddings()
 
-    ref = (reference.llava_next if args.family == "anyres" else reference.qwen2_vl)(ours).train()
+    ref = (reference.llava_next if args.family == "anyres" else qwen2_vl_reference)(ours).train()
     if args.family == "anyres":
         ref_inputs = {k: v.to(device) for k, v in reference.llava_next_inputs(encoded).items()}
     else:

@@ -23,7 +23,7 @@ from vlmkit.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from _hf_folders import save_qwen2vl  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 from _hf_folders_gemma import save_paligemma  # noqa: E402
 
 torch.set_num_threads(1)

@@ -24,7 +24,7 @@ from vlmkit.hf.registry import import_hf
 from vlmkit.hf.output_folder import MARKER, OutputFolderError, claim_output, remove_stale_staging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders import save_qwen2vl  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parents[1]

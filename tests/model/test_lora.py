@@ -24,7 +24,7 @@ from vlmkit.checkpoint import load_checkpoint
 from vlmkit.train.loop import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders import save_qwen2vl  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]

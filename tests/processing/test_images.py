@@ -278,7 +278,7 @@ def test_every_family_gives_the_same_bits_with_and_without_the_c_kernel(monkeypa
     from vlmkit.processing.idefics3 import Idefics3Processor
     from vlmkit.processing.mllama import MllamaProcessor
     from vlmkit.processing.pixtral import PixtralProcessor
-    from vlmkit.processing.qwen2vl import Qwen2VLProcessor
+    from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
 
     require_native_kernel()
     w, h = size

@@ -33,7 +33,7 @@ from vlmkit.processing.idefics3 import Idefics3Processor
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
 from vlmkit.processing.mllama import MllamaProcessor
 from vlmkit.processing.pixtral import PixtralProcessor
-from vlmkit.processing.qwen2vl import Qwen2VLProcessor
+from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
 
 # (width, height)
 SIZES = [

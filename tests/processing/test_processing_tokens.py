@@ -18,7 +18,7 @@ from vlmkit.processing.dynamic import DynamicTileProcessor
 from vlmkit.processing.idefics3 import Idefics3Processor
 from vlmkit.processing.mllama import MllamaProcessor
 from vlmkit.processing.pixtral import PixtralProcessor
-from vlmkit.processing.qwen2vl import Qwen2VLProcessor, smart_resize
+from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor, smart_resize
 from vlmkit.registry import IMAGE_PROCESSORS
 
 # Sizes: a long side and an aspect ratio, so extreme ratios are drawn as often as square ones.
