@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "families" / "llava_next")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "families" / "llava_next"), str(ROOT / "tests" / "families" / "qwen2_vl")]
 
 QWEN = dict(text={"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
                   "num_key_value_heads": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
@@ -59,11 +59,11 @@ def image(seed: int, size):
 
 
 def prepare(family: str, root: Path):
-    from _hf_folders import save_qwen2vl
     from llava_next_folder import save_llava_next
+    from qwen2_vl_folder import save_qwen2vl
 
-    from vlmkit.hf.registry import import_hf
     from vlmkit.checkpoint import load_checkpoint
+    from vlmkit.hf.registry import import_hf
 
     if family == "qwen2-vl":
         folder = save_qwen2vl(root / "hf", text=QWEN["text"], vision=QWEN["vision"], min_pixels=56 * 56, max_pixels=QWEN["max_pixels"])

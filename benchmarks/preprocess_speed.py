@@ -35,12 +35,12 @@ def families():
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
     from vlmkit.processing.anyres import LLAVA_NEXT_PINPOINTS, AnyResProcessor
     from vlmkit.families.internvl.processor import DynamicTileProcessor
     from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
     from vlmkit.families.mllama.processor import MllamaProcessor
     from vlmkit.families.pixtral.processor import PixtralProcessor
-    from vlmkit.processing.qwen2vl import Qwen2VLProcessor
 
     return {
         "llava-next": (

@@ -127,7 +127,7 @@ def run_family(args) -> dict:
     from vlmkit.data.collate import collate
     from vlmkit.data.formats import Message, Sample
     from vlmkit.families.llava_next import hf as llava_next_hf
-    from vlmkit.hf import reference
+    from vlmkit.families.qwen2_vl.hf import qwen2_vl_reference
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.processing import build_chat_processor
     from vlmkit.train.losses import decoder_hidden, sequence_logps, sft_loss_sum
@@ -148,7 +148,7 @@ def run_family(args) -> dict:
     batch = collate(encoded, pad_id=0).to(device)
     head = ours.llm.get_output_embeddings()
 
-    ref = (llava_next_hf.llava_next if args.family == "anyres" else reference.qwen2_vl)(ours).train()
+    ref = (llava_next_hf.llava_next if args.family == "anyres" else qwen2_vl_reference)(ours).train()
     if args.family == "anyres":
         ref_inputs = {k: v.to(device) for k, v in llava_next_hf.llava_next_inputs(encoded).items()}
     else:

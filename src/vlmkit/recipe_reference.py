@@ -34,7 +34,6 @@ def _registered() -> dict[str, list[str]]:
     """Names each registry accepts, keyed by the dotted field that takes them."""
     import vlmkit.model.connectors  # noqa: F401  (importing registers the builders)
     import vlmkit.model.language  # noqa: F401
-    import vlmkit.model.qwen2vl  # noqa: F401  (qwen2-vit, qwen2.5-vit, qwen2-vl-text*)
     import vlmkit.model.vision  # noqa: F401
     return {"model.vision.name": VISION_TOWERS.names(), "model.connector.name": CONNECTORS.names(),
             "model.llm.name": LANGUAGE_MODELS.names(), "model.processor.name": IMAGE_PROCESSORS.names()}

@@ -17,8 +17,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from _hf_folders import save_qwen2vl  # noqa: E402
 from llava_next_folder import save_llava_next  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 
 VLMKIT = [sys.executable, "-m", "vlmkit.cli"]
 torch.set_num_threads(1)

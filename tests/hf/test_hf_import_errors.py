@@ -16,7 +16,7 @@ from vlmkit.hf.folder import ExportError
 from vlmkit.hf.registry import import_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders import save_qwen2vl  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 

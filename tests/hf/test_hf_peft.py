@@ -24,8 +24,8 @@ from vlmkit.processing.base import VisualBatch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from _hf_folders import save_qwen2vl  # noqa: E402
 from paligemma_folder import save_paligemma  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 VLMKIT = [sys.executable, "-m", "vlmkit.cli"]

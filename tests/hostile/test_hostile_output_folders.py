@@ -24,7 +24,7 @@ from vlmkit.hf.registry import import_hf
 from vlmkit.hf.output_folder import MARKER, OutputFolderError, claim_output, remove_stale_staging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders import save_qwen2vl  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_a_file_is_never_an_output_folder(hf_folder, tmp_path):
 
 def test_a_folder_that_appears_while_writing_is_not_replaced(hf_folder, tmp_path, monkeypatch):
     """--overwrite approves the folder it saw; one put in its place meanwhile is refused at the swap."""
-    from vlmkit.hf.families import qwen2_vl  # the folder's family: it stages the import
+    from vlmkit.families.qwen2_vl import hf as qwen2_vl  # the folder's family: it stages the import
 
     out = tmp_path / "ck"
     real = qwen2_vl.staging_folder

@@ -449,7 +449,7 @@ def _prefer_image_token(model, ref, prompt) -> None:
 
 
 def _qwen2vl_case(root):
-    from _hf_folders import save_qwen2vl
+    from qwen2_vl_folder import save_qwen2vl
     from transformers import Qwen2VLForConditionalGeneration
 
     folder = save_qwen2vl(root / "hf")

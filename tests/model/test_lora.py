@@ -25,7 +25,7 @@ from vlmkit.train.loop import run_training
 from vlmkit.processing.base import VisualBatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders import save_qwen2vl  # noqa: E402
+from qwen2_vl_folder import save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]

@@ -140,9 +140,9 @@ def test_fixed_resolution_counts_are_the_connectors():
 
 
 def test_aliases_give_the_same_budget():
-    from vlmkit.presets.catalog import ALIASES
+    from vlmkit.presets import aliases
 
-    for alias, name in ALIASES.items():
+    for alias, name in aliases().items():
         assert image_budget(alias, 1024, 768) == image_budget(name, 1024, 768)
     res = runner.invoke(app, ["tokens", "-p", "llava-v1.6-vicuna-7b", "-s", "1024x768", "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["preset"] == "llava-next-7b"

@@ -278,7 +278,7 @@ def test_every_family_gives_the_same_bits_with_and_without_the_c_kernel(monkeypa
     from vlmkit.families.internvl.processor import DynamicTileProcessor
     from vlmkit.families.pixtral.processor import PixtralProcessor
     from vlmkit.families.mllama.processor import MllamaProcessor
-    from vlmkit.processing.qwen2vl import Qwen2VLProcessor
+    from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
 
     require_native_kernel()
     w, h = size

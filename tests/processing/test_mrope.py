@@ -99,7 +99,7 @@ def test_sample_positions_from_qwen2vl_encoding(tmp_path):
 
     from vlmkit.data.formats import Message
     from vlmkit.processing.prompt import ChatProcessor
-    from vlmkit.processing.qwen2vl import Qwen2VLProcessor
+    from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
     from vlmkit.tokenizer import byte_level_tokenizer
 
     tok = byte_level_tokenizer()

@@ -19,7 +19,7 @@ from vlmkit import presets
 from vlmkit.cli import app
 from vlmkit.config import ModelConfig
 from vlmkit.model.vlm import VisionLanguageModel
-from vlmkit.presets.catalog import ALIASES
+from vlmkit.presets import aliases
 from vlmkit.processing import build_image_processor
 
 ALL = presets.names()
@@ -98,8 +98,8 @@ def test_inspect_and_tokens_take_the_same_names():
 
 def test_aliases_resolve_in_both_commands():
     runner = CliRunner()
-    assert not set(ALIASES) & set(ALL)
-    for alias, name in ALIASES.items():
+    assert not set(aliases()) & set(ALL)
+    for alias, name in aliases().items():
         assert presets.resolve(alias) == name and presets.get_preset(alias).name == name
     res = runner.invoke(app, ["inspect", "llava-v1.6-mistral-7b", "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["preset"] == "llava-next"

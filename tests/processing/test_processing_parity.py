@@ -33,7 +33,7 @@ from vlmkit.families.internvl.processor import DynamicTileProcessor
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
 from vlmkit.families.pixtral.processor import PixtralProcessor
 from vlmkit.families.mllama.processor import MllamaProcessor
-from vlmkit.processing.qwen2vl import Qwen2VLProcessor
+from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
 
 # (width, height)
 SIZES = [

@@ -18,7 +18,7 @@ from vlmkit.processing.anyres import AnyResProcessor, unpadded_grid
 from vlmkit.families.internvl.processor import DynamicTileProcessor
 from vlmkit.families.pixtral.processor import PixtralProcessor
 from vlmkit.families.mllama.processor import MllamaProcessor
-from vlmkit.processing.qwen2vl import Qwen2VLProcessor, smart_resize
+from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor, smart_resize
 from vlmkit.registry import IMAGE_PROCESSORS
 
 # Sizes: a long side and an aspect ratio, so extreme ratios are drawn as often as square ones.

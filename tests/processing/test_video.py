@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlmkit.processing.fixed import FixedResizeProcessor
-from vlmkit.processing.qwen2vl import Qwen2VLProcessor
+from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
 from vlmkit.processing.video import (
     VideoLoadError, VideoOptions, load_clip, load_video, probe, sample_indices, video_layout, write_video,
 )
@@ -113,23 +113,3 @@ def test_tokens_command_video():
     run = CliRunner().invoke(app, ["tokens", "--preset", "llava-1.5-7b", "--size", "640x360", "--frames", "16",
                                    "--compression", "pool", "--pooled-frames", "4", "--json"])
     assert json.loads(run.output)["visual_tokens"] == 4 * 576
-
-
-def test_qwen2vl_video_patches_follow_the_reference_layout():
-    """Frames normalised and laid out exactly as transformers' Qwen2-VL flattens a video:
-    (t, tp, C, gh/m, m, p, gw/m, m, p) -> (t, gh/m, gw/m, m, m, C, tp, p, p), last frame repeated."""
-    from PIL import Image
-
-    from vlmkit.processing.images import Resizer, normalize_
-    from vlmkit.processing.video import _qwen2vl_video_pixels
-
-    rng = np.random.default_rng(4)
-    frames = [Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)) for _ in range(5)]
-    qwen = Qwen2VLProcessor(min_pixels=56 * 56, max_pixels=200 * 200)
-    got, (t, gh, gw) = _qwen2vl_video_pixels(qwen, frames)
-    rh, rw = qwen.resized_size(100, 70)
-    p, m, tp = 14, 2, 2
-    x = torch.stack([normalize_(Resizer(f).resize(rh, rw).float(), qwen.mean, qwen.std) for f in frames + frames[-1:]])
-    want = x.view(t, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    assert (t, gh, gw) == (3, rh // p, rw // p) and gh > 2 and gw > 2
-    assert torch.equal(got, want.reshape(t * gh * gw, 3 * tp * p * p))

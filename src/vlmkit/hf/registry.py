@@ -1,17 +1,15 @@
 """The Hugging Face families vlmkit imports and exports, and the entry points over them.
 
-Each module of `vlmkit.hf.families` registers one `HFFamily`; the modules are found by walking
-that package (nothing lists them), and asked in order of their declared `specificity`, so a
-family that refines another (Pixtral over LLaVA-1.5, LLaVA-OneVision over LLaVA-NeXT) is asked
+Each family folder (`vlmkit.families.<family>`) declares its `HFFamily`s in its `FamilySpec`,
+which registers them here; the folders are found by the registries' discovery
+(`vlmkit.registry.load_plugins`, nothing lists them). Families are asked in order of their
+declared `specificity`, so a family that refines another (Pixtral over LLaVA-1.5, LLaVA-OneVision over LLaVA-NeXT) is asked
 first. `import_hf(folder, out)` reads `config.json` (never running remote code) and hands the
 folder to its family; `export_hf(model, out)` writes the model in its family's format;
 `verify_hf_export` compares the logits of transformers' reload with vlmkit's."""
 
 from __future__ import annotations
 
-import functools
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +17,6 @@ from typing import Any, Callable
 import torch
 
 from vlmkit.core.types import Message
-from vlmkit.hf import families as family_modules
 from vlmkit.hf.folder import ExportError, vetted_config
 from vlmkit.hf.output_folder import claim_output
 from vlmkit.hf.writing import EXPORT_COMMAND, IMPORT_COMMAND, model_sources
@@ -63,18 +60,9 @@ def register_family(family: HFFamily) -> HFFamily:
     return family
 
 
-@functools.cache
-def _discover() -> None:
-    """Import each module of `vlmkit.hf.families` once; each registers its own family. The
-    family folders (`vlmkit.families`) register theirs through the registries' discovery."""
-    load_plugins()
-    for info in pkgutil.iter_modules(family_modules.__path__):
-        importlib.import_module(f"{family_modules.__name__}.{info.name}")
-
-
 def _families() -> list[HFFamily]:
     """Every family, most specific first."""
-    _discover()
+    load_plugins()
     return FAMILIES
 
 

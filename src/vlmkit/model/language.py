@@ -19,6 +19,7 @@ from torch import nn
 
 from vlmkit.config import LLMConfig
 from vlmkit.paths import cache_dir, offline
+from vlmkit.processing.mrope import POSITION_RULES
 from vlmkit.registry import LANGUAGE_MODELS
 from vlmkit.tokenizer import byte_level_tokenizer
 
@@ -132,6 +133,47 @@ def build_random_llm(cfg: LLMConfig, pretrained: bool = False):
 def build_language_model(cfg: LLMConfig, pretrained: bool = True) -> tuple[nn.Module, object]:
     model, tokenizer = LANGUAGE_MODELS.build(cfg.name, cfg, pretrained=pretrained)
     return model, tokenizer
+
+
+class DecoderLM(nn.Module):
+    """A transformers decoder stack (`decoder`, which has no LM head) plus an LM head, shaped like
+    a transformers causal LM for the parts vlmkit reads: `base_model`, `config`, the input and
+    output embeddings. For text decoders that transformers ships without a causal-LM class (the
+    M-RoPE decoders of Qwen2-VL and its successors). `position_rule` declares how it numbers
+    positions (`processing.mrope.POSITION_RULES`); a transformers causal LM numbers them in 1-D."""
+
+    position_rule: str = "1d"
+
+    def __init__(self, config, decoder: nn.Module):
+        super().__init__()
+        self.config = config
+        self.model = decoder
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, **kwargs)
+        return self.lm_head(out.last_hidden_state)
+
+
+def position_rule(llm: nn.Module) -> str:
+    """How `llm` numbers positions: a `DecoderLM`'s declared rule; "1d" for a transformers causal LM."""
+    rule = llm.position_rule if isinstance(llm, DecoderLM) else "1d"
+    if rule not in POSITION_RULES:
+        raise ValueError(f"{type(llm).__name__}: unknown position rule {rule!r}; known: {', '.join(POSITION_RULES)}")
+    return rule
 
 
 def decoder_layers(llm: nn.Module, path: str | None = None) -> nn.ModuleList:

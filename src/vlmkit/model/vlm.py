@@ -31,7 +31,6 @@ from torch import nn
 
 from vlmkit.config import ModelConfig
 from vlmkit.core.types import IGNORE_INDEX  # noqa: F401  (re-exported)
-from vlmkit.model import qwen2vl  # noqa: F401  (registers its tower and LLM)
 from vlmkit.model.assembly import assembler
 from vlmkit.model.attention import attention_rule
 from vlmkit.model.connectors import build_connector
@@ -41,9 +40,8 @@ from vlmkit.model.cross_attention import (
     group_memory,
     parse_cross_attention_options,
 )
-from vlmkit.model.language import build_language_model
+from vlmkit.model.language import build_language_model, position_rule
 from vlmkit.model.loss import next_token_loss
-from vlmkit.model.qwen2vl import uses_mrope
 from vlmkit.model.vision import build_vision_tower
 from vlmkit.processing import build_image_processor
 from vlmkit.processing.base import VisualBatch
@@ -217,7 +215,9 @@ class VisionLanguageModel(nn.Module):
         # A family's own video slot token (Qwen2-VL's <|video_pad|>); its slots are filled like image slots.
         self.video_token_id = ensure_image_token(tokenizer, video_token) if video_token else None
         self.vocab_size = llm.get_input_embeddings().num_embeddings
-        self.uses_mrope = uses_mrope(llm)
+        # How the LLM numbers positions ("1d" or "mrope", declared by the LLM): the chat processor
+        # gives M-RoPE prompts their (3, T) positions.
+        self.position_rule = position_rule(llm)
         self.image_processor = image_processor
         self.attention_rule = attention_rule(getattr(config, "attention", "causal"))
         if self.attention_rule.name != "causal" and self.fusion.name != "prefix":
@@ -237,10 +237,12 @@ class VisionLanguageModel(nn.Module):
         llm_dim = llm.get_input_embeddings().embedding_dim
         options = dict(config.connector.options)
         fusion_options = options.pop("cross_attention", None) or {}
-        connector = build_connector(config.connector.name, vision.hidden_size, llm_dim, options,
-                                    grid=None if config.processor.name in NATIVE_FAMILIES else grid)
-        fusion = FUSIONS.build(config.fusion, config, llm, connector, fusion_options)
+        connector = build_connector(config.connector.name, vision.hidden_size, llm_dim, options)
         processor = build_image_processor(config, tokens_per_image=_fixed_tokens(connector, grid, config))
+        if not processor.native_resolution:
+            # Views of a fixed size: the connector must take the base image's feature grid.
+            connector.check_grid(grid)
+        fusion = FUSIONS.build(config.fusion, config, llm, connector, fusion_options)
         if processor.learned_newline:
             # LLaVA-NeXT's learned row separator; it trains (and is saved) with the connector.
             connector.register_parameter("image_newline", nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5))
@@ -482,15 +484,12 @@ class VisionLanguageModel(nn.Module):
         return result
 
 
-# Families whose views have no fixed size: the connector is not checked against the base grid.
-NATIVE_FAMILIES = ("qwen2vl", "pixtral")
-
-
 def _fixed_tokens(connector, grid, config: ModelConfig) -> int:
     """The fixed family's per-image slots: the connector's output for the base grid, or one
     marker under cross-attention."""
     if config.processor.name != "fixed":
         return 0
+    connector.check_grid(grid)  # before counting its tokens over that grid
     return 1 if config.fusion == "cross-attention" else connector.num_tokens(grid)
 
 

@@ -22,7 +22,6 @@ from vlmkit.config import ModelConfig, ProcessorConfig, VisionConfig
 from vlmkit.model.connectors import build_connector
 from vlmkit.model.cross_attention import CrossAttentionFusion, parse_cross_attention_options
 from vlmkit.model.language import decoder_layers
-from vlmkit.presets.catalog import ALIASES, PRESET_DATA, SEED_FIGURES
 from vlmkit.registry import IMAGE_PROCESSORS, PRESETS, VISION_TOWERS, load_plugins
 
 PART_ORDER = ("vision", "connector", "cross_attention", "llm")
@@ -58,6 +57,18 @@ class Preset:
         return ProcessorConfig.model_validate(self.data["processor"])
 
 
+# Other names for a preset (the release names people type) -> its name, and the lecture's
+# per-part figures of a preset ({part: (name, params)}), both filled by `register_presets`.
+ALIASES: dict[str, str] = {}
+SEED_FIGURES: dict[str, dict[str, tuple[str, float]]] = {}
+
+
+def aliases() -> dict[str, str]:
+    """Every preset alias -> its preset (after the families have registered theirs)."""
+    load_plugins()
+    return dict(ALIASES)
+
+
 def register_presets(entries) -> None:
     """Register preset entries (a family's, from its folder): each under its name, its
     `aliases` (the release names people type) pointing at it, and its `lecture_figures` (the
@@ -71,8 +82,6 @@ def register_presets(entries) -> None:
         if "lecture_figures" in entry:
             SEED_FIGURES[entry["name"]] = entry["lecture_figures"]
 
-
-register_presets(PRESET_DATA)
 
 
 def names() -> list[str]:

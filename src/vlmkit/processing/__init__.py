@@ -24,6 +24,6 @@ def build_chat_processor(model, max_length: int):
     instructions = model.connector.instruction_encoder(cfg)
     return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels,
                          video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"),
-                         mrope=getattr(model, "uses_mrope", False), image_formats=cfg.processor.image_formats,
+                         position_rule=model.position_rule, image_formats=cfg.processor.image_formats,
                          system_prompt=cfg.system_prompt, video_token=getattr(cfg, "video_token", None),
                          instruction_encoder=instructions)

@@ -165,6 +165,14 @@ class ImageProcessor(ABC):
     # the connector) that the processor's arrangement places after feature rows or images
     # (LLaVA-NeXT's AnyRes with unpadding, LLaVA-OneVision). Off by default.
     learned_newline: bool = False
+    # Whether images keep their own size (native resolution: Qwen2-VL, Pixtral): views have no
+    # fixed encoder grid, so the connector is not checked against the base image's grid.
+    native_resolution: bool = False
+    # Whether the vision tower's patch embedding spans several frames (Qwen2-VL's 3D patches): a
+    # video under `temporal-patch` compression then fills each patch's temporal axis with
+    # consecutive frames (`temporal_patch_layout` / `temporal_patch_group`); otherwise each pair of
+    # frames is averaged.
+    reads_temporal_patches: bool = False
 
     @abstractmethod
     def layout(self, width: int, height: int) -> TokenLayout:
@@ -184,6 +192,16 @@ class ImageProcessor(ABC):
         """The processor each sampled video frame goes through (SmolVLM2 reads frames as single
         square images, never split); self by default."""
         return self
+
+    def temporal_patch_layout(self, width: int, height: int, frames: int) -> TokenLayout:
+        """One video of `frames` sampled frames of this size as one group of temporal patches:
+        its visual tokens, `parts["grid_thw"]` (the patch grid) and special tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not read temporal patches")
+
+    def temporal_patch_group(self, frames: list[Image.Image]) -> tuple[ProcessedImage, tuple[int, int, int]]:
+        """The frames as one group of temporal patches (pixels, layout, one `patches` view), and
+        the (t, h, w) grid of its LLM tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not read temporal patches")
 
     def video_text(self, groups: list[str], timestamps: list[float], duration: float) -> str:
         """What a video placeholder becomes, from each token group's placeholder text, the sampled

@@ -1,5 +1,7 @@
 """3D rotary positions (M-RoPE) for interleaved text, images and video, as the original
-Qwen2-VL `get_rope_index` computes them.
+Qwen2-VL `get_rope_index` computes them: the position rule of any language model that declares
+`position_rule = "mrope"` (`model.language.DecoderLM`; Qwen2-VL and Qwen2.5-VL's decoders, and
+the rule GLM-4.1V and Qwen3-VL follow).
 
 Every token gets a (temporal, height, width) triple:
 
@@ -21,6 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+# How a language model numbers its positions: "1d", one index per token (every causal LM), or
+# "mrope", a (temporal, height, width) triple per token computed here (`sample_positions`).
+POSITION_RULES = ("1d", "mrope")
 
 
 def vision_block_positions(start: int, t: int, h: int, w: int) -> torch.Tensor:

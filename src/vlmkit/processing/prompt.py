@@ -22,6 +22,7 @@ import torch
 from vlmkit.core.types import IGNORE_INDEX, BadRecordError, Message, Sample
 from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
 from vlmkit.processing.images import ImageLoadError, load_image
+from vlmkit.processing.mrope import POSITION_RULES, sample_positions
 from vlmkit.processing.video import (ProcessedVideo, VideoInput, VideoLoadError, VideoOptions, load_video, placeholder_text,
                                      video_key)
 
@@ -104,7 +105,7 @@ class ChatProcessor:
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, image_token: str, max_length: int,
                  max_image_pixels: int = 64_000_000, video: VideoOptions | None = None, sentinels: str = "auto",
-                 mrope: bool = False, image_formats=None, system_prompt: str | None = None, video_token: str | None = None,
+                 position_rule: str = "1d", image_formats=None, system_prompt: str | None = None, video_token: str | None = None,
                  instruction_encoder: Callable[[str], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -114,7 +115,11 @@ class ChatProcessor:
         # (its placeholders removed, and the newline after a leading one) -> the connector's
         # token ids, stored on each of its groups (`ProcessedImage.instruction_ids`).
         self.instruction_encoder = instruction_encoder
-        self.mrope = mrope
+        # How the language model numbers positions (`processing.mrope.POSITION_RULES`): "mrope"
+        # gives each encoded sample its (3, T) positions.
+        if position_rule not in POSITION_RULES:
+            raise ValueError(f"unknown position rule {position_rule!r}; known: {', '.join(POSITION_RULES)}")
+        self.position_rule = position_rule
         self.image_processor = image_processor
         self.image_token = image_token
         self.max_length = max_length
@@ -262,9 +267,7 @@ class ChatProcessor:
         return layouts, keys, spans, groups
 
     def _with_positions(self, sample: EncodedSample) -> EncodedSample:
-        if self.mrope:
-            from vlmkit.processing.mrope import sample_positions
-
+        if self.position_rule == "mrope":
             sample.position_ids = sample_positions(sample, self._slot_ids())
             sample.rope_delta = int(sample.position_ids.max()) + 1 - len(sample.input_ids) if len(sample.input_ids) else 0
         return sample

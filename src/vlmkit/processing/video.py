@@ -11,10 +11,10 @@ fusion need nothing video-specific. How frames become groups is the compression 
   function of the raw pixels, so it equals the normalised mean frame; for towers whose first
   layer is a linear patch embedding it is also the mean of the first-layer features. The token
   count per video is fixed whatever its length.
-* `temporal-patch`: Qwen2-VL's tubelets of 2 frames. With the `qwen2vl` family the two frames
-  fill the temporal axis of each 14 px patch (grid_thw = (frames/2, h, w), the odd last frame
-  repeated as Qwen2-VL does); other families have no 3D patch embedding, so each pair is averaged
-  (a temporal window of exactly 2).
+* `temporal-patch`: Qwen2-VL's tubelets of 2 frames. A processor that `reads_temporal_patches`
+  (its tower has a 3D patch embedding: Qwen2-VL's) fills the temporal axis of each patch with
+  consecutive frames (`temporal_patch_layout` / `temporal_patch_group`); other families have no
+  3D patch embedding, so each pair is averaged (a temporal window of exactly 2).
 
 Sampling keeps the time (seconds) of every frame it takes. Frame counts come from the
 container when it records one; WebM (Matroska) records none, so there the frames are counted
@@ -35,9 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout, View
-from vlmkit.processing.images import Resizer
-from vlmkit.processing.qwen2vl import Qwen2VLProcessor, patches_into
+from vlmkit.processing.base import ImageProcessor, ProcessedImage, TokenLayout
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
@@ -275,26 +273,18 @@ def group_plan(frames: int, options: VideoOptions) -> list[range]:
     return [range(i, min(i + 2, frames)) for i in range(0, frames, 2)]
 
 
-def _is_qwen2vl(processor: ImageProcessor) -> bool:
-    return isinstance(processor, Qwen2VLProcessor)
-
-
 def video_layout(processor: ImageProcessor, width: int, height: int, frames: int, options: VideoOptions) -> TokenLayout:
     """Token layout of a video of `frames` sampled frames of this size, without touching pixels."""
     processor = processor.for_video()
     if frames <= 0:
         raise ValueError("a video needs at least one sampled frame")
-    if options.compression == "temporal-patch" and _is_qwen2vl(processor):
-        processor = processor.for_video()
     per_frame = processor.layout(width, height)
     parts: dict[str, Any] = {"frames": frames, "compression": options.compression, "frame_tokens": per_frame.visual_tokens}
-    if options.compression == "temporal-patch" and _is_qwen2vl(processor):
-        _, gh, gw = per_frame.parts["grid_thw"]
-        t = math.ceil(frames / processor.temporal_patch_size)
-        tokens = t * gh * gw // processor.merge_size**2
-        parts.update(groups=1, grid_thw=[t, gh, gw], tokens_per_group=tokens,
+    if _temporal_patches(processor, options):
+        video = processor.temporal_patch_layout(width, height, frames)
+        parts.update(groups=1, grid_thw=list(video.parts["grid_thw"]), tokens_per_group=video.visual_tokens,
                      uncompressed_tokens=frames * per_frame.visual_tokens)
-        return TokenLayout(visual_tokens=tokens, parts=parts, special_tokens=per_frame.special_tokens)
+        return TokenLayout(visual_tokens=video.visual_tokens, parts=parts, special_tokens=per_frame.special_tokens)
     groups = len(group_plan(frames, options))
     parts.update(groups=groups, tokens_per_group=per_frame.visual_tokens,
                  uncompressed_tokens=frames * per_frame.visual_tokens)
@@ -304,22 +294,9 @@ def video_layout(processor: ImageProcessor, width: int, height: int, frames: int
                        special_tokens=groups * per_frame.special_tokens)
 
 
-def _qwen2vl_video_pixels(processor, frames: list[Image.Image]) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Qwen2-VL video patches: two consecutive frames fill the temporal axis of each patch."""
-    w, h = frames[0].size
-    rh, rw = processor.resized_size(w, h)
-    p, m, tp = processor.patch_size, processor.merge_size, processor.temporal_patch_size
-    t, gh, gw = -(-len(frames) // tp), rh // p, rw // p
-    out = torch.empty((t * gh * gw, 3, tp, p * p), dtype=torch.float32)
-    slots = out.view(t, gh // m, gw // m, m, m, 3, tp, p, p)
-    # Each frame goes straight into its temporal slot of every patch; a short last group
-    # repeats the last frame, as the reference does.
-    for i in range(t * tp):
-        if i < len(frames):
-            u8 = Resizer(frames[i], processor.resample, processor.backend).resize(rh, rw)
-        patches_into(u8, slots[i // tp, :, :, :, :, :, i % tp : i % tp + 1], processor.mean, processor.std,
-                     exact=processor.backend == "pil")
-    return out.view(t * gh * gw, 3 * tp * p * p), (t, gh, gw)
+def _temporal_patches(processor: ImageProcessor, options: VideoOptions) -> bool:
+    """Whether the video's frames fill the temporal axis of the tower's 3D patches."""
+    return options.compression == "temporal-patch" and processor.reads_temporal_patches
 
 
 def process_clip(processor: ImageProcessor, clip: Clip, options: VideoOptions) -> ProcessedVideo:
@@ -331,14 +308,9 @@ def process_clip(processor: ImageProcessor, clip: Clip, options: VideoOptions) -
     w, h = frames[0].size
     layout = video_layout(processor, w, h, len(frames), options)
     times = clip.timestamps
-    if options.compression == "temporal-patch" and _is_qwen2vl(processor):
-        processor = processor.for_video()
-        pixels, thw = _qwen2vl_video_pixels(processor, frames)
-        group_layout = TokenLayout(layout.visual_tokens, {"grid_thw": list(thw)}, layout.special_tokens)
-        view = View("patches", (thw[1] * processor.patch_size, thw[2] * processor.patch_size), thw)
-        group = ProcessedImage(pixels, group_layout, {"video_grid_thw": thw}, views=(view,), image_size=(h, w))
-        return ProcessedVideo([group], layout, times,
-                              [(times[0], times[-1])], (thw[0], thw[1] // processor.merge_size, thw[2] // processor.merge_size))
+    if _temporal_patches(processor, options):
+        group, grid = processor.temporal_patch_group(frames)
+        return ProcessedVideo([group], layout, times, [(times[0], times[-1])], grid)
     per_frame = [processor.preprocess(im) for im in frames]
     groups = []
     for window in group_plan(len(frames), options):

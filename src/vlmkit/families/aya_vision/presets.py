@@ -13,7 +13,7 @@ project knows them (not re-read from this offline machine):
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import llama, processor, siglip_so400m, tiny, toy
+from vlmkit.presets.parts import llama, processor, siglip_so400m, tiny, toy
 from vlmkit.processing.images import HALF_MEAN, HALF_STD
 
 AYA_SHUFFLE = {"ratio": 0.5, "norm_eps": 1e-6, "hidden_size": 28672}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import llama, processor, tiny, toy
+from vlmkit.presets.parts import llama, processor, tiny, toy
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD
 
 EVA_G = {"model_class": "Blip2VisionModel", "config_class": "Blip2VisionConfig",

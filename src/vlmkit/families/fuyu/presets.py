@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import processor, tiny
+from vlmkit.presets.parts import processor, tiny
 from vlmkit.processing.images import HALF_MEAN, HALF_STD
 
 PRESETS = (

@@ -3,7 +3,7 @@ Idefics3-style preset (SmolVLM's too)."""
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import llama, processor, siglip_so400m, tiny, toy
+from vlmkit.presets.parts import llama, processor, siglip_so400m, tiny, toy
 from vlmkit.processing.images import HALF_MEAN, HALF_STD
 
 

@@ -4,7 +4,7 @@ an MLP, and InternVL's `dynamic` tiling processor."""
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import llama, processor, tiny, toy
+from vlmkit.presets.parts import llama, processor, tiny, toy
 from vlmkit.processing.images import IMAGENET_MEAN, IMAGENET_STD
 
 INTERNVL_SHUFFLE = {"ratio": 0.5, "norm": "post"}

@@ -4,7 +4,7 @@ image to a square with the mean colour)."""
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import CLIP_L_336, VICUNA_7B, llama, processor, tiny, toy
+from vlmkit.presets.parts import CLIP_L_336, VICUNA_7B, llama, processor, tiny, toy
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD
 
 CLIP_336 = processor("fixed", 336, CLIP_MEAN, CLIP_STD)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmkit.families.llava.presets import LLAVA_STAGES
-from vlmkit.presets.catalog import CLIP_L_336, VICUNA_7B, llama, processor, tiny, toy
+from vlmkit.presets.parts import CLIP_L_336, VICUNA_7B, llama, processor, tiny, toy
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD
 
 LLAVA_NEXT = processor("anyres", 336, CLIP_MEAN, CLIP_STD)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import llama, processor, tiny, toy
+from vlmkit.presets.parts import llama, processor, tiny, toy
 from vlmkit.processing.images import HALF_MEAN, HALF_STD
 
 MLLAMA_VIT = {"model_class": "MllamaVisionModel", "config_class": "MllamaVisionConfig", "config": {},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import CLIP_L_336, processor, tiny
+from vlmkit.presets.parts import CLIP_L_336, processor, tiny
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD
 
 CLIP_L_224 = {**CLIP_L_336, "config": {**CLIP_L_336["config"], "image_size": 224}}

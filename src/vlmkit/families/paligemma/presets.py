@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import llama, processor, siglip_so400m, tiny
+from vlmkit.presets.parts import llama, processor, siglip_so400m, tiny
 from vlmkit.processing.images import HALF_MEAN, HALF_STD
 
 PRESETS = (

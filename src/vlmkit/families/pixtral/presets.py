@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from vlmkit.presets.catalog import llama, processor, tiny
+from vlmkit.presets.parts import llama, processor, tiny
 from vlmkit.processing.images import CLIP_MEAN, CLIP_STD
 
 PRESETS = (

@@ -34,6 +34,8 @@ def pixtral_size(height: int, width: int, longest_edge: int = 1024, patch_size: 
 
 
 class PixtralProcessor(ImageProcessor):
+    native_resolution = True
+
     def __init__(
         self,
         longest_edge: int = 1024,

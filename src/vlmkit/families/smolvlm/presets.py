@@ -4,7 +4,7 @@ shape (`idefics3_like`) at SmolVLM's crop sizes and pixel-shuffle factors."""
 from __future__ import annotations
 
 from vlmkit.families.idefics3.presets import idefics3_like
-from vlmkit.presets.catalog import llama, siglip_so400m, tiny
+from vlmkit.presets.parts import llama, siglip_so400m, tiny
 
 SMOLVLM_SHUFFLE, SMOLVLM_PROC, SMOLVLM_TINY = idefics3_like(3, 384, 14, 1536, 24)
 SMOLVLM_256M_SHUFFLE, SMOLVLM_256M_PROC, SMOLVLM_256M_TINY = idefics3_like(4, 512, 16, 2048, 32)

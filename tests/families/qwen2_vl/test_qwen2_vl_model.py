@@ -40,9 +40,9 @@ def tiny_qwen2vl(seed: int = 0) -> VisionLanguageModel:
 
 
 def reference_model(model: VisionLanguageModel):
-    from vlmkit.hf.reference import qwen2_vl
+    from vlmkit.families.qwen2_vl.hf import qwen2_vl_reference
 
-    return qwen2_vl(model).eval()
+    return qwen2_vl_reference(model).eval()
 
 
 def encode(model, images, text="Describe <image> briefly."):

@@ -15,8 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vlmkit.config import load_config
+from vlmkit.families.qwen2_vl.model import MRopeCausalLM, Qwen2ViTTower, Qwen25ViTTower, save_mrope_llm
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
@@ -32,11 +34,10 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.reference import qwen2_5_vl, qwen2_vl
-from vlmkit.hf.registry import HFFamily, family_of, read_hf_config, register_family
+from vlmkit.hf.reference import language_model_state, load_strict, text_part
+from vlmkit.hf.registry import HFFamily, family_of, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
-from vlmkit.model.qwen2vl import MRopeCausalLM, Qwen2ViTTower, Qwen25ViTTower, save_mrope_llm
 
 
 def import_qwen2_vl(folder: Path, out: Path) -> Path:
@@ -144,6 +145,54 @@ def _qwen2_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[
     return token, options
 
 
+def qwen2_vl_reference(model) -> nn.Module:
+    """`Qwen2VLForConditionalGeneration` holding the weights of a model with the `qwen2-vit` tower
+    (its ViT, PatchMerger = our pre-norm pixel shuffle, M-RoPE decoder)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tower = model.vision.model
+    conn = model.connector
+    if conn.options.norm != "pre" or conn.options.projector != "mlp" or conn.factor != tower.config.spatial_merge_size:
+        raise ValueError("Qwen2-VL's PatchMerger is a pre-norm 2-layer pixel shuffle over the merge window")
+    vision = {k: v for k, v in tower.config.to_dict().items() if k in (
+        "depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size", "temporal_patch_size", "spatial_merge_size",
+        "in_channels", "hidden_act")}
+    text, text_state = text_part(model)
+    config = Qwen2VLConfig(text_config=text, vision_config={**vision, "hidden_size": conn.llm_dim},
+                           image_token_id=model.image_token_id, video_token_id=model.image_token_id)
+    ref = Qwen2VLForConditionalGeneration(config)
+    state = {f"model.visual.{k}": v for k, v in tower.state_dict().items()}
+    state |= {"model.visual.merger.ln_q.weight": conn.norm.weight, "model.visual.merger.ln_q.bias": conn.norm.bias,
+              "model.visual.merger.mlp.0.weight": conn.proj[0].weight, "model.visual.merger.mlp.0.bias": conn.proj[0].bias,
+              "model.visual.merger.mlp.2.weight": conn.proj[2].weight, "model.visual.merger.mlp.2.bias": conn.proj[2].bias}
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
+
+
+def qwen2_5_vl_reference(model) -> nn.Module:
+    """`Qwen2_5_VLForConditionalGeneration` for a model with the `qwen2.5-vit` tower (its
+    PatchMerger = our pixel shuffle with an RMSNorm before the merge)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tower = model.vision.model
+    conn = model.connector
+    if conn.options.norm != "pre" or conn.options.norm_kind != "rmsnorm" or conn.factor != tower.config.spatial_merge_size:
+        raise ValueError("Qwen2.5-VL's PatchMerger is a pre-RMSNorm 2-layer pixel shuffle over the merge window")
+    vision = {k: v for k, v in tower.config.to_dict().items() if k in (
+        "depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels", "patch_size", "spatial_merge_size",
+        "temporal_patch_size", "tokens_per_second", "window_size", "fullatt_block_indexes", "rope_parameters")}
+    text, text_state = text_part(model)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={**vision, "out_hidden_size": conn.llm_dim},
+                              image_token_id=model.image_token_id, video_token_id=model.image_token_id)
+    ref = Qwen2_5_VLForConditionalGeneration(config)
+    state = {f"model.visual.{k}": v for k, v in tower.state_dict().items()}
+    state |= {"model.visual.merger.ln_q.weight": conn.norm.weight,
+              "model.visual.merger.mlp.0.weight": conn.proj[0].weight, "model.visual.merger.mlp.0.bias": conn.proj[0].bias,
+              "model.visual.merger.mlp.2.weight": conn.proj[2].weight, "model.visual.merger.mlp.2.bias": conn.proj[2].bias}
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
+
+
 def _is_qwen25(model) -> bool:
     return isinstance(model.vision, Qwen25ViTTower)
 
@@ -152,7 +201,7 @@ def _is_qwen25(model) -> bool:
 def export_qwen2_vl(model, out: str | Path) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    ref = (qwen2_5_vl if family_of(model) == "qwen2_5_vl" else qwen2_vl)(model).eval()
+    ref = (qwen2_5_vl_reference if family_of(model) == "qwen2_5_vl" else qwen2_vl_reference)(model).eval()
     tok = model.tokenizer
     vocab = tok.get_vocab()
     for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
@@ -202,7 +251,7 @@ def _qwen2_vl_video_settings(model) -> dict:
     return settings
 
 
-def _qwen2_vl_reference(model, prompt, ids):
+def _reference_inputs(model, prompt, ids):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     cls = Qwen2_5_VLForConditionalGeneration if _is_qwen25(model) else Qwen2VLForConditionalGeneration
@@ -218,5 +267,6 @@ def _model_type_of(model) -> str:
     return "qwen2_5_vl" if _is_qwen25(model) else "qwen2_vl"
 
 
-register_family(HFFamily(("qwen2_vl", "qwen2_5_vl"), "Qwen2-VL / Qwen2.5-VL (Qwen2VLForConditionalGeneration, "
-                         "Qwen2_5_VLForConditionalGeneration)", import_qwen2_vl, export_qwen2_vl, _is_qwen2_vl, _qwen2_vl_reference, specificity=2, model_type_of=_model_type_of))
+QWEN2_VL = HFFamily(("qwen2_vl", "qwen2_5_vl"), "Qwen2-VL / Qwen2.5-VL (Qwen2VLForConditionalGeneration, "
+                   "Qwen2_5_VLForConditionalGeneration)", import_qwen2_vl, export_qwen2_vl, _is_qwen2_vl, _reference_inputs,
+                   specificity=2, model_type_of=_model_type_of)

@@ -8,28 +8,27 @@ docs/preprocessing.md's tolerance, logits within 1e-4 of Qwen2VLForConditionalGe
 
 transformers' video processor needs torchvision, which vlmkit never uses: the reference pixels
 are Qwen2VLImageProcessorPil's frames (each frame resized as the video processor resizes it)
-assembled by the video processor's documented patch layout."""
+assembled by the video processor's documented patch layout. The processor's own video patches
+(`Qwen2VLProcessor.video_pixels`) follow that layout exactly."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from qwen2_vl_folder import save_qwen2vl
 
+from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
+from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.images import Resizer, normalize_
 from vlmkit.processing.video import VideoInput, load_clip, write_video
-from vlmkit.checkpoint import load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_folders import save_qwen2vl  # noqa: E402
 
 torch.set_num_threads(1)
 PIXEL_TOLERANCE = 3 / 255
@@ -158,3 +157,18 @@ def test_qwen2vl_video_settings_survive_export_and_import(qwen_video, tmp_path):
     again, _ = load_checkpoint(import_hf(exported, tmp_path / "again"))
     assert again.config.processor == model.config.processor
     assert again.config.video_token == "<|video_pad|>"
+
+
+def test_qwen2vl_video_patches_follow_the_reference_layout():
+    """Frames normalised and laid out exactly as transformers' Qwen2-VL flattens a video:
+    (t, tp, C, gh/m, m, p, gw/m, m, p) -> (t, gh/m, gw/m, m, m, C, tp, p, p), last frame repeated."""
+    rng = np.random.default_rng(4)
+    frames = [Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)) for _ in range(5)]
+    qwen = Qwen2VLProcessor(min_pixels=56 * 56, max_pixels=200 * 200)
+    got, (t, gh, gw) = qwen.video_pixels(frames)
+    rh, rw = qwen.resized_size(100, 70)
+    p, m, tp = 14, 2, 2
+    x = torch.stack([normalize_(Resizer(f).resize(rh, rw).float(), qwen.mean, qwen.std) for f in frames + frames[-1:]])
+    want = x.view(t, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    assert (t, gh, gw) == (3, rh // p, rw // p) and gh > 2 and gw > 2
+    assert torch.equal(got, want.reshape(t * gh * gw, 3 * tp * p * p))

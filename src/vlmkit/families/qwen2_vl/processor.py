@@ -72,6 +72,10 @@ def patches_into(u8: torch.Tensor, dst: torch.Tensor, mean, std, exact: bool = F
 
 
 class Qwen2VLProcessor(ImageProcessor):
+    native_resolution = True
+    # Its tower's 3D patch embedding spans `temporal_patch_size` frames: video frames fill it.
+    reads_temporal_patches = True
+
     def __init__(
         self,
         patch_size: int = 14,
@@ -93,7 +97,7 @@ class Qwen2VLProcessor(ImageProcessor):
         # Video frames' smart_resize bounds (Qwen2-VL's video processor has its own); None: the image ones.
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
 
-    def for_video(self) -> "Qwen2VLProcessor":
+    def for_video(self) -> Qwen2VLProcessor:
         """This processor with the video frames' pixel bounds (temporal-patch videos)."""
         if self.video_min_pixels is None and self.video_max_pixels is None:
             return self
@@ -133,6 +137,39 @@ class Qwen2VLProcessor(ImageProcessor):
 
     def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
         return Text("<|vision_start|>"), Slots(layout.visual_tokens), Text("<|vision_end|>")
+
+    # ---- video: frames in temporal patches (call on `for_video()`, the frames' bounds) ----------
+    def temporal_patch_layout(self, width: int, height: int, frames: int) -> TokenLayout:
+        """`temporal_patch_size` consecutive frames per patch (the odd last frame repeated)."""
+        _, gh, gw = self.layout(width, height).parts["grid_thw"]
+        t = math.ceil(frames / self.temporal_patch_size)
+        return TokenLayout(t * gh * gw // self.merge_size**2, {"grid_thw": [t, gh, gw]}, special_tokens=2)
+
+    def temporal_patch_group(self, frames: list[Image.Image]) -> tuple[ProcessedImage, tuple[int, int, int]]:
+        pixels, thw = self.video_pixels(frames)
+        w, h = frames[0].size
+        layout = self.temporal_patch_layout(w, h, len(frames))
+        view = View("patches", (thw[1] * self.patch_size, thw[2] * self.patch_size), thw)
+        group = ProcessedImage(pixels, layout, {"video_grid_thw": thw}, views=(view,), image_size=(h, w))
+        m = self.merge_size
+        return group, (thw[0], thw[1] // m, thw[2] // m)
+
+    def video_pixels(self, frames: list[Image.Image]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Qwen2-VL video patches: consecutive frames fill the temporal axis of each patch."""
+        w, h = frames[0].size
+        rh, rw = self.resized_size(w, h)
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        t, gh, gw = -(-len(frames) // tp), rh // p, rw // p
+        out = torch.empty((t * gh * gw, 3, tp, p * p), dtype=torch.float32)
+        slots = out.view(t, gh // m, gw // m, m, m, 3, tp, p, p)
+        # Each frame goes straight into its temporal slot of every patch; a short last group
+        # repeats the last frame, as the reference does.
+        for i in range(t * tp):
+            if i < len(frames):
+                u8 = Resizer(frames[i], self.resample, self.backend).resize(rh, rw)
+            patches_into(u8, slots[i // tp, :, :, :, :, :, i % tp : i % tp + 1], self.mean, self.std,
+                         exact=self.backend == "pil")
+        return out.view(t * gh * gw, 3 * tp * p * p), (t, gh, gw)
 
 
 @IMAGE_PROCESSORS.register("qwen2vl")

@@ -7,7 +7,8 @@
   reference keeps them in 2x2 merge-window order, and pixel shuffle over a row-major grid puts
   the same four patches into each merged token in the same channel order.
 * an LLM whose rotary positions are 3D (M-RoPE): transformers' `Qwen2VLTextModel` plus an LM
-  head. It takes `position_ids` of shape (3, B, T) from the processor (`processing/mrope.py`).
+  head (`model.language.DecoderLM`), declaring `position_rule = "mrope"`: it takes
+  `position_ids` of shape (3, B, T) from the chat processor (`processing/mrope.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
+from vlmkit.model.language import DecoderLM
 from vlmkit.model.vision import VisionTower
 from vlmkit.paths import offline
 from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
@@ -102,32 +104,13 @@ def build_qwen25_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower
     return Qwen25ViTTower(model)
 
 
-class MRopeCausalLM(nn.Module):
-    """Qwen2-VL's text decoder with an LM head, shaped like a transformers causal LM for the
-    parts vlmkit reads: `base_model`, `config`, input and output embeddings."""
+class MRopeCausalLM(DecoderLM):
+    """Qwen2-VL's (or Qwen2.5-VL's) text decoder with an LM head; its positions are M-RoPE's."""
+
+    position_rule = "mrope"
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.model = _text_model_class(config.model_type)._from_config(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def base_model(self) -> nn.Module:
-        return self.model
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
-        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids, **kwargs)
-        return self.lm_head(out.last_hidden_state)
+        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
 
 
 def _text_model_class(model_type: str):
@@ -227,7 +210,3 @@ def load_state_checked(module: nn.Module, state: dict, source: str, optional=("r
         if tuple(target[key].shape) != tuple(value.shape):
             raise ValueError(f"{source}: tensor {key} has shape {tuple(value.shape)}, the config expects {tuple(target[key].shape)}")
     module.load_state_dict(state, strict=False)
-
-
-def uses_mrope(llm: nn.Module) -> bool:
-    return getattr(llm.config, "model_type", "") in MROPE_MODEL_TYPES
