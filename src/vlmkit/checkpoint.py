@@ -68,7 +68,7 @@ def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str
         parts = parts_to_save(model)
         save_file(weights if weights is not None else model_state(model, parts), str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-        lora_spec = getattr(model, "lora_spec", None)
+        lora_spec = model.lora_spec
         if lora_spec:
             from vlmkit.model.lora import save_adapters
 

@@ -136,7 +136,7 @@ StepLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _can_decode_lean(model) -> bool:
     """Whether `fast_decode` can run this model's decoder. It decodes causally from the start; a
     bidirectional prompt rule needs the model's own prefill."""
-    causal = getattr(getattr(model, "attention_rule", None), "name", "causal") == "causal"
+    causal = model.attention_rule.name == "causal"
     return causal and fast_decode.supports(model.llm)  # walks every module: once per call
 
 

@@ -37,7 +37,7 @@ def _tiny_report(name: str) -> dict:
         "stages": {s: {"parts": parts, "trainable": sum(counts[p] for p in parts)} for s, parts in preset.stages.items()},
         "image": {"image_size": model.config.processor.image_size, "feature_grid": list(model.image_grid),
                   "visual_tokens": model.tokens_per_image,
-                  "memory_tokens": getattr(model, "memory_tokens_per_image", 0)},
+                  "memory_tokens": model.memory_tokens_per_image},
     }
 
 
@@ -169,7 +169,7 @@ def run_ablation(recipe, connectors: list[str], out_dir, n_caption: int, n_instr
                 "fusion": config.model.fusion,
                 "accuracy": {t: scores.get(t) for t in tasks},
                 "visual_tokens": model.tokens_per_image,
-                "memory_tokens": getattr(model, "memory_tokens_per_image", 0),
+                "memory_tokens": model.memory_tokens_per_image,
                 "connector_params": parts["connector"] + parts.get("cross_attention", 0),
                 "total_params": sum(parts.values()),
                 "train_seconds": round(train_seconds, 1),

@@ -35,6 +35,11 @@ class PreferencePair:
     ref_chosen_logp: float | None = None
     ref_rejected_logp: float | None = None
 
+    @property
+    def videos(self) -> list[Path]:
+        """Preference pairs read images only (a `Sample` has both)."""
+        return []
+
     def sample(self, side: str) -> Sample:
         response = self.chosen if side == "chosen" else self.rejected
         return Sample(f"{self.id}/{side}", [*self.prompt, Message("assistant", response)], list(self.images))

@@ -113,6 +113,10 @@ def open_source(path: str | Path, fmt: str = "auto", image_folder: str | Path | 
 class Source:
     path: Path
     bad: list[BadRecord]
+    # Read in order through `datasets`' streaming mode (no random access): StreamSource.
+    streaming: bool = False
+    # Preference pairs without reference log-probs (counted by the sources that read pairs).
+    missing_refs: int = 0
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -276,7 +280,7 @@ class JsonSource(Source):
                     self.bad.append(BadRecord(index, e.record_id, str(e)))
                     continue
                 if check_files:
-                    absent = [p for p in [*item.images, *getattr(item, "videos", [])]
+                    absent = [p for p in [*item.images, *item.videos]
                               if isinstance(p, Path) and not os.path.isfile(os.fspath(p))]
                     if absent:
                         self.bad.append(BadRecord(index, item.id, f"record {item.id!r}: {', '.join(str(p.resolve()) for p in absent)}",
@@ -643,7 +647,7 @@ class StreamCursor:
     def __init__(self, mixture: "Mixture", seed: int, stage: str):
         self.mixture = mixture
         self.seed = seed * 1_000_003 + _stage_salt(stage)
-        self.state = {k: {"it": None, "next": 0, "epoch": -1} for k, s in enumerate(mixture.sources) if getattr(s, "streaming", False)}
+        self.state = {k: {"it": None, "next": 0, "epoch": -1} for k, s in enumerate(mixture.sources) if s.streaming}
 
     def rows(self, indices: list[int], keep: set[int]) -> dict[int, dict]:
         """Advance every streamed source through `indices` (a global micro-batch); return the rows of `keep`."""
@@ -711,7 +715,7 @@ def epoch_order(mixture: Mixture, seed: int, stage: str):
     from that source's own endless sequence of permutations, so every source is seen whole before
     any of its records repeats."""
     salt = _stage_salt(stage)
-    streamed = [getattr(s, "streaming", False) for s in mixture.sources]
+    streamed = [s.streaming for s in mixture.sources]
     if len(mixture.sources) == 1:
         epoch = 0
         while True:

@@ -106,7 +106,7 @@ def export_hf_peft(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """Base model in its family's transformers format at `out`, the adapters as PEFT at `out/adapter`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    if not getattr(model, "lora_spec", None):
+    if not model.lora_spec:
         raise ExportError("the model carries no LoRA adapters (load the checkpoint with merge=False; "
                           "a checkpoint without adapters.safetensors has none)")
     spec = model.lora_spec

@@ -93,5 +93,5 @@ def save_with_processor(ref, processor, out: str | Path) -> Path:
 
 def model_sources(model) -> tuple[Path, ...]:
     """Local folders a loaded model still reads from (its LLM folder): an export may not replace them."""
-    path = getattr(model.config.llm, "path", None)
+    path = model.config.llm.path
     return (Path(path),) if path and Path(path).exists() else ()

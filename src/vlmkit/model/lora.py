@@ -45,7 +45,7 @@ def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def has_adapters(model) -> bool:
-    return bool(getattr(model, "lora_spec", None))
+    return bool(model.lora_spec)
 
 
 # Devices bitsandbytes has 4-bit kernels for.

@@ -26,6 +26,9 @@ class VisionTower(nn.Module):
     # transformer and tile embeddings chosen by the aspect ratio): the model hands each processed
     # image to `encode_image` whole instead of batching its views with other images' views.
     encodes_whole_images: bool = False
+    # False for towers whose weights are not read from files the config names (built from a
+    # config, or imported into the checkpoint): they are saved with every checkpoint.
+    from_files: bool = True
     # Whether the connector may assume BatchNorm statistics etc. stay fixed: towers are put in
     # eval mode whenever they are frozen, so a frozen tower gives the same features every time.
 

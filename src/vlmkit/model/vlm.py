@@ -187,8 +187,7 @@ def _cross_attention(config: ModelConfig, llm, connector, options: dict) -> Cros
     parsed = parse_cross_attention_options(options)
     if parsed.layers == "llm":
         return LLMCrossAttentionStrategy(LLMCrossAttention(llm, parsed))
-    memory_dim = getattr(connector, "out_dim", connector.llm_dim)
-    return CrossAttentionFusionStrategy(CrossAttentionFusion(llm, memory_dim, parsed))
+    return CrossAttentionFusionStrategy(CrossAttentionFusion(llm, connector.llm_dim, parsed))
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -211,7 +210,7 @@ class VisionLanguageModel(nn.Module):
         # The LoRA spec of the adapters injected into its parts (model/lora.py); None: none.
         self.lora_spec: dict | None = None
         self.image_token_id = ensure_image_token(tokenizer, config.image_token)
-        video_token = getattr(config, "video_token", None)
+        video_token = config.video_token
         # A family's own video slot token (Qwen2-VL's <|video_pad|>); its slots are filled like image slots.
         self.video_token_id = ensure_image_token(tokenizer, video_token) if video_token else None
         self.vocab_size = llm.get_input_embeddings().num_embeddings
@@ -219,7 +218,7 @@ class VisionLanguageModel(nn.Module):
         # gives M-RoPE prompts their (3, T) positions.
         self.position_rule = position_rule(llm)
         self.image_processor = image_processor
-        self.attention_rule = attention_rule(getattr(config, "attention", "causal"))
+        self.attention_rule = attention_rule(config.attention)
         if self.attention_rule.name != "causal" and self.fusion.name != "prefix":
             raise ValueError(f"attention rule {self.attention_rule.name!r} needs prefix fusion (the images in the sequence)")
         if self.image_token_id < self.vocab_size:
@@ -254,7 +253,7 @@ class VisionLanguageModel(nn.Module):
         pretrained_parts = set()
         # A tower that says its weights are random (qwen2-vit, built from a config) must be saved
         # with every checkpoint, whatever its registry name.
-        if pretrained and not config.vision.name.endswith("random") and getattr(vision, "from_files", True):
+        if pretrained and not config.vision.name.endswith("random") and vision.from_files:
             pretrained_parts.add("vision")
         if pretrained and not config.llm.name.endswith("random"):
             pretrained_parts.add("llm")
@@ -391,7 +390,7 @@ class VisionLanguageModel(nn.Module):
         """(visual tokens, LLM width) for each image, assembled by its family."""
         if features is None:
             features = self.view_features(images)
-        newline = getattr(self.connector, "image_newline", None)
+        newline = self.connector.image_newline
         # Views of one grid, from any image, go through the connector together (frames of a
         # video view are rows like any other).
         by_grid = defaultdict(list)
@@ -418,7 +417,7 @@ class VisionLanguageModel(nn.Module):
     def slot_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Where visual tokens go: image-token slots, and video-token slots where the family has its own."""
         mask = input_ids == self.image_token_id
-        video = getattr(self, "video_token_id", None)
+        video = self.video_token_id
         return mask if video is None else mask | (input_ids == video)
 
     def fill_slots(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmkit.processing.images import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD
 
 # ---- shared real-shape pieces --------------------------------------------------------------
 

@@ -18,12 +18,12 @@ def build_chat_processor(model, max_length: int):
     from vlmkit.processing.video import VideoOptions
 
     cfg = model.config
-    image_processor = getattr(model, "image_processor", None) or build_image_processor(cfg, tokens_per_image=model.tokens_per_image)
+    image_processor = model.image_processor or build_image_processor(cfg, tokens_per_image=model.tokens_per_image)
     options = cfg.processor.options
     # A connector that reads the instruction tokenizes it its own way (None for the others).
     instructions = model.connector.instruction_encoder(cfg)
     return ChatProcessor(model.tokenizer, image_processor, cfg.image_token, max_length, cfg.processor.max_image_pixels,
                          video=VideoOptions.from_options(options.get("video")), sentinels=options.get("sentinels", "auto"),
                          position_rule=model.position_rule, image_formats=cfg.processor.image_formats,
-                         system_prompt=cfg.system_prompt, video_token=getattr(cfg, "video_token", None),
+                         system_prompt=cfg.system_prompt, video_token=cfg.video_token,
                          instruction_encoder=instructions)

@@ -58,7 +58,7 @@ def tower_digest(model) -> str:
     """Digest of the vision tower's weights and of what is read from it (the feature layer)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(type(model.vision).__name__.encode())
-    h.update(repr(getattr(model.config.vision, "feature_layer", None) if hasattr(model, "config") else None).encode())
+    h.update(repr(model.config.vision.feature_layer).encode())
     with D.unsharded(model):
         for name, t in sorted(model.vision.state_dict().items()):
             if hasattr(t, "full_tensor"):

@@ -36,7 +36,7 @@ def decoder_hidden(model, batch: Batch) -> torch.Tensor:
 def _prefix(model, batch: Batch) -> dict:
     """The prompt mask, for models whose attention rule reads it (prefix-LM)."""
     inner = getattr(model, "module", model)  # DDP
-    rule = getattr(getattr(inner, "attention_rule", None), "name", "causal")
+    rule = inner.attention_rule.name
     return {"prefix_mask": batch.prompt_mask} if rule == "prefix" else {}
 
 

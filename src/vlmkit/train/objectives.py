@@ -98,7 +98,7 @@ class DPOObjective(Objective):
     @classmethod
     def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> DPOObjective:
         if stage.dpo.reference == "data":
-            missing = sum(getattr(s, "missing_refs", 0) for s in mixture.sources)
+            missing = sum(s.missing_refs for s in mixture.sources)
             if missing:
                 raise ValueError(f"stage {name}: dpo.reference=data but {missing} pair(s) carry no ref_chosen_logp/ref_rejected_logp")
         # The reference is the policy as it enters the stage: copied before any resume load.

@@ -175,4 +175,4 @@ def _shard_folder(path: Path) -> bool:
 
 def _files_of(item) -> list[Path]:
     """The image and video files a sample or preference pair reads (inline images are bytes)."""
-    return [p for p in [*item.images, *getattr(item, "videos", [])] if isinstance(p, Path)]
+    return [p for p in [*item.images, *item.videos] if isinstance(p, Path)]

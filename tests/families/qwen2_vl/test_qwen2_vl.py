@@ -18,6 +18,7 @@ from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -47,7 +48,7 @@ def test_qwen2vl_two_images_ids_pixels_logits_and_greedy_match_transformers(qwen
     ids = prompt.input_ids[None]
     inputs = {"input_ids": ids, **kwargs}
     with torch.no_grad():
-        ours = model(ids, images=prompt.images, position_ids=prompt.position_ids[:, None]).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
         theirs = ref(**inputs).logits
     assert ours.shape == theirs.shape  # no vocabulary growth on import
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
@@ -130,7 +131,7 @@ def test_qwen2vl_folder_in_the_released_layout_imports(tmp_path):
     prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [image])
     ids = prompt.input_ids[None]
     with torch.no_grad():
-        ours = model(ids, images=prompt.images, position_ids=prompt.position_ids[:, None]).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
         theirs = ref(input_ids=ids, pixel_values=prompt.images[0].pixel_values,
                      image_grid_thw=torch.tensor([prompt.images[0].views[0].grid]),
                      mm_token_type_ids=(ids == model.image_token_id).int()).logits

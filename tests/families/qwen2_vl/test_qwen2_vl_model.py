@@ -13,6 +13,7 @@ from vlmkit.data.formats import Message
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 
@@ -67,7 +68,7 @@ def test_positions_and_logits_match_transformers(size):
     assert torch.equal(prompt.position_ids, theirs_pos[:, 0])
     assert prompt.rope_delta == int(theirs_delta)
     with torch.no_grad():
-        ours = model(ids, images=prompt.images, position_ids=prompt.position_ids[:, None]).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
         expected = ref(input_ids=ids, pixel_values=prompt.images[0].pixel_values, image_grid_thw=grid,
                        mm_token_type_ids=is_image).logits[..., : model.vocab_size]
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)

@@ -29,6 +29,7 @@ from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.images import Resizer, normalize_
 from vlmkit.processing.video import VideoInput, load_clip, write_video
+from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 PIXEL_TOLERANCE = 3 / 255
@@ -114,7 +115,7 @@ def test_qwen2vl_video_ids_positions_pixels_logits_and_greedy_match_transformers
 
     inputs = {"input_ids": ids, "pixel_values_videos": group.pixel_values, "video_grid_thw": grid, "mm_token_type_ids": mm_types}
     with torch.no_grad():
-        ours = model(ids, images=prompt.images, position_ids=prompt.position_ids[:, None]).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
         theirs = ref(**inputs).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
@@ -144,7 +145,7 @@ def test_qwen2vl_video_and_image_in_one_prompt_match_transformers(qwen_video):
                                             video_grid_thw=kw["video_grid_thw"])
     assert torch.equal(prompt.position_ids, positions[:, 0])
     with torch.no_grad():
-        ours = model(ids, images=prompt.images, position_ids=prompt.position_ids[:, None]).logits
+        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
         theirs = ref(input_ids=ids, **kw).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 

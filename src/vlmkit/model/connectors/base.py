@@ -34,6 +34,10 @@ class Connector(nn.Module):
     def __init__(self, vision_dim: int, llm_dim: int, options: ConnectorOptions):
         super().__init__()
         self.vision_dim, self.llm_dim, self.options = vision_dim, llm_dim, options
+        # Declared empty: the model attaches a learned row separator (`image_newline`, where its
+        # processor declares `learned_newline`) and an output norm (`attach_output_norm`).
+        self.register_parameter("image_newline", None)
+        self.output_norm: OutputNorm | None = None
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         """Output tokens for one image whose features form an `h x w` grid."""
@@ -55,8 +59,7 @@ class Connector(nn.Module):
         """The connector's output as the model uses it: `forward` (with any extra inputs it reads,
         e.g. `texts`), then the output norm if one is attached (`attach_output_norm`)."""
         out = self(features, grid, **inputs)
-        norm = getattr(self, "output_norm", None)
-        return out if norm is None else norm(out)
+        return out if self.output_norm is None else self.output_norm(out)
 
     def attach_output_norm(self, target_rms: float) -> None:
         self.output_norm = OutputNorm(self.llm_dim, target_rms)

@@ -169,7 +169,7 @@ class QFormerConnector(Connector):
             from transformers import AutoTokenizer
 
             path = Path(self.options.text_tokenizer or "qformer_tokenizer")
-            if not path.is_absolute() and getattr(model_config.llm, "path", None):
+            if not path.is_absolute() and model_config.llm.path:
                 path = Path(model_config.llm.path) / path
             if not path.is_dir():
                 raise FileNotFoundError(f"qformer: the instruction tokenizer folder {path} (connector.options.text_tokenizer) does not exist")
