@@ -220,6 +220,33 @@ def ablate_command(
     typer.echo(json.dumps(rows, indent=2) if as_json else ablation_table(rows))
 
 
+def families_command(
+    as_json: bool = typer.Option(False, "--json", help="print the families as JSON"),
+) -> None:
+    """The model families (one folder each under vlmkit/families): the lecture's pattern each
+    follows, its image processors, presets, the Hugging Face model types import-hf reads, and
+    its training recipe."""
+    # Imported here, not at the top: it pulls in torch, which `vlmkit --help` would otherwise pay for.
+    from vlmkit.families import family_specs
+
+    rows = [{"name": spec.name, "title": spec.title, "pattern": spec.pattern, "image_processors": list(spec.image_processors),
+             "presets": [entry["name"] for entry in spec.presets],
+             "hf_model_types": [t for hf in spec.hf for t in hf.model_types], "recipe": spec.recipe}
+            for spec in family_specs()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['name']:<16} {row['title']}: {row['pattern']}")
+        details = [("processors", row["image_processors"]), ("presets", row["presets"]), ("import-hf", row["hf_model_types"])]
+        for label, values in details:
+            if values:
+                typer.echo(f"{'':<16}   {label}: {', '.join(values)}")
+        if row["recipe"]:
+            typer.echo(f"{'':<16}   recipe: {row['recipe']}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("inspect")(inspect_command)
     app.command("ablate")(ablate_command)
+    app.command("families")(families_command)
