@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vlmkit.config import ConfigError, load_config
-from vlmkit.data.sources import DataSourceError, Mixture, micro_batches, open_source
+from vlmkit.data.sources import DataSourceError, Mixture, Source, micro_batches, open_source
 from vlmkit.train.loop import run_training
 from vlmkit.train.preflight import DataError
 from vlmkit.utils import read_jsonl
@@ -105,7 +105,7 @@ def test_the_cauldron_layout_trains(data_dir, tmp_path):
 
 
 def test_mixture_realised_shares_match_the_weights():
-    class Fake:
+    class Fake(Source):  # a source of n records; what a source declares (streaming, ...) comes from the base
         def __init__(self, n):
             self.n = n
 
