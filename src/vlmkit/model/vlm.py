@@ -187,7 +187,7 @@ def _cross_attention(config: ModelConfig, llm, connector, options: dict) -> Cros
     parsed = parse_cross_attention_options(options)
     if parsed.layers == "llm":
         return LLMCrossAttentionStrategy(LLMCrossAttention(llm, parsed))
-    return CrossAttentionFusionStrategy(CrossAttentionFusion(llm, connector.llm_dim, parsed))
+    return CrossAttentionFusionStrategy(CrossAttentionFusion(llm, connector.out_dim, parsed))
 
 
 # ---- the model ---------------------------------------------------------------------------------

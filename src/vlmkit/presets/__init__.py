@@ -167,7 +167,7 @@ def build_meta(preset: str | Preset) -> MetaModel:
         parts: dict[str, nn.Module] = {"vision": vision, "connector": connector, "llm": llm}
         if preset.fusion == "cross-attention":
             xopts = parse_cross_attention_options(d["cross_attention"])
-            fusion = CrossAttentionFusion(llm, connector.llm_dim, xopts)
+            fusion = CrossAttentionFusion(llm, connector.out_dim, xopts)
             fusion.detach_hooks()
             parts["cross_attention"] = fusion
     return MetaModel(preset, parts, vision_dim, llm_dim, dict(d.get("extra_params", {})))

@@ -34,6 +34,9 @@ class Connector(nn.Module):
     def __init__(self, vision_dim: int, llm_dim: int, options: ConnectorOptions):
         super().__init__()
         self.vision_dim, self.llm_dim, self.options = vision_dim, llm_dim, options
+        # The width of what it outputs: the LLM's, except a memory a cross-attention block reads
+        # at its own width (a Perceiver's unprojected latents).
+        self.out_dim = llm_dim
         # Declared empty: the model attaches a learned row separator (`image_newline`, where its
         # processor declares `learned_newline`) and an output norm (`attach_output_norm`).
         self.register_parameter("image_newline", None)
