@@ -78,7 +78,7 @@ def _print_result(result, as_json: bool, per_item: bool = False, extra_fields: O
 @eval_app.command("score", cls=_RegistryHelp)
 def score_cmd(
     benchmark: str = typer.Option(..., "--benchmark", "-b", help=BENCHMARK_HELP),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    data: Path | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     predictions: Path = typer.Option(..., "--predictions", "-p", help='JSONL, one {"id": ..., "prediction": ...} a line'),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     per_item: bool = typer.Option(False, "--per-item", help="with --json: include each item's score"),
@@ -101,7 +101,7 @@ def score_cmd(
 @eval_app.command("run", cls=_RegistryHelp)
 def run_cmd(
     benchmark: str = typer.Option(..., "--benchmark", "-b", help=BENCHMARK_HELP),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    data: Path | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     model: str = typer.Option(..., "--model", "-m", help="hf:/path/folder | openai:MODEL | vlmkit:/path/checkpoint"),
     out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="output folder (prediction cache, results)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="questions answered together"),
@@ -148,7 +148,7 @@ def run_cmd(
 def contamination_cmd(
     train: Path = typer.Option(..., "--train", help="LLaVA-format training JSON"),
     benchmark: str = typer.Option(..., "--benchmark", "-b", help=BENCHMARK_HELP),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    data: Path | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     n: int = typer.Option(8, "--n", min=1, help="n-gram length in words"),
     threshold: float = typer.Option(0.5, help="an item counts as contaminated when this share of its n-grams is in the training set"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
 
@@ -27,7 +27,7 @@ from vlmkit.processing import build_chat_processor
 
 # A prompt is one user turn's text, or a conversation so far (`Message`s, a system turn or
 # earlier exchanges included) whose text places the images with `<image>` placeholders.
-Request = tuple[Union[str, list[Message]], list[Image.Image]]
+Request = tuple[str | list[Message], list[Image.Image]]
 
 
 def chat_turns(prompt: str | list[Message], n_images: int) -> list[tuple[str, list[tuple[str, str]]]]:
