@@ -38,18 +38,20 @@ def vlmkit(cwd: Path, *args: str, stdin: str | None = None, ok: bool = True) -> 
     return proc
 
 
-def write_dataset(folder: Path, n: int = 20) -> None:
-    """n images of one coloured square each, and a LLaVA JSON asking for the colour."""
+def write_dataset(folder: Path, n: int = 20, n_test: int = 4) -> None:
+    """n images of one coloured square each, and a LLaVA JSON asking for the colour; n_test more
+    as the held-out file (test.json) the template recipe checks against."""
     (folder / "images").mkdir(parents=True)
     records = []
-    for i in range(n):
+    for i in range(n + n_test):
         name = list(COLOURS)[i % len(COLOURS)]
         image = Image.new("RGB", (48, 40), (255, 255, 255))
         image.paste(COLOURS[name], (8 + i % 5, 6, 36, 30))
         image.save(folder / "images" / f"{i}.png")
         records.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": name}]})
-    (folder / "train.json").write_text(json.dumps(records, indent=1))
+    (folder / "train.json").write_text(json.dumps(records[:n], indent=1))
+    (folder / "test.json").write_text(json.dumps(records[n:], indent=1))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from vlmkit.eval.synth import GOLD_NAME
 
@@ -22,10 +23,28 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _benchmark(name: str, judge: Optional[str] = None, judge_base_url: Optional[str] = None):
-    from vlmkit.eval.benchmarks import get_benchmark
+BENCHMARK_HELP = "{benchmarks} (`vlmkit eval list`); custom:FILE[?metric=exact|contains|relaxed|anls] scores your own held-out file"
+DATA_HELP = "folder with the benchmark's official files (`vlmkit data synth-bench` writes a small one); not with custom:FILE"
 
-    if judge and name.lower() == "mathvista":
+
+class _RegistryHelp(TyperCommand):
+    """Fills `{benchmarks}` in an option's help with the registered benchmarks when the help is
+    shown, so `--help` lists exactly what `eval list` lists (discovery imports every model
+    family, too slow to do on every start)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from vlmkit.registry import BENCHMARKS
+
+        for param in self.params:
+            if getattr(param, "help", None) and "{benchmarks}" in param.help:
+                param.help = param.help.replace("{benchmarks}", ", ".join(BENCHMARKS.names()))
+        super().format_help(ctx, formatter)
+
+
+def _benchmark(name: str, judge: Optional[str] = None, judge_base_url: Optional[str] = None):
+    from vlmkit.eval.benchmarks import get_benchmark, parse_spec
+
+    if judge and parse_spec(name)[0] == "mathvista":
         from vlmkit.eval.benchmarks.mathvista import llm_judge_extractor
 
         return get_benchmark(name, extractor=llm_judge_extractor(judge, judge_base_url),
@@ -56,10 +75,10 @@ def _print_result(result, as_json: bool, per_item: bool = False, extra_fields: O
         typer.echo(f"  warning: {result.n_missing} item(s) have no prediction and count as wrong", err=True)
 
 
-@eval_app.command("score")
+@eval_app.command("score", cls=_RegistryHelp)
 def score_cmd(
-    benchmark: str = typer.Option(..., "--benchmark", "-b", help="mmmu, mathvista, chartqa, docvqa, ocrbench, vqav2, textvqa, chair"),
-    data: Path = typer.Option(..., "--data", "-d", help="folder with the benchmark's official files"),
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help=BENCHMARK_HELP),
+    data: Path | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     predictions: Path = typer.Option(..., "--predictions", "-p", help='JSONL, one {"id": ..., "prediction": ...} a line'),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     per_item: bool = typer.Option(False, "--per-item", help="with --json: include each item's score"),
@@ -67,11 +86,11 @@ def score_cmd(
     judge_base_url: Optional[str] = typer.Option(None, help="MathVista: base URL of the judge endpoint"),
 ) -> None:
     """Score a predictions file with the benchmark's official metric."""
-    from vlmkit.eval.benchmarks import EvalInputError, read_predictions
+    from vlmkit.eval.benchmarks import EvalInputError, benchmark_data, read_predictions
 
     try:
         bench = _benchmark(benchmark, judge, judge_base_url)
-        items = bench.load(data)
+        items = bench.load(benchmark_data(benchmark, data))
         preds = read_predictions(predictions)
         result = bench.score(items, preds)
     except EvalInputError as e:
@@ -79,10 +98,10 @@ def score_cmd(
     _print_result(result, as_json, per_item)
 
 
-@eval_app.command("run")
+@eval_app.command("run", cls=_RegistryHelp)
 def run_cmd(
-    benchmark: str = typer.Option(..., "--benchmark", "-b", help="mmmu, mathvista, chartqa, docvqa, ocrbench, vqav2, textvqa, chair (`vlmkit eval list`)"),
-    data: Path = typer.Option(..., "--data", "-d", help="folder with the benchmark's official files (`vlmkit data synth-bench` writes a small one)"),
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help=BENCHMARK_HELP),
+    data: Path | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     model: str = typer.Option(..., "--model", "-m", help="hf:/path/folder | openai:MODEL | vlmkit:/path/checkpoint"),
     out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="output folder (prediction cache, results)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="questions answered together"),
@@ -99,11 +118,12 @@ def run_cmd(
 ) -> None:
     """Generate answers (batched, resumable) and score them."""
     from vlmkit.eval.backends import make_backend
-    from vlmkit.eval.benchmarks import EvalInputError
+    from vlmkit.eval.benchmarks import EvalInputError, benchmark_data
     from vlmkit.eval.runner import run_benchmark
 
     try:
         bench = _benchmark(benchmark, judge, judge_base_url)
+        data = Path(benchmark_data(benchmark, data))
         items = bench.load(data)
         if limit is not None:
             items = items[:limit]
@@ -124,21 +144,21 @@ def run_cmd(
                    f"({outcome.generated} generated, {outcome.reused} from cache)")
 
 
-@eval_app.command("contamination")
+@eval_app.command("contamination", cls=_RegistryHelp)
 def contamination_cmd(
     train: Path = typer.Option(..., "--train", help="LLaVA-format training JSON"),
-    benchmark: str = typer.Option(..., "--benchmark", "-b", help="benchmark name (`vlmkit eval list`)"),
-    data: Path = typer.Option(..., "--data", "-d", help="folder with the benchmark's official files"),
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help=BENCHMARK_HELP),
+    data: Path | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     n: int = typer.Option(8, "--n", min=1, help="n-gram length in words"),
     threshold: float = typer.Option(0.5, help="an item counts as contaminated when this share of its n-grams is in the training set"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """N-gram overlap between a training set's texts and a benchmark's questions and answers."""
-    from vlmkit.eval.benchmarks import EvalInputError
+    from vlmkit.eval.benchmarks import EvalInputError, benchmark_data
     from vlmkit.eval.contamination import contamination_report
 
     try:
-        items = _benchmark(benchmark).load(data)
+        items = _benchmark(benchmark).load(benchmark_data(benchmark, data))
         report = contamination_report(train, items, n=n, threshold=threshold, benchmark=benchmark)
     except EvalInputError as e:
         _fail(str(e))

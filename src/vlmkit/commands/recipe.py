@@ -29,22 +29,26 @@ def recipe_command(
             raise typer.BadParameter(f"{template} exists; choose a new file name", param_hint="--template")
         template.parent.mkdir(parents=True, exist_ok=True)
         template.write_text(template_path().read_text())
-        typer.echo(f"wrote {template}: put train.json and its images next to it, then `vlmkit recipe --check {template}`")
+        typer.echo(f"wrote {template}: put train.json, test.json (held-out) and their images next to it, "
+                   f"then `vlmkit recipe --check {template}`")
     else:
         from vlmkit.commands.core import overrides_argument
         from vlmkit.config import ConfigError, load_config
-        from vlmkit.train.preflight import DataError, check_data, check_model
+        from vlmkit.train.preflight import DataError, check_data, check_heldout, check_model
 
         try:
             config = load_config(check, overrides_argument(overrides))
             check_model(config)
             report = check_data(config)
+            heldout = check_heldout(config)
         except (ConfigError, DataError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         for name, data in report.items():
             skipped = f", {data.unusable} to be skipped" if data.unusable else ""
             typer.echo(f"stage {name}: {data.records} records{skipped} in {data.path}")
+        if heldout is not None:
+            typer.echo(f"train.eval: {heldout} held-out items ({config.train.eval.benchmark}) in {config.train.eval.data}")
         typer.echo(f"{check}: recipe and data are valid")
 
 

@@ -25,7 +25,29 @@ from vlmkit.generate import GenerationConfig, decode, generate
 from vlmkit.hf.registry import SUPPORTED
 from vlmkit.processing import build_chat_processor
 
-Request = tuple[str, list[Image.Image]]
+# A prompt is one user turn's text, or a conversation so far (`Message`s, a system turn or
+# earlier exchanges included) whose text places the images with `<image>` placeholders.
+Request = tuple[str | list[Message], list[Image.Image]]
+
+
+def chat_turns(prompt: str | list[Message], n_images: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(role, parts) per turn, parts being ("text", TEXT) or ("image", ""): a string prompt is one
+    user turn with every image before its text; a conversation's images go where its `<image>`
+    placeholders are, or before the first user turn's text when it has none."""
+    if isinstance(prompt, str):
+        return [("user", [("image", "")] * n_images + [("text", prompt)])]
+    placed = any("<image>" in m.content for m in prompt)
+    first_user = next((i for i, m in enumerate(prompt) if m.role == "user"), 0)
+    turns = []
+    for i, m in enumerate(prompt):
+        parts: list[tuple[str, str]] = [("image", "")] * n_images if not placed and i == first_user else []
+        for k, piece in enumerate(m.content.split("<image>")):
+            if k:
+                parts.append(("image", ""))
+            if piece.strip():
+                parts.append(("text", piece))
+        turns.append((m.role, parts))
+    return turns
 
 
 @runtime_checkable
@@ -112,10 +134,12 @@ class OpenAIChatBackend:
             else:
                 self._client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=2)
 
-    def _messages(self, prompt: str, images: list[Image.Image]) -> list[dict[str, Any]]:
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_to_data_uri(im)}} for im in images]
-        parts.append({"type": "text", "text": prompt})
-        return [{"role": "user", "content": parts}]
+    def _messages(self, prompt: str | list[Message], images: list[Image.Image]) -> list[dict[str, Any]]:
+        pending = iter(images)
+        return [{"role": role, "content": [{"type": "text", "text": text} if kind == "text" else
+                                           {"type": "image_url", "image_url": {"url": image_to_data_uri(next(pending))}}
+                                           for kind, text in parts]}
+                for role, parts in chat_turns(prompt, len(images))]
 
     def _one(self, req: Request, max_new_tokens: int) -> str:
         messages = self._messages(*req)
@@ -189,11 +213,16 @@ class HFBackend:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
 
-    def _text(self, prompt: str, n_images: int) -> str:
+    def _text(self, prompt: str | list[Message], n_images: int) -> str:
         if getattr(self.processor, "chat_template", None):
-            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            messages = [{"role": role, "content": [{"type": "text", "text": text} if kind == "text" else {"type": "image"}
+                                                   for kind, text in parts]}
+                        for role, parts in chat_turns(prompt, n_images)]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         token = getattr(self.processor, "image_token", "<image>")
+        if not isinstance(prompt, str):  # no chat template: the turns' text, images in place
+            return "\n".join("".join(token if kind == "image" else text for kind, text in parts)
+                             for _, parts in chat_turns(prompt, n_images))
         return token * n_images + "\n" + prompt
 
     def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:
@@ -268,7 +297,13 @@ class VlmkitBackend:
         return cls(model, config.train.max_length, name=f"vlmkit:{path}", compile_decode=compile_decode,
                    bf16=config.train.precision == "bf16")
 
-    def encode(self, prompt: str, images: Sequence[Image.Image]):
+    def encode(self, prompt: str | list[Message], images: Sequence[Image.Image]):
+        if not isinstance(prompt, str):
+            messages = list(prompt)
+            if images and not any("<image>" in m.content for m in messages):
+                first = next((i for i, m in enumerate(messages) if m.role == "user"), 0)
+                messages[first] = Message(messages[first].role, "<image>\n" * len(images) + messages[first].content)
+            return self.processor.encode_prompt(messages, list(images))
         text = prompt if "<image>" in prompt or not images else "<image>\n" * len(images) + prompt
         return self.processor.encode_prompt([Message("user", text)], list(images))
 

@@ -265,7 +265,7 @@ def _answer_items(benchmark: Benchmark, backend: Backend, mine: list[BenchItem],
     soon as it is answered, then reported to `advance`."""
     for at in range(0, len(mine), batch_size):
         chunk = mine[at : at + batch_size]
-        answers = _ask(backend, [(benchmark.prompt(it), it.load_images()) for it in chunk], max_new)
+        answers = _ask(backend, [benchmark.request(it) for it in chunk], max_new)
         writer.append([(it.id, a, state.fingerprints[it.id]) for it, a in zip(chunk, answers)])
         state.cached.update((it.id, a) for it, a in zip(chunk, answers))
         advance(len(chunk))

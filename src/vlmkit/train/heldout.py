@@ -21,7 +21,7 @@ class HeldOutEval:
         items = self.benchmark.load(cfg.data)
         self.items = items[: cfg.limit] if cfg.limit else items
         # The slice is small and evaluated many times: decode its images once.
-        self.requests = [(self.benchmark.prompt(it), it.load_images()) for it in self.items]
+        self.requests = [self.benchmark.request(it) for it in self.items]
         self.max_new_tokens = cfg.max_new_tokens or self.benchmark.default_max_new_tokens
 
     def due(self, step: int, total_steps: int) -> bool:

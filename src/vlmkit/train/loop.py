@@ -60,6 +60,7 @@ from vlmkit.train.objectives import OBJECTIVES, Objective
 from vlmkit.train.preflight import (
     StageData,
     check_data,
+    check_heldout,
     check_model,
     check_skip_rate,
     check_stage_data,
@@ -165,6 +166,7 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
     if model is None:
         check_model(config)
     data = check_data(config)
+    check_heldout(config)
     resume.check_changed_stages(config, data, on_change)
     warn_emulated_bf16(config.train.precision, config.train.device)
     dist = D.setup(config.train.distributed, config.train.device)

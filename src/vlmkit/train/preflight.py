@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vlmkit.config import Config, ConfigError
 from vlmkit.data.formats import BadRecordError
+from vlmkit.eval.benchmarks import EvalInputError, get_benchmark
 
 # How many missing files an error lists before it summarises the rest.
 SHOWN = 5
@@ -92,6 +93,18 @@ def check_data(config: Config) -> dict[str, StageData]:
         raise DataError("the recipe has no train.stages: nothing to train")
     return {name: check_stage_data(name, stage, config.train.on_bad_record, config.train.max_skip_fraction)
             for name, stage in config.train.stages.items()}
+
+
+def check_heldout(config: Config) -> int | None:
+    """`train.eval`'s items, read as the held-out checks will read them (the benchmark named, its
+    file or folder, every record scorable), so a bad held-out file stops the run before the
+    first stage, not after it; returns how many items it has (None without `train.eval`)."""
+    if config.train.eval is None:
+        return None
+    try:
+        return len(get_benchmark(config.train.eval.benchmark).load(config.train.eval.data))
+    except EvalInputError as e:
+        raise DataError(f"train.eval ({config.train.eval.benchmark}): {e}") from None
 
 
 def check_stage_data(name: str, stage, on_bad_record: str = "error", max_skip_fraction: float = 1.0) -> StageData:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Union
 from PIL import Image
 
 from vlmkit.core.json_text import parse_json_bytes
+from vlmkit.core.types import Message
 from vlmkit.processing.images import ImageLoadError, load_image
 
 ImageRef = Union[Path, bytes]
@@ -74,6 +75,11 @@ class Benchmark:
 
     def prompt(self, item: BenchItem) -> str:
         raise NotImplementedError
+
+    def request(self, item: BenchItem) -> tuple[str | list[Message], list]:
+        """What a backend is asked for `item`: the prompt (a string, or for a conversation the
+        turns so far as messages) and the visual inputs in placeholder order."""
+        return self.prompt(item), item.load_images()
 
     def score(self, items: list[BenchItem], predictions: dict[str, str]) -> ScoreResult:
         raise NotImplementedError

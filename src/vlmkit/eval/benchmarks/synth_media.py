@@ -68,8 +68,16 @@ class SyntheticMediaBench(Benchmark):
             media = [(k, next(it_img) if k == "image" else next(it_vid)) for k in kinds]
             # The backend's convention is one `<image>` per visual input; the input decides how it expands.
             prompt = re.sub(r"<(image|video)>", "<image>", question)
-            items.append(MediaItem(id=str(rec["id"]), question=prompt, images=[p for _, p in media],
-                                   answers=[rec["answer"]], metadata={"task": rec.get("task", "")}, media=media))
+            answer = rec.get("answer")
+            if not isinstance(answer, str) or not answer.strip():
+                # A training-style record without the synthetic sets' `answer` field: say which
+                # record, and where such a file is scored (its last assistant turn is the answer).
+                raise EvalInputError(
+                    f"{path}: record {sample.id!r} has no 'answer' field; synth-media reads the synthetic sets "
+                    "that `vlmkit data synth-train` writes (each record carries its answer in 'answer'). "
+                    f"To score your own file, whose last assistant turn is the answer: -b custom:{path}")
+            items.append(MediaItem(id=sample.id, question=prompt, images=[p for _, p in media],
+                                   answers=[answer], metadata={"task": rec.get("task", "")}, media=media))
         return checked_items(items, path)
 
     def prompt(self, item: BenchItem) -> str:
