@@ -237,3 +237,16 @@ def test_recipe_check_refuses_an_ambiguous_record_by_name(tmp_path):
     result = check(project(tmp_path, [sharegpt("ok"), bad]))
     assert result.exit_code == 2
     assert "record 'both': has the keys of several formats: it could be LLaVA (it has 'image')" in result.output
+
+
+def test_the_docs_examples_read_into_one_sample():
+    """docs/training.md shows one record of each format and says they read into the same sample."""
+    import re
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    section = page[page.index("## Record formats"):page.index("## Bad records")]
+    blocks = re.findall(r"```json\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 5
+    samples = [record_to_sample(json.loads(b), 0, Path("data")) for b in blocks]
+    assert all(s == samples[0] for s in samples[1:])
+    assert samples[0].images == [Path("data/images/cat.jpg")] and samples[0].messages[0] == Message("system", "Answer briefly.")
