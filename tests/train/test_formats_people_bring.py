@@ -130,6 +130,25 @@ def test_tar_shards_read_sharegpt_and_llava_alike(tmp_path):
     assert b.messages == [Message("system", "Short answers."), *a.messages]
 
 
+def test_parquet_rows_read_sharegpt_and_alpaca(tmp_path):
+    """LLaMA-Factory columns in a parquet shard (images embedded): sharegpt's `system` and
+    alpaca's `instruction` / `output` are read, not dropped."""
+    import datasets
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(buf, format="PNG")
+    image = [{"bytes": buf.getvalue(), "path": None}]
+    turns = [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "Green."}]
+    for name, table in {"sharegpt": {"conversations": [turns], "system": ["Short."], "images": [image]},
+                        "alpaca": {"instruction": ["<image>Colour?"], "output": ["Green."], "system": ["Short."], "images": [image]}}.items():
+        (tmp_path / name).mkdir()
+        ds = datasets.Dataset.from_dict(table).cast_column("images", datasets.Sequence(datasets.Image()))
+        ds.to_parquet(str(tmp_path / name / "train-00000.parquet"))
+        sample = open_source(tmp_path / name).record(0)
+        assert sample.messages == [Message("system", "Short."), Message("user", "<image>Colour?"), Message("assistant", "Green.")], name
+        assert sample.images == [buf.getvalue()]
+
+
 # ---- refused shapes -----------------------------------------------------------------------------
 
 TURNS = [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]
