@@ -32,3 +32,6 @@ class Sample:
     messages: list[Message]
     images: list[Path | bytes] = field(default_factory=list)  # bytes: an inline data URI's image
     videos: list[Path] = field(default_factory=list)
+    # Where each image, then each video, came from in its record (`image`, `images[1]`, ...), so a
+    # missing file is named by its field; not part of what the sample is (equality ignores it).
+    media_fields: list[str] = field(default_factory=list, compare=False, repr=False)

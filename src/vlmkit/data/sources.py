@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.formats import BadRecordError, Message, Sample, record_id, record_to_sample
+from vlmkit.data.formats import BadRecordError, Message, Sample, missing_media, record_id, record_to_sample, with_embedded_images
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 FORMATS = ("auto", "llava", "parquet", "arrow", "webdataset")
@@ -136,9 +136,10 @@ class Source:
 # ---- LLaVA JSON / JSONL ------------------------------------------------------------------------
 
 def _json_spans(path: Path):
-    """(byte offset, byte length, record index, parsed record or BadRecordError) of every record of
-    a JSON list or JSONL file, reading the file once, a chunk at a time (so a 1 GB mix665k.json
-    never sits in memory whole)."""
+    """(byte offset, byte length, record index, parsed record or BadRecordError, where: `line N`
+    of a JSONL file or `item N` of a JSON list, both 1-based) of every record of a JSON list or
+    JSONL file, reading the file once, a chunk at a time (so a 1 GB mix665k.json never sits in
+    memory whole)."""
     with open(path, "rb") as f:
         if path.suffix.lower() == ".jsonl":
             offset = index = 0
@@ -146,14 +147,14 @@ def _json_spans(path: Path):
                 if line is None:  # longer than a record may be: never read whole
                     record = BadRecordError(f"line {lineno}", f"is {size} bytes long, more than the {MAX_RECORD_BYTES} "
                                             "bytes a record may take", str(path))
-                    yield offset, size, index, record
+                    yield offset, size, index, record, f"line {lineno}"
                     index += 1
                 elif line.strip():
                     try:
                         record = json.loads(line)
                     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
                         record = BadRecordError(f"line {lineno}", f"not valid JSON ({type(e).__name__})", str(path))
-                    yield offset, len(line.rstrip(b"\r\n")), index, record
+                    yield offset, len(line.rstrip(b"\r\n")), index, record, f"line {lineno}"
                     index += 1
                 offset += size
             return
@@ -243,7 +244,7 @@ def _json_list_spans(c: _Chunks):
         if length > MAX_RECORD_BYTES:
             record = BadRecordError(record_id(record, index), f"is {length} bytes long, more than the {MAX_RECORD_BYTES} "
                                     "bytes a record may take", str(c.path))
-        yield c.base + start, length, index, record
+        yield c.base + start, length, index, record, f"item {index + 1}"
         index += 1
         mark, mark_bytes = end, start + length
         pos = skip_ws(end)
@@ -271,7 +272,7 @@ class JsonSource(Source):
         self.bad = []
         self.missing_refs = 0  # preference pairs without reference log-probs
         try:
-            for offset, length, index, record in _json_spans(path):
+            for offset, length, index, record, where in _json_spans(path):
                 try:
                     if isinstance(record, BadRecordError):
                         raise record
@@ -280,11 +281,10 @@ class JsonSource(Source):
                     self.bad.append(BadRecord(index, e.record_id, str(e)))
                     continue
                 if check_files:
-                    absent = [p for p in [*item.images, *item.videos]
-                              if isinstance(p, Path) and not os.path.isfile(os.fspath(p))]
+                    absent = missing_media(item)
                     if absent:
-                        self.bad.append(BadRecord(index, item.id, f"record {item.id!r}: {', '.join(str(p.resolve()) for p in absent)}",
-                                                  missing_files=True))
+                        self.bad.append(BadRecord(index, item.id, f"record {item.id!r}: {', '.join(absent)} not found "
+                                                  f"({where} of {path.name})", missing_files=True))
                         continue
                 if kind == "dpo" and item.ref_chosen_logp is None:
                     self.missing_refs += 1
@@ -431,8 +431,7 @@ class TarSource(Source):
             raise BadRecordError(self.keys[i], "record is not a JSON object", source)
         record = {"id": self.keys[i], **record}
         # The images are the shard's members, not paths: placeholders stand in while parsing.
-        names = [f"#{j}" for j in range(len(images))]
-        record.update({"images": names} if "messages" in record else {"image": names})
+        record = with_embedded_images(record, len(images))
         sample = record_to_sample(record, i, Path("."), source)
         sample.images = images
         return sample
@@ -498,9 +497,9 @@ class ArrowSource(Source):
     def _check_columns(shard: Path, names: list[str]) -> None:
         if not any(c in names for c in IMAGE_COLUMNS):
             raise DataSourceError(f"{shard}: no image column (expected one of {list(IMAGE_COLUMNS)}; columns: {names})")
-        if "texts" not in names and "conversations" not in names and "messages" not in names:
-            raise DataSourceError(f"{shard}: no text column (expected 'texts' (the_cauldron), 'conversations' or 'messages'; "
-                                  f"columns: {names})")
+        if not {"texts", "conversations", "messages", "instruction"} & set(names):
+            raise DataSourceError(f"{shard}: no text column (expected 'texts' (the_cauldron), 'conversations' (LLaVA, sharegpt), "
+                                  f"'messages' or 'instruction' (alpaca); columns: {names})")
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -571,8 +570,7 @@ def row_to_sample(row: dict, image_column: str, default_id: str, source: str, in
         return Sample(rid, messages, blobs)
     record = {k: v for k, v in row.items() if k != image_column}
     record["id"] = rid
-    names = [f"#{j}" for j in range(len(blobs))]
-    record.update({"images": names} if "messages" in record else {"image": names})
+    record = with_embedded_images(record, len(blobs))
     sample = record_to_sample(record, index, Path("."), source)
     sample.images = blobs
     return sample
