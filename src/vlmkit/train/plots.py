@@ -87,7 +87,7 @@ def plot_heldout(records: list[dict], out_png: Path, title: str, stages: Iterabl
     starts = _stage_starts(_loss_lines(records, stages))
     x = [starts.get(r["stage"], 0) + r["step"] for r in evals]
     if categories is None:
-        categories = dict.fromkeys(k for r in evals for k in r.get("breakdown") or {})
+        categories = dict.fromkeys(k for r in evals for k in r.get("breakdown") or {} if k)  # "": no category named
     fig, ax = plt.subplots(figsize=(7, 4))
     try:
         for key in categories:
