@@ -167,6 +167,9 @@ class ModelConfig(Strict):
 
 
 PART_NAMES = ("vision", "connector", "llm", "cross_attention")
+# The logging libraries `train.report_to` may name; `train/reporting.py` registers one reporter
+# for each (a test checks the two agree), so the recipe is checked without importing any.
+REPORTER_NAMES = ("tensorboard", "wandb", "trackio")
 
 
 class DPOConfig(Strict):
@@ -395,6 +398,30 @@ class TrainConfig(Strict):
     peak_tflops: float | None = Field(default=None, gt=0)
     """Dense peak of the accelerator in TFLOP/s, for MFU; null: looked up for known GPUs (MFU is
     left out where unknown, e.g. CPUs)."""
+    report_to: list[str] = Field(default_factory=list)
+    """Logging libraries that get the metrics `metrics.jsonl` gets (loss, learning rate,
+    throughput, held-out scores, the objective's own), each through its own API: `tensorboard`
+    (event files in `<output_dir>/tensorboard`), `wandb` (offline unless `WANDB_MODE` says
+    otherwise), `trackio`. Each must be installed (`pip install 'vlmkit[report]'` for
+    TensorBoard); `none` or `[]`: only `metrics.jsonl`."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        # Written as in a Hugging Face TrainingArguments recipe: one name, or "none".
+        if isinstance(value, str):
+            value = [value]
+        return [v for v in value if v != "none"] if isinstance(value, list) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_reporters(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in REPORTER_NAMES:
+                close = difflib.get_close_matches(name, REPORTER_NAMES, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown reporter {name!r}; {hint}known: {', '.join(REPORTER_NAMES)}")
+        return list(dict.fromkeys(names))
 
     @model_validator(mode="before")
     @classmethod

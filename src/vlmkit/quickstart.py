@@ -30,6 +30,7 @@ from vlmkit.eval.backends import VlmkitBackend
 from vlmkit.eval.benchmarks.synth_qa import METRIC_NAMES, score_answer
 from vlmkit.processing.images import load_image
 from vlmkit.train.loop import run_training
+from vlmkit.train.plots import plot_heldout, plot_losses
 from vlmkit.utils import JsonlLogger, atomic_write_text, read_jsonl
 
 
@@ -113,69 +114,6 @@ def results_table(trained: dict[str, float], blind: dict[str, float], prior: dic
     return "\n".join(lines)
 
 
-def plot_losses(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in read_jsonl(metrics_path) if "loss" in r and "stage" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for stage in dict.fromkeys(r["stage"] for r in records):
-        pts = [r for r in records if r["stage"] == stage]
-        ax.plot([offset + r["step"] for r in pts], [r["loss"] for r in pts], label=f"stage {stage}")
-        offset += max(r["step"] for r in pts)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (supervised tokens)")
-    ax.set_title("vlmkit quickstart")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-
-
-def plot_heldout(metrics_path: Path, out_png: Path) -> bool:
-    """Held-out accuracy per question kind against training step (from `train.eval` lines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = read_jsonl(metrics_path)
-    records = [r for r in lines if r.get("event") == "eval" and "stage" in r and "breakdown" in r]
-    if not records:
-        return False
-    # Steps count from 1 in each stage; on the plot they run on across stages.
-    last_step: dict[str, int] = {}
-    for r in lines:
-        if "stage" in r and "loss" in r:
-            last_step[r["stage"]] = max(last_step.get(r["stage"], 0), r["step"])
-    stage_start, offset = {}, 0
-    for stage, n in last_step.items():
-        stage_start[stage], offset = offset, offset + n
-    x = [stage_start.get(r["stage"], 0) + r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for kind in KINDS:
-        if any(kind in r["breakdown"] for r in records):
-            ax.plot(x, [100 * r["breakdown"].get(kind, float("nan")) for r in records], marker="o", ms=3, label=kind)
-    ax.plot(x, [100 * r["overall"] for r in records], color="black", lw=2, label="overall")
-    for start in stage_start.values():
-        if start:
-            ax.axvline(start, color="grey", ls=":", lw=1)
-    ax.set_xlabel("optimizer step (all stages)")
-    ax.set_ylabel(f"held-out accuracy, % ({records[0]['items']} items)")
-    ax.set_ylim(-2, 102)
-    ax.set_title("vlmkit quickstart: held-out accuracy per question kind")
-    ax.legend(ncol=3, fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu", overrides: list[str] | tuple[str, ...] = (),
                    n_caption: int = 400, n_instruct: int = 600, n_test: int = 150, seed: int = 0, on_change: str = "refuse",
                    n_instruct_more: int = 1400, more_kinds: tuple[str, ...] = ("chart", "text", "chart", "scene")) -> dict:
@@ -217,8 +155,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", device: str = "cpu",
         for kind, rows in (("vlmkit", trained_rows), ("blind", blind_rows), ("prior", prior_rows)):
             for r in rows:
                 f.write(json.dumps({"model": kind, **r.__dict__}) + "\n")
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
-    plotted = plot_heldout(out / "metrics.jsonl", out / "heldout.png")
+    metrics = read_jsonl(out / "metrics.jsonl")
+    plot_losses(metrics, out / "loss.png", "vlmkit quickstart")
+    plotted = plot_heldout(metrics, out / "heldout.png", "vlmkit quickstart: held-out accuracy per question kind", categories=KINDS)
     elapsed = time.perf_counter() - started
     summary = {"vlmkit": trained, "blind": blind, "prior": prior, "counts": counts, "kinds": kinds, "kind_counts": kind_counts,
                "seconds": elapsed, "heldout_eval_seconds": sum(s.eval_seconds for s in stages),

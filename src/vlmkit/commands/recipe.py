@@ -35,12 +35,14 @@ def recipe_command(
         from vlmkit.commands.core import overrides_argument
         from vlmkit.config import ConfigError, load_config
         from vlmkit.train.preflight import DataError, check_data, check_heldout, check_model
+        from vlmkit.train.reporting import check_installed
 
         try:
             config = load_config(check, overrides_argument(overrides))
             check_model(config)
             report = check_data(config)
             heldout = check_heldout(config)
+            check_installed(config.train.report_to)
         except (ConfigError, DataError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

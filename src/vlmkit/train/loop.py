@@ -13,15 +13,21 @@ reports its own metrics.
 Each step's loss is normalised by the whole step's count (all micro-batches, all ranks), so
 accumulation, packing and data parallelism all compute the loss one big batch would. Periodic
 checkpoints hold weights, optimizer, scheduler, every RNG and the data position; resuming from one
-reproduces the uninterrupted run bit for bit on the CPU. SIGTERM finishes the current step, saves,
-and exits with status 143.
+reproduces the uninterrupted run bit for bit on the CPU. SIGTERM says at once that it will save,
+finishes the current step, saves, and exits with status 143.
+
+Every metrics record goes to `metrics.jsonl` and to the libraries of `train.report_to`
+(`reporting.py`); when a stage ends, its loss and held-out curves are drawn into its checkpoint
+folder (`plots.py`).
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -57,6 +63,7 @@ from vlmkit.train import resume
 from vlmkit.train.features import FrozenFeatures
 from vlmkit.train.heldout import HeldOutEval
 from vlmkit.train.objectives import OBJECTIVES, Objective
+from vlmkit.train.plots import plot_stage
 from vlmkit.train.preflight import (
     StageData,
     check_data,
@@ -66,6 +73,7 @@ from vlmkit.train.preflight import (
     check_stage_data,
     nothing_trained,
 )
+from vlmkit.train.reporting import MetricsLog, check_installed
 from vlmkit.train.stages import apply_stage, make_optimizer
 from vlmkit.train.telemetry import FlopModel, Telemetry, peak_flops
 from vlmkit.utils import JsonlLogger, seed_everything
@@ -93,6 +101,8 @@ class StageResult:
     loaded: bool = False  # an already trained stage, loaded from its checkpoint: no steps were run
     extended: bool = False  # trained on from its own earlier checkpoint (--extend)
     eval_seconds: float = 0.0  # of `seconds`, spent on held-out evaluation (`train.eval`)
+    heldout: dict | None = None  # the stage's last held-out scores (`train.eval`): benchmark, items, overall, breakdown
+    plots: list[Path] = field(default_factory=list)  # loss.png (and heldout.png) in the stage's checkpoint folder
 
 
 class Preempted(SystemExit):
@@ -129,6 +139,7 @@ class StageRun:
     trained_units: float = 0.0
     skips_checked: int = 0
     eval_seconds: float = 0.0
+    heldout_scores: dict | None = None  # the latest held-out check's
 
     @property
     def mixture(self) -> Mixture:
@@ -167,15 +178,16 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
         check_model(config)
     data = check_data(config)
     check_heldout(config)
+    check_installed(config.train.report_to)
     resume.check_changed_stages(config, data, on_change)
     warn_emulated_bf16(config.train.precision, config.train.device)
     dist = D.setup(config.train.distributed, config.train.device)
     try:
         seed_everything(config.train.seed)
         model = _starting_model(config, model, dist)
-        logger = JsonlLogger(Path(config.train.output_dir) / "metrics.jsonl") if dist.is_main else None
+        logger = MetricsLog(Path(config.train.output_dir) / "metrics.jsonl", config) if dist.is_main else None
         try:
-            with _StopFlag() as stop:
+            with _StopFlag(announce=dist.is_main) as stop:
                 results = _run_stages(model, config, data, on_change, logger, progress, dist, stop)
         finally:
             if logger:
@@ -498,6 +510,7 @@ def _report_step(run: StageRun, bar, logger: JsonlLogger | None, grad_norm: torc
 def _held_out_eval(run: StageRun, bar, logger: JsonlLogger | None, postfix: dict[str, str]) -> None:
     scores = run.heldout.run(run.model)
     run.eval_seconds += scores["eval_s"]
+    run.heldout_scores = scores
     bar.set_postfix({**postfix, "held-out": f"{scores['overall']:.0%}"})
     if logger:
         logger.log({"stage": run.name, "step": run.step, **scores})
@@ -558,9 +571,10 @@ def _finish_stage(run: StageRun, logger: JsonlLogger | None, start: float) -> St
         meta = {"stage": name, "step": run.step, "final": True, "id": uuid.uuid4().hex, **run.lineage}
         ckpt.save_checkpoint(run.stage_dir, run.model, run.config, meta, weights=weights)
         ckpt.remove_periodic(run.stage_dir)
+    plots = plot_stage(logger.path, name, run.stage_dir) if logger and dist.is_main else []
     dist.barrier()
     return StageResult(name, run.step, time.perf_counter() - start, run.losses, skipped, run.stage_dir,
-                       run.model.trainable_parameters(), eval_seconds=run.eval_seconds)
+                       run.model.trainable_parameters(), eval_seconds=run.eval_seconds, heldout=run.heldout_scores, plots=plots)
 
 
 def _skipped_report(mixture: Mixture, encode_time: dict[int, tuple[str, str]]) -> list[tuple[str, str]]:
@@ -589,10 +603,13 @@ def _encode_skips(dist: D.DistContext, data_in: StageInput, data: StageData, max
 # ---- SIGTERM ----------------------------------------------------------------------------------
 
 class _StopFlag:
-    """Set by SIGTERM; the loop checks it between steps (a signal handler must not save)."""
+    """Set by SIGTERM; the loop checks it between steps (a signal handler must not save). The
+    first SIGTERM is acknowledged at once (`announce`: on this process), since the step under
+    way may take a minute to end."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.set = False
+        self.announce = announce
         self._previous = None
 
     def __enter__(self):
@@ -601,11 +618,26 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if not self.set and self.announce:
+            _say_now("[vlmkit] SIGTERM received: saving a checkpoint after the current step ends, then exiting\n")
         self.set = True
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _say_now(message: str) -> None:
+    """Write to stderr from a signal handler: straight to the file descriptor, since the handler
+    may run while the main thread is inside a write to the same buffered stream (Python then
+    raises "reentrant call"). stderr is line-buffered, so nothing written earlier comes after."""
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (a captured stream)
+        try:
+            sys.stderr.write(message)
+        except RuntimeError:
+            pass
 
 
 # ---- up-front encoding ------------------------------------------------------------------------
