@@ -219,7 +219,7 @@ def image_budget(preset: "str | Costing", width: int, height: int, context: int 
     )
 
 
-def prompt_budget(preset: "str | Costing", width: int, height: int, images: int, context: int | None = None,
+def prompt_budget(preset: str | Costing, width: int, height: int, images: int, context: int | None = None,
                   bytes_per_value: int = 2) -> dict[str, Any]:
     """`images` images of this size in one prompt: every count and cost for all of them together
     (prefill attention over the whole sequence, so more than `images` x one image's FLOPs), the
