@@ -11,6 +11,7 @@ message names it. `vlmkit --debug ...` or `VLMKIT_DEBUG=1` shows the traceback i
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -33,7 +34,26 @@ def error_line(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {message} (run with --debug or {DEBUG_ENV}=1 for the traceback)"
 
 
-class _CleanErrors(TyperGroup):
+def description(command) -> str:
+    """A command's whole description for a command listing: its `short_help`, else the first
+    paragraph of its help, lines joined."""
+    text = command.short_help or (command.help or "").split("\f")[0]
+    return " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
+
+
+class FullHelpGroup(TyperGroup):
+    """Lists each subcommand with its whole description, wrapped: click cuts it at the first
+    sentence or at the terminal width with "..."."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = [(name, description(cmd)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _CleanErrors(FullHelpGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -86,6 +106,10 @@ COMMAND_MODULES = (
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
+# Command groups (eval, data) list their subcommands in full too, unless they chose a class.
+for _group in app.registered_groups:
+    if _group.typer_instance is not None and not isinstance(_group.typer_instance.info.cls, type):
+        _group.typer_instance.info.cls = FullHelpGroup
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ def test_tokens_plot_honours_the_preset(tmp_path, monkeypatch):
     plotted = []
     real = tokens_cmd._plot
 
-    def spy(path, names=tokens_cmd.PLOT_PRESETS, mark=None):
+    def spy(path, names=tokens_cmd.PLOT_PRESETS, mark=None, **options):  # options: --aspect, --context
         plotted.append(list(names))
-        real(path, names, mark)
+        real(path, names, mark, **options)
 
     monkeypatch.setattr(tokens_cmd, "_plot", spy)
     every, one = tmp_path / "every.png", tmp_path / "one.png"

@@ -476,11 +476,21 @@ class VisionLanguageModel(nn.Module):
         finally:
             self.fusion.after_forward(use_cache)
         head = lm_head(self.llm)
-        cache = (getattr(out, "past_key_values", None) or getattr(out, "cache", None)) if use_cache else None
+        cache = _output_cache(out) if use_cache else None
         result = VLMOutput(out.last_hidden_state, cache, head=head)
         if labels is not None:
             result.loss, result.num_supervised = next_token_loss(out.last_hidden_state, labels, head)
         return result
+
+
+def _output_cache(out):
+    """The KV cache of a decoder's output. transformers 5 renamed the field `past_key_values` to
+    `cache` and logs a deprecation warning when an output without the old field is read by the
+    old name, so the name the output declares is read."""
+    fields = getattr(out, "__dataclass_fields__", None)
+    if fields is None:  # not a transformers output
+        return getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    return getattr(out, "cache" if "cache" in fields or "past_key_values" not in fields else "past_key_values", None)
 
 
 def _fixed_tokens(connector, grid, config: ModelConfig) -> int:

@@ -10,6 +10,14 @@ cost of those tokens in the preset's LLM:
   out: image tokens skip the first and prefill skips the second.
 * KV-cache bytes: `N * L * 2 * KV * hd * bytes_per_value` (bf16 by default).
 * context share: N / context length.
+* vision-tower FLOPs, beside the LLM's (`flops` in `--json`): per tower input (a tile, a
+  thumbnail, a native-resolution image, a video's temporal patches) of n tokens through a
+  transformer tower, `2 * n * P` for its matmul weights P (linear layers and the patch
+  embedding, applied once per token) plus `4 * n^2 * w` per attention layer of width w
+  (QK^T and AV, no causal mask; a video's temporal patches attend within each frame group);
+  a convolutional tower (EfficientNet) is counted by torch's FLOP counter on meta tensors.
+  The connector is counted by that counter too. Attention is counted within each view:
+  Llama 3.2 Vision's global layers that see all tiles at once are counted per tile.
 
 N is the image's sequence length: visual slots plus the text tokens the family adds around them
 ([IMG_BREAK], <img>, row tags ...). Cross-attention models (Llama 3.2 Vision) put one token in
@@ -107,6 +115,10 @@ class Costing:
     llm: LLMShape
     processor: ImageProcessor
     note: str = ""
+    # The real-shape vision tower and connector (meta device), for the tower's FLOPs.
+    vision: nn.Module | None = field(default=None, compare=False, repr=False)
+    connector: nn.Module | None = field(default=None, compare=False, repr=False)
+    vision_dim: int = 0
 
 
 # A fixed-query connector sets the count whatever the processor does, so it names the family.
@@ -119,7 +131,8 @@ def get_preset(name: str) -> Costing:
     meta = presets.build_meta(name)
     p = meta.preset
     family = _QUERY_CONNECTORS.get(p.data["connector"]["name"], p.data["processor"]["name"])
-    return Costing(p.name, family, llm_shape(meta), presets.image_processor(meta), p.data.get("tokens_note", ""))
+    return Costing(p.name, family, llm_shape(meta), presets.image_processor(meta), p.data.get("tokens_note", ""),
+                   meta.parts["vision"], meta.parts["connector"], meta.vision_dim)
 
 
 @dataclass
@@ -139,6 +152,8 @@ class Budget:
     context_share: float
     fusion: str
     notes: list[str] = field(default_factory=list)
+    # Labelled FLOPs: vision tower, connector and the LLM's prefill (`prefill_flops`), and their sum.
+    flops: dict[str, int | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,13 +172,28 @@ def recipe_costing(recipe) -> Costing:
     label = f"{config.model.llm.name} ({type(model.llm).__name__})"
     family = _QUERY_CONNECTORS.get(config.model.connector.name, config.model.processor.name)
     return Costing(str(recipe) if not isinstance(recipe, Config) else "recipe", family,
-                   llm_shape_of(model.llm, label, cross, str(recipe)), model.image_processor)
+                   llm_shape_of(model.llm, label, cross, str(recipe)), model.image_processor,
+                   vision=model.vision, connector=model.connector, vision_dim=model.vision.hidden_size)
+
+
+def _llm_cost(llm: LLMShape, seq: int, states: int, bytes_per_value: int) -> tuple[int, int]:
+    """Prefill FLOPs and KV-cache bytes of `seq` sequence tokens (prefix fusion) or of `states`
+    vision states read by the cross-attention layers."""
+    if llm.cross_attention_layers:
+        flops = 2 * states * llm.cross_attention_layers * llm.cross_kv_in * llm.cross_kv_width
+        return flops, states * llm.cross_attention_layers * llm.cross_kv_width * bytes_per_value
+    n = seq
+    flops = 2 * n * llm.layer_params() * llm.layers + 2 * llm.layers * n * n * llm.heads * llm.head_dim
+    return flops, n * llm.layers * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
 
 
 def image_budget(preset: "str | Costing", width: int, height: int, context: int | None = None,
-                 bytes_per_value: int = 2) -> Budget:
+                 bytes_per_value: int = 2, images: int = 1) -> Budget:
+    """What one image costs; with `images` > 1, one image of a prompt that holds that many (the
+    processor's own `for_sample`: LLaVA-OneVision reads those at base resolution)."""
     p = preset if isinstance(preset, Costing) else get_preset(preset)
-    layout: TokenLayout = p.processor.layout(width, height)
+    processor = p.processor.for_sample(images)
+    layout: TokenLayout = processor.layout(width, height)
     llm = p.llm
     ctx = context or llm.context
     if ctx <= 0:
@@ -171,24 +201,157 @@ def image_budget(preset: "str | Costing", width: int, height: int, context: int 
     if llm.cross_attention_layers:
         seq = layout.parts.get("sequence_tokens", 1)
         states = layout.parts.get("cross_attention_states_padded", layout.visual_tokens)
-        flops = 2 * states * llm.cross_attention_layers * llm.cross_kv_in * llm.cross_kv_width
-        kv = states * llm.cross_attention_layers * llm.cross_kv_width * bytes_per_value
         fusion = "cross-attention"
     else:
-        seq = layout.total_tokens
-        n = seq
-        flops = 2 * n * llm.layer_params() * llm.layers + 2 * llm.layers * n * n * llm.heads * llm.head_dim
-        kv = n * llm.layers * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
+        seq, states = layout.total_tokens, 0
         fusion = "prefix"
+    flops, kv = _llm_cost(llm, seq, states, bytes_per_value)
     notes = [p.note] if p.note else []
     if seq > ctx:
         notes.append(f"the image alone ({seq:,} tokens) exceeds the {ctx:,}-token context")
+    vision, connector = tower_flops(p, processor, width, height)
     return Budget(
         preset=p.name, family=p.family, width=width, height=height,
         visual_tokens=layout.visual_tokens, special_tokens=layout.special_tokens, sequence_tokens=seq,
         parts=layout.parts, llm=llm.name, prefill_flops=int(flops), kv_cache_bytes=int(kv),
         context=ctx, context_share=seq / ctx, fusion=fusion, notes=notes,
+        flops=_labelled(vision, connector, int(flops)),
     )
+
+
+def prompt_budget(preset: str | Costing, width: int, height: int, images: int, context: int | None = None,
+                  bytes_per_value: int = 2) -> dict[str, Any]:
+    """`images` images of this size in one prompt: every count and cost for all of them together
+    (prefill attention over the whole sequence, so more than `images` x one image's FLOPs), the
+    share of the context and whether they fit; `per_image` is one image's layout in that prompt."""
+    if images <= 0:
+        raise ValueError(f"the number of images must be positive, got {images}")
+    p = preset if isinstance(preset, Costing) else get_preset(preset)
+    one = image_budget(p, width, height, context=context, bytes_per_value=bytes_per_value, images=images)
+    seq = one.sequence_tokens * images
+    states = one.parts.get("cross_attention_states_padded", one.visual_tokens) * images
+    llm_flops, kv = _llm_cost(p.llm, seq, states, bytes_per_value)
+    vision, connector = (None if f is None else f * images for f in (one.flops["vision"], one.flops["connector"]))
+    notes = [p.note] if p.note else []
+    if seq > one.context:
+        notes.append(f"{images} images ({seq:,} tokens) exceed the {one.context:,}-token context")
+    return {
+        "preset": p.name, "family": p.family, "fusion": one.fusion, "width": width, "height": height, "images": images,
+        "per_image": {"visual_tokens": one.visual_tokens, "special_tokens": one.special_tokens,
+                      "sequence_tokens": one.sequence_tokens, "parts": one.parts},
+        "visual_tokens": one.visual_tokens * images, "special_tokens": one.special_tokens * images,
+        "sequence_tokens": seq, "llm": one.llm, "prefill_flops": int(llm_flops), "kv_cache_bytes": int(kv),
+        "context": one.context, "context_share": seq / one.context, "fits": seq <= one.context,
+        "flops": _labelled(vision, connector, int(llm_flops)),
+        "notes": notes,
+    }
+
+
+def _labelled(vision: int | None, connector: int | None, llm_prefill: int) -> dict[str, int | None]:
+    """FLOPs by part; `total` only where every part is known."""
+    total = None if vision is None or connector is None else vision + connector + llm_prefill
+    return {"vision": vision, "connector": connector, "llm_prefill": llm_prefill, "total": total}
+
+
+# ---- the vision tower's and the connector's FLOPs ----------------------------------------------
+
+def tower_flops(p: Costing, processor: ImageProcessor, width: int, height: int) -> tuple[int | None, int | None]:
+    """(vision tower, connector) FLOPs of one image of this size: each of the views the processor
+    makes of it (a blank image of that size, preprocessed) through the real-shape tower. None
+    where the processor makes no pixels (the lecture's token-only AnyRes example)."""
+    if p.vision is None:
+        return None, None
+    from PIL import Image
+
+    try:
+        views = processor.preprocess(Image.new("RGB", (width, height))).views
+    except (ValueError, NotImplementedError):
+        return None, None
+    vision = connector = 0
+    for view in views:
+        t, rows, cols = view.grid if view.role == "patches" else (1, *_grid_hw(p.vision, *view.size))
+        vision += t * _view_flops(p.vision, view.size if view.role != "patches" else None, rows * cols)
+        connector += t * _connector_flops(p.connector, p.vision_dim, (rows, cols))
+    return vision, connector
+
+
+def _grid_hw(tower: nn.Module, height: int, width: int) -> tuple[int, int]:
+    if hasattr(tower, "grid_hw"):  # vlmkit's VisionTower
+        return tower.grid_hw(height, width)
+    patch = tower.config.patch_size  # a preset's Hugging Face vision model
+    patch = patch if isinstance(patch, int) else patch[0]
+    return height // patch, width // patch
+
+
+def _is_transformer(tower: nn.Module) -> bool:
+    """Whether every convolution of the tower is a patch embedding (kernel == stride: once per
+    patch), so its cost is per token; a convolutional network is not."""
+    convs = [m for m in tower.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    return all(tuple(m.kernel_size) == tuple(m.stride) for m in convs)
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Weights every token passes through once: linear layers and a patch embedding's kernel."""
+    return sum(m.weight.numel() for m in module.modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)) or type(m).__name__ == "Conv1D")
+
+
+def attention_widths(module: nn.Module) -> list[int]:
+    """The query width of each attention layer: a module with a `q_proj` (or fused `qkv`) linear."""
+    widths = []
+    for m in module.modules():
+        q, qkv = getattr(m, "q_proj", None), getattr(m, "qkv", None)
+        if isinstance(q, nn.Linear):
+            widths.append(q.out_features)
+        elif isinstance(qkv, nn.Linear):
+            widths.append(qkv.out_features // 3)
+    return widths
+
+
+@lru_cache(maxsize=4096)
+def _tower_shape(tower: nn.Module) -> tuple[bool, int, int]:
+    return _is_transformer(tower), matmul_params(tower), sum(attention_widths(tower))
+
+
+def _view_flops(tower: nn.Module, size: tuple[int, int] | None, tokens: int) -> int:
+    """FLOPs of one view (one frame group) of `tokens` tokens through the tower."""
+    transformer, params, width = _tower_shape(tower)
+    if transformer or size is None:
+        return 2 * tokens * params + 4 * tokens * tokens * width
+    return _counted_flops(tower, tuple(size))
+
+
+@lru_cache(maxsize=4096)
+def _counted_flops(tower: nn.Module, size: tuple[int, int]) -> int:
+    """A convolutional tower's FLOPs at one input size, from torch's counter on meta tensors."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    copy = _meta_copy(tower).eval()  # eval: BatchNorm's running statistics, as a frozen tower runs
+    with FlopCounterMode(display=False) as counter:
+        copy(torch.empty(1, 3, *size, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    if next(module.parameters()).device.type == "meta":
+        return module
+    return copy.deepcopy(module).to("meta")
+
+
+@lru_cache(maxsize=4096)
+def _connector_flops(connector: nn.Module, vision_dim: int, grid: tuple[int, int]) -> int:
+    """The connector over one view's feature grid, counted by torch's FLOP counter on meta tensors."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    copy = _meta_copy(connector)
+    # Not under no_grad: the counter's backward bookkeeping expects autograd (Q-Former, Perceiver).
+    with FlopCounterMode(display=False) as counter:
+        copy(torch.empty(1, grid[0] * grid[1], vision_dim, device="meta"), grid)
+    return int(counter.get_total_flops())
 
 
 # The seed deck's token-budget table, row by row, next to what the reference code gives.
