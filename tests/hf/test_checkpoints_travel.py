@@ -145,20 +145,38 @@ def test_a_recipe_naming_a_missing_llm_folder_says_so(tmp_path):
         VisionLanguageModel.build(config.model)
 
 
-def test_export_hf_prints_how_to_load_it(tmp_path):
+def _python_lines(block: str) -> str:
+    """The indented lines under a heading of export-hf's message, as a Python script."""
+    return "\n".join(line[2:] for line in block.splitlines()[1:] if line.startswith("  "))
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
+def test_export_hf_prints_how_to_load_it(tmp_path, family):
+    import subprocess
+
     from vlmkit.cli import app
 
-    imported = import_hf(save_qwen2vl(tmp_path / "hf"), tmp_path / "base")
+    imported = import_hf(FOLDERS[family](tmp_path / "hf"), tmp_path / "base")
     out = tmp_path / "exported"
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(app, ["export-hf", "--checkpoint", str(imported), str(out), "--no-check"])
-    finally:
-        os.chdir(cwd)
+    result = CliRunner().invoke(app, ["export-hf", "--checkpoint", str(imported), str(out), "--no-check"])
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "from transformers import AutoProcessor, Qwen2VLForConditionalGeneration" in text
-    assert f'Qwen2VLForConditionalGeneration.from_pretrained("{out}")' in text
-    assert f'AutoProcessor.from_pretrained("{out}")' in text
-    assert "torchvision" in text and "Qwen2VLImageProcessorPil" in text
+    model_class = {"qwen2-vl": "Qwen2VLForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration"}[family]
+    assert f"from transformers import AutoProcessor, {model_class}" in text
+    assert f'model = {model_class}.from_pretrained("{out}")' in text
+    assert f'processor = AutoProcessor.from_pretrained("{out}")' in text
+    with_tv, _, without_tv = text.partition("without torchvision")
+    if family == "llava-next":  # its processor needs no torchvision: nothing more to say
+        assert not without_tv
+        script = _python_lines(with_tv.split("load it with transformers:")[1])
+        checks = f"assert type(model).__name__ == {model_class!r}; assert type(processor).__name__ == 'LlavaNextProcessor'"
+    else:
+        assert "(Qwen2VLProcessor needs it; pip install torchvision)" in without_tv
+        assert "Qwen2VLImageProcessorPil" in without_tv and f"vlmkit serve --checkpoint {imported}" in without_tv
+        # The model line, then the torchvision-free lines, run as printed.
+        model_line = next(line for line in with_tv.splitlines() if "model = " in line)
+        script = f"from transformers import {model_class}\n{model_line.strip()}\n" + _python_lines(without_tv)
+        checks = "assert type(image_processor).__name__ == 'Qwen2VLImageProcessorPil'; assert tokenizer('<|image_pad|>').input_ids"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ran = subprocess.run([sys.executable, "-c", script + "\n" + checks], capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
