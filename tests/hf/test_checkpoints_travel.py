@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from llava_next_folder import save_llava_next
 from PIL import Image
+from qwen2_vl_folder import save_qwen2vl
 from typer.testing import CliRunner
 
 from vlmkit.checkpoint import load_checkpoint
@@ -25,12 +27,9 @@ from vlmkit.processing import build_chat_processor
 from vlmkit.processing.base import VisualBatch
 from vlmkit.train.loop import run_training
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llava_next_folder import save_llava_next  # noqa: E402
-from qwen2_vl_folder import save_qwen2vl  # noqa: E402
-
 torch.set_num_threads(1)
 LORA = {"parts": ["llm"], "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+# The families' tiny folder builders (tests/conftest.py puts their folders on the path).
 FOLDERS = {"qwen2-vl": save_qwen2vl, "llava-next": save_llava_next}
 
 
@@ -75,6 +74,10 @@ def test_trained_checkpoint_loads_after_the_import_and_itself_move(tmp_path, fam
     weights = next(p.name for p in (imported / "llm").glob("*.safetensors"))
     assert (trained / "llm" / weights).stat().st_ino == (imported / "llm" / weights).stat().st_ino
     before = _logits(trained)
+    # The same run again reuses the stage: the carried folder compares as the one it came from.
+    meta = json.loads((trained / "meta.json").read_text())
+    _train(imported, tmp_path / "data" / "data.json", tmp_path / "run", lora)
+    assert json.loads((trained / "meta.json").read_text())["id"] == meta["id"]
 
     # The import moved away, then deleted; the trained checkpoint moved to another folder.
     shutil.move(str(imported), str(tmp_path / "elsewhere"))
@@ -82,7 +85,7 @@ def test_trained_checkpoint_loads_after_the_import_and_itself_move(tmp_path, fam
     moved = tmp_path / "other" / "place" / "ft"
     moved.parent.mkdir(parents=True)
     shutil.move(str(trained), str(moved))
-    model, config = load_checkpoint(moved)
+    _, config = load_checkpoint(moved)
     assert config.model.llm.path == str((moved / "llm").resolve())
     torch.testing.assert_close(_logits(moved), before, atol=0, rtol=0)
 
@@ -178,5 +181,5 @@ def test_export_hf_prints_how_to_load_it(tmp_path, family):
         script = f"from transformers import {model_class}\n{model_line.strip()}\n" + _python_lines(without_tv)
         checks = "assert type(image_processor).__name__ == 'Qwen2VLImageProcessorPil'; assert tokenizer('<|image_pad|>').input_ids"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    ran = subprocess.run([sys.executable, "-c", script + "\n" + checks], capture_output=True, text=True, env=env, timeout=300)
+    ran = subprocess.run([sys.executable, "-c", script + "\n" + checks], check=False, capture_output=True, text=True, env=env, timeout=300)
     assert ran.returncode == 0, ran.stderr[-3000:]
