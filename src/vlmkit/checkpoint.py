@@ -1,7 +1,10 @@
 """Checkpoints: safetensors weights + the JSON config + the tokenizer, written atomically.
 
 Only what the config cannot rebuild is saved: the trained parts, and any part that was randomly
-initialised. Pretrained frozen parts are reloaded from the files the config names. Optimizer,
+initialised. Pretrained frozen parts are reloaded from the files the config names. A part folder
+that lives in another checkpoint (an import's `llm/`) is carried: hard-linked (copied across file
+systems) into this one and recorded relative to it, so the checkpoint loads after either folder
+moves or the import is deleted. Optimizer,
 scheduler and RNG state (for resuming) go to `trainer_state.pt`, read back with
 `weights_only=True`, so loading a checkpoint never unpickles arbitrary objects.
 """
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmkit.config import Config, ConfigError, load_config, relocated_llm
+from vlmkit.config import PART_FOLDERS, Config, ConfigError, load_config, located_parts, missing_part, missing_part_message
 from vlmkit.model.lora import base_state, is_lora_key, load_adapters, merge_adapters, to_module_keys
 from vlmkit.model.vlm import VisionLanguageModel, ensure_image_token
 from vlmkit.utils import replace_folder, respect_umask
@@ -59,21 +62,27 @@ def model_state(model, parts: list[str]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str, Any] | None = None, trainer_state: dict | None = None,
-                    *, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """`weights`: the state already gathered (distributed runs gather on every rank, write on one)."""
+                    *, weights: dict[str, torch.Tensor] | None = None, inside: tuple[str, ...] = ()) -> Path:
+    """`weights`: the state already gathered (distributed runs gather on every rank, write on one).
+    `inside`: part folders the caller puts into the checkpoint itself (`import-hf`'s `llm/`)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         parts = parts_to_save(model)
         save_file(weights if weights is not None else model_state(model, parts), str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+        carried = carry_parts(config, tmp, inside)
+        tree = config.model_dump(mode="json")
+        for part in [*inside, *carried]:
+            tree["model"][part]["path"] = part
+        (tmp / CONFIG).write_text(json.dumps(tree, indent=2))
         lora_spec = model.lora_spec
         if lora_spec:
             from vlmkit.model.lora import save_adapters
 
             save_adapters(model, tmp)
-        (tmp / META).write_text(json.dumps({"parts": parts, **(meta or {}), **({"lora": lora_spec} if lora_spec else {})}, indent=2))
+        extra = {**({"lora": lora_spec} if lora_spec else {}), **({"carried": carried} if carried else {})}
+        (tmp / META).write_text(json.dumps({"parts": parts, **(meta or {}), **extra}, indent=2))
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -86,14 +95,62 @@ def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str
     return directory
 
 
+def in_checkpoint(path: Path) -> bool:
+    """Whether the folder `path` lives in a vlmkit checkpoint (an import's `llm/`, or a part
+    folder an earlier checkpoint carried)."""
+    return path.is_dir() and (path.parent / CONFIG).is_file() and (path.parent / META).is_file()
+
+
+def carry_parts(config: Config, tmp: Path, inside: tuple[str, ...] = ()) -> dict[str, str]:
+    """Put into `tmp` each part folder the config reads from another checkpoint; returns
+    {part: the folder it came from}. Hard links cost no disk and stay valid when the source is
+    deleted (vlmkit never rewrites a part folder in place: imports swap whole folders); where
+    the file system refuses them (another device), the files are copied. A folder of the
+    user's own (`llm.path: /models/x`) is named, not copied, as a PEFT adapter names its base."""
+    carried = {}
+    for part in PART_FOLDERS:
+        path = getattr(config.model, part).path
+        if part in inside or not path or not in_checkpoint(Path(path).resolve()):
+            continue
+        source = Path(path).resolve()
+        shutil.copytree(source, tmp / part, copy_function=_link_or_copy)
+        carried[part] = str(source)
+    return carried
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
+
+
 def read_config(directory: str | Path) -> Config:
+    """The checkpoint's config, its part folders made absolute (`config.located_parts`)."""
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vlmkit checkpoint (no {CONFIG})")
     tree = json.loads(path.read_text())
     if isinstance(tree.get("model"), dict):
-        tree["model"] = relocated_llm(tree["model"], Path(directory))
+        tree["model"] = located_parts(tree["model"], Path(directory))
     return load_config(tree, init_defaults=False)
+
+
+def source_config(directory: str | Path) -> Config:
+    """The config as the run that wrote the checkpoint had it: carried part folders at the paths
+    they were carried from (what a resumed run's own config names)."""
+    config = read_config(directory)
+    for part, source in read_meta(directory).get("carried", {}).items():
+        getattr(config.model, part).path = source
+    return config
+
+
+def check_parts(directory: str | Path, config: Config) -> None:
+    """Refuse a checkpoint whose part folder is gone, naming the part, where it was expected and
+    what to do, before transformers reports a bare missing file."""
+    missing = missing_part(config.model.model_dump(mode="json"))
+    if missing:
+        raise FileNotFoundError(missing_part_message(f"checkpoint {Path(directory).resolve()}", missing, Path(directory), read_meta(directory)))
 
 
 def load_weights(model, directory: str | Path, quantize: bool = True) -> dict[str, Any]:
@@ -138,6 +195,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", merge: bool = Tr
     """Rebuild the model from the checkpoint's config and load its saved parts. `merge=False`
     keeps LoRA adapters as separate layers (`export-hf --adapters peft`)."""
     config = read_config(directory)
+    check_parts(directory, config)
     model = VisionLanguageModel.build(config.model)
     _load_saved_tokenizer(model, Path(directory), config.model.image_token)
     # QLoRA's 4-bit base is a training device: inference puts the adapters on the full-precision base.

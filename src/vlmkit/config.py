@@ -619,16 +619,66 @@ def load_config(
     return config
 
 
-def relocated_llm(model: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint that carries its LLM (`import-hf` writes `<checkpoint>/llm`) names it by
-    absolute path; after the checkpoint folder is moved or copied, that path is stale and the
-    copy inside the checkpoint is the one meant."""
-    llm = model.get("llm") if isinstance(model, dict) else None
-    path = llm.get("path") if isinstance(llm, dict) else None
-    inside = Path(checkpoint) / "llm"
-    if path and not Path(path).exists() and (inside / "config.json").is_file():
-        model = {**model, "llm": {**llm, "path": str(inside.resolve())}}
+# Model sections whose `path` names a folder of pretrained files that a checkpoint may carry
+# (`<checkpoint>/llm`, `<checkpoint>/vision`), with the words an error names them by.
+PART_FOLDERS = {"llm": "language model", "vision": "vision tower"}
+
+
+def located_parts(model: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The model section of a checkpoint's config.json with its part folders made absolute.
+
+    A part the checkpoint carries is recorded relative to it (`llm`), so the checkpoint may be
+    moved or copied anywhere. Checkpoints written before that recorded an absolute path: an
+    import's own `<checkpoint>/llm` is still found after the checkpoint moved."""
+    if not isinstance(model, dict):
+        return model
+    model = dict(model)
+    for part in PART_FOLDERS:
+        section = model.get(part)
+        path = Path(section["path"]) if isinstance(section, dict) and section.get("path") else None
+        if path is None:
+            continue
+        if not path.is_absolute():
+            # Inside the checkpoint, unless only the working directory has it (what an old
+            # checkpoint of a recipe's relative path meant); a gone part is reported where the
+            # checkpoint expected it.
+            if (Path(checkpoint) / path).exists() or not path.exists():
+                model[part] = {**section, "path": str((Path(checkpoint) / path).resolve())}
+        elif not path.exists() and (Path(checkpoint) / part / "config.json").is_file():
+            model[part] = {**section, "path": str((Path(checkpoint) / part).resolve())}
     return model
+
+
+def missing_part(model: dict[str, Any]) -> tuple[str, Path, str] | None:
+    """(part, path, what is wrong) for the first part folder a model section (as a dict) names
+    that cannot be read: gone, or not a model folder (no config.json); None when all can be."""
+    for part in PART_FOLDERS:
+        section = model.get(part) if isinstance(model, dict) else None
+        if not isinstance(section, dict) or not section.get("path") or str(section.get("name", "")).endswith("random"):
+            continue
+        path = Path(section["path"])
+        if not path.exists():
+            return part, path, "does not exist (moved or deleted?)"
+        if path.is_dir() and not section.get("gguf_file") and not (path / "config.json").is_file():
+            return part, path, "holds no config.json, so it is not a model folder"
+    return None
+
+
+def missing_part_message(where: str, missing: tuple[str, Path, str], checkpoint: Path, meta: dict[str, Any]) -> str:
+    """What a checkpoint misses, where it was expected, and what to do: move the folder back, or
+    import the model again (the command, with the folder it was imported from when known)."""
+    part, path, problem = missing
+    folder = path.parent if path.name == part else path
+    imported_from = meta.get("imported_from")
+    if imported_from:
+        todo = f"import the model again: `vlmkit import-hf {imported_from} {folder}`"
+    elif folder.resolve() == Path(checkpoint).resolve():
+        todo = f"copy the `{part}` folder of the imported checkpoint this one was trained from into {folder}"
+    else:
+        # Written before checkpoints carried imported parts: it names the import by absolute path.
+        todo = f"re-create that folder with `vlmkit import-hf <the Hugging Face folder> {folder}`"
+    return (f"{where}: its {PART_FOLDERS[part]} (model.{part}.path) is read from {path}, which {problem}. "
+            f"Move the folder back to {path}, or {todo}.")
 
 
 def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
@@ -642,9 +692,15 @@ def _with_init_defaults(tree: dict[str, Any], source: str) -> dict[str, Any]:
     saved = Path(init_from) / "config.json"
     if not saved.is_file():
         raise ConfigError(f"model.init_from ({source}): {Path(init_from).resolve()} is not a vlmkit checkpoint (no config.json)")
-    saved_model = relocated_llm(json.loads(saved.read_text()).get("model", {}), Path(init_from))
+    saved_model = located_parts(json.loads(saved.read_text()).get("model", {}), Path(init_from))
     saved_model.pop("init_from", None)
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved_model), OmegaConf.create(model)))
+    missing = missing_part(merged)
+    if missing:
+        meta_file = Path(init_from) / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        raise ConfigError(missing_part_message(f"model.init_from ({source}): the checkpoint {Path(init_from).resolve()}",
+                                               missing, Path(init_from), meta))
     merged["init_from"] = str(Path(init_from).resolve())
     return {**tree, "model": merged}
 

@@ -106,9 +106,12 @@ def export_hf_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export a checkpoint in its family's Hugging Face format (see `vlmkit import-hf --help`
-    for the families). LoRA adapters are merged, or written as a PEFT folder (`--adapters peft`)."""
+    for the families). LoRA adapters are merged, or written as a PEFT folder (`--adapters peft`).
+    Prints the transformers lines that load the result, and how to load it without torchvision
+    where the family's processor needs it."""
     offline()
     from vlmkit.hf.registry import export_hf as export_family, family_of, verify_hf_export
+    from vlmkit.hf.usage import load_instructions
     from vlmkit.hf.output_folder import claim_output
     from vlmkit.checkpoint import load_checkpoint
 
@@ -124,6 +127,7 @@ def export_hf_command(
     else:
         export_family(model, out, overwrite=overwrite)
     typer.echo(f"wrote {out} ({family_of(model)})" + (f", adapters in {out / 'adapter'} (PEFT)" if adapters == "peft" else ""))
+    typer.echo(load_instructions(out, out.resolve() / "adapter" if adapters == "peft" else None, checkpoint))
     if check:
         if adapters == "peft":
             from vlmkit.hf.peft import verify_peft_export

@@ -39,11 +39,11 @@ def build_imported(config, image_token: str | None = None, expected_id: int | No
 
 def write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, tmp: Path, max_length: int) -> Path:
     """Save the imported model under `out` (built in the staging folder `tmp`, then swapped in; see
-    `vlmkit.hf.output_folder`), its LLM folder beside it, and the recipe pointing at that folder with
-    `max_length` as `train.max_length`."""
-    config.model.llm.path = str(out / "llm")
+    `vlmkit.hf.output_folder`), its LLM folder inside it, and the recipe pointing at that folder with
+    `max_length` as `train.max_length`. The LLM folder is recorded relative to the checkpoint
+    (`llm`), so the import loads wherever it is moved."""
     config.train.max_length = max_length
-    ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
+    ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())}, inside=("llm",))
     shutil.move(str(staged_llm), ckpt / "llm")
     respect_umask(ckpt)
     return publish(ckpt, out, command=IMPORT_COMMAND, source=folder.resolve())

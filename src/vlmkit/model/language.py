@@ -94,12 +94,23 @@ def build_smollm2(cfg: LLMConfig, pretrained: bool = True):
     return _from_config_folder(folder)
 
 
+def llm_folder(cfg: LLMConfig, what: str) -> Path:
+    """`model.llm.path` of a `what` LLM, refused with what is wrong when it cannot be read: not
+    given, gone (a moved import), or no model folder."""
+    if not cfg.path:
+        raise ValueError(f"model.llm.path is required for the {what!r} language model")
+    folder = Path(cfg.path)
+    if not folder.exists():
+        raise FileNotFoundError(f"model.llm.path: the language model folder {folder} does not exist (moved or deleted?)")
+    if folder.is_dir() and not cfg.gguf_file and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.llm.path: {folder} holds no config.json (a {what} language model folder, as vlmkit import-hf writes)")
+    return folder
+
+
 @LANGUAGE_MODELS.register("hf")
 def build_hf_llm(cfg: LLMConfig, pretrained: bool = True):
     """Any causal LM: a local transformers folder, or `path` + `gguf_file`."""
-    if not cfg.path:
-        raise ValueError("model.llm.path is required for the 'hf' language model")
-    folder: Path = Path(cfg.path)
+    folder = llm_folder(cfg, "hf")
     if cfg.gguf_file:
         folder = convert_gguf(folder / cfg.gguf_file)
     elif folder.suffix == ".gguf":

@@ -32,8 +32,9 @@ def stage_differences(directory: Path, config: Config, stage: str, data_sha256: 
                       after: str | None = None) -> list[str]:
     """What differs between the run a stage checkpoint was written by and this one: dotted config
     keys, the data file's contents, and the earlier stage it was trained on top of."""
-    # Re-validated, so keys added since the checkpoint was written compare as their defaults.
-    saved = ckpt.read_config(directory)
+    # Re-validated, so keys added since the checkpoint was written compare as their defaults; part
+    # folders it carries compare as the paths the run read them from.
+    saved = ckpt.source_config(directory)
     diffs = ckpt.config_differences(_resume_view(saved.model_dump(mode="json"), stage),
                                     _resume_view(config.model_dump(mode="json"), stage))
     meta = ckpt.read_meta(directory)

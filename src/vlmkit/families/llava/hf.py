@@ -306,7 +306,7 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
     """A LLaVA(-1.5)-style transformers folder -> a vlmkit checkpoint.
 
     The language model is written as a plain transformers folder inside the checkpoint (`llm/`,
-    referenced by absolute path, so its tokenizer, and with it the image token id, come from
+    referenced relative to the checkpoint, so its tokenizer, and with it the image token id, come from
     there); the vision tower and projector are checkpoint weights.
     """
     offline()
@@ -336,9 +336,8 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
         if model.image_token_id != cfg.image_token_index:
             raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, the config says {cfg.image_token_index}")
         _load_vision_and_projector(model, llava)
-        config.model.llm.path = str(out / "llm")
         config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())})
+        ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())}, inside=("llm",))
         shutil.move(str(staged_llm), ckpt / "llm")
         respect_umask(ckpt)
         return publish(ckpt, out, command="import-hf", source=folder.resolve())

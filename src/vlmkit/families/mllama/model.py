@@ -20,12 +20,12 @@ Both are built from a config (the tower) or a folder (the LLM); import-hf writes
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 
 from vlmkit.config import LLMConfig, VisionConfig
 from vlmkit.model.cross_attention import OwnCrossAttentionLayers
+from vlmkit.model.language import llm_folder
 from vlmkit.model.vision import VisionTower
 from vlmkit.paths import offline
 from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
@@ -155,12 +155,8 @@ def build_mllama_text(cfg: LLMConfig, pretrained: bool = True):
     holding `MllamaForCausalLM.save_pretrained` output and the tokenizer: what import-hf writes."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if not cfg.path:
-        raise ValueError("model.llm.path is required for the 'mllama-text' language model")
     offline()
-    folder = Path(cfg.path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no config.json (an mllama-text folder, as vlmkit import-hf writes)")
+    folder = llm_folder(cfg, "mllama-text")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type != "mllama_text_model":
         raise ValueError(f"{folder}: model_type {config.model_type!r} is not Llama 3.2 Vision's text model (mllama_text_model)")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
-from vlmkit.model.language import DecoderLM
+from vlmkit.model.language import DecoderLM, llm_folder
 from vlmkit.model.vision import VisionTower
 from vlmkit.paths import offline
 from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
@@ -172,17 +172,11 @@ def save_mrope_llm(model: MRopeCausalLM, tokenizer, folder) -> None:
 def build_pretrained_mrope_llm(cfg: LLMConfig, pretrained: bool = True):
     """A Qwen2-VL / Qwen2.5-VL text decoder (M-RoPE) from a local folder holding its text config,
     `model.safetensors` and the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    if not cfg.path:
-        raise ValueError("model.llm.path is required for the 'qwen2-vl-text' language model")
     offline()
-    folder = Path(cfg.path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no config.json (a qwen2-vl-text folder, as vlmkit import-hf writes)")
+    folder = llm_folder(cfg, "qwen2-vl-text")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type not in MROPE_MODEL_TYPES:
         raise ValueError(f"{folder}: model_type {config.model_type!r} is not an M-RoPE text model {list(MROPE_MODEL_TYPES)}")
