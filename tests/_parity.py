@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlmkit.checkpoint import load_checkpoint
+from vlmkit.hf.registry import import_hf
+
 
 @dataclass(frozen=True)
 class ParityCase:
@@ -40,6 +43,15 @@ class ParityCase:
     image_text: str = "<image>\n"
     atol: float = 1e-4
     greedy_tokens: int = 8
+
+
+def import_tiny(root: Path, save: Callable[..., Path], **options) -> tuple[Path, Path, Any]:
+    """A tiny transformers folder saved by `save(root / "hf", **options)`, imported with
+    `vlmkit import-hf` into `root / "vlmkit"` and loaded: (folder, checkpoint, model)."""
+    folder = save(root / "hf", **options)
+    checkpoint = import_hf(folder, root / "vlmkit")
+    model, _ = load_checkpoint(checkpoint)
+    return folder, checkpoint, model
 
 
 def noise(width: int, height: int, seed: int) -> Image.Image:

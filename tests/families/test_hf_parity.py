@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from _parity import ParityCase, first_stop, noise
+from _parity import ParityCase, first_stop, import_tiny, noise
 
-from vlmkit.checkpoint import load_checkpoint
 from vlmkit.core.types import Message
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.hf.registry import import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.base import VisualBatch
 
@@ -46,9 +44,7 @@ def imported(tmp_path_factory):
 
     def get(case: ParityCase):
         if case.name not in _imported:
-            root = tmp_path_factory.mktemp(case.name.replace("/", "-"))
-            folder = case.save(root / "hf")
-            model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
+            folder, _, model = import_tiny(tmp_path_factory.mktemp(case.name.replace("/", "-")), case.save)
             _imported[case.name] = folder, model
         return _imported[case.name]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _parity import noise
+from _parity import import_tiny, noise
 from aya_vision_folder import save_aya_vision
 
 from vlmkit.checkpoint import load_checkpoint
@@ -27,11 +27,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def aya(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aya_vision")
-    folder = save_aya_vision(root / "hf")
-    ckpt = import_hf(folder, root / "vlmkit")
-    model, _ = load_checkpoint(ckpt)
-    return folder, ckpt, model
+    return import_tiny(tmp_path_factory.mktemp("aya_vision"), save_aya_vision)
 
 
 def test_aya_import_reads_the_folder_settings(aya):

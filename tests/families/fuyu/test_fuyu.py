@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _parity import noise
+from _parity import import_tiny, noise
 from fuyu_folder import save_fuyu
 from PIL import Image
 
@@ -27,11 +27,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def fuyu(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuyu")
-    folder = save_fuyu(root / "hf")
-    ckpt = import_hf(folder, root / "vlmkit")
-    model, _ = load_checkpoint(ckpt)
-    return folder, ckpt, model
+    return import_tiny(tmp_path_factory.mktemp("fuyu"), save_fuyu)
 
 
 def test_fuyu_import_reads_processor_settings(fuyu):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _parity import first_stop, noise
+from _parity import first_stop, import_tiny, noise
 from gemma3_folder import gemma3_inputs, save_gemma3
 
 from vlmkit.checkpoint import load_checkpoint
@@ -22,9 +22,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gemma3")
-    folder = save_gemma3(root / "hf")
-    model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
+    folder, _, model = import_tiny(tmp_path_factory.mktemp("gemma3"), save_gemma3)
     return folder, model
 
 

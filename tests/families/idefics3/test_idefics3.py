@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _parity import noise
+from _parity import import_tiny, noise
 from idefics3_folder import idefics3_processor, save_idefics3
 
 from vlmkit.checkpoint import load_checkpoint
@@ -20,9 +20,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def idefics3(tmp_path_factory):
-    root = tmp_path_factory.mktemp("idefics3")
-    folder = save_idefics3(root / "hf")
-    model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
+    folder, _, model = import_tiny(tmp_path_factory.mktemp("idefics3"), save_idefics3)
     return folder, model
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _parity import noise
+from _parity import import_tiny, noise
 from internvl_folder import save_internvl
 
 from vlmkit.checkpoint import load_checkpoint
@@ -24,9 +24,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def internvl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("internvl")
-    folder = save_internvl(root / "hf")
-    model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
+    folder, _, model = import_tiny(tmp_path_factory.mktemp("internvl"), save_internvl)
     return folder, model
 
 

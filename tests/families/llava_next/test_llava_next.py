@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from _parity import noise
+from _parity import import_tiny, noise
 from llava_next_folder import llava_next_processor, save_llava_next
 from typer.testing import CliRunner
 
@@ -25,11 +25,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def llava_next(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llava_next")
-    folder = save_llava_next(root / "hf")
-    ckpt = import_hf(folder, root / "vlmkit")
-    model, _ = load_checkpoint(ckpt)
-    return folder, ckpt, model
+    return import_tiny(tmp_path_factory.mktemp("llava_next"), save_llava_next)
 
 
 def _assert_same_tensors(a, b):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _parity import first_stop, noise
+from _parity import first_stop, import_tiny, noise
 from mllama_folder import check_inputs, save_mllama
 from PIL import Image
 
@@ -31,11 +31,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="module")
 def mllama(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mllama")
-    folder = save_mllama(root / "hf")
-    ckpt = import_hf(folder, root / "vlmkit")
-    model, _ = load_checkpoint(ckpt)
-    return folder, ckpt, model
+    return import_tiny(tmp_path_factory.mktemp("mllama"), save_mllama)
 
 
 # (image sizes, text between the images or None: adjacent images); one image: the parity case.
