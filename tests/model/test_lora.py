@@ -122,7 +122,7 @@ def test_lora_learns_saves_adapters_and_merged_export_matches(imported, tmp_path
     image = Image.new("RGB", (50, 30), COLOURS["blue"])
     prompt = proc.encode_prompt([Message("user", "<image>Colour?")], [image])
     args = (prompt.input_ids[None],)
-    kw = {"images": prompt.images, "position_ids": prompt.position_ids[:, None]}
+    kw = {"visuals": VisualBatch(prompt.images), "position_ids": prompt.position_ids[:, None]}
     with torch.no_grad():
         unmerged = model(*args, **kw).logits
         torch.testing.assert_close(merged(*args, **kw).logits, unmerged, atol=1e-4, rtol=0)
@@ -180,7 +180,7 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_the_full_precision_base(imp
     assert sum(stage.losses[-5:]) / 5 < 0.2 * sum(stage.losses[:3]) / 3
     proc = build_chat_processor(model, 512)
     prompt = proc.encode_prompt([Message("user", "<image>Colour?")], [Image.new("RGB", (50, 30), COLOURS["blue"])])
-    args, kw = (prompt.input_ids[None],), {"images": prompt.images, "position_ids": prompt.position_ids[:, None]}
+    args, kw = (prompt.input_ids[None],), {"visuals": VisualBatch(prompt.images), "position_ids": prompt.position_ids[:, None]}
     with torch.no_grad():
         trained = model.eval()(*args, **kw).logits
     assert _answers(model, held_out, 8) == 1.0
