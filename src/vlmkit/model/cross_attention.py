@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from vlmkit.model.connectors._layers import Attention, FeedForward, FFNKind, NormKind, make_norm, resolve_heads
+from vlmkit.model.connectors.layers import Attention, FeedForward, FFNKind, NormKind, make_norm, resolve_heads
 from vlmkit.model.language import decoder_layers
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlmkit.config import VisionConfig
-from vlmkit.model.connectors._layers import FeedForward
+from vlmkit.model.connectors.layers import FeedForward
 from vlmkit.model.vision import VisionTower
 from vlmkit.registry import VISION_TOWERS
 

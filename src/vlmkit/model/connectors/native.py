@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from vlmkit.model.connectors._layers import check_tokens, projector
+from vlmkit.model.connectors.layers import check_tokens, projector
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
 from vlmkit.registry import CONNECTORS
 

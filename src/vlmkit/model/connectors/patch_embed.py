@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlmkit.config import VisionConfig
-from vlmkit.model.connectors._layers import check_tokens
+from vlmkit.model.connectors.layers import check_tokens
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
 from vlmkit.model.vision import VisionTower
 from vlmkit.registry import CONNECTORS, VISION_TOWERS

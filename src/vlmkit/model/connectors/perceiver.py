@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from vlmkit.model.connectors._layers import Attention, FeedForward, FFNKind, NormKind, make_norm, resolve_heads
+from vlmkit.model.connectors.layers import Attention, FeedForward, FFNKind, NormKind, make_norm, resolve_heads
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
 from vlmkit.registry import CONNECTORS
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlmkit.model.connectors._layers import check_tokens, projector
+from vlmkit.model.connectors.layers import check_tokens, projector
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
 from vlmkit.registry import CONNECTORS
 
