@@ -28,20 +28,12 @@ from vlmkit.model.vlm import IGNORE_INDEX
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
 
 
-def longest_token(processor: ChatProcessor) -> int:
-    """The most characters one token of the processor's tokenizer stands for (at least 4: an
-    unknown character may become one token). Looked up once per processor."""
-    if getattr(processor, "_longest_token", None) is None:
-        processor._longest_token = max(4, max(map(len, processor.tokenizer.get_vocab()), default=0))
-    return processor._longest_token
-
-
 def check_text_size(processor: ChatProcessor, sample) -> None:
     """Refuse a record whose text cannot fit the context whatever its tokens, before any of it is
     tokenised: the Rust tokenizer takes some 65 bytes of memory per byte of text, and aborts the
     whole process (not the record) when that runs out."""
     chars = sum(len(m.content) for m in sample.messages)
-    per_token = longest_token(processor)
+    per_token = processor.longest_token
     if chars > processor.max_length * per_token:
         raise BadRecordError(sample.id, f"holds {chars} characters of text, more than a context of {processor.max_length} "
                                         f"tokens can hold (a token stands for at most {per_token}); not tokenised")

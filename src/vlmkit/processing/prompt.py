@@ -11,6 +11,7 @@ the sample, never a silently zero-loss sample.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -363,6 +364,12 @@ class ChatProcessor:
         self._check_image_tokens("prompt", ids, layouts)
         return self._with_positions(EncodedSample("prompt", torch.tensor(ids), torch.full((len(ids),), IGNORE_INDEX),
                                                   keys, spans, groups))
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters one token of the tokenizer stands for (at least 4: an unknown
+        character may become one token). Looked up once per processor."""
+        return max(4, max(map(len, self.tokenizer.get_vocab()), default=0))
 
     def _slot_ids(self) -> set[int]:
         """Token ids of visual slots: the image token, and the video token where the family has one."""
