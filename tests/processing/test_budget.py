@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 from vlmkit.cli import app
 from vlmkit.presets import names as preset_names
-from vlmkit.presets.budget import get_preset, image_budget, seed_table
+from vlmkit.presets.budget import get_preset, image_budget, lecture_table
 
 runner = CliRunner()
 
 
-def test_seed_table_rows_reproduced():
-    rows = {r["model"]: r for r in seed_table()}
+def test_lecture_table_rows_reproduced():
+    rows = {r["model"]: r for r in lecture_table()}
     assert rows["BLIP-2 / InstructBLIP"]["reference"].startswith("32 /")
     assert rows["LLaVA-1.5 (336px)"]["reference"].startswith("576 /")
     assert rows["AnyRes example (1024x1024)"]["reference"].startswith("4352 / 1088")

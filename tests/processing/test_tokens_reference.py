@@ -60,7 +60,7 @@ def test_video_budget_unchanged(case):
     assert _recorded_part(json.loads(res.output), case["json"], "video") == case["json"]
 
 
-def test_seed_table_unchanged():
+def test_lecture_table_unchanged():
     assert _tokens(REFERENCE["table"]["args"]).output == REFERENCE["table"]["output"]
     assert json.loads(_tokens(REFERENCE["table_json"]["args"]).output) == REFERENCE["table_json"]["json"]
 

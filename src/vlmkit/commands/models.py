@@ -70,9 +70,9 @@ def inspect_command(
         about.insert(0, report["family"])
     typer.echo(f"{report['preset']}  ({'; '.join(about)})")
     typer.echo("parameters")
-    seed = report.get("seed_figures", {})
+    lecture = report.get("lecture_figures", {})
     for part in presets.PART_ORDER:
-        extra = f"   seed: {seed[part]['name']} = {_fmt(seed[part]['params'])}" if part in seed else ""
+        extra = f"   lecture: {lecture[part]['name']} = {_fmt(lecture[part]['params'])}" if part in lecture else ""
         typer.echo(f"  {part:<16} {_fmt(p[part]):>9}{extra}")
     typer.echo(f"  {'total':<16} {_fmt(p['total']):>9}")
     pub = report.get("published")

@@ -66,14 +66,14 @@ def _print_budget(b) -> None:
 
 
 def _print_table() -> None:
-    from vlmkit.presets.budget import seed_table
+    from vlmkit.presets.budget import lecture_table
 
-    rows = seed_table()
+    rows = lecture_table()
     typer.echo("The lecture's token-budget table vs the reference implementations")
     typer.echo(f"{'model':<28} {'lecture (typical / max)':<40} reference")
     for r in rows:
         flag = {True: "  ", False: "!!", None: "--"}[r["agrees"]]
-        typer.echo(f"{flag}{r['model']:<26} {r['seed']:<40} {r['reference']}")
+        typer.echo(f"{flag}{r['model']:<26} {r['lecture']:<40} {r['reference']}")
     typer.echo("")
     typer.echo("Where the reference disagrees with the lecture (!!) or explains it:")
     for r in rows:
@@ -186,7 +186,7 @@ def tokens(
     # Imported here, not at the top: it pulls in torch, which every other command's start-up
     # (and `vlmkit --help`) would otherwise pay for.
     from vlmkit.presets import names as preset_names
-    from vlmkit.presets.budget import get_preset, seed_table
+    from vlmkit.presets.budget import get_preset, lecture_table
 
     if list_presets:
         for name in preset_names():
@@ -194,7 +194,7 @@ def tokens(
             typer.echo(f"{name:<24} {p.family:<9} {p.llm.name:<40} {p.note}")
         return
     if table:
-        rows = seed_table()
+        rows = lecture_table()
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
         else:

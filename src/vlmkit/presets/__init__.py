@@ -60,7 +60,7 @@ class Preset:
 # Other names for a preset (the release names people type) -> its name, and the lecture's
 # per-part figures of a preset ({part: (name, params)}), both filled by `register_presets`.
 ALIASES: dict[str, str] = {}
-SEED_FIGURES: dict[str, dict[str, tuple[str, float]]] = {}
+LECTURE_FIGURES: dict[str, dict[str, tuple[str, float]]] = {}
 
 
 def aliases() -> dict[str, str]:
@@ -80,7 +80,7 @@ def register_presets(entries) -> None:
                 raise ValueError(f"preset alias {alias!r} is registered twice")
             ALIASES[alias] = entry["name"]
         if "lecture_figures" in entry:
-            SEED_FIGURES[entry["name"]] = entry["lecture_figures"]
+            LECTURE_FIGURES[entry["name"]] = entry["lecture_figures"]
 
 
 
@@ -301,7 +301,7 @@ def inspect_preset(name: str) -> dict[str, Any]:
             "source": meta.preset.data["published"]["source"],
             "difference": None if not published else (counts["total"] - published) / published,
         },
-        "seed_figures": {part: {"name": n, "params": v} for part, (n, v) in SEED_FIGURES.get(name, {}).items()},
+        "lecture_figures": {part: {"name": n, "params": v} for part, (n, v) in LECTURE_FIGURES.get(name, {}).items()},
         "stages": trainable_by_stage(meta),
         "image": image_cost(meta),
     }

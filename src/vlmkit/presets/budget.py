@@ -354,8 +354,8 @@ def _connector_flops(connector: nn.Module, vision_dim: int, grid: tuple[int, int
     return int(counter.get_total_flops())
 
 
-# The seed deck's token-budget table, row by row, next to what the reference code gives.
-def seed_table() -> list[dict[str, Any]]:
+# The lecture's token-budget table, row by row, next to what the reference code gives.
+def lecture_table() -> list[dict[str, Any]]:
     def tok(preset, w, h):
         return get_preset(preset).processor.layout(w, h)
 
@@ -363,38 +363,38 @@ def seed_table() -> list[dict[str, Any]]:
     iv_tile, iv12, iv40 = tok("internvl2-76b", 448, 448), tok("internvl2-76b", 1344, 1792), tok("internvl2-76b-40tiles", 4480, 1792)
     ml_1, ml_4 = tok("llama-3.2-vision-11b", 560, 560), tok("llama-3.2-vision-11b", 1120, 1120)
     px512, pxmax = tok("pixtral-12b", 512, 512), tok("pixtral-12b", 1024, 1024)
-    seed_ex, seed_ps = tok("anyres-seed", 1024, 1024), tok("anyres-seed-shuffle", 1024, 1024)
+    example, example_shuffled = tok("anyres-seed", 1024, 1024), tok("anyres-seed-shuffle", 1024, 1024)
     nx, iv_1024 = tok("llava-next-7b", 1024, 1024), tok("internvl2-76b", 1024, 1024)
     return [
-        dict(model="BLIP-2 / InstructBLIP", seed="32 / 32", reference=f"{tok('blip2', 640, 480).visual_tokens} / 32",
+        dict(model="BLIP-2 / InstructBLIP", lecture="32 / 32", reference=f"{tok('blip2', 640, 480).visual_tokens} / 32",
              agrees=True, detail="Q-Former output length is fixed"),
-        dict(model="LLaVA-1.5 (336px)", seed="576 / 576", reference=f"{tok('llava-1.5-7b', 640, 480).visual_tokens} / 576",
+        dict(model="LLaVA-1.5 (336px)", lecture="576 / 576", reference=f"{tok('llava-1.5-7b', 640, 480).visual_tokens} / 576",
              agrees=True, detail="(336/14)^2"),
-        dict(model="Llama 3.2 Vision 11B", seed="1680 / 6720 (4 tiles x 420 + global)",
+        dict(model="Llama 3.2 Vision 11B", lecture="1680 / 6720 (4 tiles x 420 + global)",
              reference=f"{ml_1.visual_tokens} / {ml_4.visual_tokens} vision states (1601 per tile), 1 sequence token",
              agrees=False,
              detail="MllamaImageProcessor + vision model: 40x40 patches + CLS = 1601 states per 560 px tile, at most 4 "
                     "tiles, no global tile; all 4 slots (6,404 states) are computed and masked; the LLM sequence holds "
                     "one <|image|> token"),
-        dict(model="InternVL2-76B", seed="256 (1 tile) / 10,240 (40 tiles)",
+        dict(model="InternVL2-76B", lecture="256 (1 tile) / 10,240 (40 tiles)",
              reference=f"{iv_tile.visual_tokens} / {iv12.visual_tokens} at max_num 12 / {iv40.visual_tokens} at max_num 40",
              agrees=False,
              detail="256 per tile agrees; with more than one tile a 448 px thumbnail is added, so 40 tiles cost "
                     "41 x 256 = 10,496"),
-        dict(model="Qwen2-VL", seed="256-16,384",
+        dict(model="Qwen2-VL", lecture="256-16,384",
              reference=f"{q_min.visual_tokens}-{q_max.visual_tokens} (released min/max pixels)",
              agrees=False,
              detail="max agrees (12,845,056 px / 28^2); the minimum is min_pixels 3136 -> 56x56 -> 4 tokens; 256 is only "
                     "the min of the README's suggested min_pixels=256*28*28; transformers' class default caps at 1,280"),
-        dict(model="Pixtral-12B", seed="1024 per tile / ~16,384",
+        dict(model="Pixtral-12B", lecture="1024 per tile / ~16,384",
              reference=f"{px512.visual_tokens} at 512 px / {pxmax.visual_tokens} (+{pxmax.special_tokens} break/end) at 1024 px",
              agrees=False,
              detail="512 px -> 32x32 patches agrees; the longest edge is capped at 1024, so at most 64x64 = 4,096"),
-        dict(model="AnyRes example (1024x1024)", seed="2x2 + thumbnail = 4,352; 1,088 after pixel shuffle",
-             reference=f"{seed_ex.visual_tokens} / {seed_ps.visual_tokens} (seed's 448 px tiles + 224 px global)",
+        dict(model="AnyRes example (1024x1024)", lecture="2x2 + thumbnail = 4,352; 1,088 after pixel shuffle",
+             reference=f"{example.visual_tokens} / {example_shuffled.visual_tokens} (the lecture's 448 px tiles + 224 px global)",
              agrees=True,
              detail=f"the real LLaVA-NeXT (336 px tiles, unpadding, newlines) gives {nx.visual_tokens} for 1024x1024; "
                     f"InternVL2 gives a 3x3 grid + thumbnail = {iv_1024.visual_tokens}"),
-        dict(model="Gemini 1.5 Flash", seed="258 / 3,072", reference="not modelled (closed tokeniser)", agrees=None,
+        dict(model="Gemini 1.5 Flash", lecture="258 / 3,072", reference="not modelled (closed tokeniser)", agrees=None,
              detail="no reference implementation"),
     ]

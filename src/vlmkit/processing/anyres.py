@@ -67,7 +67,7 @@ class AnyResProcessor(ImageProcessor):
     """AnyRes tiling.
 
     `unpad=False, newline=False, base_size=...` turns it into the plain "tiles + thumbnail"
-    scheme of the seed deck's example (tiles of 448 px with a 224 px global view).
+    scheme of the lecture's example (tiles of 448 px with a 224 px global view).
     `pixel_shuffle` divides the token count of every view by its square (InternVL-style
     compression applied to the same grid).
     """
@@ -140,7 +140,7 @@ class AnyResProcessor(ImageProcessor):
         new_h, new_w = fit_size(h, w, best_h, best_w)
         src = Resizer(image, self.resample, self.backend)
         if self.base_size != s:
-            raise ValueError("pixels() needs base_size == image_size; the seed layout is token-only")
+            raise ValueError("pixels() needs base_size == image_size; the lecture example's layout is token-only")
         exact = self.backend == "pil"
         out = torch.empty((1 + rows * cols, 3, s, s), dtype=torch.float32)
         normalize_into(src.resize(s, s), out[0], self.mean, self.std, exact)

@@ -32,7 +32,7 @@ PRESETS = (
         **INTERNVL2_76B, "name": "internvl2-76b-40tiles", "aliases": [], "family": "InternVL2-Llama3-76B (max_num 40)",
         "image": {**INTERNVL2_76B["image"], "note": "per 448 px tile; dynamic tiling uses 1..40 tiles + thumbnail (here up to 40)"},
         "processor": {**INTERNVL2_76B["processor"], "options": {**INTERNVL2_76B["processor"]["options"], "max_num": 40}},
-        "tokens_note": "max_num 40, the seed's tile cap",
+        "tokens_note": "max_num 40, the lecture's tile cap",
         "tiny": {**INTERNVL2_76B["tiny"], "processor": toy(INTERNVL2_76B["tiny"]["processor"], 32, max_num=40)},
     },
 )

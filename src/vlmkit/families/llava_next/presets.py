@@ -14,7 +14,7 @@ LLAVA_NEXT = processor("anyres", 336, CLIP_MEAN, CLIP_STD)
 # Toy sizes: 32 px tiles, 4 px patches (an 8x8 feature grid per tile).
 TINY_ANYRES = {"patch_size": 4, "grid_pinpoints": [[32, 64], [64, 32], [64, 64]]}
 
-# The seed deck's AnyRes example: 448 px tiles on the LLaVA-NeXT recipe, a 224 px global view,
+# The lecture's AnyRes example: 448 px tiles on the LLaVA-NeXT recipe, a 224 px global view,
 # no unpadding or row newlines; the "-shuffle" variant adds InternVL's 2x2 pixel shuffle.
 SEED_PINPOINTS = [[448, 896], [896, 448], [896, 896], [1344, 448], [448, 1344], [896, 1344], [1344, 896]]
 SEED_SHUFFLE = {"ratio": 0.5, "norm": "post"}
@@ -24,8 +24,8 @@ def anyres_seed(name: str, connector: dict, pixel_shuffle: int, note: str) -> di
     real = processor("anyres", 448, CLIP_MEAN, CLIP_STD, grid_pinpoints=SEED_PINPOINTS, unpad=False, newline=False,
                      base_size=224, pixel_shuffle=pixel_shuffle)
     return {
-        "name": name, "family": "AnyRes (the seed deck's example)", "release": "none (an illustration, not a released model)",
-        "published": {"total": None, "source": "not a released model: CLIP ViT-L/14 at 448 px + Vicuna-7B, the seed deck's AnyRes example"},
+        "name": name, "family": "AnyRes (the lecture's example)", "release": "none (an illustration, not a released model)",
+        "published": {"total": None, "source": "not a released model: CLIP ViT-L/14 at 448 px + Vicuna-7B, the lecture's AnyRes example"},
         "vision": {**CLIP_L_336, "config": {**CLIP_L_336["config"], "image_size": 448}},
         "connector": connector, "llm": VICUNA_7B,
         "image": {"size": 448, "grid": [32, 32], "tiles": 1, "note": "per 448 px tile; AnyRes adds tiles + a 224 px global view (vlmkit tokens)"},
@@ -64,7 +64,7 @@ PRESETS = (
         "stages": LLAVA_STAGES, "tiny": tiny("mlp", vision="clip", processor=toy(LLAVA_NEXT, 32, **TINY_ANYRES)),
     },
     anyres_seed("anyres-seed", {"name": "mlp", "options": {}}, 1,
-                "the seed deck's AnyRes example: 448 px tiles (1024 tokens) + 224 px global (256)"),
+                "the lecture's AnyRes example: 448 px tiles (1024 tokens) + 224 px global (256)"),
     anyres_seed("anyres-seed-shuffle", {"name": "pixel-shuffle", "options": SEED_SHUFFLE}, round(1 / SEED_SHUFFLE["ratio"]),
                 "the same with a 2x2 pixel shuffle (InternVL-style, 1/4 of the tokens)"),
 )

@@ -15,7 +15,7 @@ Token accounting: the sequence holds one `<|image|>` token per image. What the m
 is the vision encoder's output, 1601 states per tile (40 x 40 patches + class token), over all
 `max_tiles` tile slots (unused ones are masked). `visual_tokens` counts the unmasked states,
 `tiles * 1601`, which is what costs cross-attention compute; the padded count is in `parts`.
-The seed deck's "4 tiles x 420 + global" does not match this code: there is no global tile and
+The lecture's "4 tiles x 420 + global" does not match this code: there is no global tile and
 no per-tile reduction to 420.
 """
 
