@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit.config import PART_FOLDERS, Config, ConfigError, load_config, located_parts, missing_part, missing_part_message
-from vlmkit.model.lora import base_state, is_lora_key, load_adapters, merge_adapters, to_module_keys
+from vlmkit.model.lora import base_state, is_lora_key, load_adapters, merge_adapters, save_adapters, to_module_keys
 from vlmkit.model.vlm import VisionLanguageModel, ensure_image_token
 from vlmkit.utils import replace_folder, respect_umask
 
@@ -78,8 +78,6 @@ def save_checkpoint(directory: str | Path, model, config: Config, meta: dict[str
         (tmp / CONFIG).write_text(json.dumps(tree, indent=2))
         lora_spec = model.lora_spec
         if lora_spec:
-            from vlmkit.model.lora import save_adapters
-
             save_adapters(model, tmp)
         extra = {**({"lora": lora_spec} if lora_spec else {}), **({"carried": carried} if carried else {})}
         (tmp / META).write_text(json.dumps({"parts": parts, **(meta or {}), **extra}, indent=2))

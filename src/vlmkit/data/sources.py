@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 
 from vlmkit.data.formats import BadRecordError, Message, Sample, missing_media, record_id, record_to_sample, with_embedded_images
+from vlmkit.data.preference import parse_preference_record
+from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 FORMATS = ("auto", "llava", "parquet", "arrow", "webdataset")
@@ -298,8 +300,6 @@ class JsonSource(Source):
 
     def _parse(self, record, index: int):
         if self.kind == "dpo":
-            from vlmkit.data.preference import parse_preference_record
-
             return parse_preference_record(record, index, self.root, str(self.path))
         return record_to_sample(record, index, self.root, str(self.path))
 
@@ -554,8 +554,6 @@ def row_to_sample(row: dict, image_column: str, default_id: str, source: str, in
             raise BadRecordError(rid, f"an image of column {image_column!r} {what}", source)
         blobs.append(data)
     if "texts" in row:  # the_cauldron: every image leads the first user turn
-        from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
-
         turns = row["texts"] or []
         if not isinstance(turns, list) or not turns:
             raise BadRecordError(rid, "'texts' must be a non-empty list of {user, assistant} turns", source)

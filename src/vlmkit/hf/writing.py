@@ -63,8 +63,6 @@ def atomic_folder(out: Path, write) -> Path:
 def hf_generation_config(tokenizer, **kw):
     from transformers import GenerationConfig
 
-    from vlmkit.hf.writing import stop_ids
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return GenerationConfig(eos_token_id=stop_ids(tokenizer), pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id,
                             do_sample=False, **kw)

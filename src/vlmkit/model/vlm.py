@@ -32,7 +32,7 @@ from torch import nn
 from vlmkit.config import ModelConfig
 from vlmkit.core.types import IGNORE_INDEX  # noqa: F401  (re-exported)
 from vlmkit.model.assembly import assembler
-from vlmkit.model.attention import attention_rule
+from vlmkit.model.attention import attention_rule, decoder_mask
 from vlmkit.model.connectors import build_connector
 from vlmkit.model.cross_attention import (
     CrossAttentionFusion,
@@ -467,8 +467,6 @@ class VisionLanguageModel(nn.Module):
         if embeds is None:
             embeds = self.inputs_embeds(input_ids, visuals, cached=past_key_values is not None)
         if self.attention_rule.name != "causal" and not cached:
-            from vlmkit.model.attention import decoder_mask
-
             attention_mask = decoder_mask(self.attention_rule, self.llm.config, input_ids, embeds, attention_mask,
                                           position_ids, self.image_token_id, prefix_mask)
         try:

@@ -1,4 +1,8 @@
-"""Image preprocessing families and the chat processor."""
+"""Image preprocessing families and the chat processor.
+
+The two builders import their modules when called: this package's `__init__` runs whenever any
+of its modules is imported (by the model, the data pipeline, the registries' discovery), and
+importing the chat processor and video decoding from here would load them all every time."""
 
 from __future__ import annotations
 

@@ -9,12 +9,12 @@ import time
 import torch
 
 from vlmkit.config import TrainEvalConfig
+from vlmkit.eval.backends import VlmkitBackend
+from vlmkit.eval.benchmarks import get_benchmark
 
 
 class HeldOutEval:
     def __init__(self, cfg: TrainEvalConfig, bf16: bool = False):
-        from vlmkit.eval.benchmarks import get_benchmark
-
         self.cfg = cfg
         self.bf16 = bf16
         self.benchmark = get_benchmark(cfg.benchmark)
@@ -29,8 +29,6 @@ class HeldOutEval:
 
     @torch.no_grad()
     def run(self, model) -> dict:
-        from vlmkit.eval.backends import VlmkitBackend
-
         was_training = model.training
         model.eval()
         started = time.perf_counter()

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from vlmkit.config import Config, ConfigError
 from vlmkit.data.formats import BadRecordError
+from vlmkit.data.sources import DataSourceError, Mixture, open_source
 from vlmkit.eval.benchmarks import EvalInputError, get_benchmark
+from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS
 
 # How many missing files an error lists before it summarises the rest.
 SHOWN = 5
@@ -49,8 +51,6 @@ def check_model(config: Config) -> None:
     """The model section's names exist and the connector's options validate, before anything is
     loaded (they are otherwise checked only as each part is built, after the vision tower)."""
     import difflib
-
-    from vlmkit.registry import CONNECTORS, IMAGE_PROCESSORS, LANGUAGE_MODELS, VISION_TOWERS
 
     m = config.model
     for key, registry, name in (("model.vision.name", VISION_TOWERS, m.vision.name), ("model.connector.name", CONNECTORS, m.connector.name),
@@ -111,8 +111,6 @@ def check_stage_data(name: str, stage, on_bad_record: str = "error", max_skip_fr
     """Index every source of the stage (one pass over the records, no image decoded) and look up
     every image file; records that cannot be used are listed (error) or counted (skip: refused
     when they are more than `max_skip_fraction` of the stage's records)."""
-    from vlmkit.data.sources import DataSourceError, Mixture, open_source
-
     configured = stage.sources()
     opened = []
     for cfg in configured:

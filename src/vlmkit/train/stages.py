@@ -7,14 +7,13 @@ import math
 import torch
 
 from vlmkit.config import StageConfig
+from vlmkit.model import lora
 
 
 def apply_stage(model, stage: StageConfig) -> None:
     """Freeze per the stage; a LoRA stage adds its adapters (kept if the model already has the
     same ones, e.g. from the previous stage); a stage without LoRA merges any adapters first.
     QLoRA is checked where it quantizes, against the device the part's weights are on."""
-    from vlmkit.model import lora
-
     spec = stage.lora.model_dump() if stage.lora is not None else None
     if lora.has_adapters(model) and model.lora_spec != spec:
         lora.merge_adapters(model)
