@@ -1,4 +1,4 @@
-"""Subcommands: quickstart, train, chat."""
+"""Subcommands: quickstart, train, chat (imports inside the commands: see `vlmkit.commands`)."""
 
 from __future__ import annotations
 
