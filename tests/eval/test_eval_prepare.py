@@ -182,3 +182,15 @@ def test_wrong_split_names_what_was_found(tmp_path, cli):
     r = cli("eval", "prepare", "chartqa", tmp_path / "hf", tmp_path / "out", "--no-progress")
     assert r.exit_code == 2
     assert "no parquet shard of split 'test'" in r.output and "train-00000-of-00001.parquet" in r.output
+
+
+def test_docvqa_reads_only_its_config(tmp_path, cli):
+    """lmms-lab/DocVQA holds DocVQA and InfographicVQA side by side; given the whole copy, only the
+    DocVQA config is converted."""
+    shard, rows, expected = CASES["docvqa"]
+    write_parquet(tmp_path / "hf" / shard, rows)
+    infographic = [{**rows[0], "questionId": "99999", "image": png("info")}]
+    write_parquet(tmp_path / "hf" / "InfographicVQA" / "validation-00000-of-00001.parquet", infographic)
+    r = cli("eval", "prepare", "docvqa", tmp_path / "hf", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert sorted(it.id for it in get_benchmark("docvqa").load(tmp_path / "out")) == sorted(expected)

@@ -17,9 +17,10 @@ import io
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -74,14 +75,15 @@ class Preparer:
     split: str  # the split converted (file names start with it: `validation-00000-of-00003.parquet`)
     columns: tuple[str, ...]  # the columns the converter relies on
     convert: Callable[[Iterator[Row], Path], int]  # rows -> official layout under the folder; returns items
+    config: str | None = None  # the config folder to read when the copy has several (DocVQA / InfographicVQA)
 
 
 PREPARERS: dict[str, Preparer] = {}
 
 
-def preparer(name: str, dataset: str, split: str, columns: tuple[str, ...]):
+def preparer(name: str, dataset: str, split: str, columns: tuple[str, ...], config: str | None = None):
     def register(fn: Callable[[Iterator[Row], Path], int]):
-        PREPARERS[name] = Preparer(dataset, split, columns, fn)
+        PREPARERS[name] = Preparer(dataset, split, columns, fn, config)
         return fn
     return register
 
@@ -133,8 +135,8 @@ def prepare_chartqa(rows: Iterator[Row], out: Path) -> int:
     return sum(len(r) for r in splits.values())
 
 
-@preparer("docvqa", "lmms-lab/DocVQA (config DocVQA)", "validation",
-          ("questionId", "question", "question_types", "image", "docId", "answers"))
+@preparer("docvqa", "lmms-lab/DocVQA", "validation",
+          ("questionId", "question", "question_types", "image", "docId", "answers"), config="DocVQA")
 def prepare_docvqa(rows: Iterator[Row], out: Path) -> int:
     data = []
     for row in rows:
@@ -152,7 +154,7 @@ def prepare_docvqa(rows: Iterator[Row], out: Path) -> int:
     return len(data)
 
 
-@preparer("ocrbench", "echo840/OCRBench (lmms-eval: lmms-lab/OCRBench)", "test",
+@preparer("ocrbench", "echo840/OCRBench", "test",
           ("dataset", "question", "question_type", "answer", "image"))
 def prepare_ocrbench(rows: Iterator[Row], out: Path) -> int:
     recs = []
@@ -226,13 +228,28 @@ def prepare_mathvista(rows: Iterator[Row], out: Path) -> int:
     return len(data)
 
 
+@preparer("mmmu", "MMMU/MMMU", "validation", ("id", "question", "options", "answer", "question_type", "image_1"))
+def prepare_mmmu(rows: Iterator[Row], out: Path) -> int:
+    """MMMU's Hugging Face release (one config per subject) is its official layout: each shard is
+    checked (columns, the first image of every row) and copied to `<Subject>/`."""
+    shards: dict[Path, int] = {}
+    for row in rows:
+        row.image("image_1")
+        shards[row.shard] = shards.get(row.shard, 0) + 1
+    for shard in shards:
+        (out / shard.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shard, out / shard.parent.name / shard.name)
+    return sum(shards.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the shards, and the command
 # ---------------------------------------------------------------------------------------------
 
 
-def find_shards(source: Path, split: str) -> list[Path]:
-    """The parquet shards of `split` under `source` (a file is taken as it is)."""
+def find_shards(source: Path, split: str, config: str | None = None) -> list[Path]:
+    """The parquet shards of `split` under `source` (a file is taken as it is); where the copy has a
+    `config` folder, only the shards in it (lmms-lab/DocVQA also holds InfographicVQA)."""
     if source.is_file():
         return [source]
     if not source.is_dir():
@@ -243,7 +260,8 @@ def find_shards(source: Path, split: str) -> list[Path]:
         seen = ", ".join(str(p.relative_to(source)) for p in found[:5]) or "none"
         raise EvalInputError(f"{source}: no parquet shard of split {split!r} ({split}-*.parquet or {split}/*.parquet); "
                              f"parquet files found: {seen}")
-    return shards
+    in_config = [p for p in shards if config in p.relative_to(source).parts[:-1]]
+    return in_config or shards
 
 
 def iter_rows(shards: list[Path], columns: tuple[str, ...], progress: bool = False) -> Iterator[Row]:
@@ -275,20 +293,6 @@ def iter_rows(shards: list[Path], columns: tuple[str, ...], progress: bool = Fal
                     bar.update(1)
 
 
-@preparer("mmmu", "MMMU/MMMU", "validation", ("id", "question", "options", "answer", "question_type", "image_1"))
-def prepare_mmmu(rows: Iterator[Row], out: Path) -> int:
-    """MMMU's Hugging Face release (one config per subject) is its official layout: each shard is
-    checked (columns, the first image of every row) and copied to `<Subject>/`."""
-    shards: dict[Path, int] = {}
-    for row in rows:
-        row.image("image_1")
-        shards[row.shard] = shards.get(row.shard, 0) + 1
-    for shard in shards:
-        (out / shard.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(shard, out / shard.parent.name / shard.name)
-    return sum(shards.values())
-
-
 def check_target(target: Path) -> None:
     """Refuse to replace anything but an empty folder or an earlier `eval prepare` output."""
     if target.is_file() or target.is_symlink():
@@ -306,7 +310,7 @@ def prepare_benchmark(name: str, source: str | Path, target: str | Path, progres
     prep = PREPARERS[name]
     source, target = Path(source), Path(target)
     check_target(target)
-    shards = find_shards(source, prep.split)
+    shards = find_shards(source, prep.split, prep.config)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.prepare-", dir=target.parent))
     try:
