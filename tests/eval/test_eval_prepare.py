@@ -1,6 +1,7 @@
 """`vlmkit eval prepare`: small parquet files in the layout of the Hugging Face copies lmms-eval
 reads, converted through the CLI, then read back by each benchmark's own loader and scored."""
 
+import inspect
 import io
 import json
 
@@ -194,3 +195,14 @@ def test_docvqa_reads_only_its_config(tmp_path, cli):
     r = cli("eval", "prepare", "docvqa", tmp_path / "hf", tmp_path / "out", "--no-progress")
     assert r.exit_code == 0, r.output
     assert sorted(it.id for it in get_benchmark("docvqa").load(tmp_path / "out")) == sorted(expected)
+
+
+def test_help_lists_what_it_prepares_and_progress_counts_rows(tmp_path, cli):
+    names = sorted(PREPARERS)
+    help_text = inspect.signature(evaluate.prepare_cmd).parameters["benchmark"].default.help
+    assert help_text == ", ".join(names[:-1]) + " or " + names[-1]
+    shard, rows, _ = CASES["chartqa"]
+    write_parquet(tmp_path / "hf" / shard, rows)
+    r = cli("eval", "prepare", "chartqa", tmp_path / "hf", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert f"{len(rows)}/{len(rows)}" in r.output  # tqdm's row count
