@@ -1,4 +1,4 @@
-"""Subcommands: `vlmkit eval score|run|contamination|list` and `vlmkit data synth-bench`."""
+"""Subcommands: `vlmkit eval score|run|contamination|prepare|list` and `vlmkit data synth-bench`."""
 
 from __future__ import annotations
 
@@ -171,6 +171,30 @@ def contamination_cmd(
                f"({report.n_train_texts} training texts)")
     for ex in report.examples[:10]:
         typer.echo(f"  {ex['id']}: {100 * ex['overlap']:.0f}%  {ex['text'][:90]!r}")
+
+
+@eval_app.command("prepare")
+def prepare_cmd(
+    benchmark: str = typer.Argument(..., help="chartqa, docvqa, mathvista, mmmu, ocrbench, textvqa or vqav2"),
+    source: Path = typer.Argument(..., help="the Hugging Face copy lmms-eval reads: a folder of parquet shards (or one shard)"),
+    target: Path = typer.Argument(..., help="folder to write the official layout into (new, empty, or an earlier prepare output)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Turn a benchmark's Hugging Face parquet copy (as lmms-eval uses) into the official layout
+    `eval run` and `eval score` read (docs/evaluation.md lists the dataset ids)."""
+    from vlmkit.eval.benchmarks import EvalInputError
+    from vlmkit.eval.prepare import prepare_benchmark
+
+    try:
+        info = prepare_benchmark(benchmark, source, target, progress=progress)
+    except EvalInputError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{info['benchmark']}: {info['items']} items from {len(info['shards'])} shard(s) of {info['dataset']} "
+               f"({info['split']}) -> {info['dir']}")
 
 
 @eval_app.command("list")
