@@ -9,33 +9,19 @@ parts); messages are asserted by content, and no step may print a traceback.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _cli import vlmkit
 from PIL import Image
 
 from tests._tiny import tiny_config
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 
 
-def vlmkit(cwd: Path, *args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    # The checkout's code, whether or not vlmkit is installed; one thread, as in every test.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    script = Path(sys.executable).with_name("vlmkit")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "vlmkit.cli"]
-    proc = subprocess.run([*command, *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    if ok:
-        assert proc.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{proc.stderr}"
-    return proc
 
 
 def write_dataset(folder: Path, n: int = 20, n_test: int = 4) -> None:

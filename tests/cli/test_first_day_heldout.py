@@ -9,26 +9,11 @@ parts (the template's recipe is otherwise as written, fewer steps aside)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import yaml
+from _cli import vlmkit
 
 from tests._tiny import tiny_config
-
-SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def vlmkit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def test_template_trains_with_heldout_checks_then_eval_run_scores_the_file(tmp_path):

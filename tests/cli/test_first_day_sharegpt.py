@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+from _cli import vlmkit
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def vlmkit(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    script = Path(sys.executable).with_name("vlmkit")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "vlmkit.cli"]
-    proc = subprocess.run([*command, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    if ok:
-        assert proc.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{proc.stderr}"
-    return proc
 
 
 def write_sharegpt(folder: Path, n: int = 32) -> list[dict]:
