@@ -7,13 +7,11 @@ tokens against transformers: tests/families/test_hf_parity.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import vlmkit
 from _parity import import_tiny, noise
 from aya_vision_folder import save_aya_vision
 
@@ -132,20 +130,11 @@ def test_aya_export_then_import_returns_the_same_tensors(aya, tmp_path):
 
 def test_aya_imports_and_chats_from_the_command_line(tmp_path):
     save_aya_vision(tmp_path / "hf")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-
-    def run(args):
-        out = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert out.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-        return out
-
-    run(["import-hf", "hf", "imported"])
+    vlmkit(tmp_path, "import-hf", "hf", "imported")
     noise(150, 37, seed=2).save(tmp_path / "odd.png")
-    answer = run(["chat", "--checkpoint", "imported", "--image", "odd.png", "What is it?", "--max-new-tokens", "4"])
+    answer = vlmkit(tmp_path, "chat", "--checkpoint", "imported", "--image", "odd.png", "What is it?", "--max-new-tokens", "4")
     assert "Traceback" not in answer.stderr
-    tokens = run(["tokens", "--checkpoint", "imported", "--size", "150x37", "--json"])
+    tokens = vlmkit(tmp_path, "tokens", "--checkpoint", "imported", "--size", "150x37", "--json")
     # 150x37: a 4 x 1 tile grid + the thumbnail, 16 tokens each.
     assert json.loads(tokens.stdout)["visual_tokens"] == 5 * 16
 

@@ -7,13 +7,11 @@ tensors, the visibility rule, and the command line."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import vlmkit
 from _parity import first_stop, import_tiny, noise
 from mllama_folder import check_inputs, save_mllama
 from PIL import Image
@@ -159,26 +157,18 @@ def test_imported_mllama_chats_and_fine_tunes_through_the_cli(tmp_path):
     import yaml
 
     save_mllama(tmp_path / "hf", seed=3)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-
-    def run(*args):
-        out = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-        return out
-
-    run("import-hf", "hf", "ckpt")
+    vlmkit(tmp_path, "import-hf", "hf", "ckpt")
     Image.new("RGB", (37, 111), (200, 40, 40)).save(tmp_path / "odd.png")
-    answer = run("chat", "--checkpoint", "ckpt", "--image", "odd.png", "What colour is the image?", "--max-new-tokens", "4")
+    answer = vlmkit(tmp_path, "chat", "--checkpoint", "ckpt", "--image", "odd.png", "What colour is the image?", "--max-new-tokens", "4")
     assert answer.stdout.endswith("\n") and "Traceback" not in answer.stderr
-    run("data", "synth-train", "data", "--n", "8", "--n-test", "2", "--n-video", "0")
+    vlmkit(tmp_path, "data", "synth-train", "data", "--n", "8", "--n-test", "2", "--n-video", "0")
     recipe = {"model": {"init_from": str(tmp_path / "ckpt")},
               "train": {"output_dir": "runs/lora", "max_length": 2048,
                         "stages": {"lora": {"data": "data/train.json", "trainable": ["llm"], "lr": 1e-3, "batch_size": 2, "max_steps": 2,
                                             "lora": {"parts": ["llm"], "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}}}}}
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(recipe))
-    run("train", "lora.yaml")
+    vlmkit(tmp_path, "train", "lora.yaml")
     trained = tmp_path / "runs" / "lora" / "checkpoints" / "lora"
     assert (trained / "adapters.safetensors").is_file()
-    answer = run("chat", "--checkpoint", str(trained), "--image", "odd.png", "What colour?", "--max-new-tokens", "3")
+    answer = vlmkit(tmp_path, "chat", "--checkpoint", str(trained), "--image", "odd.png", "What colour?", "--max-new-tokens", "3")
     assert "Traceback" not in answer.stderr

@@ -7,13 +7,11 @@ tower (`rope-vit`). One image per prompt: tests/families/test_hf_parity.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import vlmkit
 from _parity import first_stop, noise
 from _tiny import tiny_config
 from PIL import Image
@@ -176,17 +174,9 @@ def test_pixtral_processor_resizes_to_whole_merge_blocks():
 
 def test_imported_mistral3_chats_through_the_cli(tmp_path):
     save_mistral3(tmp_path / "hf", seed=5)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-
-    def run(*args):
-        out = subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, f"vlmkit {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-        return out
-
-    run("import-hf", "hf", "ckpt")
+    vlmkit(tmp_path, "import-hf", "hf", "ckpt")
     Image.new("RGB", (37, 111), (200, 40, 40)).save(tmp_path / "odd.png")
-    answer = run("chat", "--checkpoint", "ckpt", "--image", "odd.png", "What colour is the image?", "--max-new-tokens", "4")
+    answer = vlmkit(tmp_path, "chat", "--checkpoint", "ckpt", "--image", "odd.png", "What colour is the image?", "--max-new-tokens", "4")
     assert answer.stdout.endswith("\n") and "Traceback" not in answer.stderr
 
 

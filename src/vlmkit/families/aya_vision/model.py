@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import nn
 
-from vlmkit.model.connectors.base import Connector, ConnectorOptions
-from vlmkit.model.connectors.pixel_shuffle import pixel_shuffle, shuffle_factor
+from vlmkit.model.connectors.base import Connector
+from vlmkit.model.connectors.pixel_shuffle import ShuffleOptions, pixel_shuffle, shuffle_factor
 from vlmkit.registry import CONNECTORS
 
 
-class SwiGLUShuffleOptions(ConnectorOptions):
-    ratio: float = Field(default=0.5, gt=0, le=1)  # 1 / Aya's downsample_factor
+class SwiGLUShuffleOptions(ShuffleOptions):
+    # ratio: 1 / Aya's downsample_factor.
     norm_eps: float = 1e-6  # adapter_layer_norm_eps
     # alignment_intermediate_size: linear_1's width, x and gate together (None: the LLM width, as transformers).
     hidden_size: int | None = None
-
-    @field_validator("ratio")
-    @classmethod
-    def _integer_factor(cls, ratio: float) -> float:
-        shuffle_factor(ratio)
-        return ratio
 
 
 @CONNECTORS.register("pixel-shuffle-swiglu")

@@ -13,8 +13,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from vlmkit.model.connectors.layers import check_tokens, projector
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
+from vlmkit.model.connectors.layers import check_tokens, projector
 from vlmkit.registry import CONNECTORS
 
 
@@ -34,8 +34,19 @@ def pixel_shuffle(features: torch.Tensor, grid: tuple[int, int], factor: int) ->
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, (h // factor) * (w // factor), factor * factor * c)
 
 
-class PixelShuffleOptions(ConnectorOptions):
+class ShuffleOptions(ConnectorOptions):
+    """The merge ratio every pixel-shuffle connector takes: 1/s for an s x s merge."""
+
     ratio: float = Field(default=0.5, gt=0, le=1)
+
+    @field_validator("ratio")
+    @classmethod
+    def _integer_factor(cls, ratio: float) -> float:
+        shuffle_factor(ratio)
+        return ratio
+
+
+class PixelShuffleOptions(ShuffleOptions):
     # "post": LayerNorm over the merged s^2*C channels (InternVL's mlp1);
     # "pre": LayerNorm on each patch before merging (Qwen2-VL's PatchMerger); "none": Idefics3.
     norm: Literal["post", "pre", "none"] = "post"
@@ -46,12 +57,6 @@ class PixelShuffleOptions(ConnectorOptions):
     # InternVL uses the LLM width; Qwen2-VL keeps the merged width (s^2*C).
     hidden_size: int | None = None
     bias: bool = True
-
-    @field_validator("ratio")
-    @classmethod
-    def _integer_factor(cls, ratio: float) -> float:
-        shuffle_factor(ratio)
-        return ratio
 
 
 @CONNECTORS.register("pixel-shuffle")
