@@ -1,4 +1,4 @@
-"""`vlmkit tokens` answers "do N of these fit?" (issue 27): `--images N` through the family's own
+"""`vlmkit tokens` answers "do N of these fit?" `--images N` through the family's own
 multi-image processor, labelled FLOPs (vision tower, connector, LLM prefill) checked against a
 hand count, `--plot --aspect` with a context line; and the first-day console: `chat` prints no
 deprecation warning, `vlmkit --help` cuts no description."""

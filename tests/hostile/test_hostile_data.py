@@ -1,4 +1,4 @@
-"""Hostile training data, round 2 (issue 24): a record too big to tokenise, stages where every
+"""Hostile training data, round 2: a record too big to tokenise, stages where every
 record (or too many) is skipped, parquet columns of the wrong kind, NUL bytes in paths, and
 WebDataset shards that are cut short, hold a huge member or a key twice. Each is refused with a
 message naming the stage, file and record, or skipped and counted in skip mode; none crashes the

@@ -27,7 +27,7 @@ def _id(case: dict) -> str:
     return " ".join(case["args"])
 
 
-# Keys added since the recording (issue 27): the labelled FLOPs of an image, and whether a video
+# Keys added since the recording: the labelled FLOPs of an image, and whether a video
 # fits the context. Every recorded key keeps its recorded value; nothing else may appear.
 ADDED_KEYS = {"image": {"flops"}, "video": {"context", "context_share", "fits"}}
 

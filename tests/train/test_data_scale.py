@@ -1,4 +1,4 @@
-"""Issue 17: lazy, sharded, resumable input from JSON, parquet and WebDataset sources, mixtures,
+"""Lazy, sharded, resumable input from JSON, parquet and WebDataset sources, mixtures,
 frozen-tower features on disk, and the errors for bad sources."""
 
 from __future__ import annotations

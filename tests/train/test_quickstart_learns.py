@@ -1,4 +1,4 @@
-"""Issue 18: a scaled-down quickstart recipe learns to read. The quickstart's own recipe file, with
+"""A scaled-down quickstart recipe learns to read. The quickstart's own recipe file, with
 fewer images and steps, is trained by `vlmkit train` from data on disk and scored by `vlmkit eval
 run -b synth-qa` on held-out images; the written word and the shapes' colour must beat the prior
 baseline (the answer given most often to the same question in training) by a wide margin.

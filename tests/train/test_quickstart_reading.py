@@ -1,4 +1,4 @@
-"""Issue 18: the quickstart's held-out split is never trained on, the `synth-qa` benchmark scores
+"""The quickstart's held-out split is never trained on, the `synth-qa` benchmark scores
 each question kind by its task's official rule, held-out evaluation while training logs per-kind
 accuracy without changing the training run, and the connector's text-scale output norm."""
 

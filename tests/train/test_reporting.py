@@ -1,4 +1,4 @@
-"""Issue 27 item 4: what training learned, where people look for it. `train.report_to` sends the
+"""What training learned, where people look for it. `train.report_to` sends the
 metrics of `metrics.jsonl` to TensorBoard (and wandb, trackio), each stage draws `loss.png` and
 `heldout.png`, and a stage's result carries its held-out score."""
 
