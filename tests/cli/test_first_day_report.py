@@ -23,7 +23,8 @@ import yaml
 from PIL import Image
 
 from tests._tiny import tiny_config
-from tests.cli.test_cli_first_hour import COLOURS, SRC, vlmkit, write_dataset
+from _cli import SRC, vlmkit
+from tests.cli.test_cli_first_hour import COLOURS, write_dataset
 from vlmkit.utils import read_jsonl
 
 
