@@ -213,6 +213,25 @@ class LoraConfig(Strict):
         return parts
 
 
+class LlamaFactoryEntry(Strict):
+    """A LLaMA-Factory `dataset_info.json` entry's record layout, pasted as it is: the column and
+    role-tag names a dataset uses instead of the defaults. Its `file_name`, `hf_hub_url` and
+    similar keys are not layout, so `path` names the file instead."""
+
+    formatting: Literal["sharegpt", "alpaca"] = "sharegpt"
+    """Which of LLaMA-Factory's record styles the file holds."""
+    ranking: bool = False
+    """Preference pairs (`chosen` / `rejected`), read by `loss: dpo` stages."""
+    columns: dict[Literal["messages", "system", "tools", "images", "videos", "chosen", "rejected", "prompt", "query",
+                          "response", "history"], str] = Field(default_factory=dict)
+    """LLaMA-Factory's name -> the dataset's key, e.g. `{messages: dialog, images: pictures}`."""
+    tags: dict[Literal["role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
+                       "system_tag"], str] = Field(default_factory=dict)
+    """sharegpt turn keys and speaker names, e.g. `{role_tag: role, content_tag: content, user_tag:
+    user, assistant_tag: assistant}` (defaults: from, value, human, gpt, observation,
+    function_call, system)."""
+
+
 class DataSource(Strict):
     """One source of a stage's data mixture."""
 
@@ -230,6 +249,9 @@ class DataSource(Strict):
     seeded shuffle buffer instead of a full shuffle; a resume reads the stream up to its position)."""
     shuffle_buffer: int = Field(default=1000, gt=0)
     """Streaming: rows in the shuffle buffer."""
+    llamafactory: LlamaFactoryEntry | None = None
+    """JSON / JSONL sources in LLaMA-Factory's formats with renamed columns or role tags: the
+    dataset's `dataset_info.json` entry (`formatting`, `ranking`, `columns`, `tags`)."""
 
 
 class StageConfig(Strict):

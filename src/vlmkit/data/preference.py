@@ -6,6 +6,9 @@
 - RLAIF-V: `image`, `question`, `chosen`, `rejected` (strings).
 - LLaVA-RLHF: `conversations` (the prompt, LLaVA style), `output_1`, `output_2`, and
   `preference` (1 or 2: which output is preferred).
+- LLaMA-Factory ranking data: sharegpt (`conversations` ending with the user turn, `chosen` and
+  `rejected` as one `{"from": "gpt", "value"}` turn each, `images`, `system`) or alpaca
+  (`instruction`, `input`, `chosen` and `rejected` strings, `images`).
 
 The format is recognised per record from its keys. A record that lacks a side, or whose
 preference is not 1 or 2, raises `BadRecordError` at read time, before any training step.
@@ -17,11 +20,24 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmkit.data.formats import (ROLE_NAMES, BadRecordError, Message, Sample, check_path, check_text, llava_turns, parse_each,
-                                 read_json_records, record_id)
+from vlmkit.data.formats import (
+    ROLE_NAMES,
+    SHAREGPT_ROLES,
+    BadRecordError,
+    Message,
+    Sample,
+    alpaca_record_to_sample,
+    check_path,
+    check_text,
+    llava_turns,
+    parse_each,
+    read_json_records,
+    record_id,
+    sharegpt_record_to_sample,
+)
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
-FORMATS = ("trl", "rlaif-v", "llava-rlhf")
+FORMATS = ("trl", "rlaif-v", "llava-rlhf", "sharegpt", "alpaca")
 
 
 @dataclass
@@ -48,6 +64,10 @@ class PreferencePair:
 def detect_format(record: dict) -> str | None:
     if "output_1" in record or "output_2" in record or "preference" in record:
         return "llava-rlhf"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record:
+        return "alpaca"
     if "question" in record:
         return "rlaif-v"
     if "prompt" in record:
@@ -71,7 +91,7 @@ def parse_preference_record(record: dict, index: int, image_root: Path, source: 
     fmt = detect_format(record)
     if fmt is None:
         raise BadRecordError(rid, f"is not a preference record in any known format {FORMATS} (keys: {sorted(record)})", source)
-    parse = {"trl": _trl, "rlaif-v": _rlaif_v, "llava-rlhf": _llava_rlhf}[fmt]
+    parse = {"trl": _trl, "rlaif-v": _rlaif_v, "llava-rlhf": _llava_rlhf, "sharegpt": _sharegpt, "alpaca": _alpaca}[fmt]
     pair = parse(record, rid, image_root, source)
     for side in ("chosen", "rejected"):
         if not getattr(pair, side).strip():
@@ -200,3 +220,51 @@ def _llava_rlhf(record: dict, rid: str, root: Path, source: str) -> PreferencePa
     outputs = [text(record["output_1"], "output_1"), text(record["output_2"], "output_2")]
     images = _image_paths(record.get("image"), root, rid, source)
     return PreferencePair(rid, prompt, outputs[preferred - 1], outputs[2 - preferred], images)
+
+
+def _listed_images(sample: Sample, rid: str, source: str) -> list[Path]:
+    if sample.videos or not all(isinstance(i, Path) for i in sample.images):
+        raise BadRecordError(rid, "preference pairs take image files only (no videos, no embedded images)", source)
+    return list(sample.images)
+
+
+def _sharegpt(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
+    """LLaMA-Factory's sharegpt ranking record: the conversation up to the user turn both sides
+    answer, and each side as one assistant turn."""
+    _require(record, ("conversations", "chosen", "rejected"), rid, "LLaMA-Factory sharegpt", source)
+    # The prompt is an ordinary sharegpt record; its errors name this record.
+    prompt_record = {**{k: v for k, v in record.items() if k not in ("chosen", "rejected")}, "id": rid}
+    sample = sharegpt_record_to_sample(prompt_record, 0, root, source)
+    if sample.messages[-1].role != "user":
+        raise BadRecordError(rid, "LLaMA-Factory sharegpt ranking 'conversations' must end with the turn both sides answer", source)
+
+    def side(name: str) -> str:
+        value = record[name]
+        if isinstance(value, dict):
+            turns = llava_turns(rid, [value], source, SHAREGPT_ROLES)
+            if turns[0].role != "assistant":
+                raise BadRecordError(rid, f"{name!r} must be an assistant turn ('from': 'gpt'), not {value.get('from')!r:.40}", source)
+            return turns[0].content
+        return check_text(rid, value, repr(name), source)
+
+    pair = PreferencePair(rid, sample.messages, side("chosen"), side("rejected"), _listed_images(sample, rid, source))
+    _place_images(pair, rid, source)
+    return pair
+
+
+def _alpaca(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
+    """LLaMA-Factory's alpaca ranking record: `instruction` (+ `input`), and the two answers."""
+    _require(record, ("instruction", "chosen", "rejected"), rid, "LLaMA-Factory alpaca", source)
+    prompt_record = {**{k: v for k, v in record.items() if k not in ("chosen", "rejected")}, "id": rid, "output": ""}
+    sample = alpaca_record_to_sample(prompt_record, 0, root, source)
+    chosen, rejected = (check_text(rid, record[k], repr(k), source) for k in ("chosen", "rejected"))
+    pair = PreferencePair(rid, sample.messages[:-1], chosen, rejected, _listed_images(sample, rid, source))
+    _place_images(pair, rid, source)
+    return pair
+
+
+def _place_images(pair: PreferencePair, rid: str, source: str) -> None:
+    """LLaMA-Factory places images by `<image>` in the text; one left implicit goes first."""
+    first_user = next((m for m in pair.prompt if m.role == "user"), None)
+    if pair.images and first_user is not None and not any(IMAGE_PLACEHOLDER in m.content for m in pair.prompt):
+        first_user.content = _with_placeholders(first_user.content, len(pair.images))

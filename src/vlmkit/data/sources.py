@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.data.formats import BadRecordError, Message, Sample, missing_media, record_id, record_to_sample, with_embedded_images
+from vlmkit.data.llamafactory import RecordLayout
 from vlmkit.data.preference import parse_preference_record
 from vlmkit.processing.prompt import IMAGE_PLACEHOLDER
 
@@ -84,18 +85,30 @@ def detect_format(path: Path) -> str:
 
 
 def open_source(path: str | Path, fmt: str = "auto", image_folder: str | Path | None = None, kind: str = "sft",
-                check_files: bool = True, allow_empty: bool = False, streaming: bool = False, shuffle_buffer: int = 1000) -> "Source":
-    """Index one source. `kind`: `sft` (samples) or `dpo` (preference pairs, JSON only)."""
+                check_files: bool = True, allow_empty: bool = False, streaming: bool = False, shuffle_buffer: int = 1000,
+                llamafactory=None) -> "Source":
+    """Index one source. `kind`: `sft` (samples) or `dpo` (preference pairs, JSON only).
+    `llamafactory`: a `config.LlamaFactoryEntry` naming the JSON records' renamed columns and tags."""
     path = Path(path)
     if not path.exists():
         raise DataSourceError(f"data source not found: {path.resolve()}")
     fmt = detect_format(path) if fmt == "auto" else fmt
     if kind == "dpo" and fmt != "llava":
         raise DataSourceError(f"{path}: preference (DPO) data must be JSON / JSONL, not {fmt}")
+    if llamafactory is not None:
+        if fmt != "llava":
+            raise DataSourceError(f"{path}: a `llamafactory` entry describes JSON / JSONL records, not {fmt}")
+        if llamafactory.ranking != (kind == "dpo"):
+            raise DataSourceError(f"{path}: its `llamafactory` entry says ranking: {str(llamafactory.ranking).lower()}, "
+                                  f"but the stage's loss is {kind} (preference pairs feed `loss: dpo`, and only they do)")
     if fmt == "llava":
         if path.is_dir():
             raise DataSourceError(f"{path}: a LLaVA source is a JSON / JSONL file, not a folder")
-        source = JsonSource(path, image_folder, kind, check_files)
+        try:
+            layout = RecordLayout(llamafactory) if llamafactory is not None else None
+        except ValueError as e:
+            raise DataSourceError(f"{path}: {e}") from None
+        source = JsonSource(path, image_folder, kind, check_files, layout)
     elif fmt == "webdataset":
         source = TarSource(path)
     elif streaming:
@@ -267,8 +280,8 @@ _WHITESPACE = re.compile(r"[ \t\r\n]*")
 class JsonSource(Source):
     """LLaVA / OpenAI-messages records (or preference records) in a JSON list or JSONL file."""
 
-    def __init__(self, path: Path, image_folder=None, kind: str = "sft", check_files: bool = True):
-        self.path, self.kind = path, kind
+    def __init__(self, path: Path, image_folder=None, kind: str = "sft", check_files: bool = True, layout: RecordLayout | None = None):
+        self.path, self.kind, self.layout = path, kind, layout
         self.root = Path(image_folder) if image_folder else path.parent
         self.offsets, self.lengths, self.indices = array("q"), array("q"), array("q")
         self.bad = []
@@ -299,6 +312,8 @@ class JsonSource(Source):
         self._pid = None
 
     def _parse(self, record, index: int):
+        if self.layout is not None:
+            record = self.layout.apply(record, record_id(record, index), str(self.path))
         if self.kind == "dpo":
             return parse_preference_record(record, index, self.root, str(self.path))
         return record_to_sample(record, index, self.root, str(self.path))

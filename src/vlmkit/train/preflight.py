@@ -122,7 +122,7 @@ def check_stage_data(name: str, stage, on_bad_record: str = "error", max_skip_fr
                             "to the recipe's folder, on the command line to the working directory; train.data_dir=FOLDER sets the folder)")
         try:
             source = open_source(path, cfg.format, cfg.image_folder, kind=stage.loss, allow_empty=True,
-                                 streaming=cfg.streaming, shuffle_buffer=cfg.shuffle_buffer)
+                                 streaming=cfg.streaming, shuffle_buffer=cfg.shuffle_buffer, llamafactory=cfg.llamafactory)
         except (DataSourceError, OSError, ValueError) as e:  # BadRecordError and bad JSON are ValueErrors
             raise DataError(f"stage {name!r}: {e}") from None
         bad = [b for b in source.bad if not b.missing_files]
