@@ -38,7 +38,7 @@ def _test_ids(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{path}: cannot be read ({e})") from None
     ids = [ln.strip().split(",")[0].strip() for ln in lines if ln.strip()]
-    ids = [i[: -len(".png")] if i.endswith(".png") else i for i in ids]
+    ids = [i.removesuffix(".png") for i in ids]
     bad = [i for i in ids if not i.isdigit()]
     if bad:
         raise EvalInputError(f"{path}: {bad[0]!r} is not an AI2D image id (one number per line, e.g. 4400)")

@@ -24,7 +24,17 @@ from collections import defaultdict
 from vlmkit.eval.metrics import vqa_process_punctuation
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, find_first, read_json, require_dir
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    find_first,
+    read_json,
+    require_dir,
+)
 
 IMAGE_ROOTS = (".", "hallusion_bench")
 

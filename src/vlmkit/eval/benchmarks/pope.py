@@ -10,8 +10,6 @@ item's id is ``<split>/<question_id>``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vlmkit.registry import BENCHMARKS
 
 from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_jsonl, require_dir
