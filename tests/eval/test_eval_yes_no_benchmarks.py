@@ -12,6 +12,8 @@ from vlmkit.eval.benchmarks.hallusionbench import yorn
 from vlmkit.eval.benchmarks.mme import mme_answer
 from vlmkit.eval.benchmarks.pope import pope_answer
 from vlmkit.eval.contamination import contamination_report
+from vlmkit.eval.runner import run_benchmark
+from vlmkit.eval.synth import synth_bench
 
 PACKED = Path(__file__).resolve().parents[1] / "data" / "benchmark-files"
 
@@ -218,3 +220,30 @@ def test_contamination_finds_a_leaked_pope_question(tmp_path):
     rep = contamination_report(texts, items, n=4)
     assert rep.n_contaminated >= 1 and {"id": "random/1", "overlap": 1.0} in [
         {k: e[k] for k in ("id", "overlap")} for e in rep.examples]
+
+
+class AlwaysYes:
+    name = "always-yes"
+
+    def __init__(self):
+        self.asked = []
+
+    def generate(self, batch, max_new_tokens):
+        self.asked += [len(images) for _, images in batch]
+        return ["Yes" for _ in batch]
+
+
+def test_eval_run_asks_figureless_questions_without_an_image(tmp_path):
+    d = tmp_path / "hb"
+    synth_bench("hallusionbench", d, n=4)
+    rows = json.loads((d / "HallusionBench.json").read_text())
+    rows.append({**rows[-1], "category": "VS", "subcategory": "chart", "set_id": "9", "figure_id": "0", "visual_input": "0",
+                 "filename": None, "question_id": "0", "gt_answer": "0"})
+    (d / "HallusionBench.json").write_text(json.dumps(rows))
+    b = get_benchmark("hallusionbench")
+    items = b.load(d)
+    backend = AlwaysYes()
+    out = run_benchmark(b, items, backend, tmp_path / "out", model_spec="always-yes", batch_size=3, progress=False)
+    assert backend.asked == [1] * (len(items) - 1) + [0]
+    n_yes = sum(it.answers == ["Yes"] for it in items)
+    assert out.result.n_missing == 0 and out.result.overall == pytest.approx(n_yes / len(items))

@@ -84,7 +84,8 @@ class POPE(Benchmark):
         return item.question
 
     def cluster_key(self, item_id: str) -> str:
-        """The COCO image: every split asks several questions about each of its 500 images."""
+        """The COCO image: every split asks several questions about each of its 500 images. Known
+        for the items this instance has loaded or scored; any other id is its own cluster."""
         return self._images.get(item_id, item_id)
 
     def score(self, items, predictions) -> ScoreResult:
