@@ -325,9 +325,114 @@ def synth_chair(root: Path, n: int, rng: random.Random) -> tuple[Gold, int]:
     return gold, n
 
 
+def _labelled_objects(names: list[str]) -> Image.Image:
+    img = Image.new("RGB", (320, 240), "white")
+    d = ImageDraw.Draw(img)
+    for j, nm in enumerate(names):
+        x = 10 + j * 100
+        d.rectangle([x, 60, x + 90, 150], outline=COLORS[j % len(COLORS)], width=4)
+        d.text((x + 6, 95), nm, fill="black", font=font(18))
+    return img
+
+
+def synth_pope(root: Path, n: int, rng: random.Random) -> tuple[Gold, int]:
+    """Three splits over the same images, question ids restarting at 1, one "yes" per "no"."""
+    names = ["dog", "car", "person", "chair", "bottle", "bicycle", "cup", "clock"]
+    n_images = max(1, (n + 1) // 2)
+    present = [rng.sample(names, 2) for _ in range(n_images)]
+    for i, objs in enumerate(present):
+        _save(_labelled_objects(objs), root / "val2014" / f"COCO_val2014_{9100 + i:012d}.jpg")
+    gold = []
+    for split in ("random", "popular", "adversarial"):
+        lines = []
+        for q in range(n):
+            objs = present[(q // 2) % n_images]
+            obj, label = (objs[0], "yes") if q % 2 == 0 else (rng.choice([x for x in names if x not in objs]), "no")
+            lines.append({"question_id": q + 1, "image": f"COCO_val2014_{9100 + (q // 2) % n_images:012d}.jpg",
+                          "text": f"Is there a {obj} in the image?", "label": label})
+            gold.append((f"{split}/{q + 1}", label))
+        path = root / "output" / "coco" / f"coco_pope_{split}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    return gold, n_images
+
+
+def synth_mme(root: Path, n: int, rng: random.Random) -> tuple[Gold, int]:
+    """Two questions (a yes, a no) per image, in both of the release's folder layouts."""
+    subtasks = [("existence", False), ("landmark", True), ("count", False), ("numerical_calculation", False),
+                ("scene", True)]
+    base, gold = root / "MME_Benchmark_release_version", []
+    n_images = max(1, (n + 1) // 2)
+    for i in range(n_images):
+        subtask, nested = subtasks[i % len(subtasks)]
+        word, other = rng.sample(WORDS, 2)
+        stem = f"{i:04d}"
+        img_dir, txt_dir = (base / subtask / "images", base / subtask / "questions_answers_YN") if nested else (base / subtask,) * 2
+        _save(text_image(word), img_dir / f"{stem}.png")
+        qs = [(f"Is the word in this image '{word}'? Please answer yes or no.", "Yes"),
+              (f"Is the word in this image '{other}'? Please answer yes or no.", "No")]
+        if rng.random() < 0.5:
+            qs.reverse()
+        txt_dir.mkdir(parents=True, exist_ok=True)
+        (txt_dir / f"{stem}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in qs), encoding="utf-8")
+        gold += [(f"{subtask}/{stem}.png#{k}", a) for k, (_, a) in enumerate(qs)]
+    return gold, n_images
+
+
+def synth_hallusionbench(root: Path, n: int, rng: random.Random) -> tuple[Gold, int]:
+    """Question sets of two figures (the original and an edit) and two questions each."""
+    rows, gold, n_images, set_id = [], [], 0, 0
+    while len(gold) < n:
+        cat, sub = [("VD", "illusion"), ("VS", "chart")][set_id % 2]
+        words = rng.sample(WORDS, 2)
+        for fig in (0, 1) if cat == "VD" else (1, 2):
+            shown = words[fig % 2]
+            rel = f"{cat}/{sub}/{set_id}_{fig}.png"
+            _save(text_image(shown), root / "hallusion_bench" / rel)
+            n_images += 1
+            for qid, w in enumerate(words):
+                gt = "1" if w == shown else "0"
+                rows.append({"category": cat, "subcategory": sub, "visual_input": "1" if fig == (0 if cat == "VD" else 1) else "2",
+                             "set_id": str(set_id), "figure_id": str(fig), "sample_note": "synthetic",
+                             "question_id": str(qid), "question": f"Is the word in the figure '{w}'?",
+                             "gt_answer_details": f"The word in the figure is '{shown}'.", "gt_answer": gt,
+                             "filename": f"./{rel}"})
+                gold.append((f"{cat}_{sub}_{set_id}_{fig}_{qid}", "Yes" if gt == "1" else "No"))
+        set_id += 1
+    _write_json(root / "HallusionBench.json", rows)
+    return gold, n_images
+
+
+def synth_ai2d(root: Path, n: int, rng: random.Random) -> tuple[Gold, int]:
+    """The AI2 release: per-image question files, categories, and the test ids (one image left
+    out of the test split, as the release's training images are)."""
+    base, gold, test_ids, cats = root / "ai2d", [], [], {}
+    n_images = max(1, (n + 1) // 2)
+    for i in range(n_images + 1):
+        word = rng.choice(WORDS)
+        name = f"{i}.png"
+        _save(text_image(word), base / "images" / name)
+        cats[name] = ["partsOfA", "lifeCycles", "foodChainsWebs"][i % 3]
+        questions = {}
+        for k, q in enumerate(["Which word is written in the diagram?", "What does the diagram say?"]):
+            opts = rng.sample([w for w in WORDS if w != word], 3) + [word]
+            rng.shuffle(opts)
+            questions[q] = {"abcLabel": k == 1, "answerTexts": opts, "correctAnswer": opts.index(word),
+                            "questionId": f"{name}-{k}"}
+            if i < n_images:
+                gold.append((f"{name}-{k}", chr(ord("A") + opts.index(word))))
+        _write_json(base / "questions" / f"{name}.json", {"imageName": name, "questions": questions})
+        if i < n_images:
+            test_ids.append(str(i))
+    _write_json(base / "categories.json", cats)
+    (root / "ai2d_test_ids.csv").write_text("\n".join(test_ids) + "\n", encoding="utf-8")
+    return gold, n_images + 1
+
+
 SYNTHESIZERS: dict[str, Callable[[Path, int, random.Random], tuple[Gold, int]]] = {
     "ocrbench": synth_ocrbench, "mathvista": synth_mathvista, "chartqa": synth_chartqa, "docvqa": synth_docvqa,
     "mmmu": synth_mmmu, "vqav2": synth_vqav2, "textvqa": synth_textvqa, "chair": synth_chair,
+    "pope": synth_pope, "mme": synth_mme, "hallusionbench": synth_hallusionbench, "ai2d": synth_ai2d,
 }  # fmt: skip
 
 
