@@ -73,6 +73,8 @@ def _print_result(result, as_json: bool, per_item: bool = False, extra_fields: O
     for k, v in result.extra.items():
         if isinstance(v, (int, float, str, bool)):
             typer.echo(f"  {k}: {v}")
+        elif k.endswith("_range") and isinstance(v, list) and len(v) == 2:
+            typer.echo(f"  {k}: [{v[0]:.4f}, {v[1]:.4f}]")
         elif k == "category_points":
             for cat, pts in v.items():
                 typer.echo(f"  points {cat}: {pts}")
