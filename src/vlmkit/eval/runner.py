@@ -380,8 +380,8 @@ def results_markdown(r: ScoreResult, meta: dict[str, Any]) -> str:
         "",
         "| benchmark | score | overall | 95% CI | items | missing | metric | parser | prompt |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| {r.benchmark} | {_cell(r.display)} | {r.overall:.4f} | {_ci_cell(r, 'overall')} | {r.n_items} | {r.n_missing} "
-        f"| {_cell(r.metric)} | {_cell(r.parser)} | `{_cell(meta['prompt_template'])}` |",
+        (f"| {r.benchmark} | {_cell(r.display)} | {r.overall:.4f} | {_ci_cell(r, 'overall')} | {r.n_items} "
+         f"| {r.n_missing} | {_cell(r.metric)} | {_cell(r.parser)} | `{_cell(meta['prompt_template'])}` |"),
         "",
     ]
     if r.scorer:

@@ -107,7 +107,7 @@ def mcnemar_exact(b: int, c: int) -> float:
 def clustered_se(values: np.ndarray, codes: np.ndarray) -> float:
     """Cluster-robust standard error of a mean (Miller 2024, eq. 4; the plain CLT error without clusters)."""
     n = len(values)
-    sums, counts = _cluster_sums(values - values.mean(), codes)
+    sums, _counts = _cluster_sums(values - values.mean(), codes)
     g = len(sums)
     if n == 0 or g < 2:
         return 0.0

@@ -68,7 +68,7 @@ def synth_mmbench(root: Path, n: int, rng: random.Random) -> tuple[Gold, int]:
     rows, gold = [], []
     for g in range(n):
         k = (4, 3, 2, 4)[g % 4]
-        word, opts, right = _word_question(rng, k)
+        word, opts, _right = _word_question(rng, k)
         cat, l2 = MMBENCH_CATEGORIES[g % len(MMBENCH_CATEGORIES)]
         image = base64.b64encode(_png(text_image(word))).decode()
         for r in range(k):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Union
 
 from PIL import Image
 
@@ -223,6 +223,16 @@ def check_prediction_ids(name: str, items: list[BenchItem], predictions: dict[st
             f"{len(unknown)} prediction id(s) are not {name} items (e.g. {sample}); "
             f"ids are the benchmark's own, e.g. {next(iter(known), '?')!r}"
         )
+
+
+def group_ids(items: list[BenchItem], keys_of: Callable[[BenchItem], Iterable[str | None]]) -> dict[str, list[str]]:
+    """Breakdown key -> the ids of the items it averages (`ScoreResult.groups`), sorted by key."""
+    out: dict[str, list[str]] = {}
+    for it in items:
+        for key in keys_of(it):
+            if key is not None:
+                out.setdefault(str(key), []).append(it.id)
+    return dict(sorted(out.items()))
 
 
 def mean(xs: Iterable[float]) -> float:
