@@ -30,13 +30,13 @@ def test_bootstrap_ci_covers_the_true_accuracy_at_95_percent():
 
 
 def test_clustered_ci_covers_and_an_unclustered_one_does_not():
-    """100 clusters of 4 items that share their difficulty (as MMBench's rotations share a question)."""
+    """150 clusters of 4 items that share their difficulty (as MMBench's rotations share a question)."""
     rng = np.random.default_rng(2)
-    codes = np.repeat(np.arange(100), 4)
+    codes = np.repeat(np.arange(150), 4)
 
     def draw(r):
-        p = np.repeat(r.beta(0.7, 0.3, size=100), 4)  # mean accuracy 0.7
-        return (r.random(400) < p).astype(float)
+        p = np.repeat(r.beta(1.4, 0.6, size=150), 4)  # mean accuracy 0.7
+        return (r.random(600) < p).astype(float)
 
     assert 0.93 <= _coverage(rng, 1000, draw, 0.7, codes) <= 0.97
     assert _coverage(rng, 300, draw, 0.7) < 0.85  # items resampled alone: far too narrow
