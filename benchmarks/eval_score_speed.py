@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vlmkit.eval.benchmarks import get_benchmark  # noqa: E402
-from vlmkit.eval.stats import add_error_bars  # noqa: E402
-from vlmkit.eval.synth import synth_bench  # noqa: E402
+from vlmkit.eval.benchmarks import get_benchmark
+from vlmkit.eval.stats import add_error_bars
+from vlmkit.eval.synth import synth_bench
 
 BASE = 100  # questions in the synthetic copy that is repeated
 

@@ -73,7 +73,10 @@ def test_mmmu_pro_parser_vectors():
     assert p.parse("I think so", letters, idx) == ("I", False)  # "I " is option I, as in evaluate.py
     assert p.parse("I think so, it is E", letters, idx) == ("E", False)  # the later of " E " and " I " wins
     assert p.parse("it is clearly the one called choice dd", letters, idx) == ("D", False)  # option text, > 5 words
+    assert p.parse("C.", letters, idx) == ("C", False)  # trailing punctuation is stripped
     assert p.random_fallbacks == 0
+    assert p.parse("Yes, there is a cat.", letters, idx)[1]  # five words: too short for the option-text search
+    p.random_fallbacks = 0
     assert p.parse("", letters, idx)[1] and p.parse("c", letters, idx)[1] and p.random_fallbacks == 2
     # The draws are seeded: two parsers with the same seed draw the same letters.
     q1, q2 = MMMUProParser(seed=3), MMMUProParser(seed=3)
@@ -236,3 +239,11 @@ def test_run_results_name_the_rule_and_carry_error_bars(tmp_path):
     scores = [json.loads(line) for line in (out.out_dir / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 8 and {"id", "score", "cluster", "groups"} <= set(scores[0])
     assert "95% CI" in (out.out_dir / "results.md").read_text()
+
+
+def test_mmbench_contamination_reads_option_texts(tmp_path):
+    from vlmkit.eval.contamination import item_parts
+
+    _mmbench_tsv(tmp_path)
+    item = get_benchmark("mmbench").load(tmp_path)[0]
+    assert item_parts(item) == ["q0?", "cat", "dog", "cow", "hen"]
