@@ -121,3 +121,22 @@ def test_eval_compare_cli(tmp_path, cli):
     assert text.exit_code == 0 and "diff +0.0000" in text.output and "p 1.0000" in text.output
     res = cli("eval", "compare", tmp_path / "runs" / "a", tmp_path / "runs" / "short")
     assert res.exit_code == 2 and "different item sets" in res.output and "10 only in" in res.output
+
+
+def test_eval_compare_refuses_what_it_cannot_pair(tmp_path, cli):
+    d = tmp_path / "mmstar"
+    synth_bench("mmstar", d, n=6)
+    b = get_benchmark("mmstar")
+    items = b.load(d)
+    run_benchmark(b, items, PromptBackend({b.prompt(it): "A" for it in items}), tmp_path / "a", model_spec="a",
+                  data_dir=str(d), progress=False)
+    (tmp_path / "empty").mkdir()
+    res = cli("eval", "compare", tmp_path / "a", tmp_path / "empty")
+    assert res.exit_code == 2 and "no results.json" in res.output
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text((tmp_path / "a" / "results.json").read_text())
+    res = cli("eval", "compare", tmp_path / "a", tmp_path / "old")
+    assert res.exit_code == 2 and "scores.jsonl: not found" in res.output
+    (tmp_path / "old" / "scores.jsonl").write_text('{"id": "0"}\n')
+    res = cli("eval", "compare", tmp_path / "a", tmp_path / "old")
+    assert res.exit_code == 2 and "scores.jsonl:1:" in res.output

@@ -29,6 +29,7 @@ PROMPTS = {  # mmmu-pro/prompts.yaml, the `direct` setting
 class _MMMUPro(Benchmark):
     setting: ClassVar[str]
     folder: ClassVar[str]  # the folder of the Hugging Face release (MMMU/MMMU_Pro)
+    columns: ClassVar[tuple[str, ...]] = ()  # the setting's own columns, besides id, options, answer
     metric = "accuracy (MMMU-Pro evaluate.py: parsed letter == answer), per subject"
     parser = ("MMMU-Pro parse_multi_choice_response: the last 'Answer:' line if it names one letter, else (X), "
               "'X ', 'X.', option text (responses over 5 words), else a seeded random letter")
@@ -62,8 +63,6 @@ class _MMMUPro(Benchmark):
                                        metadata={"options": options, "subject": str(r.get("subject") or "")}))
                 sources.append(path)
         return checked_items(items, sources)
-
-    columns: ClassVar[tuple[str, ...]] = ()
 
     def _images(self, row, path: Path, where: str) -> list:
         raise NotImplementedError
