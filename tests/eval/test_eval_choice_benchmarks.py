@@ -135,10 +135,15 @@ def test_mmbench_circular_score_by_hand(tmp_path):
 def test_mmbench_bad_rows_are_named(tmp_path):
     _mmbench_tsv(tmp_path)
     frame = pd.read_csv(tmp_path / "MMBench_DEV_EN.tsv", sep="\t")
-    frame.loc[4, "answer"] = "C"  # q1 has two options
+    frame.loc[4, "answer"] = "C"  # q1 has two options: VLMEvalKit scores it, and it can never pass
     frame.to_csv(tmp_path / "MMBench_DEV_EN.tsv", sep="\t", index=False)
-    with pytest.raises(EvalInputError, match=r"MMBench_DEV_EN.tsv: row 6 \(index 1\): answer 'C' is not one of its options AB"):
-        get_benchmark("mmbench").load(tmp_path)
+    b = get_benchmark("mmbench")
+    items = b.load(tmp_path)
+    assert b.score(items, {it.id: it.answers[0] for it in items}).per_item["1"] == 0.0
+    frame.loc[4, "answer"] = "(C)"
+    frame.to_csv(tmp_path / "MMBench_DEV_EN.tsv", sep="\t", index=False)
+    with pytest.raises(EvalInputError, match=r"MMBench_DEV_EN.tsv: row 6 \(index 1\): answer '\(C\)' is not an option letter"):
+        b.load(tmp_path)
     (tmp_path / "MMBench_DEV_EN.tsv").write_text("index\tquestion\n1\tq\n")
     with pytest.raises(EvalInputError, match="missing column"):
         get_benchmark("mmbench").load(tmp_path)

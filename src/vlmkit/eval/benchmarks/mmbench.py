@@ -96,10 +96,13 @@ class MMBench(Benchmark):
                 index = int(r["index"])
             except (TypeError, ValueError):
                 raise EvalInputError(f"{where}: index must be an integer") from None
+            # Blank cells are no option, as pandas reads them for VLMEvalKit: that includes an option
+            # written "None" or "NA", so a gold letter may name no shown option (it can never pass).
             options = {c: str(r[c]) for c in LETTERS if c in r and not _blank(r[c])}
             answer = str(r["answer"]).strip()
-            if answer not in options:
-                raise EvalInputError(f"{where}: answer {answer!r} is not one of its options {''.join(options)}")
+            if len(answer) != 1 or answer not in LETTERS or len(options) < 2:
+                raise EvalInputError(f"{where}: answer {answer!r} is not an option letter, or the row has fewer "
+                                     f"than two options ({''.join(options) or 'none'})")
             items.append(BenchItem(
                 id=str(index), question=str(r["question"]), images=self._image(raw_images, r.get("image"), where),
                 answers=[answer],
