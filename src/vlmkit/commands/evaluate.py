@@ -1,4 +1,4 @@
-"""Subcommands: `vlmkit eval score|run|contamination|prepare|list` and `vlmkit data synth-bench`."""
+"""Subcommands: `vlmkit eval score|run|compare|contamination|prepare|list` and `vlmkit data synth-bench`."""
 
 from __future__ import annotations
 
@@ -58,16 +58,23 @@ def _print_result(result, as_json: bool, per_item: bool = False, extra_fields: O
     if as_json:
         typer.echo(json.dumps({**result.to_json(per_item=per_item), **(extra_fields or {})}, indent=2, ensure_ascii=False))
         return
-    typer.echo(f"{result.benchmark}: {result.display}   (overall {result.overall:.4f}; "
+    def ci(key: str) -> str:
+        return f"  [{result.ci[key][0]:.4f}, {result.ci[key][1]:.4f}]" if key in result.ci else ""
+
+    typer.echo(f"{result.benchmark}: {result.display}   (overall {result.overall:.4f}{ci('overall')}; "
                f"{result.n_predicted}/{result.n_items} items predicted)")
     typer.echo(f"  metric: {result.metric}")
     typer.echo(f"  parser: {result.parser}")
+    if result.scorer:
+        typer.echo(f"  scorer: {result.scorer['scorer']} ({result.scorer['version']}); source: {result.scorer['source']}")
     width = max((len(k) for k in result.breakdown), default=0)
     for k, v in result.breakdown.items():
-        typer.echo(f"  {k:<{width}}  {v:.4f}")
+        typer.echo(f"  {k:<{width}}  {v:.4f}{ci(k)}")
     for k, v in result.extra.items():
         if isinstance(v, (int, float, str, bool)):
             typer.echo(f"  {k}: {v}")
+        elif k.endswith("_range") and isinstance(v, list) and len(v) == 2:
+            typer.echo(f"  {k}: [{v[0]:.4f}, {v[1]:.4f}]")
         elif k == "category_points":
             for cat, pts in v.items():
                 typer.echo(f"  points {cat}: {pts}")
@@ -87,12 +94,13 @@ def score_cmd(
 ) -> None:
     """Score a predictions file with the benchmark's official metric."""
     from vlmkit.eval.benchmarks import EvalInputError, benchmark_data, read_predictions
+    from vlmkit.eval.stats import add_error_bars
 
     try:
         bench = _benchmark(benchmark, judge, judge_base_url)
         items = bench.load(benchmark_data(benchmark, data))
         preds = read_predictions(predictions)
-        result = bench.score(items, preds)
+        result = add_error_bars(bench, bench.score(items, preds))
     except EvalInputError as e:
         _fail(str(e))
     _print_result(result, as_json, per_item)
@@ -142,6 +150,26 @@ def run_cmd(
     if not as_json:
         typer.echo(f"  results: {outcome.out_dir / 'results.json'}, {outcome.out_dir / 'results.md'} "
                    f"({outcome.generated} generated, {outcome.reused} from cache)")
+
+
+@eval_app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="an `eval run` output folder (or a folder of them, one per benchmark)"),
+    run_b: Path = typer.Argument(..., help="the run compared with RUN_A, on the same items"),
+    resamples: int = typer.Option(10000, "--resamples", min=100, help="bootstrap resamples"),
+    seed: int = typer.Option(0, help="seed of the bootstrap draws"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Paired test of RUN_B against RUN_A, per benchmark and per category: the difference in score,
+    its 95% CI and a p-value (paired bootstrap over items, clustered as the benchmark groups them)."""
+    from vlmkit.eval.benchmarks import EvalInputError
+    from vlmkit.eval.compare import compare_runs, dumps, format_comparison
+
+    try:
+        report = compare_runs(run_a, run_b, n_resamples=resamples, seed=seed)
+    except EvalInputError as e:
+        _fail(str(e))
+    typer.echo(dumps(report) if as_json else format_comparison(report))
 
 
 @eval_app.command("contamination", cls=_RegistryHelp)

@@ -61,6 +61,8 @@ def item_parts(item: BenchItem) -> list[str]:
     if not item.question:  # e.g. the MMMU answer dict alone: bare letters say nothing
         return []
     opts = item.metadata.get("options") or item.metadata.get("choices")
+    if isinstance(opts, dict):  # letter -> option text (MMBench)
+        opts = list(opts.values())
     # With options, the answer is a letter or one of the options; the options carry the text.
     extra = [str(o) for o in opts] if isinstance(opts, list) and opts else item.answers
     return [p for p in [item.question, *extra] if p]

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from vlmkit.eval.backends import Backend
 from vlmkit.eval.benchmarks.base import BenchItem, Benchmark, EvalInputError, ScoreResult
+from vlmkit.eval.compare import SCORES_NAME  # each item's score, cluster and groups: what `eval compare` pairs
+from vlmkit.eval.stats import add_error_bars
 from vlmkit.utils import atomic_write_text
 
 CACHE_NAME = "predictions.jsonl"
@@ -205,12 +207,12 @@ def run_benchmark(
         world.close()
 
     known = {it.id for it in items}
-    result = benchmark.score(items, {k: v for k, v in state.cached.items() if k in known})
+    result = add_error_bars(benchmark, benchmark.score(items, {k: v for k, v in state.cached.items() if k in known}))
     generated = len(todo)
     outcome = RunOutcome(result, out, generated, reused, seconds,
                          generated / seconds if seconds > 0 and generated else 0.0)
     if world.rank == 0:
-        write_results(outcome, meta)
+        write_results(outcome, meta, benchmark)
     return outcome
 
 
@@ -339,8 +341,20 @@ class _EvalWorld:
             self._owns = False
 
 
-def write_results(outcome: RunOutcome, meta: dict[str, Any]) -> None:
+def scores_jsonl(result: ScoreResult, benchmark: Benchmark) -> str:
+    """One line per scored item: {"id", "score", "cluster", "groups"}."""
+    member: dict[str, list[str]] = {}
+    for name, ids in result.groups.items():
+        for i in ids:
+            member.setdefault(i, []).append(name)
+    return "".join(json.dumps({"id": i, "score": v, "cluster": benchmark.cluster_key(i), "groups": member.get(i, [])},
+                              ensure_ascii=False) + "\n" for i, v in result.per_item.items())
+
+
+def write_results(outcome: RunOutcome, meta: dict[str, Any], benchmark: Benchmark | None = None) -> None:
     r = outcome.result
+    if benchmark is not None:
+        atomic_write_text(outcome.out_dir / SCORES_NAME, scores_jsonl(r, benchmark))
     record = {**r.to_json(), "model": meta["model"], "data": meta["data"], "prompt_template": meta["prompt_template"],
               "max_new_tokens": meta["max_new_tokens"], "batch_size": meta["batch_size"],
               "generated": outcome.generated, "reused_from_cache": outcome.reused,
@@ -355,19 +369,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "\\n")
 
 
+def _ci_cell(r: ScoreResult, key: str) -> str:
+    ci = r.ci.get(key)
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "—"
+
+
 def results_markdown(r: ScoreResult, meta: dict[str, Any]) -> str:
     lines = [
         f"# {r.benchmark} — {meta['model']}",
         "",
-        "| benchmark | score | overall | items | missing | metric | parser | prompt |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {r.benchmark} | {_cell(r.display)} | {r.overall:.4f} | {r.n_items} | {r.n_missing} | {_cell(r.metric)} "
-        f"| {_cell(r.parser)} | `{_cell(meta['prompt_template'])}` |",
+        "| benchmark | score | overall | 95% CI | items | missing | metric | parser | prompt |",
+        "|---|---|---|---|---|---|---|---|---|",
+        (f"| {r.benchmark} | {_cell(r.display)} | {r.overall:.4f} | {_ci_cell(r, 'overall')} | {r.n_items} "
+         f"| {r.n_missing} | {_cell(r.metric)} | {_cell(r.parser)} | `{_cell(meta['prompt_template'])}` |"),
         "",
     ]
+    if r.scorer:
+        lines += [f"Scorer: {_cell(r.scorer['scorer'])} ({_cell(r.scorer['version'])}), following {_cell(r.scorer['source'])}.", ""]
     if r.breakdown:
-        lines += ["| category | score |", "|---|---|"]
-        lines += [f"| {_cell(k)} | {v:.4f} |" for k, v in r.breakdown.items()]
+        lines += ["| category | score | 95% CI |", "|---|---|---|"]
+        lines += [f"| {_cell(k)} | {v:.4f} | {_ci_cell(r, k)} |" for k, v in r.breakdown.items()]
         lines.append("")
     counters = {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, bool))}
     if counters:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmkit.eval.benchmarks.base import EvalInputError
+from vlmkit.eval.synth_choice import CHOICE_SYNTHESIZERS
 
 GOLD_NAME = "gold_predictions.jsonl"
 WORDS = ["CENTRE", "FRIEND", "OCEAN", "MARKET", "GARDEN", "PLANET", "SILVER", "RIVER", "WINTER", "BRIDGE",
@@ -434,6 +435,7 @@ SYNTHESIZERS: dict[str, Callable[[Path, int, random.Random], tuple[Gold, int]]] 
     "mmmu": synth_mmmu, "vqav2": synth_vqav2, "textvqa": synth_textvqa, "chair": synth_chair,
     "pope": synth_pope, "mme": synth_mme, "hallusionbench": synth_hallusionbench, "ai2d": synth_ai2d,
 }  # fmt: skip
+SYNTHESIZERS.update(CHOICE_SYNTHESIZERS)  # MMBench, MMStar, MMMU-Pro (eval/synth_choice.py)
 
 
 def synth_bench(name: str, out_dir: str | Path, n: int = 12, seed: int = 0, write_gold: bool = True) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Union
 
 from PIL import Image
 
@@ -53,11 +53,21 @@ class ScoreResult:
     n_missing: int
     extra: dict[str, Any] = field(default_factory=dict)  # quirk counters, secondary metrics
     per_item: dict[str, float] = field(default_factory=dict)
+    # breakdown key -> the per_item ids it averages (where the breakdown is such a mean); lets
+    # each category get its own error bar and `eval compare` test it
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    ci: dict[str, list[float]] = field(default_factory=dict)  # "overall" or breakdown key -> [low, high]
+    error_bars: dict[str, Any] = field(default_factory=dict)  # how `ci` was computed
+    scorer: dict[str, str] = field(default_factory=dict)  # `Benchmark.rule()`: what produced the numbers
 
     def to_json(self, per_item: bool = False) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("groups")
         if not per_item:
             d.pop("per_item")
+        for key in ("ci", "error_bars", "scorer"):
+            if not d[key]:
+                d.pop(key)
         return d
 
 
@@ -68,7 +78,23 @@ class Benchmark:
     metric: ClassVar[str]  # metric and the official source it follows
     parser: ClassVar[str]  # how a free-form response becomes an answer
     prompt_template: ClassVar[str]  # human-readable summary of the prompt, recorded with scores
+    source: ClassVar[str] = ""  # the official scoring code reproduced (repository and path)
+    rule_version: ClassVar[str] = "1"  # bumped whenever this class's scoring changes a number
     default_max_new_tokens: ClassVar[int] = 32
+
+    def cluster_key(self, item_id: str) -> str:
+        """The group an item was drawn with (items about one image, rotations of one question);
+        error bars resample whole groups. Each item is its own group unless a benchmark says so."""
+        return item_id
+
+    def rule(self) -> dict[str, str]:
+        """What produced a score, recorded in every result: the scorer, the official code it
+        follows, its version, the answer-extraction rule and the prompt template."""
+        from vlmkit import __version__
+
+        return {"scorer": f"{type(self).__module__}.{type(self).__qualname__}", "metric": self.metric,
+                "source": self.source or self.metric, "version": f"vlmkit {__version__}, rule {self.rule_version}",
+                "answer_extraction": self.parser, "prompt_template": self.prompt_template}
 
     def load(self, data_dir: str | os.PathLike) -> list[BenchItem]:
         raise NotImplementedError
@@ -197,6 +223,16 @@ def check_prediction_ids(name: str, items: list[BenchItem], predictions: dict[st
             f"{len(unknown)} prediction id(s) are not {name} items (e.g. {sample}); "
             f"ids are the benchmark's own, e.g. {next(iter(known), '?')!r}"
         )
+
+
+def group_ids(items: list[BenchItem], keys_of: Callable[[BenchItem], Iterable[str | None]]) -> dict[str, list[str]]:
+    """Breakdown key -> the ids of the items it averages (`ScoreResult.groups`), sorted by key."""
+    out: dict[str, list[str]] = {}
+    for it in items:
+        for key in keys_of(it):
+            if key is not None:
+                out.setdefault(str(key), []).append(it.id)
+    return dict(sorted(out.items()))
 
 
 def mean(xs: Iterable[float]) -> float:

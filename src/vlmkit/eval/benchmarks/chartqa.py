@@ -7,7 +7,17 @@ from pathlib import Path
 from vlmkit.eval.metrics import chartqa_score
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    group_ids,
+    read_json,
+    require_dir,
+)
 
 SPLITS = ("test_human", "test_augmented")
 
@@ -62,7 +72,7 @@ class ChartQA(Benchmark):
             benchmark=self.name, overall=overall, display=f"{100 * overall:.2f}", breakdown=breakdown,
             metric=self.metric, parser=self.parser, n_items=n, n_predicted=n_pred, n_missing=n - n_pred,
             extra={"average_of_splits": sum(breakdown.values()) / len(breakdown) if breakdown else 0.0},
-            per_item=per_item,
+            per_item=per_item, groups=group_ids(items, lambda it: [it.metadata["split"]]),
         )
 
 

@@ -23,7 +23,7 @@ from vlmkit.data.formats import read_json_records, record_to_sample
 from vlmkit.eval.metrics import anls, relaxed_correctness, vqa_normalize
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, checked_items, read_jsonl
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, checked_items, group_ids, read_jsonl
 from .synth_media import MediaItem
 
 
@@ -114,7 +114,8 @@ class CustomBench(Benchmark):
         overall = sum(per_item.values()) / n if n else 0.0
         n_pred = sum(it.id in predictions for it in items)
         return ScoreResult(self.name, overall, f"{100 * overall:.1f}", {k: sum(v) / len(v) for k, v in sorted(groups.items())},
-                           self.metric, self.parser, n, n_pred, n - n_pred, per_item=per_item)
+                           self.metric, self.parser, n, n_pred, n - n_pred, per_item=per_item,
+                           groups=group_ids(items, lambda it: [it.metadata.get("task") or None]))
 
 
 def _records(path: Path):

@@ -7,8 +7,18 @@ from collections import defaultdict
 from vlmkit.eval.metrics import anls
 from vlmkit.registry import BENCHMARKS
 
-from .base import (BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, find_first, read_json,
-                   require_dir)
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    find_first,
+    group_ids,
+    read_json,
+    require_dir,
+)
 
 
 class DocVQA(Benchmark):
@@ -57,7 +67,7 @@ class DocVQA(Benchmark):
             benchmark=self.name, overall=overall, display=f"{overall:.4f}",
             breakdown={t: sum(v) / len(v) for t, v in sorted(by_type.items())},
             metric=self.metric, parser=self.parser, n_items=n, n_predicted=n_pred, n_missing=n - n_pred,
-            per_item=per_item,
+            per_item=per_item, groups=group_ids(items, lambda it: it.metadata["question_types"]),
         )
 
 

@@ -16,6 +16,7 @@ from .base import (
     check_prediction_ids,
     checked_items,
     find_first,
+    group_ids,
     read_json,
     require_dir,
 )
@@ -78,6 +79,14 @@ def llm_judge_extractor(model: str, base_url: str | None = None) -> Extractor:
         return judge.generate([(prompt, [])], 64)[0].strip()
 
     return extract
+
+
+def _breakdown_keys(item: BenchItem) -> list[str]:
+    keys = []
+    for key in BREAKDOWN_KEYS:
+        vals = item.metadata.get(key)
+        keys += [f"{key}={v}" for v in (vals if isinstance(vals, list) else [vals]) if v is not None]
+    return keys
 
 
 class MathVista(Benchmark):
@@ -144,7 +153,7 @@ class MathVista(Benchmark):
             benchmark=self.name, overall=acc, display=f"{100 * acc:.2f}%",
             breakdown={k: sum(v) / len(v) for k, v in sorted(groups.items())},
             metric=self.metric, parser=self.parser, n_items=n, n_predicted=n_pred, n_missing=n - n_pred,
-            extra={"correct": int(sum(per_item.values()))}, per_item=per_item,
+            extra={"correct": int(sum(per_item.values()))}, per_item=per_item, groups=group_ids(items, _breakdown_keys),
         )
 
 

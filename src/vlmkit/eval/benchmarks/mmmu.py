@@ -17,7 +17,17 @@ from vlmkit.eval.metrics import (
 )
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    group_ids,
+    read_json,
+    require_dir,
+)
 
 QUESTION_FILES = ("validation.json", "mmmu_validation.json", "dev.json", "test.json")
 ANSWER_DICT_FILES = ("answer_dict_val.json", "mmmu_answer_dict_val.json")
@@ -200,6 +210,7 @@ class MMMU(Benchmark):
             extra={"random_fallbacks": parser.random_fallbacks,
                    "answers_only": bool(items and items[0].metadata.get("answers_only"))},
             per_item=per_item,
+            groups=group_ids(items, lambda it: [it.metadata["subject"], SUBJECT_TO_DOMAIN.get(it.metadata["subject"])]),
         )
 
 

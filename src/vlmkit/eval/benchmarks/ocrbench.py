@@ -7,8 +7,18 @@ from collections import Counter
 from vlmkit.eval.metrics import OCRBENCH_CATEGORIES, ocrbench_correct
 from vlmkit.registry import BENCHMARKS
 
-from .base import (BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, find_first,
-                   read_json, require_dir)
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    find_first,
+    group_ids,
+    read_json,
+    require_dir,
+)
 
 IMAGE_DIRS = ("OCRBench_Images", "images", ".")
 
@@ -81,7 +91,7 @@ class OCRBench(Benchmark):
             # The official script prints points per category; kept here beside the fractions.
             extra={"points": total, "category_points": {c: points[c] for c in OCRBENCH_CATEGORIES},
                    "per_type_points": dict(per_type)},
-            per_item=per_item,
+            per_item=per_item, groups=group_ids(items, lambda it: [type_to_cat[it.metadata["type"]]]),
         )
 
 

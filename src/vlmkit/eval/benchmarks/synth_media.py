@@ -13,7 +13,7 @@ from vlmkit.processing.images import ImageLoadError, load_image
 from vlmkit.processing.video import VideoInput
 from vlmkit.registry import BENCHMARKS
 
-from .base import Benchmark, BenchItem, EvalInputError, ScoreResult, checked_items, read_json
+from .base import Benchmark, BenchItem, EvalInputError, ScoreResult, checked_items, group_ids, read_json
 
 
 @dataclass
@@ -95,4 +95,5 @@ class SyntheticMediaBench(Benchmark):
         breakdown = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
         n_pred = sum(it.id in predictions for it in items)
         return ScoreResult(self.name, overall, f"{100 * overall:.1f}", breakdown, self.metric, self.parser,
-                           len(items), n_pred, len(items) - n_pred, per_item=per_item)
+                           len(items), n_pred, len(items) - n_pred, per_item=per_item,
+                           groups=group_ids(items, lambda it: [it.metadata.get("task", "")]))

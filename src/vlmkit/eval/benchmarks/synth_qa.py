@@ -14,7 +14,7 @@ from vlmkit.data.synthetic.tasks import question_kind
 from vlmkit.eval.metrics import ocrbench_correct, relaxed_correctness, vqa_normalize
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, checked_items, read_json
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, checked_items, group_ids, read_json
 
 METRIC_NAMES = {
     "chart": "ChartQA relaxed accuracy",
@@ -71,4 +71,5 @@ class SyntheticQA(Benchmark):
         overall = sum(per_item.values()) / n if n else 0.0
         n_pred = sum(it.id in predictions for it in items)
         return ScoreResult(self.name, overall, f"{100 * overall:.1f}", {k: sum(v) / len(v) for k, v in sorted(groups.items())},
-                           self.metric, self.parser, n, n_pred, n - n_pred, per_item=per_item)
+                           self.metric, self.parser, n, n_pred, n - n_pred, per_item=per_item,
+                           groups=group_ids(items, lambda it: [it.metadata["kind"], f"task/{it.metadata['task']}"]))

@@ -8,7 +8,17 @@ from pathlib import Path
 from vlmkit.eval.metrics import vqa_accuracy
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    group_ids,
+    read_json,
+    require_dir,
+)
 
 PROMPT = "{question}\nAnswer the question using a single word or phrase."
 
@@ -80,7 +90,7 @@ class _VQABase(Benchmark):
             benchmark=self.name, overall=overall, display=f"{100 * overall:.2f}",
             breakdown={t: sum(v) / len(v) for t, v in sorted(by_type.items())},
             metric=self.metric, parser=self.parser, n_items=n, n_predicted=n_pred, n_missing=n - n_pred,
-            per_item=per_item,
+            per_item=per_item, groups=group_ids(items, lambda it: [it.metadata.get("answer_type") or None]),
         )
 
 
