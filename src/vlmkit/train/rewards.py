@@ -49,7 +49,7 @@ def _vqa(completions, references, **_):
     return [vqa_accuracy(c, [r] * 10, always_normalize=True) for c, r in zip(completions, references)]
 
 
-_LETTERS = re.compile(r"^\(?([A-Z])\)?[.:]?\s")
+_LETTERS = re.compile(r"^\(?([A-Z])[.):]\s")
 
 
 def _mmmu_choice(completions, references, prompts=None, **_):
