@@ -224,6 +224,13 @@ class GRPOConfig(Strict):
     format_pattern: str = r"^<think>.*?</think>\s*<answer>.*?</answer>$"
     """The regular expression the `format` reward matches the whole completion against (dot matches newlines)."""
 
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _name_or_weights(cls, value: Any) -> Any:
+        if not isinstance(value, (str, dict)):
+            raise ValueError(f"a reward name, or a mapping of reward names to finite numbers (weights), not {value!r}")
+        return value
+
 
 class LoraConfig(Strict):
     """LoRA adapters for a stage (through peft): the named parts train only through low-rank

@@ -275,6 +275,10 @@ class GRPOObjective(Objective):
             build_reward(stage.grpo.reward, stage.grpo.format_pattern)
         except ValueError as e:
             raise ValueError(f"stage {name}: {e}") from None
+        if dist.enabled and config.train.distributed == "fsdp2":
+            # Each rank decodes its own prompts for as many steps as its completions need, so the
+            # all-gathers of sharded weights inside generation would not line up across ranks.
+            raise ValueError(f"stage {name}: loss grpo runs under DDP (train.distributed: ddp), not fsdp2")
         if stage.packing:
             raise ValueError(f"stage {name}: loss grpo builds its own batches of completions; packing does not apply")
         if stage.grad_accum > 32:
