@@ -185,6 +185,53 @@ class DPOConfig(Strict):
     """Conservative DPO: the share of pairs assumed to be labelled the wrong way round."""
 
 
+class GRPOConfig(Strict):
+    """Group relative policy optimisation settings (with `loss: grpo`); names and defaults follow
+    TRL's `GRPOConfig`. Each record's prompt is its turns before the last assistant turn, and that
+    turn's text is the reference the reward compares a completion with."""
+
+    num_generations: int = Field(default=8, ge=2)
+    """Completions sampled per prompt (G); their rewards are normalised within the group, so a
+    group needs at least two. A micro-batch of `batch_size` prompts holds batch_size * G completions."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    max_new_tokens: int = Field(default=256, gt=0)
+    """Longest completion (TRL's `max_completion_length`); `dr_grpo` divides by it."""
+    beta: float = Field(default=0.0, ge=0)
+    """Weight of the KL penalty to a frozen copy of the policy as it entered the stage; 0 keeps no
+    reference model at all."""
+    epsilon: float = Field(default=0.2, gt=0, lt=1)
+    """Clipping of the policy ratio: [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: float | None = Field(default=None, gt=0)
+    """Upper clipping bound (DAPO's clip-higher, e.g. 0.28); null: `epsilon`."""
+    num_iterations: int = Field(default=1, ge=1)
+    """Optimizer steps on each generation batch (TRL's mu); above 1, the ratio to the policy
+    that sampled the batch departs from 1 and clipping acts."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """How token losses are averaged: `grpo` per completion, then over completions; `dr_grpo`
+    summed over the step's tokens / (completions * max_new_tokens); `dapo` summed over the step's
+    tokens / completion tokens in the step (TRL's definitions)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantages are reward - group mean, divided by the group's std (`group`), the whole
+    step's std (`batch`) or nothing (`none`, Dr. GRPO's recommendation)."""
+    reward: str | dict[str, float] = "exact"
+    """A reward name, or weighted sum `{relaxed: 1.0, format: 0.2}`. Names: the scorers `exact`,
+    `contains`, `vqa`, `relaxed`, `anls`, `mmmu-choice`, `mathvista`; `format` (the completion
+    matches `format_pattern`); or your own function as `path/to/file.py:function` or
+    `module:function` (it runs as trusted code: see docs/training.md)."""
+    format_pattern: str = r"^<think>.*?</think>\s*<answer>.*?</answer>$"
+    """The regular expression the `format` reward matches the whole completion against (dot matches newlines)."""
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _name_or_weights(cls, value: Any) -> Any:
+        if not isinstance(value, (str, dict)):
+            raise ValueError(f"a reward name, or a mapping of reward names to finite numbers (weights), not {value!r}")
+        return value
+
+
 class LoraConfig(Strict):
     """LoRA adapters for a stage (through peft): the named parts train only through low-rank
     adapters on the target layers; their base weights stay frozen."""
@@ -297,14 +344,17 @@ class StageConfig(Strict):
     """AdamW weight decay (biases and norms get none)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Gradient clipping norm; null: no clipping."""
-    loss: Literal["sft", "dpo", "embed-align"] = "sft"
+    loss: Literal["sft", "dpo", "embed-align", "grpo"] = "sft"
     """`sft`: next-token loss on the assistant turns; `dpo`: preference pairs (TRL, RLAIF-V or
     LLaVA-RLHF records, detected per record); `embed-align`: no LLM pass, each assistant token's
     input embedding is pulled toward its sample's most similar visual token (cosine), which
     writes what an image shows into the visual tokens as the LLM's own word vectors, cheaply,
-    before an `sft` stage (prefix fusion, one process)."""
+    before an `sft` stage (prefix fusion, one process); `grpo`: reinforcement learning on the
+    records' prompts, each completion scored by a reward against the last assistant turn."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     """DPO settings."""
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    """GRPO settings."""
     loss_reduction: Literal["token", "sample"] = "token"
     """SFT: `token` weighs every supervised token of the step equally; `sample` averages each
     sample's mean token loss, so long answers do not dominate."""

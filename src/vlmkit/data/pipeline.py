@@ -85,6 +85,7 @@ class MicroBatch:
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (global index, record id, message)
     image_keys: list[str] | None = None  # per image of `batch.images`: content key (for the feature cache)
     global_indices: list[int] = field(default_factory=list)  # the whole global micro-batch
+    samples: list[EncodedSample] | None = None  # the encoded units (first of each), for objectives that build their own batches
 
     def pin_memory(self) -> "MicroBatch":
         if self.batch is not None:
@@ -99,10 +100,10 @@ class StageDataset(torch.utils.data.Dataset):
     Runs in DataLoader workers."""
 
     def __init__(self, mixture: Mixture, processor: ChatProcessor, *, dpo: bool, pad_id: int, packing: bool = False,
-                 capacity: int = 0, max_images: int | None = None, image_keys: bool = False):
+                 capacity: int = 0, max_images: int | None = None, image_keys: bool = False, keep_samples: bool = False):
         self.mixture, self.processor, self.dpo = mixture, processor, dpo
         self.pad_id, self.packing, self.capacity, self.max_images = pad_id, packing, capacity, max_images
-        self.image_keys = image_keys
+        self.image_keys, self.keep_samples = image_keys, keep_samples
 
     def unit(self, g: int, row: dict | None = None) -> tuple[list[EncodedSample], tuple]:
         if row is not None:  # a streamed source's row, read by the sampler
@@ -131,6 +132,8 @@ class StageDataset(torch.utils.data.Dataset):
             refs.append(ref)
         counts = [int((u[0].labels[1:] != IGNORE_INDEX).sum()) for u in units]
         out = MicroBatch(self.make_batch(units) if units else None, indices, counts, refs, skipped, global_indices=list(global_indices))
+        if self.keep_samples:
+            out.samples = [u[0] for u in units]
         if self.image_keys and out.batch is not None:
             out.image_keys = [image_content_key(im) for im in out.batch.images]
         return out

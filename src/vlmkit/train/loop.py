@@ -7,7 +7,7 @@ takes the stage's indexed data (records located, not decoded), wraps the model f
 then builds AdamW with warmup + cosine. Micro-batches are read and encoded on demand by DataLoader
 workers (`StageInput`); a frozen vision tower's features come from `FrozenFeatures` (on disk when
 enabled). `train_step` is one optimizer step: each micro-batch's `forward_backward`, clipping, the
-update and the schedule. The stage's `Objective` (SFT, DPO, embed-align) builds the loss and
+update and the schedule. The stage's `Objective` (SFT, DPO, embed-align, GRPO) builds the loss and
 reports its own metrics.
 
 Each step's loss is normalised by the whole step's count (all micro-batches, all ranks), so
@@ -296,7 +296,7 @@ def set_up_stage(model, config: Config, name: str, stage: StageConfig, out_dir: 
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     dataset = StageDataset(data.mixture, processor, dpo=objective.pairs, pad_id=pad_id, packing=stage.packing,
                            capacity=stage.pack_length or tcfg.max_length, max_images=stage.max_images_per_pack,
-                           image_keys=features is not None and features.dir is not None)
+                           image_keys=features is not None and features.dir is not None, keep_samples=objective.keeps_samples)
     pin = device.type == "cuda"
     on_device = _on_device(device, features)
     total_steps = _total_steps(stage, len(data.mixture))

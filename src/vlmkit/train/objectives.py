@@ -1,4 +1,4 @@
-"""What a stage optimises: SFT, DPO or embedding alignment. An objective knows its step normaliser,
+"""What a stage optimises: SFT, DPO, embedding alignment or GRPO. An objective knows its step normaliser,
 its loss and its own metrics, and does its own set-up; the loop around it (data, accumulation,
 clipping, checkpoints) is the same for all."""
 
@@ -16,7 +16,19 @@ from vlmkit.data.pipeline import MicroBatch
 from vlmkit.data.sources import Mixture
 from vlmkit.model.vlm import IGNORE_INDEX, lm_head
 from vlmkit.train.distributed import DistContext
-from vlmkit.train.losses import decoder_hidden, dpo_loss, sequence_logps, sft_loss_sum, step_normaliser
+from vlmkit.train.losses import (
+    decoder_hidden,
+    dpo_loss,
+    grpo_loss_sum,
+    grpo_normaliser,
+    grpo_token_loss,
+    sequence_logps,
+    sft_loss_sum,
+    step_normaliser,
+    token_logps,
+)
+from vlmkit.train.rewards import build_reward
+from vlmkit.train.rollout import Rollout, roll_out
 
 # Every micro-batch of the stage's data once, in record order, on the device: `in_order(desc)`.
 InOrder = Callable[[str], Iterable[tuple[MicroBatch, Batch]]]
@@ -36,6 +48,8 @@ class Objective:
 
     # Each data unit is a (chosen, rejected) pair rather than one sample.
     pairs = False
+    # Micro-batches also carry their encoded samples (`MicroBatch.samples`), not only the batch.
+    keeps_samples = False
     # The per-step sums `loss` adds to; the loop sums them over ranks for `metrics`.
     stat_keys: tuple[str, ...] = ()
 
@@ -228,5 +242,120 @@ class EmbedAlignObjective(Objective):
         return per_token.sum(), torch.bincount(owner, minlength=len(batch.ids))
 
 
+class GRPOObjective(Objective):
+    """`loss: grpo`: group relative policy optimisation (TRL's GRPOTrainer, with its loss variants).
+
+    A step's micro-batches are its generation batch: before the step's first forward
+    (`local_normaliser`), every record's prompt gets G sampled completions, each scored by the
+    reward against the record's last assistant turn and given its advantage within its group
+    (`rollout.py`). The step's loss is then the clipped policy-ratio objective over those
+    completions, with the KL penalty to a frozen copy of the entering policy when beta > 0. With
+    num_iterations > 1 the same completions serve that many steps (the data the later steps
+    draw is left unused), scored once under the policy that sampled them. The sampling seed is
+    drawn from the training RNG, which checkpoints keep, so a resumed run samples alike.
+    """
+
+    keeps_samples = True
+
+    def __init__(self, stage: StageConfig, reference_model=None):
+        self.cfg = stage.grpo
+        self.reward = build_reward(self.cfg.reward, self.cfg.format_pattern)
+        self.reference_model = reference_model
+        self.model = None
+        self.stat_keys = ("reward", "reward_sq", "completions", "completion_tokens", "zero_std_groups", "groups",
+                          "masked_tokens", "clipped", "kl", *(f"{k}:{n}" for n in self.reward.terms for k in ("reward", "reward_sq")))
+        self.buffer: list[Rollout] = []
+        self.cursor = 0
+        self.updates = 0
+
+    @classmethod
+    def check(cls, name: str, config: Config, dist: DistContext) -> None:
+        stage = config.train.stages[name]
+        try:
+            build_reward(stage.grpo.reward, stage.grpo.format_pattern)
+        except ValueError as e:
+            raise ValueError(f"stage {name}: {e}") from None
+        if dist.enabled and config.train.distributed == "fsdp2":
+            # Each rank decodes its own prompts for as many steps as its completions need, so the
+            # all-gathers of sharded weights inside generation would not line up across ranks.
+            raise ValueError(f"stage {name}: loss grpo runs under DDP (train.distributed: ddp), not fsdp2")
+        if stage.packing:
+            raise ValueError(f"stage {name}: loss grpo builds its own batches of completions; packing does not apply")
+        if stage.grad_accum > 32:
+            raise ValueError(f"stage {name}: loss grpo samples a whole step's completions before its first forward; "
+                             f"grad_accum {stage.grad_accum} is over 32")
+        every, mu = config.train.save_every, stage.grpo.num_iterations
+        if mu > 1 and every and every % mu:
+            raise ValueError(f"stage {name}: train.save_every ({every}) must be a multiple of grpo.num_iterations ({mu}), "
+                             "so a checkpoint never falls inside the updates of one generation batch")
+
+    @classmethod
+    def for_stage(cls, name: str, stage: StageConfig, model, mixture: Mixture) -> GRPOObjective:
+        # The reference is the policy as it enters the stage: copied before any resume load.
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if stage.grpo.beta > 0 else None
+        return cls(stage, reference)
+
+    def start(self, model, state: dict | None, in_order: InOrder) -> None:
+        self.model = model
+        if state is not None:
+            self.updates = int(state.get("grpo_updates", 0))
+
+    def local_normaliser(self, micro: list[MicroBatch]) -> float:
+        """Sample and score this step's completions (a fresh generation batch every num_iterations
+        steps); the normaliser is the loss type's count over them."""
+        if not self.buffer or self.updates % self.cfg.num_iterations == 0:
+            self.buffer = []
+            for mb in micro:
+                if mb.batch is None:
+                    continue
+                seed = int(torch.randint(0, 2**62, (1,)))
+                self.buffer.append(roll_out(self.model, mb.samples, self.reward, self.cfg, seed,
+                                            reference_model=self.reference_model, keep_old=self.cfg.num_iterations > 1))
+        self.updates += 1
+        self.cursor = 0
+        return sum(grpo_normaliser(r.mask, self.cfg.loss_type, self.cfg.max_new_tokens) for r in self.buffer)
+
+    def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
+        rollout = self.buffer[self.cursor]
+        self.cursor += 1
+        logps = token_logps(decoder_hidden(wrapped, rollout.batch), rollout.batch, lm_head(model.llm))
+        old = rollout.old_logps if rollout.old_logps is not None else logps.detach()
+        eps = self.cfg.epsilon
+        terms = grpo_token_loss(logps, old, rollout.advantages, eps, self.cfg.epsilon_high or eps, self.cfg.beta, rollout.ref_logps)
+        mask = rollout.mask
+        for key, value in rollout.stats.items():
+            stats[key] += value
+        stats["masked_tokens"] += float(mask.sum())
+        stats["clipped"] += float((terms.clipped * mask).sum())
+        if terms.kl is not None:
+            stats["kl"] += float((terms.kl * mask).sum())
+        return grpo_loss_sum(terms.per_token, mask, self.cfg.loss_type), mask.sum(-1).long()
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """TRL's names: the reward's mean and std over the step's completions (and each term's),
+        the share of groups whose rewards were all equal (they teach nothing), the mean completion
+        length, the share of completion tokens whose ratio was clipped, and the mean KL."""
+        n, tokens = max(1.0, totals["completions"]), max(1.0, totals["masked_tokens"])
+
+        def mean_std(total: float, squares: float) -> tuple[float, float]:
+            mean = total / n
+            return mean, max(0.0, squares / n - mean * mean) ** 0.5
+
+        out = {}
+        out["reward"], out["reward_std"] = mean_std(totals["reward"], totals["reward_sq"])
+        for name in self.reward.terms:
+            out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = mean_std(totals[f"reward:{name}"], totals[f"reward_sq:{name}"])
+        out["frac_reward_zero_std"] = totals["zero_std_groups"] / max(1.0, totals["groups"])
+        out["completions/mean_length"] = totals["completion_tokens"] / n
+        out["clip_ratio/region_mean"] = totals["clipped"] / tokens
+        if self.cfg.beta > 0:
+            out["kl"] = totals["kl"] / tokens
+        return out
+
+    def state(self) -> dict:
+        return {"grpo_updates": self.updates}
+
+
 # A stage's `loss` names its objective.
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFTObjective, "dpo": DPOObjective, "embed-align": EmbedAlignObjective}
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFTObjective, "dpo": DPOObjective, "embed-align": EmbedAlignObjective,
+                                          "grpo": GRPOObjective}

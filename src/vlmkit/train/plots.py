@@ -1,7 +1,8 @@
 """Training curves as PNG files, drawn from the lines of `metrics.jsonl`: the loss against the
-step (`loss.png`) and the held-out scores of `train.eval` against the step (`heldout.png`).
+step (`loss.png`), the held-out scores of `train.eval` against the step (`heldout.png`), and for a
+GRPO stage the mean reward of its completions, with each weighted term (`reward.png`).
 
-`vlmkit train` draws both for each stage into the stage's checkpoint folder when the stage ends;
+`vlmkit train` draws them for each stage into the stage's checkpoint folder when the stage ends;
 `vlmkit quickstart` draws its stages together on one pair, the steps running on across stages.
 """
 
@@ -108,13 +109,43 @@ def plot_heldout(records: list[dict], out_png: Path, title: str, stages: Iterabl
     return True
 
 
+def plot_rewards(records: list[dict], out_png: Path, title: str, stage: str) -> bool:
+    """A GRPO stage's mean reward per step (a band of one std around it), and each reward term's
+    mean where there are several; False, and no file, when the stage logged no reward."""
+    rows = [r for r in _loss_lines(records, [stage]) if isinstance(r.get("reward"), (int, float))]
+    if not rows:
+        return False
+    plt = _pyplot()
+    x = [r["step"] for r in rows]
+    mean = [r["reward"] for r in rows]
+    std = [r.get("reward_std", 0.0) for r in rows]
+    terms = [k for k in rows[-1] if k.startswith("rewards/") and k.endswith("/mean")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="black", alpha=0.1)
+        ax.plot(x, mean, color="black", lw=2, label="reward (weighted sum)")
+        if len(terms) > 1:
+            for key in terms:
+                ax.plot(x, [r.get(key, float("nan")) for r in rows], lw=1, label=key[len("rewards/"):-len("/mean")])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean reward of the step's completions")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        _save(fig, ax, out_png)
+    finally:
+        plt.close(fig)
+    return True
+
+
 def plot_stage(metrics_path: Path, stage: str, folder: Path) -> list[Path]:
-    """A stage's `loss.png` and (when `train.eval` checked it) `heldout.png` in `folder`; the
-    paths written."""
+    """A stage's `loss.png`, `heldout.png` (when `train.eval` checked it) and `reward.png` (a GRPO
+    stage) in `folder`; the paths written."""
     records = read_jsonl(metrics_path) if metrics_path.is_file() else []
     written = []
     if plot_losses(records, folder / "loss.png", f"stage {stage}: training loss", [stage]):
         written.append(folder / "loss.png")
     if plot_heldout(records, folder / "heldout.png", f"stage {stage}: held-out score", [stage]):
         written.append(folder / "heldout.png")
+    if plot_rewards(records, folder / "reward.png", f"stage {stage}: reward", stage):
+        written.append(folder / "reward.png")
     return written

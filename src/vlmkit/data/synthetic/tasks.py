@@ -11,6 +11,7 @@ image as one multi-turn conversation; test records ask one question and carry `t
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,25 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
         paths[split] = out / f"{split}.json"
         write_llava_json(paths[split], records)
     return paths
+
+
+def write_question_records(data_dir: str | Path, task: str = "chart", name: str | None = None) -> Path:
+    """One single-question record per question of `task`'s stage-2 conversations (each asked
+    with its image, as the held-out split asks), written as `<task>.json` next to stage2.json:
+    a GRPO stage's prompts, each record's answer its reference."""
+    folder = Path(data_dir)
+    with open(folder / "stage2.json", encoding="utf-8") as f:
+        records = json.load(f)
+    out = []
+    for r in records:
+        if r.get("task") != task:
+            continue
+        turns = r["conversations"]
+        for k in range(0, len(turns) - 1, 2):
+            question = turns[k]["value"].replace("<image>\n", "")
+            out.append(_record(f"{r['id']}-q{k // 2}", r["image"], [(question, turns[k + 1]["value"])], task=task))
+    if not out:
+        raise ValueError(f"{folder / 'stage2.json'}: no records of task {task!r}")
+    path = folder / (name or f"{task}.json")
+    write_llava_json(path, out)
+    return path
