@@ -17,7 +17,17 @@ from pathlib import Path
 
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_json, require_dir
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    group_ids,
+    read_json,
+    require_dir,
+)
 
 TEST_IDS = "ai2d_test_ids.csv"
 _LEADING_LETTER = re.compile(r"^\s*([A-Z])\.")
@@ -112,6 +122,8 @@ class AI2D(Benchmark):
             breakdown={k: sum(v) / len(v) for k, v in sorted(groups.items())}, metric=self.metric, parser=self.parser,
             n_items=n, n_predicted=n_pred, n_missing=n - n_pred, extra={"correct": int(sum(per_item.values()))},
             per_item=per_item,
+            groups=group_ids(items, lambda it: [f"category={it.metadata['category']}",
+                                                f"abcLabel={str(it.metadata['abcLabel']).lower()}"]),
         )
 
 

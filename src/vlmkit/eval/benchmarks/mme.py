@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, require_dir
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, group_ids, require_dir
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -135,6 +135,8 @@ class MME(Benchmark):
             extra={"perception": perception, "cognition": cognition, "other_answers": other,
                    "all_subtasks": len(scores) == len(PERCEPTION + COGNITION), "subtask_scores": scores},
             per_item=per_item,
+            # acc is the mean of a subtask's items (acc+ is per image, not an item mean).
+            groups=group_ids(items, lambda it: [f"{it.metadata['subtask']}/acc"]),
         )
 
 

@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, check_prediction_ids, checked_items, read_jsonl, require_dir
+from .base import (
+    BenchItem,
+    Benchmark,
+    EvalInputError,
+    ScoreResult,
+    check_prediction_ids,
+    checked_items,
+    group_ids,
+    read_jsonl,
+    require_dir,
+)
 
 SPLITS = ("random", "popular", "adversarial")
 QUESTION_DIRS = ("output/coco", ".")
@@ -126,6 +136,7 @@ class POPE(Benchmark):
             display=f"F1 {100 * f1_mean:.2f} (mean of {len(f1s)} split(s)), accuracy {100 * overall:.2f}",
             breakdown=breakdown, metric=self.metric, parser=self.parser, n_items=n, n_predicted=n_pred,
             n_missing=n - n_pred, extra={"f1_mean": f1_mean, "confusion": counts}, per_item=per_item,
+            groups=group_ids(items, lambda it: [f"{it.metadata['split']}/accuracy"]),
         )
 
 
