@@ -2,8 +2,9 @@
 
 Each `tests/families/<family>/<family>_folder.py` declares `PARITY` (`tests/_parity.py`); this
 module finds them (nothing lists them), imports each tiny random folder once with
-`vlmkit import-hf`, and checks input ids, logits (fp32, the case's tolerance) and greedy tokens
-against transformers' own processor and model, on each of the case's image sizes."""
+`vlmkit import-hf`, and checks input ids, logits (fp32, the case's tolerance), greedy tokens and
+their decoded text against transformers' own processor, model and tokenizer, on each of the case's
+image sizes, under each of `_parity.SETTINGS` (as saved; harder weights, gates, sizes, decoding)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from _parity import ParityCase, first_stop, import_tiny, noise
+from _parity import SETTINGS, ParityCase, Setting, first_stop, import_tiny, noise
 
 from vlmkit.core.types import Message
-from vlmkit.generate import GenerationConfig, generate
+from vlmkit.generate import GenerationConfig, decode, generate
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.base import VisualBatch
 
@@ -35,27 +36,32 @@ def _declared_cases() -> list[ParityCase]:
 
 
 CASES = _declared_cases()
-_imported: dict[str, tuple] = {}
+_imported: dict[tuple[str, str], tuple] = {}
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """(folder, vlmkit model) of a case, imported on first use and kept for the module."""
 
-    def get(case: ParityCase):
-        if case.name not in _imported:
-            folder, _, model = import_tiny(tmp_path_factory.mktemp(case.name.replace("/", "-")), case.save)
-            _imported[case.name] = folder, model
-        return _imported[case.name]
+    def get(case: ParityCase, setting: Setting):
+        key = case.name, setting.name
+        if key not in _imported:
+            root = tmp_path_factory.mktemp(f"{case.name.replace('/', '-')}-{setting.name}")
+            folder, _, model = import_tiny(root, lambda folder: setting.save(case, folder))
+            _imported[key] = folder, model
+        return _imported[key]
 
     yield get
     _imported.clear()
 
 
-@pytest.mark.parametrize(("case", "size"), [(c, s) for c in CASES for s in c.sizes],
-                         ids=[f"{c.name}-{w}x{h}" for c in CASES for w, h in c.sizes])
-def test_import_matches_transformers(imported, case: ParityCase, size):
-    folder, model = imported(case)
+RUNS = [(c, setting, size) for c in CASES for setting in SETTINGS for size in setting.sizes or c.sizes]
+
+
+@pytest.mark.parametrize(("case", "setting", "size"), RUNS,
+                         ids=[f"{c.name}-{setting.name}-{w}x{h}" for c, setting, (w, h) in RUNS])
+def test_import_matches_transformers(imported, case: ParityCase, setting: Setting, size):
+    folder, model = imported(case, setting)
     image = noise(*size, seed=sum(size))
     prompt = build_chat_processor(model, 1 << 16).encode_prompt([Message("user", case.image_text + case.question)], [image])
     ref_ids, kwargs = case.reference(folder, image, case.question, prompt, model)
@@ -73,7 +79,10 @@ def test_import_matches_transformers(imported, case: ParityCase, size):
     expected = generate(model, [prompt], GenerationConfig(max_new_tokens=case.greedy_tokens))[0]
     out = ref.generate(input_ids=ids, **kwargs, max_new_tokens=case.greedy_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
     eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    out = first_stop(out, set(eos if isinstance(eos, list) else [eos]))
+    assert out == expected
+    text = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True).decode(out, skip_special_tokens=True)
+    assert decode(model, [expected]) == [text.strip()]
 
 
 def test_every_importable_family_has_a_parity_case():
