@@ -41,14 +41,14 @@ _imported: dict[tuple[str, str], tuple] = {}
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """(folder, vlmkit model) of a case, imported on first use and kept for the module."""
+    """(folder, vlmkit model, checkpoint) of a case, imported on first use and kept for the module."""
 
     def get(case: ParityCase, setting: Setting):
         key = case.name, setting.name
         if key not in _imported:
             root = tmp_path_factory.mktemp(f"{case.name.replace('/', '-')}-{setting.name}")
-            folder, _, model = import_tiny(root, lambda folder: setting.save(case, folder))
-            _imported[key] = folder, model
+            folder, checkpoint, model = import_tiny(root, lambda folder: setting.save(case, folder))
+            _imported[key] = folder, model, checkpoint
         return _imported[key]
 
     yield get
@@ -61,7 +61,7 @@ RUNS = [(c, setting, size) for c in CASES for setting in SETTINGS for size in se
 @pytest.mark.parametrize(("case", "setting", "size"), RUNS,
                          ids=[f"{c.name}-{setting.name}-{w}x{h}" for c, setting, (w, h) in RUNS])
 def test_import_matches_transformers(imported, case: ParityCase, setting: Setting, size):
-    folder, model = imported(case, setting)
+    folder, model, _ = imported(case, setting)
     image = noise(*size, seed=sum(size))
     prompt = build_chat_processor(model, 1 << 16).encode_prompt([Message("user", case.image_text + case.question)], [image])
     ref_ids, kwargs = case.reference(folder, image, case.question, prompt, model)
@@ -83,6 +83,47 @@ def test_import_matches_transformers(imported, case: ParityCase, setting: Settin
     assert out == expected
     text = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True).decode(out, skip_special_tokens=True)
     assert decode(model, [expected]) == [text.strip()]
+
+
+def _prefer_image_token(model, ref, prompt, reference_kwargs) -> bool:
+    """Make both heads score the image token a little above a token the model emits early (its
+    row: that token's, times 1.05), so greedy decoding produces it mid-answer. False where the
+    head has no row for it (Llama 3.2 Vision's `<|image|>` lies past the LM head)."""
+    ours, theirs = model.llm.get_output_embeddings(), ref.get_output_embeddings()
+    if model.image_token_id >= ours.weight.shape[0]:
+        return False
+    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0]
+    if not early:  # the first token stops: take the stop token's place instead
+        early = ref.generate(input_ids=prompt.input_ids[None], **reference_kwargs, max_new_tokens=1, do_sample=False)[0, -1:].tolist()
+    with torch.no_grad():
+        for head in (ours, theirs):
+            head.weight[model.image_token_id] = head.weight[early[-1]] * 1.05
+            if getattr(head, "bias", None) is not None:
+                head.bias[model.image_token_id] = head.bias[early[-1]] + abs(head.bias[early[-1]]) * 0.05
+    return True
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_generated_image_token_is_decoded_as_text(imported, case: ParityCase):
+    """A model may emit its own image-placeholder token (a tiny random one does, a real one may
+    under sampling): generated tokens are text, never image slots. Decoding runs on, token for
+    token as transformers' generate (which embeds them as ordinary tokens)."""
+    from vlmkit.checkpoint import load_checkpoint
+
+    folder, _, checkpoint = imported(case, SETTINGS[0])
+    model, _ = load_checkpoint(checkpoint)  # its own copy: the head is changed below
+    image = noise(71, 45, seed=7)
+    prompt = build_chat_processor(model, 1 << 16).encode_prompt([Message("user", case.image_text + case.question)], [image])
+    _, kwargs = case.reference(folder, image, case.question, prompt, model)
+    ref = getattr(transformers, case.model_class).from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    if not _prefer_image_token(model, ref, prompt, kwargs):
+        pytest.skip("the LM head has no row for the image token: the model cannot emit it")
+    ids = prompt.input_ids[None]
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=10))[0]
+    assert model.image_token_id in ours  # the case under test: the model did emit it
+    theirs = ref.generate(input_ids=ids, **kwargs, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    assert first_stop(theirs, set(eos if isinstance(eos, list) else [eos])) == ours
 
 
 def test_every_importable_family_has_a_parity_case():
