@@ -63,9 +63,13 @@ RUNS = [(c, setting, size) for c in CASES for setting in SETTINGS for size in se
 def test_import_matches_transformers(imported, case: ParityCase, setting: Setting, size):
     folder, model, _ = imported(case, setting)
     image = noise(*size, seed=sum(size))
-    prompt = build_chat_processor(model, 1 << 16).encode_prompt([Message("user", case.image_text + case.question)], [image])
+    chat = build_chat_processor(model, 1 << 16)
+    prompt = chat.encode_prompt([Message("user", case.image_text + case.question)], [image])
     ref_ids, kwargs = case.reference(folder, image, case.question, prompt, model)
     assert prompt.input_ids.tolist() == ref_ids.tolist()
+    # `vlmkit chat --image` and `vlmkit eval` put the image before the question this way.
+    by_default = chat.encode_prompt([Message("user", chat.with_leading_images(case.question, 1))], [image])
+    assert by_default.input_ids.tolist() == ref_ids.tolist()
 
     ref = getattr(transformers, case.model_class).from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     ids = prompt.input_ids[None]
