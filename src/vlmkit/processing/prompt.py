@@ -284,11 +284,13 @@ class ChatProcessor:
 
     @functools.cached_property
     def _image_text_separator(self) -> str:
+        from jinja2 import TemplateError
+
         probe = "\ue003"
         try:
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}], tokenize=False)
-        except Exception:  # a template for string contents only fails inside jinja on a list
+        except (TemplateError, TypeError, ValueError):  # a template for string contents only, given a list
             return "\n"
         at = rendered.find(probe) if isinstance(rendered, str) else -1
         return "\n" if at <= 0 or rendered[at - 1] == "\n" else ""
