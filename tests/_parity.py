@@ -8,10 +8,18 @@ transformers' own processor and model:
   * what the case's `reference` checks itself (pixels, patches, grids: it may assert);
   * the logits, within `atol` (fp32);
   * the greedy continuation, up to the first stop token.
+
+Every case runs under each `Setting` of `SETTINGS`: the folder as its builder saved it, and a
+harder one (weights drawn at std 0.2 instead of transformers' 0.02, so answers depend on the image;
+tanh gates such as Llama 3.2 Vision's cross-attention gates opened to 0.5; odd small images; a
+tokenizer without a decoder, which joins tokens with spaces as a word-level one does) where a
+greedy answer is fragile enough to show a mismatch the defaults hide. The answer's text is
+compared too: vlmkit's decode against the folder's own tokenizer's.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,45 @@ class ParityCase:
     image_text: str = "<image>\n"
     atol: float = 1e-4
     greedy_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A configuration the harness applies to every case's saved folder. `init_std` redraws every
+    weight matrix (not norms or biases) from N(0, init_std), what a config's `initializer_range`
+    does; `gate` sets the scalar tanh gates (Llama 3.2 Vision's cross-attention and tile gates);
+    `sizes` replaces the case's own image sizes; `spaced_decode` drops tokenizer.json's decoder, so
+    decoding joins tokens with spaces, as a word-level tokenizer's does."""
+
+    name: str
+    init_std: float | None = None
+    gate: float | None = None
+    sizes: tuple[tuple[int, int], ...] | None = None
+    spaced_decode: bool = False
+
+    def save(self, case: ParityCase, folder: Path) -> Path:
+        folder = case.save(folder)
+        if self.spaced_decode:
+            spec = json.loads((folder / "tokenizer.json").read_text())
+            (folder / "tokenizer.json").write_text(json.dumps({**spec, "decoder": None}))
+        if self.init_std is None and self.gate is None:
+            return folder
+        import transformers
+
+        model = getattr(transformers, case.model_class).from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if self.gate is not None and p.numel() == 1 and "gate" in name:
+                    p.fill_(self.gate)
+                elif self.init_std is not None and p.dim() >= 2:
+                    p.normal_(0.0, self.init_std)
+        model.save_pretrained(folder, safe_serialization=True)
+        return folder
+
+
+SETTINGS = (Setting("default"),
+            Setting("harder", init_std=0.2, gate=0.5, sizes=((71, 45), (13, 29)), spaced_decode=True))
 
 
 def import_tiny(root: Path, save: Callable[..., Path], **options) -> tuple[Path, Path, Any]:

@@ -40,7 +40,7 @@ class ChatSession:
         BadRecordError; it is dropped with its images, and the conversation so far is kept."""
         images = self.pending
         if images and "<image>" not in text:
-            text = "<image>\n" * len(images) + text
+            text = self.processor.with_leading_images(text, len(images))
         messages = [*self.messages, Message("user", text)]
         try:
             prompt = self.processor.encode_prompt(messages, [*self.images, *images])

@@ -302,9 +302,9 @@ class VlmkitBackend:
             messages = list(prompt)
             if images and not any("<image>" in m.content for m in messages):
                 first = next((i for i, m in enumerate(messages) if m.role == "user"), 0)
-                messages[first] = Message(messages[first].role, "<image>\n" * len(images) + messages[first].content)
+                messages[first] = Message(messages[first].role, self.processor.with_leading_images(messages[first].content, len(images)))
             return self.processor.encode_prompt(messages, list(images))
-        text = prompt if "<image>" in prompt or not images else "<image>\n" * len(images) + prompt
+        text = prompt if "<image>" in prompt or not images else self.processor.with_leading_images(prompt, len(images))
         return self.processor.encode_prompt([Message("user", text)], list(images))
 
     def generate(self, batch: Sequence[Request], max_new_tokens: int) -> list[str]:

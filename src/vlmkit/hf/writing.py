@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vlmkit.checkpoint import save_checkpoint
 from vlmkit.generate import extra_stop_ids
-from vlmkit.hf.folder import ExportError
+from vlmkit.hf.folder import ExportError, read_json
 from vlmkit.hf.output_folder import publish, staging_folder
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.utils import respect_umask
@@ -37,12 +37,28 @@ def build_imported(config, image_token: str | None = None, expected_id: int | No
     return model
 
 
+def keep_saved_tokenizer_class(model, staged_llm: Path) -> None:
+    """Give the model the tokenizer class its source folder's tokenizer loaded as (the class the
+    staged folder's tokenizer_config.json records). AutoTokenizer on the staged LLM folder reads
+    config.json's model type and, for some types (qwen2), swaps the saved class for that type's
+    own, which rebuilds the pre-tokenizer and decoder from the vocabulary instead of taking
+    tokenizer.json's: a word-level tokenizer would then decode without the spaces transformers'
+    decode puts between its words."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    saved = read_json(staged_llm / "tokenizer_config.json").get("tokenizer_class")
+    cls = tokenizer_class_from_name(saved) if isinstance(saved, str) else None
+    if cls is not None and type(model.tokenizer) is not cls:
+        model.tokenizer = cls.from_pretrained(staged_llm, local_files_only=True)
+
+
 def write_checkpoint(model, config, folder: Path, out: Path, staged_llm: Path, tmp: Path, max_length: int) -> Path:
     """Save the imported model under `out` (built in the staging folder `tmp`, then swapped in; see
     `vlmkit.hf.output_folder`), its LLM folder inside it, and the recipe pointing at that folder with
     `max_length` as `train.max_length`. The LLM folder is recorded relative to the checkpoint
     (`llm`), so the import loads wherever it is moved."""
     config.train.max_length = max_length
+    keep_saved_tokenizer_class(model, staged_llm)
     ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())}, inside=("llm",))
     shutil.move(str(staged_llm), ckpt / "llm")
     respect_umask(ckpt)

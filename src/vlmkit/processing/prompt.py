@@ -274,6 +274,27 @@ class ChatProcessor:
         return sample
 
     # ---- text ---------------------------------------------------------------------------
+    def with_leading_images(self, text: str, n: int) -> str:
+        """A user turn of `n` images then `text`, laid out as the family's processor lays out the
+        content list [image, ..., text]: `<image>` then the text directly where its template puts
+        the text right after the image (Llama 3.2 Vision, Qwen2-VL, Gemma 3, Idefics), `<image>\n`
+        where it puts a newline there (LLaVA) or cannot render content lists (vlmkit's own
+        templates, whose convention `<image>\n` is)."""
+        return (IMAGE_PLACEHOLDER + self._image_text_separator) * n + text
+
+    @functools.cached_property
+    def _image_text_separator(self) -> str:
+        from jinja2 import TemplateError
+
+        probe = "\ue003"
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}], tokenize=False)
+        except (TemplateError, TypeError, ValueError):  # a template for string contents only, given a list
+            return "\n"
+        at = rendered.find(probe) if isinstance(rendered, str) else -1
+        return "\n" if at <= 0 or rendered[at - 1] == "\n" else ""
+
     def _render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         if self.system_prompt is not None and messages and messages[0].role != "system":
             messages = [Message("system", self.system_prompt), *messages]

@@ -143,13 +143,15 @@ def _parity_reference(instruct: bool):
     return reference
 
 
-def _save(instruct: bool):
-    return lambda folder: save_blip(folder, instruct=instruct, llm="llama" if instruct else "opt")
+def _save(instruct: bool, llm: str):
+    return lambda folder: save_blip(folder, instruct=instruct, llm=llm)
 
 
 SIZES = ((60, 40), (28, 28), (20, 90))
 PARITY = (
-    ParityCase("blip2", _save(False), "Blip2ForConditionalGeneration", _parity_reference(False), sizes=SIZES, image_text="<image>"),
-    ParityCase("blip2/instructblip", _save(True), "InstructBlipForConditionalGeneration", _parity_reference(True), sizes=SIZES,
+    ParityCase("blip2", _save(False, "opt"), "Blip2ForConditionalGeneration", _parity_reference(False), sizes=SIZES, image_text="<image>"),
+    ParityCase("blip2/llama", _save(False, "llama"), "Blip2ForConditionalGeneration", _parity_reference(False), sizes=SIZES,
+               image_text="<image>"),
+    ParityCase("blip2/instructblip", _save(True, "llama"), "InstructBlipForConditionalGeneration", _parity_reference(True), sizes=SIZES,
                image_text="<image>"),
 )

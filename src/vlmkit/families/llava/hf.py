@@ -49,7 +49,7 @@ from vlmkit.hf.output_folder import publish, staging_folder
 from vlmkit.hf.reference import vision_feature_settings
 from vlmkit.hf.registry import HFFamily
 from vlmkit.hf.templates import CONTENT_LIST_PREAMBLE, chat_template, template_source, usable_template
-from vlmkit.hf.writing import stop_ids
+from vlmkit.hf.writing import keep_saved_tokenizer_class, stop_ids
 from vlmkit.model.connectors.mlp import MLPConnector
 from vlmkit.model.vision import HFVisionTower
 from vlmkit.model.vlm import VisionLanguageModel
@@ -337,6 +337,7 @@ def import_llava(folder: str | Path, out: str | Path) -> Path:
             raise ExportError(f"the tokenizer maps {image_token!r} to {model.image_token_id}, the config says {cfg.image_token_index}")
         _load_vision_and_projector(model, llava)
         config.train.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
+        keep_saved_tokenizer_class(model, staged_llm)
         ckpt = save_checkpoint(tmp / "ckpt", model, config, meta={"imported_from": str(folder.resolve())}, inside=("llm",))
         shutil.move(str(staged_llm), ckpt / "llm")
         respect_umask(ckpt)

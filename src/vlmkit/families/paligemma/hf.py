@@ -42,16 +42,25 @@ from vlmkit.model.connectors.mlp import LinearConnector
 from vlmkit.model.vision import HFVisionTower
 
 # PaliGemmaProcessor's layout as a chat template: the images, bos, the prompt and a newline; the
-# answer and eos. (Released PaliGemma folders have no chat template.)
+# answer and eos. (Released PaliGemma folders have no chat template.) A content list reads as its
+# parts joined, images as `<image>`, so [image, text] puts the text right after bos, as the processor does.
 PALIGEMMA_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{%- set c = message['content'] -%}{%- set e = c.rfind('<image>') -%}"
+    "{%- set c = message['content'] -%}"
+    "{%- if c is not string -%}{%- set _p = namespace(t='') -%}{%- for part in c -%}"
+    "{%- if part['type'] == 'image' -%}{%- set _p.t = _p.t + '<image>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set _p.t = _p.t + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set c = _p.t -%}{%- endif -%}"
+    "{%- set e = c.rfind('<image>') -%}"
     "{%- if e >= 0 -%}{{ c[:e + 7] }}{{ bos_token }}{{ c[e + 7:] }}{%- else -%}{{ bos_token }}{{ c }}{%- endif -%}{{ '\\n' }}"
     "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+_STRINGS_ONLY_TEMPLATE = PALIGEMMA_TEMPLATE.replace(PALIGEMMA_TEMPLATE[PALIGEMMA_TEMPLATE.index("{%- if c is not string"):
+                                                                   PALIGEMMA_TEMPLATE.index("{%- set e = ")], "")
 
 _RESAMPLE_IDS = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
@@ -169,7 +178,8 @@ def export_paligemma(model, out: str | Path) -> Path:
     image_processor = SiglipImageProcessorPil(size={"height": p.image_size, "width": p.image_size}, image_mean=list(p.mean),
                                               image_std=list(p.std), resample=_RESAMPLE_IDS[p.resample], image_seq_length=tokens)
     template = plain_template(tok)
-    template = template if template != PALIGEMMA_TEMPLATE else None  # vlmkit's restatement of the processor's layout
+    # vlmkit's restatement of the processor's layout (as imports before content lists wrote it, too)
+    template = template if template not in (PALIGEMMA_TEMPLATE, _STRINGS_ONLY_TEMPLATE) else None
     # The processor adds its location / segmentation tokens to the tokenizer it is given: a copy.
     tok = copy.deepcopy(tok)
     tok.chat_template = template
