@@ -52,10 +52,14 @@ def _frames_reference(folder, frames):
     return clip(images=frames, return_tensors="pt")["pixel_values"]
 
 
-def _check_against_transformers(folder, model, prompt, ids, kwargs):
+def _reference(folder):
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    ref = LlavaNextVideoForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    return LlavaNextVideoForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+
+
+def _check_against_transformers(folder, model, prompt, ids, kwargs, ref=None):
+    ref = ref or _reference(folder)
     with torch.no_grad():
         ours = model(ids[None], VisualBatch(prompt.images)).logits
         theirs = ref(input_ids=ids[None], **kwargs).logits
@@ -64,6 +68,7 @@ def _check_against_transformers(folder, model, prompt, ids, kwargs):
     out = ref.generate(input_ids=ids[None], **kwargs, max_new_tokens=8, do_sample=False)[0, ids.shape[0]:].tolist()
     eos = ref.generation_config.eos_token_id
     assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    return expected
 
 
 def test_video_ids_pixels_logits_and_greedy_match_transformers(imported):
@@ -84,6 +89,26 @@ def test_video_ids_pixels_logits_and_greedy_match_transformers(imported):
     # 32 px frames, 8 px patches: a 4x4 map pooled 2x2 -> 4 tokens a frame.
     assert int((ids == model.video_token_id).sum()) == FRAMES * 4 == sum(model.count_image_tokens(g) for g in prompt.images)
     _check_against_transformers(folder, model, prompt, ids, next_video_inputs(prompt))
+
+
+def test_a_generated_video_token_is_decoded_as_text_like_transformers(imported):
+    """Generated tokens are never video slots: a head that prefers the video token keeps decoding
+    as transformers' generate does (embedding it as an ordinary token)."""
+    folder, model, video = imported
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<video>\nWhat?")], [VideoInput(video)])
+    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0][-1]
+    ref = _reference(folder)
+    heads = (model.llm.get_output_embeddings(), ref.get_output_embeddings())
+    kept = heads[0].weight[model.video_token_id].clone()
+    try:
+        with torch.no_grad():
+            for head in heads:
+                head.weight[model.video_token_id] = head.weight[early] * 1.05
+        expected = _check_against_transformers(folder, model, prompt, prompt.input_ids, next_video_inputs(prompt), ref)
+        assert model.video_token_id in expected
+    finally:
+        with torch.no_grad():
+            heads[0].weight[model.video_token_id] = kept
 
 
 def test_image_and_video_in_one_prompt_match_transformers(imported):

@@ -42,10 +42,14 @@ def imported(tmp_path_factory):
     return folder, model, write_video(root / "clip.mp4", frames, fps=4)
 
 
-def _check_against_transformers(folder, model, prompt, ids, kwargs):
+def _reference(folder):
     from transformers import VideoLlavaForConditionalGeneration
 
-    ref = VideoLlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    return VideoLlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+
+
+def _check_against_transformers(folder, model, prompt, ids, kwargs, ref=None):
+    ref = ref or _reference(folder)
     with torch.no_grad():
         ours = model(ids[None], VisualBatch(prompt.images)).logits
         theirs = ref(input_ids=ids[None], **kwargs).logits
@@ -54,6 +58,7 @@ def _check_against_transformers(folder, model, prompt, ids, kwargs):
     out = ref.generate(input_ids=ids[None], **kwargs, max_new_tokens=8, do_sample=False)[0, ids.shape[0]:].tolist()
     eos = ref.generation_config.eos_token_id
     assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    return expected
 
 
 def test_video_ids_pixels_logits_and_greedy_match_transformers(imported):
@@ -86,6 +91,26 @@ def test_frames_read_the_video_tower(imported):
         for p in model.vision.image.parameters():
             p.sub_(1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, same))
+
+
+def test_a_generated_video_token_is_decoded_as_text_like_transformers(imported):
+    """Generated tokens are never video slots: a head that prefers the video token keeps decoding
+    as transformers' generate does (embedding it as an ordinary token)."""
+    folder, model, video = imported
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<video>\nWhat?")], [VideoInput(video)])
+    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0][-1]
+    ref = _reference(folder)
+    heads = (model.llm.get_output_embeddings(), ref.get_output_embeddings())
+    kept = heads[0].weight[model.video_token_id].clone()
+    try:
+        with torch.no_grad():
+            for head in heads:
+                head.weight[model.video_token_id] = head.weight[early] * 1.05
+        expected = _check_against_transformers(folder, model, prompt, prompt.input_ids, video_llava_inputs(prompt), ref)
+        assert model.video_token_id in expected
+    finally:
+        with torch.no_grad():
+            heads[0].weight[model.video_token_id] = kept
 
 
 def test_image_and_video_in_one_prompt_match_transformers(imported):
