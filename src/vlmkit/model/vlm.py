@@ -40,6 +40,7 @@ from vlmkit.model.cross_attention import (
     group_memory,
     parse_cross_attention_options,
 )
+from vlmkit.model.feature_pool import pool_features, pooled_grid
 from vlmkit.model.language import build_language_model, position_rule
 from vlmkit.model.loss import next_token_loss
 from vlmkit.model.vision import build_vision_tower
@@ -285,8 +286,8 @@ class VisionLanguageModel(nn.Module):
         return next(self.llm.parameters()).device
 
     # ---- the processor contract ---------------------------------------------------------
-    def view_grid(self, view) -> tuple[int, int, int]:
-        """(t, h, w) encoder grid of one view."""
+    def tower_grid(self, view) -> tuple[int, int, int]:
+        """(t, h, w) grid of the tower's features of one view."""
         if (view.role == "patches") != self.vision.reads_patches:
             raise ValueError(
                 f"the vision tower {type(self.vision).__name__} reads "
@@ -294,7 +295,14 @@ class VisionLanguageModel(nn.Module):
             )
         if view.role == "patches":
             return tuple(view.grid)
+        if view.role == "frame":
+            return (1, *self.vision.frame_grid_hw(*view.size))
         return (1, *self.vision.grid_hw(*view.size))
+
+    def view_grid(self, view) -> tuple[int, int, int]:
+        """(t, h, w) grid the connector reads of one view: the tower's, after the view's pooling."""
+        t, h, w = self.tower_grid(view)
+        return (t, *pooled_grid((h, w), view.pool))
 
     def count_image_tokens(self, image) -> int:
         """Visual tokens the model makes for one processed image, from grids alone (no forward)."""
@@ -362,9 +370,11 @@ class VisionLanguageModel(nn.Module):
         return {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in self.parts().items()}
 
     # ---- images ---------------------------------------------------------------------------
-    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) of one size -> (images, grid tokens, vision width)."""
-        return self.vision(pixel_values.to(self.device, dtype=next(self.vision.parameters()).dtype))
+    def vision_features(self, pixel_values: torch.Tensor, frames: bool = False) -> torch.Tensor:
+        """(images, 3, H, W) of one size -> (images, grid tokens, vision width); `frames`: video
+        frames, on the tower's frame path."""
+        pixels = pixel_values.to(self.device, dtype=next(self.vision.parameters()).dtype)
+        return self.vision.encode_frames(pixels) if frames else self.vision(pixels)
 
     def view_features(self, images: list) -> list[list[torch.Tensor]]:
         """Tower features of every view of every image: (t, h*w, C) each. Image-shaped views of
@@ -379,9 +389,9 @@ class VisionLanguageModel(nn.Module):
                 if view.role == "patches":
                     out[i][j] = self.vision.encode_patches(pixels.to(self.device), tuple(view.grid))
                 else:
-                    by_size[tuple(pixels.shape)].append((i, j, pixels))
-        for items in by_size.values():
-            feats = self.vision_features(torch.stack([p for _, _, p in items]))
+                    by_size[view.role == "frame", tuple(pixels.shape)].append((i, j, pixels))
+        for (frames, _), items in by_size.items():
+            feats = self.vision_features(torch.stack([p for _, _, p in items]), frames=frames)
             for (i, j, _), f in zip(items, feats):
                 out[i][j] = f.unsqueeze(0)
         return out
@@ -396,6 +406,8 @@ class VisionLanguageModel(nn.Module):
         by_grid = defaultdict(list)
         for i, (image, feats) in enumerate(zip(images, features)):
             for j, (view, f) in enumerate(zip(image.views, feats)):
+                if view.pool is not None:
+                    f = pool_features(f.to(self.device), self.tower_grid(view)[1:], view.pool)
                 by_grid[self.view_grid(view)[1:]].append((i, j, f))
         projected: dict[tuple[int, int], torch.Tensor] = {}
         for grid, items in by_grid.items():

@@ -64,13 +64,19 @@ def render(segments: tuple[Segment, ...], image_token: str) -> str:
 @dataclass(frozen=True)
 class View:
     """One input of the vision tower: a tile, a thumbnail, a whole image at native resolution,
-    or a video's temporal patches. `size` is its (height, width) in pixels; the encoder grid
-    follows from it and the tower's patch size, except for pre-flattened patches, whose
-    (t, h, w) patch grid the processor states in `grid`."""
+    a video frame, or a video's temporal patches. `size` is its (height, width) in pixels; the
+    encoder grid follows from it and the tower's patch size, except for pre-flattened patches,
+    whose (t, h, w) patch grid the processor states in `grid`.
 
-    role: Literal["image", "tile", "thumbnail", "patches"]
+    A `frame` is a sampled video frame read as an image: the tower encodes it on its frame path
+    (`VisionTower.encode_frames`: the image path unless the family has a separate video tower, as
+    Video-LLaVA). `pool` (mode, stride) pools the view's feature map spatially before the
+    connector (`model/feature_pool.py`: LLaVA-NeXT-Video's frames, "average", 2)."""
+
+    role: Literal["image", "tile", "thumbnail", "patches", "frame"]
     size: tuple[int, int]
     grid: tuple[int, int, int] | None = None
+    pool: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)

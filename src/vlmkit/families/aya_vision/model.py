@@ -1,5 +1,5 @@
 """Aya Vision's projector (`AyaVisionMultiModalProjector`): pixel shuffle, a LayerNorm over the
-merged channels, then a SwiGLU MLP whose first layer makes both halves (`linear_1` gives
+merged channels (none in Cohere2-Vision's, `layernorm: false`), then a SwiGLU MLP whose first layer makes both halves (`linear_1` gives
 [x | gate], `silu(gate) * x`, `linear_2` back to the LLM width).
 
 The shuffle is the core `pixel-shuffle` one: Aya's reshape/permute sequence puts the channels of
@@ -25,6 +25,8 @@ class SwiGLUShuffleOptions(ShuffleOptions):
     norm_eps: float = 1e-6  # adapter_layer_norm_eps
     # alignment_intermediate_size: linear_1's width, x and gate together (None: the LLM width, as transformers).
     hidden_size: int | None = None
+    # False: no LayerNorm before linear_1 (Cohere2-Vision's projector).
+    layernorm: bool = True
 
 
 @CONNECTORS.register("pixel-shuffle-swiglu")
@@ -38,7 +40,7 @@ class SwiGLUShuffleConnector(Connector):
         self.hidden = options.hidden_size or llm_dim
         if self.hidden % 2:
             raise ValueError(f"pixel-shuffle-swiglu: hidden_size {self.hidden} must be even (it holds x and the gate)")
-        self.layernorm = nn.LayerNorm(merged, eps=options.norm_eps)
+        self.layernorm = nn.LayerNorm(merged, eps=options.norm_eps) if options.layernorm else nn.Identity()
         self.linear_1 = nn.Linear(merged, self.hidden)
         self.linear_2 = nn.Linear(self.hidden // 2, llm_dim)
 

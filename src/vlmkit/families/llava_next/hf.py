@@ -38,9 +38,11 @@ from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, save_with_processor, stage_llm, write_checkpoint
 
 
-def import_llava_next(folder: Path, out: Path, processor: str = "anyres", processor_options: dict | None = None) -> Path:
+def import_llava_next(folder: Path, out: Path, processor: str = "anyres", processor_options: dict | None = None,
+                      video_token: str | None = None) -> Path:
     """LLaVA-NeXT; with `processor="anyres-max"` and its options, LLaVA-OneVision (same weights
-    and layout, capped feature maps, base-view images in multi-image prompts)."""
+    and layout, capped feature maps, base-view images in multi-image prompts); with
+    `processor="anyres-video"` and the video token, LLaVA-NeXT-Video."""
     folder, out = Path(folder), Path(out).resolve()
     read_hf_config(folder)
     cfg = auto_config(folder)
@@ -100,7 +102,7 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
                           "std": list(settings.get("image_std", (0.5,) * 3)), "resample": resample_name(settings),
                           "options": {"patch_size": vision_cfg.patch_size, "grid_pinpoints": [list(x) for x in pinpoints],
                                       "sentinels": "never", **(processor_options or {})}},
-            "image_token": image_token,
+            "image_token": image_token, "video_token": video_token,
         }})
         model = build_imported(config, image_token, cfg.image_token_index)
         load_part(model.vision.model, parts["vision"], "vision tower", "vision_tower.")
