@@ -91,11 +91,15 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
     # the first layer's weights do not: the MLP's up projection is its widest d-input matrix, and
     # what is not attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn.
     weights = [m.weight.shape for m in _linears(layers[0])]
-    ffn = max(max(s) for s in weights if d in s and max(s) != d)
+    widest = max(max(s) for s in weights if d in s and max(s) != d)
     attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
-    mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
-    if rest or mlp_matrices not in (2, 3):
-        raise ValueError(f"{where}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
+    # A fused gate + up projection (GLM-4, Phi-3) is one d x 2*ffn matrix: then ffn is half the widest.
+    for ffn in (widest, widest // 2):
+        mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
+        if not rest and mlp_matrices in (2, 3):
+            break
+    else:
+        raise ValueError(f"{where}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {widest})")
     cross = {}
     if cross_attention is not None:
         blocks = cross_attention.blocks
