@@ -56,6 +56,16 @@ def _processor_options(folder: Path, vision_cfg) -> tuple[dict, dict]:
     return settings, options
 
 
+def _video_options(folder: Path, processor_cfg: dict) -> dict:
+    """Glm4vVideoProcessor's settings (its defaults where the folder is silent): the clip's pixel
+    bounds, temporal patches, and its frame sampler at `fps` frames per second."""
+    settings = read_json(folder / "video_preprocessor_config.json") or processor_cfg.get("video_processor") or {}
+    size = settings.get("size") or {}
+    video = {"compression": "temporal-patch", "sampling": "glm4v", "fps": float(settings.get("fps") or 2.0)}
+    return {"video_min_pixels": int(size.get("shortest_edge") or 112 * 112),
+            "video_max_pixels": int(size.get("longest_edge") or 28 * 28 * 2 * 30000), "video": video}
+
+
 def import_glm4v(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = auto_config(folder)
@@ -96,7 +106,7 @@ def import_glm4v(folder: Path, out: Path) -> Path:
             "processor": {"name": "glm4v", "image_size": options["patch_size"] * options["merge_size"] * 8,
                           "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
                           "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-                          "resample": resample_name(settings), "options": options},
+                          "resample": resample_name(settings), "options": options | _video_options(folder, processor_cfg)},
             "image_token": image_token,
         }})
         model = build_imported(config, image_token, cfg.image_token_id)
@@ -139,6 +149,10 @@ def export_glm4v(model, out: str | Path) -> Path:
     ref.generation_config = hf_generation_config(tok)
     p = model.config.processor
     o = p.options
+    video = {"video_processor_type": "Glm4vVideoProcessor", "patch_size": o.get("patch_size", 14), "merge_size": o.get("merge_size", 2),
+             "temporal_patch_size": o.get("temporal_patch_size", 2), "image_mean": list(p.mean), "image_std": list(p.std),
+             "size": {"shortest_edge": o.get("video_min_pixels", 112 * 112), "longest_edge": o.get("video_max_pixels", 28 * 28 * 2 * 30000)},
+             "fps": (o.get("video") or {}).get("fps", 2.0), "resample": RESAMPLE[p.resample]}
     image_processor = Glm4vImageProcessorPil(
         size={"shortest_edge": o.get("min_pixels", 112 * 112), "longest_edge": o.get("max_pixels", 28 * 28 * 15000)},
         patch_size=o.get("patch_size", 14), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
@@ -153,6 +167,7 @@ def export_glm4v(model, out: str | Path) -> Path:
             (tmp / "chat_template.jinja").write_text(template)
         (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Glm4vProcessor",
                                                                "image_token": model.config.image_token}, indent=2))
+        (tmp / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
 
     return atomic_folder(Path(out), write)
 

@@ -50,7 +50,8 @@ class Glm4vViTTower(VisionTower):
 
         t, h, w = grid_thw
         m, vit = self.merge_size, self.model
-        grid = torch.tensor([grid_thw], device=patches.device)
+        # A video is read as t single frames, as transformers' get_video_features hands it over.
+        grid = torch.tensor([[1, h, w]] * t, device=patches.device)
         positions = get_vision_position_ids(grid, m, kwargs={})
         cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid, vit.config, kwargs={})
         x = vit.post_conv_layernorm(vit.patch_embed(patches.to(vit.patch_embed.proj.weight.dtype)))

@@ -65,10 +65,13 @@ class _ClipFrames(Qwen2VLProcessor):
 
 
 class Qwen3VLProcessor(Qwen2VLProcessor):
+    # The text around each temporal patch's slots (GLM-4.1V's processor names its own).
+    block_start, block_end = VISION_START, VISION_END
+
     def for_video(self) -> Qwen3VLProcessor:
         if self.video_min_pixels is None and self.video_max_pixels is None:
             return self
-        return Qwen3VLProcessor(self.patch_size, self.merge_size, self.temporal_patch_size,
+        return type(self)(self.patch_size, self.merge_size, self.temporal_patch_size,
                                 self.video_min_pixels or self.min_pixels, self.video_max_pixels or self.max_pixels,
                                 self.mean, self.std, self.resample, self.backend)
 
@@ -90,14 +93,18 @@ class Qwen3VLProcessor(Qwen2VLProcessor):
     def segments(self, layout: TokenLayout) -> tuple[Segment, ...]:
         t = (layout.parts.get("grid_thw") or [1])[0]
         per_frame = layout.visual_tokens // t
-        return (Text(VISION_START), Slots(per_frame), Text(VISION_END)) * t
+        return (Text(self.block_start), Slots(per_frame), Text(self.block_end)) * t
 
     def video_text(self, groups: list[str], timestamps: list[float], duration: float) -> str:
-        frames = [VISION_START + block for g in groups for block in g.split(VISION_START)[1:]]
+        frames = self.frame_blocks(groups)
         times = frame_times(timestamps, self.temporal_patch_size)
         if len(times) != len(frames):
             raise ValueError(f"a video of {len(frames)} temporal patches has {len(timestamps)} frame times")
         return "".join(f"<{s:.1f} seconds>{f}" for s, f in zip(times, frames))
+
+    def frame_blocks(self, groups: list[str]) -> list[str]:
+        """Each temporal patch's text (its start, slots and end), in order."""
+        return [self.block_start + block for g in groups for block in g.split(self.block_start)[1:]]
 
 
 @IMAGE_PROCESSORS.register("qwen3vl")
