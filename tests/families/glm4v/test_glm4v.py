@@ -134,3 +134,26 @@ def test_glm4v_preset_matches_the_published_total_within_1_percent():
 
     meta = presets.build_meta("glm4.1v-9b")
     assert abs(meta.params()["total"] / 10.29e9 - 1) < 0.01, meta.params()
+
+
+def test_glm4v_decoding_survives_its_own_image_token(tmp_path):
+    """A model that emits its image slot token while decoding: the token is text, as in
+    transformers' generate."""
+    from transformers import Glm4vForConditionalGeneration
+
+    folder = save_glm4v(tmp_path / "hf", seed=5)
+    model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
+    ref = Glm4vForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    # The same head with a bias that makes the image token the argmax whatever the state.
+    head = torch.nn.Linear(ref.lm_head.in_features, ref.lm_head.out_features)
+    with torch.no_grad():
+        head.weight.copy_(ref.lm_head.weight)
+        head.bias.zero_()[model.image_token_id] = 1e4
+    model.llm.lm_head = ref.lm_head = head
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [noise(40, 56, seed=7)])
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=4))[0]
+    assert ours == [model.image_token_id] * 4
+    ids = prompt.input_ids[None]
+    kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+              "mm_token_type_ids": (ids == model.image_token_id).int()}
+    assert ref.generate(input_ids=ids, **kwargs, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist() == ours

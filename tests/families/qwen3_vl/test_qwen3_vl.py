@@ -155,3 +155,26 @@ def test_qwen3vl_imports_and_chats_on_an_odd_image_from_the_command_line(tmp_pat
     vlmkit(tmp_path, "import-hf", "hf", "ckpt")
     noise(37, 111, seed=2).save(tmp_path / "odd.png")
     vlmkit(tmp_path, "chat", "--checkpoint", "ckpt", "--image", "odd.png", "What?", "--max-new-tokens", "4")
+
+
+def test_qwen3vl_decoding_survives_its_own_image_token(tmp_path):
+    """A model that emits its image slot token while decoding: the token is text (embedded from
+    the table, never a slot waiting for an image, no DeepStack levels), as in transformers' generate."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    folder = save_qwen3vl(tmp_path / "hf", seed=5)
+    model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    # The same head with a bias that makes the image token the argmax whatever the state.
+    head = torch.nn.Linear(ref.lm_head.in_features, ref.lm_head.out_features)
+    with torch.no_grad():
+        head.weight.copy_(ref.lm_head.weight)
+        head.bias.zero_()[model.image_token_id] = 1e4
+    model.llm.lm_head = ref.lm_head = head
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [noise(40, 56, seed=7)])
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=4))[0]
+    assert ours == [model.image_token_id] * 4
+    ids = prompt.input_ids[None]
+    kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+              "mm_token_type_ids": (ids == model.image_token_id).int()}
+    assert ref.generate(input_ids=ids, **kwargs, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist() == ours

@@ -13,6 +13,7 @@ normalised and laid out by its own `patchify`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,29 @@ def test_frame_times_match_qwen3vl_processor():
     for n, fps in [(5, 4), (8, 2.0), (1, 24)]:
         indices = list(range(0, 3 * n, 3))
         assert frame_times([i / fps for i in indices]) == pytest.approx(Qwen3VLProcessor._calculate_timestamps(None, indices, fps, 2))
+
+
+@pytest.mark.parametrize(("total", "fps"), [(12, 4), (9, 4), (300, 30), (100, 24), (5000, 25)])
+def test_qwen3vl_import_samples_frames_as_its_video_processor(total, fps):
+    """A folder silent on sampling gets Qwen3VLVideoProcessor's default (2 frames per second, 4 to
+    768 frames); vlmkit's `fps` sampler picks the frames its `sample_frames` picks. (Where 2 per
+    second asks for more frames than the video has, below 2 fps or under `min_frames` frames,
+    vlmkit refuses the video; transformers takes every frame.)"""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from vlmkit.families.qwen3_vl.hf import _qwen3_vl_video
+    from vlmkit.processing.video import VideoOptions, sample_indices
+
+    class Tok:
+        def convert_ids_to_tokens(self, i):
+            return "<|video_pad|>"
+
+        def get_vocab(self):
+            return {"<|video_pad|>": 7}
+
+    cfg = type("C", (), {"video_token_id": 7})()
+    _, options = _qwen3_vl_video(Path("/nonexistent"), cfg, Tok(), {})
+    ours = sample_indices(total, fps, VideoOptions(**options["video"]))
+    theirs = Qwen3VLVideoProcessor().sample_frames(VideoMetadata(total_num_frames=total, fps=fps, duration=total / fps))
+    assert ours == theirs.tolist()
