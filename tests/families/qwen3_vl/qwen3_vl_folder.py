@@ -17,9 +17,11 @@ from qwen2_vl_folder import QWEN2VL_TEMPLATE, check_against_processor, qwen2vl_t
 
 
 def save_qwen3vl(folder: Path, *, seed: int = 0, text: dict | None = None, vision: dict | None = None,
-                 min_pixels: int = 256, max_pixels: int = 16384, tie: bool = False, init: float | None = None) -> Path:
-    """Two DeepStack levels (after ViT blocks 0 and 1) over a 3-layer decoder."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+                 min_pixels: int = 256, max_pixels: int = 16384, tie: bool = False, init: float | None = None,
+                 moe: bool = False) -> Path:
+    """Two DeepStack levels (after ViT blocks 0 and 1) over a 3-layer decoder; `moe`: Qwen3-VL-MoE,
+    4 experts of which 2 per token in every layer but the first (a dense MLP there)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
@@ -32,12 +34,16 @@ def save_qwen3vl(folder: Path, *, seed: int = 0, text: dict | None = None, visio
     vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4, "temporal_patch_size": 2,
               "spatial_merge_size": 2, "num_position_embeddings": 36, "deepstack_visual_indexes": [0, 1],
               "out_hidden_size": text["hidden_size"], **(vision or {})}
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
+    if moe:
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+                 "mlp_only_layers": [0], "tie_word_embeddings": tie}
+    config_cls, model_cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
                            video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
                            vision_end_token_id=vocab["<|vision_end|>"], tie_word_embeddings=tie)
     if init is not None:
         config.initializer_range = config.text_config.initializer_range = config.vision_config.initializer_range = init
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _sharpen(model)
     with torch.no_grad():  # every merger norm non-trivial, so a mis-mapped one shows
         for name, p in model.named_parameters():
@@ -52,13 +58,21 @@ def save_qwen3vl(folder: Path, *, seed: int = 0, text: dict | None = None, visio
     return Path(folder)
 
 
-def _reference(folder, image, question, prompt, model):
-    # transformers' auto class picks this model class for the folder.
-    assert json.loads((Path(folder) / "config.json").read_text())["architectures"] == ["Qwen3VLForConditionalGeneration"]
-    ref_ids, ref_pixels, counts = qwen_reference_ids(folder, [image], question)
-    return ref_ids, check_against_processor(ref_pixels, counts, prompt, model)
+def _parity_reference(model_class: str):
+    def reference(folder, image, question, prompt, model):
+        # transformers' auto class picks this model class for the folder.
+        assert json.loads((Path(folder) / "config.json").read_text())["architectures"] == [model_class]
+        ref_ids, ref_pixels, counts = qwen_reference_ids(folder, [image], question)
+        return ref_ids, check_against_processor(ref_pixels, counts, prompt, model)
+
+    return reference
 
 
 # The image directly before the question, as Qwen3VLProcessor's content list renders it.
-PARITY = ParityCase("qwen3_vl", save_qwen3vl, "Qwen3VLForConditionalGeneration", _reference,
-                    sizes=((72, 40), (24, 56), (100, 100), (71, 45)), question="Describe the picture.", image_text="<image>")
+PARITY = (
+    ParityCase("qwen3_vl", save_qwen3vl, "Qwen3VLForConditionalGeneration", _parity_reference("Qwen3VLForConditionalGeneration"),
+               sizes=((72, 40), (24, 56), (100, 100), (71, 45)), question="Describe the picture.", image_text="<image>"),
+    ParityCase("qwen3_vl/qwen3_vl_moe", lambda folder: save_qwen3vl(folder, moe=True), "Qwen3VLMoeForConditionalGeneration",
+               _parity_reference("Qwen3VLMoeForConditionalGeneration"),
+               sizes=((72, 40), (24, 56), (71, 45)), question="Describe the picture.", image_text="<image>"),
+)

@@ -107,7 +107,8 @@ def test_qwen3vl_export_then_import_returns_the_same_tensors(qwen3, tmp_path):
 
 
 @pytest.mark.parametrize(("name", "total"), [("qwen3-vl-2b", 2.13e9), ("qwen3-vl-4b", 4.44e9), ("qwen3-vl-8b", 8.77e9),
-                                             ("qwen3-vl-32b", 33.4e9)])
+                                             ("qwen3-vl-32b", 33.4e9), ("qwen3-vl-30b-a3b", 31.1e9),
+                                             ("qwen3-vl-235b-a22b", 236e9)])
 def test_qwen3vl_presets_match_the_published_totals_within_1_percent(name, total):
     from vlmkit import presets
 
@@ -178,3 +179,34 @@ def test_qwen3vl_decoding_survives_its_own_image_token(tmp_path):
     kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
               "mm_token_type_ids": (ids == model.image_token_id).int()}
     assert ref.generate(input_ids=ids, **kwargs, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist() == ours
+
+
+def test_qwen3vl_moe_exports_back_and_takes_lora_on_attention(tmp_path):
+    """Qwen3-VL-MoE: export then import gives equal tensors (the fused expert weights included);
+    LoRA targets the attention projections and the dense layers' MLP. The experts are fused 3-D
+    parameters in transformers 5, not linear layers, so `lora.targets` cannot name them: they stay
+    frozen and the adapters train around them."""
+    from vlmkit.model.lora import add_adapters
+
+    model, _ = load_checkpoint(import_hf(save_qwen3vl(tmp_path / "hf", moe=True, seed=2), tmp_path / "vlmkit"))
+    assert model.llm.config.model_type == "qwen3_vl_moe_text"
+    exported = export_hf(model, tmp_path / "back")
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "qwen3_vl_moe"
+    assert verify_hf_export(model, exported) <= 1e-4
+    again, _ = load_checkpoint(import_hf(exported, tmp_path / "again"))
+    sa, sb = model.state_dict(), again.state_dict()
+    assert sorted(sa) == sorted(sb) and any("experts" in k for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    model.set_trainable(["llm"])
+    add_adapters(model, {"parts": ["llm"], "r": 4, "alpha": 8, "dropout": 0.0,
+                         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    trained = {n for n, p in model.llm.named_parameters() if p.requires_grad}
+    assert trained and all("lora" in n for n in trained) and not any("experts" in n for n in trained)
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [noise(40, 56, seed=6)])
+    ids = prompt.input_ids[None]
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - 4] = -100
+    loss = model(ids, VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None], labels=labels).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.llm.named_parameters() if p.requires_grad)

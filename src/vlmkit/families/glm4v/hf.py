@@ -87,7 +87,7 @@ def import_glm4v(folder: Path, out: Path) -> Path:
     tmp = staging_folder(out)
     try:
         staged_llm = tmp / "llm"
-        tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text_cfg, "tie_word_embeddings", False))
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))  # transformers ties by the outer config alone
         text_cfg.tie_word_embeddings = tied
         if tied:
             llm_state.pop("lm_head.weight", None)

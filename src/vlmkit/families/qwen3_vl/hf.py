@@ -105,7 +105,7 @@ def import_qwen3_vl(folder: Path, out: Path) -> Path:
     try:
         staged_llm = tmp / "llm"
         # The small sizes tie the head to the embeddings; the flag sits on the outer config.
-        tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text_cfg, "tie_word_embeddings", False))
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))  # transformers ties by the outer config alone
         text_cfg.tie_word_embeddings = tied
         if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
             llm_state.pop("lm_head.weight", None)
@@ -137,20 +137,31 @@ def import_qwen3_vl(folder: Path, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _is_moe(model) -> bool:
+    return model.llm.config.model_type == "qwen3_vl_moe_text"
+
+
+def _reference_classes(model) -> tuple[type, type]:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    return (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if _is_moe(model) else (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+
 def qwen3_vl_reference(model) -> nn.Module:
-    """`Qwen3VLForConditionalGeneration` holding the weights of a model with the `qwen3-vit`
-    tower and the `qwen3-vl-merger` connector."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    """`Qwen3VLForConditionalGeneration` (`Qwen3VLMoeForConditionalGeneration` over a
+    mixture-of-experts decoder) holding the weights of a model with the `qwen3-vit` tower and the
+    `qwen3-vl-merger` connector."""
+    config_cls, model_cls = _reference_classes(model)
 
     tower, conn = model.vision.model, model.connector
     vision = {k: v for k, v in tower.config.to_dict().items() if k in (
         "depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels", "patch_size", "spatial_merge_size",
         "temporal_patch_size", "num_position_embeddings", "deepstack_visual_indexes", "rope_parameters")}
     text, text_state = text_part(model)
-    config = Qwen3VLConfig(text_config=text, vision_config={**vision, "out_hidden_size": conn.llm_dim},
+    config = config_cls(text_config=text, vision_config={**vision, "out_hidden_size": conn.llm_dim},
                            image_token_id=model.image_token_id, video_token_id=model.video_token_id or model.image_token_id,
                            tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
-    ref = Qwen3VLForConditionalGeneration(config)
+    ref = model_cls(config)
     state = {f"model.visual.{k}": v for k, v in tower.state_dict().items()}
     inverse = {ours: theirs for theirs, ours in _MERGER.items()}
     for ours, theirs in (("main.", "merger."), *((f"levels.{k}.", f"deepstack_merger_list.{k}.") for k in range(conn.feature_levels))):
@@ -197,9 +208,7 @@ def export_qwen3_vl(model, out: str | Path) -> Path:
 
 
 def _reference_inputs(model, prompt, ids):
-    from transformers import Qwen3VLForConditionalGeneration
-
-    return Qwen3VLForConditionalGeneration, {"pixel_values": prompt.images[0].pixel_values,
+    return _reference_classes(model)[1], {"pixel_values": prompt.images[0].pixel_values,
                                              "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
                                              "mm_token_type_ids": (ids == model.image_token_id).int()}
 
@@ -208,5 +217,6 @@ def _is_qwen3_vl(model) -> bool:
     return isinstance(model.vision, Qwen3ViTTower)
 
 
-QWEN3_VL = HFFamily(("qwen3_vl",), "Qwen3-VL (Qwen3VLForConditionalGeneration)", import_qwen3_vl, export_qwen3_vl,
-                    _is_qwen3_vl, _reference_inputs, specificity=2)
+QWEN3_VL = HFFamily(("qwen3_vl", "qwen3_vl_moe"), "Qwen3-VL, Qwen3-VL-MoE (Qwen3VLForConditionalGeneration, "
+                    "Qwen3VLMoeForConditionalGeneration)", import_qwen3_vl, export_qwen3_vl, _is_qwen3_vl, _reference_inputs,
+                    specificity=2, model_type_of=lambda model: "qwen3_vl_moe" if _is_moe(model) else "qwen3_vl")

@@ -123,15 +123,29 @@ class Qwen3VLMerger(Connector):
         return torch.cat([self.main(parts[0], grid), *(m(f, grid) for m, f in zip(self.levels, parts[1:]))], dim=-1)
 
 
+# Qwen3-VL's text models: dense, and mixture-of-experts (Qwen3-VL-30B-A3B, 235B-A22B).
+TEXT_MODEL_TYPES = ("qwen3_vl_text", "qwen3_vl_moe_text")
+
+
 class Qwen3VLCausalLM(DecoderLM):
-    """Qwen3-VL's text decoder (q/k norms, interleaved M-RoPE) with an LM head."""
+    """Qwen3-VL's text decoder (q/k norms, interleaved M-RoPE; dense or mixture-of-experts) with an LM head."""
 
     position_rule = "mrope"
 
     def __init__(self, config):
+        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
+
+
+def _text_model_class(model_type: str):
+    if model_type == "qwen3_vl_moe_text":
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel
+
+        return Qwen3VLMoeTextModel
+    if model_type == "qwen3_vl_text":
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
-        super().__init__(config, Qwen3VLTextModel._from_config(config))
+        return Qwen3VLTextModel
+    raise ValueError(f"model_type {model_type!r} is not a Qwen3-VL text model {list(TEXT_MODEL_TYPES)}")
 
 
 def build_qwen3_vl_llm(cfg: LLMConfig, tokenizer) -> Qwen3VLCausalLM:
@@ -166,8 +180,8 @@ def build_pretrained_qwen3_vl_llm(cfg: LLMConfig, pretrained: bool = True):
     offline()
     folder = llm_folder(cfg, "qwen3-vl-text")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type != "qwen3_vl_text":
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not Qwen3-VL's text model ('qwen3_vl_text')")
+    if config.model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a Qwen3-VL text model {list(TEXT_MODEL_TYPES)}")
     model = Qwen3VLCausalLM(config)
     if pretrained:
         weights = folder / LLM_WEIGHTS

@@ -1,4 +1,5 @@
-"""Qwen3-VL 2B / 4B / 8B / 32B (dense) at real shape, and their tiny CPU variant."""
+"""Qwen3-VL 2B / 4B / 8B / 32B (dense) and 30B-A3B / 235B-A22B (mixture of experts) at real
+shape, and their tiny CPU variant."""
 
 from __future__ import annotations
 
@@ -57,5 +58,31 @@ PRESETS = tuple(
         ("4b", 4.44e9, qwen3_vit(24, 1024, 4096, [5, 11, 17], 2560), _qwen3((2560, 9728, 36, 32), True, "Qwen3-4B")),
         ("8b", 8.77e9, qwen3_vit(27, 1152, 4304, [8, 16, 24], 4096), _qwen3((4096, 12288, 36, 32), False, "Qwen3-8B")),
         ("32b", 33.4e9, qwen3_vit(27, 1152, 4304, [8, 16, 24], 5120), _qwen3((5120, 25600, 64, 64), False, "Qwen3-32B")),
+    )
+)
+
+
+def _qwen3_moe(hidden: int, layers: int, heads: int, expert_width: int, label: str) -> dict:
+    """Qwen3-MoE's decoder: 128 experts, 8 per token, in every layer."""
+    return llama(151936, hidden, expert_width, layers, heads, 4, cls="Qwen3MoeConfig", label=label, head_dim=128,
+                 num_experts=128, num_experts_per_tok=8, moe_intermediate_size=expert_width, decoder_sparse_step=1,
+                 max_position_embeddings=262144)
+
+
+PRESETS += tuple(
+    {
+        "name": f"qwen3-vl-{size}", "family": f"Qwen3-VL-{size.upper()}", "release": f"Qwen/Qwen3-VL-{size.upper()}-Instruct",
+        "published": {"total": total, "source": f"Hugging Face model page Qwen/Qwen3-VL-{size.upper()}-Instruct (safetensors: {total / 1e9:.1f}B params)"},
+        "vision": vision,
+        "connector": {"name": "qwen3-vl-merger", "options": {"ratio": 0.5, "levels": 3, "hidden_size": vision["config"]["hidden_size"] * 4}},
+        "llm": llm,
+        "image": {"size": 512, "grid": [32, 32], "tiles": 1, "note": "512x512 input; dynamic resolution (smart_resize) changes the grid"},
+        "processor": QWEN3_VL, "tokens_note": "released preprocessor_config: min_pixels 65536, max_pixels 16777216; 8 of 128 experts per token",
+        "stages": {"stage1-align": ["vision", "connector"], "stage2-instruct": ["vision", "connector", "llm"]},
+        "tiny": TINY_QWEN3_VL_MODEL,
+    }
+    for size, total, vision, llm in (
+        ("30b-a3b", 31.1e9, qwen3_vit(27, 1152, 4304, [8, 16, 24], 2048), _qwen3_moe(2048, 48, 32, 768, "Qwen3-30B-A3B")),
+        ("235b-a22b", 236e9, qwen3_vit(27, 1152, 4304, [8, 16, 24], 4096), _qwen3_moe(4096, 94, 64, 1536, "Qwen3-235B-A22B")),
     )
 )
