@@ -42,8 +42,9 @@ def glm4v_tokenizer():
 
 
 def save_glm4v(folder: Path, *, seed: int = 0, min_pixels: int = 256, max_pixels: int = 16384, tie: bool = False,
-               init: float | None = None) -> Path:
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+               init: float | None = None, moe: bool = False) -> Path:
+    """`moe`: GLM-4.5V, 4 routed experts (2 per token) and a shared one after a first dense layer."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     torch.manual_seed(seed)
@@ -57,13 +58,17 @@ def save_glm4v(folder: Path, *, seed: int = 0, min_pixels: int = 256, max_pixels
     # A 6x6 learned position table (image_size 24 / patch 4), resampled to every image's grid.
     vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4, "image_size": 24,
               "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": 64}
-    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=vocab["<|image|>"], video_token_id=vocab["<|video|>"],
+    if moe:
+        text |= {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32,
+                 "first_k_dense_replace": 1, "attention_bias": True}
+    config_cls, model_cls = (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if moe else (Glm4vConfig, Glm4vForConditionalGeneration)
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=vocab["<|image|>"], video_token_id=vocab["<|video|>"],
                          image_start_token_id=vocab["<|begin_of_image|>"], image_end_token_id=vocab["<|end_of_image|>"],
                          video_start_token_id=vocab["<|begin_of_video|>"], video_end_token_id=vocab["<|end_of_video|>"],
                          tie_word_embeddings=tie)
     if init is not None:
         config.initializer_range = config.text_config.initializer_range = config.vision_config.initializer_range = init
-    model = Glm4vForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _sharpen(model)
     with torch.no_grad():  # non-trivial norms, so a mis-mapped one shows
         for name, p in model.named_parameters():
@@ -107,12 +112,20 @@ def check_against_processor(ref_pixels, counts, prompt, model) -> dict:
     return {"pixel_values": ours, "image_grid_thw": grids, "mm_token_type_ids": (prompt.input_ids[None] == model.image_token_id).int()}
 
 
-def _reference(folder, image, question, prompt, model):
-    assert json.loads((Path(folder) / "config.json").read_text())["architectures"] == ["Glm4vForConditionalGeneration"]
-    ref_ids, ref_pixels, counts = glm4v_reference_ids(folder, [image], question)
-    return ref_ids, check_against_processor(ref_pixels, counts, prompt, model)
+def _parity_reference(model_class: str):
+    def reference(folder, image, question, prompt, model):
+        assert json.loads((Path(folder) / "config.json").read_text())["architectures"] == [model_class]
+        ref_ids, ref_pixels, counts = glm4v_reference_ids(folder, [image], question)
+        return ref_ids, check_against_processor(ref_pixels, counts, prompt, model)
+
+    return reference
 
 
 # The image directly before the question, as Glm4vProcessor's content list renders it.
-PARITY = ParityCase("glm4v", save_glm4v, "Glm4vForConditionalGeneration", _reference,
-                    sizes=((72, 40), (24, 56), (100, 100), (71, 45)), question="Describe the picture.", image_text="<image>")
+PARITY = (
+    ParityCase("glm4v", save_glm4v, "Glm4vForConditionalGeneration", _parity_reference("Glm4vForConditionalGeneration"),
+               sizes=((72, 40), (24, 56), (100, 100), (71, 45)), question="Describe the picture.", image_text="<image>"),
+    ParityCase("glm4v/glm4v_moe", lambda folder: save_glm4v(folder, moe=True), "Glm4vMoeForConditionalGeneration",
+               _parity_reference("Glm4vMoeForConditionalGeneration"),
+               sizes=((72, 40), (24, 56), (71, 45)), question="Describe the picture.", image_text="<image>"),
+)

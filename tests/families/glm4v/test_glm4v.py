@@ -157,3 +157,27 @@ def test_glm4v_decoding_survives_its_own_image_token(tmp_path):
     kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
               "mm_token_type_ids": (ids == model.image_token_id).int()}
     assert ref.generate(input_ids=ids, **kwargs, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist() == ours
+
+
+def test_glm45v_moe_exports_back_and_takes_lora_on_attention(tmp_path):
+    """GLM-4.5V (glm4v_moe): the folder's per-expert projections are fused on import as
+    transformers fuses them; export then import gives equal tensors; LoRA targets the attention
+    projections and the dense / shared-expert MLPs (the routed experts are fused 3-D parameters,
+    not linear layers, and stay frozen)."""
+    from vlmkit.model.lora import add_adapters
+
+    model, _ = load_checkpoint(import_hf(save_glm4v(tmp_path / "hf", moe=True, seed=2), tmp_path / "vlmkit"))
+    assert model.llm.config.model_type == "glm4v_moe_text"
+    exported = export_hf(model, tmp_path / "back")
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "glm4v_moe"
+    assert verify_hf_export(model, exported) <= 1e-4
+    again, _ = load_checkpoint(import_hf(exported, tmp_path / "again"))
+    sa, sb = model.state_dict(), again.state_dict()
+    assert sorted(sa) == sorted(sb) and any("experts.gate_up_proj" in k for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    model.set_trainable(["llm"])
+    add_adapters(model, {"parts": ["llm"], "r": 4, "alpha": 8, "dropout": 0.0,
+                         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]})
+    trained = {n for n, p in model.llm.named_parameters() if p.requires_grad}
+    assert trained and all("lora" in n for n in trained) and not any(".experts." in n for n in trained)

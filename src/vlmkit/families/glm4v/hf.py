@@ -10,6 +10,7 @@ folder's pixel bounds, patch, merge, mean/std). Imported models never write vlmk
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,29 @@ def _video_options(folder: Path, processor_cfg: dict) -> dict:
             "video_max_pixels": int(size.get("longest_edge") or 28 * 28 * 2 * 30000), "video": video}
 
 
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GLM-4.5V folders store each expert's gate / up / down projections apart; transformers 5
+    holds them fused per layer, `gate_up_proj` (experts, 2 x width, hidden: gate rows, then up)
+    and `down_proj` (experts, hidden, width), as its loader converts them."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        match = _EXPERT.match(key)
+        if match:
+            experts.setdefault(match[1], {}).setdefault(match[3], {})[int(match[2])] = value
+        else:
+            out[key] = value
+    for prefix, parts in experts.items():
+        n = len(parts.get("down_proj", {}))
+        if any(sorted(parts.get(name, {})) != list(range(n)) for name in ("gate_proj", "up_proj", "down_proj")):
+            raise ExportError(f"{prefix}: the experts' gate / up / down projections are incomplete")
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([parts["down_proj"][e] for e in range(n)])
+    return out
+
+
 def import_glm4v(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = auto_config(folder)
@@ -78,7 +102,7 @@ def import_glm4v(folder: Path, out: Path) -> Path:
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "downsample."))}
     connector_state = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
     connector_state |= {k: v for k, v in parts["vision"].items() if k.startswith("downsample.")}
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = {f"model.{k}": v for k, v in fuse_experts(parts["llm"]).items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
     settings, options = _processor_options(folder, vision_cfg)
     processor_cfg = read_json(folder / "processor_config.json")
     image_token = processor_cfg.get("image_token") or load_tokenizer(folder).convert_ids_to_tokens(cfg.image_token_id)
@@ -117,10 +141,20 @@ def import_glm4v(folder: Path, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _is_moe(model) -> bool:
+    return model.llm.config.model_type == "glm4v_moe_text"
+
+
+def _reference_classes(model) -> tuple[type, type]:
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    return (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if _is_moe(model) else (Glm4vConfig, Glm4vForConditionalGeneration)
+
+
 def glm4v_reference(model) -> nn.Module:
-    """`Glm4vForConditionalGeneration` holding the weights of a model with the `glm4v-vit` tower
-    and the `glm4v-merger` connector."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    """`Glm4vForConditionalGeneration` (GLM-4.5V: `Glm4vMoeForConditionalGeneration`) holding the
+    weights of a model with the `glm4v-vit` tower and the `glm4v-merger` connector."""
+    config_cls, model_cls = _reference_classes(model)
 
     tower, conn = model.vision.model, model.connector
     vision = {k: v for k, v in tower.config.to_dict().items() if k in (
@@ -131,9 +165,9 @@ def glm4v_reference(model) -> nn.Module:
     ids = {name: vocab[token] for name, token in (("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"),
                                                    ("video_start_token_id", "<|begin_of_video|>"), ("video_end_token_id", "<|end_of_video|>"),
                                                    ("video_token_id", "<|video|>")) if token in vocab}
-    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=model.image_token_id,
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=model.image_token_id,
                          tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)), **ids)
-    ref = Glm4vForConditionalGeneration(config)
+    ref = model_cls(config)
     state = {f"model.visual.{k}": v for k, v in tower.state_dict().items()}
     state |= {f"model.visual.{k if k.startswith('downsample.') else 'merger.' + k}": v for k, v in conn.state_dict().items()}
     state |= language_model_state(text_state)
@@ -173,9 +207,7 @@ def export_glm4v(model, out: str | Path) -> Path:
 
 
 def _reference_inputs(model, prompt, ids):
-    from transformers import Glm4vForConditionalGeneration
-
-    return Glm4vForConditionalGeneration, {"pixel_values": prompt.images[0].pixel_values,
+    return _reference_classes(model)[1], {"pixel_values": prompt.images[0].pixel_values,
                                            "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
                                            "mm_token_type_ids": (ids == model.image_token_id).int()}
 
@@ -184,5 +216,6 @@ def _is_glm4v(model) -> bool:
     return isinstance(model.vision, Glm4vViTTower)
 
 
-GLM4V = HFFamily(("glm4v",), "GLM-4.1V (Glm4vForConditionalGeneration)", import_glm4v, export_glm4v, _is_glm4v,
-                 _reference_inputs, specificity=2)
+GLM4V = HFFamily(("glm4v", "glm4v_moe"), "GLM-4.1V, GLM-4.5V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration)",
+                 import_glm4v, export_glm4v, _is_glm4v, _reference_inputs, specificity=2,
+                 model_type_of=lambda model: "glm4v_moe" if _is_moe(model) else "glm4v")

@@ -128,15 +128,30 @@ class Glm4vMerger(Connector):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+# GLM-4.1V's text model, and GLM-4.5V's mixture-of-experts one.
+TEXT_MODEL_TYPES = ("glm4v_text", "glm4v_moe_text")
+
+
 class Glm4vCausalLM(DecoderLM):
-    """GLM-4.1V's text decoder (partial rotary M-RoPE, sandwich norms) with an LM head."""
+    """GLM-4.1V's text decoder (partial rotary M-RoPE, sandwich norms; GLM-4.5V: routed and shared
+    experts) with an LM head."""
 
     position_rule = "mrope"
 
     def __init__(self, config):
+        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
+
+
+def _text_model_class(model_type: str):
+    if model_type == "glm4v_moe_text":
+        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextModel
+
+        return Glm4vMoeTextModel
+    if model_type == "glm4v_text":
         from transformers.models.glm4v.modeling_glm4v import Glm4vTextModel
 
-        super().__init__(config, Glm4vTextModel._from_config(config))
+        return Glm4vTextModel
+    raise ValueError(f"model_type {model_type!r} is not a GLM-4V text model {list(TEXT_MODEL_TYPES)}")
 
 
 @LANGUAGE_MODELS.register("glm4v-text-random")
@@ -166,8 +181,8 @@ def build_pretrained_glm4v_llm(cfg: LLMConfig, pretrained: bool = True):
     offline()
     folder = llm_folder(cfg, "glm4v-text")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type != "glm4v_text":
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not GLM-4.1V's text model ('glm4v_text')")
+    if config.model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a GLM-4V text model {list(TEXT_MODEL_TYPES)}")
     model = Glm4vCausalLM(config)
     if pretrained:
         weights = folder / LLM_WEIGHTS
