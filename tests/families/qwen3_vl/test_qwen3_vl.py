@@ -210,3 +210,18 @@ def test_qwen3vl_moe_exports_back_and_takes_lora_on_attention(tmp_path):
     loss = model(ids, VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None], labels=labels).loss
     loss.backward()
     assert all(p.grad is not None for n, p in model.llm.named_parameters() if p.requires_grad)
+
+
+def test_qwen3vl_folder_missing_a_deepstack_merger_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlmkit.hf.folder import ExportError
+
+    folder = save_qwen3vl(tmp_path / "hf")
+    state = load_file(str(folder / "model.safetensors"))
+    missing = next(k for k in state if "deepstack_merger_list.1.linear_fc2.weight" in k)
+    del state[missing]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"deepstack_merger_list\.1\.linear_fc2\.weight"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
