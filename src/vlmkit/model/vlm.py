@@ -40,6 +40,7 @@ from vlmkit.model.cross_attention import (
     group_memory,
     parse_cross_attention_options,
 )
+from vlmkit.model.deepstack import LevelInjection
 from vlmkit.model.feature_pool import pool_features, pooled_grid
 from vlmkit.model.language import build_language_model, position_rule
 from vlmkit.model.loss import next_token_loss
@@ -105,17 +106,29 @@ FUSIONS: Registry = Registry("fusion")
 
 
 class PrefixFusion:
-    """Visual tokens fill the image-token slots of the input sequence."""
+    """Visual tokens fill the image-token slots of the input sequence. Where the connector
+    declares `feature_levels` (DeepStack), the tokens' extra levels are added after the first
+    decoder layers (`model/deepstack.py`)."""
 
     name = "prefix"
     module: nn.Module | None = None
 
+    def __init__(self, levels: LevelInjection | None = None):
+        self.levels = levels
+
     def inputs_embeds(self, model: "VisionLanguageModel", input_ids, image_tokens: list[torch.Tensor] | None, cached: bool,
                       images=None):
-        return model.fill_slots(input_ids, torch.cat(image_tokens) if image_tokens else None)
+        tokens = torch.cat(image_tokens) if image_tokens else None
+        if self.levels is None:
+            return model.fill_slots(input_ids, tokens)
+        width = model.llm.get_input_embeddings().embedding_dim
+        first, levels = self.levels.split(tokens, width) if tokens is not None else (None, None)
+        self.levels.set(model.slot_mask(input_ids) if tokens is not None else None, levels)
+        return model.fill_slots(input_ids, first)
 
     def after_forward(self, use_cache: bool) -> None:
-        pass
+        if self.levels is not None:
+            self.levels.set(None, None)
 
 
 class CrossAttentionFusionStrategy:
@@ -180,7 +193,7 @@ class LLMCrossAttentionStrategy:
 def _prefix(config: ModelConfig, llm, connector, options: dict) -> PrefixFusion:
     if options:
         raise ValueError(f"prefix fusion takes no cross_attention options, got {sorted(options)}")
-    return PrefixFusion()
+    return PrefixFusion(LevelInjection(llm, connector.feature_levels) if connector.feature_levels else None)
 
 
 @FUSIONS.register("cross-attention")

@@ -90,12 +90,12 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
     # Config classes name the FFN width differently (intermediate_size, ffn_dim, expansion_ratio);
     # the first layer's weights do not: the MLP's up projection is its widest d-input matrix, and
     # what is not attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn.
-    weights = [m.weight.shape for m in _linears(layers[0])]
-    ffn = max(max(s) for s in weights if d in s and max(s) != d)
-    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
-    mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
-    if rest or mlp_matrices not in (2, 3):
-        raise ValueError(f"{where}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
+    experts, expert_width = getattr(cfg, "num_experts_per_tok", None), getattr(cfg, "moe_intermediate_size", None)
+    if experts and expert_width and getattr(cfg, "num_experts", None):
+        # A mixture of experts: each token runs `num_experts_per_tok` gated experts (the router is negligible).
+        ffn, mlp_matrices = experts * expert_width, 3
+    else:
+        ffn, mlp_matrices = _mlp_shape(layers[0], d, heads, kv_heads, head_dim, where)
     cross = {}
     if cross_attention is not None:
         blocks = cross_attention.blocks
@@ -104,6 +104,19 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
         cross = {"cross_attention_layers": len(blocks), "cross_kv_in": attn.k_proj.in_features,
                  "cross_kv_width": attn.k_proj.out_features + attn.v_proj.out_features}
     return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross)
+
+
+def _mlp_shape(layer: nn.Module, d: int, heads: int, kv_heads: int, head_dim: int, where: str) -> tuple[int, int]:
+    """(ffn width, MLP matrices) read off a dense decoder layer's weights."""
+    weights = [m.weight.shape for m in _linears(layer)]
+    widest = max(max(s) for s in weights if d in s and max(s) != d)
+    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+    # A fused gate + up projection (GLM-4, Phi-3) is one d x 2*ffn matrix: then ffn is half the widest.
+    for ffn in (widest, widest // 2):
+        mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
+        if not rest and mlp_matrices in (2, 3):
+            return ffn, mlp_matrices
+    raise ValueError(f"{where}: cannot read the MLP shape of {type(layer).__name__} (ffn {widest})")
 
 
 @dataclass(frozen=True)

@@ -121,16 +121,31 @@ def sample_positions(encoded, image_token_id: int | set[int]) -> torch.Tensor:
 
     A span with an LLM grid whose tokens form one run (a Qwen2-VL image, or a video in
     temporal patches) is one block over that grid. A video of several wrapped groups is one
-    (1, h, w) block per group. Families without a grid (fixed, tiles ...) give each group a
+    (1, h, w) block per group, and so is each frame of a grid whose frames are separated by
+    text (Qwen3-VL's timestamps). Families without a grid (fixed, tiles ...) give each group a
     (1, 1, n) block: order and distinct positions, without claiming a 2D layout."""
-    blocks = []
+    slots = image_token_id if isinstance(image_token_id, set) else {image_token_id}  # image (and video) slot tokens
+    flags = [x in slots for x in encoded.input_ids.tolist()]
+    where = [i for i, f in enumerate(flags) if f]
+    blocks, k = [], 0
     for v in encoded.visuals:
         per_group = v.visual_tokens // v.groups
+        first_run = _run_length(where, k, v.visual_tokens)
+        k += v.visual_tokens
         if v.grid_thw is not None and v.groups == 1 and v.grid_thw[0] * v.grid_thw[1] * v.grid_thw[2] == v.visual_tokens:
-            blocks.append(tuple(v.grid_thw))
+            t, h, w = v.grid_thw
+            # Frames separated by text (Qwen3-VL's and GLM-4.1V's timestamps): one (1, h, w) block per frame.
+            blocks += [(1, h, w)] * t if t > 1 and first_run == h * w else [tuple(v.grid_thw)]
         elif v.grid_thw is not None and v.grid_thw[1] * v.grid_thw[2] == per_group:
             blocks += [(1, v.grid_thw[1], v.grid_thw[2])] * v.groups
         else:
             blocks += [(1, 1, per_group)] * v.groups
-    slots = image_token_id if isinstance(image_token_id, set) else {image_token_id}  # image (and video) slot tokens
-    return row_positions([x in slots for x in encoded.input_ids.tolist()], blocks)
+    return row_positions(flags, blocks)
+
+
+def _run_length(where: list[int], k: int, n: int) -> int:
+    """How many of the `n` slots from the k-th on lie next to each other from the first."""
+    j = 1
+    while j < n and k + j < len(where) and where[k + j] == where[k] + j:
+        j += 1
+    return j if k < len(where) else 0

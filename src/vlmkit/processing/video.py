@@ -59,7 +59,9 @@ class VideoInput:
 class VideoOptions:
     # smolvlm: SmolVLM2's sampler: round(fps x duration) frames, at most max_frames, from
     # np.linspace over the frames (truncated), skipping skip_secs at both ends of long videos.
-    sampling: Literal["uniform", "fps", "smolvlm"] = "uniform"
+    # glm4v: GLM-4.1V's sampler: one frame every 1/fps seconds (rounded up to a frame, repeats
+    # dropped), an even count (the last frame repeated), over at most 300 s.
+    sampling: Literal["uniform", "fps", "smolvlm", "glm4v"] = "uniform"
     num_frames: int = 8  # uniform: exactly this many frames
     fps: float = 1.0  # fps: this many frames per second of video ...
     min_frames: int = 1  # ... but at least this many
@@ -70,8 +72,8 @@ class VideoOptions:
     skip_secs: float = 1.0  # smolvlm sampling: seconds skipped at each end of a long video
 
     def __post_init__(self):
-        if self.sampling not in ("uniform", "fps", "smolvlm"):
-            raise ValueError(f"video sampling must be 'uniform', 'fps' or 'smolvlm', got {self.sampling!r}")
+        if self.sampling not in ("uniform", "fps", "smolvlm", "glm4v"):
+            raise ValueError(f"video sampling must be 'uniform', 'fps', 'smolvlm' or 'glm4v', got {self.sampling!r}")
         if self.compression not in ("none", "pool", "temporal-patch"):
             raise ValueError(f"video compression must be 'none', 'pool' or 'temporal-patch', got {self.compression!r}")
         if self.num_frames < 1 or self.min_frames < 1 or self.max_frames < self.min_frames or self.pooled_frames < 1:
@@ -186,6 +188,8 @@ def sample_indices(total: int, fps: float, options: VideoOptions, source: str = 
         raise VideoLoadError(f"{source}: the video has zero frames")
     if options.sampling == "smolvlm":
         return smolvlm_indices(total, fps, options)
+    if options.sampling == "glm4v":
+        return glm4v_indices(total, fps, options)
     if options.sampling == "uniform":
         n = options.num_frames
         what = f"{n} frames requested (video.num_frames)"
@@ -199,6 +203,20 @@ def sample_indices(total: int, fps: float, options: VideoOptions, source: str = 
         return [(total - 1) // 2]
     # Evenly spaced including both ends: the first and last frames carry where motion starts and ends.
     return [int(round(i * (total - 1) / (n - 1))) for i in range(n)]
+
+
+def glm4v_indices(total: int, fps: float, options: VideoOptions, max_duration: float = 300.0) -> list[int]:
+    """transformers' `Glm4vVideoProcessor.sample_frames` (its `fps`; `max_duration` 300 s)."""
+    last = total - 1
+    duration = total / fps if fps > 0 else float(last + 1)
+    if duration <= max_duration:
+        n = max(math.floor(duration * options.fps), 1)
+        wanted = [min(last, math.ceil(i * fps / options.fps)) for i in range(n)]
+    else:
+        n = int(max_duration * options.fps)
+        wanted = list(range(total)) if n >= total else [min(last, math.ceil(t * fps)) for t in np.linspace(0, duration, n)]
+    out = list(dict.fromkeys(wanted))
+    return out + out[-1:] if len(out) % 2 else out
 
 
 def smolvlm_indices(total: int, fps: float, options: VideoOptions) -> list[int]:

@@ -30,6 +30,10 @@ class Connector(nn.Module):
     # with text input, as InstructBLIP's): `forward` then takes `texts`, one id tensor per feature
     # row (each image's `ProcessedImage.instruction_ids`, made by `instruction_encoder`).
     reads_instruction: bool = False
+    # DeepStack (`model/deepstack.py`): each output token carries this many extra blocks of the
+    # LLM width after its own, added to the decoder's hidden state at its slot after the first
+    # `feature_levels` decoder layers (Qwen3-VL's multi-level features). 0: plain tokens.
+    feature_levels: int = 0
 
     def __init__(self, vision_dim: int, llm_dim: int, options: ConnectorOptions):
         super().__init__()

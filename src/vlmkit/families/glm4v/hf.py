@@ -1,0 +1,221 @@
+"""GLM-4.1V (`glm4v`): import and export.
+
+The `glm4v-vit` tower (with its 2x2 downsample convolution), its PatchMerger as the
+`glm4v-merger` connector, the partial-rotary M-RoPE decoder (`glm4v-text`), and the `glm4v`
+processor (the clip-wide smart_resize of an image as `temporal_patch_size` frames, with the
+folder's pixel bounds, patch, merge, mean/std). Imported models never write vlmkit's
+`<image_k>` sentinels.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmkit.config import load_config
+from vlmkit.families.glm4v.model import Glm4vCausalLM, Glm4vViTTower
+from vlmkit.families.qwen2_vl.model import save_mrope_llm
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    check_part,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    load_tokenizer,
+    max_positions,
+    read_json,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import language_model_state, load_strict, text_part
+from vlmkit.hf.registry import HFFamily
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+
+RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}
+
+
+def _processor_options(folder: Path, vision_cfg) -> tuple[dict, dict]:
+    settings = image_processor_settings(folder)
+    patch, merge = settings.get("patch_size", vision_cfg.patch_size), settings.get("merge_size", vision_cfg.spatial_merge_size)
+    if patch != vision_cfg.patch_size or merge != vision_cfg.spatial_merge_size:
+        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {merge}) differ from the vision "
+                          f"config's ({vision_cfg.patch_size}, {vision_cfg.spatial_merge_size})")
+    size = settings.get("size") or {}
+    options = {"patch_size": patch, "merge_size": merge,
+               "temporal_patch_size": settings.get("temporal_patch_size", vision_cfg.temporal_patch_size),
+               "min_pixels": int(size.get("shortest_edge") or 112 * 112), "max_pixels": int(size.get("longest_edge") or 28 * 28 * 15000),
+               "sentinels": "never"}
+    return settings, options
+
+
+def _video_options(folder: Path, processor_cfg: dict) -> dict:
+    """Glm4vVideoProcessor's settings (its defaults where the folder is silent): the clip's pixel
+    bounds, temporal patches, and its frame sampler at `fps` frames per second."""
+    settings = read_json(folder / "video_preprocessor_config.json") or processor_cfg.get("video_processor") or {}
+    size = settings.get("size") or {}
+    video = {"compression": "temporal-patch", "sampling": "glm4v", "fps": float(settings.get("fps") or 2.0)}
+    return {"video_min_pixels": int(size.get("shortest_edge") or 112 * 112),
+            "video_max_pixels": int(size.get("longest_edge") or 28 * 28 * 2 * 30000), "video": video}
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GLM-4.5V folders store each expert's gate / up / down projections apart; transformers 5
+    holds them fused per layer, `gate_up_proj` (experts, 2 x width, hidden: gate rows, then up)
+    and `down_proj` (experts, hidden, width), as its loader converts them."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        match = _EXPERT.match(key)
+        if match:
+            experts.setdefault(match[1], {}).setdefault(match[3], {})[int(match[2])] = value
+        else:
+            out[key] = value
+    for prefix, parts in experts.items():
+        n = len(parts.get("down_proj", {}))
+        if any(sorted(parts.get(name, {})) != list(range(n)) for name in ("gate_proj", "up_proj", "down_proj")):
+            raise ExportError(f"{prefix}: the experts' gate / up / down projections are incomplete")
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([parts["down_proj"][e] for e in range(n)])
+    return out
+
+
+def import_glm4v(folder: Path, out: Path) -> Path:
+    folder, out = Path(folder), Path(out).resolve()
+    cfg = auto_config(folder)
+    parts = split_state(read_weights(folder), {"model.visual.": "vision", "visual.": "vision", "model.language_model.": "llm",
+                                               "model.": "llm", "lm_head.": "head"})
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    if vision_cfg.out_hidden_size != text_cfg.hidden_size:
+        raise ExportError(f"{folder}: vision out_hidden_size {vision_cfg.out_hidden_size} differs from the text hidden_size "
+                          f"{text_cfg.hidden_size}")
+    vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "downsample."))}
+    connector_state = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
+    connector_state |= {k: v for k, v in parts["vision"].items() if k.startswith("downsample.")}
+    llm_state = {f"model.{k}": v for k, v in fuse_experts(parts["llm"]).items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    settings, options = _processor_options(folder, vision_cfg)
+    processor_cfg = read_json(folder / "processor_config.json")
+    image_token = processor_cfg.get("image_token") or load_tokenizer(folder).convert_ids_to_tokens(cfg.image_token_id)
+    tokenizer = folder_tokenizer(folder, image_token)
+
+    tmp = staging_folder(out)
+    try:
+        staged_llm = tmp / "llm"
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))  # transformers ties by the outer config alone
+        text_cfg.tie_word_embeddings = tied
+        if tied:
+            llm_state.pop("lm_head.weight", None)
+        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+            check_part(Glm4vCausalLM(text_cfg), llm_state, "language model", optional=optional)
+        llm = Glm4vCausalLM(text_cfg)
+        load_part(llm, llm_state, "language model", optional=optional)
+        save_mrope_llm(llm, tokenizer, staged_llm)
+        del llm
+        config = load_config({"model": {
+            "vision": {"name": "glm4v-vit", "config": hf_config_dict(vision_cfg)},
+            "connector": {"name": "glm4v-merger", "options": {"hidden_size": vision_cfg.intermediate_size, "act": vision_cfg.hidden_act,
+                                                              "merge": vision_cfg.spatial_merge_size}},
+            "llm": {"name": "glm4v-text", "path": str(staged_llm)},
+            "processor": {"name": "glm4v", "image_size": options["patch_size"] * options["merge_size"] * 8,
+                          "mean": list(settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+                          "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+                          "resample": resample_name(settings), "options": options | _video_options(folder, processor_cfg)},
+            "image_token": image_token,
+        }})
+        model = build_imported(config, image_token, cfg.image_token_id)
+        load_part(model.vision.model, vision_state, "vision tower", "visual.")
+        load_part(model.connector, connector_state, "vision downsample and merger", "visual.(merger.)")
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=32768))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_moe(model) -> bool:
+    return model.llm.config.model_type == "glm4v_moe_text"
+
+
+def _reference_classes(model) -> tuple[type, type]:
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    return (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if _is_moe(model) else (Glm4vConfig, Glm4vForConditionalGeneration)
+
+
+def glm4v_reference(model) -> nn.Module:
+    """`Glm4vForConditionalGeneration` (GLM-4.5V: `Glm4vMoeForConditionalGeneration`) holding the
+    weights of a model with the `glm4v-vit` tower and the `glm4v-merger` connector."""
+    config_cls, model_cls = _reference_classes(model)
+
+    tower, conn = model.vision.model, model.connector
+    vision = {k: v for k, v in tower.config.to_dict().items() if k in (
+        "depth", "hidden_size", "hidden_act", "attention_bias", "num_heads", "in_channels", "image_size", "patch_size",
+        "rms_norm_eps", "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "intermediate_size", "rope_parameters")}
+    text, text_state = text_part(model)
+    vocab = model.tokenizer.get_vocab()
+    ids = {name: vocab[token] for name, token in (("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"),
+                                                   ("video_start_token_id", "<|begin_of_video|>"), ("video_end_token_id", "<|end_of_video|>"),
+                                                   ("video_token_id", "<|video|>")) if token in vocab}
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=model.image_token_id,
+                         tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)), **ids)
+    ref = model_cls(config)
+    state = {f"model.visual.{k}": v for k, v in tower.state_dict().items()}
+    state |= {f"model.visual.{k if k.startswith('downsample.') else 'merger.' + k}": v for k, v in conn.state_dict().items()}
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
+
+
+@torch.no_grad()
+def export_glm4v(model, out: str | Path) -> Path:
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    ref = glm4v_reference(model).eval()
+    tok = model.tokenizer
+    ref.generation_config = hf_generation_config(tok)
+    p = model.config.processor
+    o = p.options
+    video = {"video_processor_type": "Glm4vVideoProcessor", "patch_size": o.get("patch_size", 14), "merge_size": o.get("merge_size", 2),
+             "temporal_patch_size": o.get("temporal_patch_size", 2), "image_mean": list(p.mean), "image_std": list(p.std),
+             "size": {"shortest_edge": o.get("video_min_pixels", 112 * 112), "longest_edge": o.get("video_max_pixels", 28 * 28 * 2 * 30000)},
+             "fps": (o.get("video") or {}).get("fps", 2.0), "resample": RESAMPLE[p.resample]}
+    image_processor = Glm4vImageProcessorPil(
+        size={"shortest_edge": o.get("min_pixels", 112 * 112), "longest_edge": o.get("max_pixels", 28 * 28 * 15000)},
+        patch_size=o.get("patch_size", 14), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
+        image_mean=list(p.mean), image_std=list(p.std), resample=RESAMPLE[p.resample])
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        image_processor.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        template = plain_template(tok)
+        if template:
+            (tmp / "chat_template.jinja").write_text(template)
+        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Glm4vProcessor",
+                                                               "image_token": model.config.image_token}, indent=2))
+        (tmp / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+
+    return atomic_folder(Path(out), write)
+
+
+def _reference_inputs(model, prompt, ids):
+    return _reference_classes(model)[1], {"pixel_values": prompt.images[0].pixel_values,
+                                           "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+                                           "mm_token_type_ids": (ids == model.image_token_id).int()}
+
+
+def _is_glm4v(model) -> bool:
+    return isinstance(model.vision, Glm4vViTTower)
+
+
+GLM4V = HFFamily(("glm4v", "glm4v_moe"), "GLM-4.1V, GLM-4.5V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration)",
+                 import_glm4v, export_glm4v, _is_glm4v, _reference_inputs, specificity=2,
+                 model_type_of=lambda model: "glm4v_moe" if _is_moe(model) else "glm4v")

@@ -1,0 +1,222 @@
+"""Qwen3-VL (`qwen3_vl`): import and export.
+
+The `qwen3-vit` tower, its PatchMerger and DeepStack mergers as the `qwen3-vl-merger` connector
+(whose extra levels prefix fusion adds after the first decoder layers), the interleaved-M-RoPE
+decoder (`qwen3-vl-text`), and the `qwen3vl` processor (Qwen2-VL's smart_resize with the
+folder's pixel bounds, 16 px patches; videos with a timestamp per temporal patch). Imported
+models never write vlmkit's `<image_k>` sentinels: the released checkpoints were not trained
+with them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmkit.config import load_config
+from vlmkit.families.qwen2_vl.hf import _qwen2_vl_video
+from vlmkit.families.qwen3_vl.model import Qwen3ViTTower, Qwen3VLCausalLM, save_mrope_llm
+from vlmkit.hf.folder import (
+    ExportError,
+    auto_config,
+    check_part,
+    hf_config_dict,
+    image_processor_settings,
+    load_part,
+    load_tokenizer,
+    max_positions,
+    read_json,
+    read_weights,
+    resample_name,
+    split_state,
+)
+from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import language_model_state, load_strict, text_part
+from vlmkit.hf.registry import HFFamily
+from vlmkit.hf.templates import folder_tokenizer, plain_template
+from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+
+# transformers' merger names -> the connector's pixel-shuffle parts.
+_MERGER = {"norm.weight": "norm.weight", "norm.bias": "norm.bias", "linear_fc1.weight": "proj.0.weight",
+           "linear_fc1.bias": "proj.0.bias", "linear_fc2.weight": "proj.2.weight", "linear_fc2.bias": "proj.2.bias"}
+
+
+def _connector_state(vision: dict[str, torch.Tensor], levels: int, folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for ours, theirs in (("main.", "merger."), *((f"levels.{k}.", f"deepstack_merger_list.{k}.") for k in range(levels))):
+        for src, dst in _MERGER.items():
+            if theirs + src not in vision:
+                raise ExportError(f"{folder}: the vision merger weight visual.{theirs}{src} is missing")
+            state[ours + dst] = vision[theirs + src]
+    return state
+
+
+def _processor_options(folder: Path, vision_cfg) -> tuple[dict, dict]:
+    settings = image_processor_settings(folder)
+    patch, merge = settings.get("patch_size", vision_cfg.patch_size), settings.get("merge_size", vision_cfg.spatial_merge_size)
+    if patch != vision_cfg.patch_size or merge != vision_cfg.spatial_merge_size:
+        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {merge}) differ from the vision "
+                          f"config's ({vision_cfg.patch_size}, {vision_cfg.spatial_merge_size})")
+    size = settings.get("size") or {}
+    options = {"patch_size": patch, "merge_size": merge,
+               "temporal_patch_size": settings.get("temporal_patch_size", vision_cfg.temporal_patch_size),
+               "min_pixels": int(settings.get("min_pixels") or size.get("shortest_edge") or 65536),
+               "max_pixels": int(settings.get("max_pixels") or size.get("longest_edge") or 16777216), "sentinels": "never"}
+    return settings, options
+
+
+def _qwen3_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[str | None, dict]:
+    """Qwen2-VL's video settings, with Qwen3VLVideoProcessor's defaults where the folder is silent:
+    a whole clip within 128 .. 768 merge windows of 32 px, frames sampled at 2 per second."""
+    token, options = _qwen2_vl_video(folder, cfg, tokenizer, processor_cfg)
+    if token is None:
+        return token, options
+    settings = read_json(folder / "video_preprocessor_config.json") or processor_cfg.get("video_processor") or {}
+    options.setdefault("video_min_pixels", 128 * 32 * 32)
+    options.setdefault("video_max_pixels", 768 * 32 * 32)
+    if "do_sample_frames" not in settings:
+        options["video"] |= {"sampling": "fps", "fps": float(settings.get("fps") or 2.0),
+                             "min_frames": int(settings.get("min_frames") or 4), "max_frames": int(settings.get("max_frames") or 768)}
+    return token, options
+
+
+def import_qwen3_vl(folder: Path, out: Path) -> Path:
+    folder, out = Path(folder), Path(out).resolve()
+    cfg = auto_config(folder)
+    parts = split_state(read_weights(folder), {"model.visual.": "vision", "visual.": "vision", "model.language_model.": "llm",
+                                               "model.": "llm", "lm_head.": "head"})
+    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    levels = len(vision_cfg.deepstack_visual_indexes)
+    vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "deepstack_merger_list."))}
+    connector_state = _connector_state(parts["vision"], levels, folder)
+    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    settings, options = _processor_options(folder, vision_cfg)
+    processor_cfg = read_json(folder / "processor_config.json")
+    probe = load_tokenizer(folder)
+    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
+    tokenizer = folder_tokenizer(folder, image_token)
+    video_token, video_options = _qwen3_vl_video(folder, cfg, probe, processor_cfg)
+
+    tmp = staging_folder(out)
+    try:
+        staged_llm = tmp / "llm"
+        # The small sizes tie the head to the embeddings; the flag sits on the outer config.
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))  # transformers ties by the outer config alone
+        text_cfg.tie_word_embeddings = tied
+        if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
+            llm_state.pop("lm_head.weight", None)
+        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+            check_part(Qwen3VLCausalLM(text_cfg), llm_state, "language model", optional=optional)
+        llm = Qwen3VLCausalLM(text_cfg)
+        load_part(llm, llm_state, "language model", optional=optional)
+        save_mrope_llm(llm, tokenizer, staged_llm)
+        del llm
+        width = vision_cfg.hidden_size * vision_cfg.spatial_merge_size**2
+        config = load_config({"model": {
+            "vision": {"name": "qwen3-vit", "config": hf_config_dict(vision_cfg)},
+            "connector": {"name": "qwen3-vl-merger", "options": {"ratio": 1 / vision_cfg.spatial_merge_size, "levels": levels,
+                                                                 "hidden_size": width, "norm_eps": 1e-6}},
+            "llm": {"name": "qwen3-vl-text", "path": str(staged_llm)},
+            "processor": {"name": "qwen3vl", "image_size": options["patch_size"] * options["merge_size"] * 8,
+                          "mean": list(settings.get("image_mean", (0.5, 0.5, 0.5))),
+                          "std": list(settings.get("image_std", (0.5, 0.5, 0.5))),
+                          "resample": resample_name(settings), "options": options | video_options},
+            "image_token": image_token,
+            "video_token": video_token,
+        }})
+        model = build_imported(config, image_token, cfg.image_token_id)
+        load_part(model.vision.model, vision_state, "vision tower", "visual.")
+        load_part(model.connector, connector_state, "vision mergers", "visual.merger(mapped) ")
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=32768))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_moe(model) -> bool:
+    return model.llm.config.model_type == "qwen3_vl_moe_text"
+
+
+def _reference_classes(model) -> tuple[type, type]:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    return (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if _is_moe(model) else (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+
+def qwen3_vl_reference(model) -> nn.Module:
+    """`Qwen3VLForConditionalGeneration` (`Qwen3VLMoeForConditionalGeneration` over a
+    mixture-of-experts decoder) holding the weights of a model with the `qwen3-vit` tower and the
+    `qwen3-vl-merger` connector."""
+    config_cls, model_cls = _reference_classes(model)
+
+    tower, conn = model.vision.model, model.connector
+    vision = {k: v for k, v in tower.config.to_dict().items() if k in (
+        "depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels", "patch_size", "spatial_merge_size",
+        "temporal_patch_size", "num_position_embeddings", "deepstack_visual_indexes", "rope_parameters")}
+    text, text_state = text_part(model)
+    config = config_cls(text_config=text, vision_config={**vision, "out_hidden_size": conn.llm_dim},
+                           image_token_id=model.image_token_id, video_token_id=model.video_token_id or model.image_token_id,
+                           tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
+    ref = model_cls(config)
+    state = {f"model.visual.{k}": v for k, v in tower.state_dict().items()}
+    inverse = {ours: theirs for theirs, ours in _MERGER.items()}
+    for ours, theirs in (("main.", "merger."), *((f"levels.{k}.", f"deepstack_merger_list.{k}.") for k in range(conn.feature_levels))):
+        state |= {f"model.visual.{theirs}{inverse[k[len(ours):]]}": v for k, v in conn.state_dict().items() if k.startswith(ours)}
+    state |= language_model_state(text_state)
+    return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
+
+
+@torch.no_grad()
+def export_qwen3_vl(model, out: str | Path) -> Path:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlmkit.families.qwen2_vl.hf import _qwen2_vl_video_settings
+
+    ref = qwen3_vl_reference(model).eval()
+    tok = model.tokenizer
+    vocab = tok.get_vocab()
+    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+                        ("video_token_id", "<|video_pad|>")):
+        if token in vocab:
+            setattr(ref.config, name, vocab[token])
+    ref.generation_config = hf_generation_config(tok)
+    p = model.config.processor
+    o = p.options
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": o.get("min_pixels", 65536), "longest_edge": o.get("max_pixels", 16777216)},
+        patch_size=o.get("patch_size", 16), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
+        image_mean=list(p.mean), image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        image_processor.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        template = plain_template(tok)
+        if template:
+            (tmp / "chat_template.jinja").write_text(template)
+        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor",
+                                                               "image_token": model.config.image_token}, indent=2))
+        if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
+            settings = _qwen2_vl_video_settings(model) | {"video_processor_type": "Qwen3VLVideoProcessor"}
+            (tmp / "video_preprocessor_config.json").write_text(json.dumps(settings, indent=2))
+
+    return atomic_folder(Path(out), write)
+
+
+def _reference_inputs(model, prompt, ids):
+    return _reference_classes(model)[1], {"pixel_values": prompt.images[0].pixel_values,
+                                             "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+                                             "mm_token_type_ids": (ids == model.image_token_id).int()}
+
+
+def _is_qwen3_vl(model) -> bool:
+    return isinstance(model.vision, Qwen3ViTTower)
+
+
+QWEN3_VL = HFFamily(("qwen3_vl", "qwen3_vl_moe"), "Qwen3-VL, Qwen3-VL-MoE (Qwen3VLForConditionalGeneration, "
+                    "Qwen3VLMoeForConditionalGeneration)", import_qwen3_vl, export_qwen3_vl, _is_qwen3_vl, _reference_inputs,
+                    specificity=2, model_type_of=lambda model: "qwen3_vl_moe" if _is_moe(model) else "qwen3_vl")
