@@ -49,7 +49,7 @@ class EmbeddingTableOptions(ConnectorOptions):
         return ratio
 
     @model_validator(mode="after")
-    def _room_for_words(self) -> "EmbeddingTableOptions":
+    def _room_for_words(self) -> EmbeddingTableOptions:
         if len(self.markers) >= self.vocab_size:
             raise ValueError(f"vocab_size {self.vocab_size} leaves no visual words beside {len(self.markers)} marker rows")
         return self
