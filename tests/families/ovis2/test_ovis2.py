@@ -126,6 +126,26 @@ def test_ovis2_structure_tokens_take_the_visual_tables_rows(ovis):
     torch.testing.assert_close(text, model.llm.get_input_embeddings()(ids[:, :3]))
 
 
+def test_ovis2_two_images_in_one_prompt_match_transformers(ovis):
+    """Two images of different tile grids in one turn: ids as Ovis2Processor writes them, logits
+    within 1e-4 of Ovis2ForConditionalGeneration's (fp32)."""
+    from transformers import Ovis2ForConditionalGeneration, Ovis2Processor
+
+    folder, _, model = ovis
+    images = [noise(90, 30, seed=3), noise(20, 20, seed=4)]
+    content = [{"type": "image", "image": images[0]}, {"type": "image", "image": images[1]}, {"type": "text", "text": "Same?"}]
+    ref = Ovis2Processor.from_pretrained(folder, local_files_only=True).apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>\n<image>\nSame?")], images)
+    assert prompt.input_ids.tolist() == ref["input_ids"][0].tolist()
+    hf = Ovis2ForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    pixels = torch.cat([im.pixel_values for im in prompt.images])
+    with torch.no_grad():
+        ours = model(prompt.input_ids[None], VisualBatch(prompt.images)).logits
+        theirs = hf(input_ids=prompt.input_ids[None], pixel_values=pixels).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
 def test_visual_embedding_table_tokenizes_as_configured():
     """softmax: probability rows summing to 1, tokens their weighted sums of the word rows;
     st_argmax: one-hot forward, gradient flowing back to the head; markers are the last rows."""

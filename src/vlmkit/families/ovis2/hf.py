@@ -147,8 +147,8 @@ def _import_ovis2(folder: Path, out: Path) -> Path:
         }})
         model = build_imported(config, IMAGE_TOKEN, cfg.image_token_id)
         load_part(model.vision.model, _tower_state(parts["vision"]), "vision tower", "model.vision_tower.transformer.")
-        table = {"table.weight": parts["table"].get("weight")} if "weight" in parts["table"] else {}
-        load_part(model.connector, parts["head"] | table, "visual tokenizer", "model.vision_tower.")
+        table = {f"table.{k}": v for k, v in parts["table"].items()}
+        load_part(model.connector, parts["head"] | table, "visual tokenizer and visual_embeddings_table", "model.vision_tower.")
         return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 2048))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
