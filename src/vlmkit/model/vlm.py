@@ -228,6 +228,8 @@ class VisionLanguageModel(nn.Module):
         # A family's own video slot token (Qwen2-VL's <|video_pad|>); its slots are filled like image slots.
         self.video_token_id = ensure_image_token(tokenizer, video_token) if video_token else None
         self.vocab_size = llm.get_input_embeddings().num_embeddings
+        # Tokens the connector embeds itself (its `marker_tokens`), added to the tokenizer where absent.
+        self.marker_ids = [ensure_image_token(tokenizer, t) for t in connector.marker_tokens()]
         # How the LLM numbers positions ("1d" or "mrope", declared by the LLM): the chat processor
         # gives M-RoPE prompts their (3, T) positions.
         self.position_rule = position_rule(llm)
@@ -448,8 +450,11 @@ class VisionLanguageModel(nn.Module):
     def fill_slots(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token slots filled by `image_embeds` (rows in order)."""
         is_image = self.slot_mask(input_ids)
-        safe_ids = input_ids.masked_fill(is_image, 0)
+        markers = self._marker_mask(input_ids) if self.marker_ids and image_embeds is not None else None
+        safe_ids = input_ids.masked_fill(is_image if markers is None else is_image | markers.any(-1), 0)
         embeds = self.llm.get_input_embeddings()(safe_ids)
+        if markers is not None:
+            embeds = self._embed_markers(embeds, markers)
         slots = int(is_image.sum())
         given = 0 if image_embeds is None else image_embeds.reshape(-1, embeds.shape[-1]).shape[0]
         if slots != given:
@@ -461,6 +466,18 @@ class VisionLanguageModel(nn.Module):
             flat = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), flat)
         return embeds
+
+    def _marker_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(..., markers) bool: where each of the connector's own tokens stands."""
+        ids = torch.tensor(self.marker_ids, device=input_ids.device)
+        return input_ids.unsqueeze(-1) == ids
+
+    def _embed_markers(self, embeds: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        """The connector's rows at its marker tokens (transformers' Ovis2 does so only when the
+        call has images; later decoding steps embed them as text)."""
+        rows = self.connector.marker_embeddings().to(embeds.dtype)
+        own = markers.to(embeds.dtype) @ rows
+        return torch.where(markers.any(-1, keepdim=True), own, embeds)
 
     def inputs_embeds(self, input_ids, visuals: VisualBatch | None = None, cached: bool = False):
         """What the decoder reads: the text's embeddings with the images fused in by the strategy."""

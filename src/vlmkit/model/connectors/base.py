@@ -71,6 +71,16 @@ class Connector(nn.Module):
     def attach_output_norm(self, target_rms: float) -> None:
         self.output_norm = OutputNorm(self.llm_dim, target_rms)
 
+    def marker_tokens(self) -> tuple[str, ...]:
+        """Tokens whose embeddings this connector owns (Ovis's image-structure tokens, rows of its
+        visual embedding table): in a prompt with images the model embeds them with
+        `marker_embeddings` (one row each, in this order) instead of the LLM's table. None by default."""
+        return ()
+
+    def marker_embeddings(self) -> torch.Tensor | None:
+        """(len(marker_tokens), LLM width), or None where the connector owns no tokens."""
+        return None
+
     def instruction_encoder(self, model_config) -> Callable[[str], torch.Tensor] | None:
         """For a connector that reads the instruction: str -> its own token ids (the chat processor
         stores them in `ProcessedImage.instruction_ids`); None otherwise."""
