@@ -1,6 +1,6 @@
 """`eval score` speed on 10,000 predictions per benchmark: the official rule and the error bars.
 
-    python benchmarks/eval_score_speed.py                      # mmbench mmstar mmmu-pro-standard mmmu-pro-vision
+    python benchmarks/eval_score_speed.py                      # the benchmarks with an official release layout
     python benchmarks/eval_score_speed.py --n 10000 mmstar
 
 A small synthetic copy (`vlmkit data synth-bench`) is loaded once and its items repeated under new
@@ -56,7 +56,8 @@ def _answers(items: list, rng: random.Random) -> dict[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("benchmarks", nargs="*", default=["mmbench", "mmstar", "mmmu-pro-standard", "mmmu-pro-vision"])
+    ap.add_argument("benchmarks", nargs="*", default=["pope", "mme", "hallusionbench", "ai2d", "mmbench", "mmstar",
+                                                     "mmmu-pro-standard", "mmmu-pro-vision"])
     ap.add_argument("--n", type=int, default=10000)
     args = ap.parse_args()
     rng = random.Random(0)
