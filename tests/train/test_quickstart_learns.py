@@ -74,7 +74,8 @@ def test_scaled_down_recipe_trained_and_scored_by_the_cli_reads_words_and_colour
         assert out.returncode == 0, out.stderr[-3000:]
 
     vlmkit("train", str(default_recipe()), "train.data_dir=data", "train.output_dir=run", "train.eval=null",
-           "train.stages.embed.max_steps=300", "train.stages.instruct.max_steps=80", "train.stages.instruct.lr=5e-4", f"train.precision={PRECISION}",
+           "train.stages.embed.max_steps=300", "train.stages.instruct.max_steps=80", "train.stages.instruct.lr=5e-4",
+           f"train.precision={PRECISION}",
            # reading and preprocessing images is most of an embed-align step: two worker processes do
            # it beside the one-thread training process (the batches are the same for any number)
            "train.num_workers=2")
