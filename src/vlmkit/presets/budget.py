@@ -62,6 +62,11 @@ class LLMShape:
     # Cross-attention blocks: width of the memory their K/V projections read, and K + V output width.
     cross_kv_in: int = 0
     cross_kv_width: int = 0
+    # Hybrid decoders (LFM2's short convolutions between its attention layers): how many layers
+    # attend (None: all of them), and the matrix parameters of the others, whose token mixer keeps
+    # a fixed-size state instead of a per-token KV cache.
+    attention_layers: int | None = None
+    other_layer_params: int = 0
 
     def layer_params(self) -> int:
         attn = 2 * self.d_model * self.heads * self.head_dim + 2 * self.d_model * self.kv_heads * self.head_dim
@@ -87,15 +92,17 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
     head_dim = getattr(cfg, "head_dim", None) or d // heads
     context = getattr(cfg, "max_position_embeddings", None) or cfg.max_seq_len  # MPT names it max_seq_len
     layers = presets.decoder_layer_list(llm)
-    # Config classes name the FFN width differently (intermediate_size, ffn_dim, expansion_ratio);
-    # the first layer's weights do not: the MLP's up projection is its widest d-input matrix, and
-    # what is not attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn.
-    weights = [m.weight.shape for m in _linears(layers[0])]
-    ffn = max(max(s) for s in weights if d in s and max(s) != d)
     attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
-    mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
-    if rest or mlp_matrices not in (2, 3):
+    shapes = [_attention_layer_shape(layer, d, attention) for layer in layers]
+    attending = [s for s in shapes if s[0]]
+    if not attending:
+        ffn = shapes[0][1]
         raise ValueError(f"{where}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
+    _, ffn, mlp_matrices = attending[0]
+    hybrid = {}
+    if len(attending) < len(layers):  # a hybrid decoder: the other layers mix tokens without attention
+        other = sum(sum(m.weight.numel() for m in _linears(layer)) for layer, s in zip(layers, shapes) if not s[0])
+        hybrid = {"attention_layers": len(attending), "other_layer_params": other}
     cross = {}
     if cross_attention is not None:
         blocks = cross_attention.blocks
@@ -103,7 +110,20 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
         name = f"{name} + {len(blocks)} cross-attention layers"
         cross = {"cross_attention_layers": len(blocks), "cross_kv_in": attn.k_proj.in_features,
                  "cross_kv_width": attn.k_proj.out_features + attn.v_proj.out_features}
-    return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross)
+    return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross, **hybrid)
+
+
+def _attention_layer_shape(layer: nn.Module, d: int, attention: int) -> tuple[bool, int, int]:
+    """(whether the layer reads as attention + MLP, its FFN width, its MLP matrices). Config
+    classes name the FFN width differently (intermediate_size, ffn_dim, expansion_ratio); the
+    weights do not: the MLP's up projection is the widest d-input matrix, and what is not
+    attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn."""
+    weights = [m.weight.shape for m in _linears(layer)]
+    ffn = max((max(s) for s in weights if d in s and max(s) != d), default=0)
+    if not ffn:
+        return False, 0, 0
+    mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
+    return not rest and mlp_matrices in (2, 3), ffn, mlp_matrices
 
 
 @dataclass(frozen=True)
@@ -183,8 +203,9 @@ def _llm_cost(llm: LLMShape, seq: int, states: int, bytes_per_value: int) -> tup
         flops = 2 * states * llm.cross_attention_layers * llm.cross_kv_in * llm.cross_kv_width
         return flops, states * llm.cross_attention_layers * llm.cross_kv_width * bytes_per_value
     n = seq
-    flops = 2 * n * llm.layer_params() * llm.layers + 2 * llm.layers * n * n * llm.heads * llm.head_dim
-    return flops, n * llm.layers * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
+    attending = llm.layers if llm.attention_layers is None else llm.attention_layers
+    flops = 2 * n * (llm.layer_params() * attending + llm.other_layer_params) + 2 * attending * n * n * llm.heads * llm.head_dim
+    return flops, n * attending * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
 
 
 def image_budget(preset: "str | Costing", width: int, height: int, context: int | None = None,
