@@ -243,3 +243,22 @@ def test_lfm2_vl_token_budget_counts_only_attention_layers_for_the_kv_cache():
     budget = image_budget("lfm2-vl-450m", 512, 512)
     assert budget.visual_tokens == 256 and budget.sequence_tokens == 258
     assert budget.kv_cache_bytes == 258 * 6 * 2 * 8 * 64 * 2
+
+
+def test_lfm2_vl_refuses_packing(lfm, tmp_path):
+    """Packing keeps samples apart inside attention only; LFM2's short convolutions would read the
+    previous sample's last tokens, so a packed stage is refused before it trains."""
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+    from vlmkit.data.synthetic.families import write_family_dataset
+    from vlmkit.model.language import non_attention_mixers
+
+    assert non_attention_mixers(lfm[2].llm) == ["conv"]
+    recipe = yaml.safe_load((REPO / "recipes" / "families" / "lfm2-vl.yaml").read_text())
+    recipe["train"]["stages"]["instruct"] |= {"data": "data/train.json", "max_steps": 1, "batch_size": 2, "packing": True}
+    recipe["train"]["output_dir"] = str(tmp_path / "runs")
+    write_family_dataset(tmp_path / "data", n_train=4, n_test=1, n_video=0, seed=0)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml")])
+    assert out.exit_code != 0 and "packing" in out.output and "conv" in out.output, out.output
