@@ -63,10 +63,13 @@ class LLMShape:
     cross_kv_in: int = 0
     cross_kv_width: int = 0
     # Hybrid decoders (LFM2's short convolutions between its attention layers): how many layers
-    # attend (None: all of them), and the matrix parameters of the others, whose token mixer keeps
-    # a fixed-size state instead of a per-token KV cache.
+    # attend (None: all of them); the others' token mixer keeps a fixed-size state instead of a
+    # per-token KV cache.
     attention_layers: int | None = None
-    other_layer_params: int = 0
+    # Decoders whose layers differ (hybrid; mixture-of-experts, where a token passes the router,
+    # any shared expert and its top-k experts): the matrix parameters one token passes through
+    # in all layers together (None: `layer_params() * layers`).
+    active_params: int | None = None
 
     def layer_params(self) -> int:
         attn = 2 * self.d_model * self.heads * self.head_dim + 2 * self.d_model * self.kv_heads * self.head_dim
@@ -93,16 +96,19 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
     context = getattr(cfg, "max_position_embeddings", None) or cfg.max_seq_len  # MPT names it max_seq_len
     layers = presets.decoder_layer_list(llm)
     attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
-    shapes = [_attention_layer_shape(layer, d, attention) for layer in layers]
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    shapes = [_attention_layer_shape(layer, d, attention, experts) for layer in layers]
     attending = [s for s in shapes if s[0]]
     if not attending:
         ffn = shapes[0][1]
         raise ValueError(f"{where}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
     _, ffn, mlp_matrices = attending[0]
-    hybrid = {}
-    if len(attending) < len(layers):  # a hybrid decoder: the other layers mix tokens without attention
-        other = sum(sum(m.weight.numel() for m in _linears(layer)) for layer, s in zip(layers, shapes) if not s[0])
-        hybrid = {"attention_layers": len(attending), "other_layer_params": other}
+    varied = {}
+    if len(attending) < len(layers) or experts or len(set(attending)) > 1:
+        top_k = getattr(cfg, "num_experts_per_tok", 1) or 1
+        varied = {"active_params": sum(_active_params(layer, top_k, experts) for layer in layers)}
+        if len(attending) < len(layers):  # a hybrid decoder: the other layers mix tokens without attention
+            varied["attention_layers"] = len(attending)
     cross = {}
     if cross_attention is not None:
         blocks = cross_attention.blocks
@@ -110,20 +116,29 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
         name = f"{name} + {len(blocks)} cross-attention layers"
         cross = {"cross_attention_layers": len(blocks), "cross_kv_in": attn.k_proj.in_features,
                  "cross_kv_width": attn.k_proj.out_features + attn.v_proj.out_features}
-    return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross, **hybrid)
+    return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross, **varied)
 
 
-def _attention_layer_shape(layer: nn.Module, d: int, attention: int) -> tuple[bool, int, int]:
+def _attention_layer_shape(layer: nn.Module, d: int, attention: int, experts: int = 0) -> tuple[bool, int, int]:
     """(whether the layer reads as attention + MLP, its FFN width, its MLP matrices). Config
     classes name the FFN width differently (intermediate_size, ffn_dim, expansion_ratio); the
     weights do not: the MLP's up projection is the widest d-input matrix, and what is not
-    attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn."""
-    weights = [m.weight.shape for m in _linears(layer)]
+    attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn. In a mixture-of-experts
+    layer the router (d -> experts) is left out and the MLP read is its shared expert."""
+    weights = [m.weight.shape for m in _linears(layer) if not (experts and tuple(m.weight.shape) == (experts, d))]
     ffn = max((max(s) for s in weights if d in s and max(s) != d), default=0)
     if not ffn:
         return False, 0, 0
     mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
     return not rest and mlp_matrices in (2, 3), ffn, mlp_matrices
+
+
+def _active_params(layer: nn.Module, top_k: int, experts: int) -> int:
+    """The matrix parameters one token passes through in this layer: every linear layer, and top_k
+    of the experts held as stacked (experts, in, out) tensors."""
+    dense = sum(m.weight.numel() for m in _linears(layer))
+    stacked = sum(p.numel() for p in layer.parameters() if p.dim() == 3 and experts and p.shape[0] == experts)
+    return dense + stacked * top_k // max(experts, 1)
 
 
 @dataclass(frozen=True)
@@ -204,7 +219,8 @@ def _llm_cost(llm: LLMShape, seq: int, states: int, bytes_per_value: int) -> tup
         return flops, states * llm.cross_attention_layers * llm.cross_kv_width * bytes_per_value
     n = seq
     attending = llm.layers if llm.attention_layers is None else llm.attention_layers
-    flops = 2 * n * (llm.layer_params() * attending + llm.other_layer_params) + 2 * attending * n * n * llm.heads * llm.head_dim
+    active = llm.layer_params() * llm.layers if llm.active_params is None else llm.active_params
+    flops = 2 * n * active + 2 * attending * n * n * llm.heads * llm.head_dim
     return flops, n * attending * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
 
 

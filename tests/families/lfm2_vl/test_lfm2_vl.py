@@ -239,7 +239,7 @@ def test_lfm2_vl_token_budget_counts_only_attention_layers_for_the_kv_cache():
     shape = get_preset("lfm2-vl-450m").llm
     assert (shape.layers, shape.attention_layers, shape.d_model, shape.heads, shape.kv_heads, shape.ffn) == (16, 6, 1024, 16, 8, 4608)
     conv = 3 * 1024 * 1024 + 1024 * 1024 + 3 * 1024 * 4608  # in_proj, out_proj, the SwiGLU MLP
-    assert shape.other_layer_params == 10 * conv
+    assert shape.active_params == 10 * conv + 6 * shape.layer_params()
     budget = image_budget("lfm2-vl-450m", 512, 512)
     assert budget.visual_tokens == 256 and budget.sequence_tokens == 258
     assert budget.kv_cache_bytes == 258 * 6 * 2 * 8 * 64 * 2
