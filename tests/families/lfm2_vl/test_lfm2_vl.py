@@ -262,3 +262,18 @@ def test_lfm2_vl_refuses_packing(lfm, tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     out = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml")])
     assert out.exit_code != 0 and "packing" in out.output and "conv" in out.output, out.output
+
+
+def test_lfm2_vl_import_names_what_it_cannot_read(tmp_path):
+    from vlmkit.hf.folder import ExportError
+
+    folder = save_lfm2_vl(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"projector_hidden_act": "relu"}))
+    with pytest.raises(ExportError, match="projector_hidden_act='relu'"):
+        import_hf(folder, tmp_path / "out")
+    (folder / "config.json").write_text(json.dumps(config))
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings | {"encoder_patch_size": 8}))
+    with pytest.raises(ExportError, match="encoder_patch_size 8 differs"):
+        import_hf(folder, tmp_path / "out")

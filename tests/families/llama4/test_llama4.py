@@ -183,3 +183,16 @@ def test_llama4_presets_count_and_budget():
         assert proc.layout(336, 336).visual_tokens == 144 and proc.layout(672, 336).visual_tokens == 3 * 144
         active = get_preset(name).llm.active_params
         assert 14e9 < active < 16e9, (name, active)
+
+
+def test_llama4_import_names_what_it_cannot_read(tmp_path):
+    from vlmkit.hf.folder import ExportError
+
+    folder = save_llama4(tmp_path / "hf")
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings | {"resize_to_max_canvas": True}))
+    with pytest.raises(ExportError, match="resize_to_max_canvas"):
+        import_hf(folder, tmp_path / "out")
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings | {"size": {"height": 48, "width": 48}}))
+    with pytest.raises(ExportError, match="tile"):
+        import_hf(folder, tmp_path / "out")
