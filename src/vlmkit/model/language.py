@@ -187,6 +187,18 @@ def position_rule(llm: nn.Module) -> str:
     return rule
 
 
+def non_attention_mixers(llm: nn.Module) -> list[str]:
+    """The kinds of decoder layer that mix tokens outside attention (LFM2's short convolutions,
+    Mamba layers, Qwen3-Next's linear attention, a recurrence), as the config's `layer_types`
+    names them; none for a pure attention decoder.
+    Such layers ignore position ids and read their neighbours across a packed row's sample
+    boundaries, so they cannot pack."""
+    cfg = getattr(llm, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    kinds = getattr(text, "layer_types", None) or []
+    return sorted({k for k in kinds if isinstance(k, str) and (not k.endswith("attention") or k == "linear_attention")})
+
+
 def decoder_layers(llm: nn.Module, path: str | None = None) -> nn.ModuleList:
     """The decoder's layer list, found by attribute path (`model.layers`, `transformer.h` ...)."""
     candidates = [path] if path else ["model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "layers"]

@@ -62,6 +62,14 @@ class LLMShape:
     # Cross-attention blocks: width of the memory their K/V projections read, and K + V output width.
     cross_kv_in: int = 0
     cross_kv_width: int = 0
+    # Hybrid decoders (LFM2's short convolutions between its attention layers): how many layers
+    # attend (None: all of them); the others' token mixer keeps a fixed-size state instead of a
+    # per-token KV cache.
+    attention_layers: int | None = None
+    # Decoders whose layers differ (hybrid; mixture-of-experts, where a token passes the router,
+    # any shared expert and its top-k experts): the matrix parameters one token passes through
+    # in all layers together (None: `layer_params() * layers`).
+    active_params: int | None = None
 
     def layer_params(self) -> int:
         attn = 2 * self.d_model * self.heads * self.head_dim + 2 * self.d_model * self.kv_heads * self.head_dim
@@ -87,15 +95,25 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
     head_dim = getattr(cfg, "head_dim", None) or d // heads
     context = getattr(cfg, "max_position_embeddings", None) or cfg.max_seq_len  # MPT names it max_seq_len
     layers = presets.decoder_layer_list(llm)
-    # Config classes name the FFN width differently (intermediate_size, ffn_dim, expansion_ratio);
-    # the first layer's weights do not: the MLP's up projection is its widest d-input matrix, and
-    # what is not attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn.
-    experts, expert_width = getattr(cfg, "num_experts_per_tok", None), getattr(cfg, "moe_intermediate_size", None)
-    if experts and expert_width and getattr(cfg, "num_experts", None):
-        # A mixture of experts: each token runs `num_experts_per_tok` gated experts (the router is negligible).
-        ffn, mlp_matrices = experts * expert_width, 3
-    else:
-        ffn, mlp_matrices = _mlp_shape(layers[0], d, heads, kv_heads, head_dim, where)
+    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    shapes = [_attention_layer_shape(layer, d, attention, experts) for layer in layers]
+    attending = [s for s in shapes if s[0]]
+    expert_width = getattr(cfg, "moe_intermediate_size", None)
+    if not attending and experts and expert_width:
+        # Every layer a mixture of experts held as stacked tensors, with no linear MLP to read:
+        # each token runs `num_experts_per_tok` gated experts of the configured width.
+        attending = [(True, (getattr(cfg, "num_experts_per_tok", 1) or 1) * expert_width, 3)] * len(layers)
+    if not attending:
+        ffn = shapes[0][1]
+        raise ValueError(f"{where}: cannot read the MLP shape of {type(layers[0]).__name__} (ffn {ffn})")
+    _, ffn, mlp_matrices = attending[0]
+    varied = {}
+    if len(attending) < len(layers) or experts or len(set(attending)) > 1:
+        top_k = getattr(cfg, "num_experts_per_tok", 1) or 1
+        varied = {"active_params": sum(_active_params(layer, top_k, experts) for layer in layers)}
+        if len(attending) < len(layers):  # a hybrid decoder: the other layers mix tokens without attention
+            varied["attention_layers"] = len(attending)
     cross = {}
     if cross_attention is not None:
         blocks = cross_attention.blocks
@@ -103,20 +121,33 @@ def llm_shape_of(llm: nn.Module, name: str, cross_attention: nn.Module | None = 
         name = f"{name} + {len(blocks)} cross-attention layers"
         cross = {"cross_attention_layers": len(blocks), "cross_kv_in": attn.k_proj.in_features,
                  "cross_kv_width": attn.k_proj.out_features + attn.v_proj.out_features}
-    return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross)
+    return LLMShape(name, len(layers), d, heads, kv_heads, head_dim, ffn, context, gated_mlp=mlp_matrices == 3, **cross, **varied)
 
 
-def _mlp_shape(layer: nn.Module, d: int, heads: int, kv_heads: int, head_dim: int, where: str) -> tuple[int, int]:
-    """(ffn width, MLP matrices) read off a dense decoder layer's weights."""
-    weights = [m.weight.shape for m in _linears(layer)]
-    widest = max(max(s) for s in weights if d in s and max(s) != d)
-    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+def _attention_layer_shape(layer: nn.Module, d: int, attention: int, experts: int = 0) -> tuple[bool, int, int]:
+    """(whether the layer reads as attention + MLP, its FFN width, its MLP matrices). Config
+    classes name the FFN width differently (intermediate_size, ffn_dim, expansion_ratio); the
+    weights do not: the MLP's up projection is the widest d-input matrix, and what is not
+    attention is the MLP, 2 (plain) or 3 (gated) matrices of d x ffn. In a mixture-of-experts
+    layer the router (d -> experts) is left out and the MLP read is its shared expert."""
+    weights = [m.weight.shape for m in _linears(layer) if not (experts and tuple(m.weight.shape) == (experts, d))]
+    widest = max((max(s) for s in weights if d in s and max(s) != d), default=0)
+    if not widest:
+        return False, 0, 0
     # A fused gate + up projection (GLM-4, Phi-3) is one d x 2*ffn matrix: then ffn is half the widest.
     for ffn in (widest, widest // 2):
         mlp_matrices, rest = divmod(sum(s.numel() for s in weights) - attention, d * ffn)
         if not rest and mlp_matrices in (2, 3):
-            return ffn, mlp_matrices
-    raise ValueError(f"{where}: cannot read the MLP shape of {type(layer).__name__} (ffn {widest})")
+            return True, ffn, mlp_matrices
+    return False, widest, 0
+
+
+def _active_params(layer: nn.Module, top_k: int, experts: int) -> int:
+    """The matrix parameters one token passes through in this layer: every linear layer, and top_k
+    of the experts held as stacked (experts, in, out) tensors."""
+    dense = sum(m.weight.numel() for m in _linears(layer))
+    stacked = sum(p.numel() for p in layer.parameters() if p.dim() == 3 and experts and p.shape[0] == experts)
+    return dense + stacked * top_k // max(experts, 1)
 
 
 @dataclass(frozen=True)
@@ -196,8 +227,10 @@ def _llm_cost(llm: LLMShape, seq: int, states: int, bytes_per_value: int) -> tup
         flops = 2 * states * llm.cross_attention_layers * llm.cross_kv_in * llm.cross_kv_width
         return flops, states * llm.cross_attention_layers * llm.cross_kv_width * bytes_per_value
     n = seq
-    flops = 2 * n * llm.layer_params() * llm.layers + 2 * llm.layers * n * n * llm.heads * llm.head_dim
-    return flops, n * llm.layers * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
+    attending = llm.layers if llm.attention_layers is None else llm.attention_layers
+    active = llm.layer_params() * llm.layers if llm.active_params is None else llm.active_params
+    flops = 2 * n * active + 2 * attending * n * n * llm.heads * llm.head_dim
+    return flops, n * attending * 2 * llm.kv_heads * llm.head_dim * bytes_per_value
 
 
 def image_budget(preset: "str | Costing", width: int, height: int, context: int | None = None,

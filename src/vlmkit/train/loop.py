@@ -55,6 +55,7 @@ from vlmkit.data.pipeline import (
 )
 from vlmkit.data.preference import read_preference_file
 from vlmkit.data.sources import Mixture
+from vlmkit.model.language import non_attention_mixers
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.prompt import ChatProcessor, EncodedSample
@@ -284,6 +285,9 @@ def set_up_stage(model, config: Config, name: str, stage: StageConfig, out_dir: 
     OBJECTIVES[stage.loss].check(name, config, dist)
     if stage.packing and config.model.fusion != "prefix":
         raise ValueError(f"stage {name}: packing needs prefix fusion (cross-attention memory is per row, so packed samples would see each other's images)")
+    if stage.packing and (mixers := non_attention_mixers(model.llm)):
+        raise ValueError(f"stage {name}: packing isolates samples only inside attention, and the LLM's {', '.join(mixers)} layers "
+                         "mix neighbouring tokens across a row's samples; set packing: false")
 
     apply_stage(model, stage)
     processor = build_chat_processor(model, tcfg.max_length)
