@@ -10,7 +10,6 @@ checkpoints were not trained with them.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -36,8 +35,36 @@ from vlmkit.hf.folder import (
 from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.reference import language_model_state, load_strict, text_part
 from vlmkit.hf.registry import HFFamily, family_of, read_hf_config
-from vlmkit.hf.templates import folder_tokenizer, plain_template
-from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+from vlmkit.hf.templates import folder_tokenizer
+from vlmkit.hf.writing import build_imported, hf_generation_config, write_checkpoint, write_export
+
+RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}
+
+
+def patch_and_merge(folder: Path, settings: dict, vision_cfg) -> tuple[int, int]:
+    """The image processor's patch and merge sizes, which must be the vision config's."""
+    patch, merge = settings.get("patch_size", vision_cfg.patch_size), settings.get("merge_size", vision_cfg.spatial_merge_size)
+    if patch != vision_cfg.patch_size or merge != vision_cfg.spatial_merge_size:
+        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {merge}) differ from the vision "
+                          f"config's ({vision_cfg.patch_size}, {vision_cfg.spatial_merge_size})")
+    return patch, merge
+
+
+def stage_mrope_llm(cfg, llm_cls: type, llm_state: dict[str, torch.Tensor], tokenizer, staged_llm: Path) -> None:
+    """Load the decoder's weights into `llm_cls(cfg.text_config)` and write it where the M-RoPE text
+    builders load it (`save_mrope_llm`). The head is tied by the outer config alone, as transformers
+    does: a tied head is the embedding, whatever the file holds."""
+    text_cfg = cfg.text_config
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    text_cfg.tie_word_embeddings = tied  # the decoder folder carries the outer config's flag
+    if tied:
+        llm_state.pop("lm_head.weight", None)
+    optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+    with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+        check_part(llm_cls(text_cfg), llm_state, "language model", optional=optional)
+    llm = llm_cls(text_cfg)
+    load_part(llm, llm_state, "language model", optional=optional)
+    save_mrope_llm(llm, tokenizer, staged_llm)
 
 
 def import_qwen2_vl(folder: Path, out: Path) -> Path:
@@ -65,14 +92,10 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
 
     settings = image_processor_settings(folder)
-    patch = settings.get("patch_size", vision_cfg.patch_size)
-    proc_merge = settings.get("merge_size", merge)
+    patch, _ = patch_and_merge(folder, settings, vision_cfg)
     size = settings.get("size") or {}
     min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or 56 * 56
     max_pixels = settings.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
-    if patch != vision_cfg.patch_size or proc_merge != merge:
-        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {proc_merge}) differ from the vision "
-                          f"config's ({vision_cfg.patch_size}, {merge})")
     processor_cfg = read_json(folder / "processor_config.json")
     probe = load_tokenizer(folder)
     image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
@@ -82,18 +105,7 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     tmp = staging_folder(out)
     try:
         staged_llm = tmp / "llm"
-        # Qwen2-VL keeps tie_word_embeddings on the outer config; the decoder folder carries it.
-        tied = bool(getattr(cfg, "tie_word_embeddings", False))
-        text_cfg.tie_word_embeddings = tied
-        if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
-            llm_state.pop("lm_head.weight", None)
-        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
-        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
-            check_part(MRopeCausalLM(text_cfg), llm_state, "language model", optional=optional)
-        llm = MRopeCausalLM(text_cfg)
-        load_part(llm, llm_state, "language model", optional=optional)
-        save_mrope_llm(llm, tokenizer, staged_llm)
-        del llm
+        stage_mrope_llm(cfg, MRopeCausalLM, llm_state, tokenizer, staged_llm)
         vision_dict = hf_config_dict(vision_cfg)
         config = load_config({"model": {
             "vision": {"name": "qwen2.5-vit" if qwen25 else "qwen2-vit", "config": vision_dict},
@@ -203,33 +215,39 @@ def export_qwen2_vl(model, out: str | Path) -> Path:
 
     ref = (qwen2_5_vl_reference if family_of(model) == "qwen2_5_vl" else qwen2_vl_reference)(model).eval()
     tok = model.tokenizer
-    vocab = tok.get_vocab()
-    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-                        ("video_token_id", "<|video_pad|>")):
-        if token in vocab:
-            setattr(ref.config, name, vocab[token])
+    set_vision_token_ids(ref.config, tok)
     ref.config.tie_word_embeddings = bool(getattr(model.llm.config, "tie_word_embeddings", False))
     ref.generation_config = hf_generation_config(tok)
     p = model.config.processor
     o = p.options
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": o.get("min_pixels", 56 * 56), "longest_edge": o.get("max_pixels", 28 * 28 * 1280)},
-        patch_size=o.get("patch_size", 14), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
-        image_mean=list(p.mean), image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
+    image_processor = mrope_image_processor(Qwen2VLImageProcessorPil, p, 56 * 56, 28 * 28 * 1280, 14)
+    files = {}
+    if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
+        files["video_preprocessor_config.json"] = _qwen2_vl_video_settings(model)
+    processor_class = "Qwen2_5_VLProcessor" if family_of(model) == "qwen2_5_vl" else "Qwen2VLProcessor"
+    return write_export(out, ref, tok, {"processor_class": processor_class, "image_token": model.config.image_token},
+                        image_processor, files)
 
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        image_processor.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        template = plain_template(tok)
-        if template:
-            (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor" if family_of(model) == "qwen2_5_vl" else "Qwen2VLProcessor",
-                                                               "image_token": model.config.image_token}, indent=2))
-        if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
-            (tmp / "video_preprocessor_config.json").write_text(json.dumps(_qwen2_vl_video_settings(model), indent=2))
 
-    return atomic_folder(Path(out), write)
+def set_vision_token_ids(config, tokenizer) -> None:
+    """Give the transformers config the ids of Qwen's vision start / end and video tokens the
+    tokenizer holds."""
+    vocab = tokenizer.get_vocab()
+    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+                        ("video_token_id", "<|video_pad|>")):
+        if token in vocab:
+            setattr(config, name, vocab[token])
+
+
+def mrope_image_processor(cls: type, processor, min_pixels: int, max_pixels: int, patch_size: int):
+    """A Qwen2-VL-style image processor (`cls`: its `*Pil` class) with the processor's pixel bounds,
+    patch, merge and temporal patch (the given defaults where the options are silent), mean, std and
+    resampling."""
+    o = processor.options
+    return cls(size={"shortest_edge": o.get("min_pixels", min_pixels), "longest_edge": o.get("max_pixels", max_pixels)},
+               patch_size=o.get("patch_size", patch_size), merge_size=o.get("merge_size", 2),
+               temporal_patch_size=o.get("temporal_patch_size", 2), image_mean=list(processor.mean), image_std=list(processor.std),
+               resample=RESAMPLE[processor.resample])
 
 
 def _qwen2_vl_video_settings(model) -> dict:
@@ -242,7 +260,7 @@ def _qwen2_vl_video_settings(model) -> dict:
                 "size": {"shortest_edge": o.get("video_min_pixels") or o.get("min_pixels", 56 * 56),
                          "longest_edge": o.get("video_max_pixels") or o.get("max_pixels", 28 * 28 * 1280)},
                 "image_mean": list(p.mean), "image_std": list(p.std), "do_rescale": True, "do_normalize": True,
-                "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample], "do_sample_frames": False}
+                "resample": RESAMPLE[p.resample], "do_sample_frames": False}
     if video.get("sampling") == "fps":
         settings |= {"do_sample_frames": True, "fps": video.get("fps", 2.0), "min_frames": video.get("min_frames", 4),
                      "max_frames": video.get("max_frames", 768)}
@@ -255,8 +273,14 @@ def _reference_inputs(model, prompt, ids):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     cls = Qwen2_5_VLForConditionalGeneration if _is_qwen25(model) else Qwen2VLForConditionalGeneration
-    return cls, {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
-                 "mm_token_type_ids": (ids == model.image_token_id).int()}
+    return cls, mrope_reference_inputs(model, prompt, ids)
+
+
+def mrope_reference_inputs(model, prompt, ids) -> dict:
+    """The first image's pixels, its patch grid and the image-token mask, as the M-RoPE models'
+    forward takes them."""
+    return {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+            "mm_token_type_ids": (ids == model.image_token_id).int()}
 
 
 def _is_qwen2_vl(model) -> bool:
