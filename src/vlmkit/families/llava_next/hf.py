@@ -32,7 +32,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.reference import language_model_state, load_strict, text_part, vision_feature_settings
+from vlmkit.hf.reference import language_model_state, load_strict, projector_state, text_part, vision_feature_settings
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, save_with_processor, stage_llm, write_checkpoint
@@ -132,9 +132,7 @@ def llava_next(model) -> nn.Module:
     )
     ref = LlavaNextForConditionalGeneration(config)
     state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
-    state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
-              "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
-              "model.image_newline": conn.image_newline}
+    state |= projector_state(conn) | {"model.image_newline": conn.image_newline}
     state |= language_model_state(text_state)
     return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
 
