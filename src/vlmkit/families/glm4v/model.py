@@ -12,16 +12,16 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
-from vlmkit.families.qwen2_vl.model import LLM_WEIGHTS, load_state_checked
+from vlmkit.families.qwen2_vl.model import MRopeCausalLM, load_mrope_llm
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
 from vlmkit.model.connectors.layers import check_tokens
-from vlmkit.model.language import DecoderLM, llm_folder
 from vlmkit.model.vision import VisionTower
-from vlmkit.paths import offline
 from vlmkit.registry import CONNECTORS, LANGUAGE_MODELS, VISION_TOWERS
 from vlmkit.tokenizer import byte_level_tokenizer
 
@@ -128,30 +128,16 @@ class Glm4vMerger(Connector):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-# GLM-4.1V's text model, and GLM-4.5V's mixture-of-experts one.
-TEXT_MODEL_TYPES = ("glm4v_text", "glm4v_moe_text")
-
-
-class Glm4vCausalLM(DecoderLM):
+class Glm4vCausalLM(MRopeCausalLM):
     """GLM-4.1V's text decoder (partial rotary M-RoPE, sandwich norms; GLM-4.5V: routed and shared
     experts) with an LM head."""
 
-    position_rule = "mrope"
-
-    def __init__(self, config):
-        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
-
-
-def _text_model_class(model_type: str):
-    if model_type == "glm4v_moe_text":
-        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextModel
-
-        return Glm4vMoeTextModel
-    if model_type == "glm4v_text":
-        from transformers.models.glm4v.modeling_glm4v import Glm4vTextModel
-
-        return Glm4vTextModel
-    raise ValueError(f"model_type {model_type!r} is not a GLM-4V text model {list(TEXT_MODEL_TYPES)}")
+    # GLM-4.1V's text model, and GLM-4.5V's mixture-of-experts one.
+    TEXT_MODELS: ClassVar[dict[str, str]] = {
+        "glm4v_text": "transformers.models.glm4v.modeling_glm4v:Glm4vTextModel",
+        "glm4v_moe_text": "transformers.models.glm4v_moe.modeling_glm4v_moe:Glm4vMoeTextModel",
+    }
+    UNKNOWN_TYPE = "model_type {!r} is not a GLM-4V text model {}"
 
 
 @LANGUAGE_MODELS.register("glm4v-text-random")
@@ -175,19 +161,4 @@ def build_random_glm4v_llm(cfg: LLMConfig, pretrained: bool = False):
 def build_pretrained_glm4v_llm(cfg: LLMConfig, pretrained: bool = True):
     """A GLM-4.1V text decoder from a local folder holding its text config, `model.safetensors` and
     the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    offline()
-    folder = llm_folder(cfg, "glm4v-text")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in TEXT_MODEL_TYPES:
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a GLM-4V text model {list(TEXT_MODEL_TYPES)}")
-    model = Glm4vCausalLM(config)
-    if pretrained:
-        weights = folder / LLM_WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing")
-        load_state_checked(model, load_file(str(weights)), str(weights))
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer
+    return load_mrope_llm(cfg, "glm4v-text", Glm4vCausalLM, "a GLM-4V text model", pretrained)

@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -24,7 +27,6 @@ from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
 from vlmkit.tokenizer import byte_level_tokenizer
 
 # Model types whose LLM takes (3, B, T) M-RoPE positions.
-MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
 
 
 class Qwen2ViTTower(VisionTower):
@@ -105,24 +107,26 @@ def build_qwen25_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower
 
 
 class MRopeCausalLM(DecoderLM):
-    """Qwen2-VL's (or Qwen2.5-VL's) text decoder with an LM head; its positions are M-RoPE's."""
+    """Qwen2-VL's (or Qwen2.5-VL's) text decoder with an LM head; its positions are M-RoPE's.
+    Other M-RoPE families' decoders are subclasses naming their own text models."""
 
     position_rule = "mrope"
+    # model_type -> transformers' text model ("module:Class"), imported when one is built
+    TEXT_MODELS: ClassVar[dict[str, str]] = {
+        "qwen2_vl_text": "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLTextModel",
+        "qwen2_5_vl_text": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLTextModel",
+    }
+    UNKNOWN_TYPE = "no M-RoPE text model for model_type {!r}; expected one of {}"
 
     def __init__(self, config):
-        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
+        super().__init__(config, self.text_model_class(config.model_type)._from_config(config))
 
-
-def _text_model_class(model_type: str):
-    if model_type == "qwen2_5_vl_text":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
-
-        return Qwen2_5_VLTextModel
-    if model_type == "qwen2_vl_text":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
-
-        return Qwen2VLTextModel
-    raise ValueError(f"no M-RoPE text model for model_type {model_type!r}; expected one of {list(MROPE_MODEL_TYPES)}")
+    @classmethod
+    def text_model_class(cls, model_type: str) -> type:
+        if model_type not in cls.TEXT_MODELS:
+            raise ValueError(cls.UNKNOWN_TYPE.format(model_type, list(cls.TEXT_MODELS)))
+        module, name = cls.TEXT_MODELS[model_type].split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def build_mrope_llm(cfg: LLMConfig, tokenizer) -> MRopeCausalLM:
@@ -172,15 +176,22 @@ def save_mrope_llm(model: MRopeCausalLM, tokenizer, folder) -> None:
 def build_pretrained_mrope_llm(cfg: LLMConfig, pretrained: bool = True):
     """A Qwen2-VL / Qwen2.5-VL text decoder (M-RoPE) from a local folder holding its text config,
     `model.safetensors` and the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
+    return load_mrope_llm(cfg, "qwen2-vl-text", MRopeCausalLM, "an M-RoPE text model", pretrained)
+
+
+def load_mrope_llm(cfg: LLMConfig, name: str, llm_cls: type[MRopeCausalLM], what: str, pretrained: bool):
+    """An M-RoPE decoder (`llm_cls`) and its tokenizer from the local folder of the LLM `name`,
+    which holds its text config, `model.safetensors` and the tokenizer; the weights are loaded
+    when `pretrained`. A config whose model_type `llm_cls` does not build is `what` it is not."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     offline()
-    folder = llm_folder(cfg, "qwen2-vl-text")
+    folder = llm_folder(cfg, name)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in MROPE_MODEL_TYPES:
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not an M-RoPE text model {list(MROPE_MODEL_TYPES)}")
-    model = MRopeCausalLM(config)
+    if config.model_type not in llm_cls.TEXT_MODELS:
+        raise ValueError(f"{folder}: model_type {config.model_type!r} is not {what} {list(llm_cls.TEXT_MODELS)}")
+    model = llm_cls(config)
     if pretrained:
         weights = folder / LLM_WEIGHTS
         if not weights.is_file():

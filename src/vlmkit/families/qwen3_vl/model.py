@@ -14,17 +14,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
-from vlmkit.families.qwen2_vl.model import LLM_WEIGHTS, load_state_checked, save_mrope_llm
+from vlmkit.families.qwen2_vl.model import MRopeCausalLM, load_mrope_llm, save_mrope_llm
 from vlmkit.model.connectors.base import Connector
 from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector, PixelShuffleOptions, ShuffleOptions
-from vlmkit.model.language import DecoderLM, llm_folder
 from vlmkit.model.vision import VisionTower
-from vlmkit.paths import offline
 from vlmkit.registry import CONNECTORS, LANGUAGE_MODELS, VISION_TOWERS
 from vlmkit.tokenizer import byte_level_tokenizer
 
@@ -123,29 +123,15 @@ class Qwen3VLMerger(Connector):
         return torch.cat([self.main(parts[0], grid), *(m(f, grid) for m, f in zip(self.levels, parts[1:]))], dim=-1)
 
 
-# Qwen3-VL's text models: dense, and mixture-of-experts (Qwen3-VL-30B-A3B, 235B-A22B).
-TEXT_MODEL_TYPES = ("qwen3_vl_text", "qwen3_vl_moe_text")
-
-
-class Qwen3VLCausalLM(DecoderLM):
+class Qwen3VLCausalLM(MRopeCausalLM):
     """Qwen3-VL's text decoder (q/k norms, interleaved M-RoPE; dense or mixture-of-experts) with an LM head."""
 
-    position_rule = "mrope"
-
-    def __init__(self, config):
-        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
-
-
-def _text_model_class(model_type: str):
-    if model_type == "qwen3_vl_moe_text":
-        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel
-
-        return Qwen3VLMoeTextModel
-    if model_type == "qwen3_vl_text":
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
-
-        return Qwen3VLTextModel
-    raise ValueError(f"model_type {model_type!r} is not a Qwen3-VL text model {list(TEXT_MODEL_TYPES)}")
+    # Qwen3-VL's text models: dense, and mixture-of-experts (Qwen3-VL-30B-A3B, 235B-A22B).
+    TEXT_MODELS: ClassVar[dict[str, str]] = {
+        "qwen3_vl_text": "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLTextModel",
+        "qwen3_vl_moe_text": "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeTextModel",
+    }
+    UNKNOWN_TYPE = "model_type {!r} is not a Qwen3-VL text model {}"
 
 
 def build_qwen3_vl_llm(cfg: LLMConfig, tokenizer) -> Qwen3VLCausalLM:
@@ -174,19 +160,4 @@ def build_random_qwen3_vl_llm(cfg: LLMConfig, pretrained: bool = False):
 def build_pretrained_qwen3_vl_llm(cfg: LLMConfig, pretrained: bool = True):
     """A Qwen3-VL text decoder from a local folder holding its text config, `model.safetensors`
     and the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    offline()
-    folder = llm_folder(cfg, "qwen3-vl-text")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in TEXT_MODEL_TYPES:
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a Qwen3-VL text model {list(TEXT_MODEL_TYPES)}")
-    model = Qwen3VLCausalLM(config)
-    if pretrained:
-        weights = folder / LLM_WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing")
-        load_state_checked(model, load_file(str(weights)), str(weights))
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer
+    return load_mrope_llm(cfg, "qwen3-vl-text", Qwen3VLCausalLM, "a Qwen3-VL text model", pretrained)
