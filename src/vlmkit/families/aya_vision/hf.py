@@ -44,6 +44,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import llava_layout_state
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import STRING_TO_PARTS_PREAMBLE, chat_template, template_source, usable_template
 from vlmkit.hf.writing import (
@@ -191,10 +192,7 @@ def _reference_model(model):
                              vision_feature_layer=tower.feature_layer - (tower.model.config.num_hidden_layers + 1),
                              vision_feature_select_strategy="full", tie_word_embeddings=tied)
     ref = AyaVisionForConditionalGeneration(config).eval()
-    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
-    state |= {f"model.multi_modal_projector.{k}": v for k, v in conn.state_dict().items()}
-    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
-    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    state = llava_layout_state(model, conn.state_dict())
     load_reference(ref, state, "Aya Vision")
     ref.generation_config = hf_generation_config(model.tokenizer)
     return ref

@@ -41,6 +41,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import llava_layout_state
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
@@ -130,10 +131,7 @@ def cohere2_vision_reference(model):
                                  downsample_factor=conn.factor, alignment_intermediate_size=conn.hidden,
                                  image_token_id=model.image_token_id, tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)))
     ref = Cohere2VisionForConditionalGeneration(config).eval()
-    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
-    state |= {f"model.multi_modal_projector.{k}": v for k, v in conn.state_dict().items()}
-    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
-    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    state = llava_layout_state(model, conn.state_dict())
     load_reference(ref, state, "Cohere2-Vision")
     ref.generation_config = hf_generation_config(model.tokenizer)
     return ref
