@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
-from vlmkit.families.qwen2_vl.model import MRopeCausalLM, load_mrope_llm
+from vlmkit.families.qwen2_vl.model import MRopeCausalLM, PatchViTTower, load_mrope_llm
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
 from vlmkit.model.connectors.layers import check_tokens
 from vlmkit.model.vision import VisionTower
@@ -26,22 +26,12 @@ from vlmkit.registry import CONNECTORS, LANGUAGE_MODELS, VISION_TOWERS
 from vlmkit.tokenizer import byte_level_tokenizer
 
 
-class Glm4vViTTower(VisionTower):
-    reads_patches = True
-    # Built from a config with random weights: checkpoints must always carry it (see vlm.build).
-    from_files = False
+class Glm4vViTTower(PatchViTTower):
+    tower_name, processor_name = "glm4v-vit", "glm4v"
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        cfg = model.config
-        self.hidden_size = cfg.hidden_size
-        self.patch_size = cfg.patch_size
-        self.merge_size = cfg.spatial_merge_size
-
-    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
-        p = self.patch_size
-        return height // p, width // p
+        super().__init__(model)
+        self.hidden_size = model.config.hidden_size
 
     def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         """(t, h*w, C) after the final RMSNorm, row-major per frame: transformers' forward up to
@@ -59,12 +49,7 @@ class Glm4vViTTower(VisionTower):
         x = vit.embeddings(x, cu_seqlens[1:] - cu_seqlens[:-1], grid, positions[:, 0].to(x.device), positions[:, 1].to(x.device))
         for block in vit.blocks:
             x = block(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=rotary)
-        x = vit.post_layernorm(x)  # merge-window order
-        c = x.shape[-1]
-        return x.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the glm4v-vit tower reads pre-flattened patches (the glm4v processor), not image tensors")
+        return self.row_major(vit.post_layernorm(x), grid_thw)  # from merge-window order
 
 
 @VISION_TOWERS.register("glm4v-vit")

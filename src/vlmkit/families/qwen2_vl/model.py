@@ -29,36 +29,51 @@ from vlmkit.tokenizer import byte_level_tokenizer
 # Model types whose LLM takes (3, B, T) M-RoPE positions.
 
 
-class Qwen2ViTTower(VisionTower):
+class PatchViTTower(VisionTower):
+    """A ViT that reads the processor's pre-flattened patches with their (t, h, w) grid and
+    returns its features in merge-window order (Qwen2-VL's, Qwen3-VL's, GLM-4V's towers); each
+    family's tower sets its width and encodes the patches."""
+
     reads_patches = True
     # Built from a config with random weights: checkpoints must always carry it (see vlm.build).
     from_files = False
+    # The registered tower and processor names, for the error on an image tensor.
+    tower_name, processor_name = "qwen2-vit", "qwen2vl"
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        cfg = model.config
-        # Qwen2-VL's tower width is embed_dim (its hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
-        self.hidden_size = cfg.embed_dim if cfg.model_type == "qwen2_vl_vision" else cfg.hidden_size
-        self.patch_size = cfg.patch_size
-        self.merge_size = cfg.spatial_merge_size
-        self.temporal_patch_size = cfg.temporal_patch_size
+        self.patch_size = model.config.patch_size
+        self.merge_size = model.config.spatial_merge_size
 
     def grid_hw(self, height: int, width: int) -> tuple[int, int]:
         p = self.patch_size
         return height // p, width // p
 
-    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+    def row_major(self, feats: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        """(t, h*w, C) features, row-major per frame, from the tower's (t*h*w, C) in merge-window order."""
         t, h, w = grid_thw
         m = self.merge_size
-        dtype = self.model.patch_embed.proj.weight.dtype
-        out = self.model(hidden_states=patches.to(dtype), grid_thw=torch.tensor([grid_thw], device=patches.device))
-        feats = out.last_hidden_state  # (t*h*w, C) in merge-window order
         c = feats.shape[-1]
         return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the qwen2-vit tower reads pre-flattened patches (the qwen2vl processor), not image tensors")
+        raise ValueError(f"the {self.tower_name} tower reads pre-flattened patches (the {self.processor_name} processor), "
+                         "not image tensors")
+
+
+class Qwen2ViTTower(PatchViTTower):
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.config
+        # Qwen2-VL's tower width is embed_dim (its hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
+        self.hidden_size = cfg.embed_dim if cfg.model_type == "qwen2_vl_vision" else cfg.hidden_size
+        self.temporal_patch_size = cfg.temporal_patch_size
+
+    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        dtype = self.model.patch_embed.proj.weight.dtype
+        out = self.model(hidden_states=patches.to(dtype), grid_thw=torch.tensor([grid_thw], device=patches.device))
+        return self.row_major(out.last_hidden_state, grid_thw)
 
 
 @VISION_TOWERS.register("qwen2-vit")
@@ -81,7 +96,6 @@ class Qwen25ViTTower(Qwen2ViTTower):
     def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         from transformers.vision_utils import get_vision_window_index
 
-        t, h, w = grid_thw
         m = self.merge_size
         cfg = self.model.config
         grid = torch.tensor([grid_thw], device=patches.device)
@@ -90,7 +104,7 @@ class Qwen25ViTTower(Qwen2ViTTower):
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=m, window_size=cfg.window_size, patch_size=cfg.patch_size)
         c = feats.shape[-1]
         feats = feats.view(-1, m * m, c)[torch.argsort(window_index.to(feats.device))].reshape(-1, c)
-        return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
+        return self.row_major(feats, grid_thw)
 
 
 @VISION_TOWERS.register("qwen2.5-vit")

@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
-from vlmkit.families.qwen2_vl.model import MRopeCausalLM, load_mrope_llm, save_mrope_llm
+from vlmkit.families.qwen2_vl.model import MRopeCausalLM, PatchViTTower, load_mrope_llm, save_mrope_llm
 from vlmkit.model.connectors.base import Connector
 from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector, PixelShuffleOptions, ShuffleOptions
 from vlmkit.model.vision import VisionTower
@@ -31,37 +31,21 @@ from vlmkit.tokenizer import byte_level_tokenizer
 __all__ = ["Qwen3VLCausalLM", "Qwen3VLMerger", "Qwen3ViTTower", "save_mrope_llm"]
 
 
-class Qwen3ViTTower(VisionTower):
-    reads_patches = True
-    # Built from a config with random weights: checkpoints must always carry it (see vlm.build).
-    from_files = False
+class Qwen3ViTTower(PatchViTTower):
+    tower_name, processor_name = "qwen3-vit", "qwen3vl"
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         cfg = model.config
         self.levels = len(cfg.deepstack_visual_indexes)
         self.width = cfg.hidden_size
         # The last layer's features and each DeepStack layer's, side by side.
         self.hidden_size = cfg.hidden_size * (1 + self.levels)
-        self.patch_size = cfg.patch_size
-        self.merge_size = cfg.spatial_merge_size
-
-    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
-        p = self.patch_size
-        return height // p, width // p
 
     def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        t, h, w = grid_thw
-        m = self.merge_size
         dtype = self.model.patch_embed.proj.weight.dtype
         out = self.model(hidden_states=patches.to(dtype), grid_thw=torch.tensor([grid_thw], device=patches.device))
-        feats = torch.cat([out.last_hidden_state, *out.deepstack_features], dim=-1)  # merge-window order
-        c = feats.shape[-1]
-        return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the qwen3-vit tower reads pre-flattened patches (the qwen3vl processor), not image tensors")
+        return self.row_major(torch.cat([out.last_hidden_state, *out.deepstack_features], dim=-1), grid_thw)
 
 
 @VISION_TOWERS.register("qwen3-vit")
