@@ -10,39 +10,35 @@ folder's pixel bounds, patch, merge, mean/std). Imported models never write vlmk
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlmkit.config import load_config
 from vlmkit.families.glm4v.model import Glm4vCausalLM, Glm4vViTTower
 from vlmkit.families.qwen2_vl.hf import (
+    MROPE_LAYOUT,
     RESAMPLE,
+    folder_image_token,
     mrope_image_processor,
+    mrope_llm_state,
     mrope_reference_inputs,
     patch_and_merge,
-    stage_mrope_llm,
+    write_mrope_import,
 )
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     hf_config_dict,
     image_processor_settings,
-    load_part,
-    load_tokenizer,
-    max_positions,
     read_json,
     read_weights,
     resample_name,
     split_state,
 )
-from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.reference import language_model_state, load_strict, text_part
 from vlmkit.hf.registry import HFFamily
-from vlmkit.hf.templates import folder_tokenizer
-from vlmkit.hf.writing import build_imported, hf_generation_config, write_checkpoint, write_export
+from vlmkit.hf.writing import hf_generation_config, write_export
 
 
 def _processor_options(folder: Path, vision_cfg) -> tuple[dict, dict]:
@@ -92,8 +88,7 @@ def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def import_glm4v(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = auto_config(folder)
-    parts = split_state(read_weights(folder), {"model.visual.": "vision", "visual.": "vision", "model.language_model.": "llm",
-                                               "model.": "llm", "lm_head.": "head"})
+    parts = split_state(read_weights(folder), MROPE_LAYOUT)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     if vision_cfg.out_hidden_size != text_cfg.hidden_size:
         raise ExportError(f"{folder}: vision out_hidden_size {vision_cfg.out_hidden_size} differs from the text hidden_size "
@@ -101,17 +96,12 @@ def import_glm4v(folder: Path, out: Path) -> Path:
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "downsample."))}
     connector_state = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
     connector_state |= {k: v for k, v in parts["vision"].items() if k.startswith("downsample.")}
-    llm_state = {f"model.{k}": v for k, v in fuse_experts(parts["llm"]).items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = mrope_llm_state(parts | {"llm": fuse_experts(parts["llm"])})
     settings, options = _processor_options(folder, vision_cfg)
-    processor_cfg = read_json(folder / "processor_config.json")
-    image_token = processor_cfg.get("image_token") or load_tokenizer(folder).convert_ids_to_tokens(cfg.image_token_id)
-    tokenizer = folder_tokenizer(folder, image_token)
+    processor_cfg, _, image_token, tokenizer = folder_image_token(folder, cfg)
 
-    tmp = staging_folder(out)
-    try:
-        staged_llm = tmp / "llm"
-        stage_mrope_llm(cfg, Glm4vCausalLM, llm_state, tokenizer, staged_llm)
-        config = load_config({"model": {
+    def recipe(staged_llm: Path) -> dict:
+        return {
             "vision": {"name": "glm4v-vit", "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "glm4v-merger", "options": {"hidden_size": vision_cfg.intermediate_size, "act": vision_cfg.hidden_act,
                                                               "merge": vision_cfg.spatial_merge_size}},
@@ -121,13 +111,10 @@ def import_glm4v(folder: Path, out: Path) -> Path:
                           "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
                           "resample": resample_name(settings), "options": options | _video_options(folder, processor_cfg)},
             "image_token": image_token,
-        }})
-        model = build_imported(config, image_token, cfg.image_token_id)
-        load_part(model.vision.model, vision_state, "vision tower", "visual.")
-        load_part(model.connector, connector_state, "vision downsample and merger", "visual.(merger.)")
-        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=32768))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        }
+
+    return write_mrope_import(folder, out, cfg, (Glm4vCausalLM, llm_state, tokenizer), recipe, vision_state,
+                              (connector_state, "vision downsample and merger", "visual.(merger.)"), cap=32768)
 
 
 def _is_moe(model) -> bool:

@@ -67,16 +67,50 @@ def stage_mrope_llm(cfg, llm_cls: type, llm_state: dict[str, torch.Tensor], toke
     save_mrope_llm(llm, tokenizer, staged_llm)
 
 
+# transformers 5 saves these models in the original layout (visual.*, model.*, lm_head.*); the
+# in-memory layout (model.visual.*, model.language_model.*) is accepted too.
+MROPE_LAYOUT = {"visual.": "vision", "model.visual.": "vision", "model.language_model.": "llm", "model.": "llm", "lm_head.": "head"}
+
+
+def mrope_llm_state(parts: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The decoder's weights (`parts` split by MROPE_LAYOUT) under the causal LM's names."""
+    return {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+
+
+def folder_image_token(folder: Path, cfg) -> tuple[dict, object, str, object]:
+    """(processor_config.json, the folder's tokenizer as it loads, the image token, the tokenizer
+    that holds it): the processor's image token, else the token of the config's image_token_id."""
+    processor_cfg = read_json(folder / "processor_config.json")
+    probe = load_tokenizer(folder)
+    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
+    return processor_cfg, probe, image_token, folder_tokenizer(folder, image_token)
+
+
+def write_mrope_import(folder: Path, out: Path, cfg, llm: tuple[type, dict, object], recipe, vision_state: dict,
+                       connector: tuple[dict, str, str], cap: int | None = None) -> Path:
+    """Stage the decoder (`llm`: its class, weights and tokenizer), build the model whose recipe
+    `recipe(staged_llm)` gives (the `model` section), load the tower's weights and the connector's
+    ((weights, what, key prefix)) into it and write it as the checkpoint `out`."""
+    tmp = staging_folder(out)
+    try:
+        staged_llm = tmp / "llm"
+        stage_mrope_llm(cfg, *llm, staged_llm)
+        model_section = recipe(staged_llm)
+        config = load_config({"model": model_section})
+        model = build_imported(config, model_section["image_token"], cfg.image_token_id)
+        load_part(model.vision.model, vision_state, "vision tower", "visual.")
+        load_part(model.connector, *connector)
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(cfg.text_config, 4096, cap=cap))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def import_qwen2_vl(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     qwen25 = read_hf_config(folder)["model_type"] == "qwen2_5_vl"
     cfg = auto_config(folder)
-    state = read_weights(folder)
-    # transformers 5 saves Qwen2-VL in the original layout (visual.*, model.*, lm_head.*); the
-    # in-memory layout (model.visual.*, model.language_model.*) is accepted too.
-    parts = split_state(state, {"visual.": "vision", "model.visual.": "vision", "model.language_model.": "llm",
-                                "model.": "llm", "lm_head.": "head"})
-    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    parts = split_state(read_weights(folder), MROPE_LAYOUT)
+    vision_cfg = cfg.vision_config
     merge = vision_cfg.spatial_merge_size
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith("merger.")}
     merger = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
@@ -89,26 +123,19 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     width = vision_cfg.hidden_size if qwen25 else vision_cfg.embed_dim
     if any(v is None for v in connector_state.values()):
         raise ExportError(f"{folder}: the vision merger's weights (visual.merger.ln_q / mlp.0 / mlp.2) are incomplete")
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = mrope_llm_state(parts)
 
     settings = image_processor_settings(folder)
     patch, _ = patch_and_merge(folder, settings, vision_cfg)
     size = settings.get("size") or {}
     min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or 56 * 56
     max_pixels = settings.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
-    processor_cfg = read_json(folder / "processor_config.json")
-    probe = load_tokenizer(folder)
-    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
-    tokenizer = folder_tokenizer(folder, image_token)
+    processor_cfg, probe, image_token, tokenizer = folder_image_token(folder, cfg)
     video_token, video_options = _qwen2_vl_video(folder, cfg, probe, processor_cfg)
 
-    tmp = staging_folder(out)
-    try:
-        staged_llm = tmp / "llm"
-        stage_mrope_llm(cfg, MRopeCausalLM, llm_state, tokenizer, staged_llm)
-        vision_dict = hf_config_dict(vision_cfg)
-        config = load_config({"model": {
-            "vision": {"name": "qwen2.5-vit" if qwen25 else "qwen2-vit", "config": vision_dict},
+    def recipe(staged_llm: Path) -> dict:
+        return {
+            "vision": {"name": "qwen2.5-vit" if qwen25 else "qwen2-vit", "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / merge, "norm": "pre", "norm_eps": 1e-6,
                                                                "norm_kind": "rmsnorm" if qwen25 else "layernorm",
                                                                "hidden_size": width * merge**2}},
@@ -123,13 +150,10 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
                                       "sentinels": "never", **video_options}},
             "image_token": image_token,
             "video_token": video_token,
-        }})
-        model = build_imported(config, image_token, cfg.image_token_id)
-        load_part(model.vision.model, vision_state, "vision tower", "visual.")
-        load_part(model.connector, connector_state, "vision merger", "visual.merger(mapped) ")
-        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        }
+
+    return write_mrope_import(folder, out, cfg, (MRopeCausalLM, llm_state, tokenizer), recipe, vision_state,
+                              (connector_state, "vision merger", "visual.merger(mapped) "))
 
 
 def _qwen2_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[str | None, dict]:

@@ -10,20 +10,21 @@ with them.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlmkit.config import load_config
 from vlmkit.families.qwen2_vl.hf import (
+    MROPE_LAYOUT,
     _qwen2_vl_video,
+    folder_image_token,
     mrope_image_processor,
+    mrope_llm_state,
     mrope_reference_inputs,
     patch_and_merge,
     set_vision_token_ids,
-    stage_mrope_llm,
+    write_mrope_import,
 )
 from vlmkit.families.qwen3_vl.model import Qwen3ViTTower, Qwen3VLCausalLM
 from vlmkit.hf.folder import (
@@ -31,19 +32,14 @@ from vlmkit.hf.folder import (
     auto_config,
     hf_config_dict,
     image_processor_settings,
-    load_part,
-    load_tokenizer,
-    max_positions,
     read_json,
     read_weights,
     resample_name,
     split_state,
 )
-from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.reference import language_model_state, load_strict, text_part
 from vlmkit.hf.registry import HFFamily
-from vlmkit.hf.templates import folder_tokenizer
-from vlmkit.hf.writing import build_imported, hf_generation_config, write_checkpoint, write_export
+from vlmkit.hf.writing import hf_generation_config, write_export
 
 # transformers' merger names -> the connector's pixel-shuffle parts.
 _MERGER = {"norm.weight": "norm.weight", "norm.bias": "norm.bias", "linear_fc1.weight": "proj.0.weight",
@@ -89,26 +85,19 @@ def _qwen3_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[
 def import_qwen3_vl(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = auto_config(folder)
-    parts = split_state(read_weights(folder), {"model.visual.": "vision", "visual.": "vision", "model.language_model.": "llm",
-                                               "model.": "llm", "lm_head.": "head"})
-    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    parts = split_state(read_weights(folder), MROPE_LAYOUT)
+    vision_cfg = cfg.vision_config
     levels = len(vision_cfg.deepstack_visual_indexes)
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "deepstack_merger_list."))}
     connector_state = _connector_state(parts["vision"], levels, folder)
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = mrope_llm_state(parts)
     settings, options = _processor_options(folder, vision_cfg)
-    processor_cfg = read_json(folder / "processor_config.json")
-    probe = load_tokenizer(folder)
-    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
-    tokenizer = folder_tokenizer(folder, image_token)
+    processor_cfg, probe, image_token, tokenizer = folder_image_token(folder, cfg)
     video_token, video_options = _qwen3_vl_video(folder, cfg, probe, processor_cfg)
+    width = vision_cfg.hidden_size * vision_cfg.spatial_merge_size**2
 
-    tmp = staging_folder(out)
-    try:
-        staged_llm = tmp / "llm"
-        stage_mrope_llm(cfg, Qwen3VLCausalLM, llm_state, tokenizer, staged_llm)
-        width = vision_cfg.hidden_size * vision_cfg.spatial_merge_size**2
-        config = load_config({"model": {
+    def recipe(staged_llm: Path) -> dict:
+        return {
             "vision": {"name": "qwen3-vit", "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "qwen3-vl-merger", "options": {"ratio": 1 / vision_cfg.spatial_merge_size, "levels": levels,
                                                                  "hidden_size": width, "norm_eps": 1e-6}},
@@ -119,13 +108,10 @@ def import_qwen3_vl(folder: Path, out: Path) -> Path:
                           "resample": resample_name(settings), "options": options | video_options},
             "image_token": image_token,
             "video_token": video_token,
-        }})
-        model = build_imported(config, image_token, cfg.image_token_id)
-        load_part(model.vision.model, vision_state, "vision tower", "visual.")
-        load_part(model.connector, connector_state, "vision mergers", "visual.merger(mapped) ")
-        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=32768))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        }
+
+    return write_mrope_import(folder, out, cfg, (Qwen3VLCausalLM, llm_state, tokenizer), recipe, vision_state,
+                              (connector_state, "vision mergers", "visual.merger(mapped) "), cap=32768)
 
 
 def _is_moe(model) -> bool:
