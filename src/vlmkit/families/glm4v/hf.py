@@ -21,7 +21,6 @@ from vlmkit.families.qwen2_vl.hf import (
     RESAMPLE,
     folder_image_token,
     mrope_image_processor,
-    mrope_llm_state,
     mrope_reference_inputs,
     patch_and_merge,
     write_mrope_import,
@@ -29,6 +28,7 @@ from vlmkit.families.qwen2_vl.hf import (
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     read_json,
@@ -96,7 +96,7 @@ def import_glm4v(folder: Path, out: Path) -> Path:
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "downsample."))}
     connector_state = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
     connector_state |= {k: v for k, v in parts["vision"].items() if k.startswith("downsample.")}
-    llm_state = mrope_llm_state(parts | {"llm": fuse_experts(parts["llm"])})
+    llm_state = causal_lm_state(parts | {"llm": fuse_experts(parts["llm"])})
     settings, options = _processor_options(folder, vision_cfg)
     processor_cfg, _, image_token, tokenizer = folder_image_token(folder, cfg)
 

@@ -22,6 +22,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -78,7 +79,7 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
     connector_state = {"fc1.weight": p["linear_1.weight"], "fc1.bias": p.get("linear_1.bias", zeros(p["linear_1.weight"])),
                        "fc2.weight": p["linear_2.weight"], "fc2.bias": p.get("linear_2.bias", zeros(p["linear_2.weight"])),
                        "image_newline": parts["newline"][""]}
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
     crop = settings.get("crop_size") or {}

@@ -30,6 +30,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -142,7 +143,7 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
                                 "language_model.lm_head.": "head", "lm_head.": "head"})
     bias = bool(getattr(cfg, "multimodal_projector_bias", True))
     connector_state = _connector_state(folder, parts["projector"], mistral3, bias)
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
     patch, longest, image_token = _processor_geometry(folder, settings, vision_cfg, merge)

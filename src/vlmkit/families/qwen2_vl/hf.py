@@ -21,6 +21,7 @@ from vlmkit.families.qwen2_vl.model import MRopeCausalLM, Qwen2ViTTower, Qwen25V
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
+    causal_lm_state,
     check_part,
     hf_config_dict,
     image_processor_settings,
@@ -72,11 +73,6 @@ def stage_mrope_llm(cfg, llm_cls: type, llm_state: dict[str, torch.Tensor], toke
 MROPE_LAYOUT = {"visual.": "vision", "model.visual.": "vision", "model.language_model.": "llm", "model.": "llm", "lm_head.": "head"}
 
 
-def mrope_llm_state(parts: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """The decoder's weights (`parts` split by MROPE_LAYOUT) under the causal LM's names."""
-    return {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
-
-
 def folder_image_token(folder: Path, cfg) -> tuple[dict, object, str, object]:
     """(processor_config.json, the folder's tokenizer as it loads, the image token, the tokenizer
     that holds it): the processor's image token, else the token of the config's image_token_id."""
@@ -123,7 +119,7 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     width = vision_cfg.hidden_size if qwen25 else vision_cfg.embed_dim
     if any(v is None for v in connector_state.values()):
         raise ExportError(f"{folder}: the vision merger's weights (visual.merger.ln_q / mlp.0 / mlp.2) are incomplete")
-    llm_state = mrope_llm_state(parts)
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
     patch, _ = patch_and_merge(folder, settings, vision_cfg)

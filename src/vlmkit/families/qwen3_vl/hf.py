@@ -20,7 +20,6 @@ from vlmkit.families.qwen2_vl.hf import (
     _qwen2_vl_video,
     folder_image_token,
     mrope_image_processor,
-    mrope_llm_state,
     mrope_reference_inputs,
     patch_and_merge,
     set_vision_token_ids,
@@ -30,6 +29,7 @@ from vlmkit.families.qwen3_vl.model import Qwen3ViTTower, Qwen3VLCausalLM
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     read_json,
@@ -90,7 +90,7 @@ def import_qwen3_vl(folder: Path, out: Path) -> Path:
     levels = len(vision_cfg.deepstack_visual_indexes)
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "deepstack_merger_list."))}
     connector_state = _connector_state(parts["vision"], levels, folder)
-    llm_state = mrope_llm_state(parts)
+    llm_state = causal_lm_state(parts)
     settings, options = _processor_options(folder, vision_cfg)
     processor_cfg, probe, image_token, tokenizer = folder_image_token(folder, cfg)
     video_token, video_options = _qwen3_vl_video(folder, cfg, probe, processor_cfg)
