@@ -110,3 +110,44 @@ def noise(width: int, height: int, seed: int) -> Image.Image:
 
 def first_stop(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
+def check_against_transformers(model, ref, prompt, ids: torch.Tensor, kwargs: dict, tokens: int = 8) -> list[int]:
+    """vlmkit's logits for the encoded `prompt` equal transformers' `ref` fed `ids` and `kwargs`
+    (fp32, atol 1e-4), and so do the greedy tokens up to the first stop; returns vlmkit's tokens."""
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.processing.base import VisualBatch
+
+    with torch.no_grad():
+        ours = model(ids[None], VisualBatch(prompt.images)).logits
+        theirs = ref(input_ids=ids[None], **kwargs).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=tokens))[0]
+    out = ref.generate(input_ids=ids[None], **kwargs, max_new_tokens=tokens, do_sample=False)[0, ids.shape[0]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    return expected
+
+
+def check_generated_video_token(model, ref, video, inputs_of: Callable[[Any], dict]) -> None:
+    """Generated tokens are never video slots: with both heads preferring the video token, vlmkit
+    keeps decoding as transformers' generate does (embedding it as an ordinary token).
+    `inputs_of(prompt)` gives transformers' keyword inputs for a prompt."""
+    from vlmkit.data.formats import Message
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.processing.video import VideoInput
+
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<video>\nWhat?")], [VideoInput(video)])
+    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0][-1]
+    heads = (model.llm.get_output_embeddings(), ref.get_output_embeddings())
+    kept = heads[0].weight[model.video_token_id].clone()
+    try:
+        with torch.no_grad():
+            for head in heads:
+                head.weight[model.video_token_id] = head.weight[early] * 1.05
+        expected = check_against_transformers(model, ref, prompt, prompt.input_ids, inputs_of(prompt))
+        assert model.video_token_id in expected
+    finally:
+        with torch.no_grad():
+            heads[0].weight[model.video_token_id] = kept
