@@ -151,3 +151,23 @@ def check_generated_video_token(model, ref, video, inputs_of: Callable[[Any], di
     finally:
         with torch.no_grad():
             heads[0].weight[model.video_token_id] = kept
+
+
+def check_generated_image_token(model, ref, image: Image.Image, inputs_of: Callable[[Any, torch.Tensor], dict]) -> None:
+    """A model that emits its image slot token while decoding: the token is text, as in
+    transformers' generate. Both models get the same head, with a bias that makes the image token
+    the argmax whatever the state. `inputs_of(prompt, ids)` gives transformers' keyword inputs."""
+    from vlmkit.data.formats import Message
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.processing import build_chat_processor
+
+    head = torch.nn.Linear(ref.lm_head.in_features, ref.lm_head.out_features)
+    with torch.no_grad():
+        head.weight.copy_(ref.lm_head.weight)
+        head.bias.zero_()[model.image_token_id] = 1e4
+    model.llm.lm_head = ref.lm_head = head
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [image])
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=4))[0]
+    assert ours == [model.image_token_id] * 4
+    ids = prompt.input_ids[None]
+    assert ref.generate(input_ids=ids, **inputs_of(prompt, ids), max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist() == ours
