@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen2_vl_folder import save_qwen2vl
+from qwen2_vl_folder import check_image_and_video_prompt, save_qwen2vl
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
@@ -27,9 +27,9 @@ from vlmkit.families.qwen2_vl.processor import Qwen2VLProcessor
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
+from vlmkit.processing.base import VisualBatch
 from vlmkit.processing.images import Resizer, normalize_
 from vlmkit.processing.video import VideoInput, load_clip, write_video
-from vlmkit.processing.base import VisualBatch
 
 torch.set_num_threads(1)
 PIXEL_TOLERANCE = 3 / 255
@@ -130,24 +130,8 @@ def test_qwen2vl_video_and_image_in_one_prompt_match_transformers(qwen_video):
     from transformers import Qwen2VLForConditionalGeneration
 
     folder, model, video = qwen_video
-    image = Image.new("RGB", (40, 28), (30, 160, 90))
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image><video>Same colours?")],
-                                                             [image, VideoInput(video)])
-    image_group, video_group = prompt.images
-    ids = prompt.input_ids[None]
-    video_id = model.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    mm_types = (ids == model.image_token_id).int() + (ids == video_id).int() * 2
     ref = Qwen2VLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    kw = {"pixel_values": image_group.pixel_values, "image_grid_thw": torch.tensor([list(image_group.views[0].grid)]),
-          "pixel_values_videos": video_group.pixel_values, "video_grid_thw": torch.tensor([list(video_group.views[0].grid)]),
-          "mm_token_type_ids": mm_types}
-    positions, _ = ref.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=kw["image_grid_thw"],
-                                            video_grid_thw=kw["video_grid_thw"])
-    assert torch.equal(prompt.position_ids, positions[:, 0])
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(input_ids=ids, **kw).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    check_image_and_video_prompt(model, ref, video)
 
 
 def test_qwen2vl_video_settings_survive_export_and_import(qwen_video, tmp_path):

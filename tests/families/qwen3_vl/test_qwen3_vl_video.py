@@ -20,6 +20,7 @@ import pytest
 import torch
 from _parity import first_stop
 from PIL import Image
+from qwen2_vl_folder import check_image_and_video_prompt
 from qwen3_vl_folder import save_qwen3vl
 
 from vlmkit.checkpoint import load_checkpoint
@@ -126,24 +127,8 @@ def test_qwen3vl_video_and_image_in_one_prompt_match_transformers(qwen3_video):
     from transformers import Qwen3VLForConditionalGeneration
 
     folder, model, video = qwen3_video
-    image = Image.new("RGB", (40, 28), (30, 160, 90))
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image><video>Same colours?")],
-                                                             [image, VideoInput(video)])
-    image_group, video_group = prompt.images
-    ids = prompt.input_ids[None]
-    video_id = model.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    mm_types = (ids == model.image_token_id).int() + (ids == video_id).int() * 2
     ref = Qwen3VLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    kw = {"pixel_values": image_group.pixel_values, "image_grid_thw": torch.tensor([list(image_group.views[0].grid)]),
-          "pixel_values_videos": video_group.pixel_values, "video_grid_thw": torch.tensor([list(video_group.views[0].grid)]),
-          "mm_token_type_ids": mm_types}
-    positions, _ = ref.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=kw["image_grid_thw"],
-                                            video_grid_thw=kw["video_grid_thw"])
-    assert torch.equal(prompt.position_ids, positions[:, 0])
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(input_ids=ids, **kw).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    check_image_and_video_prompt(model, ref, video)
 
 
 def test_qwen3vl_video_settings_survive_export_and_import(qwen3_video, tmp_path):
