@@ -112,15 +112,19 @@ def first_stop(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
 
 
-def check_against_transformers(model, ref, prompt, ids: torch.Tensor, kwargs: dict, tokens: int = 8) -> list[int]:
-    """vlmkit's logits for the encoded `prompt` equal transformers' `ref` fed `ids` and `kwargs`
-    (fp32, atol 1e-4), and so do the greedy tokens up to the first stop; returns vlmkit's tokens."""
+def check_against_transformers(model, ref, prompt, ids: torch.Tensor, kwargs: dict, tokens: int = 8,
+                               positions: bool = False) -> list[int]:
+    """vlmkit's logits for the encoded `prompt` equal transformers' `ref` fed `ids` (1-D) and
+    `kwargs` (fp32, atol 1e-4), and so do the greedy tokens up to the first stop; returns vlmkit's
+    tokens. `positions`: vlmkit's model is handed the prompt's own (M-RoPE) positions."""
     from vlmkit.generate import GenerationConfig, generate
     from vlmkit.processing.base import VisualBatch
 
+    extra = {"position_ids": prompt.position_ids[:, None]} if positions else {}
     with torch.no_grad():
-        ours = model(ids[None], VisualBatch(prompt.images)).logits
+        ours = model(ids[None], VisualBatch(prompt.images), **extra).logits
         theirs = ref(input_ids=ids[None], **kwargs).logits
+    assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     expected = generate(model, [prompt], GenerationConfig(max_new_tokens=tokens))[0]
     out = ref.generate(input_ids=ids[None], **kwargs, max_new_tokens=tokens, do_sample=False)[0, ids.shape[0]:].tolist()

@@ -11,14 +11,13 @@ import random
 
 import pytest
 import torch
-from _parity import check_generated_image_token, first_stop, noise
+from _parity import check_against_transformers, check_generated_image_token, noise
 from glm4v_folder import check_against_processor, glm4v_reference_ids, save_glm4v
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.core.types import Message
 from vlmkit.families.glm4v.processor import Glm4vProcessor
 from vlmkit.families.qwen2_vl.hf import mrope_reference_inputs
-from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.base import VisualBatch
@@ -49,15 +48,7 @@ def test_glm4v_tied_two_images_logits_and_greedy_match_transformers(glm):
     ref = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     assert type(ref).__name__ == "Glm4vForConditionalGeneration" and ref.config.tie_word_embeddings
     ids = prompt.input_ids[None]
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(input_ids=ids, **kwargs).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(input_ids=ids, **kwargs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    check_against_transformers(model, ref, prompt, ids[0], kwargs, positions=True)
 
 
 def test_glm4v_import_reads_the_folder(glm):

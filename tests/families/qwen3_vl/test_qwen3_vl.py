@@ -11,14 +11,13 @@ import json
 import pytest
 import torch
 from _cli import vlmkit
-from _parity import check_generated_image_token, first_stop, noise
+from _parity import check_against_transformers, check_generated_image_token, noise
 from qwen2_vl_folder import check_against_processor, qwen_reference_ids
 from qwen3_vl_folder import save_qwen3vl
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.core.types import Message
 from vlmkit.families.qwen2_vl.hf import mrope_reference_inputs
-from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.base import VisualBatch
@@ -52,16 +51,7 @@ def test_qwen3vl_tied_two_images_logits_and_greedy_match_transformers(qwen3):
     ref = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     assert type(ref).__name__ == "Qwen3VLForConditionalGeneration" and ref.config.tie_word_embeddings
     ids = prompt.input_ids[None]
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(input_ids=ids, **kwargs).logits
-    assert ours.shape == theirs.shape
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(input_ids=ids, **kwargs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    check_against_transformers(model, ref, prompt, ids[0], kwargs, positions=True)
 
 
 def test_qwen3vl_import_reads_the_folder(qwen3):
