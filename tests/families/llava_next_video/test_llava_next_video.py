@@ -11,15 +11,13 @@ video, and takes LoRA, through the command line."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from _cli import vlmkit
+from _cli import train_video_recipe_and_chat, vlmkit
 from _parity import check_against_transformers, check_generated_video_token, noise
 from llava_next_video_folder import MEAN, PIXEL_TOLERANCE, STD, reference_ids, save_next_video
-from PIL import Image
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
@@ -117,21 +115,7 @@ def test_conv_pooling_is_refused(tmp_path):
 
 
 def test_recipe_trains_answers_odd_images_and_a_video_and_takes_lora(tmp_path):
-    recipe = yaml.safe_load((Path(__file__).resolve().parents[3] / "recipes" / "families" / "llava-next-video.yaml").read_text())
-    recipe["train"]["stages"]["instruct"] |= {"data": [{"path": "data/train.json", "weight": 3}, {"path": "data/video.json"}],
-                                              "max_steps": 3, "batch_size": 4}
-    recipe["train"]["output_dir"] = "runs/base"
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    vlmkit(tmp_path, "data", "synth-train", "data", "--n", "12", "--n-test", "2", "--n-video", "4")
-    vlmkit(tmp_path, "train", "recipe.yaml")
-    ckpt = tmp_path / "runs" / "base" / "checkpoints" / "instruct"
-    for size in [(37, 111), (160, 40)]:
-        Image.new("RGB", size, (200, 40, 40)).save(tmp_path / f"odd_{size[0]}x{size[1]}.png")
-        answer = vlmkit(tmp_path, "chat", "--checkpoint", str(ckpt), "--image", f"odd_{size[0]}x{size[1]}.png", "What colour?",
-                        "--max-new-tokens", "3")
-        assert answer.stdout.endswith("\n")
-    video = next((tmp_path / "data" / "videos").glob("*.mp4"))
-    assert vlmkit(tmp_path, "chat", "--checkpoint", str(ckpt), "--video", str(video), "What happens?", "--max-new-tokens", "3").stdout
+    ckpt, video = train_video_recipe_and_chat(tmp_path, "llava-next-video")
 
     lora = {"model": {"init_from": str(ckpt)},
             "train": {"output_dir": "runs/lora", "max_length": 2048,
