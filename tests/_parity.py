@@ -110,3 +110,68 @@ def noise(width: int, height: int, seed: int) -> Image.Image:
 
 def first_stop(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
+def check_against_transformers(model, ref, prompt, ids: torch.Tensor, kwargs: dict, tokens: int = 8,
+                               positions: bool = False) -> list[int]:
+    """vlmkit's logits for the encoded `prompt` equal transformers' `ref` fed `ids` (1-D) and
+    `kwargs` (fp32, atol 1e-4), and so do the greedy tokens up to the first stop; returns vlmkit's
+    tokens. `positions`: vlmkit's model is handed the prompt's own (M-RoPE) positions."""
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.processing.base import VisualBatch
+
+    extra = {"position_ids": prompt.position_ids[:, None]} if positions else {}
+    with torch.no_grad():
+        ours = model(ids[None], VisualBatch(prompt.images), **extra).logits
+        theirs = ref(input_ids=ids[None], **kwargs).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=tokens))[0]
+    out = ref.generate(input_ids=ids[None], **kwargs, max_new_tokens=tokens, do_sample=False)[0, ids.shape[0]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    return expected
+
+
+def check_generated_video_token(model, ref, video, inputs_of: Callable[[Any], dict]) -> None:
+    """Generated tokens are never video slots: with both heads preferring the video token, vlmkit
+    keeps decoding as transformers' generate does (embedding it as an ordinary token).
+    `inputs_of(prompt)` gives transformers' keyword inputs for a prompt."""
+    from vlmkit.data.formats import Message
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.processing.video import VideoInput
+
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<video>\nWhat?")], [VideoInput(video)])
+    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0][-1]
+    heads = (model.llm.get_output_embeddings(), ref.get_output_embeddings())
+    kept = heads[0].weight[model.video_token_id].clone()
+    try:
+        with torch.no_grad():
+            for head in heads:
+                head.weight[model.video_token_id] = head.weight[early] * 1.05
+        expected = check_against_transformers(model, ref, prompt, prompt.input_ids, inputs_of(prompt))
+        assert model.video_token_id in expected
+    finally:
+        with torch.no_grad():
+            heads[0].weight[model.video_token_id] = kept
+
+
+def check_generated_image_token(model, ref, image: Image.Image, inputs_of: Callable[[Any, torch.Tensor], dict]) -> None:
+    """A model that emits its image slot token while decoding: the token is text, as in
+    transformers' generate. Both models get the same head, with a bias that makes the image token
+    the argmax whatever the state. `inputs_of(prompt, ids)` gives transformers' keyword inputs."""
+    from vlmkit.data.formats import Message
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.processing import build_chat_processor
+
+    head = torch.nn.Linear(ref.lm_head.in_features, ref.lm_head.out_features)
+    with torch.no_grad():
+        head.weight.copy_(ref.lm_head.weight)
+        head.bias.zero_()[model.image_token_id] = 1e4
+    model.llm.lm_head = ref.lm_head = head
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [image])
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=4))[0]
+    assert ours == [model.image_token_id] * 4
+    ids = prompt.input_ids[None]
+    assert ref.generate(input_ids=ids, **inputs_of(prompt, ids), max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist() == ours

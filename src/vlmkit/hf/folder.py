@@ -400,6 +400,12 @@ def max_positions(text_cfg, default: int, cap: int | None = None) -> int:
     return min(n, cap) if cap else n
 
 
+def causal_lm_state(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A folder's decoder weights under a causal LM's names: its body (`parts["llm"]`) under
+    `model.`, its head (`parts["head"]`) under `lm_head.`."""
+    return {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+
+
 def causal_lm_from_state(text_cfg, state: dict[str, torch.Tensor], outer=None):
     """The folder's LLM as a standalone causal LM. Some families keep `tie_word_embeddings` on
     the outer config (`outer`); the standalone LM's config carries it."""

@@ -5,7 +5,7 @@ positions, same greedy tokens) and times vlmkit against the reference (`benchmar
 Each family folder's `hf.py` holds its own builder (e.g. `families/llava_next/hf.py`,
 `families/qwen2_vl/hf.py`), built from these: `vision_feature_settings` (a Hugging Face tower's
 feature layer and CLS handling in LLaVA's terms), `text_part`, `load_strict`,
-`language_model_state`.
+`language_model_state`, `projector_state`, `llava_layout_state`, `finished_reference`.
 """
 
 from __future__ import annotations
@@ -52,5 +52,32 @@ def text_part(model) -> tuple[dict, dict[str, torch.Tensor]]:
 def language_model_state(text_state: dict) -> dict:
     head = text_state.pop("__head__")
     return {f"model.language_model.{k}": v for k, v in text_state.items()} | {"lm_head.weight": head}
+
+
+def projector_state(conn) -> dict[str, torch.Tensor]:
+    """LLaVA's `multi_modal_projector` (linear_1, GELU, linear_2) holding an mlp connector's weights."""
+    return {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
+            "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias}
+
+
+def llava_layout_state(model, projector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's weights where LLaVA-style transformers models hold them: its Hugging Face tower
+    under `model.vision_tower.`, `projector` (the connector's weights by transformers' names) under
+    `model.multi_modal_projector.`, its causal LM's body under `model.language_model.` and head."""
+    state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
+    state |= {f"model.multi_modal_projector.{k}": v for k, v in projector.items()}
+    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
+    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    return state
+
+
+def finished_reference(ref: nn.Module, state: dict[str, torch.Tensor], model) -> nn.Module:
+    """`ref` holding `state` (strictly), in the model's dtype and on its device, in eval mode, with
+    the generation config of the model's tokenizer."""
+    from vlmkit.hf.writing import hf_generation_config
+
+    ref = load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device).eval()
+    ref.generation_config = hf_generation_config(model.tokenizer)
+    return ref
 
 

@@ -4,6 +4,7 @@ beside OUT and swapped in (`output_folder`)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from vlmkit.checkpoint import save_checkpoint
 from vlmkit.generate import extra_stop_ids
 from vlmkit.hf.folder import ExportError, read_json
 from vlmkit.hf.output_folder import publish, staging_folder
+from vlmkit.hf.templates import plain_template
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.utils import respect_umask
 
@@ -74,6 +76,27 @@ def atomic_folder(out: Path, write) -> Path:
         return publish(tmp, out, command=EXPORT_COMMAND)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the previous export
+
+
+def write_export(out: str | Path, ref, tokenizer, processor_config: dict, image_processor=None,
+                 json_files: dict[str, dict] | None = None) -> Path:
+    """The transformers folder of an export: the model, its image processor (when it has one), the
+    tokenizer with its plain chat template, `processor_config.json` and any further JSON settings
+    files (name -> settings), swapped into place at `out`."""
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        template = plain_template(tokenizer)
+        if template:
+            (tmp / "chat_template.jinja").write_text(template)
+        for name, settings in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(settings, indent=2))
+        (tmp / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+
+    return atomic_folder(Path(out), write)
 
 
 def hf_generation_config(tokenizer, **kw):

@@ -17,16 +17,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from _parity import first_stop
+from _parity import check_against_transformers
 from glm4v_folder import save_glm4v
 from PIL import Image
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
-from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
-from vlmkit.processing.base import VisualBatch
 from vlmkit.processing.video import VideoInput, VideoOptions, glm4v_indices, load_clip, write_video
 
 torch.set_num_threads(1)
@@ -117,16 +115,8 @@ def test_glm4v_video_ids_positions_pixels_logits_and_greedy_match_transformers(g
     positions, _ = ref.model.get_rope_index(ids, mm_token_type_ids=mm_types, video_grid_thw=grid)
     assert torch.equal(prompt.position_ids, positions[:, 0])
 
-    inputs = {"input_ids": ids, "pixel_values_videos": group.pixel_values, "video_grid_thw": grid, "mm_token_type_ids": mm_types}
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(**inputs).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    inputs = {"pixel_values_videos": group.pixel_values, "video_grid_thw": grid, "mm_token_type_ids": mm_types}
+    check_against_transformers(model, ref, prompt, ids[0], inputs, positions=True)
 
 
 @pytest.mark.parametrize(("total", "fps"), [(12, 4), (7, 4), (30, 30), (3, 1), (1, 25), (400 * 8, 8)])

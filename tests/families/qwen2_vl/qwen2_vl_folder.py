@@ -130,3 +130,32 @@ PARITY = (
                _parity_reference("Qwen2_5_VLForConditionalGeneration"),
                sizes=((72, 40), (24, 56), (100, 100)), question="Describe the picture.", image_text="<image>"),
 )
+
+
+def check_image_and_video_prompt(model, ref, video) -> None:
+    """An image and a video in one prompt against transformers' M-RoPE model `ref`: the same
+    M-RoPE positions (get_rope_index) and logits (fp32, atol 1e-4)."""
+    from PIL import Image
+
+    from vlmkit.data.formats import Message
+    from vlmkit.processing import build_chat_processor
+    from vlmkit.processing.base import VisualBatch
+    from vlmkit.processing.video import VideoInput
+
+    image = Image.new("RGB", (40, 28), (30, 160, 90))
+    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image><video>Same colours?")],
+                                                             [image, VideoInput(video)])
+    image_group, video_group = prompt.images
+    ids = prompt.input_ids[None]
+    video_id = model.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    mm_types = (ids == model.image_token_id).int() + (ids == video_id).int() * 2
+    kw = {"pixel_values": image_group.pixel_values, "image_grid_thw": torch.tensor([list(image_group.views[0].grid)]),
+          "pixel_values_videos": video_group.pixel_values, "video_grid_thw": torch.tensor([list(video_group.views[0].grid)]),
+          "mm_token_type_ids": mm_types}
+    positions, _ = ref.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=kw["image_grid_thw"],
+                                            video_grid_thw=kw["video_grid_thw"])
+    assert torch.equal(prompt.position_ids, positions[:, 0])
+    with torch.no_grad():
+        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
+        theirs = ref(input_ids=ids, **kw).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -10,12 +10,11 @@ import json
 
 import pytest
 import torch
-from _parity import first_stop, noise
+from _parity import check_against_transformers, noise
 from qwen2_vl_folder import check_against_processor, qwen_reference_ids, save_qwen2vl
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.core.types import Message
-from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.base import VisualBatch
@@ -46,17 +45,7 @@ def test_qwen2vl_two_images_ids_pixels_logits_and_greedy_match_transformers(qwen
     ref = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     assert type(ref).__name__ in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     ids = prompt.input_ids[None]
-    inputs = {"input_ids": ids, **kwargs}
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(**inputs).logits
-    assert ours.shape == theirs.shape  # no vocabulary growth on import
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    check_against_transformers(model, ref, prompt, ids[0], kwargs, positions=True)
 
 
 def test_qwen2vl_import_reads_processor_settings_and_tokenizer(qwen):

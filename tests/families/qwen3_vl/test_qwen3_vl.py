@@ -11,13 +11,13 @@ import json
 import pytest
 import torch
 from _cli import vlmkit
-from _parity import first_stop, noise
+from _parity import check_against_transformers, check_generated_image_token, noise
 from qwen2_vl_folder import check_against_processor, qwen_reference_ids
 from qwen3_vl_folder import save_qwen3vl
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.core.types import Message
-from vlmkit.generate import GenerationConfig, generate
+from vlmkit.families.qwen2_vl.hf import mrope_reference_inputs
 from vlmkit.hf.registry import export_hf, import_hf, verify_hf_export
 from vlmkit.processing import build_chat_processor
 from vlmkit.processing.base import VisualBatch
@@ -51,16 +51,7 @@ def test_qwen3vl_tied_two_images_logits_and_greedy_match_transformers(qwen3):
     ref = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     assert type(ref).__name__ == "Qwen3VLForConditionalGeneration" and ref.config.tie_word_embeddings
     ids = prompt.input_ids[None]
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(input_ids=ids, **kwargs).logits
-    assert ours.shape == theirs.shape
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(input_ids=ids, **kwargs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    check_against_transformers(model, ref, prompt, ids[0], kwargs, positions=True)
 
 
 def test_qwen3vl_import_reads_the_folder(qwen3):
@@ -166,19 +157,7 @@ def test_qwen3vl_decoding_survives_its_own_image_token(tmp_path):
     folder = save_qwen3vl(tmp_path / "hf", seed=5)
     model, _ = load_checkpoint(import_hf(folder, tmp_path / "vlmkit"))
     ref = Qwen3VLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    # The same head with a bias that makes the image token the argmax whatever the state.
-    head = torch.nn.Linear(ref.lm_head.in_features, ref.lm_head.out_features)
-    with torch.no_grad():
-        head.weight.copy_(ref.lm_head.weight)
-        head.bias.zero_()[model.image_token_id] = 1e4
-    model.llm.lm_head = ref.lm_head = head
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image>What?")], [noise(40, 56, seed=7)])
-    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=4))[0]
-    assert ours == [model.image_token_id] * 4
-    ids = prompt.input_ids[None]
-    kwargs = {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
-              "mm_token_type_ids": (ids == model.image_token_id).int()}
-    assert ref.generate(input_ids=ids, **kwargs, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist() == ours
+    check_generated_image_token(model, ref, noise(40, 56, seed=7), lambda prompt, ids: mrope_reference_inputs(model, prompt, ids))
 
 
 def test_qwen3vl_moe_exports_back_and_takes_lora_on_attention(tmp_path):

@@ -18,17 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _parity import first_stop
+from _parity import check_against_transformers
 from PIL import Image
+from qwen2_vl_folder import check_image_and_video_prompt
 from qwen3_vl_folder import save_qwen3vl
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
 from vlmkit.families.qwen3_vl.processor import frame_times, video_smart_resize
-from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
-from vlmkit.processing.base import VisualBatch
 from vlmkit.processing.video import VideoInput, load_clip, write_video
 
 torch.set_num_threads(1)
@@ -109,16 +108,8 @@ def test_qwen3vl_video_ids_positions_pixels_logits_and_greedy_match_transformers
     positions, _ = ref.model.get_rope_index(ids, mm_token_type_ids=mm_types, video_grid_thw=grid)
     assert torch.equal(prompt.position_ids, positions[:, 0])
 
-    inputs = {"input_ids": ids, "pixel_values_videos": group.pixel_values, "video_grid_thw": grid, "mm_token_type_ids": mm_types}
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(**inputs).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
+    inputs = {"pixel_values_videos": group.pixel_values, "video_grid_thw": grid, "mm_token_type_ids": mm_types}
+    check_against_transformers(model, ref, prompt, ids[0], inputs, positions=True)
 
 
 def test_qwen3vl_video_and_image_in_one_prompt_match_transformers(qwen3_video):
@@ -126,24 +117,8 @@ def test_qwen3vl_video_and_image_in_one_prompt_match_transformers(qwen3_video):
     from transformers import Qwen3VLForConditionalGeneration
 
     folder, model, video = qwen3_video
-    image = Image.new("RGB", (40, 28), (30, 160, 90))
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<image><video>Same colours?")],
-                                                             [image, VideoInput(video)])
-    image_group, video_group = prompt.images
-    ids = prompt.input_ids[None]
-    video_id = model.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    mm_types = (ids == model.image_token_id).int() + (ids == video_id).int() * 2
     ref = Qwen3VLForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    kw = {"pixel_values": image_group.pixel_values, "image_grid_thw": torch.tensor([list(image_group.views[0].grid)]),
-          "pixel_values_videos": video_group.pixel_values, "video_grid_thw": torch.tensor([list(video_group.views[0].grid)]),
-          "mm_token_type_ids": mm_types}
-    positions, _ = ref.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=kw["image_grid_thw"],
-                                            video_grid_thw=kw["video_grid_thw"])
-    assert torch.equal(prompt.position_ids, positions[:, 0])
-    with torch.no_grad():
-        ours = model(ids, visuals=VisualBatch(prompt.images), position_ids=prompt.position_ids[:, None]).logits
-        theirs = ref(input_ids=ids, **kw).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    check_image_and_video_prompt(model, ref, video)
 
 
 def test_qwen3vl_video_settings_survive_export_and_import(qwen3_video, tmp_path):

@@ -10,23 +10,19 @@ odd-sized images and a video, and takes LoRA on the LLM and both towers, through
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from _cli import vlmkit
-from _parity import first_stop, noise
-from PIL import Image
+from _cli import train_video_recipe_and_chat, vlmkit
+from _parity import check_against_transformers, check_generated_video_token, noise
 from video_llava_folder import PIXEL_TOLERANCE, STD, image_processor, reference_ids, save_video_llava
 
 from vlmkit.checkpoint import load_checkpoint
 from vlmkit.data.formats import Message
 from vlmkit.families.video_llava.hf import video_llava_inputs
-from vlmkit.generate import GenerationConfig, generate
 from vlmkit.hf.registry import export_hf, import_hf
 from vlmkit.processing import build_chat_processor
-from vlmkit.processing.base import VisualBatch
 from vlmkit.processing.video import VideoInput, load_clip, write_video
 
 torch.set_num_threads(1)
@@ -48,17 +44,8 @@ def _reference(folder):
     return VideoLlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
 
 
-def _check_against_transformers(folder, model, prompt, ids, kwargs, ref=None):
-    ref = ref or _reference(folder)
-    with torch.no_grad():
-        ours = model(ids[None], VisualBatch(prompt.images)).logits
-        theirs = ref(input_ids=ids[None], **kwargs).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    expected = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
-    out = ref.generate(input_ids=ids[None], **kwargs, max_new_tokens=8, do_sample=False)[0, ids.shape[0]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    assert first_stop(out, set(eos if isinstance(eos, list) else [eos])) == expected
-    return expected
+def _check_against_transformers(folder, model, prompt, ids, kwargs):
+    return check_against_transformers(model, _reference(folder), prompt, ids, kwargs)
 
 
 def test_video_ids_pixels_logits_and_greedy_match_transformers(imported):
@@ -97,20 +84,7 @@ def test_a_generated_video_token_is_decoded_as_text_like_transformers(imported):
     """Generated tokens are never video slots: a head that prefers the video token keeps decoding
     as transformers' generate does (embedding it as an ordinary token)."""
     folder, model, video = imported
-    prompt = build_chat_processor(model, 4096).encode_prompt([Message("user", "<video>\nWhat?")], [VideoInput(video)])
-    early = generate(model, [prompt], GenerationConfig(max_new_tokens=3))[0][-1]
-    ref = _reference(folder)
-    heads = (model.llm.get_output_embeddings(), ref.get_output_embeddings())
-    kept = heads[0].weight[model.video_token_id].clone()
-    try:
-        with torch.no_grad():
-            for head in heads:
-                head.weight[model.video_token_id] = head.weight[early] * 1.05
-        expected = _check_against_transformers(folder, model, prompt, prompt.input_ids, video_llava_inputs(prompt), ref)
-        assert model.video_token_id in expected
-    finally:
-        with torch.no_grad():
-            heads[0].weight[model.video_token_id] = kept
+    check_generated_video_token(model, _reference(folder), video, video_llava_inputs)
 
 
 def test_image_and_video_in_one_prompt_match_transformers(imported):
@@ -136,21 +110,7 @@ def test_export_then_import_gives_equal_tensors(imported, tmp_path):
 
 
 def test_recipe_trains_answers_odd_images_and_a_video_and_takes_lora(tmp_path):
-    recipe = yaml.safe_load((Path(__file__).resolve().parents[3] / "recipes" / "families" / "video-llava.yaml").read_text())
-    recipe["train"]["stages"]["instruct"] |= {"data": [{"path": "data/train.json", "weight": 3}, {"path": "data/video.json"}],
-                                              "max_steps": 3, "batch_size": 4}
-    recipe["train"]["output_dir"] = "runs/base"
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    vlmkit(tmp_path, "data", "synth-train", "data", "--n", "12", "--n-test", "2", "--n-video", "4")
-    vlmkit(tmp_path, "train", "recipe.yaml")
-    ckpt = tmp_path / "runs" / "base" / "checkpoints" / "instruct"
-    for size in [(37, 111), (160, 40)]:
-        Image.new("RGB", size, (200, 40, 40)).save(tmp_path / f"odd_{size[0]}x{size[1]}.png")
-        answer = vlmkit(tmp_path, "chat", "--checkpoint", str(ckpt), "--image", f"odd_{size[0]}x{size[1]}.png", "What colour?",
-                        "--max-new-tokens", "3")
-        assert answer.stdout.endswith("\n")
-    video = next((tmp_path / "data" / "videos").glob("*.mp4"))
-    assert vlmkit(tmp_path, "chat", "--checkpoint", str(ckpt), "--video", str(video), "What happens?", "--max-new-tokens", "3").stdout
+    ckpt, video = train_video_recipe_and_chat(tmp_path, "video-llava")
 
     # LoRA on the LLM and on both towers' attention projections.
     lora = {"model": {"init_from": str(ckpt)},

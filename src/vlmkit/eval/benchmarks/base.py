@@ -133,6 +133,14 @@ def read_json(path: Path) -> Any:
     return parse_json(path, raw)
 
 
+def read_json_list(path: Path, of: str = "") -> list:
+    """A benchmark's JSON file that must hold a list (of `of`, as the error names them)."""
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise EvalInputError(f"{path}: expected a JSON list" + (f" of {of}" if of else ""))
+    return rows
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) for each non-blank line of a JSONL file; errors name the file and line."""
     try:

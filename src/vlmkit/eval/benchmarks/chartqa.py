@@ -15,7 +15,7 @@ from .base import (
     check_prediction_ids,
     checked_items,
     group_ids,
-    read_json,
+    read_json_list,
     require_dir,
 )
 
@@ -42,9 +42,7 @@ class ChartQA(Benchmark):
             path = test / f"{split}.json"
             if not path.is_file():
                 continue
-            rows = read_json(path)
-            if not isinstance(rows, list):
-                raise EvalInputError(f"{path}: expected a JSON list")
+            rows = read_json_list(path)
             for i, r in enumerate(rows):
                 try:
                     items.append(BenchItem(id=f"{split}/{i}", question=r["query"], images=[test / "png" / r["imgname"]],

@@ -32,7 +32,7 @@ from .base import (
     check_prediction_ids,
     checked_items,
     find_first,
-    read_json,
+    read_json_list,
     require_dir,
 )
 
@@ -78,9 +78,7 @@ class HallusionBench(Benchmark):
     def load(self, data_dir) -> list[BenchItem]:
         root = require_dir(data_dir)
         path = find_first(root, ["HallusionBench.json"], "HallusionBench.json")
-        rows = read_json(path)
-        if not isinstance(rows, list):
-            raise EvalInputError(f"{path}: expected a JSON list of questions")
+        rows = read_json_list(path, "questions")
         image_root = next((root / d for d in IMAGE_ROOTS if (root / d / "VD").is_dir() or (root / d / "VS").is_dir()), root)
         items = []
         for i, r in enumerate(rows):

@@ -26,6 +26,7 @@ from .base import (
     checked_items,
     group_ids,
     read_json,
+    read_json_list,
     require_dir,
 )
 
@@ -106,9 +107,7 @@ class MMMU(Benchmark):
             raise EvalInputError(f"{where}: missing field {e}") from None
 
     def _load_json(self, root: Path, path: Path) -> list[BenchItem]:
-        rows = read_json(path)
-        if not isinstance(rows, list):
-            raise EvalInputError(f"{path}: expected a JSON list of questions")
+        rows = read_json_list(path, "questions")
         items = []
         for i, r in enumerate(rows):
             if not isinstance(r, dict):

@@ -16,7 +16,7 @@ from .base import (
     checked_items,
     find_first,
     group_ids,
-    read_json,
+    read_json_list,
     require_dir,
 )
 
@@ -33,9 +33,7 @@ class OCRBench(Benchmark):
     def load(self, data_dir) -> list[BenchItem]:
         root = require_dir(data_dir)
         path = find_first(root, ["OCRBench.json"], "OCRBench.json")
-        rows = read_json(path)
-        if not isinstance(rows, list):
-            raise EvalInputError(f"{path}: expected a JSON list of questions")
+        rows = read_json_list(path, "questions")
         image_root = next((root / d for d in IMAGE_DIRS if (root / d).is_dir() and d != "."), root)
         items = []
         for i, r in enumerate(rows):

@@ -13,7 +13,7 @@ from vlmkit.processing.images import ImageLoadError, load_image
 from vlmkit.processing.video import VideoInput
 from vlmkit.registry import BENCHMARKS
 
-from .base import Benchmark, BenchItem, EvalInputError, ScoreResult, checked_items, group_ids, read_json
+from .base import Benchmark, BenchItem, EvalInputError, ScoreResult, checked_items, group_ids, read_json_list
 
 
 @dataclass
@@ -53,9 +53,7 @@ class SyntheticMediaBench(Benchmark):
     def load(self, data_dir) -> list[BenchItem]:
         path = Path(data_dir)
         path = path / "test.json" if path.is_dir() else path
-        records = read_json(path)
-        if not isinstance(records, list):
-            raise EvalInputError(f"{path}: expected a JSON list of records")
+        records = read_json_list(path, "records")
         items = []
         for i, rec in enumerate(records):
             try:

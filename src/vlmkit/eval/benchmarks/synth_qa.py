@@ -14,7 +14,7 @@ from vlmkit.data.synthetic.tasks import question_kind
 from vlmkit.eval.metrics import ocrbench_correct, relaxed_correctness, vqa_normalize
 from vlmkit.registry import BENCHMARKS
 
-from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, checked_items, group_ids, read_json
+from .base import BenchItem, Benchmark, EvalInputError, ScoreResult, checked_items, group_ids, read_json_list
 
 METRIC_NAMES = {
     "chart": "ChartQA relaxed accuracy",
@@ -43,9 +43,7 @@ class SyntheticQA(Benchmark):
     def load(self, data_dir) -> list[BenchItem]:
         path = Path(data_dir)
         path = path / "test.json" if path.is_dir() else path
-        records = read_json(path)
-        if not isinstance(records, list):
-            raise EvalInputError(f"{path}: expected a JSON list of records")
+        records = read_json_list(path, "records")
         items = []
         for i, rec in enumerate(records):
             try:

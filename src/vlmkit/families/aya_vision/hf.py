@@ -32,6 +32,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     check_in_vocab,
     hf_config_dict,
     image_processor_settings,
@@ -44,6 +45,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import llava_layout_state
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import STRING_TO_PARTS_PREAMBLE, chat_template, template_source, usable_template
 from vlmkit.hf.writing import (
@@ -57,6 +59,10 @@ from vlmkit.hf.writing import (
 from vlmkit.model.vision import HFVisionTower
 
 IMAGE_TOKEN = "<|IMG_PATCH|>"
+# Tensor names by part: transformers 5 names them model.*; folders saved by it keep the released names.
+LAYOUT = {"model.vision_tower.": "vision", "vision_tower.": "vision", "model.multi_modal_projector.": "projector",
+          "multi_modal_projector.": "projector", "model.language_model.": "llm", "language_model.model.": "llm",
+          "language_model.lm_head.": "head", "lm_head.": "head"}
 TOWERS = ("siglip_vision_model",)
 # String turns that open with an image block: the newline after it is no part of the prompt.
 LEADING_IMAGE_PREAMBLE = (
@@ -140,12 +146,8 @@ def _import_aya_vision(folder: Path, out: Path) -> Path:
     cfg = auto_config(folder)
     _check_config(folder, cfg)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
-    # transformers 5 names the tensors model.*; folders saved by it keep the released names.
-    parts = split_state(read_weights(folder), {"model.vision_tower.": "vision", "vision_tower.": "vision",
-                                               "model.multi_modal_projector.": "projector", "multi_modal_projector.": "projector",
-                                               "model.language_model.": "llm", "language_model.model.": "llm",
-                                               "language_model.lm_head.": "head", "lm_head.": "head"})
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    parts = split_state(read_weights(folder), LAYOUT)
+    llm_state = causal_lm_state(parts)
     tokenizer = load_tokenizer(folder)
     tags = _tags(folder, tokenizer)
     tokenizer.chat_template = _template(folder, tokenizer)
@@ -191,10 +193,7 @@ def _reference_model(model):
                              vision_feature_layer=tower.feature_layer - (tower.model.config.num_hidden_layers + 1),
                              vision_feature_select_strategy="full", tie_word_embeddings=tied)
     ref = AyaVisionForConditionalGeneration(config).eval()
-    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
-    state |= {f"model.multi_modal_projector.{k}": v for k, v in conn.state_dict().items()}
-    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
-    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    state = llava_layout_state(model, conn.state_dict())
     load_reference(ref, state, "Aya Vision")
     ref.generation_config = hf_generation_config(model.tokenizer)
     return ref

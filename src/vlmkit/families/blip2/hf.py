@@ -34,6 +34,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -226,7 +227,7 @@ def _import_blip(folder: Path, out: Path) -> Path:
     q_cfg, text_cfg = cfg.qformer_config, cfg.text_config
     text_ffn = instruct or bool(getattr(q_cfg, "use_qformer_text_input", False))
     parts = _blip_parts(folder)
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
     settings = image_processor_settings(folder)
     _check_blip_processor(folder, cfg, settings)
     image_token, image_token_id, tokenizer = _blip_tokenizer(folder, cfg)

@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import load_config
+from vlmkit.families.aya_vision.hf import LAYOUT
 from vlmkit.families.aya_vision.model import SwiGLUShuffleConnector
 from vlmkit.families.cohere2_vision.processor import END, LINE_BREAK, START
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     check_in_vocab,
     hf_config_dict,
     image_processor_settings,
@@ -41,6 +43,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import llava_layout_state
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
@@ -88,11 +91,8 @@ def import_cohere2_vision(folder: Path, out: Path) -> Path:
     text_cfg.logit_scale = 1.0
     if vision_cfg.model_type != "siglip_vision_model":
         raise ExportError(f"{folder}: vision tower {vision_cfg.model_type!r}; vlmkit imports Cohere2-Vision with a SigLIP tower")
-    parts = split_state(read_weights(folder), {"model.vision_tower.": "vision", "vision_tower.": "vision",
-                                               "model.multi_modal_projector.": "projector", "multi_modal_projector.": "projector",
-                                               "model.language_model.": "llm", "language_model.model.": "llm",
-                                               "language_model.lm_head.": "head", "lm_head.": "head"})
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    parts = split_state(read_weights(folder), LAYOUT)
+    llm_state = causal_lm_state(parts)
     probe = folder_tokenizer(folder, IMAGE_TOKEN)
     tokens = _tokens(folder, probe)
     tokenizer = folder_tokenizer(folder, tokens["image"]) if tokens["image"] != IMAGE_TOKEN else probe
@@ -130,10 +130,7 @@ def cohere2_vision_reference(model):
                                  downsample_factor=conn.factor, alignment_intermediate_size=conn.hidden,
                                  image_token_id=model.image_token_id, tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)))
     ref = Cohere2VisionForConditionalGeneration(config).eval()
-    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
-    state |= {f"model.multi_modal_projector.{k}": v for k, v in conn.state_dict().items()}
-    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
-    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    state = llava_layout_state(model, conn.state_dict())
     load_reference(ref, state, "Cohere2-Vision")
     ref.generation_config = hf_generation_config(model.tokenizer)
     return ref

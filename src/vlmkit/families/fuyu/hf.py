@@ -28,6 +28,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -72,7 +73,7 @@ def _import_fuyu(folder: Path, out: Path) -> Path:
     patch = parts["patch"]
     if "weight" not in patch:
         raise ExportError(f"{folder}: vision_embed_tokens.weight is missing")
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
     size = settings.get("size") or {"height": 1080, "width": 1920}

@@ -9,46 +9,41 @@ folder's pixel bounds, patch, merge, mean/std). Imported models never write vlmk
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlmkit.config import load_config
 from vlmkit.families.glm4v.model import Glm4vCausalLM, Glm4vViTTower
-from vlmkit.families.qwen2_vl.model import save_mrope_llm
+from vlmkit.families.qwen2_vl.hf import (
+    MROPE_LAYOUT,
+    RESAMPLE,
+    folder_image_token,
+    mrope_image_processor,
+    mrope_reference_inputs,
+    patch_and_merge,
+    write_mrope_import,
+)
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
-    check_part,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
-    load_part,
-    load_tokenizer,
-    max_positions,
     read_json,
     read_weights,
     resample_name,
     split_state,
 )
-from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.reference import language_model_state, load_strict, text_part
 from vlmkit.hf.registry import HFFamily
-from vlmkit.hf.templates import folder_tokenizer, plain_template
-from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
-
-RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}
+from vlmkit.hf.writing import hf_generation_config, write_export
 
 
 def _processor_options(folder: Path, vision_cfg) -> tuple[dict, dict]:
     settings = image_processor_settings(folder)
-    patch, merge = settings.get("patch_size", vision_cfg.patch_size), settings.get("merge_size", vision_cfg.spatial_merge_size)
-    if patch != vision_cfg.patch_size or merge != vision_cfg.spatial_merge_size:
-        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {merge}) differ from the vision "
-                          f"config's ({vision_cfg.patch_size}, {vision_cfg.spatial_merge_size})")
+    patch, merge = patch_and_merge(folder, settings, vision_cfg)
     size = settings.get("size") or {}
     options = {"patch_size": patch, "merge_size": merge,
                "temporal_patch_size": settings.get("temporal_patch_size", vision_cfg.temporal_patch_size),
@@ -93,8 +88,7 @@ def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def import_glm4v(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = auto_config(folder)
-    parts = split_state(read_weights(folder), {"model.visual.": "vision", "visual.": "vision", "model.language_model.": "llm",
-                                               "model.": "llm", "lm_head.": "head"})
+    parts = split_state(read_weights(folder), MROPE_LAYOUT)
     vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
     if vision_cfg.out_hidden_size != text_cfg.hidden_size:
         raise ExportError(f"{folder}: vision out_hidden_size {vision_cfg.out_hidden_size} differs from the text hidden_size "
@@ -102,27 +96,12 @@ def import_glm4v(folder: Path, out: Path) -> Path:
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "downsample."))}
     connector_state = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
     connector_state |= {k: v for k, v in parts["vision"].items() if k.startswith("downsample.")}
-    llm_state = {f"model.{k}": v for k, v in fuse_experts(parts["llm"]).items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts | {"llm": fuse_experts(parts["llm"])})
     settings, options = _processor_options(folder, vision_cfg)
-    processor_cfg = read_json(folder / "processor_config.json")
-    image_token = processor_cfg.get("image_token") or load_tokenizer(folder).convert_ids_to_tokens(cfg.image_token_id)
-    tokenizer = folder_tokenizer(folder, image_token)
+    processor_cfg, _, image_token, tokenizer = folder_image_token(folder, cfg)
 
-    tmp = staging_folder(out)
-    try:
-        staged_llm = tmp / "llm"
-        tied = bool(getattr(cfg, "tie_word_embeddings", False))  # transformers ties by the outer config alone
-        text_cfg.tie_word_embeddings = tied
-        if tied:
-            llm_state.pop("lm_head.weight", None)
-        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
-        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
-            check_part(Glm4vCausalLM(text_cfg), llm_state, "language model", optional=optional)
-        llm = Glm4vCausalLM(text_cfg)
-        load_part(llm, llm_state, "language model", optional=optional)
-        save_mrope_llm(llm, tokenizer, staged_llm)
-        del llm
-        config = load_config({"model": {
+    def recipe(staged_llm: Path) -> dict:
+        return {
             "vision": {"name": "glm4v-vit", "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "glm4v-merger", "options": {"hidden_size": vision_cfg.intermediate_size, "act": vision_cfg.hidden_act,
                                                               "merge": vision_cfg.spatial_merge_size}},
@@ -132,13 +111,10 @@ def import_glm4v(folder: Path, out: Path) -> Path:
                           "std": list(settings.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
                           "resample": resample_name(settings), "options": options | _video_options(folder, processor_cfg)},
             "image_token": image_token,
-        }})
-        model = build_imported(config, image_token, cfg.image_token_id)
-        load_part(model.vision.model, vision_state, "vision tower", "visual.")
-        load_part(model.connector, connector_state, "vision downsample and merger", "visual.(merger.)")
-        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=32768))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        }
+
+    return write_mrope_import(folder, out, cfg, (Glm4vCausalLM, llm_state, tokenizer), recipe, vision_state,
+                              (connector_state, "vision downsample and merger", "visual.(merger.)"), cap=32768)
 
 
 def _is_moe(model) -> bool:
@@ -187,29 +163,13 @@ def export_glm4v(model, out: str | Path) -> Path:
              "temporal_patch_size": o.get("temporal_patch_size", 2), "image_mean": list(p.mean), "image_std": list(p.std),
              "size": {"shortest_edge": o.get("video_min_pixels", 112 * 112), "longest_edge": o.get("video_max_pixels", 28 * 28 * 2 * 30000)},
              "fps": (o.get("video") or {}).get("fps", 2.0), "resample": RESAMPLE[p.resample]}
-    image_processor = Glm4vImageProcessorPil(
-        size={"shortest_edge": o.get("min_pixels", 112 * 112), "longest_edge": o.get("max_pixels", 28 * 28 * 15000)},
-        patch_size=o.get("patch_size", 14), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
-        image_mean=list(p.mean), image_std=list(p.std), resample=RESAMPLE[p.resample])
-
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        image_processor.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        template = plain_template(tok)
-        if template:
-            (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Glm4vProcessor",
-                                                               "image_token": model.config.image_token}, indent=2))
-        (tmp / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-
-    return atomic_folder(Path(out), write)
+    image_processor = mrope_image_processor(Glm4vImageProcessorPil, p, 112 * 112, 28 * 28 * 15000, 14)
+    return write_export(out, ref, tok, {"processor_class": "Glm4vProcessor", "image_token": model.config.image_token},
+                        image_processor, {"video_preprocessor_config.json": video})
 
 
 def _reference_inputs(model, prompt, ids):
-    return _reference_classes(model)[1], {"pixel_values": prompt.images[0].pixel_values,
-                                           "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
-                                           "mm_token_type_ids": (ids == model.image_token_id).int()}
+    return _reference_classes(model)[1], mrope_reference_inputs(model, prompt, ids)
 
 
 def _is_glm4v(model) -> bool:

@@ -12,36 +12,26 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
-from vlmkit.families.qwen2_vl.model import LLM_WEIGHTS, load_state_checked
+from vlmkit.families.qwen2_vl.model import MRopeCausalLM, PatchViTTower, load_mrope_llm
 from vlmkit.model.connectors.base import Connector, ConnectorOptions
 from vlmkit.model.connectors.layers import check_tokens
-from vlmkit.model.language import DecoderLM, llm_folder
 from vlmkit.model.vision import VisionTower
-from vlmkit.paths import offline
 from vlmkit.registry import CONNECTORS, LANGUAGE_MODELS, VISION_TOWERS
 from vlmkit.tokenizer import byte_level_tokenizer
 
 
-class Glm4vViTTower(VisionTower):
-    reads_patches = True
-    # Built from a config with random weights: checkpoints must always carry it (see vlm.build).
-    from_files = False
+class Glm4vViTTower(PatchViTTower):
+    tower_name, processor_name = "glm4v-vit", "glm4v"
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        cfg = model.config
-        self.hidden_size = cfg.hidden_size
-        self.patch_size = cfg.patch_size
-        self.merge_size = cfg.spatial_merge_size
-
-    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
-        p = self.patch_size
-        return height // p, width // p
+        super().__init__(model)
+        self.hidden_size = model.config.hidden_size
 
     def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         """(t, h*w, C) after the final RMSNorm, row-major per frame: transformers' forward up to
@@ -59,12 +49,7 @@ class Glm4vViTTower(VisionTower):
         x = vit.embeddings(x, cu_seqlens[1:] - cu_seqlens[:-1], grid, positions[:, 0].to(x.device), positions[:, 1].to(x.device))
         for block in vit.blocks:
             x = block(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=rotary)
-        x = vit.post_layernorm(x)  # merge-window order
-        c = x.shape[-1]
-        return x.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the glm4v-vit tower reads pre-flattened patches (the glm4v processor), not image tensors")
+        return self.row_major(vit.post_layernorm(x), grid_thw)  # from merge-window order
 
 
 @VISION_TOWERS.register("glm4v-vit")
@@ -128,30 +113,16 @@ class Glm4vMerger(Connector):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-# GLM-4.1V's text model, and GLM-4.5V's mixture-of-experts one.
-TEXT_MODEL_TYPES = ("glm4v_text", "glm4v_moe_text")
-
-
-class Glm4vCausalLM(DecoderLM):
+class Glm4vCausalLM(MRopeCausalLM):
     """GLM-4.1V's text decoder (partial rotary M-RoPE, sandwich norms; GLM-4.5V: routed and shared
     experts) with an LM head."""
 
-    position_rule = "mrope"
-
-    def __init__(self, config):
-        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
-
-
-def _text_model_class(model_type: str):
-    if model_type == "glm4v_moe_text":
-        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextModel
-
-        return Glm4vMoeTextModel
-    if model_type == "glm4v_text":
-        from transformers.models.glm4v.modeling_glm4v import Glm4vTextModel
-
-        return Glm4vTextModel
-    raise ValueError(f"model_type {model_type!r} is not a GLM-4V text model {list(TEXT_MODEL_TYPES)}")
+    # GLM-4.1V's text model, and GLM-4.5V's mixture-of-experts one.
+    TEXT_MODELS: ClassVar[dict[str, str]] = {
+        "glm4v_text": "transformers.models.glm4v.modeling_glm4v:Glm4vTextModel",
+        "glm4v_moe_text": "transformers.models.glm4v_moe.modeling_glm4v_moe:Glm4vMoeTextModel",
+    }
+    UNKNOWN_TYPE = "model_type {!r} is not a GLM-4V text model {}"
 
 
 @LANGUAGE_MODELS.register("glm4v-text-random")
@@ -175,19 +146,4 @@ def build_random_glm4v_llm(cfg: LLMConfig, pretrained: bool = False):
 def build_pretrained_glm4v_llm(cfg: LLMConfig, pretrained: bool = True):
     """A GLM-4.1V text decoder from a local folder holding its text config, `model.safetensors` and
     the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    offline()
-    folder = llm_folder(cfg, "glm4v-text")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in TEXT_MODEL_TYPES:
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a GLM-4V text model {list(TEXT_MODEL_TYPES)}")
-    model = Glm4vCausalLM(config)
-    if pretrained:
-        weights = folder / LLM_WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing")
-        load_state_checked(model, load_file(str(weights)), str(weights))
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer
+    return load_mrope_llm(cfg, "glm4v-text", Glm4vCausalLM, "a GLM-4V text model", pretrained)

@@ -28,6 +28,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -90,7 +91,7 @@ def import_idefics2(folder: Path, out: Path) -> Path:
     parts = split_state(state, {"model.vision_model.": "vision", "vision_model.": "vision", "model.connector.": "connector",
                                 "connector.": "connector", "model.text_model.": "llm", "text_model.": "llm", "lm_head.": "head"})
     connector_state = {connector_key(k): v for k, v in parts["connector"].items()}
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
     settings = image_processor_settings(folder)
     size = settings.get("size") or {}
     shortest, longest = size.get("shortest_edge", 378), size.get("longest_edge", 980)

@@ -17,6 +17,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -57,7 +58,7 @@ def import_idefics3(folder: Path, out: Path, tower: str = "siglip_vision_model",
     proj = parts["connector"].get("modality_projection.proj.weight")
     if proj is None:
         raise ExportError(f"{folder}: connector.modality_projection.proj.weight is missing")
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
     settings = image_processor_settings(folder)
     crop = (settings.get("max_image_size") or {}).get("longest_edge") or vision_cfg.image_size
     if crop != vision_cfg.image_size:

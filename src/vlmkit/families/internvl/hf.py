@@ -18,6 +18,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -61,7 +62,7 @@ def import_internvl(folder: Path, out: Path) -> Path:
     if absent:
         raise ExportError(f"{folder}: multi_modal_projector tensors are missing: {absent}")
     connector_state = {ours: p[theirs] for ours, theirs in names.items()}
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
     settings = image_processor_settings(folder)
     size = (settings.get("size") or {}).get("height") or vision_cfg.image_size[0]
     patch = vision_cfg.patch_size[0] if isinstance(vision_cfg.patch_size, (list, tuple)) else vision_cfg.patch_size

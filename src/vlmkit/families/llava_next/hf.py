@@ -22,6 +22,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -32,7 +33,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.reference import language_model_state, load_strict, text_part, vision_feature_settings
+from vlmkit.hf.reference import language_model_state, load_strict, projector_state, text_part, vision_feature_settings
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import build_imported, hf_generation_config, save_with_processor, stage_llm, write_checkpoint
@@ -78,7 +79,7 @@ def import_llava_next(folder: Path, out: Path, processor: str = "anyres", proces
     connector_state = {"fc1.weight": p["linear_1.weight"], "fc1.bias": p.get("linear_1.bias", zeros(p["linear_1.weight"])),
                        "fc2.weight": p["linear_2.weight"], "fc2.bias": p.get("linear_2.bias", zeros(p["linear_2.weight"])),
                        "image_newline": parts["newline"][""]}
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
     crop = settings.get("crop_size") or {}
@@ -132,9 +133,7 @@ def llava_next(model) -> nn.Module:
     )
     ref = LlavaNextForConditionalGeneration(config)
     state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
-    state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
-              "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
-              "model.image_newline": conn.image_newline}
+    state |= projector_state(conn) | {"model.image_newline": conn.image_newline}
     state |= language_model_state(text_state)
     return load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device)
 

@@ -14,7 +14,6 @@ so its settings are written as JSON), the tokenizer, the chat template and `proc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,10 +21,9 @@ import torch
 from vlmkit.families.llava_next.hf import import_llava_next
 from vlmkit.families.llava_next_video.processor import AnyResVideoProcessor
 from vlmkit.hf.folder import ExportError, image_processor_settings, read_json
-from vlmkit.hf.reference import language_model_state, load_strict, text_part, vision_feature_settings
+from vlmkit.hf.reference import finished_reference, language_model_state, projector_state, text_part, vision_feature_settings
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
-from vlmkit.hf.templates import plain_template
-from vlmkit.hf.writing import atomic_folder, hf_generation_config
+from vlmkit.hf.writing import write_export
 
 RESAMPLE_IDS = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
@@ -88,13 +86,9 @@ def next_video_reference(model):
         image_grid_pinpoints=[list(p) for p in proc.grid_pinpoints], tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
     ref = LlavaNextVideoForConditionalGeneration(config)
     state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
-    state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
-              "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
-              "model.image_newline": conn.image_newline}
+    state |= projector_state(conn) | {"model.image_newline": conn.image_newline}
     state |= language_model_state(text_state)
-    ref = load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device).eval()
-    ref.generation_config = hf_generation_config(model.tokenizer)
-    return ref
+    return finished_reference(ref, state, model)
 
 
 @torch.no_grad()
@@ -108,27 +102,27 @@ def export_llava_next_video(model, out: str | Path) -> Path:
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=[list(x) for x in proc.grid_pinpoints],
         image_mean=list(p.mean), image_std=list(p.std), resample=RESAMPLE_IDS[p.resample])
-    video = dict(p.options.get("video") or {})
-    video_settings = {"video_processor_type": "LlavaNextVideoVideoProcessor", "size": {"shortest_edge": frame},
-                      "crop_size": {"height": frame, "width": frame}, "do_center_crop": True, "default_to_square": False,
-                      "image_mean": list(p.mean), "image_std": list(p.std), "resample": RESAMPLE_IDS[p.resample],
-                      "do_sample_frames": video.get("sampling") == "uniform", "num_frames": video.get("num_frames", 8)}
+    return write_export(out, ref, tok, video_processor_config(model, ref, "LlavaNextVideoProcessor"), image_processor,
+                        {"video_preprocessor_config.json": frame_processor_settings(p, "LlavaNextVideoVideoProcessor", frame)})
 
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        image_processor.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        template = plain_template(tok)
-        if template:
-            (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "video_preprocessor_config.json").write_text(json.dumps(video_settings, indent=2))
-        (tmp / "processor_config.json").write_text(json.dumps({
-            "processor_class": "LlavaNextVideoProcessor", "patch_size": model.vision.patch_size,
+
+def frame_processor_settings(p, video_processor_type: str, size: int) -> dict:
+    """A LLaVA-style video processor's settings (written as JSON: the class itself needs
+    torchvision): frames resized to `size` on the short side and center-cropped square, the
+    processor's mean, std and resampling, uniform frame sampling when the recipe samples."""
+    video = dict(p.options.get("video") or {})
+    return {"video_processor_type": video_processor_type, "size": {"shortest_edge": size},
+            "crop_size": {"height": size, "width": size}, "do_center_crop": True, "default_to_square": False,
+            "image_mean": list(p.mean), "image_std": list(p.std), "resample": RESAMPLE_IDS[p.resample],
+            "do_sample_frames": video.get("sampling") == "uniform", "num_frames": video.get("num_frames", 8)}
+
+
+def video_processor_config(model, ref, processor_class: str) -> dict:
+    """`processor_config.json` of a LLaVA-style processor with image and video tokens."""
+    return {"processor_class": processor_class, "patch_size": model.vision.patch_size,
             "vision_feature_select_strategy": ref.config.vision_feature_select_strategy,
             "num_additional_image_tokens": int(model.vision.has_cls), "image_token": model.config.image_token,
-            "video_token": model.config.video_token}, indent=2))
-
-    return atomic_folder(Path(out), write)
+            "video_token": model.config.video_token}
 
 
 def next_video_inputs(prompt) -> dict:

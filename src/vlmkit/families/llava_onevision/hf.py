@@ -16,7 +16,6 @@ layout (2x2-pooled frame features with one trailing newline), so imported models
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import torch
 
 from vlmkit.families.llava_next.hf import import_llava_next
 from vlmkit.hf.folder import ExportError, read_json
-from vlmkit.hf.reference import language_model_state, load_strict, text_part, vision_feature_settings
+from vlmkit.hf.reference import finished_reference, language_model_state, projector_state, text_part, vision_feature_settings
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
-from vlmkit.hf.templates import plain_template
-from vlmkit.hf.writing import atomic_folder, hf_generation_config
+from vlmkit.hf.writing import write_export
 from vlmkit.model.connectors.mlp import MLPConnector
 from vlmkit.model.vision import HFVisionTower
 
@@ -70,13 +68,9 @@ def onevision_reference(model):
         tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
     ref = LlavaOnevisionForConditionalGeneration(config)
     state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
-    state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
-              "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias,
-              "model.image_newline": conn.image_newline}
+    state |= projector_state(conn) | {"model.image_newline": conn.image_newline}
     state |= language_model_state(text_state)
-    ref = load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device).eval()
-    ref.generation_config = hf_generation_config(model.tokenizer)
-    return ref
+    return finished_reference(ref, state, model)
 
 
 @torch.no_grad()
@@ -92,20 +86,11 @@ def export_llava_onevision(model, out: str | Path) -> Path:
         image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
     grid = s // proc.patch_size
 
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        image_processor.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        template = plain_template(tok)
-        if template:
-            (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "processor_config.json").write_text(json.dumps({
-            "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": grid * grid,
-            "vision_feature_select_strategy": ref.config.vision_feature_select_strategy,
-            "vision_aspect_ratio": f"anyres_max_{proc.max_tiles}", "image_token": model.config.image_token,
-            "video_token": "<video>"}, indent=2))
-
-    return atomic_folder(Path(out), write)
+    return write_export(out, ref, tok, {
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": grid * grid,
+        "vision_feature_select_strategy": ref.config.vision_feature_select_strategy,
+        "vision_aspect_ratio": f"anyres_max_{proc.max_tiles}", "image_token": model.config.image_token,
+        "video_token": "<video>"}, image_processor)
 
 
 def _reference(model, prompt, ids):

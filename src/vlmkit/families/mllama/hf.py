@@ -25,6 +25,7 @@ from vlmkit.families.mllama.model import MllamaViTTower, causal_lm_class, image_
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -56,7 +57,7 @@ def import_mllama(folder: Path, out: Path) -> Path:
     p = parts["projector"]
     if "weight" not in p or "bias" not in p:
         raise ExportError(f"{folder}: multi_modal_projector.weight / .bias are missing")
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
     size = settings.get("size") or {}

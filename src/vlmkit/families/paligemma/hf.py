@@ -25,6 +25,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -97,7 +98,7 @@ def import_paligemma(folder: Path, out: Path) -> Path:
     if "linear.weight" not in p:
         raise ExportError(f"{folder}: multi_modal_projector.linear.weight is missing")
     connector_state = {"proj.weight": p["linear.weight"], "proj.bias": p.get("linear.bias", torch.zeros(p["linear.weight"].shape[0]))}
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
     settings = image_processor_settings(folder)
     size = (settings.get("size") or {}).get("height") or vision_cfg.image_size
     if size != vision_cfg.image_size:

@@ -30,6 +30,7 @@ from vlmkit.hf.folder import (
     ExportError,
     auto_config,
     causal_lm_from_state,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
     load_part,
@@ -40,6 +41,7 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
+from vlmkit.hf.reference import llava_layout_state
 from vlmkit.hf.registry import HFFamily, read_hf_config
 from vlmkit.hf.templates import folder_tokenizer, plain_template
 from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, load_reference, stage_llm, write_checkpoint
@@ -141,7 +143,7 @@ def _import(folder: Path, out: Path, mistral3: bool) -> Path:
                                 "language_model.lm_head.": "head", "lm_head.": "head"})
     bias = bool(getattr(cfg, "multimodal_projector_bias", True))
     connector_state = _connector_state(folder, parts["projector"], mistral3, bias)
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
     patch, longest, image_token = _processor_geometry(folder, settings, vision_cfg, merge)
@@ -234,10 +236,7 @@ def _export(model, out: Path, mistral3: bool) -> Path:
         ref = LlavaForConditionalGeneration(LlavaConfig(**common, vision_feature_select_strategy="full",
                                                         multimodal_projector_bias=True)).eval()
         names = {"fc1.weight": "linear_1.weight", "fc1.bias": "linear_1.bias", "fc2.weight": "linear_2.weight", "fc2.bias": "linear_2.bias"}
-    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
-    state |= {f"model.multi_modal_projector.{theirs}": cstate[ours] for ours, theirs in names.items()}
-    state |= {f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()}
-    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    state = llava_layout_state(model, {theirs: cstate[ours] for ours, theirs in names.items()})
     load_reference(ref, state, "Mistral3" if mistral3 else "Pixtral (LLaVA)")
     if tied:
         ref.tie_weights()

@@ -10,7 +10,6 @@ checkpoints were not trained with them.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from vlmkit.families.qwen2_vl.model import MRopeCausalLM, Qwen2ViTTower, Qwen25V
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
+    causal_lm_state,
     check_part,
     hf_config_dict,
     image_processor_settings,
@@ -36,20 +36,77 @@ from vlmkit.hf.folder import (
 from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.reference import language_model_state, load_strict, text_part
 from vlmkit.hf.registry import HFFamily, family_of, read_hf_config
-from vlmkit.hf.templates import folder_tokenizer, plain_template
-from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+from vlmkit.hf.templates import folder_tokenizer
+from vlmkit.hf.writing import build_imported, hf_generation_config, write_checkpoint, write_export
+
+RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}
+
+
+def patch_and_merge(folder: Path, settings: dict, vision_cfg) -> tuple[int, int]:
+    """The image processor's patch and merge sizes, which must be the vision config's."""
+    patch, merge = settings.get("patch_size", vision_cfg.patch_size), settings.get("merge_size", vision_cfg.spatial_merge_size)
+    if patch != vision_cfg.patch_size or merge != vision_cfg.spatial_merge_size:
+        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {merge}) differ from the vision "
+                          f"config's ({vision_cfg.patch_size}, {vision_cfg.spatial_merge_size})")
+    return patch, merge
+
+
+def stage_mrope_llm(cfg, llm_cls: type, llm_state: dict[str, torch.Tensor], tokenizer, staged_llm: Path) -> None:
+    """Load the decoder's weights into `llm_cls(cfg.text_config)` and write it where the M-RoPE text
+    builders load it (`save_mrope_llm`). The head is tied by the outer config alone, as transformers
+    does: a tied head is the embedding, whatever the file holds."""
+    text_cfg = cfg.text_config
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    text_cfg.tie_word_embeddings = tied  # the decoder folder carries the outer config's flag
+    if tied:
+        llm_state.pop("lm_head.weight", None)
+    optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
+    with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
+        check_part(llm_cls(text_cfg), llm_state, "language model", optional=optional)
+    llm = llm_cls(text_cfg)
+    load_part(llm, llm_state, "language model", optional=optional)
+    save_mrope_llm(llm, tokenizer, staged_llm)
+
+
+# transformers 5 saves these models in the original layout (visual.*, model.*, lm_head.*); the
+# in-memory layout (model.visual.*, model.language_model.*) is accepted too.
+MROPE_LAYOUT = {"visual.": "vision", "model.visual.": "vision", "model.language_model.": "llm", "model.": "llm", "lm_head.": "head"}
+
+
+def folder_image_token(folder: Path, cfg) -> tuple[dict, object, str, object]:
+    """(processor_config.json, the folder's tokenizer as it loads, the image token, the tokenizer
+    that holds it): the processor's image token, else the token of the config's image_token_id."""
+    processor_cfg = read_json(folder / "processor_config.json")
+    probe = load_tokenizer(folder)
+    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
+    return processor_cfg, probe, image_token, folder_tokenizer(folder, image_token)
+
+
+def write_mrope_import(folder: Path, out: Path, cfg, llm: tuple[type, dict, object], recipe, vision_state: dict,
+                       connector: tuple[dict, str, str], cap: int | None = None) -> Path:
+    """Stage the decoder (`llm`: its class, weights and tokenizer), build the model whose recipe
+    `recipe(staged_llm)` gives (the `model` section), load the tower's weights and the connector's
+    ((weights, what, key prefix)) into it and write it as the checkpoint `out`."""
+    tmp = staging_folder(out)
+    try:
+        staged_llm = tmp / "llm"
+        stage_mrope_llm(cfg, *llm, staged_llm)
+        model_section = recipe(staged_llm)
+        config = load_config({"model": model_section})
+        model = build_imported(config, model_section["image_token"], cfg.image_token_id)
+        load_part(model.vision.model, vision_state, "vision tower", "visual.")
+        load_part(model.connector, *connector)
+        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(cfg.text_config, 4096, cap=cap))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def import_qwen2_vl(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     qwen25 = read_hf_config(folder)["model_type"] == "qwen2_5_vl"
     cfg = auto_config(folder)
-    state = read_weights(folder)
-    # transformers 5 saves Qwen2-VL in the original layout (visual.*, model.*, lm_head.*); the
-    # in-memory layout (model.visual.*, model.language_model.*) is accepted too.
-    parts = split_state(state, {"visual.": "vision", "model.visual.": "vision", "model.language_model.": "llm",
-                                "model.": "llm", "lm_head.": "head"})
-    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    parts = split_state(read_weights(folder), MROPE_LAYOUT)
+    vision_cfg = cfg.vision_config
     merge = vision_cfg.spatial_merge_size
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith("merger.")}
     merger = {k[len("merger."):]: v for k, v in parts["vision"].items() if k.startswith("merger.")}
@@ -62,41 +119,19 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
     width = vision_cfg.hidden_size if qwen25 else vision_cfg.embed_dim
     if any(v is None for v in connector_state.values()):
         raise ExportError(f"{folder}: the vision merger's weights (visual.merger.ln_q / mlp.0 / mlp.2) are incomplete")
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
 
     settings = image_processor_settings(folder)
-    patch = settings.get("patch_size", vision_cfg.patch_size)
-    proc_merge = settings.get("merge_size", merge)
+    patch, _ = patch_and_merge(folder, settings, vision_cfg)
     size = settings.get("size") or {}
     min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or 56 * 56
     max_pixels = settings.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
-    if patch != vision_cfg.patch_size or proc_merge != merge:
-        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {proc_merge}) differ from the vision "
-                          f"config's ({vision_cfg.patch_size}, {merge})")
-    processor_cfg = read_json(folder / "processor_config.json")
-    probe = load_tokenizer(folder)
-    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
-    tokenizer = folder_tokenizer(folder, image_token)
+    processor_cfg, probe, image_token, tokenizer = folder_image_token(folder, cfg)
     video_token, video_options = _qwen2_vl_video(folder, cfg, probe, processor_cfg)
 
-    tmp = staging_folder(out)
-    try:
-        staged_llm = tmp / "llm"
-        # Qwen2-VL keeps tie_word_embeddings on the outer config; the decoder folder carries it.
-        tied = bool(getattr(cfg, "tie_word_embeddings", False))
-        text_cfg.tie_word_embeddings = tied
-        if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
-            llm_state.pop("lm_head.weight", None)
-        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
-        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
-            check_part(MRopeCausalLM(text_cfg), llm_state, "language model", optional=optional)
-        llm = MRopeCausalLM(text_cfg)
-        load_part(llm, llm_state, "language model", optional=optional)
-        save_mrope_llm(llm, tokenizer, staged_llm)
-        del llm
-        vision_dict = hf_config_dict(vision_cfg)
-        config = load_config({"model": {
-            "vision": {"name": "qwen2.5-vit" if qwen25 else "qwen2-vit", "config": vision_dict},
+    def recipe(staged_llm: Path) -> dict:
+        return {
+            "vision": {"name": "qwen2.5-vit" if qwen25 else "qwen2-vit", "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "pixel-shuffle", "options": {"ratio": 1 / merge, "norm": "pre", "norm_eps": 1e-6,
                                                                "norm_kind": "rmsnorm" if qwen25 else "layernorm",
                                                                "hidden_size": width * merge**2}},
@@ -111,13 +146,10 @@ def import_qwen2_vl(folder: Path, out: Path) -> Path:
                                       "sentinels": "never", **video_options}},
             "image_token": image_token,
             "video_token": video_token,
-        }})
-        model = build_imported(config, image_token, cfg.image_token_id)
-        load_part(model.vision.model, vision_state, "vision tower", "visual.")
-        load_part(model.connector, connector_state, "vision merger", "visual.merger(mapped) ")
-        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        }
+
+    return write_mrope_import(folder, out, cfg, (MRopeCausalLM, llm_state, tokenizer), recipe, vision_state,
+                              (connector_state, "vision merger", "visual.merger(mapped) "))
 
 
 def _qwen2_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[str | None, dict]:
@@ -203,33 +235,39 @@ def export_qwen2_vl(model, out: str | Path) -> Path:
 
     ref = (qwen2_5_vl_reference if family_of(model) == "qwen2_5_vl" else qwen2_vl_reference)(model).eval()
     tok = model.tokenizer
-    vocab = tok.get_vocab()
-    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-                        ("video_token_id", "<|video_pad|>")):
-        if token in vocab:
-            setattr(ref.config, name, vocab[token])
+    set_vision_token_ids(ref.config, tok)
     ref.config.tie_word_embeddings = bool(getattr(model.llm.config, "tie_word_embeddings", False))
     ref.generation_config = hf_generation_config(tok)
     p = model.config.processor
     o = p.options
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": o.get("min_pixels", 56 * 56), "longest_edge": o.get("max_pixels", 28 * 28 * 1280)},
-        patch_size=o.get("patch_size", 14), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
-        image_mean=list(p.mean), image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
+    image_processor = mrope_image_processor(Qwen2VLImageProcessorPil, p, 56 * 56, 28 * 28 * 1280, 14)
+    files = {}
+    if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
+        files["video_preprocessor_config.json"] = _qwen2_vl_video_settings(model)
+    processor_class = "Qwen2_5_VLProcessor" if family_of(model) == "qwen2_5_vl" else "Qwen2VLProcessor"
+    return write_export(out, ref, tok, {"processor_class": processor_class, "image_token": model.config.image_token},
+                        image_processor, files)
 
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        image_processor.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        template = plain_template(tok)
-        if template:
-            (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor" if family_of(model) == "qwen2_5_vl" else "Qwen2VLProcessor",
-                                                               "image_token": model.config.image_token}, indent=2))
-        if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
-            (tmp / "video_preprocessor_config.json").write_text(json.dumps(_qwen2_vl_video_settings(model), indent=2))
 
-    return atomic_folder(Path(out), write)
+def set_vision_token_ids(config, tokenizer) -> None:
+    """Give the transformers config the ids of Qwen's vision start / end and video tokens the
+    tokenizer holds."""
+    vocab = tokenizer.get_vocab()
+    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+                        ("video_token_id", "<|video_pad|>")):
+        if token in vocab:
+            setattr(config, name, vocab[token])
+
+
+def mrope_image_processor(cls: type, processor, min_pixels: int, max_pixels: int, patch_size: int):
+    """A Qwen2-VL-style image processor (`cls`: its `*Pil` class) with the processor's pixel bounds,
+    patch, merge and temporal patch (the given defaults where the options are silent), mean, std and
+    resampling."""
+    o = processor.options
+    return cls(size={"shortest_edge": o.get("min_pixels", min_pixels), "longest_edge": o.get("max_pixels", max_pixels)},
+               patch_size=o.get("patch_size", patch_size), merge_size=o.get("merge_size", 2),
+               temporal_patch_size=o.get("temporal_patch_size", 2), image_mean=list(processor.mean), image_std=list(processor.std),
+               resample=RESAMPLE[processor.resample])
 
 
 def _qwen2_vl_video_settings(model) -> dict:
@@ -242,7 +280,7 @@ def _qwen2_vl_video_settings(model) -> dict:
                 "size": {"shortest_edge": o.get("video_min_pixels") or o.get("min_pixels", 56 * 56),
                          "longest_edge": o.get("video_max_pixels") or o.get("max_pixels", 28 * 28 * 1280)},
                 "image_mean": list(p.mean), "image_std": list(p.std), "do_rescale": True, "do_normalize": True,
-                "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample], "do_sample_frames": False}
+                "resample": RESAMPLE[p.resample], "do_sample_frames": False}
     if video.get("sampling") == "fps":
         settings |= {"do_sample_frames": True, "fps": video.get("fps", 2.0), "min_frames": video.get("min_frames", 4),
                      "max_frames": video.get("max_frames", 768)}
@@ -255,8 +293,14 @@ def _reference_inputs(model, prompt, ids):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     cls = Qwen2_5_VLForConditionalGeneration if _is_qwen25(model) else Qwen2VLForConditionalGeneration
-    return cls, {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
-                 "mm_token_type_ids": (ids == model.image_token_id).int()}
+    return cls, mrope_reference_inputs(model, prompt, ids)
+
+
+def mrope_reference_inputs(model, prompt, ids) -> dict:
+    """The first image's pixels, its patch grid and the image-token mask, as the M-RoPE models'
+    forward takes them."""
+    return {"pixel_values": prompt.images[0].pixel_values, "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
+            "mm_token_type_ids": (ids == model.image_token_id).int()}
 
 
 def _is_qwen2_vl(model) -> bool:

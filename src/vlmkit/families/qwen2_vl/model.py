@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -24,39 +27,53 @@ from vlmkit.registry import LANGUAGE_MODELS, VISION_TOWERS
 from vlmkit.tokenizer import byte_level_tokenizer
 
 # Model types whose LLM takes (3, B, T) M-RoPE positions.
-MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
 
 
-class Qwen2ViTTower(VisionTower):
+class PatchViTTower(VisionTower):
+    """A ViT that reads the processor's pre-flattened patches with their (t, h, w) grid and
+    returns its features in merge-window order (Qwen2-VL's, Qwen3-VL's, GLM-4V's towers); each
+    family's tower sets its width and encodes the patches."""
+
     reads_patches = True
     # Built from a config with random weights: checkpoints must always carry it (see vlm.build).
     from_files = False
+    # The registered tower and processor names, for the error on an image tensor.
+    tower_name, processor_name = "qwen2-vit", "qwen2vl"
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        cfg = model.config
-        # Qwen2-VL's tower width is embed_dim (its hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
-        self.hidden_size = cfg.embed_dim if cfg.model_type == "qwen2_vl_vision" else cfg.hidden_size
-        self.patch_size = cfg.patch_size
-        self.merge_size = cfg.spatial_merge_size
-        self.temporal_patch_size = cfg.temporal_patch_size
+        self.patch_size = model.config.patch_size
+        self.merge_size = model.config.spatial_merge_size
 
     def grid_hw(self, height: int, width: int) -> tuple[int, int]:
         p = self.patch_size
         return height // p, width // p
 
-    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+    def row_major(self, feats: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        """(t, h*w, C) features, row-major per frame, from the tower's (t*h*w, C) in merge-window order."""
         t, h, w = grid_thw
         m = self.merge_size
-        dtype = self.model.patch_embed.proj.weight.dtype
-        out = self.model(hidden_states=patches.to(dtype), grid_thw=torch.tensor([grid_thw], device=patches.device))
-        feats = out.last_hidden_state  # (t*h*w, C) in merge-window order
         c = feats.shape[-1]
         return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the qwen2-vit tower reads pre-flattened patches (the qwen2vl processor), not image tensors")
+        raise ValueError(f"the {self.tower_name} tower reads pre-flattened patches (the {self.processor_name} processor), "
+                         "not image tensors")
+
+
+class Qwen2ViTTower(PatchViTTower):
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.config
+        # Qwen2-VL's tower width is embed_dim (its hidden_size is the merger's output); Qwen2.5-VL's is hidden_size.
+        self.hidden_size = cfg.embed_dim if cfg.model_type == "qwen2_vl_vision" else cfg.hidden_size
+        self.temporal_patch_size = cfg.temporal_patch_size
+
+    def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        dtype = self.model.patch_embed.proj.weight.dtype
+        out = self.model(hidden_states=patches.to(dtype), grid_thw=torch.tensor([grid_thw], device=patches.device))
+        return self.row_major(out.last_hidden_state, grid_thw)
 
 
 @VISION_TOWERS.register("qwen2-vit")
@@ -79,7 +96,6 @@ class Qwen25ViTTower(Qwen2ViTTower):
     def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         from transformers.vision_utils import get_vision_window_index
 
-        t, h, w = grid_thw
         m = self.merge_size
         cfg = self.model.config
         grid = torch.tensor([grid_thw], device=patches.device)
@@ -88,7 +104,7 @@ class Qwen25ViTTower(Qwen2ViTTower):
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=m, window_size=cfg.window_size, patch_size=cfg.patch_size)
         c = feats.shape[-1]
         feats = feats.view(-1, m * m, c)[torch.argsort(window_index.to(feats.device))].reshape(-1, c)
-        return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
+        return self.row_major(feats, grid_thw)
 
 
 @VISION_TOWERS.register("qwen2.5-vit")
@@ -105,24 +121,26 @@ def build_qwen25_vit(cfg: VisionConfig, pretrained: bool = False) -> VisionTower
 
 
 class MRopeCausalLM(DecoderLM):
-    """Qwen2-VL's (or Qwen2.5-VL's) text decoder with an LM head; its positions are M-RoPE's."""
+    """Qwen2-VL's (or Qwen2.5-VL's) text decoder with an LM head; its positions are M-RoPE's.
+    Other M-RoPE families' decoders are subclasses naming their own text models."""
 
     position_rule = "mrope"
+    # model_type -> transformers' text model ("module:Class"), imported when one is built
+    TEXT_MODELS: ClassVar[dict[str, str]] = {
+        "qwen2_vl_text": "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLTextModel",
+        "qwen2_5_vl_text": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLTextModel",
+    }
+    UNKNOWN_TYPE = "no M-RoPE text model for model_type {!r}; expected one of {}"
 
     def __init__(self, config):
-        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
+        super().__init__(config, self.text_model_class(config.model_type)._from_config(config))
 
-
-def _text_model_class(model_type: str):
-    if model_type == "qwen2_5_vl_text":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
-
-        return Qwen2_5_VLTextModel
-    if model_type == "qwen2_vl_text":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
-
-        return Qwen2VLTextModel
-    raise ValueError(f"no M-RoPE text model for model_type {model_type!r}; expected one of {list(MROPE_MODEL_TYPES)}")
+    @classmethod
+    def text_model_class(cls, model_type: str) -> type:
+        if model_type not in cls.TEXT_MODELS:
+            raise ValueError(cls.UNKNOWN_TYPE.format(model_type, list(cls.TEXT_MODELS)))
+        module, name = cls.TEXT_MODELS[model_type].split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def build_mrope_llm(cfg: LLMConfig, tokenizer) -> MRopeCausalLM:
@@ -172,15 +190,22 @@ def save_mrope_llm(model: MRopeCausalLM, tokenizer, folder) -> None:
 def build_pretrained_mrope_llm(cfg: LLMConfig, pretrained: bool = True):
     """A Qwen2-VL / Qwen2.5-VL text decoder (M-RoPE) from a local folder holding its text config,
     `model.safetensors` and the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
+    return load_mrope_llm(cfg, "qwen2-vl-text", MRopeCausalLM, "an M-RoPE text model", pretrained)
+
+
+def load_mrope_llm(cfg: LLMConfig, name: str, llm_cls: type[MRopeCausalLM], what: str, pretrained: bool):
+    """An M-RoPE decoder (`llm_cls`) and its tokenizer from the local folder of the LLM `name`,
+    which holds its text config, `model.safetensors` and the tokenizer; the weights are loaded
+    when `pretrained`. A config whose model_type `llm_cls` does not build is `what` it is not."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     offline()
-    folder = llm_folder(cfg, "qwen2-vl-text")
+    folder = llm_folder(cfg, name)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in MROPE_MODEL_TYPES:
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not an M-RoPE text model {list(MROPE_MODEL_TYPES)}")
-    model = MRopeCausalLM(config)
+    if config.model_type not in llm_cls.TEXT_MODELS:
+        raise ValueError(f"{folder}: model_type {config.model_type!r} is not {what} {list(llm_cls.TEXT_MODELS)}")
+    model = llm_cls(config)
     if pretrained:
         weights = folder / LLM_WEIGHTS
         if not weights.is_file():

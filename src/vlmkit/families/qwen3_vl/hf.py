@@ -10,35 +10,36 @@ with them.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlmkit.config import load_config
-from vlmkit.families.qwen2_vl.hf import _qwen2_vl_video
-from vlmkit.families.qwen3_vl.model import Qwen3ViTTower, Qwen3VLCausalLM, save_mrope_llm
+from vlmkit.families.qwen2_vl.hf import (
+    MROPE_LAYOUT,
+    _qwen2_vl_video,
+    folder_image_token,
+    mrope_image_processor,
+    mrope_reference_inputs,
+    patch_and_merge,
+    set_vision_token_ids,
+    write_mrope_import,
+)
+from vlmkit.families.qwen3_vl.model import Qwen3ViTTower, Qwen3VLCausalLM
 from vlmkit.hf.folder import (
     ExportError,
     auto_config,
-    check_part,
+    causal_lm_state,
     hf_config_dict,
     image_processor_settings,
-    load_part,
-    load_tokenizer,
-    max_positions,
     read_json,
     read_weights,
     resample_name,
     split_state,
 )
-from vlmkit.hf.output_folder import staging_folder
 from vlmkit.hf.reference import language_model_state, load_strict, text_part
 from vlmkit.hf.registry import HFFamily
-from vlmkit.hf.templates import folder_tokenizer, plain_template
-from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, write_checkpoint
+from vlmkit.hf.writing import hf_generation_config, write_export
 
 # transformers' merger names -> the connector's pixel-shuffle parts.
 _MERGER = {"norm.weight": "norm.weight", "norm.bias": "norm.bias", "linear_fc1.weight": "proj.0.weight",
@@ -57,10 +58,7 @@ def _connector_state(vision: dict[str, torch.Tensor], levels: int, folder: Path)
 
 def _processor_options(folder: Path, vision_cfg) -> tuple[dict, dict]:
     settings = image_processor_settings(folder)
-    patch, merge = settings.get("patch_size", vision_cfg.patch_size), settings.get("merge_size", vision_cfg.spatial_merge_size)
-    if patch != vision_cfg.patch_size or merge != vision_cfg.spatial_merge_size:
-        raise ExportError(f"{folder}: the image processor's patch/merge ({patch}, {merge}) differ from the vision "
-                          f"config's ({vision_cfg.patch_size}, {vision_cfg.spatial_merge_size})")
+    patch, merge = patch_and_merge(folder, settings, vision_cfg)
     size = settings.get("size") or {}
     options = {"patch_size": patch, "merge_size": merge,
                "temporal_patch_size": settings.get("temporal_patch_size", vision_cfg.temporal_patch_size),
@@ -87,37 +85,19 @@ def _qwen3_vl_video(folder: Path, cfg, tokenizer, processor_cfg: dict) -> tuple[
 def import_qwen3_vl(folder: Path, out: Path) -> Path:
     folder, out = Path(folder), Path(out).resolve()
     cfg = auto_config(folder)
-    parts = split_state(read_weights(folder), {"model.visual.": "vision", "visual.": "vision", "model.language_model.": "llm",
-                                               "model.": "llm", "lm_head.": "head"})
-    vision_cfg, text_cfg = cfg.vision_config, cfg.text_config
+    parts = split_state(read_weights(folder), MROPE_LAYOUT)
+    vision_cfg = cfg.vision_config
     levels = len(vision_cfg.deepstack_visual_indexes)
     vision_state = {k: v for k, v in parts["vision"].items() if not k.startswith(("merger.", "deepstack_merger_list."))}
     connector_state = _connector_state(parts["vision"], levels, folder)
-    llm_state = {f"model.{k}": v for k, v in parts["llm"].items()} | {f"lm_head.{k}": v for k, v in parts["head"].items()}
+    llm_state = causal_lm_state(parts)
     settings, options = _processor_options(folder, vision_cfg)
-    processor_cfg = read_json(folder / "processor_config.json")
-    probe = load_tokenizer(folder)
-    image_token = processor_cfg.get("image_token") or probe.convert_ids_to_tokens(cfg.image_token_id)
-    tokenizer = folder_tokenizer(folder, image_token)
+    processor_cfg, probe, image_token, tokenizer = folder_image_token(folder, cfg)
     video_token, video_options = _qwen3_vl_video(folder, cfg, probe, processor_cfg)
+    width = vision_cfg.hidden_size * vision_cfg.spatial_merge_size**2
 
-    tmp = staging_folder(out)
-    try:
-        staged_llm = tmp / "llm"
-        # The small sizes tie the head to the embeddings; the flag sits on the outer config.
-        tied = bool(getattr(cfg, "tie_word_embeddings", False))  # transformers ties by the outer config alone
-        text_cfg.tie_word_embeddings = tied
-        if tied:  # as transformers does: a tied head is the embedding, whatever the file holds
-            llm_state.pop("lm_head.weight", None)
-        optional = ("rotary", "inv_freq") + (("lm_head.weight",) if tied else ())
-        with torch.device("meta"):  # shapes first: a config larger than its weights allocates nothing
-            check_part(Qwen3VLCausalLM(text_cfg), llm_state, "language model", optional=optional)
-        llm = Qwen3VLCausalLM(text_cfg)
-        load_part(llm, llm_state, "language model", optional=optional)
-        save_mrope_llm(llm, tokenizer, staged_llm)
-        del llm
-        width = vision_cfg.hidden_size * vision_cfg.spatial_merge_size**2
-        config = load_config({"model": {
+    def recipe(staged_llm: Path) -> dict:
+        return {
             "vision": {"name": "qwen3-vit", "config": hf_config_dict(vision_cfg)},
             "connector": {"name": "qwen3-vl-merger", "options": {"ratio": 1 / vision_cfg.spatial_merge_size, "levels": levels,
                                                                  "hidden_size": width, "norm_eps": 1e-6}},
@@ -128,13 +108,10 @@ def import_qwen3_vl(folder: Path, out: Path) -> Path:
                           "resample": resample_name(settings), "options": options | video_options},
             "image_token": image_token,
             "video_token": video_token,
-        }})
-        model = build_imported(config, image_token, cfg.image_token_id)
-        load_part(model.vision.model, vision_state, "vision tower", "visual.")
-        load_part(model.connector, connector_state, "vision mergers", "visual.merger(mapped) ")
-        return write_checkpoint(model, config, folder, out, staged_llm, tmp, max_positions(text_cfg, 4096, cap=32768))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        }
+
+    return write_mrope_import(folder, out, cfg, (Qwen3VLCausalLM, llm_state, tokenizer), recipe, vision_state,
+                              (connector_state, "vision mergers", "visual.merger(mapped) "), cap=32768)
 
 
 def _is_moe(model) -> bool:
@@ -178,39 +155,20 @@ def export_qwen3_vl(model, out: str | Path) -> Path:
 
     ref = qwen3_vl_reference(model).eval()
     tok = model.tokenizer
-    vocab = tok.get_vocab()
-    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-                        ("video_token_id", "<|video_pad|>")):
-        if token in vocab:
-            setattr(ref.config, name, vocab[token])
+    set_vision_token_ids(ref.config, tok)
     ref.generation_config = hf_generation_config(tok)
     p = model.config.processor
     o = p.options
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": o.get("min_pixels", 65536), "longest_edge": o.get("max_pixels", 16777216)},
-        patch_size=o.get("patch_size", 16), merge_size=o.get("merge_size", 2), temporal_patch_size=o.get("temporal_patch_size", 2),
-        image_mean=list(p.mean), image_std=list(p.std), resample={"bicubic": 3, "bilinear": 2, "nearest": 0}[p.resample])
-
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        image_processor.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        template = plain_template(tok)
-        if template:
-            (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor",
-                                                               "image_token": model.config.image_token}, indent=2))
-        if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
-            settings = _qwen2_vl_video_settings(model) | {"video_processor_type": "Qwen3VLVideoProcessor"}
-            (tmp / "video_preprocessor_config.json").write_text(json.dumps(settings, indent=2))
-
-    return atomic_folder(Path(out), write)
+    image_processor = mrope_image_processor(Qwen2VLImageProcessorPil, p, 65536, 16777216, 16)
+    files = {}
+    if getattr(model.config, "video_token", None) and (o.get("video_min_pixels") or o.get("video_max_pixels")):
+        files["video_preprocessor_config.json"] = _qwen2_vl_video_settings(model) | {"video_processor_type": "Qwen3VLVideoProcessor"}
+    return write_export(out, ref, tok, {"processor_class": "Qwen3VLProcessor", "image_token": model.config.image_token},
+                        image_processor, files)
 
 
 def _reference_inputs(model, prompt, ids):
-    return _reference_classes(model)[1], {"pixel_values": prompt.images[0].pixel_values,
-                                             "image_grid_thw": torch.tensor([prompt.images[0].views[0].grid]),
-                                             "mm_token_type_ids": (ids == model.image_token_id).int()}
+    return _reference_classes(model)[1], mrope_reference_inputs(model, prompt, ids)
 
 
 def _is_qwen3_vl(model) -> bool:

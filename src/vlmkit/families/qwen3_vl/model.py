@@ -14,54 +14,38 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import nn
 
 from vlmkit.config import LLMConfig, VisionConfig
-from vlmkit.families.qwen2_vl.model import LLM_WEIGHTS, load_state_checked, save_mrope_llm
+from vlmkit.families.qwen2_vl.model import MRopeCausalLM, PatchViTTower, load_mrope_llm, save_mrope_llm
 from vlmkit.model.connectors.base import Connector
 from vlmkit.model.connectors.pixel_shuffle import PixelShuffleConnector, PixelShuffleOptions, ShuffleOptions
-from vlmkit.model.language import DecoderLM, llm_folder
 from vlmkit.model.vision import VisionTower
-from vlmkit.paths import offline
 from vlmkit.registry import CONNECTORS, LANGUAGE_MODELS, VISION_TOWERS
 from vlmkit.tokenizer import byte_level_tokenizer
 
 __all__ = ["Qwen3VLCausalLM", "Qwen3VLMerger", "Qwen3ViTTower", "save_mrope_llm"]
 
 
-class Qwen3ViTTower(VisionTower):
-    reads_patches = True
-    # Built from a config with random weights: checkpoints must always carry it (see vlm.build).
-    from_files = False
+class Qwen3ViTTower(PatchViTTower):
+    tower_name, processor_name = "qwen3-vit", "qwen3vl"
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         cfg = model.config
         self.levels = len(cfg.deepstack_visual_indexes)
         self.width = cfg.hidden_size
         # The last layer's features and each DeepStack layer's, side by side.
         self.hidden_size = cfg.hidden_size * (1 + self.levels)
-        self.patch_size = cfg.patch_size
-        self.merge_size = cfg.spatial_merge_size
-
-    def grid_hw(self, height: int, width: int) -> tuple[int, int]:
-        p = self.patch_size
-        return height // p, width // p
 
     def encode_patches(self, patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        t, h, w = grid_thw
-        m = self.merge_size
         dtype = self.model.patch_embed.proj.weight.dtype
         out = self.model(hidden_states=patches.to(dtype), grid_thw=torch.tensor([grid_thw], device=patches.device))
-        feats = torch.cat([out.last_hidden_state, *out.deepstack_features], dim=-1)  # merge-window order
-        c = feats.shape[-1]
-        return feats.view(t, h // m, w // m, m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the qwen3-vit tower reads pre-flattened patches (the qwen3vl processor), not image tensors")
+        return self.row_major(torch.cat([out.last_hidden_state, *out.deepstack_features], dim=-1), grid_thw)
 
 
 @VISION_TOWERS.register("qwen3-vit")
@@ -123,29 +107,15 @@ class Qwen3VLMerger(Connector):
         return torch.cat([self.main(parts[0], grid), *(m(f, grid) for m, f in zip(self.levels, parts[1:]))], dim=-1)
 
 
-# Qwen3-VL's text models: dense, and mixture-of-experts (Qwen3-VL-30B-A3B, 235B-A22B).
-TEXT_MODEL_TYPES = ("qwen3_vl_text", "qwen3_vl_moe_text")
-
-
-class Qwen3VLCausalLM(DecoderLM):
+class Qwen3VLCausalLM(MRopeCausalLM):
     """Qwen3-VL's text decoder (q/k norms, interleaved M-RoPE; dense or mixture-of-experts) with an LM head."""
 
-    position_rule = "mrope"
-
-    def __init__(self, config):
-        super().__init__(config, _text_model_class(config.model_type)._from_config(config))
-
-
-def _text_model_class(model_type: str):
-    if model_type == "qwen3_vl_moe_text":
-        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel
-
-        return Qwen3VLMoeTextModel
-    if model_type == "qwen3_vl_text":
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
-
-        return Qwen3VLTextModel
-    raise ValueError(f"model_type {model_type!r} is not a Qwen3-VL text model {list(TEXT_MODEL_TYPES)}")
+    # Qwen3-VL's text models: dense, and mixture-of-experts (Qwen3-VL-30B-A3B, 235B-A22B).
+    TEXT_MODELS: ClassVar[dict[str, str]] = {
+        "qwen3_vl_text": "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLTextModel",
+        "qwen3_vl_moe_text": "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeTextModel",
+    }
+    UNKNOWN_TYPE = "model_type {!r} is not a Qwen3-VL text model {}"
 
 
 def build_qwen3_vl_llm(cfg: LLMConfig, tokenizer) -> Qwen3VLCausalLM:
@@ -174,19 +144,4 @@ def build_random_qwen3_vl_llm(cfg: LLMConfig, pretrained: bool = False):
 def build_pretrained_qwen3_vl_llm(cfg: LLMConfig, pretrained: bool = True):
     """A Qwen3-VL text decoder from a local folder holding its text config, `model.safetensors`
     and the tokenizer: what `vlmkit import-hf` writes as a checkpoint's `llm/`."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    offline()
-    folder = llm_folder(cfg, "qwen3-vl-text")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in TEXT_MODEL_TYPES:
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a Qwen3-VL text model {list(TEXT_MODEL_TYPES)}")
-    model = Qwen3VLCausalLM(config)
-    if pretrained:
-        weights = folder / LLM_WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing")
-        load_state_checked(model, load_file(str(weights)), str(weights))
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer
+    return load_mrope_llm(cfg, "qwen3-vl-text", Qwen3VLCausalLM, "a Qwen3-VL text model", pretrained)

@@ -15,14 +15,13 @@ chat template and `processor_config.json`.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from vlmkit.config import load_config
-from vlmkit.families.llava_next_video.hf import RESAMPLE_IDS, video_settings
+from vlmkit.families.llava_next_video.hf import RESAMPLE_IDS, frame_processor_settings, video_processor_config, video_settings
 from vlmkit.families.video_llava.model import ImageVideoTowers
 from vlmkit.hf.folder import (
     ExportError,
@@ -38,10 +37,10 @@ from vlmkit.hf.folder import (
     split_state,
 )
 from vlmkit.hf.output_folder import staging_folder
-from vlmkit.hf.reference import language_model_state, load_strict, text_part, vision_feature_settings
+from vlmkit.hf.reference import finished_reference, language_model_state, projector_state, text_part, vision_feature_settings
 from vlmkit.hf.registry import HFFamily, processor_is, read_hf_config
-from vlmkit.hf.templates import folder_tokenizer, plain_template
-from vlmkit.hf.writing import atomic_folder, build_imported, hf_generation_config, stage_llm, write_checkpoint
+from vlmkit.hf.templates import folder_tokenizer
+from vlmkit.hf.writing import build_imported, stage_llm, write_checkpoint, write_export
 
 
 def _check_config(cfg) -> int:
@@ -140,12 +139,9 @@ def video_llava_reference(model):
     ref = VideoLlavaForConditionalGeneration(config)
     state = {f"model.image_tower.{k}": v for k, v in towers.image.model.state_dict().items()}
     state |= {f"model.video_tower.{k}": v for k, v in towers.video.model.state_dict().items()}
-    state |= {"model.multi_modal_projector.linear_1.weight": conn.fc1.weight, "model.multi_modal_projector.linear_1.bias": conn.fc1.bias,
-              "model.multi_modal_projector.linear_2.weight": conn.fc2.weight, "model.multi_modal_projector.linear_2.bias": conn.fc2.bias}
+    state |= projector_state(conn)
     state |= language_model_state(text_state)
-    ref = load_strict(ref.to(next(model.parameters()).dtype), state).to(model.device).eval()
-    ref.generation_config = hf_generation_config(model.tokenizer)
-    return ref
+    return finished_reference(ref, state, model)
 
 
 @torch.no_grad()
@@ -158,26 +154,8 @@ def export_video_llava(model, out: str | Path) -> Path:
     s = p.image_size
     common = {"image_mean": list(p.mean), "image_std": list(p.std), "resample": RESAMPLE_IDS[p.resample]}
     image_processor = VideoLlavaImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, **common)
-    video = dict(p.options.get("video") or {})
-    video_cfg = {"video_processor_type": "VideoLlavaVideoProcessor", "size": {"shortest_edge": s}, "crop_size": {"height": s, "width": s},
-                 "do_center_crop": True, "default_to_square": False, **common,
-                 "do_sample_frames": video.get("sampling") == "uniform", "num_frames": video.get("num_frames", 8)}
-
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        image_processor.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        template = plain_template(tok)
-        if template:
-            (tmp / "chat_template.jinja").write_text(template)
-        (tmp / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2))
-        (tmp / "processor_config.json").write_text(json.dumps({
-            "processor_class": "VideoLlavaProcessor", "patch_size": model.vision.patch_size,
-            "vision_feature_select_strategy": ref.config.vision_feature_select_strategy,
-            "num_additional_image_tokens": int(model.vision.has_cls), "image_token": model.config.image_token,
-            "video_token": model.config.video_token}, indent=2))
-
-    return atomic_folder(Path(out), write)
+    return write_export(out, ref, tok, video_processor_config(model, ref, "VideoLlavaProcessor"), image_processor,
+                        {"video_preprocessor_config.json": frame_processor_settings(p, "VideoLlavaVideoProcessor", s)})
 
 
 def video_llava_inputs(prompt) -> dict:
