@@ -175,11 +175,7 @@ def _trl(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
     _require(record, ("prompt", "chosen", "rejected"), rid, "TRL", source)
     images = _image_paths(record.get("images", record.get("image")), root, rid, source)
     prompt = _messages(record["prompt"], rid, source, "prompt")
-    if not any(IMAGE_PLACEHOLDER in m.content for m in prompt) and images:
-        first_user = next((m for m in prompt if m.role == "user"), None)
-        if first_user is None:
-            raise BadRecordError(rid, "TRL prompt has no user turn", source)
-        first_user.content = _with_placeholders(first_user.content, len(images))
+    _place_images(prompt, images, rid, "TRL", source)
     chosen = _response(_messages(record["chosen"], rid, source, "chosen"), rid, "chosen", source)
     rejected = _response(_messages(record["rejected"], rid, source, "rejected"), rid, "rejected", source)
     return PreferencePair(rid, prompt, chosen, rejected, images)
@@ -247,9 +243,9 @@ def _sharegpt(record: dict, rid: str, root: Path, source: str) -> PreferencePair
             return turns[0].content
         return check_text(rid, value, repr(name), source)
 
-    pair = PreferencePair(rid, sample.messages, side("chosen"), side("rejected"), _listed_images(sample, rid, source))
-    _place_images(pair, rid, source)
-    return pair
+    images = _listed_images(sample, rid, source)
+    _place_images(sample.messages, images, rid, "LLaMA-Factory sharegpt", source)
+    return PreferencePair(rid, sample.messages, side("chosen"), side("rejected"), images)
 
 
 def _alpaca(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
@@ -258,13 +254,17 @@ def _alpaca(record: dict, rid: str, root: Path, source: str) -> PreferencePair:
     prompt_record = {**{k: v for k, v in record.items() if k not in ("chosen", "rejected")}, "id": rid, "output": ""}
     sample = alpaca_record_to_sample(prompt_record, 0, root, source)
     chosen, rejected = (check_text(rid, record[k], repr(k), source) for k in ("chosen", "rejected"))
-    pair = PreferencePair(rid, sample.messages[:-1], chosen, rejected, _listed_images(sample, rid, source))
-    _place_images(pair, rid, source)
-    return pair
+    images = _listed_images(sample, rid, source)
+    _place_images(sample.messages, images, rid, "LLaMA-Factory alpaca", source)
+    return PreferencePair(rid, sample.messages[:-1], chosen, rejected, images)
 
 
-def _place_images(pair: PreferencePair, rid: str, source: str) -> None:
-    """LLaMA-Factory places images by `<image>` in the text; one left implicit goes first."""
-    first_user = next((m for m in pair.prompt if m.role == "user"), None)
-    if pair.images and first_user is not None and not any(IMAGE_PLACEHOLDER in m.content for m in pair.prompt):
-        first_user.content = _with_placeholders(first_user.content, len(pair.images))
+def _place_images(prompt: list[Message], images: list[Path], rid: str, fmt: str, source: str) -> None:
+    """A prompt whose text places no image by `<image>` gets them all at the start of its first
+    user turn (datasets often leave the image implicit)."""
+    if not images or any(IMAGE_PLACEHOLDER in m.content for m in prompt):
+        return
+    first_user = next((m for m in prompt if m.role == "user"), None)
+    if first_user is None:
+        raise BadRecordError(rid, f"{fmt} prompt has no user turn", source)
+    first_user.content = _with_placeholders(first_user.content, len(images))
