@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import string
-from collections import defaultdict
 from pathlib import Path
 
 from vlmkit.registry import BENCHMARKS
@@ -25,6 +24,7 @@ from .base import (
     check_prediction_ids,
     checked_items,
     group_ids,
+    mean,
     read_json,
     require_dir,
 )
@@ -110,20 +110,16 @@ class AI2D(Benchmark):
         check_prediction_ids(self.name, items, predictions)
         per_item = {it.id: float(ai2d_correct(predictions[it.id], it.answers[0])) if it.id in predictions else 0.0
                     for it in items}
-        groups: dict[str, list[float]] = defaultdict(list)
-        for it in items:
-            groups[f"category={it.metadata['category']}"].append(per_item[it.id])
-            groups[f"abcLabel={str(it.metadata['abcLabel']).lower()}"].append(per_item[it.id])
+        groups = group_ids(items, lambda it: [f"category={it.metadata['category']}",
+                                              f"abcLabel={str(it.metadata['abcLabel']).lower()}"])
         n = len(items)
         overall = sum(per_item.values()) / n if n else 0.0
         n_pred = sum(1 for it in items if it.id in predictions)
         return ScoreResult(
             benchmark=self.name, overall=overall, display=f"{100 * overall:.2f}",
-            breakdown={k: sum(v) / len(v) for k, v in sorted(groups.items())}, metric=self.metric, parser=self.parser,
-            n_items=n, n_predicted=n_pred, n_missing=n - n_pred, extra={"correct": int(sum(per_item.values()))},
-            per_item=per_item,
-            groups=group_ids(items, lambda it: [f"category={it.metadata['category']}",
-                                                f"abcLabel={str(it.metadata['abcLabel']).lower()}"]),
+            breakdown={k: mean(per_item[i] for i in ids) for k, ids in groups.items()}, metric=self.metric,
+            parser=self.parser, n_items=n, n_predicted=n_pred, n_missing=n - n_pred,
+            extra={"correct": int(sum(per_item.values()))}, per_item=per_item, groups=groups,
         )
 
 
