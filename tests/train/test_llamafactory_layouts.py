@@ -18,6 +18,7 @@ from vlmkit.core.types import Message
 from vlmkit.data.formats import read_llava_records
 from vlmkit.data.preference import PreferencePair, read_preference_file
 from vlmkit.data.sources import DataSourceError, open_source
+from vlmkit.utils import read_jsonl
 
 # LLaMA-Factory's own example of a renamed layout (its data/README.md, "sharegpt" with OpenAI
 # roles): the turns are `messages` of role/content.
@@ -100,7 +101,7 @@ def test_a_ranking_side_spoken_by_the_user_is_refused(tmp_path):
     assert "record 'u'" in str(bad) and "'chosen' must be an assistant turn" in str(bad)
 
 
-def test_recipe_check_reads_a_renamed_dataset_through_its_entry(tmp_path):
+def test_recipe_check_and_train_read_a_renamed_dataset_through_its_entry(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (16, 12), (200, 0, 0)).save(tmp_path / "a.png")
@@ -108,11 +109,18 @@ def test_recipe_check_reads_a_renamed_dataset_through_its_entry(tmp_path):
     source = {"path": "d.jsonl", "llamafactory": OPENAI_STYLE}
     recipe = {"model": tiny_config("mlp").model_dump(mode="json", exclude_none=True),
               "train": {"output_dir": str(tmp_path / "run"), "stages": {"sft": {"data": [source], "trainable": ["connector"],
-                                                                                 "lr": 1e-3, "max_steps": 1}}}}
+                                                                                 "lr": 1e-3, "max_steps": 1,
+                                                                                 "batch_size": 2}}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["recipe", "--check", str(tmp_path / "recipe.yaml")])
     assert result.exit_code == 0, result.output
     assert "2 records" in result.output
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml")])
+    assert result.exit_code == 0, result.output
+    steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("stage") == "sft" and "loss" in r]
+    # Both records were read as conversations with a supervised answer ("Red." and its end).
+    assert len(steps) == 1 and steps[0]["supervised_tokens"] > 0 and steps[0]["images"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "sft" / "config.json").is_file()
     source["llamafactory"] = {**OPENAI_STYLE, "tags": {}}  # the default tags: every turn is refused by name
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["recipe", "--check", str(tmp_path / "recipe.yaml")])
