@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 # Imported in this order on first lookup: the generic processors, towers, language models and
 # connectors first, then the families that use them, then the benchmarks.
-PLUGIN_PACKAGES = ("vlmkit.processing", "vlmkit.model", "vlmkit.model.connectors", "vlmkit.families", "vlmkit.eval.benchmarks")
+PLUGIN_PACKAGES = ("vlmkit.data.synthetic", "vlmkit.processing", "vlmkit.model", "vlmkit.model.connectors", "vlmkit.families", "vlmkit.eval.benchmarks")
 
 _discovery_started = False
 
@@ -86,3 +86,8 @@ IMAGE_PROCESSORS: Registry = Registry("image processor")
 BENCHMARKS: Registry = Registry("benchmark")
 PRESETS: Registry = Registry("preset")
 FAMILIES: Registry = Registry("model family")
+# Generated training and held-out data, by name (`vlmkit ablate --data NAME`). A builder is
+# `builder(out_dir, *, seed=0, **sizes) -> {split: path}`: it writes images/ and the splits it
+# defines (stage1.json, stage2.json, test.json), every held-out record with its `task`, `kind`
+# and `answer` (and `difficulty` where the suite grades one), scored by the `synth-qa` benchmark.
+SYNTHETIC_DATA: Registry = Registry("synthetic dataset")

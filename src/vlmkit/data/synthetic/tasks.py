@@ -179,6 +179,22 @@ def generate(out_dir: str | Path, n_caption: int = 300, n_instruct: int = 900, n
     return paths
 
 
+# The quickstart's data: more stage-2 images than steps can repeat (a connector that sees each
+# image a few times memorises it instead of learning to read), half of the further ones charts,
+# the hardest kind to learn.
+QUICKSTART_SIZES = {"n_caption": 400, "n_instruct": 600, "n_test": 150, "n_instruct_more": 1400,
+                    "more_kinds": ("chart", "text", "chart", "scene")}
+
+
+@SYNTHETIC_DATA.register("quickstart")
+def quickstart_data(out_dir: str | Path, *, seed: int = 0, **sizes) -> dict[str, Path]:
+    """Scenes (colour, shape, count), bar charts (bar values) and words, as the quickstart trains on."""
+    unknown = sorted(set(sizes) - set(QUICKSTART_SIZES))
+    if unknown:
+        raise ValueError(f"quickstart data takes {sorted(QUICKSTART_SIZES)}, not {unknown}")
+    return generate(out_dir, seed=seed, **{**QUICKSTART_SIZES, **sizes})
+
+
 def write_question_records(data_dir: str | Path, task: str = "chart", name: str | None = None) -> Path:
     """One single-question record per question of `task`'s stage-2 conversations (each asked
     with its image, as the held-out split asks), written as `<task>.json` next to stage2.json:
