@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vlmkit.data.formats import write_llava_json
 from vlmkit.data.synthetic.render import COLOURS, SHAPES, WORDS, bar_chart, scene, word_image
+from vlmkit.registry import SYNTHETIC_DATA
 
 BAR_LABELS = ("A", "B", "C")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
