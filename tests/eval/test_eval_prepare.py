@@ -100,7 +100,73 @@ CASES = {
          "explanation": "", "image_1": png("a0"), "image_2": None, "img_type": "['Text']", "answer": "B",
          "topic_difficulty": "Easy", "question_type": "multiple-choice", "subfield": "Art"},
     ], {"validation_Art_1": ("Which word is written in <image 1>?", ["B"], "a0")}),
+    "pope": ("data/test-00000-of-00003.parquet", [
+        {"id": "0", "question_id": "1", "question": "Is there a snowboard in the image?", "answer": "yes",
+         "image_source": "COCO_val2014_000000310196", "image": png("p0"), "category": "adversarial"},
+        {"id": "1", "question_id": "1", "question": "Is there a dog in the image?", "answer": "no",
+         "image_source": "COCO_val2014_000000310196", "image": png("p0"), "category": "random"},
+        {"id": "2", "question_id": "2", "question": "Is there a car in the image?", "answer": "no",
+         "image_source": "COCO_val2014_000000210789", "image": png("p1"), "category": "random"},
+    ], {"adversarial/1": ("Is there a snowboard in the image?", ["yes"], "p0"),
+        "random/1": ("Is there a dog in the image?", ["no"], "p0"),
+        "random/2": ("Is there a car in the image?", ["no"], "p1")}),
+    "mme": ("data/test-00000-of-00004.parquet", [
+        {"question_id": "artwork/10002.jpg", "question": "Is this artwork created by Giotto? Please answer yes or no.",
+         "answer": "Yes", "category": "artwork", "image": png("e0")},
+        {"question_id": "artwork/10002.jpg", "question": "Is this artwork created by Monet? Please answer yes or no.",
+         "answer": "No", "category": "artwork", "image": png("e0")},
+        {"question_id": "code_reasoning/0020.png", "question": "Is the output 3? Please answer yes or no.",
+         "answer": "No", "category": "code_reasoning", "image": png("e1")},
+        {"question_id": "code_reasoning/0020.png", "question": "Is the output 5? Please answer yes or no.",
+         "answer": "Yes", "category": "code_reasoning", "image": png("e1")},
+    ], {"artwork/10002.jpg#0": ("Is this artwork created by Giotto? Please answer yes or no.", ["Yes"], "e0"),
+        "artwork/10002.jpg#1": ("Is this artwork created by Monet? Please answer yes or no.", ["No"], "e0"),
+        "code_reasoning/0020.png#0": ("Is the output 3? Please answer yes or no.", ["No"], "e1"),
+        "code_reasoning/0020.png#1": ("Is the output 5? Please answer yes or no.", ["Yes"], "e1")}),
+    "hallusionbench": ("data/image-00000-of-00001.parquet", [
+        {"category": "VS", "subcategory": "chart", "visual_input": "1", "set_id": "0", "figure_id": "1",
+         "sample_note": "import", "question_id": "0", "question": "Is Switzerland the leading importer?",
+         "gt_answer_details": "", "gt_answer": "1", "filename": "./VS/chart/0_1.png", "image": png("h0")},
+        {"category": "VD", "subcategory": "ocr", "visual_input": "1", "set_id": "2", "figure_id": "0",
+         "sample_note": "", "question_id": "1", "question": "Does the sign say STOP?",
+         "gt_answer_details": "", "gt_answer": "0", "filename": "./VD/ocr/2_0.png", "image": png("h1")},
+    ], {"VS_chart_0_1_0": ("Is Switzerland the leading importer?", ["Yes"], "h0"),
+        "VD_ocr_2_0_1": ("Does the sign say STOP?", ["No"], "h1")}),
+    "mmbench": ("en/dev-00000-of-00001.parquet", [
+        {"index": 241, "question": "Which word is shown?", "hint": None, "A": "cat", "B": "dog", "C": "owl", "D": None,
+         "answer": "B", "category": "ocr", "image": png("b0"), "source": "synth", "L2-category": "finegrained_perception (instance-level)",
+         "comment": None, "split": "dev"},
+        {"index": 1000241, "question": "Which word is shown?", "hint": None, "A": "dog", "B": "owl", "C": "cat", "D": None,
+         "answer": "A", "category": "ocr", "image": png("b0"), "source": "synth", "L2-category": "finegrained_perception (instance-level)",
+         "comment": None, "split": "dev"},
+    ], {"241": ("Which word is shown?", ["B"], "b0"), "1000241": ("Which word is shown?", ["A"], "b0")}),
 }
+
+
+def test_hallusionbench_reads_the_non_image_split_too(tmp_path, cli):
+    """The copy splits the questions asked with and without a figure; both make the question file."""
+    shard, rows, expected = CASES["hallusionbench"]
+    write_parquet(tmp_path / "hf" / shard, rows)
+    blind = {**rows[0], "visual_input": "0", "figure_id": "0", "filename": None, "image": None}
+    write_parquet(tmp_path / "hf" / "data" / "non_image-00000-of-00001.parquet", [blind])
+    r = cli("eval", "prepare", "hallusionbench", tmp_path / "hf", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 0, r.output
+    items = {it.id: it for it in get_benchmark("hallusionbench").load(tmp_path / "out")}
+    assert sorted(items) == sorted([*expected, "VS_chart_0_0_0"]) and items["VS_chart_0_0_0"].images == []
+    assert "note:" not in r.output
+    # Without that split the questions asked with a figure are still converted, and the output says what is missing.
+    (tmp_path / "hf" / "data" / "non_image-00000-of-00001.parquet").unlink()
+    r = cli("eval", "prepare", "hallusionbench", tmp_path / "hf", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 0 and "no shard of split 'non_image'" in r.output
+    assert sorted(it.id for it in get_benchmark("hallusionbench").load(tmp_path / "out")) == sorted(expected)
+
+
+def test_a_file_name_outside_the_folder_is_refused(tmp_path, cli):
+    shard, rows, _ = CASES["hallusionbench"]
+    write_parquet(tmp_path / "hf" / shard, [{**rows[0], "filename": "../../escape.png"}])
+    r = cli("eval", "prepare", "hallusionbench", tmp_path / "hf", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 2 and "column 'filename'" in r.output and "not a relative file name" in r.output
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "out").exists()
 
 
 def test_every_preparer_is_tested():
@@ -111,8 +177,10 @@ def test_every_preparer_is_tested():
 def test_prepare_round_trip(name, tmp_path, cli):
     shard, rows, expected = CASES[name]
     write_parquet(tmp_path / "hf" / shard, rows)
-    write_parquet(tmp_path / "hf" / shard.replace("validation", "train").replace("test", "train").replace("testmini", "train"),
-                  rows[:1])  # another split in the same copy: left out
+    folder, _, file_name = shard.rpartition("/")
+    other = f"{folder}/train-{file_name.partition('-')[2]}"
+    assert other != shard
+    write_parquet(tmp_path / "hf" / other, rows[:1])  # another split in the same copy: left out
     out = tmp_path / "official"
     r = cli("eval", "prepare", name, tmp_path / "hf", out, "--no-progress")
     assert r.exit_code == 0, r.output

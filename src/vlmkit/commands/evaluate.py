@@ -203,7 +203,7 @@ def contamination_cmd(
 
 @eval_app.command("prepare")
 def prepare_cmd(
-    benchmark: str = typer.Argument(..., help="chartqa, docvqa, mathvista, mmmu, ocrbench, textvqa or vqav2"),
+    benchmark: str = typer.Argument(..., help="chartqa, docvqa, hallusionbench, mathvista, mmbench, mme, mmmu, ocrbench, pope, textvqa or vqav2"),
     source: Path = typer.Argument(..., help="the Hugging Face copy lmms-eval reads: a folder of parquet shards (or one shard)"),
     target: Path = typer.Argument(..., help="folder to write the official layout into (new, empty, or an earlier prepare output)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
@@ -223,6 +223,8 @@ def prepare_cmd(
         return
     typer.echo(f"{info['benchmark']}: {info['items']} items from {len(info['shards'])} shard(s) of {info['dataset']} "
                f"({info['split']}) -> {info['dir']}")
+    for split in info.get("missing_splits", []):
+        typer.echo(f"note: the copy has no shard of split {split!r}; its items are not in the output")
 
 
 @eval_app.command("list")

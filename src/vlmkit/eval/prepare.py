@@ -76,14 +76,16 @@ class Preparer:
     columns: tuple[str, ...]  # the columns the converter relies on
     convert: Callable[[Iterator[Row], Path], int]  # rows -> official layout under the folder; returns items
     config: str | None = None  # the config folder to read when the copy has several (DocVQA / InfographicVQA)
+    more_splits: tuple[str, ...] = ()  # further splits converted with the first (HallusionBench: image, non_image)
 
 
 PREPARERS: dict[str, Preparer] = {}
 
 
-def preparer(name: str, dataset: str, split: str, columns: tuple[str, ...], config: str | None = None):
+def preparer(name: str, dataset: str, split: str, columns: tuple[str, ...], config: str | None = None,
+             more_splits: tuple[str, ...] = ()):
     def register(fn: Callable[[Iterator[Row], Path], int]):
-        PREPARERS[name] = Preparer(dataset, split, columns, fn, config)
+        PREPARERS[name] = Preparer(dataset, split, columns, fn, config, more_splits)
         return fn
     return register
 
@@ -242,6 +244,122 @@ def prepare_mmmu(rows: Iterator[Row], out: Path) -> int:
     return sum(shards.values())
 
 
+def _safe_relative(row: Row, column: str, value: str) -> Path:
+    """A file name from the copy, as a path inside the output folder (no absolute path, no `..`)."""
+    rel = Path(value.removeprefix("./"))
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise EvalInputError(f"{row.where(column)}: {value!r} is not a relative file name inside the benchmark folder")
+    return rel
+
+
+@preparer("pope", "lmms-lab/POPE", "test", ("question_id", "question", "answer", "image_source", "image", "category"))
+def prepare_pope(rows: Iterator[Row], out: Path) -> int:
+    """One JSON-lines question file per negative-sampling split, as the POPE repository ships them
+    (`output/coco/coco_pope_<split>.json`), and the COCO val2014 images they name."""
+    from vlmkit.eval.benchmarks.pope import SPLITS
+
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for row in rows:
+        split = str(row["category"])
+        if split not in splits:
+            raise EvalInputError(f"{row.where('category')}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        name = str(row["image_source"])
+        name = name if Path(name).suffix else f"{name}.jpg"
+        path = out / "val2014" / _safe_relative(row, "image_source", name)
+        if not path.exists():  # an image is asked about six times per split
+            _save(path, row.image("image")[0])
+        answer = str(row["answer"]).strip().lower()
+        if answer not in ("yes", "no"):
+            raise EvalInputError(f"{row.where('answer')}: {row['answer']!r} is neither yes nor no")
+        record = {"question_id": _int_or_str(str(row["question_id"])), "image": path.name, "text": str(row["question"]),
+                  "label": answer}
+        splits[split].append(json.dumps(record, ensure_ascii=False))
+    for split, lines in splits.items():
+        if lines:
+            path = out / "output" / "coco" / f"coco_pope_{split}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return sum(len(v) for v in splits.values())
+
+
+# The release keeps these subtasks' images and question files in two subfolders; the others side by side.
+MME_NESTED = ("artwork", "celebrity", "landmark", "posters", "scene")
+
+
+@preparer("mme", "lmms-lab/MME", "test", ("question_id", "question", "answer", "category", "image"))
+def prepare_mme(rows: Iterator[Row], out: Path) -> int:
+    """`MME_Benchmark_release_version/<subtask>/`: each image with a text file of its two
+    `question<TAB>answer` lines (in `images/` and `questions_answers_YN/` where the release nests them)."""
+    from vlmkit.eval.benchmarks.mme import COGNITION, PERCEPTION, RELEASE_DIR
+
+    lines: dict[Path, list[str]] = {}
+    for row in rows:
+        subtask = str(row["category"])
+        if subtask not in PERCEPTION + COGNITION:
+            raise EvalInputError(f"{row.where('category')}: unknown subtask {subtask!r}")
+        image_name = _safe_relative(row, "question_id", str(row["question_id"])).name  # "<subtask>/<image>"
+        folder = out / RELEASE_DIR / subtask
+        image_dir, text_dir = (folder / "images", folder / "questions_answers_YN") if subtask in MME_NESTED else (folder, folder)
+        if not (image_dir / image_name).exists():
+            _save(image_dir / image_name, row.image("image")[0])
+        question = str(row["question"])
+        if "\t" in question or "\n" in question:
+            raise EvalInputError(f"{row.where('question')}: a tab or line break cannot be written to the release's text files")
+        lines.setdefault(text_dir / f"{Path(image_name).stem}.txt", []).append(f"{question}\t{str(row['answer']).strip()}")
+    for path, pair in lines.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(pair) + "\n", encoding="utf-8")
+    return sum(len(v) for v in lines.values())
+
+
+HALLUSION_FIELDS = ("category", "subcategory", "visual_input", "set_id", "figure_id", "sample_note", "question_id",
+                    "question", "gt_answer_details", "gt_answer", "filename")
+
+
+@preparer("hallusionbench", "lmms-lab/HallusionBench", "image",
+          ("category", "subcategory", "visual_input", "set_id", "figure_id", "question_id", "question", "gt_answer",
+           "filename", "image"), more_splits=("non_image",))
+def prepare_hallusionbench(rows: Iterator[Row], out: Path) -> int:
+    """`HallusionBench.json` (the repository's question file; the copy's `image` and `non_image`
+    splits together) and each figure at its `filename`."""
+    records = []
+    for row in rows:
+        record = {k: row.get(k) for k in HALLUSION_FIELDS}
+        for k in ("category", "subcategory", "visual_input", "set_id", "figure_id", "question_id", "gt_answer"):
+            record[k] = str(row[k])
+        if record["filename"] and record["visual_input"] != "0":
+            path = out / _safe_relative(row, "filename", str(record["filename"]))
+            if not path.exists():
+                _save(path, row.image("image")[0])
+        records.append(record)
+    _write_json(out / "HallusionBench.json", records)
+    return len(records)
+
+
+MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "E", "answer", "category", "image", "source",
+                   "l2-category", "comment", "split")
+
+
+@preparer("mmbench", "lmms-lab/MMBench", "dev", ("index", "question", "A", "B", "answer", "category", "image"), config="en")
+def prepare_mmbench(rows: Iterator[Row], out: Path) -> int:
+    """VLMEvalKit's `MMBench_DEV_EN.tsv`: one row per rotation of a question's options, images base64."""
+    import base64
+
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        record = {k: row.values.get(k) for k in MMBENCH_COLUMNS}
+        record["l2-category"] = row.values.get("L2-category", record["l2-category"])
+        record["index"] = int(row["index"])
+        record["image"] = base64.b64encode(row.image("image")[0]).decode("ascii")
+        records.append(record)
+    frame = pd.DataFrame.from_records(records, columns=list(MMBENCH_COLUMNS)).dropna(axis=1, how="all")
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "MMBench_DEV_EN.tsv", sep="\t", index=False)
+    return len(records)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the shards, and the command
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +429,14 @@ def prepare_benchmark(name: str, source: str | Path, target: str | Path, progres
     source, target = Path(source), Path(target)
     check_target(target)
     shards = find_shards(source, prep.split, prep.config)
+    splits, missing = [prep.split], []
+    for split in prep.more_splits:  # converted where the copy has them; a missing one is reported, not fatal
+        try:
+            shards += find_shards(source, split, prep.config)
+            splits.append(split)
+        except EvalInputError:
+            missing.append(split)
+    shards = list(dict.fromkeys(shards))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.prepare-", dir=target.parent))
     try:
@@ -318,8 +444,8 @@ def prepare_benchmark(name: str, source: str | Path, target: str | Path, progres
         items = get_benchmark(name).load(staging)  # the output must read back with the real loader
         if len(items) != n:
             raise EvalInputError(f"{name}: wrote {n} rows but the loader reads {len(items)} items")
-        info = {"benchmark": name, "dataset": prep.dataset, "split": prep.split, "items": n,
-                "shards": [str(s) for s in shards]}
+        info = {"benchmark": name, "dataset": prep.dataset, "split": ", ".join(splits), "items": n,
+                "shards": [str(s) for s in shards], **({"missing_splits": missing} if missing else {})}
         _write_json(staging / PREPARED_MARKER, info)
         check_target(target)  # again: something may have been put there while converting
         replace_folder(staging, target)
