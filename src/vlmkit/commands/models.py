@@ -152,9 +152,11 @@ def ablate_command(
     except ValueError as e:
         typer.echo(f"error: {e}" if isinstance(e, SweepError) else f"error: --seeds {seeds!r}: expected integers like 0,1,2", err=True)
         raise typer.Exit(2) from None
-    if recipe is None:
+    if recipe is None or ("=" in recipe and not Path(recipe).exists()):
+        # No recipe named: the first word is already an override.
         from vlmkit.quickstart import default_recipe
 
+        overrides = [recipe, *(overrides or [])] if recipe else overrides
         recipe = str(default_recipe())
     definition = SweepDefinition(str(Path(recipe).resolve()), overrides_argument(overrides), axes, seed_list or [0], data,
                                  _sizes(list(data_size or [])))
