@@ -220,3 +220,22 @@ def test_a_reduced_sweep_runs_end_to_end(tmp_path):
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "stage embed" not in rerun.stderr  # nothing trained again
     assert json.loads((out / "ablation.json").read_text())["rows"] == report["rows"]
+
+
+def test_the_command_names_every_bundle():
+    from vlmkit.commands.models import BUNDLE_NAMES
+    from vlmkit.train.sweep import ABLATION_CONNECTORS
+
+    assert BUNDLE_NAMES.split(", ") == list(ABLATION_CONNECTORS)
+
+
+def test_prompt_flops_grow_from_the_image_budget_by_the_question(tmp_path):
+    from vlmkit.config import load_config
+    from vlmkit.presets.budget import image_budget, recipe_costing, sequence_flops
+
+    costing = recipe_costing(load_config(tiny_recipe(tmp_path)))
+    image = image_budget(costing, 32, 32)
+    alone = sequence_flops(costing, 32, 32, image.sequence_tokens)
+    assert alone == image.flops  # the image's own tokens only: what `vlmkit tokens` says
+    asked = sequence_flops(costing, 32, 32, image.sequence_tokens + 10)
+    assert asked["llm_prefill"] > alone["llm_prefill"] and asked["vision"] == alone["vision"]

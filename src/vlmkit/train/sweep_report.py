@@ -127,9 +127,13 @@ def plot(rows: list[dict], out_png: Path, title: str = "accuracy against visual 
     if not kinds:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), squeeze=False, sharey=True)
+    cols = min(3, len(kinds))
+    rows_n = -(-len(kinds) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), squeeze=False, sharey=True)
+    for ax in axes.flat[len(kinds):]:
+        ax.set_visible(False)
     markers = "osD^v<>PX*hp"
-    for ax, kind in zip(axes[0], kinds):
+    for ax, kind in zip(axes.flat, kinds):
         for i, r in enumerate(rows):
             entry = r["accuracy"].get(kind)
             if not entry or entry["mean"] is None:
@@ -143,7 +147,8 @@ def plot(rows: list[dict], out_png: Path, title: str = "accuracy against visual 
         ax.set_xlabel("visual tokens per image")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out accuracy (95% CI)")
+    for row in axes:
+        row[0].set_ylabel("held-out accuracy (95% CI)")
     fig.suptitle(title)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
