@@ -129,6 +129,7 @@ def ablate_command(
     data_size: Optional[list[str]] = typer.Option(None, "--data-size", metavar="KEY=VALUE", show_default=False,
                                                   help="a size the dataset's builder takes, e.g. n_test=60 (repeatable)"),
     out: str = typer.Option("runs/ablate", "--out", help="sweep folder (sweep.json, data, cells/, ablation.md/.json/.jsonl, plot)"),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="cells trained at once, each in its own process on one thread"),
     as_json: bool = typer.Option(False, "--json", help="print ablation.json instead of the table"),
 ) -> None:
     """Train one recipe once per cell of a grid of recipe values (crossed) and seeds, score each on
@@ -162,7 +163,7 @@ def ablate_command(
                                  _sizes(list(data_size or [])))
     with recipe_errors():
         try:
-            report = run_sweep(definition, out)
+            report = run_sweep(definition, out, jobs=jobs)
         except SweepError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

@@ -11,6 +11,7 @@ the others; a cell killed while training resumes through its stage checkpoints.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -268,10 +269,10 @@ def prepare_data(definition: SweepDefinition, out: Path) -> Path:
     return data
 
 
-def run_sweep(definition: SweepDefinition, out: str | Path, runner: CellRunner | None = None, progress: bool = True) -> dict:
-    """Train and score every cell not yet done, then write the reports; returns `ablation.json`'s contents."""
-    from tqdm.auto import tqdm
-
+def run_sweep(definition: SweepDefinition, out: str | Path, runner: CellRunner | None = None, progress: bool = True,
+              jobs: int = 1) -> dict:
+    """Train and score every cell not yet done (`jobs` at a time, each in its own process on one
+    thread), then write the reports; returns `ablation.json`'s contents."""
     from vlmkit.train.sweep_report import write_reports
 
     out = Path(out)
@@ -281,27 +282,65 @@ def run_sweep(definition: SweepDefinition, out: str | Path, runner: CellRunner |
     claim_folder(definition, out)
     data = prepare_data(definition, out)
     test = json.loads((data / "test.json").read_text())
-    runner = runner or train_and_score
+    todo = [c for c in cells if not (out / "cells" / c.name / "cell.json").is_file()]
     logger = JsonlLogger(out / "ablation.jsonl")
+
+    def finish(cell: Cell, result: dict) -> None:
+        done = out / "cells" / cell.name / "cell.json"
+        record = {"name": cell.name, "group": cell.group, "values": cell.values, "seed": cell.seed,
+                  "dropped_stages": configs[cell.name][1], **result}
+        done.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(done, json.dumps(record, indent=1) + "\n")
+        logger.log({"event": "cell", **{k: v for k, v in record.items() if k != "items"}})
+
     try:
-        for cell in tqdm(cells, desc="sweep cells", unit="cell", disable=not progress):
-            done = out / "cells" / cell.name / "cell.json"
-            if done.is_file():
-                continue
-            config, dropped = configs[cell.name]
-            result = runner(config, test, data)
-            record = {"name": cell.name, "group": cell.group, "values": cell.values, "seed": cell.seed,
-                      "dropped_stages": dropped, **result}
-            done.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(done, json.dumps(record, indent=1) + "\n")
-            logger.log({"event": "cell", **{k: v for k, v in record.items() if k != "items"}})
+        if jobs > 1 and len(todo) > 1:
+            _run_parallel(todo, configs, test, data, runner or functools.partial(train_and_score, progress=False), jobs, finish, progress)
+        else:
+            _run_serial(todo, len(cells), configs, test, data, runner or train_and_score, finish, progress)
     finally:
         logger.close()
     records = [json.loads((out / "cells" / c.name / "cell.json").read_text()) for c in cells]
     return write_reports(definition.to_json(), records, out)
 
 
-def train_and_score(config: Config, test: list[dict], data_dir: Path) -> dict:
+def _run_serial(todo, total, configs, test, data, runner, finish, progress) -> None:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, initial=total - len(todo), desc="sweep cells", unit="cell", disable=not progress) as bar:
+        for cell in todo:
+            finish(cell, runner(configs[cell.name][0], test, data))
+            bar.update()
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_parallel(todo, configs, test, data, runner, jobs, finish, progress) -> None:
+    """Cells in `jobs` spawned processes; each result is written as it arrives, so a failure or a
+    kill loses only the cells still running."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+    try:
+        running = {pool.submit(runner, configs[c.name][0], test, data): c for c in todo}
+        with tqdm(total=len(todo), desc=f"sweep cells ({jobs} at a time)", unit="cell", disable=not progress) as bar:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    finish(running.pop(future), future.result())
+                    bar.update()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def train_and_score(config: Config, test: list[dict], data_dir: Path, progress: bool = True) -> dict:
     """Train the cell's recipe (finished stages are loaded, a stopped one resumes) and answer the
     held-out questions with the image, each scored by the `synth-qa` benchmark's rule."""
     import torch
@@ -310,7 +349,7 @@ def train_and_score(config: Config, test: list[dict], data_dir: Path) -> dict:
 
     wall, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(config.train.seed)
-    model, stages = run_training(config, on_change="restart")
+    model, stages = run_training(config, progress=progress, on_change="restart")
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
     model.eval()
     started = time.perf_counter()
