@@ -115,3 +115,15 @@ def test_training_warns_at_the_start(tmp_path, monkeypatch):
         warnings.simplefilter("error", StageGuardWarning)
         with pytest.raises(Built):
             loop.run_training(load_config(path, ["train.stage_guard=false"]))
+
+
+def test_train_no_guard_turns_the_key_off(tmp_path, monkeypatch):
+    from vlmkit.cli import app
+    from vlmkit.train import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "run_training", lambda config, on_change: seen.append(config.train.stage_guard) or (None, []))
+    path = _write(tmp_path, recipe(ALIGN_THEN_TOWER))
+    for flags in ([], ["--no-guard"]):
+        assert CliRunner().invoke(app, ["train", str(path), *flags]).exit_code == 0
+    assert seen[0] is not False and seen[1] is False

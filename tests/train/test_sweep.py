@@ -97,10 +97,11 @@ def test_cell_configs_carry_values_seed_and_bundle(tmp_path):
     ("model.procesor.image_size", "has no key 'model.procesor'; did you mean 'model.processor'?"),
     ("train.stages.instruc.lr", "has no key 'train.stages.instruc'; did you mean 'train.stages.instruct'?"),
     ("model.processor.image_size.x", "model.processor.image_size holds a value, not keys"),
+    ("train.seed", "the sweep sets it for each cell (give the seeds with --seeds)"),
 ])
 def test_a_key_the_recipe_lacks_is_refused_by_name(tmp_path, key, message):
     d = definition(tiny_recipe(tmp_path), vary=(f"{key}=1,2",))
-    with pytest.raises(SweepError, match="--vary " + key.replace(".", r"\.")) as e:
+    with pytest.raises(SweepError, match="--vary " + key.replace(".", r"\.") + ":") as e:
         run_sweep(d, tmp_path / "sweep", runner=FakeRunner(), progress=False)
     assert message in str(e.value)
     assert not (tmp_path / "sweep" / "sweep.json").exists()  # nothing started

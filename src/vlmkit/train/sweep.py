@@ -53,6 +53,9 @@ DEFAULT_CONNECTORS = "mlp,pixel-shuffle,pooling,qformer-32,qformer-8,perceiver-6
 # Mapping keys whose entries are checked by the part they configure, not by the recipe schema.
 FREE_MAPPINGS = ("options", "part_lr", "config")
 MAX_NAME = 120
+# Keys each cell's recipe gets from the sweep itself.
+SET_BY_SWEEP = {"train.seed": "give the seeds with --seeds", "train.output_dir": "DIR/cells/<cell>",
+                "train.data_dir": "DIR/data, built by --data"}
 
 
 class SweepError(ValueError):
@@ -168,6 +171,8 @@ def check_keys(definition: SweepDefinition) -> None:
     for axis in definition.axes:
         if axis.key == BUNDLE_KEY:
             continue
+        if axis.key in SET_BY_SWEEP:
+            raise SweepError(f"--vary {axis.key}: the sweep sets it for each cell ({SET_BY_SWEEP[axis.key]})")
         node: Any = tree
         walked: list[str] = []
         for part in axis.key.split("."):
