@@ -293,16 +293,18 @@ def prompt_budget(preset: str | Costing, width: int, height: int, images: int, c
     }
 
 
-def sequence_flops(preset: str | Costing, width: int, height: int, sequence_tokens: int) -> dict[str, int | None]:
+def sequence_flops(preset: str | Costing, width: int, height: int, sequence_tokens: int,
+                   memory_states: int | None = None) -> dict[str, int | None]:
     """Labelled FLOPs of one prompt of `sequence_tokens` tokens that holds one image of this size
     (the image's slots counted among them under prefix fusion, as a question's prompt encodes): the
     tower and connector on the image, the LLM's prefill over the whole sequence, and under
-    cross-attention the blocks' reads of the image's states."""
+    cross-attention the blocks' reads of the image's states (`memory_states`, where a built model
+    knows them: a fixed-size processor's layout does not)."""
     p = preset if isinstance(preset, Costing) else get_preset(preset)
     one = image_budget(p, width, height)
     llm, _ = _llm_cost(replace(p.llm, cross_attention_layers=0), sequence_tokens, 0, 2)
     if p.llm.cross_attention_layers:
-        states = one.parts.get("cross_attention_states_padded", one.visual_tokens)
+        states = memory_states or one.parts.get("cross_attention_states_padded", one.visual_tokens)
         llm += _llm_cost(p.llm, 0, states, 2)[0]
     return _labelled(one.flops["vision"], one.flops["connector"], int(llm))
 

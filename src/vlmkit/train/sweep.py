@@ -410,6 +410,7 @@ def cost_of(model, config: Config, test: list[dict], data_dir: Path) -> dict:
 
     image = load_image(data_dir / test[0]["image"])
     prompt = VlmkitBackend(model).encode(_question(test[0]), [image])
-    flops = sequence_flops(recipe_costing(config), image.width, image.height, int(prompt.input_ids.numel()))
+    flops = sequence_flops(recipe_costing(config), image.width, image.height, int(prompt.input_ids.numel()),
+                           model.memory_tokens_per_image or None)
     return {"visual_tokens": model.tokens_per_image, "memory_tokens": model.memory_tokens_per_image,
             "prompt_tokens": int(prompt.input_ids.numel()), "prefill_flops": flops}
