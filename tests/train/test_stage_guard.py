@@ -21,9 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny import TINY_SECTIONS as TINY  # noqa: E402
 
 
-def recipe(stages: dict, **train) -> dict:
+# Parts with weights from files (the packaged tower and LLM): what the guard protects.
+PRETRAINED = {"vision": {"name": "efficientnet-lite0"}, "llm": {"name": "smollm2-135m-instruct"},
+              "processor": {"image_size": 64}, "connector": {"name": "mlp"}}
+
+
+def recipe(stages: dict, model: dict | None = None, **train) -> dict:
     full = {name: {"data": "d.json", "lr": 1e-3, **s} for name, s in stages.items()}
-    return {"model": {**TINY, "connector": {"name": "mlp"}}, "train": {"stages": full, **train}}
+    return {"model": model or PRETRAINED, "train": {"stages": full, **train}}
 
 
 ALIGN_THEN_TOWER = {"align": {"trainable": ["connector"], "max_steps": 50},
@@ -52,6 +57,16 @@ def test_a_connector_trained_long_enough_earlier_is_not_warned_about():
     assert stage_guard_warnings(load_config(default_recipe())) == []
 
 
+def test_parts_built_with_random_weights_have_nothing_to_protect():
+    tiny = {**TINY, "connector": {"name": "mlp"}}
+    assert stage_guard_warnings(load_config(recipe(ALIGN_THEN_TOWER, tiny))) == []
+    # A tower that declares its weights random (built from a config), under a pretrained LLM.
+    qwen2 = {**PRETRAINED, "vision": {"name": "qwen2-vit", "config": {"depth": 1, "embed_dim": 32, "num_heads": 2}}}
+    assert stage_guard_warnings(load_config(recipe(ALIGN_THEN_TOWER, qwen2))) == []
+    both = load_config(recipe({"all": {"trainable": ["vision", "connector", "llm"], "max_steps": 5}}, qwen2))
+    assert [w.split(" while")[0] for w in stage_guard_warnings(both)] == ["stage 'all' trains the LLM"]
+
+
 def test_the_key_silences_it():
     assert stage_guard_warnings(load_config(recipe(ALIGN_THEN_TOWER, stage_guard=False))) == []
     assert stage_guard_warnings(load_config(recipe(ALIGN_THEN_TOWER), ["train.stage_guard=false"])) == []
@@ -64,18 +79,19 @@ def test_a_model_started_from_a_trained_checkpoint_is_not_warned_about(tmp_path)
     from vlmkit.checkpoint import save_checkpoint
     from vlmkit.model.vlm import VisionLanguageModel
 
-    config = load_config(recipe({"align": {"trainable": ["connector"], "max_steps": 1}}))
+    config = load_config(recipe({"align": {"trainable": ["connector"], "max_steps": 1}}, {**TINY, "connector": {"name": "mlp"}}))
     model = VisionLanguageModel.build(config.model, pretrained=False)
     save_checkpoint(tmp_path / "ckpt", model, config)
     tuned = recipe({"tune": {"trainable": ["vision", "connector"], "max_steps": 5}})
     tuned["model"] = {"init_from": str(tmp_path / "ckpt")}
+    assert len(stage_guard_warnings(load_config({**tuned, "model": PRETRAINED}))) == 1
     assert stage_guard_warnings(load_config(tuned)) == []
 
 
 def _write(tmp_path: Path, tree: dict) -> Path:
     from PIL import Image
 
-    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     record = {"id": "r0", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                               {"from": "gpt", "value": "red"}]}
     (tmp_path / "d.json").write_text(json.dumps([record] * 4))

@@ -182,7 +182,7 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
     data = check_data(config)
     check_heldout(config)
     check_installed(config.train.report_to)
-    for warning in stage_guard_warnings(config, data):
+    for warning in stage_guard_warnings(config, data, getattr(model, "pretrained_parts", None)):
         warnings.warn(warning, StageGuardWarning, stacklevel=2)
     resume.check_changed_stages(config, data, on_change)
     warn_emulated_bf16(config.train.precision, config.train.device)

@@ -97,19 +97,46 @@ class StageGuardWarning(UserWarning):
     """A stage trains the vision tower or the LLM before the connector has converged."""
 
 
-def stage_guard_warnings(config: Config, data: dict[str, StageData] | None = None) -> list[str]:
-    """One warning per stage that trains the vision tower or the LLM while the connector has had
-    fewer than `train.stage_guard.min_connector_steps` steps in earlier stages; none when the guard
-    is off or the model starts from a checkpoint (`model.init_from`: its connector was trained).
-    A stage sized in epochs counts its steps from `data` (a stage it cannot size counts as enough)."""
+def pretrained_parts(config: Config) -> set[str]:
+    """The guarded parts whose weights come from files, as `VisionLanguageModel.build` marks them
+    (a `...random` name, or a tower that declares `from_files = False`, starts random), read without
+    loading anything: the tower is built on the meta device. A tower that cannot be built here
+    counts as pretrained."""
+    import torch
+
+    from vlmkit.model.vision import build_vision_tower
+
+    parts = set() if config.model.llm.name.endswith("random") else {"llm"}
+    if not config.model.vision.name.endswith("random"):
+        try:
+            with torch.device("meta"):
+                from_files = getattr(build_vision_tower(config.model.vision, pretrained=False), "from_files", True)
+        except Exception:  # noqa: BLE001 - the build itself reports its errors; the guard only asks
+            from_files = True
+        if from_files:
+            parts.add("vision")
+    return parts
+
+
+def stage_guard_warnings(config: Config, data: dict[str, StageData] | None = None, pretrained: set[str] | None = None) -> list[str]:
+    """One warning per stage that trains the pretrained vision tower or LLM while the connector has
+    had fewer than `train.stage_guard.min_connector_steps` steps in earlier stages; none when the
+    guard is off or the model starts from a checkpoint (`model.init_from`: its connector was
+    trained). A part built with random weights has nothing to protect (`pretrained`: the parts
+    that are not; default `pretrained_parts(config)`). A stage sized in epochs counts its steps
+    from `data` (a stage it cannot size counts as enough)."""
     guard = config.train.stage_guard
     if guard is False or config.model.init_from:
         return []
     minimum = guard.min_connector_steps if not isinstance(guard, bool) else StageGuardConfig().min_connector_steps
+    guarded = [p for p in GUARDED_PARTS if any(p in s.trainable for s in config.train.stages.values())]
+    if not guarded:
+        return []
+    pretrained = pretrained_parts(config) if pretrained is None else pretrained
     trained, warnings = 0, []
     for name, stage in config.train.stages.items():
         steps = _stage_steps(stage, data.get(name) if data else None)
-        unfrozen = [p for p in GUARDED_PARTS if p in stage.trainable]
+        unfrozen = [p for p in GUARDED_PARTS if p in stage.trainable and p in pretrained]
         if unfrozen and trained < minimum:
             parts = " and ".join("the vision tower" if p == "vision" else "the LLM" for p in unfrozen)
             warnings.append(
