@@ -20,7 +20,6 @@ from vlmkit.train.preflight import STAGE_GUARD_EFFECT, STAGE_GUARD_RULE, StageGu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny import TINY_SECTIONS as TINY  # noqa: E402
 
-
 # Parts with weights from files (the packaged tower and LLM): what the guard protects.
 PRETRAINED = {"vision": {"name": "efficientnet-lite0"}, "llm": {"name": "smollm2-135m-instruct"},
               "processor": {"image_size": 64}, "connector": {"name": "mlp"}}
