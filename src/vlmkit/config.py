@@ -412,6 +412,15 @@ class TrainEvalConfig(Strict):
     answer format, such as `embed-align`, scores nothing worth the time.)"""
 
 
+class StageGuardConfig(Strict):
+    """The stage-boundary guard: a warning before training when a stage makes the vision tower or
+    the LLM trainable while the connector is fresh (`vlmkit train` and `vlmkit recipe --check`)."""
+
+    min_connector_steps: int = Field(default=200, ge=0)
+    """Connector steps in earlier stages (or a `model.init_from` checkpoint) below which a stage
+    that trains the vision tower or the LLM is warned about."""
+
+
 class TrainConfig(Strict):
     """Training: the stages and what they share."""
 
@@ -465,6 +474,10 @@ class TrainConfig(Strict):
     distributed: Literal["ddp", "fsdp2"] = "ddp"
     """Under torchrun: `ddp` replicates the model; `fsdp2` shards parameters, gradients and
     optimizer state. Ignored in a single process."""
+    stage_guard: StageGuardConfig | bool = Field(default_factory=StageGuardConfig)
+    """Warn when a stage trains the vision tower or the LLM before the connector has trained
+    `min_connector_steps` steps in earlier stages (`{min_connector_steps: 200}`); `false`: no
+    warning (as `--no-guard`)."""
     eval: TrainEvalConfig | None = None
     """Held-out evaluation while training (`{benchmark, data, every, limit}`); null: none."""
     peak_tflops: float | None = Field(default=None, gt=0)

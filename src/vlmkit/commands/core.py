@@ -74,12 +74,17 @@ def quickstart_command(
         run_quickstart(out, device=device, overrides=overrides, on_change=mode)
 
 
+NO_GUARD_HELP = ("No stage-boundary warning (a stage that trains the vision tower or the LLM before the connector has "
+                 "trained train.stage_guard.min_connector_steps steps); as train.stage_guard=false.")
+
+
 def train_command(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (`vlmkit recipe --template` writes one).", metavar="RECIPE")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE")] = None,
     device: Annotated[Optional[str], typer.Option(help="Torch device (cpu, cuda, cuda:1 ...); default: the recipe's train.device.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help=RESTART_HELP)] = False,
     extend: Annotated[bool, typer.Option("--extend", help=EXTEND_HELP)] = False,
+    no_guard: Annotated[bool, typer.Option("--no-guard", help=NO_GUARD_HELP)] = False,
 ) -> None:
     """Train every stage of a recipe. A finished stage is loaded, not redone; a stopped one resumes.
 
@@ -94,6 +99,8 @@ def train_command(
 
     if device is not None:
         overrides = [*overrides, f"train.device={device}"]
+    if no_guard:
+        overrides = [*overrides, "train.stage_guard=false"]
     with recipe_errors():
         config = load_config(recipe, overrides)
         check_device(config.train.device)

@@ -1,9 +1,10 @@
 """`vlmkit inspect` (what a preset is made of and what an image costs) and `vlmkit ablate`
-(the same small recipe trained with each connector)."""
+(one recipe trained per cell of a grid of recipe values and seeds; the sweep is `train/sweep.py`)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 
@@ -98,126 +99,79 @@ def inspect_command(
 
 # ---- ablate ------------------------------------------------------------------------------------
 
-# Each family at a CPU-trainable size. Budgets differ on purpose: that is what is being compared
-# (32 Q-Former queries and 64 latents vs every patch, or a quarter of them).
-ABLATION_CONNECTORS: dict[str, dict] = {
-    "mlp": {"connector": {"name": "mlp", "options": {"input_norm": True}}},
-    "linear": {"connector": {"name": "linear", "options": {}}},
-    "pixel-shuffle": {"connector": {"name": "pixel-shuffle", "options": {"ratio": 0.5, "norm": "post"}}},
-    "pooling": {"connector": {"name": "pooling", "options": {"kernel": 2, "input_norm": True}}},
-    "qformer": {"connector": {"name": "qformer", "options": {"num_queries": 32, "hidden_size": 256, "layers": 2, "heads": 4,
-                                                             "intermediate_size": 1024, "input_norm": True}}},
-    "perceiver": {"connector": {"name": "perceiver", "options": {"latents": 64, "layers": 2, "heads": 4, "head_dim": 64,
-                                                                 "width": 256, "input_proj": "linear"}}},
-    "cross-attn": {"connector": {"name": "mlp", "options": {"input_norm": True, "cross_attention": {"every": 6}}},
-                   "fusion": "cross-attention"},
-}
+# The names of `vlmkit.train.sweep.ABLATION_CONNECTORS` (written out: the help must not import torch).
+BUNDLE_NAMES = "mlp, linear, pixel-shuffle, pooling, qformer-32, qformer-8, perceiver-64, cross-attn"
 
+def _sizes(words: list[str]) -> dict:
+    from vlmkit.config import read_yaml
 
-def ablation_config(recipe, name: str, out_dir, data_dir, overrides=()):
-    """The recipe with its connector (and fusion) swapped; everything else identical."""
-    from pathlib import Path
-
-    from vlmkit.config import load_config
-
-    if name not in ABLATION_CONNECTORS:
-        raise typer.BadParameter(f"unknown connector {name!r}; choose from {', '.join(ABLATION_CONNECTORS)}")
-    spec = ABLATION_CONNECTORS[name]
-    config = load_config(recipe, [f"train.output_dir={Path(out_dir) / name}", *overrides])
-    config.model.connector = config.model.connector.model_validate(spec["connector"])
-    config.model.fusion = spec.get("fusion", "prefix")
-    data = {"align": "stage1.json", "instruct": "stage2.json"}
-    for stage_name, stage in config.train.stages.items():
-        stage.data = str(Path(data_dir) / data.get(stage_name, Path(stage.data).name))
-        if config.model.fusion == "cross-attention" and "connector" in stage.trainable and "cross_attention" not in stage.trainable:
-            stage.trainable = [*stage.trainable, "cross_attention"]
-    return config
-
-
-def run_ablation(recipe, connectors: list[str], out_dir, n_caption: int, n_instruct: int, n_test: int, seed: int,
-                 overrides=(), tasks=("text", "chart")) -> list[dict]:
-    import json
-    import time
-    from pathlib import Path
-
-    import torch
-
-    from vlmkit.data.synthetic.tasks import generate as generate_data
-    from vlmkit.quickstart import answer_questions, summarise
-    from vlmkit.train.loop import run_training
-    from vlmkit.utils import JsonlLogger
-
-    out = Path(out_dir)
-    data_dir = out / "data"
-    if not (data_dir / "test.json").is_file():
-        generate_data(data_dir, n_caption=n_caption, n_instruct=n_instruct, n_test=n_test, seed=seed)
-    test = [r for r in json.loads((data_dir / "test.json").read_text()) if r["task"] in tasks]
-    rows = []
-    logger = JsonlLogger(out / "ablation.jsonl")
-    try:
-        for name in connectors:
-            config = ablation_config(recipe, name, out, data_dir, [f"train.seed={seed}", *overrides])
-            torch.manual_seed(seed)
-            started = time.perf_counter()
-            model, stages = run_training(config)
-            train_seconds = sum(s.seconds for s in stages)
-            model.eval()
-            scores = summarise(answer_questions(model, test, data_dir, with_image=True, desc=f"eval {name}"))
-            parts = {p: sum(x.numel() for x in m.parameters()) for p, m in model.parts().items()}
-            row = {
-                "connector": name,
-                "fusion": config.model.fusion,
-                "accuracy": {t: scores.get(t) for t in tasks},
-                "visual_tokens": model.tokens_per_image,
-                "memory_tokens": model.memory_tokens_per_image,
-                "connector_params": parts["connector"] + parts.get("cross_attention", 0),
-                "total_params": sum(parts.values()),
-                "train_seconds": round(train_seconds, 1),
-                "wall_seconds": round(time.perf_counter() - started, 1),
-            }
-            logger.log({"event": "ablation", **row})
-            rows.append(row)
-            del model
-    finally:
-        logger.close()
-    (out / "ablation.md").write_text(ablation_table(rows, tasks) + "\n")
-    return rows
-
-
-def ablation_table(rows: list[dict], tasks=("text", "chart")) -> str:
-    head = "| connector | fusion | " + " | ".join(f"{t} acc" for t in tasks) + " | visual tokens (context / memory) | connector params | total params | train s |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        accs = " | ".join("-" if r["accuracy"][t] is None else f"{r['accuracy'][t]:.1%}" for t in tasks)
-        tokens = f"{r['visual_tokens']} / {r['memory_tokens']}" if r["memory_tokens"] else str(r["visual_tokens"])
-        lines.append(f"| {r['connector']} | {r['fusion']} | {accs} | {tokens} | {_fmt(r['connector_params'])} | {_fmt(r['total_params'])} | {r['train_seconds']} |")
-    return "\n".join(lines)
+    sizes = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{word!r}: expected KEY=VALUE", param_hint="--data-size")
+        sizes[key] = read_yaml(value, f"--data-size {word}")
+    return sizes
 
 
 def ablate_command(
-    recipe: str = typer.Argument(..., metavar="RECIPE", help="recipe YAML (e.g. recipes/ablate.yaml)"),
+    recipe: str = typer.Argument(None, metavar="RECIPE", show_default=False,
+                                 help="recipe YAML (default: the quickstart's, embed-align then instruct)"),
     overrides: Optional[list[str]] = typer.Argument(
-        None, show_default=False, metavar="KEY=VALUE", help="Dotted recipe overrides KEY=VALUE, e.g. train.stages.instruct.max_steps=100."),
-    connectors: str = typer.Option("mlp,pixel-shuffle,qformer,perceiver,cross-attn", "--connectors",
-                                   help=f"comma-separated connectors to compare, from: {', '.join(ABLATION_CONNECTORS)}"),
-    out: str = typer.Option("runs/ablate", "--out", help="output folder (data, one run per connector, ablation.md)"),
-    n_caption: int = typer.Option(320, "--n-caption", min=1, help="synthetic caption samples (stage 1)"),
-    n_instruct: int = typer.Option(900, "--n-instruct", min=1, help="synthetic question samples (stage 2)"),
-    n_test: int = typer.Option(150, "--n-test", min=1, help="held-out questions"),
-    seed: int = typer.Option(0, "--seed", help="seed for the data and for training"),
-    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON instead of a table"),
+        None, show_default=False, metavar="KEY=VALUE", help="Dotted recipe overrides every cell gets, e.g. train.stages.instruct.max_steps=100."),
+    vary: Optional[list[str]] = typer.Option(None, "--vary", metavar="KEY=v1,v2,...", show_default=False,
+                                             help="a recipe key and its values (YAML scalars), crossed with every other --vary; "
+                                                  "`connector=...` names connector bundles"),
+    connectors: Optional[str] = typer.Option(None, "--connectors", show_default=False,
+                                             help=f"shorthand for --vary connector=...; bundles: {BUNDLE_NAMES}"),
+    seeds: str = typer.Option("0", "--seeds", help="training seeds, comma-separated: one run per cell and seed"),
+    data: str = typer.Option("quickstart", "--data", help="generated dataset (vlmkit.registry.SYNTHETIC_DATA), built once into OUT/data"),
+    data_size: Optional[list[str]] = typer.Option(None, "--data-size", metavar="KEY=VALUE", show_default=False,
+                                                  help="a size the dataset's builder takes, e.g. n_test=60 (repeatable)"),
+    out: str = typer.Option("runs/ablate", "--out", help="sweep folder (sweep.json, data, cells/, ablation.md/.json/.jsonl, plot)"),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="cells trained at once, each in its own process on one thread"),
+    as_json: bool = typer.Option(False, "--json", help="print ablation.json instead of the table"),
 ) -> None:
-    """Train the same recipe once per connector on the synthetic OCR and chart tasks; write a
-    comparison table (accuracy per task, visual tokens, parameters, training time) to OUT/ablation.md."""
-    names = [c.strip() for c in connectors.split(",") if c.strip()]
-    for name in names:
-        if name not in ABLATION_CONNECTORS:
-            raise typer.BadParameter(f"unknown connector {name!r}; choose from {', '.join(ABLATION_CONNECTORS)}")
+    """Train one recipe once per cell of a grid of recipe values (crossed) and seeds, score each on
+    the same generated held-out questions, and write accuracy per question kind with 95% bootstrap
+    intervals (seeds pooled), visual tokens, prefill FLOPs, trainable parameters and training time to
+    OUT/ablation.md, OUT/ablation.json and OUT/accuracy_vs_tokens.png. A rerun into OUT trains only the
+    cells not yet done (a killed cell resumes from its stage checkpoints)."""
     from vlmkit.commands.core import overrides_argument, recipe_errors
+    from vlmkit.paths import offline
+    from vlmkit.train.sweep import BUNDLE_KEY, SweepDefinition, SweepError, parse_vary, run_sweep
 
+    offline()
+    words = list(vary or [])
+    if connectors:
+        words.append(f"{BUNDLE_KEY}={connectors}")
+    try:
+        axes = [parse_vary(w) for w in words]
+        if len({a.key for a in axes}) < len(axes):
+            raise SweepError("a key is given to --vary (or --connectors) twice")
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as e:
+        typer.echo(f"error: {e}" if isinstance(e, SweepError) else f"error: --seeds {seeds!r}: expected integers like 0,1,2", err=True)
+        raise typer.Exit(2) from None
+    if recipe is None or ("=" in recipe and not Path(recipe).exists()):
+        # No recipe named: the first word is already an override.
+        from vlmkit.quickstart import default_recipe
+
+        overrides = [recipe, *(overrides or [])] if recipe else overrides
+        recipe = str(default_recipe())
+    definition = SweepDefinition(str(Path(recipe).resolve()), overrides_argument(overrides), axes, seed_list or [0], data,
+                                 _sizes(list(data_size or [])))
     with recipe_errors():
-        rows = run_ablation(recipe, names, out, n_caption, n_instruct, n_test, seed, overrides_argument(overrides))
-    typer.echo(json.dumps(rows, indent=2) if as_json else ablation_table(rows))
+        try:
+            report = run_sweep(definition, out, jobs=jobs)
+        except SweepError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo((Path(out) / "ablation.md").read_text(), nl=False)
+        typer.echo(f"wrote {Path(out) / 'ablation.md'}, {Path(out) / 'ablation.json'}, {Path(out) / 'accuracy_vs_tokens.png'}")
 
 
 def families_command(

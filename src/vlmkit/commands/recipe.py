@@ -14,6 +14,7 @@ def recipe_command(
     template: Annotated[Optional[Path], typer.Option(help="Write a commented recipe for training on your own LLaVA-format data to this file.", show_default=False)] = None,
     check: Annotated[Optional[Path], typer.Option(help="Validate this recipe and read all its data and image paths, without loading a model.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="With --check: dotted overrides KEY=VALUE, as for `vlmkit train`.", show_default=False, metavar="KEY=VALUE")] = None,
+    no_guard: Annotated[bool, typer.Option("--no-guard", help="With --check: no stage-boundary warning (as train.stage_guard=false).")] = False,
 ) -> None:
     """Recipe reference (--schema), a template (--template FILE), or a check (--check RECIPE)."""
     if sum([schema, template is not None, check is not None]) != 1:
@@ -34,11 +35,11 @@ def recipe_command(
     else:
         from vlmkit.commands.core import overrides_argument
         from vlmkit.config import ConfigError, load_config
-        from vlmkit.train.preflight import DataError, check_data, check_heldout, check_model
+        from vlmkit.train.preflight import DataError, check_data, check_heldout, check_model, stage_guard_warnings
         from vlmkit.train.reporting import check_installed
 
         try:
-            config = load_config(check, overrides_argument(overrides))
+            config = load_config(check, [*overrides_argument(overrides), *(["train.stage_guard=false"] if no_guard else [])])
             check_model(config)
             report = check_data(config)
             heldout = check_heldout(config)
@@ -51,6 +52,8 @@ def recipe_command(
             typer.echo(f"stage {name}: {data.records} records{skipped} in {data.path}")
         if heldout is not None:
             typer.echo(f"train.eval: {heldout} held-out items ({config.train.eval.benchmark}) in {config.train.eval.data}")
+        for warning in stage_guard_warnings(config, report):
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(f"{check}: recipe and data are valid")
 
 

@@ -35,7 +35,7 @@ preset's real-shape LLM built on the meta device (nothing allocated).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -291,6 +291,22 @@ def prompt_budget(preset: str | Costing, width: int, height: int, images: int, c
         "flops": _labelled(vision, connector, int(llm_flops)),
         "notes": notes,
     }
+
+
+def sequence_flops(preset: str | Costing, width: int, height: int, sequence_tokens: int,
+                   memory_states: int | None = None) -> dict[str, int | None]:
+    """Labelled FLOPs of one prompt of `sequence_tokens` tokens that holds one image of this size
+    (the image's slots counted among them under prefix fusion, as a question's prompt encodes): the
+    tower and connector on the image, the LLM's prefill over the whole sequence, and under
+    cross-attention the blocks' reads of the image's states (`memory_states`, where a built model
+    knows them: a fixed-size processor's layout does not)."""
+    p = preset if isinstance(preset, Costing) else get_preset(preset)
+    one = image_budget(p, width, height)
+    llm, _ = _llm_cost(replace(p.llm, cross_attention_layers=0), sequence_tokens, 0, 2)
+    if p.llm.cross_attention_layers:
+        states = memory_states or one.parts.get("cross_attention_states_padded", one.visual_tokens)
+        llm += _llm_cost(p.llm, 0, states, 2)[0]
+    return _labelled(one.flops["vision"], one.flops["connector"], int(llm))
 
 
 def _labelled(vision: int | None, connector: int | None, llm_prefill: int) -> dict[str, int | None]:

@@ -67,12 +67,14 @@ from vlmkit.train.objectives import OBJECTIVES, Objective
 from vlmkit.train.plots import plot_stage
 from vlmkit.train.preflight import (
     StageData,
+    StageGuardWarning,
     check_data,
     check_heldout,
     check_model,
     check_skip_rate,
     check_stage_data,
     nothing_trained,
+    stage_guard_warnings,
 )
 from vlmkit.train.reporting import MetricsLog, check_installed
 from vlmkit.train.stages import apply_stage, make_optimizer
@@ -180,6 +182,8 @@ def run_training(config: Config, model=None, progress: bool = True, on_change: s
     data = check_data(config)
     check_heldout(config)
     check_installed(config.train.report_to)
+    for warning in stage_guard_warnings(config, data, getattr(model, "pretrained_parts", None)):
+        warnings.warn(warning, StageGuardWarning, stacklevel=2)
     resume.check_changed_stages(config, data, on_change)
     warn_emulated_bf16(config.train.precision, config.train.device)
     dist = D.setup(config.train.distributed, config.train.device)

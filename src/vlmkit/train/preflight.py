@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmkit.config import Config, ConfigError
+from vlmkit.config import Config, ConfigError, StageGuardConfig
 from vlmkit.data.formats import BadRecordError
 from vlmkit.data.sources import DataSourceError, Mixture, open_source
 from vlmkit.eval.benchmarks import EvalInputError, get_benchmark
@@ -84,6 +84,79 @@ def check_model(config: Config) -> None:
                                               + ", ".join(options.model_fields))
             problems.append(f"  {where}: {message}")
         raise ConfigError(f"invalid connector options for {m.connector.name!r}:\n" + "\n".join(problems)) from None
+
+
+# The lecture's rule the stage-boundary guard names, and what the stage-boundary experiment measured.
+STAGE_GUARD_RULE = ("fine-tuning the image encoder before the projection has converged is one of the most common "
+                    "causes of poor downstream performance")
+STAGE_GUARD_EFFECT = "measured in docs/lecture-claims.md"
+GUARDED_PARTS = ("vision", "llm")
+
+
+class StageGuardWarning(UserWarning):
+    """A stage trains the vision tower or the LLM before the connector has converged."""
+
+
+def pretrained_parts(config: Config) -> set[str]:
+    """The guarded parts whose weights come from files, as `VisionLanguageModel.build` marks them
+    (a `...random` name, or a tower that declares `from_files = False`, starts random), read without
+    loading anything: the tower is built on the meta device. A tower that cannot be built here
+    counts as pretrained."""
+    import torch
+
+    from vlmkit.model.vision import build_vision_tower
+
+    parts = set() if config.model.llm.name.endswith("random") else {"llm"}
+    if not config.model.vision.name.endswith("random"):
+        try:
+            with torch.device("meta"):
+                from_files = getattr(build_vision_tower(config.model.vision, pretrained=False), "from_files", True)
+        except Exception:  # noqa: BLE001 - the build itself reports its errors; the guard only asks
+            from_files = True
+        if from_files:
+            parts.add("vision")
+    return parts
+
+
+def stage_guard_warnings(config: Config, data: dict[str, StageData] | None = None, pretrained: set[str] | None = None) -> list[str]:
+    """One warning per stage that trains the pretrained vision tower or LLM while the connector has
+    had fewer than `train.stage_guard.min_connector_steps` steps in earlier stages; none when the
+    guard is off or the model starts from a checkpoint (`model.init_from`: its connector was
+    trained). A part built with random weights has nothing to protect (`pretrained`: the parts
+    that are not; default `pretrained_parts(config)`). A stage sized in epochs counts its steps
+    from `data` (a stage it cannot size counts as enough)."""
+    guard = config.train.stage_guard
+    if guard is False or config.model.init_from:
+        return []
+    minimum = guard.min_connector_steps if not isinstance(guard, bool) else StageGuardConfig().min_connector_steps
+    guarded = [p for p in GUARDED_PARTS if any(p in s.trainable for s in config.train.stages.values())]
+    if not guarded:
+        return []
+    pretrained = pretrained_parts(config) if pretrained is None else pretrained
+    trained, warnings = 0, []
+    for name, stage in config.train.stages.items():
+        steps = _stage_steps(stage, data.get(name) if data else None)
+        unfrozen = [p for p in GUARDED_PARTS if p in stage.trainable and p in pretrained]
+        if unfrozen and trained < minimum:
+            parts = " and ".join("the vision tower" if p == "vision" else "the LLM" for p in unfrozen)
+            warnings.append(
+                f"stage {name!r} trains {parts} while the connector has trained {trained} step(s) in earlier stages "
+                f"(fewer than train.stage_guard.min_connector_steps={minimum}). The lecture's rule: {STAGE_GUARD_RULE} "
+                f"({STAGE_GUARD_EFFECT}). Train the connector alone first, or silence this with --no-guard or "
+                "train.stage_guard: false.")
+        if "connector" in stage.trainable:
+            trained += steps if steps is not None else minimum
+    return warnings
+
+
+def _stage_steps(stage, data: StageData | None) -> int | None:
+    if stage.max_steps is not None:
+        return stage.max_steps
+    if data is None:
+        return None
+    import math
+
+    return math.ceil(data.records * stage.epochs / (stage.batch_size * stage.grad_accum))
 
 
 def check_data(config: Config) -> dict[str, StageData]:
