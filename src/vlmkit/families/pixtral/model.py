@@ -75,6 +75,8 @@ class RopeBlock(nn.Module):
 
 
 class RopeViTTower(VisionTower):
+    from_files = False  # built from a config; its weights travel with the checkpoint
+
     def __init__(self, config: RopeViTConfig):
         super().__init__()
         c = config

@@ -26,6 +26,8 @@ class PatchifyConfig(BaseModel):
 
 
 class PatchifyTower(VisionTower):
+    from_files = False  # no weights at all: nothing is read from files, nothing pretrained to protect
+
     def __init__(self, config: PatchifyConfig):
         super().__init__()
         self.patch_size = config.patch_size
