@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "mistral"}
+# Decoders with the same layers whose rotary positions are 3D (M-RoPE, `processing/mrope.py`):
+# each rotary frequency reads the temporal, height or width position, in contiguous sections.
+MROPE_MODEL_TYPES = {"qwen2_vl_text", "qwen2_5_vl_text"}
 # Rotary variants whose frequencies do not depend on the sequence length, so one table serves
 # every position of a call.
 _STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -41,7 +44,7 @@ _STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 
 def supports(llm: nn.Module) -> bool:
     cfg = llm.config
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES | MROPE_MODEL_TYPES or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return False
     layers = getattr(llm.base_model, "layers", None)
     if layers is None or len(layers) == 0:
@@ -194,6 +197,29 @@ def _decoder_layer(x, index, w: _Layer, cos, signed_sin, dims, scaling, act, mas
     return x.add_(w.down(act(gate_up[..., :inner]).mul_(gate_up[..., inner:])))
 
 
+def _mrope_axes(rope: nn.Module, head_dim: int, device) -> torch.Tensor:
+    """(head_dim,) the axis (0 temporal, 1 height, 2 width) each rotary column reads: the
+    frequencies are cut into `mrope_section` runs taken from the axes in turn, and both halves
+    of the head use the same frequencies (transformers' `recomposition_frequencies`)."""
+    sections = list(rope.mrope_section)
+    if sum(sections) != head_dim // 2:
+        raise ValueError(f"mrope_section {sections} does not cover the {head_dim // 2} rotary frequencies")
+    half = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sections)])
+    return torch.cat([half, half]).to(device)
+
+
+def _rope_at(table: tuple, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin (B, T, head_dim) at `position_ids`: (B, T), or (3, B, T) for
+    M-RoPE, where column j reads the table at its axis' position (a gather, so the values are
+    bitwise the table's)."""
+    cos, signed_sin, axis = table
+    if axis is None:
+        return cos[position_ids], signed_sin[position_ids]
+    _, B, T = position_ids.shape
+    rows = position_ids[axis].permute(1, 2, 0).reshape(B * T, -1)  # each column's own position
+    return cos.gather(0, rows).view(B, T, -1), signed_sin.gather(0, rows).view(B, T, -1)
+
+
 def _signature(llm: nn.Module) -> tuple:
     # In-place updates (optimizer steps, load_state_dict) bump _version; .to() makes new storage.
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in llm.parameters())
@@ -232,10 +258,12 @@ class StaticKVCache:
 
 class LeanDecoder:
     """One generation call: a KV cache for `max_len` positions, rotary tables for the positions
-    the call will use, and the additive decode mask built from `key_mask` (B, max_len)."""
+    the call will use, and the additive decode mask built from `key_mask` (B, max_len).
+    `max_position`: the largest position id the call will use, where it may exceed `max_len`
+    (M-RoPE numbers a video's frames by time)."""
 
     def __init__(self, llm: nn.Module, batch: int, max_len: int, key_mask: torch.Tensor, dtype, device,
-                 compile: bool = False):
+                 compile: bool = False, max_position: int | None = None):
         self.llm = llm
         self.model = llm.base_model
         self.weights = decode_weights(llm)
@@ -249,6 +277,8 @@ class LeanDecoder:
         self.compiled = None
         rope = self.model.rotary_emb
         static_rope = getattr(rope, "rope_type", "default") in _STATIC_ROPE_TYPES
+        self._axis = _mrope_axes(rope, self.head_dim, device) if llm.config.model_type in MROPE_MODEL_TYPES else None
+        rope_len = max(max_len, (max_position or 0) + 1)
         if compile:
             if not static_rope:
                 raise ValueError(f"compiled decoding needs a static rotary embedding, not {rope.rope_type!r}")
@@ -257,29 +287,32 @@ class LeanDecoder:
             bucket = -(-max_len // _LENGTH_BUCKET) * _LENGTH_BUCKET
             key_mask = torch.cat([key_mask, key_mask.new_zeros((batch, bucket - max_len))], dim=1)
             max_len = bucket
-            self.cache, self.static_mask, self.write_index, self._rope_table = self._static_buffers(batch, max_len, dtype, device)
+            self.cache, self.static_mask, self.write_index, self._rope_table = self._static_buffers(batch, max_len, rope_len, dtype,
+                                                                                                   device)
             self.compiled = _compiled_step(device)
         else:
             self.cache = StaticKVCache(len(self.weights.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, device)
-            self._rope_table = self._rope_tables(max_len, dtype, device) if static_rope else None
+            self._rope_table = self._rope_tables(rope_len, dtype, device) if static_rope else None
         self.key_ok = key_mask.bool()
         # One decode mask for the whole call (sliced per step); none at all without padding.
         self.decode_mask = None
         if not bool(self.key_ok.all()):
             self.decode_mask = torch.zeros(key_mask.shape, dtype=dtype, device=device).masked_fill_(~self.key_ok, float("-inf"))[:, None, None, :]
 
-    def _rope_tables(self, max_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin for positions 0..max_len-1, (max_len, head_dim) each."""
+    def _rope_tables(self, length: int, dtype, device) -> tuple:
+        """cos and sign-folded sin for positions 0..length-1, (length, head_dim) each, and the
+        M-RoPE axis each column reads (None for 1-D positions). An M-RoPE module given 1-D
+        positions puts the same position on every axis, so its table is the 1-D one."""
         probe = torch.empty(0, dtype=dtype, device=device)
-        cos, sin = self.model.rotary_emb(probe, position_ids=torch.arange(max_len, device=device)[None])
-        return cos[0], _signed_sin(sin[0])
+        cos, sin = self.model.rotary_emb(probe, position_ids=torch.arange(length, device=device)[None])
+        return cos[0], _signed_sin(sin[0]), self._axis
 
-    def _static_buffers(self, batch: int, max_len: int, dtype, device):
+    def _static_buffers(self, batch: int, max_len: int, rope_len: int, dtype, device):
         """Cache, mask, write position and rotary tables of the compiled step. The last set is
         kept with the weights and reused by the next call of the same shape, so a CUDA graph finds
         its inputs at the addresses it was recorded with. On CUDA these and the weights are marked
         static: a graph copies every other input into its own memory at each replay."""
-        key = (batch, max_len, dtype, torch.device(device))
+        key = (batch, max_len, rope_len, dtype, torch.device(device))
         held = self.weights.static_buffers
         if held is not None and held[0] == key:
             cache, mask, write_index, rope = held[1]
@@ -292,9 +325,9 @@ class LeanDecoder:
                                   zeroed=True)
             mask = torch.empty((batch, 1, 1, max_len), dtype=dtype, device=device)
             write_index = torch.zeros(1, dtype=torch.long, device=device)
-            rope = self._rope_tables(max_len, dtype, device)
+            rope = self._rope_tables(rope_len, dtype, device)
             if torch.device(device).type == "cuda":
-                for t in cache.keys + cache.values + [mask, write_index, *rope, *self.weights.tensors()]:
+                for t in cache.keys + cache.values + [mask, write_index, *rope[:2], *self.weights.tensors()]:
                     torch._dynamo.mark_static_address(t)
             self.weights.static_buffers = (key, (cache, mask, write_index, rope))
         mask.fill_(float("-inf"))  # future columns start masked and are opened as they are written
@@ -302,8 +335,7 @@ class LeanDecoder:
 
     def _rope(self, embeds: torch.Tensor, position_ids: torch.Tensor):
         if self._rope_table is not None:
-            cos, signed_sin = self._rope_table
-            return cos[position_ids], signed_sin[position_ids]
+            return _rope_at(self._rope_table, position_ids)
         cos, sin = self.model.rotary_emb(embeds, position_ids=position_ids)
         return cos, _signed_sin(sin)
 
@@ -381,8 +413,8 @@ def _decode_one(x, position_ids, write_index, mask, keys, values, layers, final_
     compiled graph sees it (the cache written at the tensor position `write_index`, attention over
     the whole cache with `mask` hiding unwritten and padded columns). The weights arrive as inputs,
     so rebuilt weights reuse the graph."""
-    cos_table, signed_sin_table = rope_table
-    cos, signed_sin = cos_table[position_ids].unsqueeze(2), signed_sin_table[position_ids].unsqueeze(2)
+    cos, signed_sin = _rope_at(rope_table, position_ids)
+    cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)
 
     def store_kv(i, new_keys, new_values):
         keys[i].index_copy_(2, write_index, new_keys)
