@@ -116,6 +116,124 @@ def timed(fn, device: str, repeats: int):
     return result, statistics.median(times)
 
 
+# Imported models at the lecture's small CPU shapes (`--imported`): tiny-but-not-trivial random
+# folders saved with `save_pretrained` by the tests' folder builders, then `vlmkit import-hf`.
+IMPORTED = {
+    "qwen2-vl": {"text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+                          "num_key_value_heads": 4,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
+                 "vision": {"depth": 4, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 4, "patch_size": 14}},
+    "llava-next": {"text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+                            "num_key_value_heads": 4},
+                   "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4}},
+}
+
+
+def imported_pair(family: str, root):
+    """(vlmkit model, transformers model) of one random folder: the vlmkit one imported from it."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path[:0] = [str(tests), str(tests / "families" / "llava_next"), str(tests / "families" / "qwen2_vl")]
+    from vlmkit.checkpoint import load_checkpoint
+    from vlmkit.hf.registry import import_hf
+
+    shape = IMPORTED[family]
+    if family == "qwen2-vl":
+        from qwen2_vl_folder import save_qwen2vl
+        from transformers import Qwen2VLForConditionalGeneration as cls
+
+        # 224x168 px -> 16x12 patches of 14 px -> 48 visual tokens after the 2x2 merge.
+        folder = save_qwen2vl(root / "hf", text=shape["text"], vision=shape["vision"], min_pixels=56 * 56, max_pixels=224 * 224)
+    else:
+        from llava_next_folder import save_llava_next
+        from transformers import LlavaNextForConditionalGeneration as cls
+
+        folder = save_llava_next(root / "hf", text=shape["text"], vision=shape["vision"], tile=112, patch=14)
+    model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
+    return model.eval(), cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+
+
+QUESTIONS = ["Describe this picture in detail.", "What is in the image?", "Which colours do you see, and where are they?",
+             "Is there any text?", "Count the shapes.", "What stands out most, and why?", "Describe it.", "Any people?"]
+
+
+def imported_prompts(model, batch: int):
+    """One 224x168 noise image and a question per row; questions of different lengths, so a
+    batch is left-padded."""
+    from PIL import Image
+
+    from vlmkit.data.formats import Message
+    from vlmkit.processing import build_chat_processor
+
+    chat = build_chat_processor(model, 8192)
+    out = []
+    for i in range(batch):
+        g = torch.Generator().manual_seed(i)
+        image = Image.fromarray((torch.rand(168, 224, 3, generator=g) * 255).byte().numpy())
+        out.append(chat.encode_prompt([Message("user", "<image>\n" + QUESTIONS[i % len(QUESTIONS)])], [image]))
+    return out
+
+
+def imported_inputs(family: str, model, prompts) -> dict:
+    """transformers' inputs for the same prompts, left-padded as its `generate` expects."""
+    from vlmkit.families.llava_next.hf import llava_next_inputs
+
+    T = max(len(p.input_ids) for p in prompts)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.stack([torch.cat([torch.full((T - len(p.input_ids),), pad), p.input_ids]) for p in prompts])
+    mask = (torch.arange(T)[None] >= torch.tensor([T - len(p.input_ids) for p in prompts])[:, None]).long()
+    if family == "llava-next":
+        extra = {k: v for k, v in llava_next_inputs(prompts, pad).items() if k in ("pixel_values", "image_sizes")}
+    else:
+        extra = {"pixel_values": torch.cat([p.images[0].pixel_values for p in prompts]),
+                 "image_grid_thw": torch.tensor([p.images[0].views[0].grid for p in prompts]),
+                 "mm_token_type_ids": (ids == model.image_token_id).int()}
+    return {"input_ids": ids, "attention_mask": mask, **extra}
+
+
+def _timed(fn) -> tuple[object, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def compare_generation(family: str, model, ref, batch: int, new_tokens: int, repeats: int) -> dict:
+    """vlmkit's `generate` against transformers' greedy `generate`, `repeats` runs each,
+    interleaved, stopping at the same stop tokens on both sides; medians of wall and process CPU
+    seconds, and whether every run gave transformers' tokens."""
+    from vlmkit.generate import GenerationConfig, extra_stop_ids, generate
+
+    prompts = imported_prompts(model, batch)
+    inputs = imported_inputs(family, model, prompts)
+    tok = model.tokenizer
+    stops = sorted({tok.eos_token_id, *extra_stop_ids(tok)})
+    cfg = GenerationConfig(max_new_tokens=new_tokens)
+
+    def ours():
+        return generate(model, prompts, cfg)
+
+    def theirs():
+        with torch.inference_mode():
+            out = ref.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        return _strip(out[:, inputs["input_ids"].shape[1]:].tolist(), stops)
+
+    ours(), theirs()  # warm-up
+    runs = {"vlmkit": ([], []), "hf": ([], [])}
+    same = True
+    for _ in range(repeats):
+        mine, *t_mine = _timed(ours)
+        their, *t_their = _timed(theirs)
+        same = same and mine == their
+        for name, (wall, cpu) in (("vlmkit", t_mine), ("hf", t_their)):
+            runs[name][0].append(wall)
+            runs[name][1].append(cpu)
+    med = {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in runs.items()}
+    return {"what": "generate", "family": family, "batch": batch, "new_tokens": sum(map(len, mine)), "repeats": repeats,
+            "vlmkit_s": med["vlmkit"][0], "vlmkit_cpu_s": med["vlmkit"][1], "hf_s": med["hf"][0], "hf_cpu_s": med["hf"][1],
+            "ratio": med["hf"][0] / med["vlmkit"][0], "ratio_cpu": med["hf"][1] / med["vlmkit"][1], "same_outputs": same}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-small")
@@ -135,7 +253,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from vlmkit.families.llava.hf import to_llava
-    from vlmkit.generate import GenerationConfig, _extra_stop_ids, generate
+    from vlmkit.generate import GenerationConfig, extra_stop_ids, generate
 
     dtype = getattr(torch, args.dtype)
     model = build(args.shape)
@@ -144,7 +262,7 @@ def main(argv=None) -> int:
     llava.to(args.device, dtype).eval()
     tok = model.tokenizer
     pad_id = tok.pad_token_id
-    stops = sorted({tok.eos_token_id, *_extra_stop_ids(tok)})
+    stops = sorted({tok.eos_token_id, *extra_stop_ids(tok)})
     print(f"shape {args.shape}: {model.tokens_per_image} image tokens + ~{args.text_tokens} text tokens, "
           f"{args.new_tokens} new tokens, {args.dtype} on {args.device} ({torch.get_num_threads()} threads)", flush=True)
 

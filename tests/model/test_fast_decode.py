@@ -102,17 +102,24 @@ def test_decode_layout_copies_only_wide_weights_and_follow_updates():
     llm = _models()["llama"]
     weights = fast_decode.decode_weights(llm)
     layer, module = weights.layers[0], llm.model.layers[0]
-    # Wider-than-tall weights get a column-major copy with equal values; the rest are the weights themselves.
     inner = module.mlp.gate_proj.out_features
     folded = module.mlp.gate_proj.weight * module.post_attention_layernorm.weight
-    assert not layer.gate_up.weight.is_contiguous() and torch.equal(layer.gate_up.weight[:inner], folded)
-    assert layer.down.weight.data_ptr() == module.mlp.down_proj.weight.data_ptr()  # taller than wide: used as is
+    # Row-major maps for prompts and batches; the one-row layout only once batch 1 asks for it.
+    assert layer.gate_up.weight.is_contiguous() and torch.equal(layer.gate_up.weight[:inner], folded)
+    assert layer.gate_up.gemv is None
+    fast_decode.LeanDecoder(llm, 1, 4, torch.ones(1, 4), torch.float32, "cpu")
+    # Wider-than-tall weights get a column-major copy with equal values; the rest are the weights themselves.
+    assert not layer.gate_up.gemv.is_contiguous() and torch.equal(layer.gate_up.gemv, layer.gate_up.weight)
+    assert layer.down.gemv is None and layer.down.weight.data_ptr() == module.mlp.down_proj.weight.data_ptr()  # taller than wide
+    x = torch.randn(1, 1, SMALL["hidden_size"])
+    torch.testing.assert_close(layer.gate_up(x), x @ layer.gate_up.weight.t(), atol=1e-5, rtol=1e-5)
     assert fast_decode.decode_weights(llm) is weights  # cached while nothing changes
     with torch.no_grad():
         module.mlp.gate_proj.weight.add_(1.0)  # an optimizer step, in place
     fresh = fast_decode.decode_weights(llm)
     folded = module.mlp.gate_proj.weight * module.post_attention_layernorm.weight
     assert fresh is not weights and torch.equal(fresh.layers[0].gate_up.weight[:inner], folded)
+    assert fresh.layers[0].gate_up.gemv is None  # the new weights' copy is made on the next batch-1 call
 
 
 def test_bfloat16_keeps_the_norm_scale_unfolded_and_matches_hf():

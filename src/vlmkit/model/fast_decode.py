@@ -6,10 +6,13 @@ around the matrix products. Each item was measured on the CPU this project is de
 * **The KV cache is preallocated once and written in place.** With left padding every row of a
   batch writes its new key/value into the same column, so the cache is a plain tensor slice, not
   a growing list that is re-concatenated every step (which copies the whole cache per layer).
-* **Weights in the layout matrix-vector products read fastest.** A decoding step multiplies one
-  row per sequence by every weight, so it is bound by how fast the weights stream from memory.
-  MKL streams a weight about 1.7x (MLP up/gate) to 2.5x (LM head) faster when its longer side is
-  the contiguous one, so those weights get a column-major copy (same values, same shape).
+* **Weights in the layout matrix-vector products read fastest, at batch 1 only.** A batch-1
+  decoding step multiplies one row by every weight, so it is bound by how fast the weights
+  stream from memory. MKL streams a weight about 1.4x (MLP up/gate) to 2x (LM head) faster when
+  its longer side is the contiguous one, so at batch 1 those weights get a column-major copy
+  (same values, same shape). With several rows (a batch of 8, a prompt) the same copy is up to
+  1.3x slower than the row-major weight (measured on an AMD EPYC), so the prompt and batched
+  steps read the row-major one, and the copy is made only once a batch-1 call needs it.
 * **Fewer operations.** q|k|v and gate|up are one map each; in float32 the RMSNorm scales are
   folded into the maps after them; rotary tables are computed once per call (a K=1 outer product,
   so the values are bitwise those of the HF rotary module); RoPE runs on q and k at once; the
@@ -67,22 +70,28 @@ def supports(llm: nn.Module) -> bool:
     return not hooked and plain_linears
 
 
-def _decode_layout(weight: torch.Tensor) -> torch.Tensor:
-    """The same matrix, stored so that its longer side is contiguous (see the module notes).
-    Measured for MKL on CPU only; GPU BLAS libraries get the weight as it is."""
+def _gemv_layout(weight: torch.Tensor) -> torch.Tensor | None:
+    """The same matrix, stored so that its longer side is contiguous (see the module notes), or
+    None where the weight as it is serves (not wider than tall, or not on a CPU)."""
     out_features, in_features = weight.shape
     if weight.device.type == "cpu" and out_features > in_features and weight.is_contiguous():
         return weight.t().contiguous().t()
-    return weight
+    return None
 
 
 @dataclass
 class _Linear:
+    """A linear map. `gemv` is its weight in the layout a one-row product reads fastest, made by
+    `_Weights.prepare_gemv` for batch-1 decoding only: with several rows (a batch, a prompt) the
+    row-major weight is the faster one, and most calls never need the copy."""
+
     weight: torch.Tensor
     bias: torch.Tensor | None
+    gemv: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        one_row = self.gemv is not None and x.numel() == x.shape[-1]
+        return F.linear(x, self.gemv if one_row else self.weight, self.bias)
 
 
 def _linear(*modules: nn.Linear, input_scale: torch.Tensor | None = None) -> _Linear:
@@ -96,7 +105,7 @@ def _linear(*modules: nn.Linear, input_scale: torch.Tensor | None = None) -> _Li
     bias = None
     if any(m.bias is not None for m in modules):
         bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
-    return _Linear(_decode_layout(weight), bias)
+    return _Linear(weight, bias)
 
 
 @dataclass
@@ -157,11 +166,21 @@ class _Weights:
         self.head = _linear(llm.get_output_embeddings(), input_scale=final_scale)
         self.static_buffers = None
 
-    def tensors(self) -> list[torch.Tensor]:
+    def _parts(self) -> list:
         parts = [self.final_norm, self.head]
         for layer in self.layers:
             parts += [layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down]
-        return [t for part in parts for t in (part.weight, getattr(part, "bias", None)) if t is not None]
+        return parts
+
+    def prepare_gemv(self) -> None:
+        """Give the wide maps their one-row layout (once; kept with these weights)."""
+        for part in self._parts():
+            if isinstance(part, _Linear) and part.gemv is None:
+                part.gemv = _gemv_layout(part.weight)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for part in self._parts() for t in (part.weight, getattr(part, "bias", None), getattr(part, "gemv", None))
+                if t is not None]
 
 
 def _silu_(x: torch.Tensor) -> torch.Tensor:
@@ -175,11 +194,14 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def _decoder_layer(x, index, w: _Layer, cos, signed_sin, dims, scaling, act, mask, store_kv, first: bool):
+def _decoder_layer(x, index, w: _Layer, cos, signed_sin, dims, scaling, act, mask, store_kv, first: bool,
+                   last_only: bool = False):
     """One Llama-family layer over x (B, T, D), in the HF modules' operation order. `store_kv(index,
     keys, values)` writes this step's rotated keys and values into the cache and returns what
     attention reads; `act` may work in place. The first layer leaves x (the caller's embeddings)
-    unwritten; later layers update the residual in place."""
+    unwritten; later layers update the residual in place. `last_only` (the last layer of a
+    prompt): keys and values for every position, the rest for the last position only, (B, 1, D)
+    out, since nothing reads the other positions' outputs."""
     heads, kv_heads, head_dim = dims
     B, T, _ = x.shape
     qkv = w.qkv(w.input_norm(x)).view(B, T, heads + 2 * kv_heads, head_dim)
@@ -188,7 +210,11 @@ def _decoder_layer(x, index, w: _Layer, cos, signed_sin, dims, scaling, act, mas
     rotated = torch.roll(qk, head_dim // 2, dims=-1).mul_(signed_sin)
     qk = (qk * cos).add_(rotated)
     keys, values = store_kv(index, qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv_heads :].transpose(1, 2))
-    out = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask, scale=scaling,
+    queries = qk[:, :, :heads]
+    if last_only and T > 1:
+        queries, x, T = queries[:, -1:], x[:, -1:], 1
+        mask = None if mask is None else mask[..., -1:, :]
+    out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scaling,
                                          enable_gqa=heads != kv_heads)
     attn_out = w.o(out.transpose(1, 2).reshape(B, T, heads * head_dim))
     x = x + attn_out if first else x.add_(attn_out)
@@ -267,6 +293,8 @@ class LeanDecoder:
         self.llm = llm
         self.model = llm.base_model
         self.weights = decode_weights(llm)
+        if batch == 1:
+            self.weights.prepare_gemv()
         attn = self.model.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.heads = llm.config.num_attention_heads
@@ -287,6 +315,7 @@ class LeanDecoder:
             bucket = -(-max_len // _LENGTH_BUCKET) * _LENGTH_BUCKET
             key_mask = torch.cat([key_mask, key_mask.new_zeros((batch, bucket - max_len))], dim=1)
             max_len = bucket
+            rope_len = -(-max(rope_len, bucket) // _LENGTH_BUCKET) * _LENGTH_BUCKET
             self.cache, self.static_mask, self.write_index, self._rope_table = self._static_buffers(batch, max_len, rope_len, dtype,
                                                                                                    device)
             self.compiled = _compiled_step(device)
@@ -352,7 +381,7 @@ class LeanDecoder:
 
     def forward_last(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run `embeds` (B, T, D) as the next T positions; the final-norm hidden state of the
-        last position (B, D)."""
+        last position (B, D). Only the last position's output is computed in the last layer."""
         T = embeds.shape[1]
         cache = self.cache
         start, end = cache.length, cache.length + T
@@ -367,8 +396,10 @@ class LeanDecoder:
 
         x = embeds
         dims = (self.heads, self.kv_heads, self.head_dim)
+        last = len(self.weights.layers) - 1
         for i, w in enumerate(self.weights.layers):
-            x = _decoder_layer(x, i, w, cos, signed_sin, dims, self.scaling, self.act, mask, store_kv, first=i == 0)
+            x = _decoder_layer(x, i, w, cos, signed_sin, dims, self.scaling, self.act, mask, store_kv, first=i == 0,
+                               last_only=i == last)
         cache.length = end
         return self.weights.final_norm(x[:, -1])
 
