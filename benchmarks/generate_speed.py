@@ -9,6 +9,16 @@ on what the weights are.
     python benchmarks/generate_speed.py                      # CPU shapes, batch 1 and 32
     python benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 --compiled --hf-compiled
 
+Side by side in one run (`--imported`): generation of imported Qwen2-VL / LLaVA-NeXT folders
+(vlmkit `generate` vs transformers `generate`, batch 1 and 8, the same stop tokens, outputs
+asserted equal) and `vlmkit eval run` with `-m vlmkit:CKPT` against `-m hf:FOLDER` on one
+exported folder (same items, answers asserted equal), batched and one by one. Each figure is
+the median of `--repeats` interleaved runs, in wall and process CPU seconds (CPU seconds move
+much less with the load of a shared machine):
+
+    python benchmarks/generate_speed.py --imported qwen2-vl,llava-next --eval --threads 1 --repeats 5
+    python benchmarks/generate_speed.py --imported qwen2-vl --eval --quick          # a smoke run
+
 Shapes: "cpu-small" (a small LM that a laptop CPU runs at batch 32 in seconds), "smollm2-135m" and
 "smolvlm-360m" (SigLIP-B/16 at 384 px = 576 image tokens, SmolLM2-360M: the GPU comparison
 of the issue; prompt 576 + 32 text tokens = 608).
@@ -192,20 +202,22 @@ def imported_inputs(family: str, model, prompts) -> dict:
     return {"input_ids": ids, "attention_mask": mask, **extra}
 
 
-def _timed(fn) -> tuple[object, float, float]:
+def _timed(fn, device: str) -> tuple[object, float, float]:
+    sync(device)
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
+    sync(device)
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compare_generation(family: str, model, ref, batch: int, new_tokens: int, repeats: int) -> dict:
+def compare_generation(family: str, model, ref, batch: int, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
     """vlmkit's `generate` against transformers' greedy `generate`, `repeats` runs each,
     interleaved, stopping at the same stop tokens on both sides; medians of wall and process CPU
     seconds, and whether every run gave transformers' tokens."""
     from vlmkit.generate import GenerationConfig, extra_stop_ids, generate
 
     prompts = imported_prompts(model, batch)
-    inputs = imported_inputs(family, model, prompts)
+    inputs = {k: v.to(device) for k, v in imported_inputs(family, model, prompts).items()}
     tok = model.tokenizer
     stops = sorted({tok.eos_token_id, *extra_stop_ids(tok)})
     cfg = GenerationConfig(max_new_tokens=new_tokens)
@@ -222,8 +234,8 @@ def compare_generation(family: str, model, ref, batch: int, new_tokens: int, rep
     runs = {"vlmkit": ([], []), "hf": ([], [])}
     same = True
     for _ in range(repeats):
-        mine, *t_mine = _timed(ours)
-        their, *t_their = _timed(theirs)
+        mine, *t_mine = _timed(ours, device)
+        their, *t_their = _timed(theirs, device)
         same = same and mine == their
         for name, (wall, cpu) in (("vlmkit", t_mine), ("hf", t_their)):
             runs[name][0].append(wall)
@@ -232,6 +244,59 @@ def compare_generation(family: str, model, ref, batch: int, new_tokens: int, rep
     return {"what": "generate", "family": family, "batch": batch, "new_tokens": sum(map(len, mine)), "repeats": repeats,
             "vlmkit_s": med["vlmkit"][0], "vlmkit_cpu_s": med["vlmkit"][1], "hf_s": med["hf"][0], "hf_cpu_s": med["hf"][1],
             "ratio": med["hf"][0] / med["vlmkit"][0], "ratio_cpu": med["hf"][1] / med["vlmkit"][1], "same_outputs": same}
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide fp32/bf16 kernel speed (`lscpu`'s flags), for the report."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "unknown"
+    return " ".join(sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})) or "none of avx2/avx512"
+
+
+def side_by_side(args) -> int:
+    """Generation of imported models and evaluation through both backends, in one run."""
+    import platform
+    import tempfile
+    from pathlib import Path
+
+    repeats, new_tokens, items = (2, 8, 8) if args.quick else (args.repeats, args.new_tokens, 32)
+    device = args.device
+    print(f"{platform.machine()} {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}; "
+          f"medians of {repeats} interleaved repeats", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in [f for f in (args.imported or "").split(",") if f]:
+            model, ref = imported_pair(family, Path(tmp) / family)
+            model.to(device)
+            ref.to(device)
+            for batch in (1, 8):
+                rows.append(compare_generation(family, model, ref, batch, new_tokens, repeats, device))
+                print(json.dumps(rows[-1]), flush=True)
+            del model, ref
+        if args.eval:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from eval_batching import compare_backends
+
+            for row in compare_backends(Path(tmp) / "eval", n=items, repeats=repeats, device=device):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print("\n| measure | batch | vlmkit s (CPU s) | transformers s (CPU s) | ratio (CPU) | same outputs |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        what = f"generate {r['family']}" if r["what"] == "generate" else f"eval {r['benchmark']} ({r['items']} items)"
+        same = r.get("same_outputs", r.get("same_answers"))
+        print(f"| {what} | {r['batch']} | {r['vlmkit_s']:.3f} ({r['vlmkit_cpu_s']:.3f}) | {r['hf_s']:.3f} ({r['hf_cpu_s']:.3f}) "
+              f"| {r['ratio']:.2f}x ({r['ratio_cpu']:.2f}x) | {same} |")
+    for r in rows:
+        if r["what"] == "eval" and r["batch"] > 1:
+            print(f"eval batched (b{r['batch']}) vs one by one: vlmkit {r['vlmkit_vs_one_by_one']:.2f}x, "
+                  f"hf {r['hf_vs_one_by_one']:.2f}x")
+    return 0 if all(r.get("same_outputs", r.get("same_answers")) for r in rows) else 1
 
 
 def main(argv=None) -> int:
@@ -248,9 +313,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled", action="store_true",
                     help="also time vlmkit with its compiled decode step (GenerationConfig.compile; a CUDA graph on GPUs)")
     ap.add_argument("--json", help="append results as JSON lines to this file")
+    ap.add_argument("--imported", help="side by side: comma-separated imported families (qwen2-vl, llava-next)")
+    ap.add_argument("--eval", action="store_true", help="side by side: also the vlmkit eval backend against the hf: backend")
+    ap.add_argument("--quick", action="store_true", help="side by side: 2 repeats, 8 new tokens, 8 eval items (a smoke run)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.imported or args.eval:
+        return side_by_side(args)
 
     from vlmkit.families.llava.hf import to_llava
     from vlmkit.generate import GenerationConfig, extra_stop_ids, generate
