@@ -100,7 +100,7 @@ def compare_backends(root: Path, *, n: int = 32, batch_sizes=(8, 1), max_new_tok
     (`make_tiny_hf_llava` at `shape`) is imported with `vlmkit import-hf`, exported back with
     `vlmkit export-hf`, and both backends answer the same items from that exported folder and
     its checkpoint through the same runner. Each batch size is timed `repeats` times, the two
-    backends interleaved; every run's answers must equal the hf backend's batched answers.
+    backends interleaved; every run's answers must equal the first run's (vlmkit, batched).
     Returns one row per batch size with medians (wall and process CPU seconds) and the ratios."""
     import statistics
 

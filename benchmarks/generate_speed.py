@@ -248,8 +248,10 @@ def compare_generation(family: str, model, ref, batch: int, new_tokens: int, rep
 
 def cpu_flags() -> str:
     """The CPU features that decide fp32/bf16 kernel speed (`lscpu`'s flags), for the report."""
+    from pathlib import Path
+
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return "unknown"
     return " ".join(sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})) or "none of avx2/avx512"
