@@ -1,7 +1,8 @@
 """A lean inference path for Llama-family decoders (Llama, Qwen2, Mistral without sliding
 windows; Qwen2-VL and Qwen2.5-VL with their 3D M-RoPE positions): the same weights and the
-same maths as the Hugging Face modules, with less work around the matrix products. Each item was measured on the CPU this project is developed on
-(benchmarks/generate_speed.py; figures in docs/serving.md):
+same maths as the Hugging Face modules, with less work around the matrix products. Each item
+was measured on the CPU this project is developed on (benchmarks/generate_speed.py; figures in
+docs/serving.md):
 
 * **The KV cache is preallocated once and written in place.** With left padding every row of a
   batch writes its new key/value into the same column, so the cache is a plain tensor slice, not
