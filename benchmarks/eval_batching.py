@@ -21,9 +21,18 @@ import time
 from pathlib import Path
 
 
-def make_tiny_hf_llava(out: Path, seed: int = 0) -> Path:
-    """A randomly initialised LLaVA (1-layer CLIP + 1-layer Llama) with a word-level tokenizer,
-    saved as a Hugging Face folder; only for exercising the HF backend offline."""
+# `compare_backends`' default model: a LLaVA the size of the lecture's small CPU examples
+# (4-layer CLIP at 112 px = 64 visual tokens, a 256-wide 4-layer Llama).
+EVAL_SHAPE = {"vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                         "image_size": 112, "patch_size": 14},
+              "text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+                       "num_key_value_heads": 4}}
+
+
+def make_tiny_hf_llava(out: Path, seed: int = 0, shape: dict | None = None, sharpen: bool = False) -> Path:
+    """A randomly initialised LLaVA (1-layer CLIP + 1-layer Llama unless `shape` names the
+    "vision" and "text" config fields) with a word-level tokenizer, saved as a Hugging Face
+    folder; only for exercising the HF backend offline."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
@@ -42,23 +51,104 @@ def make_tiny_hf_llava(out: Path, seed: int = 0) -> Path:
                 "{% if add_generation_prompt %}assistant : {% endif %}")
     import warnings
 
+    shape = shape or {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "image_size": 28, "patch_size": 14},
+                      "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "num_key_value_heads": 2}}
+    size, patch = shape["vision"]["image_size"], shape["vision"]["patch_size"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ip = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
                           chat_template=template, num_additional_image_tokens=1)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=28, patch_size=14),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        vision_config=CLIPVisionConfig(**shape["vision"]),
+        text_config=LlamaConfig(vocab_size=len(vocab), **shape["text"], max_position_embeddings=1024,
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
         image_token_index=4, vision_feature_layer=-1,
     )
     torch.manual_seed(seed)
-    LlavaForConditionalGeneration(cfg).save_pretrained(out)
+    model = LlavaForConditionalGeneration(cfg)
+    if sharpen:
+        with torch.no_grad():  # random init is near-uniform: sharper logits leave no near-ties for greedy to split
+            model.lm_head.weight.mul_(8)
+            # A logit of 0 for the image token: `vlmkit export-hf` suppresses it in transformers'
+            # generation config, and vlmkit's generate decodes it as text, so it must not win.
+            model.lm_head.weight[cfg.image_token_index] = 0.0
+    model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
+
+
+def _run_eval(backend, bench, items, out_dir: Path, batch_size: int, max_new_tokens: int) -> tuple[float, float, dict[str, str]]:
+    """One `vlmkit eval run` through the runner (a fresh output folder, so nothing is reused):
+    wall seconds, process CPU seconds and the predictions by item id."""
+    from vlmkit.eval.runner import CACHE_NAME, run_benchmark
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    outcome = run_benchmark(bench, items, backend, out_dir, model_spec=backend.name, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, progress=False)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert outcome.generated == len(items) and outcome.reused == 0
+    rows = [json.loads(line) for line in (out_dir / CACHE_NAME).read_text().splitlines() if line.strip()]
+    return wall, cpu, {r["id"]: r["prediction"] for r in rows}
+
+
+def compare_backends(root: Path, *, n: int = 32, batch_sizes=(8, 1), max_new_tokens: int = 8, repeats: int = 5,
+                     benchmark: str = "chartqa", device: str | None = None, shape: dict | None = None) -> list[dict]:
+    """`vlmkit eval run -m vlmkit:CKPT` against `-m hf:FOLDER` on one model: a LLaVA folder
+    (`make_tiny_hf_llava` at `shape`) is imported with `vlmkit import-hf`, exported back with
+    `vlmkit export-hf`, and both backends answer the same items from that exported folder and
+    its checkpoint through the same runner. Each batch size is timed `repeats` times, the two
+    backends interleaved; every run's answers must equal the first run's (vlmkit, batched).
+    Returns one row per batch size with medians (wall and process CPU seconds) and the ratios."""
+    import statistics
+
+    from vlmkit.checkpoint import load_checkpoint
+    from vlmkit.eval.backends import make_backend
+    from vlmkit.eval.benchmarks import get_benchmark
+    from vlmkit.eval.synth import synth_bench
+    from vlmkit.hf.registry import export_hf, import_hf
+
+    folder = make_tiny_hf_llava(root / "hf", shape=shape or EVAL_SHAPE, sharpen=True)
+    model, _ = load_checkpoint(import_hf(folder, root / "imported"))
+    exported = export_hf(model, root / "exported")
+    checkpoint = import_hf(exported, root / "vlmkit")
+    synth_bench(benchmark, root / "data", n=max(1, n // 2 + 1), write_gold=False)
+    bench = get_benchmark(benchmark)
+    items = bench.load(root / "data")[:n]
+    backends = {"vlmkit": make_backend(f"vlmkit:{checkpoint}", device=device), "hf": make_backend(f"hf:{exported}", device=device)}
+    for backend in backends.values():  # warm-up
+        _run_eval(backend, bench, items[:2], root / f"warm-{backend.name.split(':')[0]}", 2, max_new_tokens)
+    times = {(name, bs): ([], []) for name in backends for bs in batch_sizes}
+    reference, runs = None, 0
+    for _ in range(repeats):
+        for bs in batch_sizes:
+            for name, backend in backends.items():
+                runs += 1
+                wall, cpu, answers = _run_eval(backend, bench, items, root / f"run-{runs}", bs, max_new_tokens)
+                reference = reference or answers
+                if answers != reference:
+                    diff = [k for k in reference if answers.get(k) != reference[k]]
+                    raise AssertionError(f"{name} at batch {bs} answered {len(diff)} item(s) differently, e.g. {diff[0]!r}: "
+                                         f"{answers.get(diff[0])!r} vs {reference[diff[0]]!r}")
+                times[name, bs][0].append(wall)
+                times[name, bs][1].append(cpu)
+    med = {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in times.items()}
+    rows = []
+    for bs in batch_sizes:
+        row = {"what": "eval", "benchmark": benchmark, "items": len(items), "batch": bs, "max_new_tokens": max_new_tokens,
+               "repeats": repeats, "same_answers": True}
+        for name in backends:
+            row[f"{name}_s"], row[f"{name}_cpu_s"] = med[name, bs]
+        row["ratio"] = row["hf_s"] / row["vlmkit_s"]
+        row["ratio_cpu"] = row["hf_cpu_s"] / row["vlmkit_cpu_s"]
+        rows.append(row)
+    one = min(batch_sizes)
+    for row in rows:  # batched against one by one, per backend
+        for name in backends:
+            row[f"{name}_vs_one_by_one"] = med[name, one][0] / med[name, row["batch"]][0]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,16 @@ on what the weights are.
     python benchmarks/generate_speed.py                      # CPU shapes, batch 1 and 32
     python benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 --compiled --hf-compiled
 
+Side by side in one run (`--imported`): generation of imported Qwen2-VL / LLaVA-NeXT folders
+(vlmkit `generate` vs transformers `generate`, batch 1 and 8, the same stop tokens, outputs
+asserted equal) and `vlmkit eval run` with `-m vlmkit:CKPT` against `-m hf:FOLDER` on one
+exported folder (same items, answers asserted equal), batched and one by one. Each figure is
+the median of `--repeats` interleaved runs, in wall and process CPU seconds (CPU seconds move
+much less with the load of a shared machine):
+
+    python benchmarks/generate_speed.py --imported qwen2-vl,llava-next --eval --threads 1 --repeats 5
+    python benchmarks/generate_speed.py --imported qwen2-vl --eval --quick          # a smoke run
+
 Shapes: "cpu-small" (a small LM that a laptop CPU runs at batch 32 in seconds), "smollm2-135m" and
 "smolvlm-360m" (SigLIP-B/16 at 384 px = 576 image tokens, SmolLM2-360M: the GPU comparison
 of the issue; prompt 576 + 32 text tokens = 608).
@@ -116,6 +126,181 @@ def timed(fn, device: str, repeats: int):
     return result, statistics.median(times)
 
 
+# Imported models at the lecture's small CPU shapes (`--imported`): tiny-but-not-trivial random
+# folders saved with `save_pretrained` by the tests' folder builders, then `vlmkit import-hf`.
+IMPORTED = {
+    "qwen2-vl": {"text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+                          "num_key_value_heads": 4,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
+                 "vision": {"depth": 4, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 4, "patch_size": 14}},
+    "llava-next": {"text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+                            "num_key_value_heads": 4},
+                   "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4}},
+}
+
+
+def imported_pair(family: str, root):
+    """(vlmkit model, transformers model) of one random folder: the vlmkit one imported from it."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path[:0] = [str(tests), str(tests / "families" / "llava_next"), str(tests / "families" / "qwen2_vl")]
+    from vlmkit.checkpoint import load_checkpoint
+    from vlmkit.hf.registry import import_hf
+
+    shape = IMPORTED[family]
+    if family == "qwen2-vl":
+        from qwen2_vl_folder import save_qwen2vl
+        from transformers import Qwen2VLForConditionalGeneration as cls
+
+        # 224x168 px -> 16x12 patches of 14 px -> 48 visual tokens after the 2x2 merge.
+        folder = save_qwen2vl(root / "hf", text=shape["text"], vision=shape["vision"], min_pixels=56 * 56, max_pixels=224 * 224)
+    else:
+        from llava_next_folder import save_llava_next
+        from transformers import LlavaNextForConditionalGeneration as cls
+
+        folder = save_llava_next(root / "hf", text=shape["text"], vision=shape["vision"], tile=112, patch=14)
+    model, _ = load_checkpoint(import_hf(folder, root / "vlmkit"))
+    return model.eval(), cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+
+
+QUESTIONS = ["Describe this picture in detail.", "What is in the image?", "Which colours do you see, and where are they?",
+             "Is there any text?", "Count the shapes.", "What stands out most, and why?", "Describe it.", "Any people?"]
+
+
+def imported_prompts(model, batch: int):
+    """One 224x168 noise image and a question per row; questions of different lengths, so a
+    batch is left-padded."""
+    from PIL import Image
+
+    from vlmkit.data.formats import Message
+    from vlmkit.processing import build_chat_processor
+
+    chat = build_chat_processor(model, 8192)
+    out = []
+    for i in range(batch):
+        g = torch.Generator().manual_seed(i)
+        image = Image.fromarray((torch.rand(168, 224, 3, generator=g) * 255).byte().numpy())
+        out.append(chat.encode_prompt([Message("user", "<image>\n" + QUESTIONS[i % len(QUESTIONS)])], [image]))
+    return out
+
+
+def imported_inputs(family: str, model, prompts) -> dict:
+    """transformers' inputs for the same prompts, left-padded as its `generate` expects."""
+    from vlmkit.families.llava_next.hf import llava_next_inputs
+
+    T = max(len(p.input_ids) for p in prompts)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.stack([torch.cat([torch.full((T - len(p.input_ids),), pad), p.input_ids]) for p in prompts])
+    mask = (torch.arange(T)[None] >= torch.tensor([T - len(p.input_ids) for p in prompts])[:, None]).long()
+    if family == "llava-next":
+        extra = {k: v for k, v in llava_next_inputs(prompts, pad).items() if k in ("pixel_values", "image_sizes")}
+    else:
+        extra = {"pixel_values": torch.cat([p.images[0].pixel_values for p in prompts]),
+                 "image_grid_thw": torch.tensor([p.images[0].views[0].grid for p in prompts]),
+                 "mm_token_type_ids": (ids == model.image_token_id).int()}
+    return {"input_ids": ids, "attention_mask": mask, **extra}
+
+
+def _timed(fn, device: str) -> tuple[object, float, float]:
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def compare_generation(family: str, model, ref, batch: int, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
+    """vlmkit's `generate` against transformers' greedy `generate`, `repeats` runs each,
+    interleaved, stopping at the same stop tokens on both sides; medians of wall and process CPU
+    seconds, and whether every run gave transformers' tokens."""
+    from vlmkit.generate import GenerationConfig, extra_stop_ids, generate
+
+    prompts = imported_prompts(model, batch)
+    inputs = {k: v.to(device) for k, v in imported_inputs(family, model, prompts).items()}
+    tok = model.tokenizer
+    stops = sorted({tok.eos_token_id, *extra_stop_ids(tok)})
+    cfg = GenerationConfig(max_new_tokens=new_tokens)
+
+    def ours():
+        return generate(model, prompts, cfg)
+
+    def theirs():
+        with torch.inference_mode():
+            out = ref.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        return _strip(out[:, inputs["input_ids"].shape[1]:].tolist(), stops)
+
+    ours(), theirs()  # warm-up
+    runs = {"vlmkit": ([], []), "hf": ([], [])}
+    same = True
+    for _ in range(repeats):
+        mine, *t_mine = _timed(ours, device)
+        their, *t_their = _timed(theirs, device)
+        same = same and mine == their
+        for name, (wall, cpu) in (("vlmkit", t_mine), ("hf", t_their)):
+            runs[name][0].append(wall)
+            runs[name][1].append(cpu)
+    med = {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in runs.items()}
+    return {"what": "generate", "family": family, "batch": batch, "new_tokens": sum(map(len, mine)), "repeats": repeats,
+            "vlmkit_s": med["vlmkit"][0], "vlmkit_cpu_s": med["vlmkit"][1], "hf_s": med["hf"][0], "hf_cpu_s": med["hf"][1],
+            "ratio": med["hf"][0] / med["vlmkit"][0], "ratio_cpu": med["hf"][1] / med["vlmkit"][1], "same_outputs": same}
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide fp32/bf16 kernel speed (`lscpu`'s flags), for the report."""
+    from pathlib import Path
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    return " ".join(sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})) or "none of avx2/avx512"
+
+
+def side_by_side(args) -> int:
+    """Generation of imported models and evaluation through both backends, in one run."""
+    import platform
+    import tempfile
+    from pathlib import Path
+
+    repeats, new_tokens, items = (2, 8, 8) if args.quick else (args.repeats, args.new_tokens, 32)
+    device = args.device
+    print(f"{platform.machine()} {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}; "
+          f"medians of {repeats} interleaved repeats", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in [f for f in (args.imported or "").split(",") if f]:
+            model, ref = imported_pair(family, Path(tmp) / family)
+            model.to(device)
+            ref.to(device)
+            for batch in (1, 8):
+                rows.append(compare_generation(family, model, ref, batch, new_tokens, repeats, device))
+                print(json.dumps(rows[-1]), flush=True)
+            del model, ref
+        if args.eval:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from eval_batching import compare_backends
+
+            for row in compare_backends(Path(tmp) / "eval", n=items, repeats=repeats, device=device):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print("\n| measure | batch | vlmkit s (CPU s) | transformers s (CPU s) | ratio (CPU) | same outputs |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        what = f"generate {r['family']}" if r["what"] == "generate" else f"eval {r['benchmark']} ({r['items']} items)"
+        same = r.get("same_outputs", r.get("same_answers"))
+        print(f"| {what} | {r['batch']} | {r['vlmkit_s']:.3f} ({r['vlmkit_cpu_s']:.3f}) | {r['hf_s']:.3f} ({r['hf_cpu_s']:.3f}) "
+              f"| {r['ratio']:.2f}x ({r['ratio_cpu']:.2f}x) | {same} |")
+    for r in rows:
+        if r["what"] == "eval" and r["batch"] > 1:
+            print(f"eval batched (b{r['batch']}) vs one by one: vlmkit {r['vlmkit_vs_one_by_one']:.2f}x, "
+                  f"hf {r['hf_vs_one_by_one']:.2f}x")
+    return 0 if all(r.get("same_outputs", r.get("same_answers")) for r in rows) else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-small")
@@ -130,12 +315,17 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled", action="store_true",
                     help="also time vlmkit with its compiled decode step (GenerationConfig.compile; a CUDA graph on GPUs)")
     ap.add_argument("--json", help="append results as JSON lines to this file")
+    ap.add_argument("--imported", help="side by side: comma-separated imported families (qwen2-vl, llava-next)")
+    ap.add_argument("--eval", action="store_true", help="side by side: also the vlmkit eval backend against the hf: backend")
+    ap.add_argument("--quick", action="store_true", help="side by side: 2 repeats, 8 new tokens, 8 eval items (a smoke run)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.imported or args.eval:
+        return side_by_side(args)
 
     from vlmkit.families.llava.hf import to_llava
-    from vlmkit.generate import GenerationConfig, _extra_stop_ids, generate
+    from vlmkit.generate import GenerationConfig, extra_stop_ids, generate
 
     dtype = getattr(torch, args.dtype)
     model = build(args.shape)
@@ -144,7 +334,7 @@ def main(argv=None) -> int:
     llava.to(args.device, dtype).eval()
     tok = model.tokenizer
     pad_id = tok.pad_token_id
-    stops = sorted({tok.eos_token_id, *_extra_stop_ids(tok)})
+    stops = sorted({tok.eos_token_id, *extra_stop_ids(tok)})
     print(f"shape {args.shape}: {model.tokens_per_image} image tokens + ~{args.text_tokens} text tokens, "
           f"{args.new_tokens} new tokens, {args.dtype} on {args.device} ({torch.get_num_threads()} threads)", flush=True)
 

@@ -14,7 +14,17 @@
 #     pydantic pydantic-core annotated-types typing-inspection omegaconf antlr4-python3-runtime
 # and start the device command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+#
+#   bash benchmarks/gpu_checks.sh --device cpu --quick   # the same steps as a CPU smoke run
 set -u
+DEVICE=cuda QUICK=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --quick) QUICK=--quick; shift ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
 OUT="${OUT:-gpu-results}"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -36,3 +46,9 @@ step env 60 "$PY" -c "import torch, transformers; print(torch.__version__, trans
 step train_step 150 "$PY" benchmarks/train_step.py --preset gpu --device cuda --json
 step generate 330 "$PY" benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 \
     --text-tokens 32 --repeats 3 --compiled --hf-compiled --json "$OUT/generate.jsonl"
+
+# -- Where users wait: generation of imported models (Qwen2-VL, LLaVA-NeXT; batch 1 and 8) and
+# `vlmkit eval run` through the vlmkit backend against the hf: backend on one exported folder,
+# batched and one by one; outputs and answers asserted equal (the step fails otherwise).
+step wait_generate_eval 240 "$PY" benchmarks/generate_speed.py --imported qwen2-vl,llava-next --eval --device "$DEVICE" \
+    --repeats 5 --threads 1 $QUICK --json "$OUT/wait_generate_eval.jsonl"

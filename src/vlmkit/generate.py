@@ -165,7 +165,10 @@ def _prefill_lean(model, batch, steps: int, cfg: GenerationConfig) -> tuple[torc
     mask = batch.attention_mask
     B = mask.shape[0]
     full_mask = torch.cat([mask, torch.ones((B, steps), dtype=mask.dtype, device=mask.device)], dim=1)
-    lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device, compile=cfg.compile)
+    # M-RoPE positions may run past the sequence length (a video's frames are numbered by time).
+    max_position = int(batch.position_ids.max()) + steps if batch.position_ids.dim() == 3 else None
+    lean = fast_decode.LeanDecoder(model.llm, B, full_mask.shape[1], full_mask, embeds.dtype, embeds.device, compile=cfg.compile,
+                                   max_position=max_position)
     logits = lean.step_logits(embeds, batch.position_ids)
 
     def step_logits(token, positions):

@@ -37,3 +37,20 @@ def test_hf_backend_batched_equals_one_by_one(tiny_hf, tmp_path):
     out = run_benchmark(bench, items, backend, tmp_path / "o", model_spec="hf", batch_size=4, max_new_tokens=3,
                         progress=False)
     assert out.generated == 6 and 0.0 <= out.result.overall <= 1.0
+
+
+def test_vlmkit_and_hf_backends_answer_alike_on_one_exported_folder(tmp_path):
+    """benchmarks/eval_batching.py's comparison: a LLaVA folder imported, exported back, and
+    evaluated through the runner with `vlmkit:CKPT` and `hf:EXPORTED`, batched and one by one;
+    every run's answers equal (it raises otherwise) and the timings are reported."""
+    spec = importlib.util.spec_from_file_location("eval_batching", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shape = {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                        "image_size": 28, "patch_size": 14},
+             "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "num_key_value_heads": 2}}
+    rows = mod.compare_backends(tmp_path, n=4, batch_sizes=(4, 1), max_new_tokens=4, repeats=1, shape=shape)
+    assert [r["batch"] for r in rows] == [4, 1] and all(r["same_answers"] and r["items"] == 4 for r in rows)
+    assert all(r["vlmkit_s"] > 0 and r["hf_s"] > 0 and r["ratio"] > 0 for r in rows)
+    assert rows[1]["vlmkit_vs_one_by_one"] == 1.0

@@ -59,21 +59,67 @@ def test_prefill_and_decode_steps_match_hf(name):
             next_pos = next_pos + 1
 
 
+def test_mrope_decoder_prefill_and_decode_steps_match_hf():
+    """Qwen2-VL's M-RoPE decoder: (3, B, T) positions that differ per axis (an image block, a
+    row past the sequence length as a video's timestamps give), then decode steps from each row's
+    largest position + 1 on all three axes, as transformers' Qwen2-VL decodes."""
+    from transformers import Qwen2VLTextConfig
+
+    from vlmkit.families.qwen2_vl.model import MRopeCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLTextConfig(**SMALL, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    llm = MRopeCausalLM(cfg).eval()
+    assert fast_decode.supports(llm)
+    B, T, steps = 2, 8, 3
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0  # left padded
+    positions = torch.ones(3, B, T, dtype=torch.long)
+    # Row 0: two text tokens, a 1x2x3 image block, text; row 1: text, then timestamps far apart.
+    positions[:, 0] = torch.tensor([[0, 1, 2, 2, 2, 2, 2, 2], [0, 1, 2, 2, 2, 3, 3, 3], [0, 1, 2, 3, 4, 2, 3, 4]])
+    positions[:, 0, -2:] = torch.tensor([5, 6])
+    positions[:, 1, 3:] = torch.tensor([[0, 1, 40, 80, 81], [0, 1, 2, 3, 81], [0, 1, 3, 2, 81]])
+    ids = torch.randint(0, SMALL["vocab_size"], (B, T))
+    embeds = llm.get_input_embeddings()(ids)
+    with torch.no_grad():
+        lean = fast_decode.LeanDecoder(llm, B, T + steps, torch.cat([mask, torch.ones(B, steps, dtype=torch.long)], 1), embeds.dtype,
+                                       embeds.device, max_position=int(positions.max()) + steps)
+        ours = lean.logits(lean.forward_last(embeds, positions))
+        cache = DynamicCache()
+        out = llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        torch.testing.assert_close(ours, llm.lm_head(out.last_hidden_state[:, -1]), atol=2e-5, rtol=1e-4)
+        hf_mask, next_pos = mask, positions[..., -1:] + 1
+        for _ in range(steps):
+            step = llm.get_input_embeddings()(ours.argmax(-1)[:, None])
+            ours = lean.logits(lean.forward_last(step, next_pos))
+            hf_mask = torch.cat([hf_mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            out = llm.model(inputs_embeds=step, attention_mask=hf_mask, position_ids=next_pos, cache=cache, use_cache=True)
+            torch.testing.assert_close(ours, llm.lm_head(out.last_hidden_state[:, -1]), atol=2e-5, rtol=1e-4)
+            next_pos = next_pos + 1
+
+
 def test_decode_layout_copies_only_wide_weights_and_follow_updates():
     llm = _models()["llama"]
     weights = fast_decode.decode_weights(llm)
     layer, module = weights.layers[0], llm.model.layers[0]
-    # Wider-than-tall weights get a column-major copy with equal values; the rest are the weights themselves.
     inner = module.mlp.gate_proj.out_features
     folded = module.mlp.gate_proj.weight * module.post_attention_layernorm.weight
-    assert not layer.gate_up.weight.is_contiguous() and torch.equal(layer.gate_up.weight[:inner], folded)
-    assert layer.down.weight.data_ptr() == module.mlp.down_proj.weight.data_ptr()  # taller than wide: used as is
+    # Row-major maps for prompts and batches; the one-row layout only once batch 1 asks for it.
+    assert layer.gate_up.weight.is_contiguous() and torch.equal(layer.gate_up.weight[:inner], folded)
+    assert layer.gate_up.gemv is None
+    fast_decode.LeanDecoder(llm, 1, 4, torch.ones(1, 4), torch.float32, "cpu")
+    # Wider-than-tall weights get a column-major copy with equal values; the rest are the weights themselves.
+    assert not layer.gate_up.gemv.is_contiguous() and torch.equal(layer.gate_up.gemv, layer.gate_up.weight)
+    assert layer.down.gemv is None and layer.down.weight.data_ptr() == module.mlp.down_proj.weight.data_ptr()  # taller than wide
+    x = torch.randn(1, 1, SMALL["hidden_size"])
+    torch.testing.assert_close(layer.gate_up(x), x @ layer.gate_up.weight.t(), atol=1e-5, rtol=1e-5)
     assert fast_decode.decode_weights(llm) is weights  # cached while nothing changes
     with torch.no_grad():
         module.mlp.gate_proj.weight.add_(1.0)  # an optimizer step, in place
     fresh = fast_decode.decode_weights(llm)
     folded = module.mlp.gate_proj.weight * module.post_attention_layernorm.weight
     assert fresh is not weights and torch.equal(fresh.layers[0].gate_up.weight[:inner], folded)
+    assert fresh.layers[0].gate_up.gemv is None  # the new weights' copy is made on the next batch-1 call
 
 
 def test_bfloat16_keeps_the_norm_scale_unfolded_and_matches_hf():

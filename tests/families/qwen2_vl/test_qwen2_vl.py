@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from _parity import check_against_transformers, noise
+from _parity import check_against_transformers, first_stop, noise
 from qwen2_vl_folder import check_against_processor, qwen_reference_ids, save_qwen2vl
 
 from vlmkit.checkpoint import load_checkpoint
@@ -46,6 +46,41 @@ def test_qwen2vl_two_images_ids_pixels_logits_and_greedy_match_transformers(qwen
     assert type(ref).__name__ in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     ids = prompt.input_ids[None]
     check_against_transformers(model, ref, prompt, ids[0], kwargs, positions=True)
+
+
+def test_batched_greedy_generation_takes_the_lean_decoder_and_matches_transformers(qwen, monkeypatch):
+    """Three prompts of different lengths (left padded, each row with its own M-RoPE delta) on
+    the lean decoder give transformers' batched greedy `generate` tokens, row by row."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmkit.generate import GenerationConfig, generate
+    from vlmkit.model import fast_decode
+
+    folder, _, model = qwen
+    built, lean_decoder = [], fast_decode.LeanDecoder
+    monkeypatch.setattr(fast_decode, "LeanDecoder", lambda *a, **k: built.append(1) or lean_decoder(*a, **k))
+    chat = build_chat_processor(model, 4096)
+    sizes, questions = [(72, 40), (24, 56), (100, 60)], ["Describe the picture.", "What?", "Which colour is it, mostly?"]
+    prompts = [chat.encode_prompt([Message("user", "<image>" + q)], [noise(w, h, seed=i + 3)])
+               for i, ((w, h), q) in enumerate(zip(sizes, questions))]
+    ours = generate(model, prompts, GenerationConfig(max_new_tokens=10))
+    assert built == [1]  # the lean decoder ran the batch
+
+    T = max(len(p.input_ids) for p in prompts)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.stack([torch.cat([torch.full((T - len(p.input_ids),), pad), p.input_ids]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(T - len(p.input_ids), dtype=torch.long), torch.ones(len(p.input_ids), dtype=torch.long)])
+                        for p in prompts])
+    ref = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    kwargs = {"pixel_values": torch.cat([p.images[0].pixel_values for p in prompts]),
+              "image_grid_thw": torch.tensor([p.images[0].views[0].grid for p in prompts]),
+              "mm_token_type_ids": (ids == model.image_token_id).int()}
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=mask, **kwargs, max_new_tokens=10, do_sample=False, pad_token_id=pad)
+    eos = ref.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    assert [first_stop(row, stops) for row in out[:, T:].tolist()] == ours
+    assert all(ours), "every row produced tokens"
 
 
 def test_qwen2vl_import_reads_processor_settings_and_tokenizer(qwen):
