@@ -44,6 +44,11 @@ class VisionTower(nn.Module):
         raise ValueError(f"{type(self).__name__} takes images, not pre-flattened patches; "
                          "pair the qwen2vl processor with the qwen2-vit tower")
 
+    def encode_patch_views(self, views: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> list[torch.Tensor]:
+        """`encode_patches` of several (patches, grid) views, e.g. every image of a batch; a tower
+        that can run them in one call overrides it."""
+        return [self.encode_patches(patches, grid) for patches, grid in views]
+
     def encode_image(self, image) -> list[torch.Tensor]:
         """Features (1, h*w, C) per view of one processed image, for a tower that encodes whole images."""
         raise NotImplementedError(f"{type(self).__name__} encodes views, not whole images")

@@ -400,12 +400,16 @@ class VisionLanguageModel(nn.Module):
             return [self.vision.encode_image(im) for im in images]
         out: list[list[torch.Tensor | None]] = [[None] * len(im.views) for im in images]
         by_size = defaultdict(list)
+        patches = []
         for i, im in enumerate(images):
             for j, (view, pixels) in enumerate(zip(im.views, im.view_pixels())):
                 if view.role == "patches":
-                    out[i][j] = self.vision.encode_patches(pixels.to(self.device), tuple(view.grid))
+                    patches.append((i, j, pixels.to(self.device), tuple(view.grid)))
                 else:
                     by_size[view.role == "frame", tuple(pixels.shape)].append((i, j, pixels))
+        if patches:
+            for (i, j, _, _), f in zip(patches, self.vision.encode_patch_views([(p, g) for _, _, p, g in patches])):
+                out[i][j] = f
         for (frames, _), items in by_size.items():
             feats = self.vision_features(torch.stack([p for _, _, p in items]), frames=frames)
             for (i, j, _), f in zip(items, feats):
