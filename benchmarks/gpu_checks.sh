@@ -36,3 +36,20 @@ step env 60 "$PY" -c "import torch, transformers; print(torch.__version__, trans
 step train_step 150 "$PY" benchmarks/train_step.py --preset gpu --device cuda --json
 step generate 330 "$PY" benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 \
     --text-tokens 32 --repeats 3 --compiled --hf-compiled --json "$OUT/generate.jsonl"
+
+# ---- LoRA step: vlmkit vs transformers + peft on imported Qwen2-VL and LLaVA-NeXT (benchmarks/lora_step.py)
+# Reads `--device DEV` (default cuda) and `--quick` from the script's arguments itself, so that
+#   bash benchmarks/gpu_checks.sh --device cpu --quick
+# runs it on a CPU in well under a minute. It needs peft on the device (carry its wheel like the others).
+lora_device=cuda lora_quick=0 lora_prev=
+for lora_arg in "$@"; do
+    [ "$lora_prev" = --device ] && lora_device=$lora_arg
+    [ "$lora_arg" = --quick ] && lora_quick=1
+    lora_prev=$lora_arg
+done
+if [ "$lora_quick" = 1 ]; then
+    step lora_step 300 "$PY" benchmarks/lora_step.py --device "$lora_device" --batch 2 --repeats 1 --families qwen2-vl \
+        --json "$OUT/lora_step.jsonl"
+else
+    step lora_step 240 "$PY" benchmarks/lora_step.py --device "$lora_device" --repeats 7 --json "$OUT/lora_step.jsonl"
+fi

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_import_speed import LORA, hf_inputs, image, prepare  # noqa: E402
+from hf_import_speed import LORA, hf_inputs, image, prepare
 
 
 def encode(model, batch: int) -> list:

@@ -116,7 +116,7 @@ def test_lean_sft_loss_and_adapter_grads_equal_transformers_peft(tmp_path, famil
 
     torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-6)
     for key in ours:
-        torch.testing.assert_close(ours[key].grad, theirs[key].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(ours[key].grad, theirs[key].grad, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     with torch.no_grad():  # the rows are the ordinary forward's hidden states at the targets
         full = decoder_hidden(model, b)[b.targets != IGNORE_INDEX]
     torch.testing.assert_close(rows.detach(), full, rtol=1e-5, atol=1e-5)
