@@ -7,11 +7,12 @@ value). For a VLM sample, where the answer is a short tail after the image and t
 that is most of the last layer's work; transformers computes it for every position.
 
 The layers run here on their own modules, with the projections that read the same input
-computed together: q, k and v as one matmul over their stacked weights, gate and up as another,
-and each LoRA adapter's `A` for the group as one matmul too, its scaling applied to the narrow
-(rows x r) product and its `B` added into the base output by `addmm` (peft computes three
-matmuls and two full-width passes per adapted layer). The maths is the transformers layer's
-(pre-norm, rotary positions, SDPA); results equal transformers' to float rounding.
+grouped: q, k and v as one matmul over their stacked weights, gate and up as another, each LoRA
+adapter's `A` for the group as one matmul too, its scaling applied to the narrow (rows x r)
+product and its `B` added into the base output by `addmm`. On one CPU thread the grouping
+measures level with separate matmuls (the stacking copies cost what the fewer calls save); it
+means fewer, larger kernels on a GPU. The maths is the transformers layer's (pre-norm, rotary
+positions, SDPA); results equal transformers' to float rounding.
 
 It runs for decoders of the plain pre-norm shape only (`LEAN_LAYERS`: Llama, Mistral, Qwen2,
 Qwen2-VL's and Qwen2.5-VL's M-RoPE text models), full attention, unpacked rows, no cache, no
