@@ -138,3 +138,32 @@ def test_unsupported_decoders_take_the_ordinary_path(tmp_path):
     handle.remove()
     decoder.gradient_checkpointing = True
     assert not lean_decoder(decoder, mask, positions)
+
+
+def test_clip_tower_read_at_an_earlier_layer_runs_only_the_layers_up_to_it():
+    """LLaVA's `feature_layer: -2`: the same features as transformers' `hidden_states[-2]`,
+    without running the last layer; a foreign hook on the tower
+    sends it back through the model's own forward."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from vlmkit.model.vision import HFVisionTower
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                            image_size=28, patch_size=14)).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        states = clip(pixel_values=x, output_hidden_states=True).hidden_states
+    for layer in (-2, -3):
+        tower = HFVisionTower(clip, layer)
+        assert tower._runs_layers_itself()
+        with torch.no_grad():
+            torch.testing.assert_close(tower(x), states[layer][:, 1:], rtol=0, atol=0)
+    calls = []
+    handle = clip.encoder.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    tower = HFVisionTower(clip, -2)
+    assert not tower._runs_layers_itself()
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), states[-2][:, 1:], rtol=0, atol=0)
+    assert calls  # the ordinary forward ran every layer
+    handle.remove()

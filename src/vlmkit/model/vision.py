@@ -148,12 +148,40 @@ class HFVisionTower(VisionTower):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.feature_layer != -1
-        out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
-        feats = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
+        if want_hidden and self._runs_layers_itself():
+            feats = self._clip_hidden(pixel_values)
+        else:
+            out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
+            feats = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
         if feats.shape[0] != pixel_values.shape[0]:
             # Pixtral's ViT packs a batch of images into one sequence (block-diagonal attention).
             feats = feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
         return feats[:, 1:] if self.has_cls else feats
+
+
+    def _runs_layers_itself(self) -> bool:
+        """A CLIP tower read at an earlier layer (LLaVA's -2) runs only the layers up to it: the
+        whole model's forward would also run the later ones, whose output nothing reads."""
+        model = self.model
+        return (type(model).__name__ == "CLIPVisionModel" and self.feature_layer < 0
+                and not getattr(model.encoder, "gradient_checkpointing", False)
+                and not any(_foreign_hooks(m) for m in model.modules()))
+
+    def _clip_hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`hidden_states[feature_layer]` of the CLIP model's forward (the embeddings count as 0)."""
+        model = self.model
+        hidden = model.pre_layrnorm(model.embeddings(pixel_values))
+        layers = model.encoder.layers
+        for layer in layers[: len(layers) + 1 + self.feature_layer]:
+            hidden = layer(hidden, None)
+        return hidden
+
+
+def _foreign_hooks(module: nn.Module) -> bool:
+    """Forward hooks other than transformers' own output recorders (idle unless hidden states or
+    attentions are asked for)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks)
 
 
 @VISION_TOWERS.register("efficientnet-lite0")
