@@ -32,6 +32,13 @@ LEAN_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2Decod
                          "Qwen2_5_VLDecoderLayer"})
 
 
+def foreign_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks other than transformers' own output recorders (idle
+    unless hidden states or attentions are asked for): DeepStack's injections, FSDP's gathers."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks)
+
+
 def _linear(module: nn.Module):
     """(weight, bias, (A, B, scale) or None) of a plain linear or a peft LoRA linear with one
     active adapter, unmerged, no dropout, no DoRA; None when it is neither."""
@@ -52,7 +59,7 @@ def _linear(module: nn.Module):
 
 
 def _supported_layer(layer: nn.Module) -> bool:
-    if type(layer).__name__ not in LEAN_LAYERS or layer._forward_hooks or layer._forward_pre_hooks:
+    if type(layer).__name__ not in LEAN_LAYERS or any(foreign_hooks(m) for m in (layer, layer.self_attn, layer.mlp)):
         return False
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(attn, "sliding_window", None) or getattr(attn, "attention_dropout", 0.0) and layer.training:
@@ -60,7 +67,7 @@ def _supported_layer(layer: nn.Module) -> bool:
     if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
         return False
     names = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    return all(_linear(m) is not None and not m._forward_hooks and not m._forward_pre_hooks for m in names)
+    return all(_linear(m) is not None and not foreign_hooks(m) for m in names)
 
 
 def lean_decoder(decoder: nn.Module, attention_mask, position_ids) -> bool:
@@ -70,7 +77,7 @@ def lean_decoder(decoder: nn.Module, attention_mask, position_ids) -> bool:
         return False
     if position_ids.ndim == 3 and position_ids.shape[0] != 3:
         return False
-    if getattr(decoder, "gradient_checkpointing", False) or not hasattr(decoder, "rotary_emb"):
+    if getattr(decoder, "gradient_checkpointing", False) or not hasattr(decoder, "rotary_emb") or foreign_hooks(decoder):
         return False
     if not type(getattr(decoder, "norm", None)).__name__.endswith("RMSNorm"):
         return False
@@ -97,7 +104,7 @@ def fused_linears(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tenso
     if loras:
         narrow = F.linear(flat, torch.cat([a for _, (a, _, _) in loras])) if len(loras) > 1 else F.linear(flat, loras[0][1][0])
         pieces = narrow.split([a.shape[0] for _, (a, _, _) in loras], dim=-1)
-        for (i, (_, b, scale)), piece in zip(loras, pieces):
+        for (i, (_, b, scale)), piece in zip(loras, pieces, strict=True):
             outs[i] = torch.addmm(outs[i], piece * scale, b.t())
     return [o.reshape(*shape, o.shape[-1]) for o in outs]
 

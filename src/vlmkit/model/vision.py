@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import VisionConfig
+from vlmkit.model.lean_train import foreign_hooks
 from vlmkit.registry import VISION_TOWERS
 
 
@@ -165,7 +166,7 @@ class HFVisionTower(VisionTower):
         model = self.model
         return (type(model).__name__ == "CLIPVisionModel" and self.feature_layer < 0
                 and not getattr(model.encoder, "gradient_checkpointing", False)
-                and not any(_foreign_hooks(m) for m in model.modules()))
+                and not any(foreign_hooks(m) for m in model.modules()))
 
     def _clip_hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`hidden_states[feature_layer]` of the CLIP model's forward (the embeddings count as 0)."""
@@ -175,13 +176,6 @@ class HFVisionTower(VisionTower):
         for layer in layers[: len(layers) + 1 + self.feature_layer]:
             hidden = layer(hidden, None)
         return hidden
-
-
-def _foreign_hooks(module: nn.Module) -> bool:
-    """Forward hooks other than transformers' own output recorders (idle unless hidden states or
-    attentions are asked for)."""
-    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks)
 
 
 @VISION_TOWERS.register("efficientnet-lite0")
