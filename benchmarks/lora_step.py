@@ -173,7 +173,7 @@ def parity(check: dict) -> dict:
             p.grad = None
         loss = check[side]()
         loss.backward()
-        losses[side] = float(loss)
+        losses[side] = float(loss.detach())
         grads[side] = {k: p.grad.detach().clone() for k, p in check[f"{side}_params"].items()}
         for p in check[f"{side}_params"].values():
             p.grad = None
