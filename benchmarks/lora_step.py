@@ -136,8 +136,6 @@ def setup(family: str, root: Path, batch: int, device: torch.device, seed: int =
     inputs = {k: v.to(device) for k, v in hf_inputs(family, model, encoded).items()}
     if inputs["input_ids"].shape != b.input_ids.shape or not torch.equal(inputs["input_ids"], b.input_ids):
         raise RuntimeError("the two sides read different token ids")
-    global _last_model, _last_batch
-    _last_model, _last_batch = model, b
     head = lm_head(model.llm)
     labels = b.labels  # the answer tokens, as vlmkit's collate supervises them, on both sides
 
