@@ -52,3 +52,12 @@ step generate 330 "$PY" benchmarks/generate_speed.py --shape smolvlm-360m --devi
 # batched and one by one; outputs and answers asserted equal (the step fails otherwise).
 step wait_generate_eval 240 "$PY" benchmarks/generate_speed.py --imported qwen2-vl,llava-next --eval --device "$DEVICE" \
     --repeats 5 --threads 1 $QUICK --json "$OUT/wait_generate_eval.jsonl"
+
+# ---- LoRA step: vlmkit vs transformers + peft on imported Qwen2-VL and LLaVA-NeXT (benchmarks/lora_step.py),
+# loss and adapter gradients checked equal first. It needs peft on the device (carry its wheel like the others).
+if [ -n "$QUICK" ]; then
+    step lora_step 120 "$PY" benchmarks/lora_step.py --device "$DEVICE" --batch 2 --repeats 1 --families qwen2-vl \
+        --json "$OUT/lora_step.jsonl"
+else
+    step lora_step 150 "$PY" benchmarks/lora_step.py --device "$DEVICE" --repeats 7 --json "$OUT/lora_step.jsonl"
+fi

@@ -8,7 +8,8 @@ For a tiny-but-not-trivial Qwen2-VL and LLaVA-NeXT folder (random weights, saved
   both do the same work);
 * one LoRA training step (forward, backward, AdamW on the adapters), vlmkit's LoRA (peft layers
   injected into the LLM) vs transformers + peft (`get_peft_model` with the same rank and targets,
-  restricted to the language model), tokens/s over every position of the batch.
+  restricted to the language model), tokens/s over every position of the batch; measured by
+  `lora_step.py` (same loss and gradients checked, median of interleaved repeats).
 
 Ratios are vlmkit / transformers (above 1: vlmkit is faster).
 
@@ -157,44 +158,14 @@ def _no_eos(model, fn):
         model.tokenizer = tok
 
 
-def lora_step(family: str, model, ref, batch: int, repeats: int) -> dict:
-    from peft import LoraConfig, get_peft_model
+def lora_step(family: str, batch: int, repeats: int) -> dict:
+    """One LoRA step against transformers + peft: `lora_step.py`'s measurement (its own pair of
+    models, the answer supervised on both sides, equal losses and gradients checked first)."""
+    from lora_step import run
 
-    from vlmkit.data.collate import collate
-    from vlmkit.model import lora
-
-    encoded = encode(model, batch)
-    b = collate(encoded, pad_id=model.tokenizer.pad_token_id)
-    model.set_trainable(["llm"])
-    lora.add_adapters(model, LORA)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def ours():
-        out = model(b.input_ids, b.visuals, attention_mask=b.attention_mask, position_ids=b.position_ids, labels=b.labels)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    inputs = hf_inputs(family, model, encoded)
-    labels = inputs["input_ids"].clone()
-    labels[labels == model.image_token_id] = -100
-    targets = r".*language_model.*\.(" + "|".join(LORA["targets"]) + ")"
-    peft_model = get_peft_model(ref, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=targets))
-    peft_model.train()
-    hf_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
-
-    def theirs():
-        out = peft_model(**inputs, labels=labels)
-        out.loss.backward()
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-
-    t_ours, t_theirs = timed_pair(ours, theirs, repeats)
-    tokens = int(inputs["input_ids"].numel())
-    return {"batch": batch, "tokens": tokens, "vlmkit_tok_s": tokens / t_ours, "hf_peft_tok_s": tokens / t_theirs, "ratio": t_theirs / t_ours}
+    r = run(family, batch, repeats, torch.device("cpu"))
+    return {"batch": batch, "tokens": r["tokens"], "vlmkit_tok_s": r["tokens"] / r["vlmkit_s"],
+            "hf_peft_tok_s": r["tokens"] / r["hf_peft_s"], "ratio": r["ratio"]}
 
 
 def main(argv=None) -> int:
@@ -213,8 +184,8 @@ def main(argv=None) -> int:
             for batch in (1, 8):
                 rows.append({"family": family, "what": "generate", **generation(family, model, ref, batch, args.new_tokens, args.repeats)})
                 print(json.dumps(rows[-1]), flush=True)
-            rows.append({"family": family, "what": "lora-step", **lora_step(family, model, ref, 8, args.repeats)})
-            print(json.dumps(rows[-1]), flush=True)
+        rows.append({"family": family, "what": "lora-step", **lora_step(family, 8, max(args.repeats, 5))})
+        print(json.dumps(rows[-1]), flush=True)
     print()
     print("| family | measure | batch | vlmkit tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|---|---|")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import VisionConfig
+from vlmkit.model.lean_train import foreign_hooks
 from vlmkit.registry import VISION_TOWERS
 
 
@@ -43,6 +44,11 @@ class VisionTower(nn.Module):
         """Features (t, h*w, C), row-major per frame, of pre-flattened patches (Qwen2-VL's layout)."""
         raise ValueError(f"{type(self).__name__} takes images, not pre-flattened patches; "
                          "pair the qwen2vl processor with the qwen2-vit tower")
+
+    def encode_patch_views(self, views: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> list[torch.Tensor]:
+        """`encode_patches` of several (patches, grid) views, e.g. every image of a batch; a tower
+        that can run them in one call overrides it."""
+        return [self.encode_patches(patches, grid) for patches, grid in views]
 
     def encode_image(self, image) -> list[torch.Tensor]:
         """Features (1, h*w, C) per view of one processed image, for a tower that encodes whole images."""
@@ -143,12 +149,33 @@ class HFVisionTower(VisionTower):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.feature_layer != -1
-        out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
-        feats = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
+        if want_hidden and self._runs_layers_itself():
+            feats = self._clip_hidden(pixel_values)
+        else:
+            out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
+            feats = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
         if feats.shape[0] != pixel_values.shape[0]:
             # Pixtral's ViT packs a batch of images into one sequence (block-diagonal attention).
             feats = feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
         return feats[:, 1:] if self.has_cls else feats
+
+
+    def _runs_layers_itself(self) -> bool:
+        """A CLIP tower read at an earlier layer (LLaVA's -2) runs only the layers up to it: the
+        whole model's forward would also run the later ones, whose output nothing reads."""
+        model = self.model
+        return (type(model).__name__ == "CLIPVisionModel" and self.feature_layer < 0
+                and not getattr(model.encoder, "gradient_checkpointing", False)
+                and not any(foreign_hooks(m) for m in model.modules()))
+
+    def _clip_hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`hidden_states[feature_layer]` of the CLIP model's forward (the embeddings count as 0)."""
+        model = self.model
+        hidden = model.pre_layrnorm(model.embeddings(pixel_values))
+        layers = model.encoder.layers
+        for layer in layers[: len(layers) + 1 + self.feature_layer]:
+            hidden = layer(hidden, None)
+        return hidden
 
 
 @VISION_TOWERS.register("efficientnet-lite0")

@@ -43,6 +43,7 @@ from vlmkit.model.cross_attention import (
 from vlmkit.model.deepstack import LevelInjection
 from vlmkit.model.feature_pool import pool_features, pooled_grid
 from vlmkit.model.language import build_language_model, position_rule
+from vlmkit.model.lean_train import lean_decoder, supervised_hidden
 from vlmkit.model.loss import next_token_loss
 from vlmkit.model.vision import build_vision_tower
 from vlmkit.processing import build_image_processor
@@ -399,12 +400,16 @@ class VisionLanguageModel(nn.Module):
             return [self.vision.encode_image(im) for im in images]
         out: list[list[torch.Tensor | None]] = [[None] * len(im.views) for im in images]
         by_size = defaultdict(list)
+        patches = []
         for i, im in enumerate(images):
             for j, (view, pixels) in enumerate(zip(im.views, im.view_pixels())):
                 if view.role == "patches":
-                    out[i][j] = self.vision.encode_patches(pixels.to(self.device), tuple(view.grid))
+                    patches.append((i, j, pixels.to(self.device), tuple(view.grid)))
                 else:
                     by_size[view.role == "frame", tuple(pixels.shape)].append((i, j, pixels))
+        if patches:
+            for (i, j, _, _), f in zip(patches, self.vision.encode_patch_views([(p, g) for _, _, p, g in patches])):
+                out[i][j] = f
         for (frames, _), items in by_size.items():
             feats = self.vision_features(torch.stack([p for _, _, p in items]), frames=frames)
             for (i, j, _), f in zip(items, feats):
@@ -498,12 +503,17 @@ class VisionLanguageModel(nn.Module):
         use_cache: bool = False,
         prefix_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        read: torch.Tensor | None = None,
     ) -> VLMOutput:
         """`visuals`: every image of the batch in token order (`processing.base.VisualBatch`),
         with cached tower features where there are some. `prefix_mask` ((B, T) bool, the prompt of each sample: `Batch.prompt_mask`) is read by
         the `prefix` attention rule; without it the whole uncached input is the prompt.
         `inputs_embeds`: the caller's embeddings of `input_ids`, used as they are, with no fusion
-        step (generation embeds the tokens it produced as text, whatever their ids)."""
+        step (generation embeds the tokens it produced as text, whatever their ids).
+        `read` ((B, T) bool): the only positions whose hidden states the caller reads (a loss's
+        supervised positions). `hidden_states` then holds those alone, as (N, C) rows in row-major
+        order (the full output indexed by `read`), and a decoder that `model.lean_train` supports
+        runs only the work they depend on."""
         cached = past_key_values is not None and (past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 1) > 0
         embeds = inputs_embeds
         if embeds is None:
@@ -511,6 +521,13 @@ class VisionLanguageModel(nn.Module):
         if self.attention_rule.name != "causal" and not cached:
             attention_mask = decoder_mask(self.attention_rule, self.llm.config, input_ids, embeds, attention_mask,
                                           position_ids, self.image_token_id, prefix_mask)
+        if read is not None:
+            if labels is not None or use_cache or past_key_values is not None:
+                raise ValueError("`read` selects the hidden states of an uncached forward without labels")
+            try:
+                return VLMOutput(self._read_rows(embeds, attention_mask, position_ids, read), head=lm_head(self.llm))
+            finally:
+                self.fusion.after_forward(False)
         try:
             out = run_decoder(self.llm.base_model, embeds, attention_mask, position_ids, past_key_values, use_cache)
         finally:
@@ -521,6 +538,13 @@ class VisionLanguageModel(nn.Module):
         if labels is not None:
             result.loss, result.num_supervised = next_token_loss(out.last_hidden_state, labels, head)
         return result
+
+
+    def _read_rows(self, embeds, attention_mask, position_ids, read) -> torch.Tensor:
+        decoder = self.llm.base_model
+        if self.attention_rule.name == "causal" and bool(read.any()) and lean_decoder(decoder, attention_mask, position_ids):
+            return supervised_hidden(decoder, embeds, attention_mask, position_ids, read)
+        return run_decoder(decoder, embeds, attention_mask, position_ids).last_hidden_state[read]
 
 
 def _output_cache(out):

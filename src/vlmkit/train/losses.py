@@ -33,6 +33,19 @@ def decoder_hidden(model, batch: Batch) -> torch.Tensor:
     ).hidden_states
 
 
+def decoder_rows(model, batch: Batch) -> torch.Tensor:
+    """`decoder_hidden(model, batch)[batch.targets != IGNORE_INDEX]`: the final hidden states at
+    the positions with a target, as rows; the model runs only the work they depend on where its
+    decoder allows (`model.lean_train`)."""
+    return model(
+        batch.input_ids, batch.visuals,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        read=batch.targets != IGNORE_INDEX,
+        **_prefix(model, batch),
+    ).hidden_states
+
+
 def _prefix(model, batch: Batch) -> dict:
     """The prompt mask, for models whose attention rule reads it (prefix-LM)."""
     inner = getattr(model, "module", model)  # DDP
@@ -41,9 +54,10 @@ def _prefix(model, batch: Batch) -> dict:
 
 
 def sequence_logps(hidden: torch.Tensor, batch: Batch, head, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of target log-probs, number of targets) per sample of `batch`, in `batch.ids` order."""
+    """(sum of target log-probs, number of targets) per sample of `batch`, in `batch.ids` order.
+    `hidden`: (B, T, C) final hidden states, or their rows at the targets (`decoder_rows`)."""
     keep = batch.targets != IGNORE_INDEX
-    rows = hidden[keep]
+    rows = hidden[keep] if hidden.ndim == 3 else hidden
     wanted = batch.targets[keep]
     owner = batch.segments[keep]
     n = len(batch.ids)

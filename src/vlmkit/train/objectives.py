@@ -18,6 +18,7 @@ from vlmkit.model.vlm import IGNORE_INDEX, lm_head
 from vlmkit.train.distributed import DistContext
 from vlmkit.train.losses import (
     decoder_hidden,
+    decoder_rows,
     dpo_loss,
     grpo_loss_sum,
     grpo_normaliser,
@@ -92,7 +93,7 @@ class SFTObjective(Objective):
         return float(step_normaliser(counts, self.reduction)) if counts.numel() else 0.0
 
     def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
-        logps, n_targets = sequence_logps(decoder_hidden(wrapped, batch), batch, lm_head(model.llm))
+        logps, n_targets = sequence_logps(decoder_rows(wrapped, batch), batch, lm_head(model.llm))
         return sft_loss_sum(logps, n_targets, self.reduction), n_targets
 
 
@@ -135,7 +136,7 @@ class DPOObjective(Objective):
         model.eval()
         out = torch.full((self.records, 2), float("nan"))
         for mb, batch in batches:
-            logps = sequence_logps(decoder_hidden(model, batch), batch, lm_head(model.llm))[0].float().cpu()
+            logps = sequence_logps(decoder_rows(model, batch), batch, lm_head(model.llm))[0].float().cpu()
             k = len(mb.indices)
             out[torch.tensor(mb.indices)] = torch.stack([logps[:k], logps[k:]], dim=1)
         model.train(was_training)
@@ -149,7 +150,7 @@ class DPOObjective(Objective):
         """Reference log-probs of the batch's sequences (chosen first, then rejected)."""
         if self.reference_model is not None:
             with torch.no_grad():
-                hidden = decoder_hidden(self.reference_model, batch)
+                hidden = decoder_rows(self.reference_model, batch)
                 return sequence_logps(hidden, batch, lm_head(self.reference_model.llm))[0]
         if self.mode == "data":
             refs = torch.tensor(mb.refs, dtype=torch.float32)
@@ -158,7 +159,7 @@ class DPOObjective(Objective):
         return torch.cat([refs[:, 0], refs[:, 1]]).to(device)
 
     def loss(self, wrapped, model, batch, mb: MicroBatch, stats: dict):
-        logps, n_targets = sequence_logps(decoder_hidden(wrapped, batch), batch, lm_head(model.llm))
+        logps, n_targets = sequence_logps(decoder_rows(wrapped, batch), batch, lm_head(model.llm))
         k = len(mb.indices)
         ref = self.reference(batch, mb, logps.device)
         terms = dpo_loss(logps[:k], logps[k:], ref[:k], ref[k:], self.beta, self.smoothing)
