@@ -113,8 +113,8 @@ def generation(family: str, model, ref, batch: int, new_tokens: int, repeats: in
 
     ps = prompts(model, batch)
     inputs = hf_inputs(family, model, ps)
-    real_stops = G._extra_stop_ids
-    G._extra_stop_ids = lambda tok: []  # fixed-length decoding (see the module notes)
+    real_stops = G.extra_stop_ids
+    G.extra_stop_ids = lambda tok: []  # fixed-length decoding (see the module notes)
     eos = model.tokenizer.eos_token_id
     try:
         cfg = G.GenerationConfig(max_new_tokens=new_tokens)
@@ -132,7 +132,7 @@ def generation(family: str, model, ref, batch: int, new_tokens: int, repeats: in
 
         t_ours, t_theirs = timed_pair(ours, theirs, repeats)
     finally:
-        G._extra_stop_ids = real_stops
+        G.extra_stop_ids = real_stops
     n = batch * new_tokens
     return {"batch": batch, "new_tokens": new_tokens, "vlmkit_tok_s": n / t_ours, "hf_tok_s": n / t_theirs, "ratio": t_theirs / t_ours}
 
