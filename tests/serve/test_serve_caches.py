@@ -12,16 +12,16 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from _serve_util import png_data_uri, request, running_server, tiny_model  # noqa: E402
+from _serve_util import png_data_uri, request, running_server, tiny_model
 
-from vlmkit.data.formats import Message  # noqa: E402
-from vlmkit.generate import GenerationConfig, generate  # noqa: E402
-from vlmkit.processing import build_chat_processor  # noqa: E402
-from vlmkit.processing.images import load_image  # noqa: E402
-from vlmkit.serve import engine  # noqa: E402
-from vlmkit.serve.app import ServerSettings, create_app  # noqa: E402
-from vlmkit.serve.batching import DynamicBatcher  # noqa: E402
-from vlmkit.serve.caches import BLOCK, ByteLRU, FeatureCache, PrefixCache, image_key, weights_key  # noqa: E402
+from vlmkit.data.formats import Message
+from vlmkit.generate import GenerationConfig, generate
+from vlmkit.processing import build_chat_processor
+from vlmkit.processing.images import load_image
+from vlmkit.serve import engine
+from vlmkit.serve.app import ServerSettings, create_app
+from vlmkit.serve.batching import DynamicBatcher
+from vlmkit.serve.caches import BLOCK, ByteLRU, FeatureCache, PrefixCache, image_key, weights_key
 
 MODEL = "tiny"
 SYSTEM = "Be brief and precise."
