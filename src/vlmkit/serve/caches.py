@@ -64,14 +64,18 @@ class ByteLRU:
         return {"entries": len(self._items), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _digest(h, t: torch.Tensor) -> None:
+    """Feed a tensor's bytes to the hash `h` (no copy for a contiguous CPU tensor)."""
     t = t.detach()
     if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
         # A tensor subclass (torchao's quantized weights): the tensors it is made of.
-        names, _ = t.__tensor_flatten__()
-        return type(t).__name__.encode() + b"".join(_tensor_bytes(getattr(t, n)) for n in names)
-    t = t.to("cpu").contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(type(t).__name__.encode())
+        for name in t.__tensor_flatten__()[0]:
+            _digest(h, getattr(t, name))
+        return
+    t = t.to("cpu").contiguous().reshape(-1)
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy())
 
 
 def weights_key(*modules: torch.nn.Module) -> str:
@@ -81,7 +85,7 @@ def weights_key(*modules: torch.nn.Module) -> str:
     for module in modules:
         for name, t in (*module.named_parameters(), *module.named_buffers()):
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(_tensor_bytes(t))
+            _digest(h, t)
     return h.hexdigest()
 
 
@@ -91,9 +95,10 @@ def image_key(image, weights: str) -> str:
     h.update(weights.encode())
     h.update(repr((image.views, image.arrangement, image.image_size, image.layout)).encode())
     h.update(f"{image.pixel_values.dtype}:{tuple(image.pixel_values.shape)}".encode())
-    h.update(_tensor_bytes(image.pixel_values))
+    _digest(h, image.pixel_values)
     if image.instruction_ids is not None:  # a connector that reads the question
-        h.update(b"instruction:" + _tensor_bytes(image.instruction_ids))
+        h.update(b"instruction:")
+        _digest(h, image.instruction_ids)
     return h.hexdigest()
 
 

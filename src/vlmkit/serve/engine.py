@@ -90,6 +90,32 @@ class _Row:
 
 
 @dataclass
+class _Prompt:
+    length: int
+    keys: list[str]  # image keys
+    digests: list[str]  # prefix digests at block boundaries
+    reused: int  # tokens of the cached prefix
+    prefix: list | None  # its per-layer (keys, values)
+
+
+# Most padded prompt tokens prefilled in one pass (bounds the activations of a burst of requests).
+PREFILL_TOKENS = 4096
+
+
+def _groups(items: list, budget: int) -> list[list]:
+    """Consecutive groups whose padded size (count x longest suffix) stays within `budget`."""
+    groups, current, longest = [], [], 0
+    for item in items:
+        size = item[1].length - item[1].reused
+        if current and (len(current) + 1) * max(longest, size) > budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(item)
+        longest = max(longest, size)
+    return groups + [current] if current else groups
+
+
+@dataclass
 class _Cache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
@@ -192,23 +218,32 @@ class ContinuousBatcher:
         self.rotary = llm.base_model.rotary_emb
 
     def _admit(self) -> None:
-        """Take waiting requests into free rows; block only when nothing is decoding."""
-        while len(self._rows) < self.max_batch:
+        """Take waiting requests into free rows (block only when nothing is decoding) and prefill
+        them together, at most `PREFILL_TOKENS` padded prompt tokens per pass."""
+        new: list[tuple[Job, _Prompt]] = []
+        while len(self._rows) + len(new) < self.max_batch:
             try:
-                job = self._queue.get() if not self._rows else self._queue.get_nowait()
+                job = self._queue.get() if not (self._rows or new) else self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if job is None:
                 self._stopping.set()
-                return
+                break
             if job.cancelled:
                 continue
             try:
+                new.append((job, self._plan(job)))
+            except Exception as e:
+                log.exception("a prompt could not be prepared")
+                job.emit(Event("error", reason=f"generation failed: {type(e).__name__}: {e}"))
+        for group in _groups(new, PREFILL_TOKENS):
+            try:
                 with self._autocast():
-                    self._prefill(job)
+                    self._prefill(group)
             except Exception as e:
                 log.exception("prefill failed")
-                job.emit(Event("error", reason=f"generation failed: {type(e).__name__}: {e}"))
+                for job, _ in group:
+                    job.emit(Event("error", reason=f"generation failed: {type(e).__name__}: {e}"))
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -250,56 +285,73 @@ class ContinuousBatcher:
         cos, sin = self.rotary(probe, position_ids=positions)
         return cos.unsqueeze(2), fast_decode._signed_sin(sin).unsqueeze(2)
 
-    def _layers(self, x, positions, mask, store_kv):
+    def _layers(self, x, positions, mask, store_kv, last: torch.Tensor | None = None):
+        """Logits after the decoder layers at each row's `last` position (default: the final one)."""
         cos, signed_sin = self._rope(positions)
         for i, w in enumerate(self.layers):
             x = fast_decode._decoder_layer(x, i, w, cos, signed_sin, self.dims, self.scaling, self.act, mask, store_kv,
                                            first=i == 0)
-        return self.head(self.final_norm(x[:, -1]))
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        return self.head(self.final_norm(x))
 
-    # ---- a new request --------------------------------------------------------------------
-    def _prefill(self, job: Job) -> None:
-        """Run the prompt (after its cached prefix) into a new row and send its first token."""
+    # ---- new requests ---------------------------------------------------------------------
+    def _plan(self, job: Job) -> _Prompt:
+        """The prompt's image keys, prefix digests and longest cached prefix."""
         prompt = job.prompt
         if prompt.position_ids is not None:
             raise ValueError("M-RoPE prompts need static batching")
         ids = prompt.input_ids.tolist()
-        T = len(ids)
         hashing = self.feature_cache.enabled or self.prefix_cache.enabled
         keys = [image_key(im, self.feature_cache.weights) for im in prompt.images] if hashing else []
-        digests = self.prefix_cache.boundaries(ids[: T - 1], self._slot_starts(prompt), keys) if self.prefix_cache.enabled else []
+        # The last prompt token always runs: its logits give the first answer token.
+        digests = self.prefix_cache.boundaries(ids[:-1], self._slot_starts(prompt), keys) if self.prefix_cache.enabled else []
         reused, prefix = self.prefix_cache.lookup(digests)
-        r = len(self._rows)
-        self.stats["batches"] += r == 0
-        self._ensure_capacity(r + 1, T + job.max_new_tokens)
+        return _Prompt(len(ids), keys, digests, reused, prefix)
+
+    def _prefill(self, group: list[tuple[Job, _Prompt]]) -> None:
+        """Run the new prompts (after their cached prefixes) into new rows, side by side, and
+        send their first tokens. Row i's suffix is right-padded to the longest: the padded tail
+        writes columns past the row's length, which stay masked until decoding overwrites them."""
+        r0, n = len(self._rows), len(group)
+        suffix = max(p.length - p.reused for _, p in group)
+        self.stats["batches"] += r0 == 0
+        self._ensure_capacity(r0 + n, max(max(p.reused + suffix, p.length + job.max_new_tokens) for job, p in group))
         c = self._cache
-        if prefix is not None:
-            for i, (k, v) in enumerate(prefix):
-                c.keys[i][r, :, :reused] = k
-                c.values[i][r, :, :reused] = v
-            self.stats["prefix_tokens_reused"] += reused
-        embeds = self._prompt_embeds(prompt, keys, reused)
-        positions = torch.arange(reused, T, device=self.device)[None]
-        causal = torch.ones(T - reused, T, dtype=torch.bool, device=self.device).tril(diagonal=reused)
+        embeds = []
+        for k, (job, p) in enumerate(group):
+            if p.prefix is not None:
+                for i, (keys, values) in enumerate(p.prefix):
+                    c.keys[i][r0 + k, :, : p.reused] = keys
+                    c.values[i][r0 + k, :, : p.reused] = values
+                self.stats["prefix_tokens_reused"] += p.reused
+            e = self._prompt_embeds(job.prompt, p.keys, p.reused)
+            embeds.append(torch.nn.functional.pad(e, (0, 0, 0, suffix - e.shape[1])))
+        starts = torch.tensor([p.reused for _, p in group], device=self.device)
+        positions = starts[:, None] + torch.arange(suffix, device=self.device)[None]  # (n, S)
+        end = int(positions.max()) + 1
+        mask = (torch.arange(end, device=self.device)[None, None] <= positions[:, :, None])[:, None]  # (n, 1, S, end)
+        rows = torch.arange(r0, r0 + n, device=self.device)[:, None]
 
         def store_kv(i, k, v):
-            c.keys[i][r : r + 1, :, reused:T] = k
-            c.values[i][r : r + 1, :, reused:T] = v
-            return c.keys[i][r : r + 1, :, :T], c.values[i][r : r + 1, :, :T]
+            c.keys[i][rows, :, positions] = k.transpose(1, 2)
+            c.values[i][rows, :, positions] = v.transpose(1, 2)
+            return c.keys[i][r0 : r0 + n, :, :end], c.values[i][r0 : r0 + n, :, :end]
 
-        logits = self._layers(embeds, positions, causal[None, None], store_kv)
-        stored = len(digests) * BLOCK
-        if stored > reused:
-            self.prefix_cache.store(digests, [(c.keys[i][r, :, :stored].clone(), c.values[i][r, :, :stored].clone())
-                                              for i in range(len(self.layers))])
-        row = _Row(job, length=T)
-        if job.gen.do_sample and job.gen.seed is not None:
-            row.generator = torch.Generator(device=self.device).manual_seed(job.gen.seed)
-        self._rows.append(row)
+        last = torch.tensor([p.length - p.reused - 1 for _, p in group], device=self.device)
+        logits = self._layers(torch.cat(embeds), positions, mask, store_kv, last)
+        for k, (job, p) in enumerate(group):
+            stored = len(p.digests) * BLOCK
+            if stored > p.reused:
+                r = r0 + k
+                self.prefix_cache.store(p.digests, [(c.keys[i][r, :, :stored].clone(), c.values[i][r, :, :stored].clone())
+                                                    for i in range(len(self.layers))])
+            row = _Row(job, length=p.length)
+            if job.gen.do_sample and job.gen.seed is not None:
+                row.generator = torch.Generator(device=self.device).manual_seed(job.gen.seed)
+            self._rows.append(row)
+            self._take(row, int(_pick(logits[k : k + 1], job.gen, row.generator)[0]))
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._rows))
-        self._take(row, int(_pick(logits, job.gen, row.generator)[0]))
-        if row.finished:
-            self._leave([r])
+        self._leave([i for i, row in enumerate(self._rows) if row.finished])
 
     def _slot_starts(self, prompt) -> list[int]:
         """Where each image's first slot stands in the prompt."""
