@@ -15,6 +15,14 @@
 # and start the device command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 set -u
+DEVICE=cuda QUICK=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --quick) QUICK=--quick; shift ;;  # tiny random models: a smoke run of every step (tested on the CPU)
+        *) echo "unknown argument: $1 (use --device DEV, --quick)" >&2; exit 2 ;;
+    esac
+done
 OUT="${OUT:-gpu-results}"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -32,7 +40,19 @@ step() {  # step NAME SECONDS COMMAND...
     tail -n 12 "$OUT/$name.log"
 }
 
+if [ "$DEVICE" = cuda ]; then
 step env 60 "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
 step train_step 150 "$PY" benchmarks/train_step.py --preset gpu --device cuda --json
 step generate 330 "$PY" benchmarks/generate_speed.py --shape smolvlm-360m --device cuda --dtype bfloat16 \
     --text-tokens 32 --repeats 3 --compiled --hf-compiled --json "$OUT/generate.jsonl"
+fi
+
+# ---- the server: continuous batching + feature/prefix caches vs the static server, and int8 ----
+# 32 openai-client users, 4 images, 3 questions each, both servers in one run (serve_load.py);
+# int8 weight-only vs full precision: memory, batch-1 decoding, answer agreement (serve_int8.py).
+SERVE_SHAPE=smollm2-135m
+[ -n "$QUICK" ] && SERVE_SHAPE=tiny
+step serve_load 150 "$PY" benchmarks/serve_load.py --device "$DEVICE" --shape "$SERVE_SHAPE" --repeats 1 $QUICK \
+    --json "$OUT/serve_load.jsonl"
+step serve_int8 90 "$PY" benchmarks/serve_int8.py --device "$DEVICE" --shape "$SERVE_SHAPE" --items 32 --repeats 1 $QUICK \
+    --json "$OUT/serve_int8.jsonl"
