@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     if args.quick:
-        args.shape, args.items, args.repeats, args.decode_tokens, args.decode_repeats = "tiny", 8, 1, 16, 3
+        args.shape, args.items, args.repeats, args.decode_tokens, args.decode_repeats = "tiny", min(args.items, 8), 1, 16, 3
     runs: dict[str, list[dict]] = {"fp32": [], "int8": []}
     for r in range(args.repeats):
         for mode in (["fp32", "int8"] if r % 2 == 0 else ["int8", "fp32"]):
