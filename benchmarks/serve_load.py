@@ -291,8 +291,8 @@ def _line(r: dict) -> str:
 
 
 def _table(report: dict) -> str:
-    rows = [f"{report['users']} users x {report['questions']} questions, {report['images']} images, max_tokens {report['max_tokens']}, "
-            f"{report['model']} on {report['device']}, medians of {report['repeats']} interleaved repeats",
+    rows = [(f"{report['users']} users x {report['questions']} questions, {report['images']} images, max_tokens {report['max_tokens']}, "
+             f"{report['model']} on {report['device']}, medians of {report['repeats']} interleaved repeats"),
             "| server | req/s | tok/s | TTFT p50 | TTFT p95 | latency p50 | latency p95 | server CPU s |",
             "|---|---|---|---|---|---|---|---|"]
     for name, s in report["servers"].items():

@@ -21,7 +21,7 @@ def test_gpu_checks_server_blocks_run_on_cpu_quick(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "--device", "cpu", "--quick"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=400)
+                         capture_output=True, text=True, timeout=400, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     for step in ("serve_load", "serve_int8"):
         assert f"== {step}" in out.stdout
