@@ -189,7 +189,11 @@ class ContinuousBatcher:
             self.error = e
             for row in self._rows:
                 row.job.emit(Event("error", reason="the generation worker stopped"))
+            self._rows = []
         finally:
+            for row in self._rows:  # stopped mid-answer: nobody will finish these
+                row.job.emit(Event("error", reason="the server is shutting down"))
+            self._rows = []
             while True:
                 try:
                     job = self._queue.get_nowait()
