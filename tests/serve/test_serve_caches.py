@@ -222,3 +222,13 @@ def test_quantize_without_torchao_is_one_clear_error(monkeypatch, tiny):
         quantize_weights(tiny[0], "int8")
     with pytest.raises(QuantizationError, match="unknown mode"):
         quantize_weights(tiny[0], "int4")
+
+
+@pytest.mark.parametrize("option, value", [("--batching", "eventually"), ("--quantize", "int4")])
+def test_serve_refuses_unknown_batching_or_quantize_mode_before_loading(tmp_path, option, value):
+    from typer.testing import CliRunner
+
+    from vlmkit.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "none"), "--port", "0", option, value])
+    assert result.exit_code == 2 and value in result.output and "Traceback" not in result.output
