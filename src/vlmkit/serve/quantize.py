@@ -1,9 +1,10 @@
 """Weight-only int8 linear layers for serving, through torchao.
 
-Every `nn.Linear` of the language model, the connector and the vision tower keeps its weight as
-int8 with one scale per output row; activations stay in the model's precision. On a CPU the
-products run on int8-weight kernels (`aten._weight_int8pack_mm`), so decoding streams a quarter
-of the bytes per step; the float weights are released.
+Every `nn.Linear` of the language model (but its output head), the connector and the vision tower
+keeps its weight as int8 with one scale per output row; activations stay in the model's
+precision, and the float weights are released. What it saves is memory: torchao's weight-only
+int8 linear converts the int8 weight to the activations' dtype at each call, so a product costs
+at least what the float one does (docs/serving.md has the figures).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ class QuantizationError(ValueError):
     pass
 
 
-def _is_linear(module: nn.Module, name: str) -> bool:
-    # Tiny maps (a norm-sized projection) cost more in kernel overhead than they save.
-    return isinstance(module, nn.Linear) and module.in_features >= 16 and module.out_features >= 16
+def _linear_filter(keep: nn.Module):
+    def is_quantized(module: nn.Module, name: str) -> bool:
+        # Tiny maps (a norm-sized projection) cost more in kernel overhead than they save.
+        return isinstance(module, nn.Linear) and module is not keep and module.in_features >= 16 and module.out_features >= 16
+    return is_quantized
 
 
 def quantize_weights(model, mode: str) -> None:
@@ -34,8 +37,12 @@ def quantize_weights(model, mode: str) -> None:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:
         raise QuantizationError("--quantize int8 needs torchao, which is not installed: pip install 'vlmkit[serve-int8]'") from None
+    # The LM head stays in float: it decides every argmax (int8 rounding there changes answers
+    # most), and most heads share their weight with the input embeddings, which stay in float
+    # anyway, so quantizing it would add memory, not save it.
+    keep = model.llm.get_output_embeddings()
     for part in model.parts().values():
-        quantize_(part, Int8WeightOnlyConfig(), filter_fn=_is_linear)
+        quantize_(part, Int8WeightOnlyConfig(), filter_fn=_linear_filter(keep))
     _release_float_weights(model)
 
 
