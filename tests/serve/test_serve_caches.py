@@ -198,6 +198,7 @@ def test_int8_server_loads_and_answers():
     full = alone((model, processor), "What colour?", png_data_uri(), 12)
     quantize_weights(model, "int8")
     assert type(model.llm.base_model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert type(model.llm.get_output_embeddings().weight).__name__ == "Parameter"  # the head stays in float
     with running_server(create_app(model, processor, ServerSettings(model_name=MODEL))) as base:
         answer = ask(client_for(base), "What colour?", png_data_uri(), 12)
         again = ask(client_for(base), "What colour?", png_data_uri(), 12)
