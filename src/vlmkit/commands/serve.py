@@ -61,6 +61,12 @@ def serve_command(
     image_format: Annotated[Optional[list[str]], typer.Option(help="Image format requests may use (repeat it; default PNG, JPEG, WEBP, GIF, BMP, TIFF).")] = None,
     allowed_host: Annotated[Optional[list[str]], typer.Option(help="Without --api-key: a Host name clients may use besides loopback and --host (repeat it; '*' for any).")] = None,
     allowed_origin: Annotated[Optional[list[str]], typer.Option(help="Without --api-key: a browser Origin allowed besides the server's own, e.g. http://localhost:3000 (repeat it; '*' for any).")] = None,
+    batching: Annotated[str, typer.Option(help="'continuous': requests join and leave the running batch between decoding steps; 'static': a batch decodes to its end before the next forms.")] = "continuous",
+    feature_cache: Annotated[bool, typer.Option(help="Cache each image's visual tokens (keyed by its pixels, the processor's output and the weights).")] = True,
+    feature_cache_mb: Annotated[float, typer.Option(min=0, help="Memory for the image-feature cache, in MB (least recently used entries go first).")] = 256.0,
+    prefix_cache: Annotated[bool, typer.Option(help="Reuse the keys and values of prompt prefixes already computed (a shared system turn and image).")] = True,
+    prefix_cache_mb: Annotated[float, typer.Option(min=0, help="Memory for the prefix cache, in MB.")] = 256.0,
+    quantize: Annotated[Optional[str], typer.Option(help="'int8': int8 weight-only linear layers (torchao; pip install 'vlmkit[serve-int8]').")] = None,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible /v1/chat/completions API, with a web page at /."""
     offline()
@@ -70,6 +76,10 @@ def serve_command(
     from vlmkit.checkpoint import load_checkpoint
 
     check_device(device)
+    if batching not in ("continuous", "static"):
+        raise typer.BadParameter(f"{batching!r}: use 'continuous' or 'static'", param_hint="--batching")
+    if quantize is not None and quantize != "int8":
+        raise typer.BadParameter(f"{quantize!r}: the one mode is 'int8'", param_hint="--quantize")
     try:
         formats = list(image_formats(image_format)) if image_format else None
     except ValueError as e:
@@ -83,6 +93,14 @@ def serve_command(
     # the address printed is one the server really holds.
     sock = _bind(host, port)
     model, config = load_checkpoint(checkpoint, device=device)
+    if quantize is not None:
+        from vlmkit.serve.quantize import QuantizationError, quantize_weights
+
+        try:
+            quantize_weights(model, quantize)
+        except QuantizationError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
     processor = build_chat_processor(model, max_length or config.train.max_length)
     settings = ServerSettings(
         model_name=model_name or checkpoint.resolve().name, api_key=api_key, allow_remote_images=allow_remote_images,
@@ -90,6 +108,8 @@ def serve_command(
         max_tokens_limit=max_tokens, default_max_tokens=min(256, max_tokens), max_batch=max_batch, max_wait_ms=max_wait_ms,
         compile_decode=compile_decode, image_formats=formats, allowed_hosts=hosts, allowed_origins=list(allowed_origin or []),
         bf16=config.train.precision == "bf16",  # answer in the precision the checkpoint trained in
+        batching=batching, feature_cache_mb=feature_cache_mb if feature_cache else 0.0,
+        prefix_cache_mb=prefix_cache_mb if prefix_cache else 0.0,
     )
     port = sock.getsockname()[1]
     typer.echo(f"serving {settings.model_name!r} on http://{host}:{port}/ (API at /v1, health at /health)")

@@ -67,7 +67,9 @@ def supports(llm: nn.Module) -> bool:
     # nn.Linear at all, so every projection must be a plain nn.Linear, and nothing inside it.
     projections = [m for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                                                     layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
-    plain_linears = all(type(m) is nn.Linear and not any(True for _ in m.children()) for m in projections)
+    # Quantized weights (torchao's tensor subclasses) cannot be copied into the decode layout.
+    plain_linears = all(type(m) is nn.Linear and not any(True for _ in m.children()) and type(m.weight) is nn.Parameter
+                        for m in projections)
     return not hooked and plain_linears
 
 

@@ -71,6 +71,8 @@ async def health(state: State):
     # Open to any Host: load balancers and probes address the server by its IP.
     batcher = state.batcher
     body = {"status": "ok" if batcher.healthy else "error", "model": state.settings.model_name, "waiting": batcher.waiting, **batcher.stats}
+    if hasattr(batcher, "cache_stats"):
+        body.update(batcher.cache_stats())
     if batcher.error is not None:
         body["error"] = f"{type(batcher.error).__name__}: {batcher.error}"
     return JSONResponse(body, status_code=200 if batcher.healthy else 503)

@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import Request
 
 from vlmkit.processing.images import image_formats
+from vlmkit.serve import engine
 from vlmkit.serve.batching import DynamicBatcher
+from vlmkit.serve.caches import FeatureCache, PrefixCache, weights_key
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -43,6 +45,33 @@ class ServerSettings:
     # "*" allows any. The loopback names are always allowed hosts.
     allowed_hosts: list[str] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
+    # "continuous": requests join and leave the running batch between decoding steps;
+    # "static": a batch forms, decodes to its end, then the next forms (the earlier server).
+    # Models the continuous engine cannot run (serve/engine.py: `supports`) are served static.
+    batching: str = "continuous"
+    # Megabytes for the image-feature cache and the prompt-prefix cache (0 turns one off); both
+    # need continuous batching.
+    feature_cache_mb: float = 256.0
+    prefix_cache_mb: float = 256.0
+
+
+BATCHING_MODES = ("continuous", "static")
+
+
+def build_batcher(model, settings: ServerSettings):
+    """The generation worker the settings ask for (see `ServerSettings.batching`)."""
+    if settings.batching not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {settings.batching!r}")
+    if settings.batching == "continuous" and engine.supports(model):
+        caching = settings.feature_cache_mb > 0 or settings.prefix_cache_mb > 0
+        # The caches' entries are keyed by these weights: another checkpoint never reads them.
+        weights = weights_key(model) if caching else ""
+        return engine.ContinuousBatcher(
+            model, max_batch=settings.max_batch, max_queue=settings.max_queue, bf16=settings.bf16,
+            feature_cache=FeatureCache(int(settings.feature_cache_mb * 2**20), weights),
+            prefix_cache=PrefixCache(int(settings.prefix_cache_mb * 2**20), weights))
+    return DynamicBatcher(model, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+                          max_queue=settings.max_queue, bf16=settings.bf16)
 
 
 @dataclass
@@ -50,7 +79,7 @@ class ServerState:
     settings: ServerSettings
     model: Any
     processor: Any
-    batcher: DynamicBatcher
+    batcher: DynamicBatcher | engine.ContinuousBatcher
     # One thread encodes prompts: fast tokenizers are not safe to share across threads.
     encoder: ThreadPoolExecutor
     # Images decode on their own threads: a large image must not stall /health or other requests.
@@ -65,8 +94,7 @@ class ServerState:
             settings=settings,
             model=model,
             processor=processor,
-            batcher=DynamicBatcher(model, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
-                                  bf16=settings.bf16),
+            batcher=build_batcher(model, settings),
             encoder=ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-encode"),
             decoder=ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="vlmkit-decode"),
             image_formats=image_formats(settings.image_formats),
