@@ -33,7 +33,7 @@ def _records(path):
 
 
 def test_every_kind_and_difficulty_is_held_out_and_tagged(data):
-    out, paths = data
+    _, paths = data
     assert set(paths) == {"stage2", "test"}
     test = _records(paths["test"])
     assert len(test) == 72
@@ -74,7 +74,7 @@ def test_no_held_out_image_is_a_training_image(data):
 
 def test_a_repeated_training_image_is_redrawn(tmp_path, monkeypatch):
     # Scenes of two possible images, one trained on: every held-out draw must be the other one.
-    import vlmkit.data.synthetic.fidelity as fidelity
+    from vlmkit.data.synthetic import fidelity
 
     monkeypatch.setattr(fidelity, "DIFFICULTIES", [("scene", "coarse")])
     monkeypatch.setattr(fidelity, "make_scene", lambda rng: _fixed_scene(rng))
@@ -145,7 +145,7 @@ def test_quickstart_rules_are_unchanged():
 
 
 def test_breakdown_has_kind_at_difficulty(data):
-    out, paths = data
+    out, _ = data
     bench = SyntheticQA()
     items = bench.load(out)
     right = {it.id: it.answers[0] for it in items if it.metadata["kind"] == "word"}
