@@ -154,8 +154,33 @@ def test_breakdown_has_kind_at_difficulty(data):
     assert result.breakdown["cell@5x5"] == 0.0 and result.breakdown["task/fidelity-number"] == 0.0
 
 
-@pytest.mark.parametrize("name", ["connectors", "fidelity", "stages"])
-def test_lecture_claims_recipes_load(name):
-    config = load_config(RECIPES / f"{name}.yaml")
+# Each recipe with the values its header's sweep varies (the extremes of each `--vary`).
+SWEPT = {
+    "connectors": [],
+    "fidelity": ["model.processor.image_size=512", "model.connector.options.ratio=1.0"],
+    "stages": ["train.stages.embed.trainable=connector+vision", "train.stages.instruct.trainable=connector+vision"],
+}
+
+
+@pytest.mark.parametrize("name", list(SWEPT))
+def test_lecture_claims_recipes_load_with_their_swept_values(name):
+    text = (RECIPES / f"{name}.yaml").read_text()
+    for override in SWEPT[name]:
+        assert override.split("=")[0] in text.replace("\n", " ") or override.startswith("train.stages"), override
+    config = load_config(RECIPES / f"{name}.yaml", SWEPT[name])
     assert config.train.eval is None
-    assert all(s.max_steps for s in config.train.stages.values())
+    assert [s.max_steps for s in config.train.stages.values()] == [300, 80]
+    assert config.model.vision.name == "efficientnet-lite0" and config.model.llm.name == "smollm2-135m-instruct"
+    if name == "fidelity":
+        assert config.model.processor.image_size == 512 and config.model.connector.options["ratio"] == 1.0
+    if name == "stages":
+        assert all(s.trainable == ["connector", "vision"] for s in config.train.stages.values())
+    # The header's command names this recipe and the fidelity data.
+    assert f"lecture-claims/{name}.yaml --data fidelity" in text
+
+
+def test_trainable_parts_joined_with_plus_are_refused_when_unknown():
+    from vlmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown parts \\['visoin'\\]"):
+        load_config(RECIPES / "stages.yaml", ["train.stages.embed.trainable=connector+visoin"])
