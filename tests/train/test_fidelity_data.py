@@ -165,8 +165,6 @@ SWEPT = {
 @pytest.mark.parametrize("name", list(SWEPT))
 def test_lecture_claims_recipes_load_with_their_swept_values(name):
     text = (RECIPES / f"{name}.yaml").read_text()
-    for override in SWEPT[name]:
-        assert override.split("=")[0] in text.replace("\n", " ") or override.startswith("train.stages"), override
     config = load_config(RECIPES / f"{name}.yaml", SWEPT[name])
     assert config.train.eval is None
     assert [s.max_steps for s in config.train.stages.values()] == [300, 80]
