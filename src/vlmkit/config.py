@@ -325,7 +325,9 @@ class StageConfig(Strict):
     def data_names(self) -> str:
         return self.data if isinstance(self.data, str) else ", ".join(f"{s.path} ({s.weight:g})" for s in self.data)
     trainable: list[str]
-    """Parts that train in this stage; the rest are frozen: any of `vision`, `connector`, `llm`, `cross_attention`."""
+    """Parts that train in this stage; the rest are frozen: any of `vision`, `connector`, `llm`,
+    `cross_attention`. Also written `connector+vision` (one value with no comma, so a sweep's
+    `--vary train.stages.NAME.trainable=connector,connector+vision` can cross it)."""
     lr: float = Field(gt=0, le=MAX_LR)
     """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
     part_lr: dict[str, Annotated[float, Field(gt=0, le=MAX_LR)]] = Field(default_factory=dict)
@@ -368,6 +370,11 @@ class StageConfig(Strict):
     lora: LoraConfig | None = None
     """Train the parts it names through LoRA adapters (e.g. `{parts: [llm], r: 16, alpha: 32,
     dropout: 0.05, targets: [q_proj, v_proj]}`); null: full fine-tuning of the trainable parts."""
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _joined_parts(cls, parts):
+        return [p.strip() for p in parts.split("+")] if isinstance(parts, str) else parts
 
     @field_validator("trainable")
     @classmethod
