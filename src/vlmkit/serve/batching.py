@@ -67,23 +67,11 @@ class QueueFull(Exception):
     pass
 
 
-class DynamicBatcher:
-    def __init__(self, model, max_batch: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024, bf16: bool = False):
-        # Decode under bf16 autocast when the checkpoint trained in bf16. Autocast is per thread:
-        # it is entered in the worker thread, around the whole decode of a batch.
-        self.bf16 = bf16
-        self.model = model
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._held: list[Job] = []  # taken from the queue but not yet batched (other settings)
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self.error: BaseException | None = None
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0}
+class GenerationWorker:
+    """A queue of requests and the one thread that answers them; subclasses define `_run` (how
+    requests are batched and decoded) and set `_queue`, `_stopping`, `_thread`, `error`,
+    `max_queue` and `stats` in their constructor."""
 
-    # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vlmkit-batcher", daemon=True)
         self._thread.start()
@@ -100,7 +88,7 @@ class DynamicBatcher:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize() + len(self._held)
+        return self._queue.qsize()
 
     def submit(self, job: Job) -> None:
         if not self.healthy:
@@ -109,6 +97,30 @@ class DynamicBatcher:
             raise QueueFull(f"{self.waiting} requests are already waiting")
         self.stats["requests"] += 1
         self._queue.put(job)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class DynamicBatcher(GenerationWorker):
+    def __init__(self, model, max_batch: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024, bf16: bool = False):
+        # Decode under bf16 autocast when the checkpoint trained in bf16. Autocast is per thread:
+        # it is entered in the worker thread, around the whole decode of a batch.
+        self.bf16 = bf16
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._held: list[Job] = []  # taken from the queue but not yet batched (other settings)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0}
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() + len(self._held)
 
     # ---- worker ---------------------------------------------------------------------------
     def _next_batch(self) -> list[Job]:

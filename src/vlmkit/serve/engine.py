@@ -31,7 +31,7 @@ from torch import nn
 
 from vlmkit.generate import GenerationConfig, _pick, extra_stop_ids
 from vlmkit.model import fast_decode
-from vlmkit.serve.batching import Event, Job, QueueFull
+from vlmkit.serve.batching import Event, GenerationWorker, Job
 from vlmkit.serve.caches import BLOCK, FeatureCache, PrefixCache, image_key
 
 log = logging.getLogger("vlmkit.serve")
@@ -121,7 +121,7 @@ class _Cache:
     values: list[torch.Tensor] = field(default_factory=list)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(GenerationWorker):
     """The server's generation worker with continuous batching (the module notes). Same interface
     as `batching.DynamicBatcher`."""
 
@@ -144,33 +144,6 @@ class ContinuousBatcher:
         tok = model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.stop_ids = {i for i in [tok.eos_token_id, *extra_stop_ids(tok)] if i is not None}
-
-    # ---- lifecycle (as DynamicBatcher) ----------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="vlmkit-batcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    @property
-    def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
-
-    @property
-    def waiting(self) -> int:
-        return self._queue.qsize()
-
-    def submit(self, job: Job) -> None:
-        if not self.healthy:
-            raise RuntimeError("the generation worker is not running")
-        if self.waiting >= self.max_queue:
-            raise QueueFull(f"{self.waiting} requests are already waiting")
-        self.stats["requests"] += 1
-        self._queue.put(job)
 
     def cache_stats(self) -> dict:
         return {"feature_cache": self.feature_cache.lru.stats(), "prefix_cache": self.prefix_cache.lru.stats()}
