@@ -67,7 +67,10 @@ def _module_weights(llm: nn.Module):
 def supports(model) -> bool:
     """Whether the continuous engine can run this model: a causal Llama-family decoder that
     `fast_decode` reads, with images filled into text slots (prefix fusion)."""
+    # M-RoPE decoders (Qwen2-VL) run on fast_decode's loop too, but a row's positions are three
+    # per token and restart after its images, which this engine's shared position arithmetic does not do.
     return (model.attention_rule.name == "causal" and model.fusion.name == "prefix"
+            and getattr(model, "position_rule", "1d") == "1d"
             and getattr(model.fusion, "levels", None) is None and _decoder_supported(model.llm))
 
 
