@@ -89,7 +89,9 @@ def check_model(config: Config) -> None:
 # The lecture's rule the stage-boundary guard names, and what the stage-boundary experiment measured.
 STAGE_GUARD_RULE = ("fine-tuning the image encoder before the projection has converged is one of the most common "
                     "causes of poor downstream performance")
-STAGE_GUARD_EFFECT = "measured in docs/lecture-claims.md"
+STAGE_GUARD_EFFECT = ("measured on a CPU budget in docs/lecture-claims.md: at the same steps, unfreezing the tower only "
+                      "after the projector's stage read 10% of the held-out words against 4%, a difference of +6 points "
+                      "with a 95% interval of -1 to +13, so not yet significant")
 GUARDED_PARTS = ("vision", "llm")
 
 
