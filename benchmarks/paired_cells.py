@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from vlmkit.eval.stats import paired_test
 
@@ -20,8 +21,8 @@ def main() -> None:
     parser.add_argument("cell_a")
     parser.add_argument("cell_b")
     args = parser.parse_args()
-    a = {i["id"]: i for i in json.load(open(args.cell_a, encoding="utf-8"))["items"]}
-    b = {i["id"]: i for i in json.load(open(args.cell_b, encoding="utf-8"))["items"]}
+    a = {i["id"]: i for i in json.loads(Path(args.cell_a).read_text(encoding="utf-8"))["items"]}
+    b = {i["id"]: i for i in json.loads(Path(args.cell_b).read_text(encoding="utf-8"))["items"]}
     if sorted(a) != sorted(b):
         raise SystemExit("the two cells were scored on different held-out items")
     for name, kinds in GROUPS.items():
