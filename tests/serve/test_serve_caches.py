@@ -68,10 +68,23 @@ def test_continuous_batching_is_the_default_and_static_stays_selectable(tiny):
         create_app(model, processor, ServerSettings(batching="eventually"))
 
 
-def test_request_joins_a_running_batch_and_leaves_when_done(tiny):
+def test_request_joins_a_running_batch_and_leaves_when_done(tiny, monkeypatch):
     """A request sent while another decodes is answered before the first ends; both answers
     equal their one-by-one greedy answers."""
     model, processor = tiny
+    # A tiny model decodes 150 tokens faster than a loaded machine delivers the second HTTP
+    # request, so the lone row's decoding holds once (at most 20 s) until that request is queued.
+    real_step, held = engine.ContinuousBatcher._step, threading.Event()
+
+    def step_once_joined(self):
+        if not held.is_set() and len(self._rows) == 1:
+            deadline = time.monotonic() + 20
+            while self._queue.qsize() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            held.set()
+        return real_step(self)
+
+    monkeypatch.setattr(engine.ContinuousBatcher, "_step", step_once_joined)
     uri = png_data_uri((30, 90, 200))
     long_q, short_q = "What colour?", "Why?"
     want_long, want_short = alone(tiny, long_q, uri, 150), alone(tiny, short_q, uri, 8)
