@@ -101,6 +101,17 @@ class GenerationWorker:
     def _run(self) -> None:
         raise NotImplementedError
 
+    def _refuse_queued(self) -> None:
+        """Nobody will serve what is still queued when the worker ends: answer it instead of
+        leaving it hanging."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.emit(Event("error", reason="the server is shutting down"))
+
 
 class DynamicBatcher(GenerationWorker):
     def __init__(self, model, max_batch: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024, bf16: bool = False):
@@ -164,14 +175,7 @@ class DynamicBatcher(GenerationWorker):
             for job in self._held:
                 job.emit(Event("error", reason="the generation worker stopped"))
         finally:
-            # Nobody will serve what is still queued: answer it instead of leaving it hanging.
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.emit(Event("error", reason="the server is shutting down"))
+            self._refuse_queued()
 
     def _emit_steps(self, batch: list[Job]) -> None:
         steps = generate_steps(

@@ -170,13 +170,7 @@ class ContinuousBatcher(GenerationWorker):
             for row in self._rows:  # stopped mid-answer: nobody will finish these
                 row.job.emit(Event("error", reason="the server is shutting down"))
             self._rows = []
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.emit(Event("error", reason="the server is shutting down"))
+            self._refuse_queued()
 
     def _setup(self) -> None:
         llm = self.model.llm
