@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 6 and 8 in one short run, for a session that is lent a device for a few
-# minutes: environment, bf16 training step vs HF, and generation (eager, compiled / CUDA graphs)
-# vs HF default and HF static-cache compiled generate. Results go to $OUT (or ./gpu-results).
+# Every GPU comparison in one short run, for a machine lent for a few minutes: environment, bf16
+# training step vs HF, generation (eager, compiled / CUDA graphs) vs HF default and HF static-cache
+# compiled generate, then (also on the CPU with --device cpu) imported-model generation and eval,
+# the LoRA step vs peft, the server's batching and caches, and int8. Results go to $OUT (or ./gpu-results).
 #
 #   bash benchmarks/gpu_checks.sh            # on the device machine, from the repository root
 #
