@@ -155,6 +155,14 @@ def test_a_different_sweep_in_the_same_folder_is_refused_but_added_cells_are_not
         bigger.overrides = ["train.stages.instruct.max_steps=3"]
         run_sweep(bigger, tmp_path / "s", runner=FakeRunner(), progress=False)
 
+    # A folder of the user's own is not written into: no data, cells or reports land among its files.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "ablation.md").write_text("my notes")
+    with pytest.raises(SweepError, match="not empty and holds no sweep.json"):
+        run_sweep(definition(recipe, seeds=(0,)), mine, runner=FakeRunner(), progress=False)
+    assert [p.name for p in mine.iterdir()] == ["ablation.md"] and (mine / "ablation.md").read_text() == "my notes"
+
 
 def _cell(seed: int, scores: dict[str, float], kind="word", difficulty=None) -> dict:
     return {"group": "g", "values": {}, "seed": seed, "visual_tokens": 16, "memory_tokens": 0, "prefill_flops": {"total": None},

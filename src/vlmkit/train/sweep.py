@@ -246,6 +246,9 @@ def claim_folder(definition: SweepDefinition, out: Path) -> None:
         why = definition_change(old, new)
         if why:
             raise SweepError(f"{out} holds another sweep: {why}. Give a new --out, or rerun the sweep stored in {path}")
+    elif out.is_dir() and any(out.iterdir()):
+        # data/, cells/ and the reports would land among (and over) files the user keeps there.
+        raise SweepError(f"{out} is not empty and holds no sweep.json: give a new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(new, indent=2) + "\n")
 
