@@ -244,8 +244,10 @@ class ContinuousBatcher(GenerationWorker):
         _, kv_heads, head_dim = self.dims
         used = max((r.length for r in self._rows), default=0)
 
+        # Attention multiplies a row's masked columns by a zero probability, and 0 * NaN from
+        # uninitialised memory is NaN: the cache starts zeroed, and every later write is finite.
         def grow(old):
-            t = torch.empty((new_rows, kv_heads, new_len, head_dim), dtype=self.dtype, device=self.device)
+            t = torch.zeros((new_rows, kv_heads, new_len, head_dim), dtype=self.dtype, device=self.device)
             if old is not None and self._rows:
                 t[: len(self._rows), :, :used] = old[: len(self._rows), :, :used]
             return t
