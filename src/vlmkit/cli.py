@@ -112,17 +112,10 @@ for _group in app.registered_groups:
         _group.typer_instance.info.cls = FullHelpGroup
 
 
-# Loggers of optional libraries that transformers imports whenever they are installed (torchao,
-# for `serve --quantize int8`): their import-time notices (CUDA kernels a CPU build cannot load,
-# a torch deprecation they trigger) say nothing about the user's command.
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
 def main() -> None:
-    import logging
+    from vlmkit.utils import quiet_third_party_loggers
 
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_third_party_loggers()
     app()
 
 

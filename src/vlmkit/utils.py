@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, JSONL logging, seeding."""
+"""Small shared helpers: atomic writes, JSONL logging, seeding, quiet third-party loggers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+# Loggers of optional libraries that transformers imports whenever they are installed (torchao,
+# for `serve --quantize int8`): their import-time notices (CUDA kernels a CPU build cannot load,
+# a torch deprecation they trigger) say nothing about the user's command.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_third_party_loggers() -> None:
+    """Silence `QUIET_LOGGERS` below errors: in the CLI, and in every process it spawns."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def current_umask() -> int:

@@ -324,7 +324,10 @@ def _run_serial(todo, total, configs, test, data, runner, finish, progress) -> N
 def _one_thread() -> None:
     import torch
 
+    from vlmkit.utils import quiet_third_party_loggers
+
     torch.set_num_threads(1)
+    quiet_third_party_loggers()
 
 
 def _run_parallel(todo, configs, test, data, runner, jobs, finish, progress) -> None:
