@@ -164,8 +164,8 @@ def test_a_different_sweep_in_the_same_folder_is_refused_but_added_cells_are_not
     assert [p.name for p in mine.iterdir()] == ["ablation.md"] and (mine / "ablation.md").read_text() == "my notes"
 
 
-def _cell(seed: int, scores: dict[str, float], kind="word", difficulty=None) -> dict:
-    return {"group": "g", "values": {}, "seed": seed, "visual_tokens": 16, "memory_tokens": 0, "prefill_flops": {"total": None},
+def _cell(seed: int, scores: dict[str, float], kind="word", difficulty=None, group="g", values=None) -> dict:
+    return {"group": group, "values": values or {}, "seed": seed, "visual_tokens": 16, "memory_tokens": 0, "prefill_flops": {"total": None},
             "trainable_parameters": 10, "train_seconds": 1.0, "train_cpu_seconds": 2.0,
             "items": [{"id": i, "kind": kind, "difficulty": difficulty, "correct": s} for i, s in scores.items()]}
 
@@ -192,7 +192,7 @@ def test_difficulty_rows_and_the_report_shape(tmp_path):
     merged = {**cells[0], "items": cells[0]["items"] + cells[1]["items"]}
     definition_json = {"vary": [], "seeds": [0]}
     report = sweep_report.write_reports(definition_json, [{**merged, "name": "n", "seed": 0}], tmp_path)
-    assert set(report) == {"definition", "error_bars", "cells", "rows"}
+    assert set(report) == {"definition", "error_bars", "cells", "rows", "comparisons"} and report["comparisons"] == []
     assert "items" not in report["cells"][0]
     row = report["rows"][0]
     assert set(row["accuracy"]) == {"word", "bar"} and set(row["accuracy_by_difficulty"]) == {"word/8"}
@@ -202,6 +202,46 @@ def test_difficulty_rows_and_the_report_shape(tmp_path):
     md = (tmp_path / "ablation.md").read_text()
     assert "| word acc [95% CI] | bar acc [95% CI] |" in md and "| 50.0% [" in md
     assert (tmp_path / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_are_compared_with_the_baseline_item_by_item(tmp_path):
+    """Each row minus the baseline on the same items, seeds pooled per item: the paired test of
+    the pooled scores, overall and per kind; the baseline is the first value unless chosen."""
+    words, bars = [str(i) for i in range(12)], [f"b{i}" for i in range(6)]
+
+    def cells(group, value, right):  # two seeds; `right(seed, item)` says which items are right
+        return [{**_cell(seed, {i: float(right(seed, i)) for i in words}, group=group, values={"k": value}),
+                 "items": [{"id": i, "kind": "word" if i in words else "bar", "difficulty": None, "correct": float(right(seed, i))}
+                           for i in words + bars]} for seed in (0, 1)]
+
+    base = cells("k=a", "a", lambda seed, i: i in ("0", "1", "b0"))
+    better = cells("k=b", "b", lambda seed, i: i in ("0", "1", "2", "3", "b0") or (seed == 1 and i in ("4", "5")))
+    definition_json = {"vary": [{"key": "k", "values": ["a", "b"]}], "seeds": [0, 1]}
+    report = sweep_report.write_reports(definition_json, base + better, tmp_path)
+    [compared] = report["comparisons"]
+    assert compared["group"] == "k=b" and compared["against"] == "k=a"
+    pooled_a = [float(i in ("0", "1")) for i in words]
+    pooled_b = [1.0 if i in ("0", "1", "2", "3") else 0.5 if i in ("4", "5") else 0.0 for i in words]
+    want = stats.paired_test(pooled_a, pooled_b)
+    word = compared["difference"]["word"]
+    assert word["difference"] == pytest.approx(3 / 12) and word["ci"] == list(want.ci) and word["p_value"] == want.p_value
+    assert word["items"] == 12 and compared["difference"]["bar"]["difference"] == 0.0
+    assert compared["difference"]["overall"]["items"] == 18
+    md = (tmp_path / "ablation.md").read_text()
+    assert "Against k=a on the same held-out items" in md and "| b | +16.7 [" in md and "], p 0.04 | +25.0 [" in md
+    # Chosen the other way round, the sign flips.
+    flipped = sweep_report.write_reports(definition_json, base + better, tmp_path, baseline={"k": "b"})
+    assert flipped["comparisons"][0]["difference"]["word"]["difference"] == pytest.approx(-3 / 12)
+
+
+def test_a_bad_baseline_is_refused_before_any_cell_trains(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    runner = FakeRunner()
+    with pytest.raises(SweepError, match=r"--baseline model.processor.image_size=48: not one of its values \(32, 64\)"):
+        run_sweep(definition(recipe), tmp_path / "s", runner=runner, progress=False, baseline={"model.processor.image_size": "48"})
+    with pytest.raises(SweepError, match="seed is not a varied key"):
+        run_sweep(definition(recipe), tmp_path / "s", runner=runner, progress=False, baseline={"seed": "1"})
+    assert runner.calls == [] and not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow
@@ -225,6 +265,9 @@ def test_a_reduced_sweep_runs_end_to_end(tmp_path):
         assert row["visual_tokens"] > 0 and row["prefill_gflops"] > 0 and row["trainable_parameters"] > 0
     assert report["rows"][0]["visual_tokens"] == 4 * report["rows"][1]["visual_tokens"]  # 2x2 pooling
     assert (out / "ablation.md").read_text().count("\n| mlp |") == 1
+    [compared] = report["comparisons"]
+    assert compared["against"] == "connector=mlp" and compared["difference"]["overall"]["items"] == report["rows"][0]["overall"]["items"]
+    assert "\n| pooling | " in (out / "ablation.md").read_text()
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 0
     assert [c["train_cpu_seconds"] > 0 for c in report["cells"]] == [True, True]
 

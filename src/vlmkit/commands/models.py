@@ -114,6 +114,18 @@ def _sizes(words: list[str]) -> dict:
     return sizes
 
 
+def _baseline(words: list[str]) -> dict[str, str]:
+    from vlmkit.train.sweep import SweepError
+
+    chosen = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise SweepError(f"--baseline {word!r}: expected KEY=VALUE")
+        chosen[key] = value
+    return chosen
+
+
 def ablate_command(
     recipe: str = typer.Argument(None, metavar="RECIPE", show_default=False,
                                  help="recipe YAML (default: the quickstart's, embed-align then instruct)"),
@@ -130,12 +142,16 @@ def ablate_command(
                                                   help="a size the dataset's builder takes, e.g. n_test=60 (repeatable)"),
     out: str = typer.Option("runs/ablate", "--out", help="sweep folder (sweep.json, data, cells/, ablation.md/.json/.jsonl, plot)"),
     jobs: int = typer.Option(1, "--jobs", min=1, help="cells trained at once, each in its own process on one thread"),
+    baseline: Optional[list[str]] = typer.Option(None, "--baseline", metavar="KEY=VALUE", show_default=False,
+                                                 help="the row every other row is compared with, item by item (repeatable; "
+                                                      "default: the first value of each --vary)"),
     as_json: bool = typer.Option(False, "--json", help="print ablation.json instead of the table"),
 ) -> None:
     """Train one recipe once per cell of a grid of recipe values (crossed) and seeds, score each on
     the same generated held-out questions, and write accuracy per question kind with 95% bootstrap
-    intervals (seeds pooled), visual tokens, prefill FLOPs, trainable parameters and training time to
-    OUT/ablation.md, OUT/ablation.json and OUT/accuracy_vs_tokens.png. A rerun into OUT trains only the
+    intervals (seeds pooled), visual tokens, prefill FLOPs, trainable parameters and training time, and
+    each row's paired difference from the baseline row, to OUT/ablation.md, OUT/ablation.json and
+    OUT/accuracy_vs_tokens.png. A rerun into OUT trains only the
     cells not yet done (a killed cell resumes from its stage checkpoints)."""
     from vlmkit.commands.core import overrides_argument, recipe_errors
     from vlmkit.paths import offline
@@ -150,6 +166,7 @@ def ablate_command(
         if len({a.key for a in axes}) < len(axes):
             raise SweepError("a key is given to --vary (or --connectors) twice")
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        chosen = _baseline(list(baseline or []))
     except ValueError as e:
         typer.echo(f"error: {e}" if isinstance(e, SweepError) else f"error: --seeds {seeds!r}: expected integers like 0,1,2", err=True)
         raise typer.Exit(2) from None
@@ -163,7 +180,7 @@ def ablate_command(
                                  _sizes(list(data_size or [])))
     with recipe_errors():
         try:
-            report = run_sweep(definition, out, jobs=jobs)
+            report = run_sweep(definition, out, jobs=jobs, baseline=chosen)
         except SweepError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

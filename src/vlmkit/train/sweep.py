@@ -278,13 +278,18 @@ def prepare_data(definition: SweepDefinition, out: Path) -> Path:
 
 
 def run_sweep(definition: SweepDefinition, out: str | Path, runner: CellRunner | None = None, progress: bool = True,
-              jobs: int = 1) -> dict:
+              jobs: int = 1, baseline: dict[str, str] | None = None) -> dict:
     """Train and score every cell not yet done (`jobs` at a time, each in its own process on one
-    thread), then write the reports; returns `ablation.json`'s contents."""
-    from vlmkit.train.sweep_report import write_reports
+    thread), then write the reports, every row compared with the `baseline` row (default: the
+    first value of each varied key); returns `ablation.json`'s contents."""
+    from vlmkit.train.sweep_report import baseline_values, write_reports
 
     out = Path(out)
     check_keys(definition)
+    try:
+        baseline_values(definition.to_json(), baseline)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     cells = definition.cells()
     configs = {c.name: cell_config(definition, c, out) for c in cells}  # every cell checked before any trains
     claim_folder(definition, out)
@@ -309,7 +314,7 @@ def run_sweep(definition: SweepDefinition, out: str | Path, runner: CellRunner |
     finally:
         logger.close()
     records = [json.loads((out / "cells" / c.name / "cell.json").read_text()) for c in cells]
-    return write_reports(definition.to_json(), records, out)
+    return write_reports(definition.to_json(), records, out, baseline)
 
 
 def _run_serial(todo, total, configs, test, data, runner, finish, progress) -> None:

@@ -1,6 +1,9 @@
 """A sweep's reports: one row per cell (its values, seeds pooled), accuracy per question kind with
 a 95% bootstrap interval, and the cost side (visual tokens, prefill FLOPs, trainable parameters,
-training time), as `ablation.json`, `ablation.md` and `accuracy_vs_tokens.png`.
+training time), as `ablation.json`, `ablation.md` and `accuracy_vs_tokens.png`; and every row
+against a baseline row on the same held-out items (the paired difference per question kind, its
+interval and p-value), since two rows' separate intervals can overlap while their paired
+difference is clear.
 
 Seeds are pooled per held-out item: an item's score is its mean over the seeds, and each
 bootstrap resample draws held-out items (with all their seeds). The items are the unit that was
@@ -49,11 +52,8 @@ def _order(cells: list[dict], key) -> list[str]:
 
 def aggregate(cells: list[dict]) -> list[dict]:
     """One row per group of cells that differ only in their seed, in the cells' order."""
-    groups: dict[str, list[dict]] = {}
-    for cell in cells:
-        groups.setdefault(cell["group"], []).append(cell)
     rows = []
-    for group, members in groups.items():
+    for group, members in _by_group(cells).items():
         kinds = _order(members, lambda it: it["kind"])
         graded = _order(members, lambda it: None if it.get("difficulty") is None else f"{it['kind']}/{it['difficulty']}")
         first = members[0]
@@ -71,6 +71,88 @@ def aggregate(cells: list[dict]) -> list[dict]:
             "dropped_stages": first.get("dropped_stages", []),
         })
     return rows
+
+
+def _by_group(cells: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault(cell["group"], []).append(cell)
+    return groups
+
+
+def _pooled_by_item(cells: list[dict]) -> dict[str, tuple[str, float]]:
+    """item id -> (its kind, its score averaged over the seeds that answered it)."""
+    scores: dict[str, list[float]] = {}
+    kinds: dict[str, str] = {}
+    for cell in cells:
+        for it in cell["items"]:
+            scores.setdefault(it["id"], []).append(float(it["correct"]))
+            kinds[it["id"]] = it["kind"]
+    return {i: (kinds[i], sum(v) / len(v)) for i, v in scores.items()}
+
+
+def baseline_values(definition: dict, chosen: dict[str, str] | None = None) -> dict[str, str]:
+    """The values of the row the others are compared against: the first value of every varied key,
+    or the values in `chosen` (a key left out keeps its first value). Checked before a sweep trains."""
+    values = {a["key"]: [str(v) for v in a["values"]] for a in definition["vary"]}
+    want = {k: v[0] for k, v in values.items()}
+    for key, value in (chosen or {}).items():
+        if key not in values:
+            raise ValueError(f"--baseline {key}={value}: {key} is not a varied key (varied: {', '.join(values) or 'none'})")
+        if str(value) not in values[key]:
+            raise ValueError(f"--baseline {key}={value}: not one of its values ({', '.join(values[key])})")
+        want[key] = str(value)
+    return want
+
+
+def baseline_group(definition: dict, rows: list[dict], chosen: dict[str, str] | None = None) -> str:
+    want = baseline_values(definition, chosen)
+    for row in rows:
+        if {k: str(v) for k, v in row["values"].items()} == want:
+            return row["group"]
+    raise ValueError("the baseline " + ", ".join(f"{k}={v}" for k, v in want.items()) + " is not a row of this sweep")
+
+
+def comparisons(cells: list[dict], base: str) -> list[dict]:
+    """Each other row minus the baseline row, overall and per question kind, on the items both
+    answered (seeds pooled per item), with `stats.paired_test`'s bootstrap interval and p-value."""
+    groups = _by_group(cells)
+    reference = _pooled_by_item(groups[base])
+    out = []
+    for group, members in groups.items():
+        if group == base:
+            continue
+        other = _pooled_by_item(members)
+        common = [i for i in reference if i in other]
+        kinds = list(dict.fromkeys(reference[i][0] for i in common))
+        entry = {"group": group, "against": base, "values": members[0]["values"], "difference": {}}
+        for kind in [None, *kinds]:
+            ids = [i for i in common if kind is None or reference[i][0] == kind]
+            t = stats.paired_test([reference[i][1] for i in ids], [other[i][1] for i in ids])
+            entry["difference"]["overall" if kind is None else kind] = {
+                "baseline": t.mean_a, "row": t.mean_b, "difference": t.diff, "ci": list(t.ci), "p_value": t.p_value,
+                "items": t.n_items}
+        out.append(entry)
+    return out
+
+
+def comparison_table(definition: dict, compared: list[dict]) -> str:
+    """Markdown: each row minus the baseline, in points, with the paired 95% CI and p-value."""
+    if not compared:
+        return ""
+    keys = [a["key"] for a in definition["vary"]]
+    kinds = list(dict.fromkeys(k for c in compared for k in c["difference"]))
+    head = [*keys, *(f"{k}: difference [95% CI], p" for k in kinds)]
+    lines = [f"Against {compared[0]['against']} on the same held-out items (percentage points; paired bootstrap "
+             "over items, seeds pooled per item):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in compared:
+        diffs = []
+        for k in kinds:
+            d = c["difference"].get(k)
+            diffs.append("-" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}], "
+                         f"p {d['p_value']:.2f}")
+        lines.append("| " + " | ".join([*(str(c["values"][k]) for k in keys), *diffs]) + " |")
+    return "\n".join(lines)
 
 
 def _gflops(flops: dict) -> float | None:
@@ -159,12 +241,16 @@ def plot(rows: list[dict], out_png: Path, title: str = "accuracy against visual 
     return True
 
 
-def write_reports(definition: dict, cells: list[dict], out: Path) -> dict:
-    """`ablation.json` (definition, cells without their per-item rows, rows), `ablation.md`, the plot."""
+def write_reports(definition: dict, cells: list[dict], out: Path, baseline: dict[str, str] | None = None) -> dict:
+    """`ablation.json` (definition, cells without their per-item rows, rows, comparisons against the
+    baseline row), `ablation.md`, the plot."""
     rows = aggregate(cells)
+    compared = comparisons(cells, baseline_group(definition, rows, baseline)) if len(rows) > 1 else []
     report = {"definition": definition, "error_bars": ERROR_BARS,
-              "cells": [{k: v for k, v in c.items() if k != "items"} for c in cells], "rows": rows}
+              "cells": [{k: v for k, v in c.items() if k != "items"} for c in cells], "rows": rows,
+              "comparisons": compared}
     atomic_write_text(out / "ablation.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "ablation.md", table(definition, rows) + "\n")
+    markdown = table(definition, rows) + ("\n\n" + comparison_table(definition, compared) if compared else "")
+    atomic_write_text(out / "ablation.md", markdown + "\n")
     plot(rows, out / "accuracy_vs_tokens.png")
     return report
