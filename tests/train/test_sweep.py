@@ -272,6 +272,64 @@ def test_a_reduced_sweep_runs_end_to_end(tmp_path):
     assert [c["train_cpu_seconds"] > 0 for c in report["cells"]] == [True, True]
 
 
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing-spawned processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_a_sweep_stopped_by_sigterm_leaves_no_cell_training(tmp_path):
+    """SIGTERM to the sweep's own process alone (not its group): its cell workers die with it
+    instead of training on in the cell folders a rerun would use."""
+    import signal
+    import time
+
+    recipe = tiny_recipe(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    sizes = [w for k, v in TINY_DATA.items() for w in ("--data-size", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "vlmkit.cli", "ablate", str(recipe), "train.stages.instruct.max_steps=100000",
+           "--connectors", "mlp,pooling", "--jobs", "2", *sizes, "--out", str(tmp_path / "sweep")]
+    sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "sweep" / "cells").glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+            assert sweep.poll() is None, "the sweep ended before its cells trained"
+            time.sleep(0.5)
+        workers = _spawned_children(sweep.pid)
+        assert len(workers) == 2
+        sweep.send_signal(signal.SIGTERM)
+        sweep.wait(60)
+        deadline = time.monotonic() + 30
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [w for w in workers if _running(w)] == []
+    finally:
+        for pid in [sweep.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def test_the_command_names_every_bundle():
     from vlmkit.commands.models import BUNDLE_NAMES
     from vlmkit.train.sweep import ABLATION_CONNECTORS

@@ -167,21 +167,15 @@ def _worker_init(worker_id: int) -> None:
     # A SIGTERM to the whole process group (a scheduler's preemption) must reach the training
     # process alone: it finishes the step and saves. A worker that died of it first would make
     # the DataLoader raise in the middle of that save.
-    import os
     import signal
+
+    from vlmkit.utils import die_with_parent
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # And a worker dies with the training process: after a SIGKILL (or the OOM killer) nobody
-    # reads its queue, and a worker blocked on sending a micro-batch would linger forever.
-    try:
-        import ctypes
-
-        parent = os.getppid()
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-        if os.getppid() != parent:  # the parent died before the call
-            os._exit(1)
-    except (OSError, AttributeError):
-        pass  # not Linux: PyTorch's own watchdog still ends idle workers
+    # reads its queue, and a worker blocked on sending a micro-batch would linger forever (off
+    # Linux, PyTorch's own watchdog still ends idle workers).
+    die_with_parent()
 
 
 class RankSampler:

@@ -326,13 +326,16 @@ def _run_serial(todo, total, configs, test, data, runner, finish, progress) -> N
             bar.update()
 
 
-def _one_thread() -> None:
+def _cell_worker_init() -> None:
     import torch
 
-    from vlmkit.utils import quiet_third_party_loggers
+    from vlmkit.utils import die_with_parent, quiet_third_party_loggers
 
     torch.set_num_threads(1)
     quiet_third_party_loggers()
+    # A sweep stopped by a SIGTERM to its own process alone must not leave cells training: the
+    # rerun would train them again beside the orphans, in the same folders.
+    die_with_parent()
 
 
 def _run_parallel(todo, configs, test, data, runner, jobs, finish, progress) -> None:
@@ -343,7 +346,7 @@ def _run_parallel(todo, configs, test, data, runner, jobs, finish, progress) -> 
 
     from tqdm.auto import tqdm
 
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_cell_worker_init)
     try:
         running = {pool.submit(runner, configs[c.name][0], test, data): c for c in todo}
         with tqdm(total=len(todo), desc=f"sweep cells ({jobs} at a time)", unit="cell", disable=not progress) as bar:
