@@ -143,8 +143,9 @@ def comparison_table(definition: dict, compared: list[dict]) -> str:
     keys = [a["key"] for a in definition["vary"]]
     kinds = list(dict.fromkeys(k for c in compared for k in c["difference"]))
     head = [*keys, *(f"{k}: difference [95% CI], p" for k in kinds)]
-    lines = [f"Against {compared[0]['against']} on the same held-out items (percentage points; paired bootstrap "
-             "over items, seeds pooled per item):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    intro = (f"Against {compared[0]['against']} on the same held-out items (percentage points; paired bootstrap "
+             "over items, seeds pooled per item):")
+    lines = [intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in compared:
         diffs = []
         for k in kinds:
