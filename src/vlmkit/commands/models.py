@@ -102,28 +102,21 @@ def inspect_command(
 # The names of `vlmkit.train.sweep.ABLATION_CONNECTORS` (written out: the help must not import torch).
 BUNDLE_NAMES = "mlp, linear, pixel-shuffle, pooling, qformer-32, qformer-8, perceiver-64, cross-attn"
 
+def _key_values(words: list[str], option: str) -> dict[str, str]:
+    """The KEY=VALUE words of a repeatable option, as written."""
+    pairs = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{word!r}: expected KEY=VALUE", param_hint=option)
+        pairs[key] = value
+    return pairs
+
+
 def _sizes(words: list[str]) -> dict:
     from vlmkit.config import read_yaml
 
-    sizes = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{word!r}: expected KEY=VALUE", param_hint="--data-size")
-        sizes[key] = read_yaml(value, f"--data-size {word}")
-    return sizes
-
-
-def _baseline(words: list[str]) -> dict[str, str]:
-    from vlmkit.train.sweep import SweepError
-
-    chosen = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            raise SweepError(f"--baseline {word!r}: expected KEY=VALUE")
-        chosen[key] = value
-    return chosen
+    return {key: read_yaml(value, f"--data-size {key}={value}") for key, value in _key_values(words, "--data-size").items()}
 
 
 def ablate_command(
@@ -166,7 +159,6 @@ def ablate_command(
         if len({a.key for a in axes}) < len(axes):
             raise SweepError("a key is given to --vary (or --connectors) twice")
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        chosen = _baseline(list(baseline or []))
     except ValueError as e:
         typer.echo(f"error: {e}" if isinstance(e, SweepError) else f"error: --seeds {seeds!r}: expected integers like 0,1,2", err=True)
         raise typer.Exit(2) from None
@@ -176,6 +168,7 @@ def ablate_command(
 
         overrides = [recipe, *(overrides or [])] if recipe else overrides
         recipe = str(default_recipe())
+    chosen = _key_values(list(baseline or []), "--baseline")
     definition = SweepDefinition(str(Path(recipe).resolve()), overrides_argument(overrides), axes, seed_list or [0], data,
                                  _sizes(list(data_size or [])))
     with recipe_errors():

@@ -25,14 +25,21 @@ ERROR_BARS = {"method": "percentile bootstrap over held-out items; an item's sco
               "level": stats.LEVEL, "resamples": stats.N_RESAMPLES, "seed": stats.SEED}
 
 
-def pooled_scores(cells: list[dict], select) -> np.ndarray:
-    """Each held-out item's mean score over the cells (seeds) that answered it, for the items `select` keeps."""
-    per_item: dict[str, list[float]] = {}
+def pooled_by_item(cells: list[dict]) -> dict[str, tuple[dict, float]]:
+    """item id -> (the item as first answered, for its kind and difficulty; its score averaged
+    over the cells (seeds) that answered it), in the order the items first appear."""
+    items: dict[str, dict] = {}
+    scores: dict[str, list[float]] = {}
     for cell in cells:
         for it in cell["items"]:
-            if select(it):
-                per_item.setdefault(it["id"], []).append(float(it["correct"]))
-    return np.array([sum(v) / len(v) for v in per_item.values()], dtype=np.float64)
+            items.setdefault(it["id"], it)
+            scores.setdefault(it["id"], []).append(float(it["correct"]))
+    return {i: (items[i], sum(v) / len(v)) for i, v in scores.items()}
+
+
+def pooled_scores(cells: list[dict], select) -> np.ndarray:
+    """Each held-out item's mean score over the cells (seeds) that answered it, for the items `select` keeps."""
+    return np.array([score for it, score in pooled_by_item(cells).values() if select(it)], dtype=np.float64)
 
 
 def interval(cells: list[dict], select) -> dict:
@@ -80,17 +87,6 @@ def _by_group(cells: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _pooled_by_item(cells: list[dict]) -> dict[str, tuple[str, float]]:
-    """item id -> (its kind, its score averaged over the seeds that answered it)."""
-    scores: dict[str, list[float]] = {}
-    kinds: dict[str, str] = {}
-    for cell in cells:
-        for it in cell["items"]:
-            scores.setdefault(it["id"], []).append(float(it["correct"]))
-            kinds[it["id"]] = it["kind"]
-    return {i: (kinds[i], sum(v) / len(v)) for i, v in scores.items()}
-
-
 def baseline_values(definition: dict, chosen: dict[str, str] | None = None) -> dict[str, str]:
     """The values of the row the others are compared against: the first value of every varied key,
     or the values in `chosen` (a key left out keeps its first value). Checked before a sweep trains."""
@@ -117,17 +113,17 @@ def comparisons(cells: list[dict], base: str) -> list[dict]:
     """Each other row minus the baseline row, overall and per question kind, on the items both
     answered (seeds pooled per item), with `stats.paired_test`'s bootstrap interval and p-value."""
     groups = _by_group(cells)
-    reference = _pooled_by_item(groups[base])
+    reference = pooled_by_item(groups[base])
     out = []
     for group, members in groups.items():
         if group == base:
             continue
-        other = _pooled_by_item(members)
+        other = pooled_by_item(members)
         common = [i for i in reference if i in other]
-        kinds = list(dict.fromkeys(reference[i][0] for i in common))
+        kinds = list(dict.fromkeys(reference[i][0]["kind"] for i in common))
         entry = {"group": group, "against": base, "values": members[0]["values"], "difference": {}}
         for kind in [None, *kinds]:
-            ids = [i for i in common if kind is None or reference[i][0] == kind]
+            ids = [i for i in common if kind is None or reference[i][0]["kind"] == kind]
             t = stats.paired_test([reference[i][1] for i in ids], [other[i][1] for i in ids])
             entry["difference"]["overall" if kind is None else kind] = {
                 "baseline": t.mean_a, "row": t.mean_b, "difference": t.diff, "ci": list(t.ci), "p_value": t.p_value,
