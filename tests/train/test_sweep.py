@@ -244,6 +244,17 @@ def test_a_bad_baseline_is_refused_before_any_cell_trains(tmp_path):
     assert runner.calls == [] and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("word, message", [("connector=qformer-8", "--baseline connector=qformer-8: not one of its values (mlp, pooling)"),
+                                           ("connectorpooling", "'connectorpooling': expected KEY=VALUE")])
+def test_the_command_refuses_a_bad_baseline_before_writing_anything(tmp_path, word, message):
+    recipe = tiny_recipe(tmp_path)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "vlmkit.cli", "ablate", str(recipe), "--connectors", "mlp,pooling", "--baseline", word,
+           "--out", str(out)]
+    done = subprocess.run(cmd, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in " ".join(done.stderr.split()) and not out.exists()
+
+
 @pytest.mark.slow
 def test_a_reduced_sweep_runs_end_to_end(tmp_path):
     """Two connectors, one seed, tiny data and model, a few steps: the real command writes both
